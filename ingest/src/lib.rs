@@ -1,0 +1,82 @@
+//! The ingest node (stub: being written).
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use landslide_nats::Topology;
+use landslide_schema::{NodeId, Polls};
+
+pub mod clock;
+pub use clock::{Clock, SystemClock};
+
+/// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    pub const MIN_LEN: usize = 32;
+    pub fn new(s: impl Into<String>) -> anyhow::Result<Self> {
+        let s = s.into();
+        anyhow::ensure!(
+            s.len() >= Self::MIN_LEN,
+            "LANDSLIDE_SECRET must be at least {} bytes long (it signs voter cookies)",
+            Self::MIN_LEN
+        );
+        Ok(Self(s))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Configuration of one ingest node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub nats_url: String,
+    pub topology: Topology,
+    pub secret: Secret,
+    pub polls: Polls,
+    /// The wall clock that stamps votes; tests skew it.
+    pub clock: Arc<dyn Clock>,
+    /// How long one publish waits for its JetStream ack.
+    pub publish_timeout: Duration,
+    /// Publish attempts (same `Nats-Msg-Id`) before answering 503.
+    pub publish_attempts: u32,
+    /// Mark the voter cookie `Secure` (serve over HTTPS, or behind a TLS load balancer).
+    pub secure_cookie: bool,
+}
+
+impl Config {
+    /// Defaults for everything but the identity, the broker and the key.
+    pub fn new(node_id: NodeId, nats_url: impl Into<String>, secret: Secret) -> Self {
+        Self {
+            node_id,
+            nats_url: nats_url.into(),
+            topology: Topology::default(),
+            secret,
+            polls: Polls::default(),
+            clock: Arc::new(SystemClock::default()),
+            publish_timeout: Duration::from_secs(2),
+            publish_attempts: 3,
+            secure_cookie: false,
+        }
+    }
+}
+
+/// Serves the node on `listener` until `shutdown` completes, then drains in-flight requests.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let _ = (config, listener);
+    shutdown.await;
+    Ok(())
+}

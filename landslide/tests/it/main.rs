@@ -1,0 +1,3 @@
+//! Landslide's integration tests: real nats-server, real PostgreSQL, each test isolated.
+
+mod support;

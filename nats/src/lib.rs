@@ -1,0 +1,381 @@
+//! JetStream for Landslide: the stream and consumer definitions of `nats/*.json`, the code that
+//! ensures them at startup, connecting, and trace context carried in message headers.
+//!
+//! The JSON files in this folder are the single source of the definitions: operators feed them to
+//! `nats stream add --config`, and the roles compile them in. [`Topology`] may rename streams and
+//! subjects (tests need their own) and set the replica count, nothing else.
+//!
+//! Never change a definition silently: an existing stream or consumer that differs from its file in
+//! any field the file sets stops the role with a message naming each difference.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{HeaderMap, ServerAddr};
+use landslide_schema::subject::{DEFAULT_DLQ_PREFIX, DEFAULT_VOTES_PREFIX};
+use serde_json::Value;
+
+/// `nats/votes-stream.json`.
+pub const VOTES_STREAM_JSON: &str = include_str!("../votes-stream.json");
+/// `nats/votes-dlq-stream.json`.
+pub const DLQ_STREAM_JSON: &str = include_str!("../votes-dlq-stream.json");
+/// `nats/dedup-worker-consumer.json`.
+pub const CONSUMER_JSON: &str = include_str!("../dedup-worker-consumer.json");
+
+/// The names a deployment uses. The defaults are those of the JSON files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// The votes stream, `VOTES`.
+    pub votes_stream: String,
+    /// The first token of vote subjects, `votes` (subjects `votes.<node>`).
+    pub votes_prefix: String,
+    /// The durable consumer shared by the workers, `dedup-worker`.
+    pub consumer: String,
+    /// The dead-letter stream, `VOTES_DLQ`.
+    pub dlq_stream: String,
+    /// The first tokens of dead-letter subjects, `dlq.votes`.
+    pub dlq_prefix: String,
+    /// Replicas of both streams: 1 on one server, 3 in a cluster (never 2).
+    pub replicas: usize,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            votes_stream: "VOTES".to_owned(),
+            votes_prefix: DEFAULT_VOTES_PREFIX.to_owned(),
+            consumer: "dedup-worker".to_owned(),
+            dlq_stream: "VOTES_DLQ".to_owned(),
+            dlq_prefix: DEFAULT_DLQ_PREFIX.to_owned(),
+            replicas: 1,
+        }
+    }
+}
+
+impl Topology {
+    /// Names of their own for one test or one tenant on a shared server: `<tag>_VOTES` on
+    /// `<tag>.votes.*` and so on. `tag` must be a valid subject token and stream-name part.
+    pub fn isolated(tag: &str) -> Self {
+        Self {
+            votes_stream: format!("{tag}_VOTES"),
+            votes_prefix: format!("{tag}.votes"),
+            consumer: format!("{tag}_dedup-worker"),
+            dlq_stream: format!("{tag}_VOTES_DLQ"),
+            dlq_prefix: format!("{tag}.dlq.votes"),
+            replicas: 1,
+        }
+    }
+
+    /// The definition of the votes stream: the file with this topology's names.
+    pub fn votes_stream_config(&self) -> anyhow::Result<stream::Config> {
+        let json = self.votes_stream_value()?;
+        serde_json::from_value(json).context("nats/votes-stream.json is not a stream definition")
+    }
+
+    /// The definition of the dead-letter stream.
+    pub fn dlq_stream_config(&self) -> anyhow::Result<stream::Config> {
+        let json = self.dlq_stream_value()?;
+        serde_json::from_value(json).context("nats/votes-dlq-stream.json is not a stream definition")
+    }
+
+    /// The definition of the workers' durable pull consumer.
+    pub fn consumer_config(&self) -> anyhow::Result<consumer::pull::Config> {
+        let json = self.consumer_value()?;
+        serde_json::from_value(json)
+            .context("nats/dedup-worker-consumer.json is not a consumer definition")
+    }
+
+    fn votes_stream_value(&self) -> anyhow::Result<Value> {
+        let mut json = parse(VOTES_STREAM_JSON, "votes-stream.json")?;
+        json["name"] = self.votes_stream.clone().into();
+        json["subjects"] = serde_json::json!([format!("{}.*", self.votes_prefix)]);
+        json["num_replicas"] = self.replicas.into();
+        Ok(json)
+    }
+
+    fn dlq_stream_value(&self) -> anyhow::Result<Value> {
+        let mut json = parse(DLQ_STREAM_JSON, "votes-dlq-stream.json")?;
+        json["name"] = self.dlq_stream.clone().into();
+        json["subjects"] = serde_json::json!([format!("{}.*", self.dlq_prefix)]);
+        json["num_replicas"] = self.replicas.into();
+        Ok(json)
+    }
+
+    fn consumer_value(&self) -> anyhow::Result<Value> {
+        let mut json = parse(CONSUMER_JSON, "dedup-worker-consumer.json")?;
+        json["durable_name"] = self.consumer.clone().into();
+        Ok(json)
+    }
+}
+
+fn parse(text: &str, file: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("nats/{file} is not valid JSON"))
+}
+
+/// One field where an existing definition differs from its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub field: String,
+    pub expected: Value,
+    pub found: Value,
+}
+
+/// An existing stream or consumer that is not what its file says.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} {name} exists with an incompatible definition ({}); fix it or remove it (`nats {kind} rm {name}` loses its data) and start again", describe(.differences))]
+pub struct Incompatible {
+    pub kind: &'static str,
+    pub name: String,
+    pub differences: Vec<Difference>,
+}
+
+fn describe(differences: &[Difference]) -> String {
+    differences
+        .iter()
+        .map(|d| format!("{}: expected {}, found {}", d.field, d.expected, d.found))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Compares `found` with `expected`, both as the JSON API writes them, on the fields that `file`
+/// sets (other fields are the server's defaults and additions).
+fn differences(file: &Value, expected: &Value, found: &Value) -> Vec<Difference> {
+    let Some(fields) = file.as_object() else {
+        return Vec::new();
+    };
+    fields
+        .keys()
+        .filter(|field| field.as_str() != "description")
+        .filter_map(|field| {
+            let e = expected.get(field).cloned().unwrap_or(Value::Null);
+            let f = found.get(field).cloned().unwrap_or(Value::Null);
+            (!same(&e, &f)).then(|| Difference {
+                field: field.clone(),
+                expected: e,
+                found: f,
+            })
+        })
+        .collect()
+}
+
+/// Equality that treats a field the serializer skipped (its default) like the default itself.
+fn same(a: &Value, b: &Value) -> bool {
+    let is_default = |v: &Value| {
+        matches!(v, Value::Null)
+            || v == &Value::Bool(false)
+            || v.as_i64() == Some(0)
+            || v.as_str() == Some("")
+    };
+    a == b || (is_default(a) && is_default(b))
+}
+
+/// Creates the stream if missing; checks it against its definition if present.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    file: Value,
+) -> anyhow::Result<stream::Stream> {
+    let name = config.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .with_context(|| format!("cannot read stream {name}"))?;
+            let expected = serde_json::to_value(&config)?;
+            let found = serde_json::to_value(&info.config)?;
+            let differences = differences(&file, &expected, &found);
+            if !differences.is_empty() {
+                return Err(Incompatible {
+                    kind: "stream",
+                    name,
+                    differences,
+                }
+                .into());
+            }
+            Ok(stream)
+        }
+        Err(err) if is_stream_not_found(&err) => {
+            let stream = js
+                .create_stream(config)
+                .await
+                .with_context(|| format!("cannot create stream {name}"))?;
+            tracing::info!(stream = %name, "created stream");
+            Ok(stream.into())
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot look up stream {name}")),
+    }
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Ensures the votes stream (ingest nodes need only this one).
+pub async fn ensure_votes_stream(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> anyhow::Result<stream::Stream> {
+    ensure_stream(
+        js,
+        topology.votes_stream_config()?,
+        topology.votes_stream_value()?,
+    )
+    .await
+}
+
+/// Ensures the dead-letter stream.
+pub async fn ensure_dlq_stream(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> anyhow::Result<stream::Stream> {
+    ensure_stream(
+        js,
+        topology.dlq_stream_config()?,
+        topology.dlq_stream_value()?,
+    )
+    .await
+}
+
+/// Ensures both streams and the workers' consumer, and returns the consumer.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = ensure_votes_stream(js, topology).await?;
+    ensure_dlq_stream(js, topology).await?;
+    let config = topology.consumer_config()?;
+    let file = topology.consumer_value()?;
+    let name = topology.consumer.clone();
+    match stream.consumer_info(&name).await {
+        Ok(info) => {
+            let expected = serde_json::to_value(&config)?;
+            let found = serde_json::to_value(&info.config)?;
+            let differences = differences(&file, &expected, &found);
+            if !differences.is_empty() {
+                return Err(Incompatible {
+                    kind: "consumer",
+                    name,
+                    differences,
+                }
+                .into());
+            }
+        }
+        Err(err) if err.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            stream
+                .create_consumer(config)
+                .await
+                .with_context(|| format!("cannot create consumer {name}"))?;
+            tracing::info!(consumer = %name, "created consumer");
+        }
+        Err(err) => return Err(err).with_context(|| format!("cannot look up consumer {name}")),
+    }
+    stream
+        .get_consumer(&name)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open consumer {name}: {e}"))
+}
+
+/// Parses `NATS_URL`: one URL or several separated by commas (a cluster).
+pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .with_context(|| format!("NATS_URL holds an invalid server address {s:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!addrs.is_empty(), "NATS_URL is empty");
+    Ok(addrs)
+}
+
+/// Connects to NATS. The client reconnects forever after a loss; the first connection must succeed.
+pub async fn connect(urls: &str, client_name: &str) -> anyhow::Result<async_nats::Client> {
+    let addrs = server_addrs(urls)?;
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .connect(addrs)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {urls} (NATS_URL)"))
+}
+
+/// Writes trace context (`traceparent`, `tracestate`) into NATS message headers.
+#[derive(Debug)]
+pub struct HeaderInjector<'a>(pub &'a mut HeaderMap);
+
+impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Reads trace context from NATS message headers. NATS header names are case-sensitive; the W3C
+/// propagator writes and reads lower-case names, so both sides agree.
+#[derive(Debug)]
+pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_files_are_valid_definitions() {
+        let t = Topology::default();
+        let votes = t.votes_stream_config().unwrap();
+        assert_eq!(votes.name, "VOTES");
+        assert_eq!(votes.subjects, ["votes.*"]);
+        assert_eq!(votes.discard, stream::DiscardPolicy::New);
+        assert_eq!(votes.storage, stream::StorageType::File);
+        assert!(votes.duplicate_window >= Duration::from_secs(60));
+        let dlq = t.dlq_stream_config().unwrap();
+        assert_eq!(dlq.subjects, ["dlq.votes.*"]);
+        let consumer = t.consumer_config().unwrap();
+        assert_eq!(consumer.durable_name.as_deref(), Some("dedup-worker"));
+        assert_eq!(consumer.ack_policy, consumer::AckPolicy::Explicit);
+    }
+
+    #[test]
+    fn an_isolated_topology_renames_everything() {
+        let t = Topology::isolated("t1");
+        assert_eq!(t.votes_stream_config().unwrap().subjects, ["t1.votes.*"]);
+        assert_eq!(t.dlq_stream_config().unwrap().name, "t1_VOTES_DLQ");
+        assert_eq!(t.consumer_config().unwrap().durable_name.as_deref(), Some("t1_dedup-worker"));
+    }
+
+    #[test]
+    fn differences_name_each_field() {
+        let file = serde_json::json!({"discard": "new", "max_age": 0, "description": "x"});
+        let expected = serde_json::json!({"discard": "new"});
+        let found = serde_json::json!({"discard": "old", "max_age": 0, "description": "y"});
+        let d = differences(&file, &expected, &found);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].field, "discard");
+        let msg = Incompatible { kind: "stream", name: "VOTES".into(), differences: d }.to_string();
+        assert!(msg.contains("discard: expected \"new\", found \"old\""), "{msg}");
+    }
+
+    #[test]
+    fn cluster_urls_split_on_commas() {
+        assert_eq!(server_addrs("nats://a:1, nats://b:2").unwrap().len(), 2);
+        assert!(server_addrs("").is_err());
+    }
+}

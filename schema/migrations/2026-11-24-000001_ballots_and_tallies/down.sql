@@ -1,0 +1,2 @@
+DROP TABLE tallies;
+DROP TABLE ballots;

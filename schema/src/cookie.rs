@@ -1,0 +1,158 @@
+//! The payload of the signed voter cookie.
+//!
+//! The cookie says who the voter is, the stamp of their last accepted vote (the floor of design rule
+//! 2) and, per poll, their current choice so that the form can show it. Its text is
+//! `1.<voter uuid, 32 hex digits>.<last ts>` followed by `.<poll>~<choice>` per poll: only characters
+//! that need no quoting in a cookie. Signing and verifying are the ingest node's job; this module
+//! only turns the payload into text and back, and refuses anything else without panicking.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use crate::{Choice, PollId, Timestamp, VoterId};
+
+/// At most this many polls' choices are kept, so the cookie stays far below browser limits.
+pub const MAX_POLLS: usize = 16;
+
+const VERSION: &str = "1";
+
+/// What the voter cookie says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoterCookie {
+    pub voter: VoterId,
+    /// The stamp of the voter's last accepted vote, in any poll.
+    pub last_ts: Timestamp,
+    /// The voter's current choice per poll, as far as this browser knows.
+    pub choices: BTreeMap<PollId, Choice>,
+}
+
+impl VoterCookie {
+    /// A voter who has not voted yet.
+    pub fn new(voter: VoterId) -> Self {
+        Self {
+            voter,
+            last_ts: Timestamp(0),
+            choices: BTreeMap::new(),
+        }
+    }
+
+    /// Records an accepted vote: raises the floor and remembers the choice.
+    pub fn record(&mut self, poll: PollId, choice: Choice, ts: Timestamp) {
+        self.last_ts = self.last_ts.max(ts);
+        if !self.choices.contains_key(&poll) && self.choices.len() >= MAX_POLLS {
+            // Forget one other poll's choice: only the form's display depends on it.
+            if let Some(first) = self.choices.keys().next().cloned() {
+                self.choices.remove(&first);
+            }
+        }
+        self.choices.insert(poll, choice);
+    }
+
+    /// The cookie text.
+    pub fn format(&self) -> String {
+        let mut out = format!("{VERSION}.{}.{}", self.voter.0.simple(), self.last_ts.0);
+        for (poll, choice) in &self.choices {
+            out.push('.');
+            out.push_str(poll.as_str());
+            out.push('~');
+            out.push_str(choice.as_str());
+        }
+        out
+    }
+
+    /// Parses cookie text; `None` for anything that is not exactly what [`format`](Self::format)
+    /// writes (another version, a bad id, too many polls).
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split('.');
+        if parts.next()? != VERSION {
+            return None;
+        }
+        let voter = parts.next()?;
+        if voter.len() != 32 {
+            return None;
+        }
+        let voter = VoterId(Uuid::try_parse(voter).ok()?);
+        let last_ts = Timestamp(parts.next()?.parse().ok()?);
+        let mut choices = BTreeMap::new();
+        for part in parts {
+            let (poll, choice) = part.split_once('~')?;
+            let poll = PollId::parse(poll).ok()?;
+            let choice = Choice::parse(choice).ok()?;
+            if choices.insert(poll, choice).is_some() || choices.len() > MAX_POLLS {
+                return None;
+            }
+        }
+        Some(Self {
+            voter,
+            last_ts,
+            choices,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn a_cookie_round_trips() {
+        let mut cookie = VoterCookie::new(VoterId(Uuid::from_u128(42)));
+        cookie.record(
+            PollId::parse("pets").unwrap(),
+            Choice::parse("cats").unwrap(),
+            Timestamp(99),
+        );
+        let text = cookie.format();
+        assert_eq!(text, "1.0000000000000000000000000000002a.99.pets~cats");
+        assert_eq!(VoterCookie::parse(&text), Some(cookie));
+    }
+
+    #[test]
+    fn the_floor_never_goes_down() {
+        let mut cookie = VoterCookie::new(VoterId(Uuid::from_u128(1)));
+        let pets = PollId::parse("pets").unwrap();
+        cookie.record(pets.clone(), Choice::parse("cats").unwrap(), Timestamp(10));
+        cookie.record(pets, Choice::parse("dogs").unwrap(), Timestamp(5));
+        assert_eq!(cookie.last_ts, Timestamp(10));
+    }
+
+    #[test]
+    fn choices_are_capped() {
+        let mut cookie = VoterCookie::new(VoterId(Uuid::from_u128(1)));
+        for i in 0..(MAX_POLLS + 5) {
+            cookie.record(
+                PollId::parse(format!("p{i}")).unwrap(),
+                Choice::parse("x").unwrap(),
+                Timestamp(i as u64),
+            );
+        }
+        assert_eq!(cookie.choices.len(), MAX_POLLS);
+        assert!(VoterCookie::parse(&cookie.format()).is_some());
+    }
+
+    #[test]
+    fn near_misses_are_refused() {
+        for bad in [
+            "",
+            "2.0000000000000000000000000000002a.99",
+            "1.2a.99",
+            "1.0000000000000000000000000000002a",
+            "1.0000000000000000000000000000002a.-1",
+            "1.0000000000000000000000000000002a.99.pets",
+            "1.0000000000000000000000000000002a.99.pets~ca ts",
+            "1.0000000000000000000000000000002a.99.pets~cats.pets~dogs",
+        ] {
+            assert_eq!(VoterCookie::parse(bad), None, "{bad:?} parsed");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(text in ".{0,200}") {
+            let _ = VoterCookie::parse(&text);
+        }
+    }
+}

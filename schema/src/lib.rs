@@ -1,0 +1,27 @@
+//! The contract between Landslide's roles.
+//!
+//! Everything that ingest nodes, dedup-workers, tally and audit must agree on lives here, and only
+//! that: the vote event and its versioned JSON encoding ([`event`]), the domain values that reject
+//! bad input ([`ids`]), the hybrid logical clock stamp ([`ts`]), the voter cookie's payload
+//! ([`cookie`]), the polls ([`poll`]), subject names ([`subject`]) and the PostgreSQL schema
+//! ([`db`]).
+//!
+//! This crate holds data and its encoding, never behaviour that talks to the world: no NATS, no
+//! runtime. The single exception is [`migrate`] (feature `migrate`), which applies the migrations
+//! under an advisory lock; it lives here because the migrations and the lock that guards them are one
+//! piece of the contract.
+
+pub mod cookie;
+pub mod db;
+pub mod event;
+pub mod ids;
+#[cfg(feature = "migrate")]
+pub mod migrate;
+pub mod poll;
+pub mod subject;
+pub mod ts;
+
+pub use event::{DecodeError, VoteEvent};
+pub use ids::{Choice, EventId, InvalidId, NodeId, PollId, VoterId};
+pub use poll::{Poll, PollOption, Polls};
+pub use ts::Timestamp;

@@ -1,0 +1,76 @@
+//! Applying the migrations, safely when several processes start at once.
+//!
+//! Every role that touches PostgreSQL calls [`apply`] at startup. A session-level advisory lock
+//! serialises them: the first applies what is pending, the others then find nothing to do.
+
+use anyhow::{Context, anyhow};
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_migrations::MigrationHarness;
+
+use crate::db::MIGRATIONS;
+
+/// The advisory lock key: "landslide" in ASCII, so it does not collide with other users' keys.
+const LOCK_KEY: i64 = 0x6c61_6e64_736c_6964;
+
+/// Applies pending migrations to the database at `database_url`; returns the names applied.
+pub async fn apply(database_url: &str) -> anyhow::Result<Vec<String>> {
+    let url = database_url.to_owned();
+    // Diesel's migration harness is synchronous: run it on a blocking thread, through the wrapper
+    // that drives the async connection there.
+    tokio::task::spawn_blocking(move || apply_blocking(&url))
+        .await
+        .context("the migration task panicked")?
+}
+
+fn apply_blocking(url: &str) -> anyhow::Result<Vec<String>> {
+    let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(url)
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<BigInt, _>(LOCK_KEY)
+        .execute(&mut conn)
+        .context("cannot take the migration lock")?;
+    let applied = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map(|versions| versions.iter().map(ToString::to_string).collect::<Vec<_>>())
+        .map_err(|e| anyhow!("applying migrations failed: {e}"));
+    // Closing the connection would release the lock too; unlock explicitly so a pooled or long-lived
+    // connection never keeps it.
+    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(LOCK_KEY)
+        .execute(&mut conn);
+    let applied = applied?;
+    unlocked.context("cannot release the migration lock")?;
+    if !applied.is_empty() {
+        tracing::info!(migrations = ?applied, "applied database migrations");
+    }
+    Ok(applied)
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,198 @@
+//! Polls: the question and the options a vote may name.
+//!
+//! The default is poll `pets`, "Cats or dogs?", with options `cats` and `dogs`. A TOML file can
+//! define others; every ingest node, worker and tally of one deployment must read the same file:
+//!
+//! ```toml
+//! default = "pets"
+//!
+//! [[poll]]
+//! id = "pets"
+//! question = "Cats or dogs?"
+//! options = [{ id = "cats", label = "Cats" }, { id = "dogs", label = "Dogs" }]
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Choice, PollId};
+
+/// One option of a poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollOption {
+    pub id: Choice,
+    pub label: String,
+}
+
+/// One poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Poll {
+    pub id: PollId,
+    pub question: String,
+    pub options: Vec<PollOption>,
+}
+
+impl Poll {
+    pub fn has_option(&self, choice: &Choice) -> bool {
+        self.options.iter().any(|o| &o.id == choice)
+    }
+}
+
+/// The polls of a deployment, with the one the form shows by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Polls {
+    default: PollId,
+    polls: BTreeMap<PollId, Poll>,
+}
+
+/// Why a polls file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PollsError {
+    #[error("polls file is not valid TOML of the expected shape: {0}")]
+    Syntax(#[from] toml::de::Error),
+    #[error("the polls file defines no poll")]
+    NoPolls,
+    #[error("poll {0} is defined twice")]
+    DuplicatePoll(PollId),
+    #[error("poll {0} has fewer than two options")]
+    TooFewOptions(PollId),
+    #[error("poll {poll} lists option {option} twice")]
+    DuplicateOption { poll: PollId, option: Choice },
+    #[error("the default poll {0} is not defined")]
+    UnknownDefault(PollId),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollsFile {
+    default: Option<PollId>,
+    poll: Vec<Poll>,
+}
+
+impl Polls {
+    /// Builds the set, checking that ids are unique, each poll has two options or more, and the
+    /// default exists.
+    pub fn new(default: PollId, polls: Vec<Poll>) -> Result<Self, PollsError> {
+        if polls.is_empty() {
+            return Err(PollsError::NoPolls);
+        }
+        let mut map = BTreeMap::new();
+        for poll in polls {
+            if poll.options.len() < 2 {
+                return Err(PollsError::TooFewOptions(poll.id));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for option in &poll.options {
+                if !seen.insert(&option.id) {
+                    return Err(PollsError::DuplicateOption {
+                        poll: poll.id.clone(),
+                        option: option.id.clone(),
+                    });
+                }
+            }
+            if let Some(old) = map.insert(poll.id.clone(), poll) {
+                return Err(PollsError::DuplicatePoll(old.id));
+            }
+        }
+        if !map.contains_key(&default) {
+            return Err(PollsError::UnknownDefault(default));
+        }
+        Ok(Self {
+            default,
+            polls: map,
+        })
+    }
+
+    /// Parses a polls file (see the module doc). Without `default`, the first poll is the default.
+    pub fn from_toml(text: &str) -> Result<Self, PollsError> {
+        let file: PollsFile = toml::from_str(text)?;
+        let default = match file.default {
+            Some(d) => d,
+            None => file.poll.first().ok_or(PollsError::NoPolls)?.id.clone(),
+        };
+        Self::new(default, file.poll)
+    }
+
+    /// The default poll `pets`: "Cats or dogs?".
+    pub fn pets() -> Self {
+        let id = |s: &str| Choice::parse(s).unwrap_or_else(|_| unreachable!("literal ids are valid"));
+        let pets = PollId::parse("pets").unwrap_or_else(|_| unreachable!("literal ids are valid"));
+        let poll = Poll {
+            id: pets.clone(),
+            question: "Cats or dogs?".to_owned(),
+            options: vec![
+                PollOption {
+                    id: id("cats"),
+                    label: "Cats".to_owned(),
+                },
+                PollOption {
+                    id: id("dogs"),
+                    label: "Dogs".to_owned(),
+                },
+            ],
+        };
+        let mut polls = BTreeMap::new();
+        polls.insert(pets.clone(), poll);
+        Self {
+            default: pets,
+            polls,
+        }
+    }
+
+    pub fn default_poll(&self) -> &Poll {
+        // `new` checked that the default exists, and the map is never changed afterwards.
+        &self.polls[&self.default]
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Poll> {
+        let id = PollId::parse(id).ok()?;
+        self.polls.get(&id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Poll> {
+        self.polls.values()
+    }
+}
+
+impl Default for Polls {
+    fn default() -> Self {
+        Self::pets()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_poll_is_cats_or_dogs() {
+        let polls = Polls::default();
+        let pets = polls.default_poll();
+        assert_eq!(pets.question, "Cats or dogs?");
+        assert!(pets.has_option(&Choice::parse("cats").unwrap()));
+        assert!(polls.get("pets").is_some());
+        assert!(polls.get("nope").is_none());
+        assert!(polls.get("bad.id").is_none());
+    }
+
+    #[test]
+    fn a_polls_file_parses_and_is_checked() {
+        let text = r#"
+            default = "lunch"
+            [[poll]]
+            id = "lunch"
+            question = "Lunch?"
+            options = [{ id = "pizza", label = "Pizza" }, { id = "salad", label = "Salad" }]
+        "#;
+        let polls = Polls::from_toml(text).unwrap();
+        assert_eq!(polls.default_poll().id.as_str(), "lunch");
+
+        let one_option = text.replace(r#", { id = "salad", label = "Salad" }"#, "");
+        assert!(matches!(Polls::from_toml(&one_option), Err(PollsError::TooFewOptions(_))));
+        let bad_default = text.replace(r#"default = "lunch""#, r#"default = "x""#);
+        assert!(matches!(Polls::from_toml(&bad_default), Err(PollsError::UnknownDefault(_))));
+        let bad_id = text.replace(r#"id = "pizza""#, r#"id = "pi zza""#);
+        assert!(Polls::from_toml(&bad_id).is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! Telemetry for every Landslide role: logs and spans through `tracing`, OTLP trace export when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, W3C trace context propagation, and Prometheus metrics served
+//! on each role's own `/metrics`.
+//!
+//! Each layer has its own filter: `RUST_LOG` governs the log output only, so `RUST_LOG=warn` never
+//! silences the spans that carry `traceparent` from an HTTP request to the database commit.
+//! `LANDSLIDE_TRACE_FILTER` (default `info`) governs which spans are exported.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes what is buffered.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered. Without this, the last spans of a process are lost.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(err) = provider.shutdown()
+        {
+            eprintln!("landslide: flushing traces failed: {err}");
+        }
+    }
+}
+
+/// The most links one span keeps: a worker's batch span links every message's trace.
+pub const MAX_LINKS_PER_SPAN: u32 = 2048;
+
+/// Installs the global tracing subscriber and the trace context propagator, once per process.
+/// `service` names the process in exported traces (`landslide-ingest`, …).
+pub fn init(service: &str) -> anyhow::Result<Telemetry> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_filter(log_filter);
+
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+    let (otel, provider) = if endpoint.trim().is_empty() {
+        (None, None)
+    } else {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .context("cannot build the OTLP exporter (OTEL_EXPORTER_OTLP_ENDPOINT)")?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_max_links_per_span(MAX_LINKS_PER_SPAN)
+            .with_resource(Resource::builder().with_service_name(service.to_owned()).build())
+            .build();
+        let tracer = provider.tracer("landslide");
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        let trace_filter = std::env::var("LANDSLIDE_TRACE_FILTER")
+            .ok()
+            .and_then(|f| EnvFilter::try_new(f).ok())
+            .unwrap_or_else(|| EnvFilter::new("info"));
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(trace_filter);
+        (Some(layer), Some(provider))
+    };
+
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .context("a tracing subscriber is already installed")?;
+    Ok(Telemetry { provider })
+}
+
+/// Histogram buckets in seconds, from 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Histogram buckets for batch sizes.
+const SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0];
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's Prometheus registry, installed as the global `metrics` recorder on first use.
+///
+/// Every role of the process renders the same registry on its `/metrics`. If another recorder was
+/// installed first (never in our binaries), metrics are still rendered from this registry but stay
+/// empty.
+pub fn prometheus() -> &'static PrometheusHandle {
+    PROMETHEUS.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS))
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            eprintln!("landslide: a metrics recorder was already installed; /metrics stays empty");
+        }
+        let upkeep = handle.clone();
+        // Histograms drain their buffers during upkeep; without it memory grows with every sample.
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".to_owned())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(err) = spawned {
+            eprintln!("landslide: cannot start the metrics upkeep thread: {err}");
+        }
+        handle
+    })
+}
+
+/// `GET /metrics`: the Prometheus text format.
+pub async fn metrics_handler() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        prometheus().render(),
+    )
+}
