@@ -1,9 +1,32 @@
-//! The dedup-worker (stub: being written).
-use std::future::Future;
-use std::time::Duration;
+//! The dedup-worker: drains the votes stream through the shared durable pull consumer, keeps one
+//! ballot per voter with latest-`(ts, event id)`-wins, and keeps the exact tally, in PostgreSQL.
+//!
+//! Any number of workers share the consumer. Each batch of up to `batch_size` messages (or what
+//! arrives within `batch_wait`) is decoded, deduplicated per voter, sorted, and written in one
+//! transaction; only after the commit is each message acked (design rules 3-6). The worker must
+//! never ack a message whose effect is not committed, never let one bad message block the stream,
+//! and never treat a database outage as bad messages.
 
-use landslide_nats::Topology;
-use landslide_schema::Polls;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, Message};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures::{FutureExt as _, StreamExt as _};
+use landslide_nats::{HeaderExtractor, Topology};
+use landslide_schema::subject::{
+    DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
+};
+use landslide_schema::{Polls, VoteEvent, merge};
+use opentelemetry::trace::TraceContextExt as _;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+mod upsert;
+
+pub use upsert::UpsertBatch;
 
 /// Configuration of one worker.
 #[derive(Debug, Clone)]
@@ -16,6 +39,19 @@ pub struct Config {
     pub batch_size: usize,
     /// Longest wait to fill a batch once its first message is in hand.
     pub batch_wait: Duration,
+    /// This worker's tally counter shard; distinct shards never wait on each other's rows.
+    pub shard: i16,
+    /// Test-only: stop dead at this point of the first batch, as a crash would.
+    pub fail_point: Option<FailPoint>,
+}
+
+/// Where a test makes the worker stop as if killed: nothing after that point happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After the transaction's statements, before its commit.
+    BeforeCommit,
+    /// After the commit, before any ack.
+    AfterCommit,
 }
 
 impl Config {
@@ -27,13 +63,384 @@ impl Config {
             polls: Polls::default(),
             batch_size: 1000,
             batch_wait: Duration::from_millis(20),
+            shard: random_shard(),
+            fail_point: None,
         }
     }
 }
 
-/// Drains the consumer until `shutdown` completes, then finishes the batch in hand.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let _ = config;
-    shutdown.await;
-    Ok(())
+/// A shard number from the process id and the clock: workers started apart rarely share one, and
+/// sharing one is only slower, never wrong.
+fn random_shard() -> i16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mixed = nanos ^ std::process::id().rotate_left(16);
+    // The modulus keeps the value below 1024, which fits an i16.
+    i16::try_from(mixed % 1024).unwrap_or(0)
+}
+
+/// The worker stopped at its fail point (tests only).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped at fail point {0:?}")]
+pub struct FailPointReached(pub FailPoint);
+
+/// Drains the consumer until `shutdown` completes, then finishes the batch in hand and returns.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    landslide_schema::migrate::apply(&config.database_url).await?;
+    let db = connect_db(&config.database_url).await?;
+    let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;
+    let js = jetstream::new(client.clone());
+    let consumer = landslide_nats::ensure_consumer(&js, &config.topology).await?;
+    tracing::info!(
+        consumer = %config.topology.consumer,
+        stream = %config.topology.votes_stream,
+        batch.size = config.batch_size,
+        shard = config.shard,
+        "dedup-worker draining"
+    );
+    let mut worker = Worker {
+        db: Some(db),
+        js,
+        config,
+        db_failures: 0,
+    };
+    let result = worker.drain(consumer, shutdown).await;
+    // Acks are plain publishes: flush them before the connection goes away.
+    if let Err(err) = client.flush().await {
+        tracing::warn!(error = %err, "flushing acks at shutdown failed; those messages will be redelivered");
+    }
+    result
+}
+
+/// Connects to PostgreSQL, with a message that names the variable when it cannot.
+async fn connect_db(url: &str) -> anyhow::Result<AsyncPgConnection> {
+    let mut conn = AsyncPgConnection::establish(url).await.with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL at {} (DATABASE_URL)",
+            landslide_schema::migrate::redact(url)
+        )
+    })?;
+    // A statement that hangs must fail on the server: dropping a transaction future mid-flight
+    // does not roll it back (design section 5). Well under the consumer's ack wait.
+    diesel::sql_query("SET statement_timeout = '10s'")
+        .execute(&mut conn)
+        .await
+        .context("cannot set statement_timeout")?;
+    Ok(conn)
+}
+
+struct Worker {
+    /// `None` after a connection error, until reconnected.
+    db: Option<AsyncPgConnection>,
+    js: jetstream::Context,
+    config: Config,
+    /// Consecutive failed batches: the nak delay and reconnect backoff grow with it.
+    db_failures: u32,
+}
+
+/// What to do with one message after decoding.
+enum Verdict {
+    Vote(VoteEvent),
+    Dead(String),
+}
+
+impl Worker {
+    async fn drain(
+        &mut self,
+        consumer: jetstream::consumer::PullConsumer,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.config.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .context("cannot start pulling from the consumer")?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            // Shutdown is only heeded between batches: a batch in hand is always finished.
+            let first = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                next = messages.next() => next,
+            };
+            let first = match first {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    // Missed heartbeats or a lost connection: the stream recovers by itself.
+                    tracing::warn!(error = %err, "pulling messages failed; retrying");
+                    continue;
+                }
+                None => anyhow::bail!("the consumer's message stream ended"),
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + self.config.batch_wait;
+            while batch.len() < self.config.batch_size {
+                match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(Some(Ok(message))) => batch.push(message),
+                    Ok(Some(Err(err))) => {
+                        tracing::warn!(error = %err, "pulling messages failed");
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.process(batch).await?;
+        }
+        // Messages already delivered to us go back at once rather than after the ack wait.
+        while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+        tracing::info!("dedup-worker stopped");
+        Ok(())
+    }
+
+    /// Handles one batch: dead letters out, votes committed, then every message acked.
+    async fn process(&mut self, batch: Vec<Message>) -> anyhow::Result<()> {
+        let span = tracing::info_span!(
+            "dedup.batch",
+            otel.name = "dedup batch",
+            batch.size = batch.len(),
+            batch.ballots = tracing::field::Empty,
+            batch.dead_letters = tracing::field::Empty,
+        );
+        for message in &batch {
+            if let Some(headers) = &message.headers {
+                link_trace(&span, headers);
+            }
+        }
+        self.process_in_span(batch).instrument(span).await
+    }
+
+    async fn process_in_span(&mut self, batch: Vec<Message>) -> anyhow::Result<()> {
+        metrics::histogram!("landslide_batch_size").record(batch.len() as f64);
+        let mut votes = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        for message in batch {
+            match self.verdict(&message) {
+                Verdict::Vote(event) => votes.push((event, message)),
+                Verdict::Dead(reason) => dead.push((message, reason)),
+            }
+        }
+        tracing::Span::current().record("batch.dead_letters", dead.len());
+        for (message, reason) in dead {
+            self.dead_letter(message, &reason).await;
+        }
+        if votes.is_empty() {
+            return Ok(());
+        }
+
+        let ballots = merge::latest_per_voter(votes.iter().map(|(event, _)| event.clone()));
+        tracing::Span::current().record("batch.ballots", ballots.len());
+        let upsert = UpsertBatch::new(ballots.values(), self.config.shard);
+        let started = Instant::now();
+        match self.commit(&upsert).await {
+            Ok(()) => {
+                self.db_failures = 0;
+                metrics::histogram!("landslide_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("landslide_votes_committed_total").increment(votes.len() as u64);
+                if self.config.fail_point == Some(FailPoint::AfterCommit) {
+                    return Err(FailPointReached(FailPoint::AfterCommit).into());
+                }
+                // Every message's effect is committed (a superseded one's effect is to lose to
+                // the later vote): ack them all. A lost ack only means a harmless redelivery.
+                for (_, message) in &votes {
+                    if let Err(err) = message.ack().await {
+                        tracing::warn!(error = %err, "ack failed; the message will be redelivered");
+                    }
+                }
+                Ok(())
+            }
+            Err(err) => {
+                if let Some(reached) = err.downcast_ref::<FailPointReached>() {
+                    return Err(anyhow::anyhow!("{reached}"));
+                }
+                // Nothing was committed, or the commit's outcome is unknown: either way the
+                // messages must come back. Nak with a delay that grows while the database is down.
+                self.db_failures = self.db_failures.saturating_add(1);
+                let delay = backoff(self.db_failures);
+                metrics::counter!("landslide_db_errors_total").increment(1);
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "batch not committed; messages will be redelivered"
+                );
+                for (_, message) in &votes {
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                }
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
+        }
+    }
+
+    fn verdict(&self, message: &Message) -> Verdict {
+        let event = match VoteEvent::decode(&message.payload) {
+            Ok(event) => event,
+            Err(err) => return Verdict::Dead(err.to_string()),
+        };
+        match self.config.polls.get(event.poll.as_str()) {
+            None => Verdict::Dead(format!("unknown poll {}", event.poll)),
+            Some(poll) if !poll.has_option(&event.choice) => Verdict::Dead(format!(
+                "poll {} has no option {}",
+                event.poll, event.choice
+            )),
+            Some(_) => Verdict::Vote(event),
+        }
+    }
+
+    /// Writes one batch in one transaction, retrying deadlocks and serialization failures.
+    async fn commit(&mut self, upsert: &UpsertBatch) -> anyhow::Result<()> {
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            if self.db.is_none() {
+                self.db = Some(connect_db(&self.config.database_url).await?);
+                tracing::info!("reconnected to PostgreSQL");
+            }
+            let Some(conn) = self.db.as_mut() else {
+                unreachable!("connected just above");
+            };
+            let fail_point = self.config.fail_point;
+            let result = conn
+                .transaction::<_, TxError, _>(async |conn| {
+                    upsert.execute(conn).await?;
+                    if fail_point == Some(FailPoint::BeforeCommit) {
+                        return Err(TxError::FailPoint);
+                    }
+                    Ok(())
+                })
+                .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(TxError::FailPoint) => {
+                    return Err(FailPointReached(FailPoint::BeforeCommit).into());
+                }
+                Err(TxError::Db(err)) if is_retryable(&err) && attempt < ATTEMPTS => {
+                    metrics::counter!("landslide_db_retries_total").increment(1);
+                    tracing::warn!(error = %err, attempt, "batch conflicted with another worker; retrying");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                Err(TxError::Db(err)) => {
+                    if is_connection_error(&err) {
+                        self.db = None;
+                    }
+                    return Err(err).context("batch transaction failed");
+                }
+            }
+        }
+        anyhow::bail!("batch conflicted {ATTEMPTS} times in a row")
+    }
+
+    /// Sends one message to the dead-letter stream, then terminates it. If the dead-letter
+    /// publish is not acknowledged, the message is naked instead: it is never dropped silently.
+    async fn dead_letter(&self, message: Message, reason: &str) {
+        let topology = &self.config.topology;
+        let subject = dlq_subject(
+            &topology.dlq_prefix,
+            &topology.votes_prefix,
+            &message.subject,
+        );
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let mut headers = HeaderMap::new();
+        headers.insert(DLQ_REASON_HEADER, reason);
+        headers.insert(DLQ_SUBJECT_HEADER, message.subject.as_str());
+        headers.insert(DLQ_STREAM_SEQ_HEADER, sequence.to_string().as_str());
+        // One dead letter per original message, even if this one is handled twice.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}-{sequence}", topology.votes_stream).as_str(),
+        );
+        let stored = async {
+            self.js
+                .publish_with_headers(subject, headers, message.payload.clone())
+                .await?
+                .await
+        };
+        match stored.await {
+            Ok(_) => {
+                metrics::counter!("landslide_dead_letters_total").increment(1);
+                tracing::warn!(reason, stream.sequence = sequence, "vote dead-lettered");
+                if let Err(err) = message.ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %err, "terminating a dead letter failed; it will be redelivered and dead-lettered once more");
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, reason, "dead-letter publish failed; message kept");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    #[error(transparent)]
+    Db(#[from] diesel::result::Error),
+    #[error("fail point")]
+    FailPoint,
+}
+
+/// Deadlocks (40P01) and serialization failures (40001): retry the whole batch.
+fn is_retryable(err: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match err {
+        Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+        // diesel reports a deadlock as an unknown database error; its message names it.
+        Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+            info.message().contains("deadlock detected")
+        }
+        _ => false,
+    }
+}
+
+fn is_connection_error(err: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    !matches!(
+        err,
+        Error::DatabaseError(
+            DatabaseErrorKind::SerializationFailure
+                | DatabaseErrorKind::UniqueViolation
+                | DatabaseErrorKind::CheckViolation
+                | DatabaseErrorKind::NotNullViolation,
+            _
+        )
+    )
+}
+
+/// 100 ms doubling up to 5 s.
+fn backoff(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << failures.saturating_sub(1).min(6));
+    Duration::from_millis(ms.min(5_000))
+}
+
+/// Links the batch span to the trace of the HTTP request that produced `headers`' message.
+fn link_trace(span: &tracing::Span, headers: &HeaderMap) {
+    let context =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span.add_link(span_context);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(30), Duration::from_secs(5));
+    }
 }

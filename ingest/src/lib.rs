@@ -1,4 +1,10 @@
-//! The ingest node (stub: being written).
+//! The ingest node: serves the voting form and the JSON API, stamps each vote with the hybrid
+//! logical clock, publishes it to `votes.<node id>` and answers only once JetStream has stored it.
+//!
+//! It keeps no state of its own beyond the last stamp it issued: everything about a voter travels
+//! in the signed voter cookie, everything about a vote in the stream. It must never answer 2xx for a
+//! vote that JetStream has not acknowledged, and never let a bad request, a forged cookie or a broker
+//! outage crash it.
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +13,9 @@ use landslide_nats::Topology;
 use landslide_schema::{NodeId, Polls};
 
 pub mod clock;
+mod http;
+mod publish;
+mod voter;
 pub use clock::{Clock, SystemClock};
 
 /// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.
@@ -70,13 +79,36 @@ impl Config {
     }
 }
 
-/// Serves the node on `listener` until `shutdown` completes, then drains in-flight requests.
+/// Serves the node on `listener` until `shutdown` completes, then drains: no accepted request is
+/// cut off, and every publish in flight gets its answer.
 pub async fn run(
     config: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let _ = (config, listener);
-    shutdown.await;
+    let client = landslide_nats::connect(
+        &config.nats_url,
+        &format!("landslide-ingest-{}", config.node_id),
+    )
+    .await?;
+    let js = publish::jetstream_context(client.clone(), &config);
+    landslide_nats::ensure_votes_stream(&js, &config.topology).await?;
+    let state = http::AppState::new(&config, client.clone(), js);
+    let app = http::router(state);
+    tracing::info!(
+        node = %config.node_id,
+        listen = %listener.local_addr()?,
+        subject = %landslide_schema::subject::vote_subject(&config.topology.votes_prefix, &config.node_id),
+        "ingest node serving"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("ingest server failed: {e}"))?;
+    // Every handler has returned, so every publish has its ack; flush what the client still buffers.
+    if let Err(err) = client.flush().await {
+        tracing::warn!(error = %err, "flushing the NATS client at shutdown failed");
+    }
+    tracing::info!(node = %config.node_id, "ingest node stopped");
     Ok(())
 }

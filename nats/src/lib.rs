@@ -38,6 +38,9 @@ pub struct Topology {
     pub dlq_prefix: String,
     /// Replicas of both streams: 1 on one server, 3 in a cluster (never 2).
     pub replicas: usize,
+    /// Overrides the consumer's `ack_wait`: how long an unacked message waits before it is
+    /// redelivered to another worker. Tests shorten it to see a crashed worker's messages again.
+    pub ack_wait: Option<Duration>,
 }
 
 impl Default for Topology {
@@ -49,6 +52,7 @@ impl Default for Topology {
             dlq_stream: "VOTES_DLQ".to_owned(),
             dlq_prefix: DEFAULT_DLQ_PREFIX.to_owned(),
             replicas: 1,
+            ack_wait: None,
         }
     }
 }
@@ -64,6 +68,7 @@ impl Topology {
             dlq_stream: format!("{tag}_VOTES_DLQ"),
             dlq_prefix: format!("{tag}.dlq.votes"),
             replicas: 1,
+            ack_wait: None,
         }
     }
 
@@ -76,7 +81,8 @@ impl Topology {
     /// The definition of the dead-letter stream.
     pub fn dlq_stream_config(&self) -> anyhow::Result<stream::Config> {
         let json = self.dlq_stream_value()?;
-        serde_json::from_value(json).context("nats/votes-dlq-stream.json is not a stream definition")
+        serde_json::from_value(json)
+            .context("nats/votes-dlq-stream.json is not a stream definition")
     }
 
     /// The definition of the workers' durable pull consumer.
@@ -105,6 +111,11 @@ impl Topology {
     fn consumer_value(&self) -> anyhow::Result<Value> {
         let mut json = parse(CONSUMER_JSON, "dedup-worker-consumer.json")?;
         json["durable_name"] = self.consumer.clone().into();
+        if let Some(ack_wait) = self.ack_wait {
+            json["ack_wait"] = u64::try_from(ack_wait.as_nanos())
+                .unwrap_or(u64::MAX)
+                .into();
+        }
         Ok(json)
     }
 }
@@ -202,7 +213,7 @@ async fn ensure_stream(
                 .await
                 .with_context(|| format!("cannot create stream {name}"))?;
             tracing::info!(stream = %name, "created stream");
-            Ok(stream.into())
+            Ok(stream)
         }
         Err(err) => Err(err).with_context(|| format!("cannot look up stream {name}")),
     }
@@ -358,7 +369,10 @@ mod tests {
         let t = Topology::isolated("t1");
         assert_eq!(t.votes_stream_config().unwrap().subjects, ["t1.votes.*"]);
         assert_eq!(t.dlq_stream_config().unwrap().name, "t1_VOTES_DLQ");
-        assert_eq!(t.consumer_config().unwrap().durable_name.as_deref(), Some("t1_dedup-worker"));
+        assert_eq!(
+            t.consumer_config().unwrap().durable_name.as_deref(),
+            Some("t1_dedup-worker")
+        );
     }
 
     #[test]
@@ -369,8 +383,16 @@ mod tests {
         let d = differences(&file, &expected, &found);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].field, "discard");
-        let msg = Incompatible { kind: "stream", name: "VOTES".into(), differences: d }.to_string();
-        assert!(msg.contains("discard: expected \"new\", found \"old\""), "{msg}");
+        let msg = Incompatible {
+            kind: "stream",
+            name: "VOTES".into(),
+            differences: d,
+        }
+        .to_string();
+        assert!(
+            msg.contains("discard: expected \"new\", found \"old\""),
+            "{msg}"
+        );
     }
 
     #[test]

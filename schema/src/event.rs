@@ -56,6 +56,11 @@ struct VersionProbe {
 }
 
 impl VoteEvent {
+    /// The order of one voter's events: the later `(ts, event id)` is the voter's choice.
+    pub fn order_key(&self) -> (Timestamp, EventId) {
+        (self.ts, self.event_id)
+    }
+
     /// The event's JSON encoding, version [`WIRE_VERSION`].
     pub fn encode(&self) -> Vec<u8> {
         let wire = WireV1 {
@@ -137,7 +142,10 @@ mod tests {
     #[test]
     fn another_version_is_named() {
         let v2 = r#"{"v":2,"something":"else"}"#;
-        assert_eq!(VoteEvent::decode(v2.as_bytes()), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(
+            VoteEvent::decode(v2.as_bytes()),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
         let v2_same_shape = GOLDEN.replace(r#""v":1"#, r#""v":2"#);
         assert_eq!(
             VoteEvent::decode(v2_same_shape.as_bytes()),
@@ -157,7 +165,10 @@ mod tests {
             "".to_string(),
         ] {
             assert!(
-                matches!(VoteEvent::decode(bad.as_bytes()), Err(DecodeError::Malformed(_))),
+                matches!(
+                    VoteEvent::decode(bad.as_bytes()),
+                    Err(DecodeError::Malformed(_))
+                ),
                 "{bad} decoded"
             );
         }

@@ -15,6 +15,7 @@ pub mod cookie;
 pub mod db;
 pub mod event;
 pub mod ids;
+pub mod merge;
 #[cfg(feature = "migrate")]
 pub mod migrate;
 pub mod poll;

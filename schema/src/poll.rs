@@ -116,7 +116,8 @@ impl Polls {
 
     /// The default poll `pets`: "Cats or dogs?".
     pub fn pets() -> Self {
-        let id = |s: &str| Choice::parse(s).unwrap_or_else(|_| unreachable!("literal ids are valid"));
+        let id =
+            |s: &str| Choice::parse(s).unwrap_or_else(|_| unreachable!("literal ids are valid"));
         let pets = PollId::parse("pets").unwrap_or_else(|_| unreachable!("literal ids are valid"));
         let poll = Poll {
             id: pets.clone(),
@@ -189,9 +190,15 @@ mod tests {
         assert_eq!(polls.default_poll().id.as_str(), "lunch");
 
         let one_option = text.replace(r#", { id = "salad", label = "Salad" }"#, "");
-        assert!(matches!(Polls::from_toml(&one_option), Err(PollsError::TooFewOptions(_))));
+        assert!(matches!(
+            Polls::from_toml(&one_option),
+            Err(PollsError::TooFewOptions(_))
+        ));
         let bad_default = text.replace(r#"default = "lunch""#, r#"default = "x""#);
-        assert!(matches!(Polls::from_toml(&bad_default), Err(PollsError::UnknownDefault(_))));
+        assert!(matches!(
+            Polls::from_toml(&bad_default),
+            Err(PollsError::UnknownDefault(_))
+        ));
         let bad_id = text.replace(r#"id = "pizza""#, r#"id = "pi zza""#);
         assert!(Polls::from_toml(&bad_id).is_err());
     }

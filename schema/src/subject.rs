@@ -38,7 +38,13 @@ mod tests {
     fn subjects_carry_the_node() {
         let node = NodeId::parse("web01").unwrap();
         assert_eq!(vote_subject("votes", &node), "votes.web01");
-        assert_eq!(dlq_subject("dlq.votes", "votes", "votes.web01"), "dlq.votes.web01");
-        assert_eq!(dlq_subject("dlq.votes", "votes", "other.x"), "dlq.votes.unknown");
+        assert_eq!(
+            dlq_subject("dlq.votes", "votes", "votes.web01"),
+            "dlq.votes.web01"
+        );
+        assert_eq!(
+            dlq_subject("dlq.votes", "votes", "other.x"),
+            "dlq.votes.unknown"
+        );
     }
 }

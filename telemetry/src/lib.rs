@@ -59,7 +59,11 @@ pub fn init(service: &str) -> anyhow::Result<Telemetry> {
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_max_links_per_span(MAX_LINKS_PER_SPAN)
-            .with_resource(Resource::builder().with_service_name(service.to_owned()).build())
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(service.to_owned())
+                    .build(),
+            )
             .build();
         let tracer = provider.tracer("landslide");
         opentelemetry::global::set_tracer_provider(provider.clone());
@@ -100,7 +104,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
     PROMETHEUS.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS)
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();

@@ -33,7 +33,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -75,23 +78,38 @@ impl Nats {
 
     async fn spawn(&mut self) {
         let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.dir.path())
-            .args(["--server_name", "landslide-test"])
+            .args(["--server_name", "landslide-test", "-l"])
+            .arg(self.dir.path().join("nats.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
         self.child = Some(child);
         let url = self.url.clone();
-        wait_for("nats-server to accept clients", Duration::from_secs(15), || {
-            let url = url.clone();
-            async move {
-                let client = async_nats::connect(&url).await.ok()?;
-                let js = async_nats::jetstream::new(client);
-                js.query_account().await.ok().map(|_| ())
-            }
-        })
+        wait_for(
+            "nats-server to accept clients",
+            Duration::from_secs(15),
+            || {
+                let url = url.clone();
+                async move {
+                    // `query_account` cannot parse 2.9's answer; the raw API request is enough.
+                    let client = async_nats::connect(&url).await.ok()?;
+                    let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
+                    let text = String::from_utf8_lossy(&reply.payload);
+                    (text.contains("account_info_response") && !text.contains("\"error\""))
+                        .then_some(())
+                }
+            },
+        )
         .await;
     }
 
@@ -110,7 +128,9 @@ impl Nats {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(&self.url).await.expect("connect to test nats")
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to test nats")
     }
 }
 
@@ -157,11 +177,7 @@ impl Db {
     }
 
     /// `(choice, ts, event_id)` of one ballot.
-    pub async fn ballot(
-        &self,
-        poll: &str,
-        voter: uuid::Uuid,
-    ) -> Option<(String, i64, uuid::Uuid)> {
+    pub async fn ballot(&self, poll: &str, voter: uuid::Uuid) -> Option<(String, i64, uuid::Uuid)> {
         use landslide_schema::db::ballots::dsl as b;
         b::ballots
             .filter(b::poll.eq(poll))
@@ -173,7 +189,8 @@ impl Db {
             .expect("read ballot")
     }
 
-    /// Per option of `poll`: (sum of tally shards, count of ballots).
+    /// Per option of `poll` with a tally or a ballot: (sum of tally shards, count of ballots).
+    /// An option whose shards sum to zero and has no ballot is left out, however its rows look.
     pub async fn tally_and_count(&self, poll: &str) -> Vec<(String, i64, i64)> {
         #[derive(QueryableByName)]
         struct Row {
@@ -195,7 +212,10 @@ impl Db {
         .load(&mut self.conn().await)
         .await
         .expect("read tallies");
-        rows.into_iter().map(|r| (r.option, r.tally, r.ballots)).collect()
+        rows.into_iter()
+            .filter(|r| (r.tally, r.ballots) != (0, 0))
+            .map(|r| (r.option, r.tally, r.ballots))
+            .collect()
     }
 }
 
@@ -210,12 +230,173 @@ impl Drop for Db {
                 .expect("runtime");
             rt.block_on(async move {
                 if let Ok(mut conn) = AsyncPgConnection::establish(&admin_url()).await {
-                    let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
+                    let _ =
+                        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
                 }
             });
         })
         .join();
     }
+}
+
+/// A role running in this test process, stopped through its shutdown signal.
+pub struct Role {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Role {
+    fn spawn<F>(
+        run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        Self {
+            stop: Some(stop),
+            handle: tokio::spawn(run(shutdown)),
+        }
+    }
+
+    /// Signals shutdown and waits for a clean exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let handle = &mut self.handle;
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("role stops within 30 s")
+            .expect("role task did not panic")
+            .expect("role exits cleanly");
+    }
+
+    /// Waits for the role to end by itself (a fail point) and returns its result.
+    pub async fn join(mut self) -> anyhow::Result<()> {
+        self.stop.take();
+        let handle = &mut self.handle;
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("role ends within 30 s")
+            .expect("role task did not panic")
+    }
+
+    /// Aborts the task: no shutdown path runs, as if the process were killed.
+    pub fn abort(self) {
+        self.handle.abort();
+    }
+}
+
+pub const SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+
+/// An ingest node on an ephemeral port.
+pub struct Ingest {
+    pub url: String,
+    pub role: Role,
+}
+
+pub async fn ingest(nats_url: &str, node: &str, clock_offset_ms: i64) -> Ingest {
+    ingest_with(nats_url, node, |config| {
+        config.clock = std::sync::Arc::new(landslide_ingest::SystemClock {
+            offset_ms: clock_offset_ms,
+        });
+    })
+    .await
+}
+
+pub async fn ingest_with(
+    nats_url: &str,
+    node: &str,
+    adjust: impl FnOnce(&mut landslide_ingest::Config),
+) -> Ingest {
+    let mut config = landslide_ingest::Config::new(
+        landslide_schema::NodeId::parse(node).expect("node id"),
+        nats_url,
+        landslide_ingest::Secret::new(SECRET).expect("secret"),
+    );
+    adjust(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind ingest");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let role = Role::spawn(move |shutdown| landslide_ingest::run(config, listener, shutdown));
+    let probe = reqwest::Client::new();
+    let ready = format!("{url}/readyz");
+    wait_for("ingest to be ready", Duration::from_secs(15), || {
+        let probe = probe.clone();
+        let ready = ready.clone();
+        async move {
+            let response = probe.get(&ready).send().await.ok()?;
+            response.status().is_success().then_some(())
+        }
+    })
+    .await;
+    Ingest { url, role }
+}
+
+/// A dedup-worker in this process.
+pub fn worker(nats_url: &str, database_url: &str) -> Role {
+    worker_with(nats_url, database_url, |_| {})
+}
+
+pub fn worker_with(
+    nats_url: &str,
+    database_url: &str,
+    adjust: impl FnOnce(&mut landslide_dedup_worker::Config),
+) -> Role {
+    let mut config = landslide_dedup_worker::Config::new(nats_url, database_url);
+    adjust(&mut config);
+    Role::spawn(move |shutdown| landslide_dedup_worker::run(config, shutdown))
+}
+
+/// A browser: its own cookie jar.
+pub fn voter() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+/// Casts a vote through the JSON API; returns the status and the JSON body.
+pub async fn vote_api(
+    client: &reqwest::Client,
+    ingest_url: &str,
+    poll: &str,
+    choice: &str,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .post(format!("{ingest_url}/api/votes"))
+        .json(&serde_json::json!({ "poll": poll, "choice": choice }))
+        .send()
+        .await
+        .expect("send vote");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// Consumer pending + unacked of the workers' consumer (default topology); `None` until a worker
+/// has created the consumer.
+pub async fn pending(nats_url: &str) -> Option<u64> {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let topology = landslide_nats::Topology::default();
+    let stream = js.get_stream(&topology.votes_stream).await.ok()?;
+    let info = stream.consumer_info(&topology.consumer).await.ok()?;
+    Some(info.num_pending + info.num_ack_pending as u64)
+}
+
+/// Waits until the workers' consumer exists and has nothing pending.
+pub async fn drained(nats_url: &str) {
+    wait_for("the stream to drain", Duration::from_secs(60), || async {
+        (pending(nats_url).await == Some(0)).then_some(())
+    })
+    .await;
 }

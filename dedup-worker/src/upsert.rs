@@ -1,0 +1,113 @@
+//! The batch upsert: ballots with latest-(ts, event id)-wins and the exact tally, in one statement.
+//!
+//! Each ballot row keeps the choice it replaced (`prev_choice`), so `RETURNING` tells, atomically per
+//! row and under the row lock, whether the row was inserted (+1 for its choice) or which choice it
+//! replaced (+1 new, -1 old). The tally deltas are summed per option and added to this worker's
+//! counter shard in the same statement: the tally equals `count(*)` per option after every commit,
+//! however many workers change one voter at once (design rules 3 and 5).
+
+use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, SmallInt, Text, Uuid as SqlUuid};
+use landslide_schema::VoteEvent;
+use uuid::Uuid;
+
+const SQL_HEAD: &str =
+    "WITH incoming (poll, voter, choice, ts, event_id) AS (SELECT * FROM unnest(";
+const SQL_TAIL: &str = ")), \
+changed AS ( \
+    INSERT INTO ballots AS b (poll, voter, choice, prev_choice, ts, event_id) \
+    SELECT poll, voter, choice, NULL, ts, event_id FROM incoming \
+    ON CONFLICT (poll, voter) DO UPDATE \
+        SET prev_choice = b.choice, choice = EXCLUDED.choice, ts = EXCLUDED.ts, event_id = EXCLUDED.event_id \
+        WHERE (b.ts, b.event_id) < (EXCLUDED.ts, EXCLUDED.event_id) \
+    RETURNING b.poll, b.choice, b.prev_choice \
+), \
+deltas (poll, option, delta) AS ( \
+    SELECT poll, choice, 1 FROM changed \
+    UNION ALL \
+    SELECT poll, prev_choice, -1 FROM changed WHERE prev_choice IS NOT NULL \
+) \
+INSERT INTO tallies AS t (poll, option, shard, votes) \
+SELECT poll, option, ";
+// Rows are inserted in (poll, option) order so that two workers sharing a shard lock tally rows in
+// the same order and cannot deadlock on them.
+const SQL_END: &str = ", sum(delta) FROM deltas GROUP BY poll, option HAVING sum(delta) <> 0 \
+ORDER BY poll, option \
+ON CONFLICT (poll, option, shard) DO UPDATE SET votes = t.votes + EXCLUDED.votes";
+
+/// One batch as column arrays, bound as five parameters whatever its size; the statement text never
+/// changes, so diesel-async prepares it once per connection.
+#[derive(Debug, Default)]
+pub struct UpsertBatch {
+    poll: Vec<String>,
+    voter: Vec<Uuid>,
+    choice: Vec<String>,
+    ts: Vec<i64>,
+    event_id: Vec<Uuid>,
+    shard: i16,
+}
+
+impl UpsertBatch {
+    /// `events` must hold one event per (poll, voter), sorted by (poll, voter): duplicates make the
+    /// upsert fail ("cannot affect row a second time") and unsorted batches deadlock each other.
+    pub fn new<'a>(events: impl ExactSizeIterator<Item = &'a VoteEvent>, shard: i16) -> Self {
+        let mut batch = Self {
+            shard,
+            ..Self::default()
+        };
+        let n = events.len();
+        batch.poll.reserve(n);
+        batch.voter.reserve(n);
+        batch.choice.reserve(n);
+        batch.ts.reserve(n);
+        batch.event_id.reserve(n);
+        for e in events {
+            batch.poll.push(e.poll.to_string());
+            batch.voter.push(e.voter.0);
+            batch.choice.push(e.choice.to_string());
+            batch.ts.push(e.ts.to_i64());
+            batch.event_id.push(e.event_id.0);
+        }
+        batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.voter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.voter.is_empty()
+    }
+}
+
+/// Makes the statement cacheable: its SQL is the same for every batch.
+#[derive(Debug)]
+pub struct UpsertBatchId;
+
+impl QueryId for UpsertBatch {
+    type QueryId = UpsertBatchId;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for UpsertBatch {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(SQL_HEAD);
+        out.push_bind_param::<Array<Text>, _>(&self.poll)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<SqlUuid>, _>(&self.voter)?;
+        out.push_sql("::uuid[], ");
+        out.push_bind_param::<Array<Text>, _>(&self.choice)?;
+        out.push_sql("::text[], ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.ts)?;
+        out.push_sql("::bigint[], ");
+        out.push_bind_param::<Array<SqlUuid>, _>(&self.event_id)?;
+        out.push_sql("::uuid[]");
+        out.push_sql(SQL_TAIL);
+        out.push_bind_param::<SmallInt, _>(&self.shard)?;
+        out.push_sql("::smallint");
+        out.push_sql(SQL_END);
+        Ok(())
+    }
+}

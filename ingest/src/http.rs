@@ -1,0 +1,483 @@
+//! The HTTP surface of an ingest node: the form, the JSON API, health and metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use askama::Template;
+use async_nats::jetstream;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum_extra::extract::SignedCookieJar;
+use axum_extra::extract::cookie::Key;
+use landslide_schema::cookie::VoterCookie;
+use landslide_schema::{
+    Choice, EventId, NodeId, Poll, PollId, Polls, Timestamp, VoteEvent, VoterId,
+};
+use serde::{Deserialize, Serialize};
+use tower_http::trace::TraceLayer;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::Config;
+use crate::publish::{Hlc, PublishFailed, Publisher};
+use crate::voter::{self, Keys};
+
+/// The largest request body accepted: a vote is a few dozen bytes.
+pub const MAX_BODY: usize = 4096;
+
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_SECS: u32 = 2;
+
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    node: NodeId,
+    polls: Polls,
+    publisher: Publisher,
+    hlc: Hlc,
+    keys: Keys,
+    secure_cookie: bool,
+    client: async_nats::Client,
+}
+
+impl AppState {
+    pub fn new(config: &Config, client: async_nats::Client, js: jetstream::Context) -> Self {
+        Self(Arc::new(Inner {
+            node: config.node_id.clone(),
+            polls: config.polls.clone(),
+            publisher: Publisher::new(js, config),
+            hlc: Hlc::new(config.clock.clone()),
+            keys: Keys::new(&config.secret),
+            secure_cookie: config.secure_cookie,
+            client,
+        }))
+    }
+}
+
+impl FromRef<AppState> for Key {
+    fn from_ref(state: &AppState) -> Key {
+        state.0.keys.cookie.clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(form))
+        .route("/vote", post(vote_form))
+        .route("/api/votes", post(vote_api))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(landslide_telemetry::metrics_handler))
+        // We buffer bodies ourselves up to MAX_BODY; a larger one is refused with 413.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state)
+}
+
+/// One span per request, named by route template, continuing the caller's trace if it sent one.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = route,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HttpHeaderExtractor(request.headers()))
+    });
+    // Only a valid incoming context becomes the parent; otherwise the span starts a new trace.
+    let _ = span.set_parent(parent);
+    span
+}
+
+struct HttpHeaderExtractor<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HttpHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Why a vote was refused. Each maps to one status and a message meant for the voter.
+#[derive(Debug, thiserror::Error)]
+enum VoteError {
+    #[error("expected Content-Type {expected}")]
+    UnsupportedMediaType { expected: &'static str },
+    #[error("the request body is larger than {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("there is no poll {0:?}")]
+    UnknownPoll(String),
+    #[error("poll {poll} has no option {option:?}")]
+    UnknownOption { poll: PollId, option: String },
+    #[error("your vote could not be stored right now; please try again in a moment")]
+    Unavailable(#[source] PublishFailed),
+}
+
+impl VoteError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownPoll(_) | Self::UnknownOption { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::UnsupportedMediaType { .. } => "content_type",
+            Self::TooLarge => "too_large",
+            Self::Malformed(_) => "malformed",
+            Self::UnknownPoll(_) => "unknown_poll",
+            Self::UnknownOption { .. } => "unknown_option",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// Counts the refusal and adds `Retry-After` where a retry will help.
+    fn finish(&self, mut response: Response) -> Response {
+        metrics::counter!("landslide_votes_rejected_total", "reason" => self.reason()).increment(1);
+        if let Self::Unavailable(cause) = self {
+            // The cause is ours, not the voter's: log it here, once, and keep it out of the body.
+            tracing::warn!(error = %cause, "vote refused: not stored");
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+/// Checks the media type and buffers the body, in that order, so 415 wins over 413.
+fn body(
+    headers: &HeaderMap,
+    expected: &'static str,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, VoteError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if media_type.as_deref() != Some(expected) {
+        return Err(VoteError::UnsupportedMediaType { expected });
+    }
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => VoteError::TooLarge,
+        _ => VoteError::Malformed(rejection.body_text()),
+    })
+}
+
+/// A vote that JetStream stored.
+struct Accepted {
+    event_id: EventId,
+    ts: Timestamp,
+    duplicate: bool,
+}
+
+impl AppState {
+    fn poll(&self, id: &str) -> Result<&Poll, VoteError> {
+        self.0
+            .polls
+            .get(id)
+            .ok_or_else(|| VoteError::UnknownPoll(id.to_owned()))
+    }
+
+    /// Validates, stamps and stores one vote; returns the jar with the updated voter cookie.
+    ///
+    /// The cookie is written even when the vote was not stored: its voter id makes a retry the
+    /// same voter, and its raised floor makes the retry win over a copy of this attempt that
+    /// JetStream may have stored after all (a timeout is ambiguous).
+    async fn cast(
+        &self,
+        jar: SignedCookieJar,
+        poll: &str,
+        choice: &str,
+        idempotency_key: Option<&str>,
+    ) -> (SignedCookieJar, Result<Accepted, VoteError>) {
+        let poll = match self.poll(poll) {
+            Ok(poll) => poll,
+            Err(err) => return (jar, Err(err)),
+        };
+        let choice = match Choice::parse(choice) {
+            Ok(choice) if poll.has_option(&choice) => choice,
+            _ => {
+                let err = VoteError::UnknownOption {
+                    poll: poll.id.clone(),
+                    option: choice.to_owned(),
+                };
+                return (jar, Err(err));
+            }
+        };
+        let known = voter::read(&jar);
+        let floor = known.as_ref().map(|c| c.last_ts);
+        let voter = match (&known, idempotency_key) {
+            (Some(cookie), _) => cookie.voter,
+            (None, Some(key)) => self.0.keys.voter_for_key(key),
+            (None, None) => VoterId::new_random(),
+        };
+        let event_id = match idempotency_key {
+            Some(key) => self.0.keys.event_for_key(voter, &poll.id, key),
+            None => EventId::new_random(),
+        };
+        let event = VoteEvent {
+            event_id,
+            poll: poll.id.clone(),
+            voter,
+            choice: choice.clone(),
+            ts: self.0.hlc.stamp(floor),
+            node: self.0.node.clone(),
+        };
+        let mut cookie = known.unwrap_or_else(|| VoterCookie::new(voter));
+        let result = match self.0.publisher.publish(&event).await {
+            Ok(stored) => {
+                let ts = if stored.duplicate {
+                    self.stored_ts(stored.sequence).await.unwrap_or(event.ts)
+                } else {
+                    event.ts
+                };
+                // The floor also covers our own stamp: it is above anything stored so far.
+                cookie.record(poll.id.clone(), choice, ts.max(event.ts));
+                metrics::counter!("landslide_votes_accepted_total").increment(1);
+                Ok(Accepted {
+                    event_id,
+                    ts,
+                    duplicate: stored.duplicate,
+                })
+            }
+            Err(err) => {
+                cookie.last_ts = cookie.last_ts.max(event.ts);
+                Err(VoteError::Unavailable(err))
+            }
+        };
+        (voter::write(jar, &cookie, self.0.secure_cookie), result)
+    }
+
+    /// The stamp of the copy JetStream kept when a retry was a duplicate, if it can be read.
+    async fn stored_ts(&self, sequence: u64) -> Option<Timestamp> {
+        let publisher = &self.0.publisher;
+        let stream = publisher
+            .jetstream()
+            .get_stream_no_info(publisher.stream_name())
+            .await
+            .ok()?;
+        let message = stream.direct_get(sequence).await.ok()?;
+        VoteEvent::decode(&message.payload).ok().map(|e| e.ts)
+    }
+}
+
+#[derive(Deserialize)]
+struct ApiVote {
+    poll: String,
+    choice: String,
+}
+
+#[derive(Serialize)]
+struct ApiAccepted {
+    event_id: EventId,
+    ts: Timestamp,
+    duplicate: bool,
+}
+
+#[derive(Serialize)]
+struct ApiError {
+    error: String,
+}
+
+/// `POST /api/votes`: `{"poll":"pets","choice":"cats"}` → 202 `{"event_id":…,"ts":…}`.
+async fn vote_api(
+    State(state): State<AppState>,
+    jar: SignedCookieJar,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let json_error = |err: VoteError, jar: Option<SignedCookieJar>| {
+        let body = axum::Json(ApiError {
+            error: err.to_string(),
+        });
+        let response = (err.status(), jar, body).into_response();
+        err.finish(response)
+    };
+    let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
+        None => None,
+        Some(Ok(key)) => match voter::check_idempotency_key(key) {
+            Ok(()) => Some(key),
+            Err(message) => return json_error(VoteError::Malformed(message), None),
+        },
+        Some(Err(_)) => {
+            let message = "Idempotency-Key must be visible ASCII".to_owned();
+            return json_error(VoteError::Malformed(message), None);
+        }
+    };
+    let vote: ApiVote = match body(&headers, "application/json", raw).and_then(|bytes| {
+        serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
+    }) {
+        Ok(vote) => vote,
+        Err(err) => return json_error(err, None),
+    };
+    let (jar, result) = state.cast(jar, &vote.poll, &vote.choice, key).await;
+    match result {
+        Ok(accepted) => (
+            StatusCode::ACCEPTED,
+            jar,
+            axum::Json(ApiAccepted {
+                event_id: accepted.event_id,
+                ts: accepted.ts,
+                duplicate: accepted.duplicate,
+            }),
+        )
+            .into_response(),
+        Err(err) => json_error(err, Some(jar)),
+    }
+}
+
+#[derive(Deserialize)]
+struct FormVote {
+    vote: String,
+    poll: Option<String>,
+}
+
+/// `POST /vote`: the form's `vote=<option>` (and `poll=<id>`) → 303 back to the form.
+async fn vote_form(
+    State(state): State<AppState>,
+    jar: SignedCookieJar,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let default = state.0.polls.default_poll().id.clone();
+    let vote: FormVote = match body(&headers, "application/x-www-form-urlencoded", raw)
+        .and_then(|bytes| parse_form(&bytes))
+    {
+        Ok(vote) => vote,
+        Err(err) => return state.form_error(jar, &default, err),
+    };
+    let poll = vote.poll.unwrap_or_else(|| default.to_string());
+    let (jar, result) = state.cast(jar, &poll, &vote.vote, None).await;
+    match result {
+        Ok(_) if poll == default.as_str() => (jar, Redirect::to("/")).into_response(),
+        Ok(_) => (jar, Redirect::to(&format!("/?poll={poll}"))).into_response(),
+        Err(err) => {
+            let shown = PollId::parse(poll)
+                .ok()
+                .filter(|p| state.0.polls.get(p.as_str()).is_some());
+            state.form_error(jar, &shown.unwrap_or(default), err)
+        }
+    }
+}
+
+fn parse_form(bytes: &[u8]) -> Result<FormVote, VoteError> {
+    serde_urlencoded::from_bytes(bytes).map_err(|e| VoteError::Malformed(e.to_string()))
+}
+
+#[derive(Template)]
+#[template(path = "vote.html")]
+struct VotePage<'a> {
+    question: &'a str,
+    poll: &'a str,
+    options: &'a [landslide_schema::PollOption],
+    current: Option<String>,
+    current_label: Option<&'a str>,
+    error: Option<String>,
+    node: &'a str,
+}
+
+#[derive(Deserialize)]
+struct FormQuery {
+    poll: Option<String>,
+}
+
+impl AppState {
+    fn page(&self, jar: &SignedCookieJar, poll: &Poll, error: Option<String>) -> Html<String> {
+        let current =
+            voter::read(jar).and_then(|c| c.choices.get(&poll.id).map(|choice| choice.to_string()));
+        let current_label = current
+            .as_deref()
+            .and_then(|id| poll.options.iter().find(|o| o.id.as_str() == id))
+            .map(|o| o.label.as_str());
+        let page = VotePage {
+            question: &poll.question,
+            poll: poll.id.as_str(),
+            options: &poll.options,
+            current,
+            current_label,
+            error,
+            node: self.0.node.as_str(),
+        };
+        // The template is checked at compile time and only formats strings: rendering cannot fail
+        // short of running out of memory.
+        Html(
+            page.render()
+                .unwrap_or_else(|e| format!("template error: {e}")),
+        )
+    }
+
+    fn form_error(&self, jar: SignedCookieJar, poll: &PollId, err: VoteError) -> Response {
+        let poll = self
+            .0
+            .polls
+            .get(poll.as_str())
+            .unwrap_or_else(|| self.0.polls.default_poll());
+        let page = self.page(&jar, poll, Some(err.to_string()));
+        let response = (err.status(), jar, page).into_response();
+        err.finish(response)
+    }
+}
+
+/// `GET /`: the form for the default poll (or `?poll=<id>`), showing the voter's current choice.
+async fn form(
+    State(state): State<AppState>,
+    jar: SignedCookieJar,
+    Query(query): Query<FormQuery>,
+) -> Response {
+    let poll = match query.poll.as_deref() {
+        None => state.0.polls.default_poll(),
+        Some(id) => match state.poll(id) {
+            Ok(poll) => poll,
+            Err(err) => {
+                let default = state.0.polls.default_poll().id.clone();
+                return state.form_error(jar, &default, err);
+            }
+        },
+    };
+    state.page(&jar, poll, None).into_response()
+}
+
+/// `GET /readyz`: NATS connected and the votes stream present.
+async fn readyz(State(state): State<AppState>) -> Response {
+    use async_nats::connection::State as Conn;
+    if state.0.client.connection_state() != Conn::Connected {
+        return (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n").into_response();
+    }
+    let publisher = &state.0.publisher;
+    let lookup = publisher.jetstream().get_stream(publisher.stream_name());
+    match tokio::time::timeout(Duration::from_secs(1), lookup).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(err)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("votes stream unavailable: {err}\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "JetStream did not answer\n",
+        )
+            .into_response(),
+    }
+}

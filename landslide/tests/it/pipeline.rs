@@ -1,0 +1,364 @@
+//! Votes through ingest and the dedup-worker into PostgreSQL.
+
+use std::time::Duration;
+
+use crate::support::{self, Db, Nats};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_through_the_form_and_one_through_the_api_are_both_counted() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let worker = support::worker(&nats.url, &db.url);
+
+    let browser = support::voter();
+    let response = browser
+        .post(format!("{}/vote", ingest.url))
+        .form(&[("vote", "cats")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    assert_eq!(response.headers()["location"], "/");
+    let page = browser
+        .get(format!("{}/", ingest.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Your vote: <strong>Cats</strong>"), "{page}");
+
+    let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "dogs").await;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        body["event_id"].is_string() && body["ts"].is_u64(),
+        "{body}"
+    );
+
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_of_mind_on_a_node_with_a_slow_clock_still_wins() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let fast = support::ingest(&nats.url, "fast", 0).await;
+    let slow = support::ingest(&nats.url, "slow", -10_000).await;
+    let worker = support::worker(&nats.url, &db.url);
+
+    // One browser: the cookie from the fast node travels to the slow one.
+    let browser = support::voter();
+    let (status, first) = support::vote_api(&browser, &fast.url, "pets", "cats").await;
+    assert_eq!(status, 202);
+    let (status, second) = support::vote_api(&browser, &slow.url, "pets", "dogs").await;
+    assert_eq!(status, 202);
+    assert!(
+        second["ts"].as_u64() > first["ts"].as_u64(),
+        "{first} then {second}"
+    );
+
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("dogs".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+    fast.role.stop().await;
+    slow.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_cookie_the_slow_node_would_lose_the_change_of_mind() {
+    // The control experiment for the test above: it shows the clock skew is real and would
+    // misorder the votes if the cookie floor did not exist.
+    let nats = Nats::start().await;
+    let fast = support::ingest(&nats.url, "fast", 0).await;
+    let slow = support::ingest(&nats.url, "slow", -10_000).await;
+    let (_, first) = support::vote_api(&support::voter(), &fast.url, "pets", "cats").await;
+    let (_, second) = support::vote_api(&support::voter(), &slow.url, "pets", "dogs").await;
+    assert!(
+        second["ts"].as_u64() < first["ts"].as_u64(),
+        "{first} then {second}"
+    );
+    fast.role.stop().await;
+    slow.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let worker = support::worker(&nats.url, &db.url);
+
+    let send = |client: reqwest::Client| {
+        let url = format!("{}/api/votes", ingest.url);
+        async move {
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", "4b0e9c8e-retry")
+                .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    // Two cookie-less clients: as if the first answer, and its cookie, were lost.
+    let first = send(support::voter()).await;
+    let second = send(support::voter()).await;
+    assert_eq!(first["event_id"], second["event_id"]);
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(
+        first["ts"], second["ts"],
+        "the retry reports the stored copy's stamp"
+    );
+
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() {
+    let mut nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats.url, "web01", |c| {
+        c.publish_timeout = Duration::from_millis(300);
+        c.publish_attempts = 2;
+    })
+    .await;
+    let browser = support::voter();
+    let (status, _) = support::vote_api(&browser, &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 202);
+
+    nats.kill();
+    for _ in 0..3 {
+        let response = browser
+            .post(format!("{}/api/votes", ingest.url))
+            .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert!(response.headers().contains_key("retry-after"));
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("try again"),
+            "{body}"
+        );
+    }
+    let ready = reqwest::get(format!("{}/readyz", ingest.url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    nats.restart().await;
+    let (status, _) = support::wait_for(
+        "votes to be accepted again",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = support::vote_api(&browser, &ingest.url, "pets", "dogs").await;
+            (status == 202).then_some((status, body))
+        },
+    )
+    .await;
+    assert_eq!(status, 202);
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_its_status_and_a_message() {
+    let nats = Nats::start().await;
+    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let client = support::voter();
+    let api = format!("{}/api/votes", ingest.url);
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            client
+                .post(&api)
+                .header("content-type", "application/json")
+                .body("{\"poll\":"),
+            400,
+            "malformed",
+        ),
+        (
+            client
+                .post(&api)
+                .header("content-type", "application/json")
+                .body("{\"poll\":\"pets\"}"),
+            400,
+            "choice",
+        ),
+        (
+            client
+                .post(&api)
+                .json(&serde_json::json!({"poll": "nope", "choice": "cats"})),
+            422,
+            "no poll",
+        ),
+        (
+            client
+                .post(&api)
+                .json(&serde_json::json!({"poll": "pets", "choice": "fish"})),
+            422,
+            "no option",
+        ),
+        (
+            client
+                .post(&api)
+                .json(&serde_json::json!({"poll": "pets", "choice": "c.ts"})),
+            422,
+            "no option",
+        ),
+        (
+            client
+                .post(&api)
+                .header("content-type", "application/json")
+                .body(vec![b' '; 10_000]),
+            413,
+            "larger",
+        ),
+        (
+            client
+                .post(&api)
+                .header("content-type", "text/plain")
+                .body("{}"),
+            415,
+            "application/json",
+        ),
+        (client.post(&api).body("{}"), 415, "application/json"),
+        (
+            client
+                .post(&api)
+                .header("Idempotency-Key", "has space")
+                .json(&serde_json::json!({"poll": "pets", "choice": "cats"})),
+            400,
+            "Idempotency-Key",
+        ),
+    ];
+    for (request, status, needle) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "status {status}: {message:?} lacks {needle:?}"
+        );
+    }
+
+    let form = format!("{}/vote", ingest.url);
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            client.post(&form).form(&[("vote", "fish")]),
+            422,
+            "has no option",
+        ),
+        (
+            client
+                .post(&form)
+                .form(&[("vote", "cats"), ("poll", "nope")]),
+            422,
+            "no poll",
+        ),
+        (
+            client.post(&form).form(&[("nothing", "here")]),
+            400,
+            "malformed",
+        ),
+        (
+            client
+                .post(&form)
+                .header("content-type", "application/json")
+                .body("{}"),
+            415,
+            "x-www-form-urlencoded",
+        ),
+    ];
+    for (request, status, needle) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let page = response.text().await.unwrap();
+        assert!(
+            page.contains(needle),
+            "status {status}: page lacks {needle:?}"
+        );
+        assert!(
+            page.contains("Cats or dogs?"),
+            "the error page shows the form again"
+        );
+    }
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let worker = support::worker(&nats.url, &db.url);
+
+    let client = support::voter();
+    let api = format!("{}/api/votes", ingest.url);
+    let response = client
+        .post(&api)
+        .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let (name, value) = cookie.split_once('=').unwrap();
+
+    // Flip one character of the signed payload, and separately forge an unsigned one.
+    let mut tampered = value.to_owned().into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let forged = "1.0000000000000000000000000000002a.99.pets~dogs".to_owned();
+    for bad in [tampered, forged, "garbage".to_owned()] {
+        let response = reqwest::Client::new()
+            .post(&api)
+            .header("cookie", format!("{name}={bad}"))
+            .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202, "a bad cookie never fails the vote");
+        let fresh = response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(
+            fresh.split(';').next().unwrap(),
+            cookie,
+            "a new voter cookie is issued"
+        );
+    }
+
+    support::drained(&nats.url).await;
+    // The original voter still votes cats; three new voters vote dogs.
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 3, 3)]
+    );
+    worker.stop().await;
+    ingest.role.stop().await;
+}
