@@ -1,3 +1,4 @@
 //! Landslide's integration tests: real nats-server, real PostgreSQL, each test isolated.
 
+mod pipeline;
 mod support;
