@@ -2,3 +2,4 @@
 
 mod pipeline;
 mod support;
+mod worker;

@@ -279,7 +279,8 @@ impl Role {
 
     /// Waits for the role to end by itself (a fail point) and returns its result.
     pub async fn join(mut self) -> anyhow::Result<()> {
-        self.stop.take();
+        // Keep the sender alive: dropping it would ask the role to shut down.
+        let _stop = self.stop.take();
         let handle = &mut self.handle;
         tokio::time::timeout(Duration::from_secs(30), handle)
             .await

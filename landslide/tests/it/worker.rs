@@ -1,0 +1,265 @@
+//! The dedup-worker against a real stream and database: crashes, concurrency, poison.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt as _;
+use landslide_dedup_worker::FailPoint;
+use landslide_nats::Topology;
+use landslide_schema::{Choice, EventId, NodeId, PollId, Timestamp, VoteEvent, VoterId, merge};
+use uuid::Uuid;
+
+use crate::support::{self, Db, Nats};
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn event(voter: u128, ts: u64, choice: &str, id: u128) -> VoteEvent {
+    VoteEvent {
+        event_id: EventId(Uuid::from_u128(id)),
+        poll: PollId::parse("pets").unwrap(),
+        voter: VoterId(Uuid::from_u128(voter)),
+        choice: Choice::parse(choice).unwrap(),
+        ts: Timestamp(ts),
+        node: NodeId::parse("web01").unwrap(),
+    }
+}
+
+/// Publishes raw payloads to `votes.web01`, awaiting every ack.
+async fn publish_raw(nats: &Nats, payloads: impl IntoIterator<Item = Vec<u8>>) {
+    let js = jetstream::new(nats.client().await);
+    landslide_nats::ensure_votes_stream(&js, &Topology::default())
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for payload in payloads {
+        acks.push(js.publish("votes.web01", payload.into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// The expected (option → count) of the latest event per voter.
+fn model_counts(events: &[VoteEvent]) -> Vec<(String, i64, i64)> {
+    let mut counts = BTreeMap::<String, i64>::new();
+    for ballot in merge::latest_per_voter(events.iter().cloned()).values() {
+        *counts.entry(ballot.choice.to_string()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(option, n)| (option, n, n))
+        .collect()
+}
+
+fn short_ack_wait() -> Topology {
+    Topology {
+        ack_wait: Some(Duration::from_secs(1)),
+        ..Topology::default()
+    }
+}
+
+async fn crash_then_recover(fail_point: FailPoint) {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let events: Vec<VoteEvent> = (0..50)
+        .map(|i| {
+            event(
+                i % 10,
+                1_000 + i as u64,
+                if i % 3 == 0 { "cats" } else { "dogs" },
+                i,
+            )
+        })
+        .collect();
+    publish_raw(&nats, events.iter().map(VoteEvent::encode)).await;
+
+    let crashing = support::worker_with(&nats.url, &db.url, |c| {
+        c.topology = short_ack_wait();
+        c.fail_point = Some(fail_point);
+    });
+    let err = crashing
+        .join()
+        .await
+        .expect_err("the worker stops at its fail point");
+    assert!(err.to_string().contains("fail point"), "{err:#}");
+    let after_crash = db.tally_and_count("pets").await;
+    match fail_point {
+        FailPoint::AfterCommit => assert_eq!(after_crash, model_counts(&events)),
+        FailPoint::BeforeCommit => assert_eq!(after_crash, []),
+    }
+    assert_eq!(
+        support::pending(&nats.url).await,
+        Some(50),
+        "nothing was acked"
+    );
+
+    let worker = support::worker_with(&nats.url, &db.url, |c| c.topology = short_ack_wait());
+    support::drained(&nats.url).await;
+    assert_eq!(db.tally_and_count("pets").await, model_counts(&events));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_dies_after_commit_but_before_ack_does_not_double_count() {
+    crash_then_recover(FailPoint::AfterCommit).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_dies_before_commit_loses_nothing() {
+    crash_then_recover(FailPoint::BeforeCommit).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
+    let seed = std::env::var("LANDSLIDE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1a2d);
+    eprintln!("seed {seed} (LANDSLIDE_SEED replays it)");
+    let mut rng = XorShift(seed);
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+
+    // Thousands of events over a few voters: many changes of mind per voter, stamps that collide,
+    // published in random order, a quarter of them twice.
+    let options = ["cats", "dogs"];
+    let mut events = Vec::new();
+    for i in 0..4000u128 {
+        let voter = u128::from(rng.below(12));
+        let ts = rng.below(3_000);
+        let choice = options[rng.below(2) as usize];
+        events.push(event(voter, ts, choice, i * 7919 % 65_521));
+    }
+    let mut payloads: Vec<Vec<u8>> = events.iter().map(VoteEvent::encode).collect();
+    for i in 0..1000 {
+        payloads.push(payloads[i * 3].clone());
+    }
+    for i in (1..payloads.len()).rev() {
+        payloads.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let a = support::worker_with(&nats.url, &db.url, |c| c.batch_size = 97);
+    let b = support::worker_with(&nats.url, &db.url, |c| c.batch_size = 13);
+    publish_raw(&nats, payloads).await;
+    support::drained(&nats.url).await;
+
+    let expected = merge::latest_per_voter(events.iter().cloned());
+    for ((poll, voter), latest) in &expected {
+        let ballot = db.ballot(poll.as_str(), voter.0).await.expect("ballot");
+        assert_eq!(
+            ballot,
+            (
+                latest.choice.to_string(),
+                latest.ts.to_i64(),
+                latest.event_id.0
+            ),
+            "voter {voter} (seed {seed})"
+        );
+    }
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        model_counts(&events),
+        "seed {seed}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_on() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats.url, &db.url);
+    let mut unknown_poll = event(2, 10, "cats", 2);
+    unknown_poll.poll = PollId::parse("lunch").unwrap();
+    let mut unknown_option = event(3, 10, "cats", 3);
+    unknown_option.choice = Choice::parse("fish").unwrap();
+    publish_raw(
+        &nats,
+        [
+            b"not a vote".to_vec(),
+            unknown_poll.encode(),
+            unknown_option.encode(),
+            event(1, 10, "cats", 1).encode(),
+        ],
+    )
+    .await;
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1)]
+    );
+
+    let js = jetstream::new(nats.client().await);
+    let dlq = js.get_stream("VOTES_DLQ").await.unwrap();
+    let consumer = dlq
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(3);
+    let mut reasons = Vec::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("three dead letters")
+    {
+        let message = message.unwrap();
+        let headers = message.headers.clone().unwrap();
+        assert_eq!(message.subject.as_str(), "dlq.votes.web01");
+        assert_eq!(
+            headers.get("Landslide-Subject").unwrap().as_str(),
+            "votes.web01"
+        );
+        reasons.push(headers.get("Landslide-Reason").unwrap().as_str().to_owned());
+    }
+    assert!(
+        reasons[0].starts_with("malformed vote event"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[1], "unknown poll lunch");
+    assert_eq!(reasons[2], "poll pets has no option fish");
+
+    // And the worker is still draining.
+    publish_raw(&nats, [event(4, 11, "dogs", 4).encode()]).await;
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_incompatible_existing_stream_stops_the_worker_naming_the_difference() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let js = jetstream::new(nats.client().await);
+    let mut config = Topology::default().votes_stream_config().unwrap();
+    config.discard = jetstream::stream::DiscardPolicy::Old;
+    js.create_stream(config).await.unwrap();
+    let err = support::worker(&nats.url, &db.url)
+        .join()
+        .await
+        .expect_err("the worker refuses the stream");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("stream VOTES exists with an incompatible definition"),
+        "{message}"
+    );
+    assert!(
+        message.contains("discard: expected \"new\", found \"old\""),
+        "{message}"
+    );
+}
