@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -39,21 +40,46 @@ impl Telemetry {
 /// The most links one span keeps: a worker's batch span links every message's trace.
 pub const MAX_LINKS_PER_SPAN: u32 = 2048;
 
+/// Where spans go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    /// OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is
+    /// set, with the other standard `OTEL_*` variables; nowhere otherwise.
+    FromEnv,
+    /// OTLP/HTTP to this traces URL (`http://host:4318/v1/traces`).
+    Endpoint(String),
+}
+
 /// Installs the global tracing subscriber and the trace context propagator, once per process.
 /// `service` names the process in exported traces (`landslide-ingest`, …).
 pub fn init(service: &str) -> anyhow::Result<Telemetry> {
+    init_with(service, Export::FromEnv)
+}
+
+/// [`init`] with the export destination given rather than read from the environment.
+pub fn init_with(service: &str, export: Export) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_filter(log_filter);
 
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
-    let (otel, provider) = if endpoint.trim().is_empty() {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.trim().is_empty());
+    let enabled = match &export {
+        Export::FromEnv => {
+            set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        }
+        Export::Endpoint(_) => true,
+    };
+    let (otel, provider) = if !enabled {
         (None, None)
     } else {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
+        let builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+        let builder = match export {
+            Export::FromEnv => builder,
+            Export::Endpoint(url) => builder.with_endpoint(url),
+        };
+        let exporter = builder
             .build()
             .context("cannot build the OTLP exporter (OTEL_EXPORTER_OTLP_ENDPOINT)")?;
         let provider = SdkTracerProvider::builder()

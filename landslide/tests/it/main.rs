@@ -2,4 +2,5 @@
 
 mod pipeline;
 mod support;
+mod trace;
 mod worker;
