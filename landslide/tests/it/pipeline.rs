@@ -362,3 +362,42 @@ async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone()
     worker.stop().await;
     ingest.role.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_drains_requests_in_flight() {
+    let mut nats = Nats::start().await;
+    let db = Db::create().await;
+    let ingest = support::ingest_with(&nats.url, "web01", |c| {
+        c.publish_timeout = Duration::from_secs(3);
+        c.publish_attempts = 3;
+    })
+    .await;
+    // With the broker gone, votes wait in their handlers for an ack.
+    nats.kill();
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let client = support::voter();
+            let url = ingest.url.clone();
+            tokio::spawn(async move { support::vote_api(&client, &url, "pets", "cats").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(ingest.role.stop());
+    nats.restart().await;
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(
+            status, 202,
+            "an in-flight vote is answered, not cut off: {body}"
+        );
+    }
+    stopping.await.unwrap();
+
+    let worker = support::worker(&nats.url, &db.url);
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 20, 20)]
+    );
+    worker.stop().await;
+}
