@@ -1,1 +1,488 @@
-fn main() {}
+//! `landslide`: one binary for every role of the vote-capture pipeline.
+//!
+//! `up` runs the whole system on one machine; `ingest`, `dedup-worker` and `tally` run one role
+//! each; `audit` checks the database against the stream. Each subcommand reads its configuration
+//! once, from flags and the environment, and fails before binding anything if it is incomplete.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use landslide_nats::Topology;
+use landslide_schema::{NodeId, Polls};
+
+mod local;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "landslide",
+    version,
+    about = "Vote capture that counts every accepted vote exactly once."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole system on this machine: nats-server, PostgreSQL, ingest, a worker, tally.
+    Up(UpArgs),
+    /// Run one ingest node: the voting form and API.
+    Ingest(IngestArgs),
+    /// Run one dedup-worker: stream to ballots and tallies.
+    DedupWorker(WorkerArgs),
+    /// Serve the results: live page and JSON API.
+    Tally(TallyArgs),
+    /// Check ballots and tallies against every vote in the stream; exit 1 on any difference.
+    Audit(AuditArgs),
+}
+
+/// Settings every role shares.
+#[derive(Debug, Args, Clone)]
+struct Shared {
+    /// NATS server(s), comma-separated for a cluster.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// A TOML file defining the polls (default: the built-in "pets" poll).
+    #[arg(long, env = "LANDSLIDE_POLLS")]
+    polls: Option<PathBuf>,
+    /// Replicas of the VOTES and VOTES_DLQ streams: 1 on one server, 3 in a cluster.
+    #[arg(long, env = "LANDSLIDE_STREAM_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
+    stream_replicas: usize,
+}
+
+impl Shared {
+    fn polls(&self) -> anyhow::Result<Polls> {
+        match &self.polls {
+            None => Ok(Polls::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "cannot read the polls file {} (LANDSLIDE_POLLS)",
+                        path.display()
+                    )
+                })?;
+                Polls::from_toml(&text).with_context(|| {
+                    format!("invalid polls file {} (LANDSLIDE_POLLS)", path.display())
+                })
+            }
+        }
+    }
+
+    fn topology(&self) -> Topology {
+        Topology {
+            replicas: self.stream_replicas,
+            ..Topology::default()
+        }
+    }
+}
+
+fn parse_replicas(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        Ok(2) => Err("2 replicas cannot survive the loss of one node; use 1 or 3".to_owned()),
+        _ => Err("replicas must be 1, 3 or 5".to_owned()),
+    }
+}
+
+#[derive(Debug, Args)]
+struct IngestArgs {
+    #[command(flatten)]
+    shared: Shared,
+    /// This node's id; its votes go to subject votes.<ID>.
+    #[arg(long, env = "LANDSLIDE_NODE_ID")]
+    node_id: String,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The key that signs voter cookies, at least 32 bytes; shared by every ingest node.
+    #[arg(long, env = "LANDSLIDE_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Milliseconds one publish waits for its JetStream ack.
+    #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
+    publish_timeout_ms: u64,
+    /// Publish attempts, with the same message id, before answering 503.
+    #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = 3)]
+    publish_attempts: u32,
+    /// Mark the voter cookie Secure (when served over HTTPS).
+    #[arg(long, env = "LANDSLIDE_SECURE_COOKIE")]
+    secure_cookie: bool,
+    /// Test and drill only: shift this node's clock by this many milliseconds.
+    #[arg(
+        long,
+        env = "LANDSLIDE_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
+    clock_offset_ms: i64,
+}
+
+impl IngestArgs {
+    fn config(&self) -> anyhow::Result<landslide_ingest::Config> {
+        let node_id = NodeId::parse(self.node_id.as_str())
+            .with_context(|| format!("invalid --node-id {:?} (LANDSLIDE_NODE_ID)", self.node_id))?;
+        let secret = landslide_ingest::Secret::new(self.secret.clone())?;
+        let mut config = landslide_ingest::Config::new(node_id, &self.shared.nats_url, secret);
+        config.topology = self.shared.topology();
+        config.polls = self.shared.polls()?;
+        config.clock = Arc::new(landslide_ingest::SystemClock {
+            offset_ms: self.clock_offset_ms,
+        });
+        config.publish_timeout = Duration::from_millis(self.publish_timeout_ms.max(1));
+        config.publish_attempts = self.publish_attempts.max(1);
+        config.secure_cookie = self.secure_cookie;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Most messages per transaction.
+    #[arg(long, env = "LANDSLIDE_BATCH_SIZE", default_value_t = 1000)]
+    batch_size: usize,
+    /// Longest wait, in milliseconds, to fill a batch.
+    #[arg(long, env = "LANDSLIDE_BATCH_WAIT_MS", default_value_t = 20)]
+    batch_wait_ms: u64,
+    /// Address to serve /metrics and /healthz on.
+    #[arg(
+        long,
+        env = "LANDSLIDE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9102"
+    )]
+    metrics_listen: SocketAddr,
+}
+
+impl WorkerArgs {
+    fn config(&self) -> anyhow::Result<landslide_dedup_worker::Config> {
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.batch_size),
+            "--batch-size (LANDSLIDE_BATCH_SIZE) must be between 1 and 10000"
+        );
+        let mut config =
+            landslide_dedup_worker::Config::new(&self.shared.nats_url, &self.db.database_url);
+        config.topology = self.shared.topology();
+        config.polls = self.shared.polls()?;
+        config.batch_size = self.batch_size;
+        config.batch_wait = Duration::from_millis(self.batch_wait_ms);
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+struct TallyArgs {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Milliseconds between two refreshes of the results.
+    #[arg(long, env = "LANDSLIDE_REFRESH_MS", default_value_t = 500)]
+    refresh_ms: u64,
+}
+
+impl TallyArgs {
+    fn config(&self) -> anyhow::Result<landslide_tally::Config> {
+        let mut config = landslide_tally::Config::new(&self.shared.nats_url, &self.db.database_url);
+        config.topology = self.shared.topology();
+        config.polls = self.shared.polls()?;
+        config.refresh = Duration::from_millis(self.refresh_ms.max(50));
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Seconds to wait for the workers to drain the stream before auditing.
+    #[arg(long, default_value_t = 60)]
+    wait_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Where the local nats-server and PostgreSQL keep their data (and the cookie secret).
+    #[arg(long, env = "LANDSLIDE_DATA_DIR", default_value = ".landslide")]
+    data_dir: PathBuf,
+    /// Address of the ingest node (the voting form).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ingest_listen: SocketAddr,
+    /// Address of tally (the results).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    tally_listen: SocketAddr,
+    /// Port of the nats-server that `up` starts (unless NATS_URL is set).
+    #[arg(long, default_value_t = local::LocalPorts::default().nats)]
+    nats_port: u16,
+    /// Port of the PostgreSQL that `up` starts (unless DATABASE_URL is set).
+    #[arg(long, default_value_t = local::LocalPorts::default().postgres)]
+    postgres_port: u16,
+    /// A TOML file defining the polls.
+    #[arg(long, env = "LANDSLIDE_POLLS")]
+    polls: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("landslide: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "landslide stopped");
+            eprintln!("landslide: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let service = match &cli.command {
+        Command::Up(_) => "landslide",
+        Command::Ingest(_) => "landslide-ingest",
+        Command::DedupWorker(_) => "landslide-dedup-worker",
+        Command::Tally(_) => "landslide-tally",
+        Command::Audit(_) => "landslide-audit",
+    };
+    let telemetry = landslide_telemetry::init(service)?;
+    // Install the metrics recorder before any role records a sample.
+    let _ = landslide_telemetry::prometheus();
+    let result = match cli.command {
+        Command::Up(args) => up(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Ingest(args) => {
+            let config = args.config()?;
+            let listener = bind(args.listen).await?;
+            landslide_ingest::run(config, listener, shutdown_signal())
+                .await
+                .map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::DedupWorker(args) => worker(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Tally(args) => {
+            let config = args.config()?;
+            let listener = bind(args.listen).await?;
+            landslide_tally::run(config, listener, shutdown_signal())
+                .await
+                .map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Audit(args) => audit(args).await,
+    };
+    telemetry.shutdown();
+    result
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested; draining");
+}
+
+/// A shutdown signal that many roles of one process can wait on.
+fn shared_shutdown() -> (
+    tokio::sync::watch::Sender<bool>,
+    impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let wait = move || {
+        let mut rx = rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+    };
+    (tx, wait)
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = bind(args.metrics_listen).await?;
+    let (stop, wait) = shared_shutdown();
+    let metrics = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(landslide_telemetry::metrics_handler),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let metrics = tokio::spawn(
+        axum::serve(listener, metrics)
+            .with_graceful_shutdown(wait())
+            .into_future(),
+    );
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let result = landslide_dedup_worker::run(config, wait()).await;
+    signal.abort();
+    metrics.abort();
+    result
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
+    let config = landslide_tally::audit::AuditConfig {
+        nats_url: args.shared.nats_url.clone(),
+        database_url: args.db.database_url.clone(),
+        topology: args.shared.topology(),
+        polls: args.shared.polls()?,
+        wait: Duration::from_secs(args.wait_secs),
+    };
+    let report = landslide_tally::audit::audit(&config).await?;
+    println!("{report}");
+    Ok(if report.is_consistent() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let polls = Shared {
+        nats_url: String::new(),
+        polls: args.polls.clone(),
+        stream_replicas: 1,
+    }
+    .polls()?;
+    // Bind both addresses before starting any server, so a port in use fails at once.
+    let ingest_listener = bind(args.ingest_listen).await?;
+    let tally_listener = bind(args.tally_listen).await?;
+    let mut local = local::LocalConfig::new(&args.data_dir);
+    local.nats_url = non_empty_env("NATS_URL");
+    local.database_url = non_empty_env("DATABASE_URL");
+    local.secret = non_empty_env("LANDSLIDE_SECRET");
+    local.ports = local::LocalPorts {
+        nats: args.nats_port,
+        postgres: args.postgres_port,
+    };
+    let stack = local::LocalStack::start(local).await?;
+    let result = run_roles(&stack, polls, ingest_listener, tally_listener).await;
+    let stopped = stack.stop().await;
+    result.and(stopped)
+}
+
+async fn run_roles(
+    stack: &local::LocalStack,
+    polls: Polls,
+    ingest_listener: tokio::net::TcpListener,
+    tally_listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    landslide_schema::migrate::apply(&stack.database_url).await?;
+    let node_id = NodeId::parse("local").context("the local node id is valid")?;
+    let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
+    let mut ingest = landslide_ingest::Config::new(node_id, &stack.nats_url, secret);
+    ingest.polls = polls.clone();
+    let mut worker = landslide_dedup_worker::Config::new(&stack.nats_url, &stack.database_url);
+    worker.polls = polls.clone();
+    let mut tally = landslide_tally::Config::new(&stack.nats_url, &stack.database_url);
+    tally.polls = polls;
+
+    let vote_url = format!("http://{}/", ingest_listener.local_addr()?);
+    let results_url = format!("http://{}/", tally_listener.local_addr()?);
+    let (stop, wait) = shared_shutdown();
+    // The worker first: it creates the streams and the consumer that the others look up.
+    let mut worker = tokio::spawn(landslide_dedup_worker::run(worker, wait()));
+    let mut ingest = tokio::spawn(landslide_ingest::run(ingest, ingest_listener, wait()));
+    let mut tally = tokio::spawn(landslide_tally::run(tally, tally_listener, wait()));
+    println!(
+        "Landslide is up.\n  vote:    {vote_url}\n  results: {results_url}\nPress Ctrl-C to stop."
+    );
+
+    // Run until Ctrl-C, or until a role fails; then stop the others and wait for all three.
+    let first = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut worker => Some(("dedup-worker", r)),
+        r = &mut ingest => Some(("ingest", r)),
+        r = &mut tally => Some(("tally", r)),
+    };
+    let _ = stop.send(true);
+    let (finished, mut failure) = match first {
+        Some((role, result)) => (Some(role), role_failure(role, result)),
+        None => (None, None),
+    };
+    for (role, handle) in [
+        ("ingest", ingest),
+        ("dedup-worker", worker),
+        ("tally", tally),
+    ] {
+        // The role that ended first was already awaited above.
+        if finished == Some(role) {
+            continue;
+        }
+        if let Some(err) = role_failure(role, handle.await) {
+            failure.get_or_insert(err);
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => {
+            println!("Landslide stopped cleanly.");
+            Ok(())
+        }
+    }
+}
+
+fn role_failure(
+    role: &str,
+    result: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> Option<anyhow::Error> {
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err.context(format!("{role} failed"))),
+        Err(err) => Some(anyhow::anyhow!("{role} panicked: {err}")),
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}

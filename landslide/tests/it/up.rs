@@ -1,0 +1,130 @@
+//! `landslide up`: the whole system on one machine, as a new user runs it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support;
+
+struct Up {
+    child: Child,
+    vote: String,
+    results: String,
+}
+
+fn start(data_dir: &std::path::Path, ports: [u16; 4]) -> Up {
+    let [ingest, tally, nats, postgres] = ports;
+    let child = Command::new(env!("CARGO_BIN_EXE_landslide"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--ingest-listen", &format!("127.0.0.1:{ingest}")])
+        .args(["--tally-listen", &format!("127.0.0.1:{tally}")])
+        .args(["--nats-port", &nats.to_string()])
+        .args(["--postgres-port", &postgres.to_string()])
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("LANDSLIDE_SECRET")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start landslide up");
+    Up {
+        child,
+        vote: format!("http://127.0.0.1:{ingest}"),
+        results: format!("http://127.0.0.1:{tally}"),
+    }
+}
+
+impl Up {
+    async fn results(&self) -> serde_json::Value {
+        let url = format!("{}/api/results/pets", self.results);
+        support::wait_for(
+            "results with nothing pending",
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move {
+                    let response = reqwest::get(&url).await.ok()?;
+                    let body: serde_json::Value = response.json().await.ok()?;
+                    (body["pending"] == 0).then_some(body)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Ctrl-C, then the exit status and everything it printed.
+    fn interrupt(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        assert!(sent.success());
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stdout).unwrap();
+        }
+        (self.child.wait().unwrap(), stdout)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    // Run as root, `up` hands PostgreSQL to the `postgres` user, which must reach the folder.
+    std::fs::set_permissions(
+        data.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ports = [
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    ];
+    let up = start(data.path(), ports);
+    let ready = format!("{}/readyz", up.vote);
+    support::wait_for("the ingest node", Duration::from_secs(120), || {
+        let ready = ready.clone();
+        async move {
+            let response = reqwest::get(&ready).await.ok()?;
+            response.status().is_success().then_some(())
+        }
+    })
+    .await;
+    let form = reqwest::get(format!("{}/", up.vote))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(form.contains("Cats or dogs?"));
+    let (status, _) = support::vote_api(&support::voter(), &up.vote, "pets", "dogs").await;
+    assert_eq!(status, 202);
+    let results = up.results().await;
+    assert_eq!(results["counts"]["dogs"], 1, "{results}");
+    assert_eq!(results["total"], 1, "{results}");
+
+    let (status, stdout) = up.interrupt();
+    assert!(status.success(), "up exits cleanly: {status}\n{stdout}");
+    assert!(
+        stdout.contains("vote:") && stdout.contains("results:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("stopped cleanly"), "{stdout}");
+
+    let again = start(data.path(), ports);
+    let results = again.results().await;
+    assert_eq!(
+        results["counts"]["dogs"], 1,
+        "the earlier vote is still there: {results}"
+    );
+    let (status, _) = again.interrupt();
+    assert!(status.success());
+}
