@@ -1,1 +1,144 @@
-//! TODO
+//! Landslide's results: the live results page, the JSON API with its server-sent events, and the
+//! audit that proves the database against the stream.
+//!
+//! One background task (module `snapshot`) reads the consumer's pending count and then the tally
+//! sums every `refresh`, and publishes one immutable snapshot through a `tokio::sync::watch`
+//! channel. Every HTTP handler and every live viewer only reads that channel, so the database sees
+//! one query per refresh however many people watch.
+//!
+//! This crate must never write ballots or tallies, and never acknowledge, create or change a vote
+//! message: it only reads what the dedup-workers committed. [`audit`] reads the whole stream, but
+//! through an ephemeral consumer of its own.
+
+pub mod audit;
+mod counts;
+mod http;
+mod snapshot;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use landslide_nats::Topology;
+use landslide_schema::Polls;
+use landslide_schema::migrate::redact;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the tally role needs; [`Config::new`] gives the defaults.
+#[derive(Clone)]
+pub struct Config {
+    /// `NATS_URL`: one URL or several separated by commas.
+    pub nats_url: String,
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// The stream and consumer names.
+    pub topology: Topology,
+    /// The polls this deployment shows.
+    pub polls: Polls,
+    /// How often the snapshot is rebuilt; results are at most this old when the database is up.
+    pub refresh: Duration,
+}
+
+impl Config {
+    /// The default topology and polls, refreshed every 500 ms.
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            database_url: database_url.into(),
+            topology: Topology::default(),
+            polls: Polls::default(),
+            refresh: Duration::from_millis(500),
+        }
+    }
+}
+
+// Written by hand so that the database password never reaches a log line.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("nats_url", &self.nats_url)
+            .field("database_url", &redact(&self.database_url))
+            .field("topology", &self.topology)
+            .field("polls", &self.polls)
+            .field("refresh", &self.refresh)
+            .finish()
+    }
+}
+
+/// Connects to PostgreSQL, naming the variable to fix when it fails.
+pub(crate) async fn connect_db(database_url: &str) -> anyhow::Result<AsyncPgConnection> {
+    AsyncPgConnection::establish(database_url)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at {} (DATABASE_URL)",
+                redact(database_url)
+            )
+        })
+}
+
+/// Runs the tally role on `listener` until `shutdown` completes, then stops accepting, ends the
+/// live event streams and waits for the requests in flight.
+///
+/// Fails before serving anything when PostgreSQL or NATS cannot be reached, when the migrations
+/// fail, or when the stream or consumer exists with an incompatible definition.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // Installs the metrics recorder now, so that the first refreshes are recorded too.
+    landslide_telemetry::prometheus();
+    // Checked first, with its own message: bb8 and friends report bad credentials as a timeout.
+    let conn = connect_db(&config.database_url).await?;
+    landslide_schema::migrate::apply(&config.database_url)
+        .await
+        .context("cannot apply the database migrations (DATABASE_URL)")?;
+    let client = landslide_nats::connect(&config.nats_url, "landslide-tally").await?;
+    let js = async_nats::jetstream::new(client);
+    // Ensured rather than looked up: without the consumer, `pending` would mean nothing.
+    let consumer = landslide_nats::ensure_consumer(&js, &config.topology).await?;
+
+    let polls = Arc::new(config.polls);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        // Nobody listening any more means everything has already stopped.
+        let _ = shutdown_tx.send(true);
+    });
+
+    let (snapshots_tx, snapshots_rx) = watch::channel(None);
+    let refresher = snapshot::Refresher::new(
+        consumer,
+        conn,
+        config.database_url.clone(),
+        Arc::clone(&polls),
+    );
+    let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown_rx.clone()));
+
+    let app = http::router(http::AppState {
+        polls,
+        snapshots: snapshots_rx,
+        shutdown: shutdown_rx.clone(),
+        stale_after: (config.refresh * 5).max(Duration::from_secs(5)),
+    });
+    tracing::info!(
+        listen = %listener.local_addr().context("the listener has no local address")?,
+        "tally serving results"
+    );
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(http::shutdown_signal(shutdown_rx))
+        .await;
+    if served.is_err() {
+        // Without a server nobody reads the snapshots: do not leave the refresher running.
+        refresher.abort();
+    }
+    served.context("the HTTP server failed")?;
+    refresher.await.context("the snapshot refresher panicked")?;
+    tracing::info!("tally stopped");
+    Ok(())
+}

@@ -1,0 +1,522 @@
+//! The tally role over HTTP: results, pending, live events, shutdown. The votes are real encoded
+//! events on a private nats-server and the database rows are written as a correct dedup-worker
+//! writes them, so these tests do not depend on the worker.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use futures::StreamExt as _;
+use landslide_nats::Topology;
+use landslide_schema::subject::vote_subject;
+use landslide_schema::{
+    Choice, EventId, NodeId, Poll, PollId, PollOption, Polls, Timestamp, VoteEvent, VoterId,
+};
+use landslide_tally::Config;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::support::{Db, Nats, wait_for};
+
+// ---- What both the tally and the audit tests stand on. ----
+
+/// A private nats-server with the streams and the workers' consumer, and a migrated database.
+pub(crate) struct Stack {
+    pub nats: Nats,
+    pub db: Db,
+    pub js: jetstream::Context,
+    pub topology: Topology,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        let nats = Nats::start().await;
+        let db = Db::create().await;
+        let js = jetstream::new(nats.client().await);
+        let topology = Topology::default();
+        landslide_nats::ensure_consumer(&js, &topology)
+            .await
+            .expect("ensure streams and consumer");
+        Self {
+            nats,
+            db,
+            js,
+            topology,
+        }
+    }
+
+    /// Publishes raw bytes as a vote message and waits for the stream's ack.
+    pub async fn publish_raw(&self, payload: Vec<u8>) {
+        let subject = vote_subject(&self.topology.votes_prefix, &NodeId::parse("test").unwrap());
+        self.js
+            .publish(subject, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+
+    /// Publishes a vote event, with its id as `Nats-Msg-Id` like an ingest node.
+    pub async fn publish(&self, event: &VoteEvent) {
+        let subject = vote_subject(&self.topology.votes_prefix, &event.node);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+        self.js
+            .publish_with_headers(subject, headers, event.encode().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+
+    /// Takes `n` messages from the workers' consumer without acknowledging them.
+    pub async fn fetch(&self, n: usize) -> Vec<jetstream::Message> {
+        let stream = self
+            .js
+            .get_stream(&self.topology.votes_stream)
+            .await
+            .expect("votes stream");
+        let consumer: consumer::PullConsumer = stream
+            .get_consumer(&self.topology.consumer)
+            .await
+            .expect("workers' consumer");
+        let mut taken = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while taken.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {n} messages were delivered",
+                taken.len()
+            );
+            let mut batch = consumer
+                .fetch()
+                .max_messages(n - taken.len())
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .expect("fetch");
+            while let Some(message) = batch.next().await {
+                taken.push(message.expect("message"));
+            }
+        }
+        taken
+    }
+
+    /// Acknowledges `n` messages of the workers' consumer, as a worker does after its commit.
+    pub async fn ack(&self, n: usize) {
+        for message in self.fetch(n).await {
+            message.double_ack().await.expect("ack");
+        }
+    }
+
+    /// Publishes the events, commits them as a worker would, and acks them.
+    pub async fn vote(&self, events: &[VoteEvent]) {
+        for event in events {
+            self.publish(event).await;
+        }
+        commit_like_a_worker(&self.db, events).await;
+        self.ack(events.len()).await;
+    }
+}
+
+/// A vote in poll `pets` (or another) by `voter` at `ts`.
+pub(crate) fn vote_in(poll: &str, voter: Uuid, choice: &str, ts: u64) -> VoteEvent {
+    VoteEvent {
+        event_id: EventId::new_random(),
+        poll: PollId::parse(poll).unwrap(),
+        voter: VoterId(voter),
+        choice: Choice::parse(choice).unwrap(),
+        ts: Timestamp(ts),
+        node: NodeId::parse("test").unwrap(),
+    }
+}
+
+pub(crate) fn vote(voter: Uuid, choice: &str, ts: u64) -> VoteEvent {
+    vote_in("pets", voter, choice, ts)
+}
+
+#[derive(QueryableByName)]
+struct Replaced {
+    #[diesel(sql_type = Nullable<Text>)]
+    prev_choice: Option<String>,
+}
+
+/// Writes the events' effect as a correct dedup-worker does (design rules 3 and 5): the ballot
+/// upsert is conditional on `(ts, event_id)` and returns the choice it replaced, and the tally
+/// shards change by the same amount. Shards alternate so that counts are sums over shards.
+pub(crate) async fn commit_like_a_worker(db: &Db, events: &[VoteEvent]) {
+    let mut conn = db.conn().await;
+    for (i, event) in events.iter().enumerate() {
+        let replaced: Vec<Replaced> = diesel::sql_query(
+            "INSERT INTO ballots (poll, voter, choice, prev_choice, ts, event_id) \
+             VALUES ($1, $2, $3, NULL, $4, $5) \
+             ON CONFLICT (poll, voter) DO UPDATE SET prev_choice = ballots.choice, \
+               choice = EXCLUDED.choice, ts = EXCLUDED.ts, event_id = EXCLUDED.event_id \
+             WHERE (ballots.ts, ballots.event_id) < (EXCLUDED.ts, EXCLUDED.event_id) \
+             RETURNING prev_choice",
+        )
+        .bind::<Text, _>(event.poll.as_str())
+        .bind::<SqlUuid, _>(event.voter.0)
+        .bind::<Text, _>(event.choice.as_str())
+        .bind::<BigInt, _>(event.ts.to_i64())
+        .bind::<SqlUuid, _>(event.event_id.0)
+        .load(&mut conn)
+        .await
+        .expect("upsert ballot");
+        let Some(replaced) = replaced.into_iter().next() else {
+            continue; // An older event than the ballot: no effect.
+        };
+        let shard = i16::try_from(i % 2).unwrap();
+        let mut deltas = vec![(event.choice.as_str().to_owned(), 1_i64)];
+        if let Some(old) = replaced.prev_choice {
+            deltas.push((old, -1));
+        }
+        for (option, delta) in deltas {
+            diesel::sql_query(
+                "INSERT INTO tallies (poll, option, shard, votes) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (poll, option, shard) DO UPDATE SET votes = tallies.votes + EXCLUDED.votes",
+            )
+            .bind::<Text, _>(event.poll.as_str())
+            .bind::<Text, _>(option)
+            .bind::<SmallInt, _>(shard)
+            .bind::<BigInt, _>(delta)
+            .execute(&mut conn)
+            .await
+            .expect("update tally");
+        }
+    }
+}
+
+// ---- The tally role. ----
+
+/// `pets` and a second poll, `lunch`, whose question needs escaping in HTML.
+fn two_polls() -> Polls {
+    let lunch = Poll {
+        id: PollId::parse("lunch").unwrap(),
+        question: "Pizza <or> salad?".to_owned(),
+        options: [("pizza", "Pizza"), ("salad", "Salad")]
+            .map(|(id, label)| PollOption {
+                id: Choice::parse(id).unwrap(),
+                label: label.to_owned(),
+            })
+            .to_vec(),
+    };
+    Polls::new(
+        PollId::parse("pets").unwrap(),
+        vec![Polls::pets().default_poll().clone(), lunch],
+    )
+    .unwrap()
+}
+
+/// A running tally role on port 0.
+struct Tally {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Tally {
+    async fn start(stack: &Stack) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut config = Config::new(&stack.nats.url, &stack.db.url);
+        config.polls = two_polls();
+        config.refresh = Duration::from_millis(50);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(landslide_tally::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let tally = Self {
+            base,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        };
+        wait_for("the first snapshot", Duration::from_secs(15), || async {
+            let response = tally.get("/readyz").await.ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await;
+        tally
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.http.get(format!("{}{path}", self.base)).send().await
+    }
+
+    async fn results(&self, poll: &str) -> Value {
+        let response = self.get(&format!("/api/results/{poll}")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Waits until the results of `poll` satisfy `done`, and returns them.
+    async fn results_when(&self, what: &str, poll: &str, done: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, Duration::from_secs(15), || async {
+            let results = self.results(poll).await;
+            done(&results).then_some(results)
+        })
+        .await
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("tally stops within 10 s")
+            .expect("tally task did not panic")
+    }
+}
+
+/// Reads server-sent events from a response, one `data:` payload at a time.
+struct Events {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Events {
+    async fn open(tally: &Tally, poll: &str) -> Self {
+        let response = tally
+            .get(&format!("/api/results/{poll}/events"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event's data, or `None` when the stream ended.
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                let data: String = event
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                if data.is_empty() {
+                    continue; // A keep-alive comment.
+                }
+                return Some(serde_json::from_str(&data).unwrap());
+            }
+            let chunk = self.response.chunk().await.ok()??;
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// Waits (up to 10 s) for an event satisfying `done`.
+    async fn next_where(&mut self, done: impl Fn(&Value) -> bool) -> Value {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let event = self.next().await.expect("the event stream ended");
+                if done(&event) {
+                    return event;
+                }
+            }
+        })
+        .await
+        .expect("an event within 10 s")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_show_every_option_with_total_pending_and_as_of() {
+    let stack = Stack::start().await;
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // `a` changes their mind: only the later vote counts.
+    stack
+        .vote(&[
+            vote(a, "cats", 10),
+            vote(b, "dogs", 11),
+            vote(a, "dogs", 12),
+            vote(c, "cats", 13),
+        ])
+        .await;
+    let tally = Tally::start(&stack).await;
+
+    let pets = tally
+        .results_when("3 votes in pets", "pets", |r| {
+            r["total"] == 3 && r["pending"] == 0
+        })
+        .await;
+    let as_of = pets["as_of"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pets,
+        json!({
+            "poll": "pets", "question": "Cats or dogs?", "counts": {"cats": 1, "dogs": 2},
+            "total": 3, "pending": 0, "as_of": as_of,
+        })
+    );
+    // RFC 3339 in UTC, such as 2026-11-24T10:00:00.123Z.
+    assert!(
+        as_of.len() == 24 && as_of.as_bytes()[10] == b'T' && as_of.ends_with('Z'),
+        "{as_of}"
+    );
+
+    let lunch = tally.results("lunch").await;
+    assert_eq!(lunch["counts"], json!({"pizza": 0, "salad": 0}));
+    assert_eq!(lunch["total"], 0);
+
+    // The snapshot is rebuilt: `as_of` moves on.
+    tally
+        .results_when("a later snapshot", "pets", |r| {
+            r["as_of"].as_str().unwrap() > as_of.as_str()
+        })
+        .await;
+    tally.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_counts_unacked_votes_and_drops_to_zero_once_they_are_committed() {
+    let stack = Stack::start().await;
+    let tally = Tally::start(&stack).await;
+    let events = [
+        vote(Uuid::new_v4(), "cats", 10),
+        vote(Uuid::new_v4(), "dogs", 11),
+    ];
+    for event in &events {
+        stack.publish(event).await;
+    }
+    tally
+        .results_when("2 pending", "pets", |r| {
+            r["pending"] == 2 && r["total"] == 0
+        })
+        .await;
+
+    // Delivered to a worker but not yet acked: still pending.
+    let delivered = stack.fetch(2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let results = tally.results("pets").await;
+    assert_eq!(results["pending"], 2, "{results}");
+
+    commit_like_a_worker(&stack.db, &events).await;
+    for message in delivered {
+        message.double_ack().await.unwrap();
+    }
+    let results = tally
+        .results_when("0 pending", "pets", |r| r["pending"] == 0)
+        .await;
+    assert_eq!(results["counts"], json!({"cats": 1, "dogs": 1}));
+    assert_eq!(results["total"], 2);
+    tally.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_poll_is_a_404_with_a_json_error() {
+    let stack = Stack::start().await;
+    let tally = Tally::start(&stack).await;
+    for path in [
+        "/api/results/nope",
+        "/api/results/not.a.poll",
+        "/api/results/nope/events",
+    ] {
+        let response = tally.get(path).await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "unknown poll", "{path}");
+    }
+    assert_eq!(tally.get("/results/nope").await.unwrap().status(), 404);
+    tally.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_stream_delivers_an_update_after_the_tallies_change() {
+    let stack = Stack::start().await;
+    stack.vote(&[vote(Uuid::new_v4(), "cats", 10)]).await;
+    let tally = Tally::start(&stack).await;
+    let mut events = Events::open(&tally, "pets").await;
+    let first = events.next_where(|e| e["total"] == 1).await;
+    assert_eq!(first["counts"], json!({"cats": 1, "dogs": 0}));
+
+    stack.vote(&[vote(Uuid::new_v4(), "dogs", 20)]).await;
+    let update = events.next_where(|e| e["total"] == 2).await;
+    assert_eq!(update["counts"], json!({"cats": 1, "dogs": 1}));
+    assert_eq!(update["poll"], "pets");
+    tally.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_shows_the_question_and_every_option_escaped() {
+    let stack = Stack::start().await;
+    stack.vote(&[vote(Uuid::new_v4(), "dogs", 10)]).await;
+    let tally = Tally::start(&stack).await;
+    tally
+        .results_when("the vote", "pets", |r| r["total"] == 1)
+        .await;
+
+    let page = tally.get("/").await.unwrap().text().await.unwrap();
+    assert!(page.contains("<h1>Cats or dogs?</h1>"), "{page}");
+    assert!(page.contains(r#"data-option="cats""#) && page.contains(r#"data-option="dogs""#));
+    assert!(page.contains(r#"<strong id="total">1</strong>"#), "{page}");
+    assert!(page.contains("/api/results/pets/events"));
+
+    let lunch = tally
+        .get("/results/lunch")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        lunch.contains("Pizza &#60;or&#62; salad?") || lunch.contains("Pizza &lt;or&gt; salad?"),
+        "{lunch}"
+    );
+    assert!(!lunch.contains("<or>"));
+    tally.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics_are_served() {
+    let stack = Stack::start().await;
+    let tally = Tally::start(&stack).await;
+    assert_eq!(tally.get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(tally.get("/readyz").await.unwrap().status(), 200);
+    wait_for("refresh metrics", Duration::from_secs(10), || async {
+        let text = tally.get("/metrics").await.ok()?.text().await.ok()?;
+        (text.contains("landslide_tally_refresh_seconds_bucket")
+            && text.contains("landslide_tally_pending"))
+        .then_some(())
+    })
+    .await;
+    tally.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_open_event_streams_so_the_server_drains() {
+    let stack = Stack::start().await;
+    let tally = Tally::start(&stack).await;
+    let mut events = Events::open(&tally, "pets").await;
+    events.next_where(|_| true).await;
+
+    tally.stop().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while events.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream outlived the server");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_cannot_be_reached_stops_startup_naming_database_url() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Config::new(
+        "nats://127.0.0.1:1",
+        "postgres://landslide:secret@127.0.0.1:1/landslide",
+    );
+    let err = landslide_tally::run(config, listener, std::future::pending())
+        .await
+        .expect_err("startup must fail");
+    let message = format!("{err:#}");
+    assert!(message.contains("DATABASE_URL"), "{message}");
+    assert!(
+        !message.contains("secret"),
+        "the password leaked: {message}"
+    );
+}

@@ -1,0 +1,603 @@
+//! `landslide audit`: folds the whole votes stream with the design's rules and compares the result
+//! with the ballots and the tallies in PostgreSQL (design rule 7).
+//!
+//! The audit first waits until the workers' consumer has nothing pending or unacked, so that the
+//! database should hold the effect of every message in the stream. It then reads the stream from
+//! its first message up to the last one the consumer had delivered, through an ephemeral ordered
+//! consumer of its own (it never acks or changes the workers' consumer). Run it after the poll
+//! closed: votes that arrive while it runs show up as differences.
+//!
+//! Memory is one entry per (poll, voter); the ballots are streamed from the database, not loaded.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use async_nats::jetstream::{self, consumer};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl as _;
+use futures::StreamExt as _;
+use landslide_nats::Topology;
+use landslide_schema::db::ballots;
+use landslide_schema::migrate::redact;
+use landslide_schema::{Choice, EventId, PollId, Polls, Timestamp, VoteEvent, VoterId};
+use uuid::Uuid;
+
+use crate::counts::{self, OptionCount};
+
+/// Longest wait for the next message of the stream before the audit gives up.
+const READ_STALL: Duration = Duration::from_secs(30);
+/// How many differences of each kind [`AuditReport`]'s `Display` prints.
+const SHOWN: usize = 50;
+
+/// What the audit needs.
+#[derive(Clone)]
+pub struct AuditConfig {
+    /// `NATS_URL`.
+    pub nats_url: String,
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    pub topology: Topology,
+    pub polls: Polls,
+    /// How long to wait for the workers to drain the consumer before giving up.
+    pub wait: Duration,
+}
+
+impl AuditConfig {
+    /// The default topology and polls; waits up to a minute for the workers to drain.
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            database_url: database_url.into(),
+            topology: Topology::default(),
+            polls: Polls::default(),
+            wait: Duration::from_secs(60),
+        }
+    }
+}
+
+// Written by hand so that the database password never reaches a log line.
+impl fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("nats_url", &self.nats_url)
+            .field("database_url", &redact(&self.database_url))
+            .field("topology", &self.topology)
+            .field("polls", &self.polls)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// A ballot's content: the choice and the event that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ballot {
+    pub choice: String,
+    pub ts: Timestamp,
+    pub event_id: EventId,
+}
+
+impl fmt::Display for Ballot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (ts {}, event {})",
+            self.choice, self.ts, self.event_id
+        )
+    }
+}
+
+/// A voter of the stream without a ballot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingBallot {
+    pub poll: PollId,
+    pub voter: VoterId,
+    pub expected: Ballot,
+}
+
+/// A ballot of a voter the stream does not know (or of an unknown poll).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnexpectedBallot {
+    pub poll: String,
+    pub voter: VoterId,
+    pub found: Ballot,
+}
+
+/// A ballot that is not the voter's latest event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrongBallot {
+    pub poll: PollId,
+    pub voter: VoterId,
+    pub expected: Ballot,
+    pub found: Ballot,
+}
+
+/// A (poll, option) whose tally or ballot count differs from the stream's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TallyMismatch {
+    pub poll: String,
+    pub option: String,
+    /// Voters whose latest event chose this option.
+    pub expected: i64,
+    /// `sum(votes)` over the option's tally shards.
+    pub tally: i64,
+    /// `count(*)` of ballots with this choice.
+    pub count: i64,
+}
+
+/// What the audit found. Consistent when every list of differences is empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Messages read from the votes stream.
+    pub events_read: u64,
+    /// Messages that are not a vote event.
+    pub undecodable: u64,
+    /// Vote events naming a poll or option the polls file does not define.
+    pub unknown_poll_or_option: u64,
+    /// Messages in the dead-letter stream; a correct worker put `undecodable +
+    /// unknown_poll_or_option` there.
+    pub dead_letters: u64,
+    /// Distinct (poll, voter) among the valid events.
+    pub voters: u64,
+    /// Rows of the `ballots` table.
+    pub ballots: u64,
+    pub missing_ballots: Vec<MissingBallot>,
+    pub unexpected_ballots: Vec<UnexpectedBallot>,
+    pub wrong_ballots: Vec<WrongBallot>,
+    pub tally_mismatches: Vec<TallyMismatch>,
+}
+
+impl AuditReport {
+    /// True when the database holds exactly what the stream says.
+    pub fn is_consistent(&self) -> bool {
+        self.missing_ballots.is_empty()
+            && self.unexpected_ballots.is_empty()
+            && self.wrong_ballots.is_empty()
+            && self.tally_mismatches.is_empty()
+    }
+
+    /// Messages that a correct worker dead-letters.
+    pub fn dead_letters_expected(&self) -> u64 {
+        self.undecodable + self.unknown_poll_or_option
+    }
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.is_consistent() {
+            "CONSISTENT: the database holds exactly what the stream says"
+        } else {
+            "INCONSISTENT: the database differs from the stream"
+        };
+        writeln!(f, "audit: {verdict}")?;
+        writeln!(
+            f,
+            "events read: {}; not counted: {} undecodable, {} with an unknown poll or option; \
+             dead letters stored: {}{}",
+            self.events_read,
+            self.undecodable,
+            self.unknown_poll_or_option,
+            self.dead_letters,
+            if self.dead_letters == self.dead_letters_expected() {
+                ""
+            } else {
+                " (differs from the messages not counted)"
+            }
+        )?;
+        writeln!(f, "voters: {}; ballots: {}", self.voters, self.ballots)?;
+        list(f, "missing ballots", &self.missing_ballots, |f, d| {
+            write!(
+                f,
+                "poll {} voter {}: expected {}, no ballot",
+                d.poll, d.voter, d.expected
+            )
+        })?;
+        list(f, "unexpected ballots", &self.unexpected_ballots, |f, d| {
+            write!(
+                f,
+                "poll {} voter {}: found {}, no such voter in the stream",
+                d.poll, d.voter, d.found
+            )
+        })?;
+        list(f, "wrong ballots", &self.wrong_ballots, |f, d| {
+            write!(
+                f,
+                "poll {} voter {}: expected {}, found {}",
+                d.poll, d.voter, d.expected, d.found
+            )
+        })?;
+        list(f, "tally mismatches", &self.tally_mismatches, |f, d| {
+            write!(
+                f,
+                "poll {} option {}: expected {}, tally {}, ballots {}",
+                d.poll, d.option, d.expected, d.tally, d.count
+            )
+        })
+    }
+}
+
+/// Prints a heading and the first [`SHOWN`] items of a non-empty list.
+fn list<T>(
+    f: &mut fmt::Formatter<'_>,
+    heading: &str,
+    items: &[T],
+    item: impl Fn(&mut fmt::Formatter<'_>, &T) -> fmt::Result,
+) -> fmt::Result {
+    if items.is_empty() {
+        return Ok(());
+    }
+    writeln!(f, "{heading} ({}):", items.len())?;
+    for d in items.iter().take(SHOWN) {
+        f.write_str("  ")?;
+        item(f, d)?;
+        writeln!(f)?;
+    }
+    if items.len() > SHOWN {
+        writeln!(f, "  … and {} more", items.len() - SHOWN)?;
+    }
+    Ok(())
+}
+
+/// The stream folded with design rules 2 and 3: per (poll, voter), the greatest `(ts, event id)`.
+#[derive(Debug, Default)]
+struct Fold {
+    latest: HashMap<(PollId, VoterId), (Timestamp, EventId, Choice)>,
+    events_read: u64,
+    undecodable: u64,
+    unknown_poll_or_option: u64,
+}
+
+impl Fold {
+    fn add(&mut self, payload: &[u8], polls: &Polls) {
+        self.events_read += 1;
+        let Ok(event) = VoteEvent::decode(payload) else {
+            self.undecodable += 1;
+            return;
+        };
+        if !polls
+            .get(event.poll.as_str())
+            .is_some_and(|poll| poll.has_option(&event.choice))
+        {
+            self.unknown_poll_or_option += 1;
+            return;
+        }
+        let candidate = (event.ts, event.event_id, event.choice);
+        match self.latest.entry((event.poll, event.voter)) {
+            Entry::Vacant(entry) => {
+                entry.insert(candidate);
+            }
+            Entry::Occupied(mut entry) => {
+                let (ts, event_id, _) = entry.get();
+                if (candidate.0, candidate.1) > (*ts, *event_id) {
+                    entry.insert(candidate);
+                }
+            }
+        }
+    }
+
+    /// Voters per (poll, option), with every option of every poll present.
+    fn expected_counts(&self, polls: &Polls) -> BTreeMap<(String, String), i64> {
+        let mut counts: BTreeMap<(String, String), i64> = polls
+            .iter()
+            .flat_map(|poll| {
+                poll.options
+                    .iter()
+                    .map(|o| ((poll.id.to_string(), o.id.to_string()), 0))
+            })
+            .collect();
+        for ((poll, _), (_, _, choice)) in &self.latest {
+            *counts
+                .entry((poll.to_string(), choice.to_string()))
+                .or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// Waits for the workers to drain, folds the stream and compares it with the database.
+///
+/// Errors (rather than reporting) when NATS or PostgreSQL cannot be read, or when the consumer
+/// still has pending or unacked votes after `config.wait`.
+pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
+    let mut conn = crate::connect_db(&config.database_url).await?;
+    let client = landslide_nats::connect(&config.nats_url, "landslide-audit").await?;
+    let js = jetstream::new(client);
+    let topology = &config.topology;
+    let stream = js
+        .get_stream(&topology.votes_stream)
+        .await
+        .with_context(|| format!("cannot open the votes stream {}", topology.votes_stream))?;
+
+    let last = wait_until_drained(&stream, topology, config.wait).await?;
+    let fold = read_stream(&stream, last, &config.polls).await?;
+    let dead_letters = js
+        .get_stream(&topology.dlq_stream)
+        .await
+        .with_context(|| format!("cannot open the dead-letter stream {}", topology.dlq_stream))?
+        .cached_info()
+        .state
+        .messages;
+
+    let mut report = AuditReport {
+        events_read: fold.events_read,
+        undecodable: fold.undecodable,
+        unknown_poll_or_option: fold.unknown_poll_or_option,
+        dead_letters,
+        voters: fold.latest.len() as u64,
+        ..AuditReport::default()
+    };
+    let expected = fold.expected_counts(&config.polls);
+    compare_ballots(&mut conn, fold.latest, &mut report).await?;
+    let tallies = counts::tally_sums(&mut conn)
+        .await
+        .context("cannot read the tallies")?;
+    let ballot_counts = counts::ballot_counts(&mut conn)
+        .await
+        .context("cannot count the ballots")?;
+    report.tally_mismatches = compare_counts(expected, &tallies, &ballot_counts);
+    Ok(report)
+}
+
+/// Waits until the workers' consumer has nothing pending or unacked, and returns the last stream
+/// sequence it delivered: every message up to it has then been committed (or dead-lettered).
+async fn wait_until_drained(
+    stream: &jetstream::stream::Stream,
+    topology: &Topology,
+    wait: Duration,
+) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let info = stream
+            .consumer_info(&topology.consumer)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot read consumer {} of stream {}",
+                    topology.consumer, topology.votes_stream
+                )
+            })?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return Ok(info.delivered.stream_sequence);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "the votes are not all committed: consumer {} still has {} votes not delivered \
+                 and {} not acknowledged after waiting {wait:?}; let the dedup-workers drain it \
+                 (are they running?) and audit again",
+                topology.consumer,
+                info.num_pending,
+                info.num_ack_pending,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Folds messages 1..=`last` of the stream.
+async fn read_stream(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+    polls: &Polls,
+) -> anyhow::Result<Fold> {
+    let mut fold = Fold::default();
+    if last == 0 {
+        return Ok(fold);
+    }
+    // An ordered consumer: no acks, flow-controlled batches, recreated by the client on a gap.
+    let reader = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            description: Some("landslide audit".to_owned()),
+            ..Default::default()
+        })
+        .await
+        .context("cannot create the audit's ordered consumer")?;
+    let mut messages = reader
+        .messages()
+        .await
+        .context("cannot read the votes stream")?;
+    loop {
+        let message = tokio::time::timeout(READ_STALL, messages.next())
+            .await
+            .map_err(|_| anyhow!("reading the votes stream stalled for {READ_STALL:?}"))?
+            .ok_or_else(|| anyhow!("the votes stream ended before sequence {last}"))?
+            .context("cannot read the votes stream")?;
+        fold.add(&message.payload, polls);
+        let info = message
+            .info()
+            .map_err(|e| anyhow!("a message of the votes stream has no metadata: {e}"))?;
+        // `pending == 0`: nothing after it, even if `last` itself was purged.
+        if info.stream_sequence >= last || info.pending == 0 {
+            return Ok(fold);
+        }
+    }
+}
+
+/// Streams the ballots and compares each with the fold, which it empties: what is left are the
+/// voters without a ballot.
+async fn compare_ballots(
+    conn: &mut diesel_async::AsyncPgConnection,
+    mut latest: HashMap<(PollId, VoterId), (Timestamp, EventId, Choice)>,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let mut rows = ballots::table
+        .select((
+            ballots::poll,
+            ballots::voter,
+            ballots::choice,
+            ballots::ts,
+            ballots::event_id,
+        ))
+        .load_stream::<(String, Uuid, String, i64, Uuid)>(conn)
+        .await
+        .context("cannot read the ballots")?;
+    while let Some(row) = rows.next().await {
+        let (poll, voter, choice, ts, event_id) = row.context("cannot read the ballots")?;
+        report.ballots += 1;
+        let voter = VoterId(voter);
+        let found = Ballot {
+            choice,
+            ts: Timestamp::from_i64(ts),
+            event_id: EventId(event_id),
+        };
+        let held = PollId::parse(poll.as_str())
+            .ok()
+            .and_then(|id| latest.remove_entry(&(id, voter)));
+        match held {
+            None => report
+                .unexpected_ballots
+                .push(UnexpectedBallot { poll, voter, found }),
+            Some(((poll, _), (ts, event_id, choice))) => {
+                let expected = Ballot {
+                    choice: choice.to_string(),
+                    ts,
+                    event_id,
+                };
+                if expected != found {
+                    report.wrong_ballots.push(WrongBallot {
+                        poll,
+                        voter,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+    }
+    report.missing_ballots = latest
+        .into_iter()
+        .map(|((poll, voter), (ts, event_id, choice))| MissingBallot {
+            poll,
+            voter,
+            expected: Ballot {
+                choice: choice.to_string(),
+                ts,
+                event_id,
+            },
+        })
+        .collect();
+    // Stable output for people and tests.
+    report
+        .missing_ballots
+        .sort_by(|a, b| (&a.poll, a.voter).cmp(&(&b.poll, b.voter)));
+    report
+        .unexpected_ballots
+        .sort_by(|a, b| (&a.poll, a.voter).cmp(&(&b.poll, b.voter)));
+    report
+        .wrong_ballots
+        .sort_by(|a, b| (&a.poll, a.voter).cmp(&(&b.poll, b.voter)));
+    Ok(())
+}
+
+/// Every (poll, option) where the stream, the tally and the ballot count do not all agree.
+fn compare_counts(
+    expected: BTreeMap<(String, String), i64>,
+    tallies: &[OptionCount],
+    ballot_counts: &[OptionCount],
+) -> Vec<TallyMismatch> {
+    // (expected, tally, count) per (poll, option), over the union of the three sources.
+    let mut all: BTreeMap<(String, String), (i64, i64, i64)> = expected
+        .into_iter()
+        .map(|(key, n)| (key, (n, 0, 0)))
+        .collect();
+    for row in tallies {
+        all.entry((row.poll.clone(), row.option.clone()))
+            .or_default()
+            .1 = row.votes;
+    }
+    for row in ballot_counts {
+        all.entry((row.poll.clone(), row.option.clone()))
+            .or_default()
+            .2 = row.votes;
+    }
+    all.into_iter()
+        .filter(|(_, (expected, tally, count))| expected != tally || expected != count)
+        .map(|((poll, option), (expected, tally, count))| TallyMismatch {
+            poll,
+            option,
+            expected,
+            tally,
+            count,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use landslide_schema::NodeId;
+
+    use super::*;
+
+    fn event(voter: u128, choice: &str, ts: u64, id: u128) -> Vec<u8> {
+        VoteEvent {
+            event_id: EventId(Uuid::from_u128(id)),
+            poll: PollId::parse("pets").unwrap(),
+            voter: VoterId(Uuid::from_u128(voter)),
+            choice: Choice::parse(choice).unwrap(),
+            ts: Timestamp(ts),
+            node: NodeId::parse("n1").unwrap(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn the_latest_event_wins_in_any_order_and_ties_break_on_the_event_id() {
+        let polls = Polls::default();
+        let mut fold = Fold::default();
+        fold.add(&event(1, "dogs", 20, 1), &polls);
+        fold.add(&event(1, "cats", 10, 9), &polls);
+        fold.add(&event(2, "cats", 5, 2), &polls);
+        fold.add(&event(2, "dogs", 5, 3), &polls);
+        fold.add(b"garbage", &polls);
+        fold.add(&event(3, "fish", 5, 4), &polls);
+        assert_eq!(
+            (
+                fold.events_read,
+                fold.undecodable,
+                fold.unknown_poll_or_option
+            ),
+            (6, 1, 1)
+        );
+        let choice = |voter| {
+            fold.latest[&(
+                PollId::parse("pets").unwrap(),
+                VoterId(Uuid::from_u128(voter)),
+            )]
+                .2
+                .to_string()
+        };
+        assert_eq!(choice(1), "dogs");
+        assert_eq!(choice(2), "dogs");
+        let counts = fold.expected_counts(&polls);
+        assert_eq!(counts[&("pets".to_owned(), "dogs".to_owned())], 2);
+        assert_eq!(counts[&("pets".to_owned(), "cats".to_owned())], 0);
+    }
+
+    #[test]
+    fn counts_disagreeing_anywhere_are_reported() {
+        let key = |o: &str| ("pets".to_owned(), o.to_owned());
+        let expected = BTreeMap::from([(key("cats"), 2), (key("dogs"), 1)]);
+        let row = |o: &str, votes| OptionCount {
+            poll: "pets".to_owned(),
+            option: o.to_owned(),
+            votes,
+        };
+        let mismatches = compare_counts(
+            expected,
+            &[row("cats", 2), row("dogs", 2)],
+            &[row("cats", 2), row("dogs", 1), row("fish", 1)],
+        );
+        let names: Vec<_> = mismatches.iter().map(|m| m.option.as_str()).collect();
+        assert_eq!(names, ["dogs", "fish"]);
+        assert_eq!(
+            (
+                mismatches[0].expected,
+                mismatches[0].tally,
+                mismatches[0].count
+            ),
+            (1, 2, 1)
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! The tally's HTTP surface: the results page, the JSON API, its server-sent events, health and
+//! metrics. Handlers only read the latest snapshot from the `watch` channel.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use askama::Template;
+use axum::Router;
+use axum::extract::{MatchedPath, Path, State};
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use futures::{Stream, StreamExt as _};
+use landslide_schema::{Poll, Polls};
+use tokio::sync::watch;
+use tower_http::trace::TraceLayer;
+
+use crate::snapshot::Snapshot;
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub polls: Arc<Polls>,
+    pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    pub shutdown: watch::Receiver<bool>,
+    /// A snapshot older than this makes `/readyz` fail: refreshes have been failing.
+    pub stale_after: Duration,
+}
+
+impl AppState {
+    fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshots.borrow().clone()
+    }
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(default_page))
+        .route("/results/{poll}", get(poll_page))
+        .route("/api/results/{poll}", get(api_results))
+        .route("/api/results/{poll}/events", get(events))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(landslide_telemetry::metrics_handler))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state)
+}
+
+/// Names the span by route template (`GET /api/results/{poll}`), never by raw path, so traces group
+/// by endpoint and poll ids do not explode span names.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    tracing::info_span!(
+        "http.request",
+        otel.name = format!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = route,
+    )
+}
+
+/// Completes when the shutdown flag turns true (or its sender is gone, which means the same).
+pub(crate) async fn shutdown_signal(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Errors of the JSON API; the body is `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("unknown poll")]
+    UnknownPoll,
+    #[error("results are not available yet; retry in a second")]
+    NotReady,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            Self::UnknownPoll => StatusCode::NOT_FOUND,
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let body = axum::Json(serde_json::json!({ "error": self.to_string() }));
+        let mut response = (status, body).into_response();
+        if matches!(self, Self::NotReady) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// `GET /api/results/{poll}`: the poll's latest snapshot as JSON.
+async fn api_results(
+    State(state): State<AppState>,
+    Path(poll): Path<String>,
+) -> Result<Response, ApiError> {
+    let poll = state.polls.get(&poll).ok_or(ApiError::UnknownPoll)?;
+    let snapshot = state.snapshot().ok_or(ApiError::NotReady)?;
+    let results = snapshot.polls.get(&poll.id).ok_or(ApiError::NotReady)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        results.json.clone(),
+    )
+        .into_response())
+}
+
+/// `GET /api/results/{poll}/events`: one event per new snapshot, the current one first. Ends when
+/// the server shuts down, so that draining does not wait for viewers to leave.
+async fn events(
+    State(state): State<AppState>,
+    Path(poll): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let poll = state
+        .polls
+        .get(&poll)
+        .ok_or(ApiError::UnknownPoll)?
+        .id
+        .clone();
+    let events = snapshots(state.snapshots.clone())
+        .filter_map(move |snapshot| {
+            let event = snapshot
+                .polls
+                .get(&poll)
+                .map(|results| Ok(Event::default().data(&results.json)));
+            futures::future::ready(event)
+        })
+        .take_until(shutdown_signal(state.shutdown.clone()));
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// Every snapshot published from now on, starting with the current one if there is one. Ends when
+/// the refresher stops.
+fn snapshots(
+    mut receiver: watch::Receiver<Option<Arc<Snapshot>>>,
+) -> impl Stream<Item = Arc<Snapshot>> {
+    // A new viewer gets the current snapshot at once rather than at the next refresh.
+    receiver.mark_changed();
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            receiver.changed().await.ok()?;
+            let snapshot = receiver.borrow_and_update().clone();
+            if let Some(snapshot) = snapshot {
+                return Some((snapshot, receiver));
+            }
+        }
+    })
+}
+
+/// `GET /readyz`: ready while snapshots keep coming.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    match state.snapshot() {
+        Some(snapshot) if snapshot.taken.elapsed() <= state.stale_after => {
+            (StatusCode::OK, "ready")
+        }
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "results are stale: refreshing from PostgreSQL or NATS fails",
+        ),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no results yet"),
+    }
+}
+
+/// One option's bar on the page.
+struct OptionView<'a> {
+    id: &'a str,
+    label: &'a str,
+    votes: i64,
+    /// The bar's width in percent, formatted for CSS.
+    percent: String,
+}
+
+#[derive(Template)]
+#[template(path = "results.html")]
+struct ResultsPage<'a> {
+    poll: &'a str,
+    question: &'a str,
+    options: Vec<OptionView<'a>>,
+    total: i64,
+    pending: u64,
+    /// Empty before the first snapshot.
+    as_of: &'a str,
+}
+
+/// `GET /`: the default poll's live results.
+async fn default_page(State(state): State<AppState>) -> Response {
+    page(&state, state.polls.default_poll())
+}
+
+/// `GET /results/{poll}`: another poll's live results.
+async fn poll_page(State(state): State<AppState>, Path(poll): Path<String>) -> Response {
+    match state.polls.get(&poll) {
+        Some(poll) => page(&state, poll),
+        None => (
+            StatusCode::NOT_FOUND,
+            Html("<!doctype html><title>Unknown poll</title><p>No such poll.</p>"),
+        )
+            .into_response(),
+    }
+}
+
+fn page(state: &AppState, poll: &Poll) -> Response {
+    let snapshot = state.snapshot();
+    let results = snapshot
+        .as_ref()
+        .and_then(|s| s.polls.get(&poll.id))
+        .map(|p| &p.results);
+    let total = results.map_or(0, |r| r.total);
+    let options = poll
+        .options
+        .iter()
+        .map(|option| {
+            let votes = results
+                .and_then(|r| r.counts.get(&option.id).copied())
+                .unwrap_or(0);
+            // Display only: f64 is exact enough for a bar's width.
+            #[allow(clippy::cast_precision_loss)]
+            let percent = if total > 0 {
+                votes as f64 * 100.0 / total as f64
+            } else {
+                0.0
+            };
+            OptionView {
+                id: option.id.as_str(),
+                label: &option.label,
+                votes,
+                percent: format!("{percent:.1}"),
+            }
+        })
+        .collect();
+    let page = ResultsPage {
+        poll: poll.id.as_str(),
+        question: &poll.question,
+        options,
+        total,
+        pending: results.map_or(0, |r| r.pending),
+        as_of: results.map_or("", |r| &r.as_of),
+    };
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot render the results page");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot render the page").into_response()
+        }
+    }
+}

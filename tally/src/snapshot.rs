@@ -1,0 +1,254 @@
+//! The results of every poll at one instant, rebuilt by one background task and shared through a
+//! `watch` channel, so that viewers never cost a database query each.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
+use chrono::{DateTime, SecondsFormat, Utc};
+use diesel_async::AsyncPgConnection;
+use landslide_schema::{Choice, PollId, Polls};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+use crate::counts::{self, OptionCount};
+
+/// Longest wait for the tally query; past it the connection is dropped and opened again.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The body of `GET /api/results/{poll}` and of each server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Results {
+    pub poll: PollId,
+    pub question: String,
+    /// Every option of the poll, 0 when it has no votes yet.
+    pub counts: BTreeMap<Choice, i64>,
+    pub total: i64,
+    /// Votes accepted but not yet committed: the consumer's pending plus unacked messages. When it
+    /// is 0, the counts include every vote accepted before `as_of`.
+    pub pending: u64,
+    /// When the snapshot was started, RFC 3339 in UTC.
+    pub as_of: String,
+}
+
+/// One poll's results, with the JSON rendered once for every viewer.
+#[derive(Debug)]
+pub(crate) struct PollSnapshot {
+    pub results: Results,
+    pub json: String,
+}
+
+/// The results of every poll at one instant.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub polls: HashMap<PollId, PollSnapshot>,
+    /// When it was built, for readiness: a snapshot that stops being replaced is stale.
+    pub taken: Instant,
+}
+
+impl Snapshot {
+    /// Builds the results of every poll from the tally sums. Rows of unknown polls or options are
+    /// left out here (the audit reports them).
+    pub fn build(polls: &Polls, pending: u64, sums: &[OptionCount], as_of: DateTime<Utc>) -> Self {
+        let as_of = as_of.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let votes: HashMap<(&str, &str), i64> = sums
+            .iter()
+            .map(|row| ((row.poll.as_str(), row.option.as_str()), row.votes))
+            .collect();
+        let polls = polls
+            .iter()
+            .map(|poll| {
+                let counts: BTreeMap<Choice, i64> = poll
+                    .options
+                    .iter()
+                    .map(|option| {
+                        let key = (poll.id.as_str(), option.id.as_str());
+                        (option.id.clone(), votes.get(&key).copied().unwrap_or(0))
+                    })
+                    .collect();
+                let results = Results {
+                    poll: poll.id.clone(),
+                    question: poll.question.clone(),
+                    total: counts.values().sum(),
+                    counts,
+                    pending,
+                    as_of: as_of.clone(),
+                };
+                // Serializing strings and integers cannot fail.
+                let json = serde_json::to_string(&results).unwrap_or_default();
+                (poll.id.clone(), PollSnapshot { results, json })
+            })
+            .collect();
+        Self {
+            polls,
+            taken: Instant::now(),
+        }
+    }
+}
+
+/// The only reader of the database and of the consumer's state on behalf of viewers.
+pub(crate) struct Refresher {
+    consumer: PullConsumer,
+    /// One connection held across refreshes (a pool checkout would add a round trip each time);
+    /// `None` after an error, until it is opened again.
+    conn: Option<AsyncPgConnection>,
+    database_url: String,
+    polls: Arc<Polls>,
+}
+
+impl Refresher {
+    pub fn new(
+        consumer: PullConsumer,
+        conn: AsyncPgConnection,
+        database_url: String,
+        polls: Arc<Polls>,
+    ) -> Self {
+        Self {
+            consumer,
+            conn: Some(conn),
+            database_url,
+            polls,
+        }
+    }
+
+    /// Publishes a new snapshot every `every` until `shutdown` turns true. A failed refresh keeps
+    /// the last snapshot, so its `as_of` ages and `/readyz` reports it.
+    pub async fn run(
+        mut self,
+        every: Duration,
+        snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(every);
+        // After a slow refresh, wait a full period rather than firing catch-up refreshes.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+            let started = Instant::now();
+            match self.refresh().await {
+                Ok((snapshot, pending)) => {
+                    metrics::histogram!("landslide_tally_refresh_seconds")
+                        .record(started.elapsed());
+                    // A gauge is an f64; counts this large lose no precision that matters.
+                    #[allow(clippy::cast_precision_loss)]
+                    metrics::gauge!("landslide_tally_pending").set(pending as f64);
+                    if failing {
+                        tracing::info!("results refresh works again");
+                        failing = false;
+                    }
+                    snapshots.send_replace(Some(Arc::new(snapshot)));
+                }
+                Err(err) => {
+                    metrics::counter!("landslide_tally_refresh_errors_total").increment(1);
+                    // Logged once per outage, not twice a second.
+                    if !failing {
+                        tracing::warn!(
+                            error = format!("{err:#}"),
+                            "cannot refresh the results; serving the last snapshot"
+                        );
+                        failing = true;
+                    }
+                }
+            }
+        }
+        tracing::debug!("results refresher stopped");
+    }
+
+    async fn refresh(&mut self) -> anyhow::Result<(Snapshot, u64)> {
+        let as_of = Utc::now();
+        // Pending first, counts second: a vote accepted before `as_of` is then either still pending
+        // or was acked, hence committed, before the counts are read. So pending == 0 proves the
+        // counts complete. The other order could show 0 pending with a vote missing from the
+        // counts.
+        let info = self
+            .consumer
+            .get_info()
+            .await
+            .context("cannot read the consumer's pending count")?;
+        let unacked = u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX);
+        let pending = info.num_pending.saturating_add(unacked);
+
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(crate::connect_db(&self.database_url).await?),
+        };
+        // Dropping a plain read mid-flight is harmless, but leaves the connection in an unknown
+        // state: it is replaced after any failure.
+        let sums = match tokio::time::timeout(QUERY_TIMEOUT, counts::tally_sums(conn)).await {
+            Ok(Ok(sums)) => sums,
+            Ok(Err(err)) => {
+                self.conn = None;
+                return Err(err).context("cannot read the tallies");
+            }
+            Err(_) => {
+                self.conn = None;
+                anyhow::bail!("reading the tallies took longer than {QUERY_TIMEOUT:?}");
+            }
+        };
+        Ok((Snapshot::build(&self.polls, pending, &sums, as_of), pending))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use landslide_schema::{Poll, PollOption};
+
+    use super::*;
+
+    fn row(poll: &str, option: &str, votes: i64) -> OptionCount {
+        OptionCount {
+            poll: poll.to_owned(),
+            option: option.to_owned(),
+            votes,
+        }
+    }
+
+    #[test]
+    fn every_option_is_present_and_unknown_rows_are_left_out() {
+        let lunch = Poll {
+            id: PollId::parse("lunch").unwrap(),
+            question: "Lunch?".to_owned(),
+            options: ["pizza", "salad"]
+                .map(|id| PollOption {
+                    id: Choice::parse(id).unwrap(),
+                    label: id.to_owned(),
+                })
+                .to_vec(),
+        };
+        let polls = Polls::new(
+            PollId::parse("pets").unwrap(),
+            vec![Polls::pets().default_poll().clone(), lunch],
+        )
+        .unwrap();
+        let sums = [
+            row("pets", "cats", 3),
+            row("pets", "dogs", 4),
+            row("pets", "fish", 100),
+            row("other", "cats", 100),
+        ];
+        let as_of = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
+        let snapshot = Snapshot::build(&polls, 2, &sums, as_of);
+
+        let pets: serde_json::Value =
+            serde_json::from_str(&snapshot.polls[&PollId::parse("pets").unwrap()].json).unwrap();
+        assert_eq!(
+            pets,
+            serde_json::json!({
+                "poll": "pets", "question": "Cats or dogs?", "counts": {"cats": 3, "dogs": 4},
+                "total": 7, "pending": 2, "as_of": "2023-11-14T22:13:20.123Z",
+            })
+        );
+        let lunch = &snapshot.polls[&PollId::parse("lunch").unwrap()].results;
+        assert_eq!(lunch.total, 0);
+        assert_eq!(lunch.counts.values().copied().collect::<Vec<_>>(), [0, 0]);
+    }
+}
