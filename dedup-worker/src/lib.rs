@@ -29,7 +29,7 @@ mod upsert;
 pub use upsert::UpsertBatch;
 
 /// Configuration of one worker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub nats_url: String,
     pub database_url: String,
@@ -43,6 +43,24 @@ pub struct Config {
     pub shard: i16,
     /// Test-only: stop dead at this point of the first batch, as a crash would.
     pub fail_point: Option<FailPoint>,
+}
+
+// Written by hand so that the database password never reaches a log line.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("nats_url", &self.nats_url)
+            .field(
+                "database_url",
+                &landslide_schema::migrate::redact(&self.database_url),
+            )
+            .field("topology", &self.topology)
+            .field("batch_size", &self.batch_size)
+            .field("batch_wait", &self.batch_wait)
+            .field("shard", &self.shard)
+            .field("fail_point", &self.fail_point)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a test makes the worker stop as if killed: nothing after that point happens.

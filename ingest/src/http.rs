@@ -8,8 +8,8 @@ use async_nats::jetstream;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRef, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum_extra::extract::SignedCookieJar;
@@ -20,7 +20,6 @@ use landslide_schema::{
 };
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::Config;
 use crate::publish::{Hlc, PublishFailed, Publisher};
@@ -76,40 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(landslide_telemetry::metrics_handler))
         // We buffer bodies ourselves up to MAX_BODY; a larger one is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
-}
-
-/// One span per request, named by route template, continuing the caller's trace if it sent one.
-fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str);
-    let span = tracing::info_span!(
-        "http.request",
-        otel.name = format!("{} {route}", request.method()),
-        otel.kind = "server",
-        http.request.method = %request.method(),
-        http.route = route,
-    );
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HttpHeaderExtractor(request.headers()))
-    });
-    // Only a valid incoming context becomes the parent; otherwise the span starts a new trace.
-    let _ = span.set_parent(parent);
-    span
-}
-
-struct HttpHeaderExtractor<'a>(&'a HeaderMap);
-
-impl opentelemetry::propagation::Extractor for HttpHeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
 }
 
 /// Why a vote was refused. Each maps to one status and a message meant for the voter.
@@ -234,7 +201,7 @@ impl AppState {
             (None, None) => VoterId::new_random(),
         };
         let event_id = match idempotency_key {
-            Some(key) => self.0.keys.event_for_key(voter, &poll.id, key),
+            Some(key) => self.0.keys.event_for_key(voter, &poll.id, &choice, key),
             None => EventId::new_random(),
         };
         let event = VoteEvent {

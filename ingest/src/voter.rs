@@ -7,7 +7,7 @@ use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::{Cookie, Key, SameSite};
 use hmac::{Hmac, Mac};
 use landslide_schema::cookie::VoterCookie;
-use landslide_schema::{EventId, PollId, VoterId};
+use landslide_schema::{Choice, EventId, PollId, VoterId};
 use sha2::Sha256;
 use uuid::Uuid;
 
@@ -64,12 +64,21 @@ impl Keys {
         VoterId(self.derive(&[b"voter", key.as_bytes()]))
     }
 
-    /// The event id of a request that carries `key`: a retry is the same event.
-    pub fn event_for_key(&self, voter: VoterId, poll: &PollId, key: &str) -> EventId {
+    /// The event id of a request that carries `key`: a retry of the same vote is the same event.
+    /// The choice is part of it, so a key reused for another choice is another event, and one
+    /// event id never names two choices.
+    pub fn event_for_key(
+        &self,
+        voter: VoterId,
+        poll: &PollId,
+        choice: &Choice,
+        key: &str,
+    ) -> EventId {
         EventId(self.derive(&[
             b"event",
             voter.0.as_bytes(),
             poll.as_str().as_bytes(),
+            choice.as_str().as_bytes(),
             key.as_bytes(),
         ]))
     }
@@ -117,17 +126,18 @@ mod tests {
     fn the_same_key_gives_the_same_ids() {
         let k = keys();
         let pets = PollId::parse("pets").unwrap();
+        let cats = Choice::parse("cats").unwrap();
+        let dogs = Choice::parse("dogs").unwrap();
         let v = k.voter_for_key("abc");
         assert_eq!(v, k.voter_for_key("abc"));
         assert_ne!(v, k.voter_for_key("abd"));
-        assert_eq!(
-            k.event_for_key(v, &pets, "abc"),
-            k.event_for_key(v, &pets, "abc")
-        );
+        let event = k.event_for_key(v, &pets, &cats, "abc");
+        assert_eq!(event, k.event_for_key(v, &pets, &cats, "abc"));
         assert_ne!(
-            k.event_for_key(v, &pets, "abc"),
-            k.event_for_key(VoterId(Uuid::nil()), &pets, "abc")
+            event,
+            k.event_for_key(VoterId(Uuid::nil()), &pets, &cats, "abc")
         );
+        assert_ne!(event, k.event_for_key(v, &pets, &dogs, "abc"));
     }
 
     #[test]

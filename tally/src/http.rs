@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::Router;
-use axum::extract::{MatchedPath, Path, State};
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -43,24 +43,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(landslide_telemetry::metrics_handler))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
-}
-
-/// Names the span by route template (`GET /api/results/{poll}`), never by raw path, so traces group
-/// by endpoint and poll ids do not explode span names.
-fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str);
-    tracing::info_span!(
-        "http.request",
-        otel.name = format!("{} {route}", request.method()),
-        otel.kind = "server",
-        http.request.method = %request.method(),
-        http.route = route,
-    )
 }
 
 /// Completes when the shutdown flag turns true (or its sender is gone, which means the same).

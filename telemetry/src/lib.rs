@@ -166,3 +166,41 @@ pub async fn metrics_handler() -> impl axum::response::IntoResponse {
         prometheus().render(),
     )
 }
+
+/// The span of one HTTP request, for `tower_http::trace::TraceLayer::make_span_with`.
+///
+/// It is named by route template (`POST /api/votes`, `GET /api/results/{poll}`), never by raw path,
+/// so traces group by endpoint and ids in paths do not explode span names. A valid `traceparent`
+/// from the caller (a load balancer, a test client) becomes its parent.
+pub fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", axum::extract::MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = route,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HttpHeaderExtractor(request.headers()))
+    });
+    // Without a valid incoming context the span simply starts a new trace.
+    let _ = span.set_parent(parent);
+    span
+}
+
+struct HttpHeaderExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HttpHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}

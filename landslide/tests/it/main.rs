@@ -1,8 +1,12 @@
 //! Landslide's integration tests: real nats-server, real PostgreSQL, each test isolated.
 
+// A failed setup step is a failed test: panicking with a message is the point here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod audit;
 mod pipeline;
 mod support;
 mod tally;
 mod trace;
+mod up;
 mod worker;
