@@ -109,6 +109,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Install the metrics recorder before the first batch is counted.
+    landslide_telemetry::prometheus();
     landslide_schema::migrate::apply(&config.database_url).await?;
     let db = connect_db(&config.database_url).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;

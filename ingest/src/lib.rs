@@ -86,6 +86,8 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Install the metrics recorder before the first vote is counted.
+    landslide_telemetry::prometheus();
     let client = landslide_nats::connect(
         &config.nats_url,
         &format!("landslide-ingest-{}", config.node_id),

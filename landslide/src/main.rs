@@ -273,8 +273,6 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(_) => "landslide-audit",
     };
     let telemetry = landslide_telemetry::init(service)?;
-    // Install the metrics recorder before any role records a sample.
-    let _ = landslide_telemetry::prometheus();
     let result = match cli.command {
         Command::Up(args) => up(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Ingest(args) => {

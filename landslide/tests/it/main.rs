@@ -5,6 +5,7 @@
 
 mod audit;
 mod pipeline;
+mod schema;
 mod support;
 mod tally;
 mod trace;

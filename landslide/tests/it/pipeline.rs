@@ -301,6 +301,26 @@ async fn bad_input_gets_its_status_and_a_message() {
             "the error page shows the form again"
         );
     }
+    let metrics = reqwest::get(format!("{}/metrics", ingest.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in [
+        "malformed",
+        "unknown_poll",
+        "unknown_option",
+        "too_large",
+        "content_type",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "landslide_votes_rejected_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} missing from /metrics:\n{metrics}"
+        );
+    }
     ingest.role.stop().await;
 }
 

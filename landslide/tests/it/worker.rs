@@ -263,3 +263,31 @@ async fn an_incompatible_existing_stream_stops_the_worker_naming_the_difference(
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_database_connection_dies_reconnects_and_loses_nothing() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats.url, &db.url);
+    publish_raw(&nats, [event(1, 10, "cats", 1).encode()]).await;
+    support::drained(&nats.url).await;
+
+    // Cut every other session to this database, as a PostgreSQL restart or a proxy failover would.
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        ),
+        &mut db.conn().await,
+    )
+    .await
+    .unwrap();
+    let events = [event(1, 20, "dogs", 2), event(2, 20, "cats", 3)];
+    publish_raw(&nats, events.iter().map(VoteEvent::encode)).await;
+    support::drained(&nats.url).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+}

@@ -153,6 +153,15 @@ pub struct Db {
 
 impl Db {
     pub async fn create() -> Self {
+        let db = Self::create_empty().await;
+        landslide_schema::migrate::apply(&db.url)
+            .await
+            .expect("migrate test database");
+        db
+    }
+
+    /// A database of its own without the migrations applied.
+    pub async fn create_empty() -> Self {
         let admin = admin_url();
         let name = format!("landslide_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = AsyncPgConnection::establish(&admin)
@@ -164,9 +173,6 @@ impl Db {
             .expect("create test database");
         let (base, _) = admin.rsplit_once('/').expect("database url has a path");
         let url = format!("{base}/{name}");
-        landslide_schema::migrate::apply(&url)
-            .await
-            .expect("migrate test database");
         Self { url, name }
     }
 
