@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, Message};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
 use landslide_nats::{HeaderExtractor, Topology};
 use landslide_schema::subject::{
@@ -52,7 +52,7 @@ impl std::fmt::Debug for Config {
             .field("nats_url", &self.nats_url)
             .field(
                 "database_url",
-                &landslide_schema::migrate::redact(&self.database_url),
+                &landslide_schema::postgres::redact(&self.database_url),
             )
             .field("topology", &self.topology)
             .field("batch_size", &self.batch_size)
@@ -111,8 +111,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Install the metrics recorder before the first batch is counted.
     landslide_telemetry::prometheus();
-    landslide_schema::migrate::apply(&config.database_url).await?;
+    // Connect first: its error names DATABASE_URL, where a migration failure would not.
     let db = connect_db(&config.database_url).await?;
+    landslide_schema::postgres::migrate(&config.database_url).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;
     let js = jetstream::new(client.clone());
     let consumer = landslide_nats::ensure_consumer(&js, &config.topology).await?;
@@ -137,14 +138,9 @@ pub async fn run(
     result
 }
 
-/// Connects to PostgreSQL, with a message that names the variable when it cannot.
+/// Connects to PostgreSQL (an error names `DATABASE_URL`) with the session settings of a worker.
 async fn connect_db(url: &str) -> anyhow::Result<AsyncPgConnection> {
-    let mut conn = AsyncPgConnection::establish(url).await.with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL at {} (DATABASE_URL)",
-            landslide_schema::migrate::redact(url)
-        )
-    })?;
+    let mut conn = landslide_schema::postgres::connect(url).await?;
     // A statement that hangs must fail on the server: dropping a transaction future mid-flight
     // does not roll it back (design section 5). Well under the consumer's ack wait.
     diesel::sql_query("SET statement_timeout = '10s'")
@@ -194,8 +190,10 @@ impl Worker {
             let first = match first {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
-                    // Missed heartbeats or a lost connection: the stream recovers by itself.
+                    // Missed heartbeats or a lost connection: the stream recovers by itself. The
+                    // pause keeps a lasting failure from turning into a busy loop of warnings.
                     tracing::warn!(error = %err, "pulling messages failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
                 None => anyhow::bail!("the consumer's message stream ended"),

@@ -94,15 +94,15 @@ fn parse_replicas(s: &str) -> Result<usize, String> {
 struct IngestArgs {
     #[command(flatten)]
     shared: Shared,
-    /// This node's id; its votes go to subject votes.<ID>.
+    /// This node's id; its votes go to subject votes.<ID>. Required.
     #[arg(long, env = "LANDSLIDE_NODE_ID")]
-    node_id: String,
+    node_id: Option<String>,
     /// Address to serve HTTP on.
     #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// The key that signs voter cookies, at least 32 bytes; shared by every ingest node.
+    /// The key that signs voter cookies, at least 32 bytes; shared by every ingest node. Required.
     #[arg(long, env = "LANDSLIDE_SECRET", hide_env_values = true)]
-    secret: String,
+    secret: Option<String>,
     /// Milliseconds one publish waits for its JetStream ack.
     #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
     publish_timeout_ms: u64,
@@ -125,9 +125,11 @@ struct IngestArgs {
 
 impl IngestArgs {
     fn config(&self) -> anyhow::Result<landslide_ingest::Config> {
-        let node_id = NodeId::parse(self.node_id.as_str())
-            .with_context(|| format!("invalid --node-id {:?} (LANDSLIDE_NODE_ID)", self.node_id))?;
-        let secret = landslide_ingest::Secret::new(self.secret.clone())?;
+        let node_id = required(&self.node_id, "--node-id", "LANDSLIDE_NODE_ID")?;
+        let node_id = NodeId::parse(node_id)
+            .with_context(|| format!("invalid --node-id {node_id:?} (LANDSLIDE_NODE_ID)"))?;
+        let secret = required(&self.secret, "--secret", "LANDSLIDE_SECRET")?;
+        let secret = landslide_ingest::Secret::new(secret)?;
         let mut config = landslide_ingest::Config::new(node_id, &self.shared.nats_url, secret);
         config.topology = self.shared.topology();
         config.polls = self.shared.polls()?;
@@ -143,9 +145,23 @@ impl IngestArgs {
 
 #[derive(Debug, Args)]
 struct DatabaseArgs {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL. Required.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    fn url(&self) -> anyhow::Result<&str> {
+        required(&self.database_url, "--database-url", "DATABASE_URL")
+    }
+}
+
+/// A setting without a default, or an error naming both ways to give it.
+fn required<'a>(value: &'a Option<String>, flag: &str, var: &str) -> anyhow::Result<&'a str> {
+    value
+        .as_deref()
+        .filter(|v| !v.trim().is_empty())
+        .with_context(|| format!("{var} is not set (or pass {flag})"))
 }
 
 #[derive(Debug, Args)]
@@ -171,12 +187,12 @@ struct WorkerArgs {
 
 impl WorkerArgs {
     fn config(&self) -> anyhow::Result<landslide_dedup_worker::Config> {
+        // The consumer's `max_batch` (nats/dedup-worker-consumer.json) refuses larger pulls.
         anyhow::ensure!(
-            (1..=10_000).contains(&self.batch_size),
-            "--batch-size (LANDSLIDE_BATCH_SIZE) must be between 1 and 10000"
+            (1..=1000).contains(&self.batch_size),
+            "--batch-size (LANDSLIDE_BATCH_SIZE) must be between 1 and 1000, the consumer's max_batch"
         );
-        let mut config =
-            landslide_dedup_worker::Config::new(&self.shared.nats_url, &self.db.database_url);
+        let mut config = landslide_dedup_worker::Config::new(&self.shared.nats_url, self.db.url()?);
         config.topology = self.shared.topology();
         config.polls = self.shared.polls()?;
         config.batch_size = self.batch_size;
@@ -201,7 +217,7 @@ struct TallyArgs {
 
 impl TallyArgs {
     fn config(&self) -> anyhow::Result<landslide_tally::Config> {
-        let mut config = landslide_tally::Config::new(&self.shared.nats_url, &self.db.database_url);
+        let mut config = landslide_tally::Config::new(&self.shared.nats_url, self.db.url()?);
         config.topology = self.shared.topology();
         config.polls = self.shared.polls()?;
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
@@ -257,7 +273,6 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "landslide stopped");
             eprintln!("landslide: {err:#}");
             std::process::ExitCode::FAILURE
         }
@@ -371,7 +386,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
     let config = landslide_tally::audit::AuditConfig {
         nats_url: args.shared.nats_url.clone(),
-        database_url: args.db.database_url.clone(),
+        database_url: args.db.url()?.to_owned(),
         topology: args.shared.topology(),
         polls: args.shared.polls()?,
         wait: Duration::from_secs(args.wait_secs),
@@ -415,7 +430,7 @@ async fn run_roles(
     ingest_listener: tokio::net::TcpListener,
     tally_listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
-    landslide_schema::migrate::apply(&stack.database_url).await?;
+    landslide_schema::postgres::migrate(&stack.database_url).await?;
     let node_id = NodeId::parse("local").context("the local node id is valid")?;
     let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
     let mut ingest = landslide_ingest::Config::new(node_id, &stack.nats_url, secret);

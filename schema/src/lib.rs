@@ -7,18 +7,19 @@
 //! ([`db`]).
 //!
 //! This crate holds data and its encoding, never behaviour that talks to the world: no NATS, no
-//! runtime. The single exception is [`migrate`] (feature `migrate`), which applies the migrations
-//! under an advisory lock; it lives here because the migrations and the lock that guards them are one
-//! piece of the contract.
+//! runtime. The single exception is [`postgres`] (feature `postgres`): connecting the way every role
+//! must (with a timeout and an error that names `DATABASE_URL`) and applying the migrations under an
+//! advisory lock. It lives here because the schema, its migrations and the lock that guards them are
+//! one piece of the contract.
 
 pub mod cookie;
 pub mod db;
 pub mod event;
 pub mod ids;
 pub mod merge;
-#[cfg(feature = "migrate")]
-pub mod migrate;
 pub mod poll;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod subject;
 pub mod ts;
 

@@ -21,7 +21,7 @@ use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
 use landslide_nats::Topology;
 use landslide_schema::db::ballots;
-use landslide_schema::migrate::redact;
+use landslide_schema::postgres::redact;
 use landslide_schema::{Choice, EventId, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
@@ -263,14 +263,17 @@ impl Fold {
             self.unknown_poll_or_option += 1;
             return;
         }
-        let candidate = (event.ts, event.event_id, event.choice);
+        // The merge rule of `landslide_schema::merge`, over a leaner entry than a whole event:
+        // an audit of millions of voters keeps one of these per voter.
+        let (ts, event_id) = event.order_key();
+        let candidate = (ts, event_id, event.choice);
         match self.latest.entry((event.poll, event.voter)) {
             Entry::Vacant(entry) => {
                 entry.insert(candidate);
             }
             Entry::Occupied(mut entry) => {
-                let (ts, event_id, _) = entry.get();
-                if (candidate.0, candidate.1) > (*ts, *event_id) {
+                let (kept_ts, kept_id, _) = entry.get();
+                if (ts, event_id) > (*kept_ts, *kept_id) {
                     entry.insert(candidate);
                 }
             }
@@ -301,7 +304,7 @@ impl Fold {
 /// Errors (rather than reporting) when NATS or PostgreSQL cannot be read, or when the consumer
 /// still has pending or unacked votes after `config.wait`.
 pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
-    let mut conn = crate::connect_db(&config.database_url).await?;
+    let mut conn = landslide_schema::postgres::connect(&config.database_url).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-audit").await?;
     let js = jetstream::new(client);
     let topology = &config.topology;

@@ -21,10 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use landslide_nats::Topology;
 use landslide_schema::Polls;
-use landslide_schema::migrate::redact;
+use landslide_schema::postgres::redact;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -69,18 +68,6 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Connects to PostgreSQL, naming the variable to fix when it fails.
-pub(crate) async fn connect_db(database_url: &str) -> anyhow::Result<AsyncPgConnection> {
-    AsyncPgConnection::establish(database_url)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at {} (DATABASE_URL)",
-                redact(database_url)
-            )
-        })
-}
-
 /// Runs the tally role on `listener` until `shutdown` completes, then stops accepting, ends the
 /// live event streams and waits for the requests in flight.
 ///
@@ -94,8 +81,8 @@ pub async fn run(
     // Installs the metrics recorder now, so that the first refreshes are recorded too.
     landslide_telemetry::prometheus();
     // Checked first, with its own message: bb8 and friends report bad credentials as a timeout.
-    let conn = connect_db(&config.database_url).await?;
-    landslide_schema::migrate::apply(&config.database_url)
+    let conn = landslide_schema::postgres::connect(&config.database_url).await?;
+    landslide_schema::postgres::migrate(&config.database_url)
         .await
         .context("cannot apply the database migrations (DATABASE_URL)")?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-tally").await?;

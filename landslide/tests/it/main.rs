@@ -4,8 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod audit;
+mod cli;
 mod pipeline;
 mod schema;
+mod streams;
 mod support;
 mod tally;
 mod trace;

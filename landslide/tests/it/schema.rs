@@ -10,7 +10,7 @@ async fn several_processes_migrating_at_once_apply_each_migration_once() {
     let db = Db::create_empty().await;
     let runs = (0..6).map(|_| {
         let url = db.url.clone();
-        tokio::spawn(async move { landslide_schema::migrate::apply(&url).await })
+        tokio::spawn(async move { landslide_schema::postgres::migrate(&url).await })
     });
     let applied: Vec<Vec<String>> = futures::future::join_all(runs)
         .await

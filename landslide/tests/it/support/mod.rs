@@ -154,7 +154,7 @@ pub struct Db {
 impl Db {
     pub async fn create() -> Self {
         let db = Self::create_empty().await;
-        landslide_schema::migrate::apply(&db.url)
+        landslide_schema::postgres::migrate(&db.url)
             .await
             .expect("migrate test database");
         db

@@ -1,13 +1,16 @@
-//! Applying the migrations, safely when several processes start at once.
+//! PostgreSQL as every role reaches it: [`connect`] with a timeout and an error that names
+//! `DATABASE_URL`, and [`migrate`], safe when several processes start at once.
 //!
-//! Every role that touches PostgreSQL calls [`apply`] at startup. A session-level advisory lock
+//! Every role that touches PostgreSQL calls [`migrate`] at startup. A session-level advisory lock
 //! serialises them: the first applies what is pending, the others then find nothing to do.
+
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
-use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use diesel_migrations::MigrationHarness;
 
 use crate::db::MIGRATIONS;
@@ -15,19 +18,46 @@ use crate::db::MIGRATIONS;
 /// The advisory lock key: "landslide" in ASCII, so it does not collide with other users' keys.
 const LOCK_KEY: i64 = 0x6c61_6e64_736c_6964;
 
+/// How long a connection attempt may take. An unreachable host would otherwise hang the caller
+/// forever, and a refused one fails at once anyway.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens one connection, or fails with a message that names `DATABASE_URL` (password hidden).
+pub async fn connect(database_url: &str) -> anyhow::Result<AsyncPgConnection> {
+    let failed = || {
+        format!(
+            "cannot connect to PostgreSQL at {} (DATABASE_URL)",
+            redact(database_url)
+        )
+    };
+    // Dropping a connection attempt is harmless: nothing has been sent that needs undoing.
+    match tokio::time::timeout(CONNECT_TIMEOUT, AsyncPgConnection::establish(database_url)).await {
+        Ok(conn) => conn.with_context(failed),
+        Err(_) => Err(anyhow!("no answer within {CONNECT_TIMEOUT:?}")).with_context(failed),
+    }
+}
+
 /// Applies pending migrations to the database at `database_url`; returns the names applied.
-pub async fn apply(database_url: &str) -> anyhow::Result<Vec<String>> {
+pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
+    // A quick check first, with the timeout and the clear message of `connect`.
+    drop(connect(database_url).await?);
     let url = database_url.to_owned();
     // Diesel's migration harness is synchronous: run it on a blocking thread, through the wrapper
     // that drives the async connection there.
-    tokio::task::spawn_blocking(move || apply_blocking(&url))
+    tokio::task::spawn_blocking(move || migrate_blocking(&url))
         .await
         .context("the migration task panicked")?
 }
 
-fn apply_blocking(url: &str) -> anyhow::Result<Vec<String>> {
-    let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(url)
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+fn migrate_blocking(url: &str) -> anyhow::Result<Vec<String>> {
+    let mut conn =
+        <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(url)
+            .with_context(|| {
+                format!(
+                    "cannot connect to PostgreSQL at {} (DATABASE_URL)",
+                    redact(url)
+                )
+            })?;
     diesel::sql_query("SELECT pg_advisory_lock($1)")
         .bind::<BigInt, _>(LOCK_KEY)
         .execute(&mut conn)

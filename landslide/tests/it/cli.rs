@@ -1,0 +1,79 @@
+//! The binary's configuration errors: each names what to set, before anything is bound.
+
+use std::process::Command;
+
+fn landslide(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_landslide"));
+    command.args(args);
+    for var in [
+        "LANDSLIDE_SECRET",
+        "DATABASE_URL",
+        "LANDSLIDE_NODE_ID",
+        "NATS_URL",
+    ] {
+        command.env_remove(var);
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Arguments, environment, and what the error must say.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn missing_or_bad_settings_name_the_variable_to_fix() {
+    let long_secret = "x".repeat(40);
+    let cases: &[Case] = &[
+        (
+            &["ingest", "--node-id", "web01"],
+            &[],
+            "LANDSLIDE_SECRET is not set",
+        ),
+        (
+            &["ingest"],
+            &[("LANDSLIDE_SECRET", &long_secret)],
+            "LANDSLIDE_NODE_ID is not set",
+        ),
+        (
+            &["ingest", "--node-id", "web01"],
+            &[("LANDSLIDE_SECRET", "short")],
+            "LANDSLIDE_SECRET must be at least 32 bytes",
+        ),
+        (
+            &["ingest", "--node-id", "web.01"],
+            &[("LANDSLIDE_SECRET", &long_secret)],
+            "invalid --node-id \"web.01\" (LANDSLIDE_NODE_ID)",
+        ),
+        (&["dedup-worker"], &[], "DATABASE_URL is not set"),
+        (&["tally"], &[], "DATABASE_URL is not set"),
+        (&["audit"], &[], "DATABASE_URL is not set"),
+        (
+            &["dedup-worker", "--batch-size", "5000"],
+            &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
+            "must be between 1 and 1000",
+        ),
+        (
+            &["dedup-worker", "--stream-replicas", "2"],
+            &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
+            "2 replicas cannot survive",
+        ),
+        (
+            &["tally", "--listen", "127.0.0.1:0"],
+            &[("DATABASE_URL", "postgres://x:secret-pw@127.0.0.1:1/x")],
+            "cannot connect to PostgreSQL at postgres://x:***@127.0.0.1:1/x (DATABASE_URL)",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let (ok, stderr) = landslide(args, env);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} lacks {needle:?}"
+        );
+        assert!(!stderr.contains("secret-pw"), "a password leaked: {stderr}");
+    }
+}
