@@ -59,7 +59,9 @@ pub fn init(service: &str) -> anyhow::Result<Telemetry> {
 /// [`init`] with the export destination given rather than read from the environment.
 pub fn init_with(service: &str, export: Export) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // async-nats reports every (re)connection at info; its warnings (disconnects) still show.
+    let log_filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_filter(log_filter);
