@@ -5,11 +5,12 @@ use std::time::Duration;
 use crate::support::{self, Db, Nats};
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_vote_through_the_form_and_one_through_the_api_are_both_counted() {
+async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_results() {
     let nats = Nats::start().await;
     let db = Db::create().await;
     let ingest = support::ingest(&nats.url, "web01", 0).await;
     let worker = support::worker(&nats.url, &db.url);
+    let tally = support::tally(&nats.url, &db.url).await;
 
     let browser = support::voter();
     let response = browser
@@ -38,10 +39,20 @@ async fn a_vote_through_the_form_and_one_through_the_api_are_both_counted() {
     );
 
     support::drained(&nats.url).await;
+    let results = tally.settled_results("pets", 2).await;
+    assert_eq!(
+        results["counts"],
+        serde_json::json!({"cats": 1, "dogs": 1}),
+        "{results}"
+    );
+    assert_eq!(results["total"], 2, "{results}");
+    assert_eq!(results["question"], "Cats or dogs?");
+    assert!(results["as_of"].is_string(), "{results}");
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
     );
+    tally.role.stop().await;
     worker.stop().await;
     ingest.role.stop().await;
 }

@@ -5,8 +5,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use futures::StreamExt as _;
 use landslide_nats::Topology;
@@ -137,55 +135,16 @@ pub(crate) fn vote(voter: Uuid, choice: &str, ts: u64) -> VoteEvent {
     vote_in("pets", voter, choice, ts)
 }
 
-#[derive(QueryableByName)]
-struct Replaced {
-    #[diesel(sql_type = Nullable<Text>)]
-    prev_choice: Option<String>,
-}
-
-/// Writes the events' effect as a correct dedup-worker does (design rules 3 and 5): the ballot
-/// upsert is conditional on `(ts, event_id)` and returns the choice it replaced, and the tally
-/// shards change by the same amount. Shards alternate so that counts are sums over shards.
+/// Writes the events' effect with the dedup-worker's own statement, one event per transaction and
+/// alternating between two tally shards, so that counts are sums over shards.
 pub(crate) async fn commit_like_a_worker(db: &Db, events: &[VoteEvent]) {
     let mut conn = db.conn().await;
     for (i, event) in events.iter().enumerate() {
-        let replaced: Vec<Replaced> = diesel::sql_query(
-            "INSERT INTO ballots (poll, voter, choice, prev_choice, ts, event_id) \
-             VALUES ($1, $2, $3, NULL, $4, $5) \
-             ON CONFLICT (poll, voter) DO UPDATE SET prev_choice = ballots.choice, \
-               choice = EXCLUDED.choice, ts = EXCLUDED.ts, event_id = EXCLUDED.event_id \
-             WHERE (ballots.ts, ballots.event_id) < (EXCLUDED.ts, EXCLUDED.event_id) \
-             RETURNING prev_choice",
-        )
-        .bind::<Text, _>(event.poll.as_str())
-        .bind::<SqlUuid, _>(event.voter.0)
-        .bind::<Text, _>(event.choice.as_str())
-        .bind::<BigInt, _>(event.ts.to_i64())
-        .bind::<SqlUuid, _>(event.event_id.0)
-        .load(&mut conn)
-        .await
-        .expect("upsert ballot");
-        let Some(replaced) = replaced.into_iter().next() else {
-            continue; // An older event than the ballot: no effect.
-        };
         let shard = i16::try_from(i % 2).unwrap();
-        let mut deltas = vec![(event.choice.as_str().to_owned(), 1_i64)];
-        if let Some(old) = replaced.prev_choice {
-            deltas.push((old, -1));
-        }
-        for (option, delta) in deltas {
-            diesel::sql_query(
-                "INSERT INTO tallies (poll, option, shard, votes) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (poll, option, shard) DO UPDATE SET votes = tallies.votes + EXCLUDED.votes",
-            )
-            .bind::<Text, _>(event.poll.as_str())
-            .bind::<Text, _>(option)
-            .bind::<SmallInt, _>(shard)
-            .bind::<BigInt, _>(delta)
+        landslide_dedup_worker::UpsertBatch::new([event].into_iter(), shard)
             .execute(&mut conn)
             .await
-            .expect("update tally");
-        }
+            .expect("upsert ballot and tally");
     }
 }
 

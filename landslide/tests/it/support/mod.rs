@@ -407,3 +407,42 @@ pub async fn drained(nats_url: &str) {
     })
     .await;
 }
+
+/// The tally role on an ephemeral port.
+pub struct Tally {
+    pub url: String,
+    pub role: Role,
+}
+
+pub async fn tally(nats_url: &str, database_url: &str) -> Tally {
+    let mut config = landslide_tally::Config::new(nats_url, database_url);
+    config.refresh = Duration::from_millis(50);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind tally");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let role = Role::spawn(move |shutdown| landslide_tally::run(config, listener, shutdown));
+    Tally { url, role }
+}
+
+impl Tally {
+    /// `GET /api/results/<poll>` once nothing is pending and `total` votes are counted. (Pending
+    /// alone is not enough: a snapshot taken before the votes were cast has nothing pending too.)
+    pub async fn settled_results(&self, poll: &str, total: u64) -> serde_json::Value {
+        settled_results(&self.url, poll, total).await
+    }
+}
+
+/// `GET <tally>/api/results/<poll>` once nothing is pending and `total` votes are counted.
+pub async fn settled_results(tally_url: &str, poll: &str, total: u64) -> serde_json::Value {
+    let url = format!("{tally_url}/api/results/{poll}");
+    wait_for("settled results", Duration::from_secs(60), || {
+        let url = url.clone();
+        async move {
+            let response = reqwest::get(&url).await.ok()?;
+            let body: serde_json::Value = response.json().await.ok()?;
+            (body["pending"] == 0 && body["total"] == total).then_some(body)
+        }
+    })
+    .await
+}
