@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, AckKind, Message};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
 use landslide_nats::{HeaderExtractor, Topology};
+use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
@@ -29,10 +30,10 @@ mod upsert;
 pub use upsert::UpsertBatch;
 
 /// Configuration of one worker.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     pub topology: Topology,
     pub polls: Polls,
     /// Most messages in one transaction.
@@ -45,24 +46,6 @@ pub struct Config {
     pub fail_point: Option<FailPoint>,
 }
 
-// Written by hand so that the database password never reaches a log line.
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("nats_url", &self.nats_url)
-            .field(
-                "database_url",
-                &landslide_schema::postgres::redact(&self.database_url),
-            )
-            .field("topology", &self.topology)
-            .field("batch_size", &self.batch_size)
-            .field("batch_wait", &self.batch_wait)
-            .field("shard", &self.shard)
-            .field("fail_point", &self.fail_point)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Where a test makes the worker stop as if killed: nothing after that point happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailPoint {
@@ -73,7 +56,7 @@ pub enum FailPoint {
 }
 
 impl Config {
-    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
         Self {
             nats_url: nats_url.into(),
             database_url: database_url.into(),
@@ -112,8 +95,8 @@ pub async fn run(
     // Install the metrics recorder before the first batch is counted.
     landslide_telemetry::prometheus();
     // Connect first: its error names DATABASE_URL, where a migration failure would not.
-    let db = connect_db(&config.database_url).await?;
-    landslide_schema::postgres::migrate(&config.database_url).await?;
+    let db = connect_db(config.database_url.expose()).await?;
+    landslide_schema::postgres::migrate(config.database_url.expose()).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;
     let js = jetstream::new(client.clone());
     let consumer = landslide_nats::ensure_consumer(&js, &config.topology).await?;
@@ -320,7 +303,7 @@ impl Worker {
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
             if self.db.is_none() {
-                self.db = Some(connect_db(&self.config.database_url).await?);
+                self.db = Some(connect_db(self.config.database_url.expose()).await?);
                 tracing::info!("reconnected to PostgreSQL");
             }
             let Some(conn) = self.db.as_mut() else {

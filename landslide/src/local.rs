@@ -105,7 +105,13 @@ impl fmt::Debug for LocalConfig {
         f.debug_struct("LocalConfig")
             .field("data_dir", &self.data_dir)
             .field("nats_url", &self.nats_url)
-            .field("database_url", &self.database_url)
+            .field(
+                "database_url",
+                &self
+                    .database_url
+                    .as_deref()
+                    .map(landslide_schema::postgres::redact),
+            )
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("ports", &self.ports)
             .finish()
@@ -132,7 +138,10 @@ impl fmt::Debug for LocalStack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalStack")
             .field("nats_url", &self.nats_url)
-            .field("database_url", &self.database_url)
+            .field(
+                "database_url",
+                &landslide_schema::postgres::redact(&self.database_url),
+            )
             .field("secret", &"<redacted>")
             .field("owns_nats", &self.nats.is_some())
             .field("owns_postgres", &self.postgres.is_some())

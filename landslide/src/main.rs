@@ -386,7 +386,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
     let config = landslide_tally::audit::AuditConfig {
         nats_url: args.shared.nats_url.clone(),
-        database_url: args.db.url()?.to_owned(),
+        database_url: args.db.url()?.into(),
         topology: args.shared.topology(),
         polls: args.shared.polls()?,
         wait: Duration::from_secs(args.wait_secs),

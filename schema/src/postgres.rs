@@ -18,6 +18,48 @@ use crate::db::MIGRATIONS;
 /// The advisory lock key: "landslide" in ASCII, so it does not collide with other users' keys.
 const LOCK_KEY: i64 = 0x6c61_6e64_736c_6964;
 
+/// A PostgreSQL URL that never shows its password: `Debug` and `Display` print it redacted, so
+/// configurations holding one can derive `Debug` and be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, password included: for connecting, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl From<&String> for DatabaseUrl {
+    fn from(url: &String) -> Self {
+        Self(url.clone())
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact(&self.0))
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
 /// How long a connection attempt may take. An unreachable host would otherwise hang the caller
 /// forever, and a refused one fails at once anyway.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,6 +137,16 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_database_url_never_prints_its_password() {
+        let url = super::DatabaseUrl::from("postgres://u:secret@h/db");
+        assert_eq!(
+            format!("{url} {url:?}"),
+            "postgres://u:***@h/db \"postgres://u:***@h/db\""
+        );
+        assert_eq!(url.expose(), "postgres://u:secret@h/db");
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(

@@ -21,7 +21,7 @@ use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
 use landslide_nats::Topology;
 use landslide_schema::db::ballots;
-use landslide_schema::postgres::redact;
+use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::{Choice, EventId, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
@@ -33,12 +33,12 @@ const READ_STALL: Duration = Duration::from_secs(30);
 const SHOWN: usize = 50;
 
 /// What the audit needs.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AuditConfig {
     /// `NATS_URL`.
     pub nats_url: String,
     /// `DATABASE_URL`.
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     pub topology: Topology,
     pub polls: Polls,
     /// How long to wait for the workers to drain the consumer before giving up.
@@ -47,7 +47,7 @@ pub struct AuditConfig {
 
 impl AuditConfig {
     /// The default topology and polls; waits up to a minute for the workers to drain.
-    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
         Self {
             nats_url: nats_url.into(),
             database_url: database_url.into(),
@@ -55,19 +55,6 @@ impl AuditConfig {
             polls: Polls::default(),
             wait: Duration::from_secs(60),
         }
-    }
-}
-
-// Written by hand so that the database password never reaches a log line.
-impl fmt::Debug for AuditConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuditConfig")
-            .field("nats_url", &self.nats_url)
-            .field("database_url", &redact(&self.database_url))
-            .field("topology", &self.topology)
-            .field("polls", &self.polls)
-            .field("wait", &self.wait)
-            .finish()
     }
 }
 
@@ -304,7 +291,7 @@ impl Fold {
 /// Errors (rather than reporting) when NATS or PostgreSQL cannot be read, or when the consumer
 /// still has pending or unacked votes after `config.wait`.
 pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
-    let mut conn = landslide_schema::postgres::connect(&config.database_url).await?;
+    let mut conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-audit").await?;
     let js = jetstream::new(client);
     let topology = &config.topology;

@@ -15,7 +15,6 @@ mod counts;
 mod http;
 mod snapshot;
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,17 +22,17 @@ use std::time::Duration;
 use anyhow::Context as _;
 use landslide_nats::Topology;
 use landslide_schema::Polls;
-use landslide_schema::postgres::redact;
+use landslide_schema::postgres::DatabaseUrl;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// What the tally role needs; [`Config::new`] gives the defaults.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// `NATS_URL`: one URL or several separated by commas.
     pub nats_url: String,
     /// `DATABASE_URL`.
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// The stream and consumer names.
     pub topology: Topology,
     /// The polls this deployment shows.
@@ -44,7 +43,7 @@ pub struct Config {
 
 impl Config {
     /// The default topology and polls, refreshed every 500 ms.
-    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
         Self {
             nats_url: nats_url.into(),
             database_url: database_url.into(),
@@ -52,19 +51,6 @@ impl Config {
             polls: Polls::default(),
             refresh: Duration::from_millis(500),
         }
-    }
-}
-
-// Written by hand so that the database password never reaches a log line.
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("nats_url", &self.nats_url)
-            .field("database_url", &redact(&self.database_url))
-            .field("topology", &self.topology)
-            .field("polls", &self.polls)
-            .field("refresh", &self.refresh)
-            .finish()
     }
 }
 
@@ -81,8 +67,8 @@ pub async fn run(
     // Installs the metrics recorder now, so that the first refreshes are recorded too.
     landslide_telemetry::prometheus();
     // Checked first, with its own message: bb8 and friends report bad credentials as a timeout.
-    let conn = landslide_schema::postgres::connect(&config.database_url).await?;
-    landslide_schema::postgres::migrate(&config.database_url)
+    let conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
+    landslide_schema::postgres::migrate(config.database_url.expose())
         .await
         .context("cannot apply the database migrations (DATABASE_URL)")?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-tally").await?;

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
+use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::{Choice, PollId, Polls};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -95,7 +96,7 @@ pub(crate) struct Refresher {
     /// One connection held across refreshes (a pool checkout would add a round trip each time);
     /// `None` after an error, until it is opened again.
     conn: Option<AsyncPgConnection>,
-    database_url: String,
+    database_url: DatabaseUrl,
     polls: Arc<Polls>,
 }
 
@@ -103,7 +104,7 @@ impl Refresher {
     pub fn new(
         consumer: PullConsumer,
         conn: AsyncPgConnection,
-        database_url: String,
+        database_url: DatabaseUrl,
         polls: Arc<Polls>,
     ) -> Self {
         Self {
@@ -179,7 +180,7 @@ impl Refresher {
             Some(conn) => conn,
             None => self
                 .conn
-                .insert(landslide_schema::postgres::connect(&self.database_url).await?),
+                .insert(landslide_schema::postgres::connect(self.database_url.expose()).await?),
         };
         // Dropping a plain read mid-flight is harmless, but leaves the connection in an unknown
         // state: it is replaced after any failure.
