@@ -282,6 +282,12 @@ async fn vote_api(
         let response = (err.status(), jar, body).into_response();
         err.finish(response)
     };
+    let vote: ApiVote = match body(&headers, "application/json", raw).and_then(|bytes| {
+        serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
+    }) {
+        Ok(vote) => vote,
+        Err(err) => return json_error(err, None),
+    };
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
         Some(Ok(key)) => match voter::check_idempotency_key(key) {
@@ -292,12 +298,6 @@ async fn vote_api(
             let message = "Idempotency-Key must be visible ASCII".to_owned();
             return json_error(VoteError::Malformed(message), None);
         }
-    };
-    let vote: ApiVote = match body(&headers, "application/json", raw).and_then(|bytes| {
-        serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
-    }) {
-        Ok(vote) => vote,
-        Err(err) => return json_error(err, None),
     };
     let (jar, result) = state.cast(jar, &vote.poll, &vote.choice, key).await;
     match result {
