@@ -597,28 +597,10 @@ impl NatsServer {
 }
 
 /// Whether the server at `url` answers a JetStream account-info request.
-///
-/// A raw request rather than async-nats' `query_account`: on nats-server 2.9 that fails to decode
-/// the answer (async-nats 0.51 requires the `reserved_memory` field, which 2.9 does not send).
 async fn jetstream_answers(url: &str) -> bool {
-    let attempt = async {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(1))
-            .connect(url)
-            .await
-            .ok()?;
-        let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
-        let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-        // Before JetStream is ready, or when it is disabled, the answer is an error object.
-        (info["type"] == "io.nats.jetstream.api.v1.account_info_response"
-            && info.get("error").is_none())
-        .then_some(())
-    };
-    tokio::time::timeout(Duration::from_secs(2), attempt)
+    landslide_nats::api_request(url, "$JS.API.INFO")
         .await
-        .ok()
-        .flatten()
-        .is_some()
+        .is_some_and(|info| info["type"] == "io.nats.jetstream.api.v1.account_info_response")
 }
 
 /// Stops a nats-server that a crashed run of ours left on this folder. We hold the folder's lock,

@@ -54,6 +54,10 @@ struct Shared {
     /// Replicas of the VOTES and VOTES_DLQ streams: 1 on one server, 3 in a cluster.
     #[arg(long, env = "LANDSLIDE_STREAM_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
     stream_replicas: usize,
+    /// Test and drill only: the consumer's ack_wait in milliseconds instead of the one in
+    /// nats/dedup-worker-consumer.json; every role of a deployment must give the same value.
+    #[arg(long, env = "LANDSLIDE_ACK_WAIT_MS", hide = true)]
+    ack_wait_ms: Option<u64>,
 }
 
 impl Shared {
@@ -77,6 +81,7 @@ impl Shared {
     fn topology(&self) -> Topology {
         Topology {
             replicas: self.stream_replicas,
+            ack_wait: self.ack_wait_ms.map(|ms| Duration::from_millis(ms.max(1))),
             ..Topology::default()
         }
     }
@@ -405,6 +410,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         nats_url: String::new(),
         polls: args.polls.clone(),
         stream_replicas: 1,
+        ack_wait_ms: None,
     }
     .polls()?;
     // Bind both addresses before starting any server, so a port in use fails at once.

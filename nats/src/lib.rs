@@ -319,6 +319,29 @@ pub async fn connect(urls: &str, client_name: &str) -> anyhow::Result<async_nats
         .with_context(|| format!("cannot connect to NATS at {urls} (NATS_URL)"))
 }
 
+/// One JetStream API request (`$JS.API.INFO`, `$JS.API.STREAM.INFO.<name>`, …) on a connection of
+/// its own to the one server at `url`: the answer, if it came within 2 s and is not an error
+/// object (which is what a server answers before JetStream is ready, or without quorum).
+///
+/// Raw rather than through async-nats' typed calls, which probes need on nats-server 2.9:
+/// `query_account` cannot decode its account info (async-nats 0.51 requires `reserved_memory`).
+pub async fn api_request(url: &str, subject: &str) -> Option<serde_json::Value> {
+    let attempt = async {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(1))
+            .connect(url)
+            .await
+            .ok()?;
+        let reply = client.request(subject.to_owned(), "".into()).await.ok()?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+        answer.get("error").is_none().then_some(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Writes trace context (`traceparent`, `tracestate`) into NATS message headers.
 #[derive(Debug)]
 pub struct HeaderInjector<'a>(pub &'a mut HeaderMap);

@@ -101,12 +101,9 @@ impl Nats {
             || {
                 let url = url.clone();
                 async move {
-                    // `query_account` cannot parse 2.9's answer; the raw API request is enough.
-                    let client = async_nats::connect(&url).await.ok()?;
-                    let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
-                    let text = String::from_utf8_lossy(&reply.payload);
-                    (text.contains("account_info_response") && !text.contains("\"error\""))
-                        .then_some(())
+                    landslide_nats::api_request(&url, "$JS.API.INFO")
+                        .await
+                        .map(drop)
                 }
             },
         )

@@ -1,0 +1,233 @@
+//! After the load: the database, the dead letters and the results API against the model.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use uuid::Uuid;
+
+use crate::workload::{POLL, VoterOutcome};
+
+/// How many examples of each kind of difference a report names.
+const EXAMPLES: usize = 5;
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Ballot {
+    #[diesel(sql_type = SqlUuid)]
+    pub voter: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    pub event_id: Uuid,
+    #[diesel(sql_type = Text)]
+    pub choice: String,
+}
+
+#[derive(Debug, QueryableByName)]
+struct Count {
+    #[diesel(sql_type = Text)]
+    option: String,
+    #[diesel(sql_type = BigInt)]
+    votes: i64,
+}
+
+/// What the database holds for the poll.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub ballots: Vec<Ballot>,
+    /// sum(votes) of the tally shards, per option.
+    pub tallies: BTreeMap<String, i64>,
+}
+
+pub async fn read_database(url: &str) -> anyhow::Result<Stored> {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .context("cannot connect to the harness's PostgreSQL")?;
+    let ballots = diesel::sql_query("SELECT voter, event_id, choice FROM ballots WHERE poll = $1")
+        .bind::<Text, _>(POLL)
+        .load::<Ballot>(&mut conn)
+        .await?;
+    let tallies = diesel::sql_query(
+        "SELECT option, sum(votes)::bigint AS votes FROM tallies WHERE poll = $1 GROUP BY option",
+    )
+    .bind::<Text, _>(POLL)
+    .load::<Count>(&mut conn)
+    .await?
+    .into_iter()
+    .map(|c| (c.option, c.votes))
+    .collect();
+    Ok(Stored { ballots, tallies })
+}
+
+/// The ballots against what the voters were told.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Voters with an accepted vote and no ballot.
+    pub lost: usize,
+    /// Ballots of a voter who already has one (under another voter id), by one of their events.
+    pub doubled: usize,
+    /// Ballots that are not the voter's latest accepted vote.
+    pub misordered: usize,
+    /// Ballots of no voter the harness knows, by no event it was told of.
+    pub phantom: usize,
+    /// The expected count of each option: voters whose latest accepted vote chose it.
+    pub expected: BTreeMap<String, i64>,
+    pub examples: Vec<String>,
+}
+
+pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
+    let mut verdict = Verdict::default();
+    let by_voter: HashMap<Uuid, &Ballot> = ballots.iter().map(|b| (b.voter, b)).collect();
+    let known_events: HashSet<Uuid> = outcomes
+        .iter()
+        .flat_map(|o| o.accepted.iter().map(|a| a.event_id))
+        .collect();
+    let mut known_voters = HashSet::new();
+    let example = |verdict: &mut Verdict, text: String| {
+        if verdict.examples.len() < EXAMPLES * 4 {
+            verdict.examples.push(text);
+        }
+    };
+    for outcome in outcomes {
+        let (Some(voter), Some(last)) = (outcome.voter, outcome.last()) else {
+            continue;
+        };
+        known_voters.insert(voter);
+        *verdict.expected.entry(last.choice.to_owned()).or_default() += 1;
+        match by_voter.get(&voter) {
+            None => {
+                verdict.lost += 1;
+                example(
+                    &mut verdict,
+                    format!("lost: voter {voter}, latest vote {}", last.event_id),
+                );
+            }
+            Some(ballot) if ballot.choice != last.choice => {
+                verdict.misordered += 1;
+                example(
+                    &mut verdict,
+                    format!(
+                        "misordered: voter {voter} has {} ({}), latest accepted was {} ({})",
+                        ballot.choice, ballot.event_id, last.choice, last.event_id
+                    ),
+                );
+            }
+            // The same choice by an earlier event is still the wrong order, unless the voter
+            // sent a vote whose event id it never learnt.
+            Some(ballot) if ballot.event_id != last.event_id && !outcome.ambiguous => {
+                verdict.misordered += 1;
+                example(
+                    &mut verdict,
+                    format!(
+                        "misordered: voter {voter} has event {}, latest accepted was {} (same choice)",
+                        ballot.event_id, last.event_id
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    for ballot in ballots {
+        if known_voters.contains(&ballot.voter) {
+            continue;
+        }
+        if known_events.contains(&ballot.event_id) {
+            verdict.doubled += 1;
+            example(
+                &mut verdict,
+                format!(
+                    "doubled: event {} also counts under voter {}",
+                    ballot.event_id, ballot.voter
+                ),
+            );
+        } else {
+            verdict.phantom += 1;
+            example(
+                &mut verdict,
+                format!(
+                    "phantom: voter {} with unknown event {}",
+                    ballot.voter, ballot.event_id
+                ),
+            );
+        }
+    }
+    verdict
+}
+
+/// Waits until the consumer has nothing pending or unacked; returns how long that took.
+pub async fn wait_drained(
+    nats_urls: &str,
+    timeout: Duration,
+) -> anyhow::Result<Result<Duration, u64>> {
+    let client = landslide_nats::connect(nats_urls, "landslide-chaos-drain").await?;
+    let js = async_nats::jetstream::new(client);
+    let topology = landslide_nats::Topology::default();
+    let started = Instant::now();
+    let mut last_pending = u64::MAX;
+    while started.elapsed() < timeout {
+        let info = async {
+            let stream = js.get_stream_no_info(&topology.votes_stream).await.ok()?;
+            stream.consumer_info(&topology.consumer).await.ok()
+        };
+        if let Some(info) = info.await {
+            last_pending = info.num_pending + info.num_ack_pending as u64;
+            if last_pending == 0 {
+                return Ok(Ok(started.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Err(last_pending))
+}
+
+/// The dead-letter stream's payloads.
+pub async fn dead_letters(nats_urls: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let client = landslide_nats::connect(nats_urls, "landslide-chaos-dlq").await?;
+    let js = async_nats::jetstream::new(client);
+    let topology = landslide_nats::Topology::default();
+    let mut stream = js
+        .get_stream(&topology.dlq_stream)
+        .await
+        .context("cannot open the dead-letter stream")?;
+    let state = stream.info().await?.state.clone();
+    let mut payloads = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if state.messages == 0 {
+            break;
+        }
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            payloads.push(message.payload.to_vec());
+        }
+    }
+    Ok(payloads)
+}
+
+/// What `GET /api/results/pets` says once it has caught up.
+#[derive(Debug, serde::Deserialize)]
+pub struct Results {
+    pub counts: BTreeMap<String, i64>,
+    pub pending: u64,
+}
+
+/// Reads the results until they show nothing pending and the expected counts, or `timeout`
+/// passes; returns the last answer.
+pub async fn settled_results(
+    tally: &str,
+    expected: &BTreeMap<String, i64>,
+    timeout: Duration,
+) -> anyhow::Result<Results> {
+    let url = format!("{tally}/api/results/{POLL}");
+    let started = Instant::now();
+    loop {
+        let results: Results = reqwest::get(&url).await?.error_for_status()?.json().await?;
+        let counts_match = expected
+            .iter()
+            .all(|(option, n)| results.counts.get(option).copied().unwrap_or(0) == *n)
+            && results.counts.values().sum::<i64>() == expected.values().sum::<i64>();
+        if (results.pending == 0 && counts_match) || started.elapsed() > timeout {
+            return Ok(results);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,199 @@
+//! The faults and their seeded schedule.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng as _;
+use rand::seq::SliceRandom as _;
+use rand_chacha::ChaCha8Rng;
+
+use crate::Stack;
+use crate::servers::{NatsLayout, PgStop};
+
+/// How long an ingest node may take to drain after SIGTERM.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// SIGKILL of a dedup-worker, then a new one.
+    KillWorker,
+    /// SIGKILL of the single nats-server, then a restart on the same store.
+    KillNats,
+    /// In the cluster: SIGKILL of the VOTES stream leader, later of a second node (no quorum),
+    /// then both return.
+    KillLeaderThenQuorum,
+    /// PostgreSQL stopped with `-m fast`, then started.
+    RestartPostgresFast,
+    /// PostgreSQL stopped with `-m immediate` (as after a crash: WAL replay), then started.
+    RestartPostgresImmediate,
+    /// SIGTERM of an ingest node under load: it must answer what it accepted and exit 0.
+    TerminateIngest,
+}
+
+impl FaultKind {
+    /// Every fault that applies to a layout.
+    pub fn for_layout(layout: NatsLayout) -> Vec<Self> {
+        let nats = match layout {
+            NatsLayout::Single => Self::KillNats,
+            NatsLayout::Cluster => Self::KillLeaderThenQuorum,
+        };
+        vec![
+            Self::KillWorker,
+            nats,
+            Self::RestartPostgresFast,
+            Self::RestartPostgresImmediate,
+            Self::TerminateIngest,
+        ]
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::KillWorker => "SIGKILL worker",
+            Self::KillNats => "SIGKILL nats-server",
+            Self::KillLeaderThenQuorum => "SIGKILL stream leader, then quorum",
+            Self::RestartPostgresFast => "PostgreSQL restart (fast)",
+            Self::RestartPostgresImmediate => "PostgreSQL restart (immediate)",
+            Self::TerminateIngest => "SIGTERM ingest",
+        }
+    }
+}
+
+/// One scheduled fault.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// Injected once this many voters have started.
+    pub at_voter: usize,
+    /// How long the failed part stays down.
+    pub down: Duration,
+    /// Which worker or ingest node, or which second cluster node (modulo their number).
+    pub target: usize,
+}
+
+/// What happened when a fault was injected.
+#[derive(Debug, Clone)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub at_voter: usize,
+    /// Since the load started.
+    pub started: Duration,
+    pub took: Duration,
+    pub detail: String,
+    pub error: Option<String>,
+}
+
+/// Every fault of the layout `rounds` times (worker kills twice as often), in a seeded order,
+/// spread over the voters.
+pub fn schedule(
+    rng: &mut ChaCha8Rng,
+    layout: NatsLayout,
+    rounds: usize,
+    voters: usize,
+) -> Vec<Fault> {
+    let mut kinds = Vec::new();
+    for _ in 0..rounds {
+        kinds.extend(FaultKind::for_layout(layout));
+        kinds.push(FaultKind::KillWorker);
+    }
+    kinds.shuffle(rng);
+    let count = kinds.len();
+    kinds
+        .into_iter()
+        .enumerate()
+        .map(|(j, kind)| {
+            // Within the middle 80% of the voters, one fault per slot, at a random point in it.
+            let slot = (j as f64 + rng.random::<f64>()) / count as f64;
+            let down_ms = match kind {
+                // Long enough, at times, for ingest to give up and answer 503.
+                FaultKind::KillLeaderThenQuorum => rng.random_range(1_000..5_000),
+                FaultKind::KillNats => rng.random_range(300..6_000),
+                _ => rng.random_range(100..2_000),
+            };
+            Fault {
+                kind,
+                at_voter: ((0.05 + 0.8 * slot) * voters as f64) as usize,
+                down: Duration::from_millis(down_ms),
+                target: rng.random_range(0..1024),
+            }
+        })
+        .collect()
+}
+
+/// Injects one fault and brings the failed part back; returns what was done.
+pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> {
+    match fault.kind {
+        FaultKind::KillWorker => {
+            let workers = &mut stack.roles.workers;
+            let count = workers.len();
+            let worker = &mut workers[fault.target % count];
+            worker.process.kill().await?;
+            tokio::time::sleep(fault.down).await;
+            worker.start().await?;
+            Ok(format!(
+                "{} down {} ms",
+                worker.process.name(),
+                fault.down.as_millis()
+            ))
+        }
+        FaultKind::KillNats => {
+            stack.nats.kill(0).await?;
+            tokio::time::sleep(fault.down).await;
+            stack.nats.restart(0).await?;
+            Ok(format!("down {} ms", fault.down.as_millis()))
+        }
+        FaultKind::KillLeaderThenQuorum => {
+            let nodes = stack.nats.len();
+            let leader = stack.nats.stream_leader("VOTES").await;
+            let first = leader.unwrap_or(0);
+            stack.nats.kill(first).await?;
+            tokio::time::sleep(fault.down).await;
+            let second = (first + 1 + fault.target % (nodes - 1)) % nodes;
+            stack.nats.kill(second).await?;
+            tokio::time::sleep(fault.down).await;
+            stack.nats.restart(first).await?;
+            stack.nats.restart(second).await?;
+            Ok(format!(
+                "{} ({}) down, then {} too (no quorum) for {} ms",
+                stack.nats.name(first),
+                if leader.is_some() {
+                    "the VOTES leader"
+                } else {
+                    "leader unknown"
+                },
+                stack.nats.name(second),
+                fault.down.as_millis()
+            ))
+        }
+        FaultKind::RestartPostgresFast | FaultKind::RestartPostgresImmediate => {
+            let how = if fault.kind == FaultKind::RestartPostgresFast {
+                PgStop::Fast
+            } else {
+                PgStop::Immediate
+            };
+            stack.postgres.stop(how).await?;
+            tokio::time::sleep(fault.down).await;
+            stack.postgres.start_server().await?;
+            Ok(format!("down {} ms", fault.down.as_millis()))
+        }
+        FaultKind::TerminateIngest => {
+            let nodes = &mut stack.roles.ingest;
+            let count = nodes.len();
+            let node = &mut nodes[fault.target % count];
+            let started = Instant::now();
+            let status = node.process.terminate(DRAIN_GRACE).await?;
+            let drained = started.elapsed();
+            anyhow::ensure!(
+                status.success(),
+                "{} exited with {status} after SIGTERM",
+                node.process.name()
+            );
+            tokio::time::sleep(fault.down).await;
+            node.start().await?;
+            Ok(format!(
+                "{} drained and exited 0 in {} ms, back after {} ms",
+                node.process.name(),
+                drained.as_millis(),
+                fault.down.as_millis()
+            ))
+        }
+    }
+}

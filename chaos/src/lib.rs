@@ -1,0 +1,381 @@
+//! Landslide's reliability harness: the real roles as separate processes of the `landslide`
+//! binary, against a private nats-server (or three-node cluster) and PostgreSQL, under a seeded
+//! load of voters while a seeded schedule of faults kills and restarts their parts. Afterwards it
+//! checks, against its own model of every answer a voter got, that no accepted vote was lost,
+//! doubled or misordered, that the tallies are exact, that every injected malformed message was
+//! dead-lettered and that `landslide audit` agrees.
+//!
+//! A seed fixes the plan: every voter's votes, keys, nodes and double submissions, the ingest
+//! clocks' skews, the faults, their order, targets, downtimes and points in the load, and the
+//! malformed messages. The interleaving of real processes is not fixed by anything, so a rerun
+//! replays the same schedule, not the same thread timings.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::watch;
+
+pub mod check;
+pub mod faults;
+pub mod process;
+pub mod report;
+pub mod roles;
+pub mod servers;
+pub mod workload;
+
+pub use report::Report;
+pub use servers::NatsLayout;
+
+use faults::{Fault, FaultRecord};
+use roles::{RoleEnv, Roles};
+use servers::{Nats, Postgres};
+use workload::{Counters, Driver, Plan};
+
+/// One run of the harness.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub seed: u64,
+    pub layout: NatsLayout,
+    pub voters: usize,
+    /// Each voter casts between 1 and this many votes.
+    pub max_votes: usize,
+    /// Voters voting at once.
+    pub concurrency: usize,
+    pub ingest_nodes: usize,
+    pub workers: usize,
+    /// How many times each fault kind is injected (worker kills twice as often).
+    pub fault_rounds: usize,
+    /// Malformed messages injected straight into the stream.
+    pub poison: usize,
+    /// The largest clock offset of an ingest node, either way, in milliseconds.
+    pub max_skew_ms: i64,
+    /// The consumer's ack_wait: how soon a killed worker's messages are delivered again.
+    pub ack_wait: Duration,
+    /// The `landslide` binary.
+    pub landslide: PathBuf,
+}
+
+impl Scenario {
+    /// The short form that CI runs: a few thousand votes, every fault kind once.
+    pub fn short(layout: NatsLayout, seed: u64, landslide: impl Into<PathBuf>) -> Self {
+        Self {
+            seed,
+            layout,
+            voters: 1_000,
+            max_votes: 4,
+            concurrency: 32,
+            ingest_nodes: 3,
+            workers: 2,
+            fault_rounds: 1,
+            poison: 10,
+            max_skew_ms: 10_000,
+            ack_wait: Duration::from_secs(3),
+            landslide: landslide.into(),
+        }
+    }
+}
+
+/// The servers and roles of one run; faults act on it.
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: Nats,
+    pub postgres: Postgres,
+    pub roles: Roles,
+}
+
+/// Runs a scenario and checks the outcome. `Err` only when the harness itself cannot run (a
+/// server that does not start); every finding about Landslide is in the report's failures.
+pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
+    let dir = tempfile::Builder::new()
+        .prefix("landslide-chaos-")
+        .tempdir()
+        .context("cannot create the run's folder")?;
+    let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
+    let skew = scenario.max_skew_ms;
+    // The first two nodes are the furthest apart the scenario allows; the others fall between.
+    let clock_offsets: Vec<i64> = (0..scenario.ingest_nodes)
+        .map(|i| match i {
+            0 => skew,
+            1 => -skew,
+            _ => rng.random_range(-skew..=skew),
+        })
+        .collect();
+    let plan = Plan::generate(
+        &mut rng,
+        scenario.voters,
+        scenario.max_votes,
+        scenario.ingest_nodes,
+    );
+    let schedule = faults::schedule(
+        &mut rng,
+        scenario.layout,
+        scenario.fault_rounds,
+        scenario.voters,
+    );
+    let poison = workload::poison(&mut rng, scenario.poison);
+    let secret: String = (0..48)
+        .map(|_| char::from(rng.random_range(b'a'..=b'z')))
+        .collect();
+
+    tracing::info!(seed = scenario.seed, layout = %scenario.layout, dir = %dir.path().display(), "starting the servers");
+    let nats = Nats::start(scenario.layout, dir.path()).await?;
+    let postgres = Postgres::start(dir.path()).await?;
+    let env = RoleEnv {
+        landslide: scenario.landslide.clone(),
+        nats_urls: nats.urls(),
+        replicas: scenario.layout.replicas(),
+        database_url: postgres.url("postgres"),
+        secret,
+        ack_wait: scenario.ack_wait,
+    };
+    let roles = Roles::start(&env, dir.path(), &clock_offsets, scenario.workers).await?;
+    let mut stack = Stack {
+        nats,
+        postgres,
+        roles,
+    };
+    let driver = Driver::new(
+        stack.roles.ingest.iter().map(|r| r.base_url()).collect(),
+        scenario.concurrency,
+    )?;
+
+    tracing::info!(
+        voters = scenario.voters,
+        faults = schedule.len(),
+        "starting the load"
+    );
+    let (allowed_tx, allowed_rx) = watch::channel(0);
+    let started = Instant::now();
+    let load = async {
+        let outcomes = driver.run(&plan, scenario.concurrency, allowed_rx).await;
+        (outcomes, started.elapsed())
+    };
+    let faults = run_faults(
+        &mut stack,
+        &schedule,
+        &driver.counters,
+        &allowed_tx,
+        scenario.voters,
+        started,
+    );
+    let injected = inject_poison(&env.nats_urls, &poison, &driver.counters, scenario);
+    let ((outcomes, load_time), fault_records, injected) = tokio::join!(load, faults, injected);
+    tracing::info!(
+        ?load_time,
+        "load finished; waiting for the workers to drain"
+    );
+
+    let mut report = Report::new(scenario, &plan, &driver.counters, load_time);
+    report.clock_offsets = clock_offsets;
+    report.faults = fault_records;
+    if let Err(e) = injected {
+        report.failures.push(format!("{e:#}"));
+    }
+    report.failures.extend(stack.roles.check_running());
+    if let Err(e) = stack.nats.check_running() {
+        report.failures.push(format!("{e:#}"));
+    }
+    check_outcome(&mut report, &stack, &env, &outcomes, &poison).await?;
+
+    if !report.passed() {
+        report.logs = Some(dir.keep());
+    }
+    Ok(report)
+}
+
+/// Injects each fault once the load reaches its point, and holds the load back from the next
+/// fault's point until this one is over, so that every fault happens under load.
+async fn run_faults(
+    stack: &mut Stack,
+    schedule: &[Fault],
+    counters: &Counters,
+    allowed: &watch::Sender<usize>,
+    voters: usize,
+    started: Instant,
+) -> Vec<FaultRecord> {
+    let mut records = Vec::new();
+    allowed.send_replace(schedule.first().map_or(voters, |f| f.at_voter));
+    for (j, fault) in schedule.iter().enumerate() {
+        while counters.voters_started.load(Ordering::Relaxed) < fault.at_voter {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        allowed.send_replace(schedule.get(j + 1).map_or(voters, |f| f.at_voter));
+        let at = started.elapsed();
+        tracing::info!(fault = fault.kind.label(), "injecting");
+        let result = faults::inject(stack, fault).await;
+        let mut record = FaultRecord {
+            kind: fault.kind,
+            at_voter: fault.at_voter,
+            started: at,
+            took: started.elapsed() - at,
+            detail: String::new(),
+            error: None,
+        };
+        match result {
+            Ok(detail) => record.detail = detail,
+            Err(e) => record.error = Some(format!("{e:#}")),
+        }
+        // A role that died of the fault without being its target is a finding too.
+        let crashed = stack.roles.check_running();
+        if !crashed.is_empty() && record.error.is_none() {
+            record.error = Some(crashed.join("; "));
+        }
+        tracing::info!(fault = fault.kind.label(), detail = %record.detail, error = ?record.error, "fault over");
+        records.push(record);
+    }
+    allowed.send_replace(voters);
+    records
+}
+
+/// Publishes the malformed messages straight into the stream, spread over the load, each
+/// retried with its own message id until JetStream stores it.
+async fn inject_poison(
+    nats_urls: &str,
+    poison: &[Vec<u8>],
+    counters: &Counters,
+    scenario: &Scenario,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::message::PublishMessage;
+    let client = landslide_nats::connect(nats_urls, "landslide-chaos-poison").await?;
+    let js = async_nats::jetstream::new(client);
+    let subject = format!(
+        "{}.chaos-injector",
+        landslide_nats::Topology::default().votes_prefix
+    );
+    for (i, payload) in poison.iter().enumerate() {
+        let at = (i + 1) * scenario.voters / (poison.len() + 1);
+        while counters.voters_started.load(Ordering::Relaxed) < at {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let id = format!("chaos-poison-{}-{i}", scenario.seed);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let message = PublishMessage::build()
+                .payload(payload.clone().into())
+                .message_id(&id);
+            let ack = async { js.send_publish(subject.clone(), message).await?.await };
+            match tokio::time::timeout(Duration::from_secs(3), ack).await {
+                Ok(Ok(_)) => break,
+                _ if Instant::now() > deadline => {
+                    anyhow::bail!("malformed message {i} could not be published within 180 s")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the drain, then fills in the report's figures and failures.
+async fn check_outcome(
+    report: &mut Report,
+    stack: &Stack,
+    env: &RoleEnv,
+    outcomes: &[workload::VoterOutcome],
+    poison: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    for outcome in outcomes {
+        for error in &outcome.errors {
+            report.voter_errors += 1;
+            if report.voter_errors <= 5 {
+                report.failures.push(format!("voter: {error}"));
+            }
+        }
+        report.ambiguous += usize::from(outcome.ambiguous);
+    }
+    match check::wait_drained(&env.nats_urls, Duration::from_secs(300)).await? {
+        Ok(drain) => report.drain_time = Some(drain),
+        Err(pending) => report.failures.push(format!(
+            "the workers did not drain the stream within 300 s: {pending} messages pending"
+        )),
+    }
+
+    let stored = check::read_database(&env.database_url).await?;
+    let verdict = check::compare(outcomes, &stored.ballots);
+    let mut counted = std::collections::BTreeMap::<String, i64>::new();
+    for ballot in &stored.ballots {
+        *counted.entry(ballot.choice.clone()).or_default() += 1;
+    }
+    let nonzero = |m: &std::collections::BTreeMap<String, i64>| {
+        m.iter()
+            .filter(|(_, n)| **n != 0)
+            .map(|(k, n)| (k.clone(), *n))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    report.tally_exact = nonzero(&stored.tallies) == counted;
+    if !report.tally_exact {
+        report.failures.push(format!(
+            "tallies {:?} differ from the ballots' count {counted:?}",
+            stored.tallies
+        ));
+    }
+    let results = check::settled_results(
+        &stack.roles.tally.base_url(),
+        &verdict.expected,
+        Duration::from_secs(30),
+    )
+    .await?;
+    report.results_match = nonzero(&results.counts) == verdict.expected && results.pending == 0;
+    if !report.results_match {
+        report.failures.push(format!(
+            "the results API shows {:?} with {} pending; the voters were told {:?}",
+            results.counts, results.pending, verdict.expected
+        ));
+    }
+    report.ballots = stored.ballots.len();
+    report.lost = verdict.lost;
+    report.doubled = verdict.doubled;
+    report.misordered = verdict.misordered;
+    report.phantom = verdict.phantom;
+    report.expected = verdict.expected;
+    report.failures.extend(verdict.examples);
+
+    let dead = check::dead_letters(&env.nats_urls).await?;
+    report.poison_injected = poison.len();
+    report.poison_dead_lettered = poison.iter().filter(|p| dead.contains(p)).count();
+    report.dead_letters = dead.len();
+    let unexpected = dead.iter().filter(|d| !poison.contains(d)).count();
+    if report.poison_dead_lettered != poison.len() || unexpected > 0 {
+        report.failures.push(format!(
+            "{} of {} malformed messages are in VOTES_DLQ, beside {unexpected} others",
+            report.poison_dead_lettered,
+            poison.len()
+        ));
+    }
+
+    let audit = tokio::process::Command::new(&env.landslide)
+        .args(["audit", "--wait-secs", "60"])
+        .env("NATS_URL", &env.nats_urls)
+        .env("DATABASE_URL", &env.database_url)
+        .env("LANDSLIDE_STREAM_REPLICAS", env.replicas.to_string())
+        .env(
+            "LANDSLIDE_ACK_WAIT_MS",
+            env.ack_wait.as_millis().to_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .context("cannot run landslide audit")?;
+    let text = String::from_utf8_lossy(&audit.stdout);
+    report.audit = text.lines().next().unwrap_or("(no output)").to_owned();
+    report.audit_passed = audit.status.success();
+    if !report.audit_passed {
+        report.failures.push(format!(
+            "landslide audit failed ({}):\n{text}{}",
+            audit.status,
+            String::from_utf8_lossy(&audit.stderr)
+        ));
+    }
+    for record in &report.faults {
+        if let Some(error) = &record.error {
+            report
+                .failures
+                .push(format!("fault {}: {error}", record.kind.label()));
+        }
+    }
+    Ok(())
+}

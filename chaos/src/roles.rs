@@ -1,0 +1,164 @@
+//! The Landslide roles, each a separate process of the real `landslide` binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::process::Process;
+use crate::servers::free_port;
+
+/// What every role is started with.
+#[derive(Debug, Clone)]
+pub struct RoleEnv {
+    pub landslide: PathBuf,
+    pub nats_urls: String,
+    pub replicas: usize,
+    pub database_url: String,
+    pub secret: String,
+    pub ack_wait: Duration,
+}
+
+impl RoleEnv {
+    /// A `landslide <role>` process with the shared settings.
+    fn process(&self, name: &str, role: &str, dir: &Path) -> Process {
+        Process::new(name, &self.landslide, dir.join(format!("{name}.log")))
+            .arg(role)
+            .env("NATS_URL", &self.nats_urls)
+            .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
+            .env("LANDSLIDE_ACK_WAIT_MS", self.ack_wait.as_millis())
+            .env("DATABASE_URL", &self.database_url)
+            .env("RUST_LOG", "info,async_nats=warn")
+            // Results and pending counts refresh quickly, so that the harness sees the end soon.
+            .env("LANDSLIDE_REFRESH_MS", 200)
+    }
+}
+
+/// A role process and where it answers health checks.
+#[derive(Debug)]
+pub struct Role {
+    pub process: Process,
+    /// The HTTP address of an ingest node or tally, the metrics address of a worker.
+    pub addr: SocketAddr,
+    health_path: &'static str,
+}
+
+impl Role {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the process and waits until its health check answers 200.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        self.process.start()?;
+        self.wait_healthy().await
+    }
+
+    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let url = format!("{}{}", self.base_url(), self.health_path);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.process.check_running()?;
+            if let Ok(response) = client
+                .get(&url)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not become healthy within 60 s", self.process.name());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Every role of one deployment.
+#[derive(Debug)]
+pub struct Roles {
+    pub ingest: Vec<Role>,
+    pub workers: Vec<Role>,
+    pub tally: Role,
+    /// Each ingest node's clock offset, in milliseconds.
+    pub clock_offsets: Vec<i64>,
+}
+
+impl Roles {
+    /// Starts a worker first (it creates the streams and the consumer), then everything else.
+    pub async fn start(
+        env: &RoleEnv,
+        dir: &Path,
+        clock_offsets: &[i64],
+        workers: usize,
+    ) -> anyhow::Result<Self> {
+        let mut worker_roles = Vec::new();
+        for i in 0..workers {
+            let addr = loopback()?;
+            let process = env
+                .process(&format!("worker{}", i + 1), "dedup-worker", dir)
+                .env("LANDSLIDE_METRICS_LISTEN", addr);
+            let mut role = Role {
+                process,
+                addr,
+                health_path: "/healthz",
+            };
+            role.start().await?;
+            worker_roles.push(role);
+        }
+        let mut ingest = Vec::new();
+        for (i, offset) in clock_offsets.iter().enumerate() {
+            let addr = loopback()?;
+            let name = format!("web{}", i + 1);
+            let process = env
+                .process(&name, "ingest", dir)
+                .env("LANDSLIDE_NODE_ID", &name)
+                .env("LANDSLIDE_LISTEN", addr)
+                .env("LANDSLIDE_SECRET", &env.secret)
+                .env("LANDSLIDE_CLOCK_OFFSET_MS", offset)
+                // Half the default: outages turn into 503s (and their ambiguous publishes) sooner.
+                .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000);
+            let mut role = Role {
+                process,
+                addr,
+                health_path: "/readyz",
+            };
+            role.start().await?;
+            ingest.push(role);
+        }
+        let addr = loopback()?;
+        let mut tally = Role {
+            process: env
+                .process("tally", "tally", dir)
+                .env("LANDSLIDE_LISTEN", addr),
+            addr,
+            health_path: "/readyz",
+        };
+        tally.start().await?;
+        Ok(Self {
+            ingest,
+            workers: worker_roles,
+            tally,
+            clock_offsets: clock_offsets.to_vec(),
+        })
+    }
+
+    /// `Err` naming every role that is not running (one that exited on its own is a finding).
+    pub fn check_running(&mut self) -> Vec<String> {
+        self.ingest
+            .iter_mut()
+            .chain(self.workers.iter_mut())
+            .chain(std::iter::once(&mut self.tally))
+            .filter_map(|role| role.process.check_running().err())
+            .map(|e| format!("{e:#}"))
+            .collect()
+    }
+}
+
+fn loopback() -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}
