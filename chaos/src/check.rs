@@ -155,17 +155,34 @@ pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
     verdict
 }
 
-/// Waits until the consumer has nothing pending or unacked; returns how long that took.
+/// How waiting for the workers to drain the stream ended.
+#[derive(Debug)]
+pub enum Drain {
+    /// Nothing pending or unacknowledged, after this long.
+    Done(Duration),
+    /// Still this many messages pending at the timeout.
+    Pending(u64),
+    /// A role exited on its own while we waited.
+    RoleDied(Vec<String>),
+}
+
+/// Waits until the consumer has nothing pending or unacked, checking with `dead_roles` that no
+/// role has died meanwhile (a dead worker would make the wait pointless).
 pub async fn wait_drained(
     nats_urls: &str,
     timeout: Duration,
-) -> anyhow::Result<Result<Duration, u64>> {
+    mut dead_roles: impl FnMut() -> Vec<String>,
+) -> anyhow::Result<Drain> {
     let client = landslide_nats::connect(nats_urls, "landslide-chaos-drain").await?;
     let js = async_nats::jetstream::new(client);
     let topology = landslide_nats::Topology::default();
     let started = Instant::now();
     let mut last_pending = u64::MAX;
     while started.elapsed() < timeout {
+        let dead = dead_roles();
+        if !dead.is_empty() {
+            return Ok(Drain::RoleDied(dead));
+        }
         let info = async {
             let stream = js.get_stream_no_info(&topology.votes_stream).await.ok()?;
             stream.consumer_info(&topology.consumer).await.ok()
@@ -173,12 +190,12 @@ pub async fn wait_drained(
         if let Some(info) = info.await {
             last_pending = info.num_pending + info.num_ack_pending as u64;
             if last_pending == 0 {
-                return Ok(Ok(started.elapsed()));
+                return Ok(Drain::Done(started.elapsed()));
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(Err(last_pending))
+    Ok(Drain::Pending(last_pending))
 }
 
 /// The dead-letter stream's payloads.

@@ -35,6 +35,9 @@ use roles::{RoleEnv, Roles};
 use servers::{Nats, Postgres};
 use workload::{Counters, Driver, Plan};
 
+/// How long the workers may take to drain the stream after the load.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// One run of the harness.
 #[derive(Debug, Clone)]
 pub struct Scenario {
@@ -179,6 +182,17 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     if let Err(e) = stack.nats.check_running() {
         report.failures.push(format!("{e:#}"));
     }
+    let drain = check::wait_drained(&env.nats_urls, DRAIN_TIMEOUT, || {
+        stack.roles.check_running()
+    });
+    match drain.await? {
+        check::Drain::Done(took) => report.drain_time = Some(took),
+        check::Drain::Pending(pending) => report.failures.push(format!(
+            "the workers did not drain the stream within {}s: {pending} messages pending",
+            DRAIN_TIMEOUT.as_secs()
+        )),
+        check::Drain::RoleDied(dead) => report.failures.extend(dead),
+    }
     check_outcome(&mut report, &stack, &env, &outcomes, &poison).await?;
 
     if !report.passed() {
@@ -270,7 +284,7 @@ async fn inject_poison(
     Ok(())
 }
 
-/// Waits for the drain, then fills in the report's figures and failures.
+/// Fills in the report's figures and failures once the stream is drained.
 async fn check_outcome(
     report: &mut Report,
     stack: &Stack,
@@ -287,13 +301,6 @@ async fn check_outcome(
         }
         report.ambiguous += usize::from(outcome.ambiguous);
     }
-    match check::wait_drained(&env.nats_urls, Duration::from_secs(300)).await? {
-        Ok(drain) => report.drain_time = Some(drain),
-        Err(pending) => report.failures.push(format!(
-            "the workers did not drain the stream within 300 s: {pending} messages pending"
-        )),
-    }
-
     let stored = check::read_database(&env.database_url).await?;
     let verdict = check::compare(outcomes, &stored.ballots);
     let mut counted = std::collections::BTreeMap::<String, i64>::new();

@@ -23,6 +23,7 @@ pub struct Report {
     pub accepted_after_refusal: u64,
     pub unanswered: u64,
     pub unanswered_sent: u64,
+    pub unanswered_samples: Vec<String>,
     /// Voters with a keyless vote that went unanswered after it may have been sent.
     pub ambiguous: usize,
     pub voter_errors: usize,
@@ -63,6 +64,11 @@ impl Report {
             accepted_after_refusal: get(&counters.accepted_after_refusal),
             unanswered: get(&counters.unanswered),
             unanswered_sent: get(&counters.unanswered_sent),
+            unanswered_samples: counters
+                .unanswered_samples
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
             ambiguous: 0,
             voter_errors: 0,
             clock_offsets: Vec::new(),
@@ -121,6 +127,9 @@ impl Report {
                     .map(|e| format!(" ERROR: {e}"))
                     .unwrap_or_default()
             );
+        }
+        for sample in &self.unanswered_samples {
+            let _ = writeln!(out, "  unanswered, maybe sent: {sample}");
         }
         if !self.passed() {
             let _ = writeln!(out, "FAILED; replay with --seed {}:", self.seed);
@@ -237,7 +246,10 @@ pub fn table(reports: &[Report]) -> String {
         ("load time".into(), Box::new(move |r| secs(r.load_time))),
         (
             "accepted votes/s".into(),
-            Box::new(|r| Cell::Count((r.accepted as f64 / r.load_time.as_secs_f64()) as u64)),
+            Box::new(|r| {
+                let rate = r.accepted as f64 / r.load_time.as_secs_f64();
+                Cell::Text(format!("{rate:.0}"))
+            }),
         ),
         (
             "last vote → drained".into(),
@@ -246,7 +258,15 @@ pub fn table(reports: &[Report]) -> String {
                 None => Cell::Text("NOT DRAINED".into()),
             }),
         ),
-        ("audit".into(), Box::new(|r| Cell::Text(r.audit.clone()))),
+        (
+            "landslide audit".into(),
+            Box::new(|r| {
+                // "audit: CONSISTENT: the database holds…" → "CONSISTENT, exit 0".
+                let verdict = r.audit.trim_start_matches("audit: ").split(':').next();
+                let code = if r.audit_passed { 0 } else { 1 };
+                Cell::Text(format!("{}, exit {code}", verdict.unwrap_or("?")))
+            }),
+        ),
         (
             "verdict".into(),
             Box::new(|r| Cell::Text(if r.passed() { "PASS" } else { "FAIL" }.into())),

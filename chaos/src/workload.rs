@@ -119,6 +119,8 @@ pub struct Counters {
     pub unanswered: AtomicU64,
     /// Unanswered attempts that may have reached ingest (not a refused connection).
     pub unanswered_sent: AtomicU64,
+    /// The first few errors of unanswered attempts that may have been sent, for the report.
+    pub unanswered_samples: std::sync::Mutex<Vec<String>>,
 }
 
 impl Counters {
@@ -272,6 +274,11 @@ impl Driver {
                         self.counters
                             .unanswered_sent
                             .fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut samples) = self.counters.unanswered_samples.lock()
+                            && samples.len() < 3
+                        {
+                            samples.push(error.clone());
+                        }
                     }
                     if maybe_sent && vote.key.is_none() {
                         outcome.ambiguous = true;
@@ -316,7 +323,7 @@ impl Driver {
             Err(error) => {
                 return Attempt::Unanswered {
                     maybe_sent: !error.is_connect(),
-                    error: error.to_string(),
+                    error: error_chain(&error),
                 };
             }
         };
@@ -346,7 +353,7 @@ impl Driver {
             Err(error) => {
                 return Attempt::Unanswered {
                     maybe_sent: true,
-                    error: error.to_string(),
+                    error: error_chain(&error),
                 };
             }
         };
@@ -376,6 +383,18 @@ impl Driver {
             },
         }
     }
+}
+
+/// An error with its sources: reqwest's own message rarely says what happened on the wire.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The value of the voter cookie that a response sets, if any.

@@ -99,7 +99,10 @@ pub async fn run(
     landslide_schema::postgres::migrate(config.database_url.expose()).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;
     let js = jetstream::new(client.clone());
-    let consumer = landslide_nats::ensure_consumer(&js, &config.topology).await?;
+    let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {
+        landslide_nats::ensure_consumer(&js, &config.topology)
+    })
+    .await?;
     tracing::info!(
         consumer = %config.topology.consumer,
         stream = %config.topology.votes_stream,

@@ -94,7 +94,10 @@ pub async fn run(
     )
     .await?;
     let js = publish::jetstream_context(client.clone(), &config);
-    landslide_nats::ensure_votes_stream(&js, &config.topology).await?;
+    landslide_nats::retry_startup("ensure the votes stream", || {
+        landslide_nats::ensure_votes_stream(&js, &config.topology)
+    })
+    .await?;
     let state = http::AppState::new(&config, client.clone(), js);
     let app = http::router(state);
     tracing::info!(

@@ -292,6 +292,44 @@ pub async fn ensure_consumer(
         .map_err(|e| anyhow::anyhow!("cannot open consumer {name}: {e}"))
 }
 
+/// How long [`retry_startup`] keeps trying before it gives up.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs `step` (ensuring the streams and the consumer, say) until it succeeds, for up to
+/// [`STARTUP_PATIENCE`]. While a cluster elects leaders or lacks quorum, JetStream answers
+/// "temporarily unavailable" or not at all for a few seconds; a role that exited then would turn
+/// a short outage into a crash loop. An [`Incompatible`] definition is permanent: it is returned at
+/// once. Each failure is logged, and the pause between tries grows to 5 s.
+pub async fn retry_startup<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(err) if err.downcast_ref::<Incompatible>().is_some() => return Err(err),
+            Err(err) if tokio::time::Instant::now() + pause > deadline => {
+                return Err(err.context(format!(
+                    "gave up trying to {what} after {}s",
+                    STARTUP_PATIENCE.as_secs()
+                )));
+            }
+            Err(err) => {
+                tracing::warn!(
+                    error = %format!("{err:#}"),
+                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                    "cannot {what} yet; retrying"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Parses `NATS_URL`: one URL or several separated by commas (a cluster).
 pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
     let addrs = urls

@@ -74,7 +74,10 @@ pub async fn run(
     let client = landslide_nats::connect(&config.nats_url, "landslide-tally").await?;
     let js = async_nats::jetstream::new(client);
     // Ensured rather than looked up: without the consumer, `pending` would mean nothing.
-    let consumer = landslide_nats::ensure_consumer(&js, &config.topology).await?;
+    let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {
+        landslide_nats::ensure_consumer(&js, &config.topology)
+    })
+    .await?;
 
     let polls = Arc::new(config.polls);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

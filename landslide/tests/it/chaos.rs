@@ -4,8 +4,16 @@
 //!
 //! `LANDSLIDE_SEED=<n>` replays a seed's schedule in every test here.
 
+use std::time::Duration;
+
 use landslide_chaos::faults::FaultKind;
+use landslide_chaos::servers::Nats;
 use landslide_chaos::{NatsLayout, Scenario};
+use landslide_nats::Topology;
+use landslide_schema::{Choice, EventId, NodeId, PollId, Timestamp, VoteEvent, VoterId};
+use uuid::Uuid;
+
+use crate::support::{self, Db};
 
 async fn run(layout: NatsLayout, default_seed: u64) {
     let seed = std::env::var("LANDSLIDE_SEED")
@@ -51,4 +59,66 @@ async fn a_fresh_seed_loses_doubles_and_misorders_no_vote() {
         NatsLayout::Cluster
     };
     run(layout, seed).await;
+}
+
+/// Found by the harness (seed 20261124, cluster): a worker restarted while the cluster was still
+/// electing leaders exited at once on "JetStream system temporarily unavailable", and with both
+/// workers gone nothing drained. A role now waits for JetStream at startup.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_started_without_quorum_waits_for_it_then_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(NatsLayout::Cluster, dir.path()).await.unwrap();
+    let db = Db::create().await;
+    let topology = Topology {
+        replicas: 3,
+        ..Topology::default()
+    };
+    let client = landslide_nats::connect(&nats.urls(), "test").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    landslide_nats::ensure_consumer(&js, &topology)
+        .await
+        .unwrap();
+
+    // Two of three nodes gone: the last one answers, but JetStream is unavailable there.
+    nats.kill(1).await.unwrap();
+    nats.kill(2).await.unwrap();
+    let worker = support::worker_with(&nats.url(0), &db.url, |c| c.topology = topology.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if worker.is_finished() {
+        panic!(
+            "the worker gave up while the cluster had no quorum: {:?}",
+            worker.join().await
+        );
+    }
+
+    nats.restart(1).await.unwrap();
+    nats.restart(2).await.unwrap();
+    let voter = Uuid::new_v4();
+    let event = VoteEvent {
+        event_id: EventId(Uuid::new_v4()),
+        poll: PollId::parse("pets").unwrap(),
+        voter: VoterId(voter),
+        choice: Choice::parse("dogs").unwrap(),
+        ts: Timestamp::from_millis(1_000),
+        node: NodeId::parse("web1").unwrap(),
+    };
+    support::wait_for("the vote to be stored", Duration::from_secs(30), || {
+        let js = js.clone();
+        let payload = event.encode();
+        async move {
+            js.publish("votes.web1", payload.into())
+                .await
+                .ok()?
+                .await
+                .ok()
+                .map(drop)
+        }
+    })
+    .await;
+    let ballot = support::wait_for("the ballot", Duration::from_secs(60), || {
+        db.ballot("pets", voter)
+    })
+    .await;
+    assert_eq!(ballot.0, "dogs");
+    worker.stop().await;
 }

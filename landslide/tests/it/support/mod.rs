@@ -291,6 +291,11 @@ impl Role {
             .expect("role task did not panic")
     }
 
+    /// Whether the role has ended (by itself: nothing asked it to stop).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
     /// Aborts the task: no shutdown path runs, as if the process were killed.
     pub fn abort(self) {
         self.handle.abort();
