@@ -62,24 +62,42 @@ impl VoterCookie {
     }
 
     /// Parses cookie text; `None` for anything that is not exactly what [`format`](Self::format)
-    /// writes (another version, a bad id, too many polls).
+    /// writes (another version, a bad id, too many polls, another spelling of the same cookie), so
+    /// that `format(parse(text)) == text`.
     pub fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split('.');
         if parts.next()? != VERSION {
             return None;
         }
+        // `Uuid::simple` and `u64` formatting: lower-case hex, digits without a sign or zero pad.
         let voter = parts.next()?;
-        if voter.len() != 32 {
+        if voter.len() != 32
+            || !voter
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return None;
         }
         let voter = VoterId(Uuid::try_parse(voter).ok()?);
-        let last_ts = Timestamp(parts.next()?.parse().ok()?);
+        let ts = parts.next()?;
+        if !ts.bytes().all(|b| b.is_ascii_digit()) || (ts.len() > 1 && ts.starts_with('0')) {
+            return None;
+        }
+        let last_ts = Timestamp(ts.parse().ok()?);
         let mut choices = BTreeMap::new();
         for part in parts {
             let (poll, choice) = part.split_once('~')?;
             let poll = PollId::parse(poll).ok()?;
             let choice = Choice::parse(choice).ok()?;
-            if choices.insert(poll, choice).is_some() || choices.len() > MAX_POLLS {
+            // `format` writes the polls in order, each once.
+            if choices
+                .last_key_value()
+                .is_some_and(|(last, _)| *last >= poll)
+            {
+                return None;
+            }
+            choices.insert(poll, choice);
+            if choices.len() > MAX_POLLS {
                 return None;
             }
         }
@@ -144,6 +162,11 @@ mod tests {
             "1.0000000000000000000000000000002a.99.pets",
             "1.0000000000000000000000000000002a.99.pets~ca ts",
             "1.0000000000000000000000000000002a.99.pets~cats.pets~dogs",
+            // Other spellings of a valid cookie (found by the cookie_parse fuzz target).
+            "1.0000000000000000000000000000002A.99",
+            "1.0000000000000000000000000000002a.099",
+            "1.0000000000000000000000000000002a.+99",
+            "1.0000000000000000000000000000002a.99.pets~cats.lunch~pizza",
         ] {
             assert_eq!(VoterCookie::parse(bad), None, "{bad:?} parsed");
         }
