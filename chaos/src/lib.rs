@@ -90,6 +90,49 @@ pub struct Stack {
     pub roles: Roles,
 }
 
+/// What [`Stack::start`] starts.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    pub layout: NatsLayout,
+    /// The `landslide` binary.
+    pub landslide: PathBuf,
+    /// The cookie secret of every ingest node (at least 32 bytes).
+    pub secret: String,
+    /// The consumer's ack_wait.
+    pub ack_wait: Duration,
+    /// One ingest node per entry, with this clock offset in milliseconds.
+    pub clock_offsets: Vec<i64>,
+    pub workers: usize,
+    /// Where the servers keep their data and every process its log.
+    pub dir: PathBuf,
+}
+
+impl Stack {
+    /// Starts the servers, then the roles: a whole deployment on this machine. The load tests
+    /// and benchmarks stand on this too. Returns the settings the roles were started with.
+    pub async fn start(config: &StackConfig) -> anyhow::Result<(Self, RoleEnv)> {
+        let nats = Nats::start(config.layout, &config.dir).await?;
+        let postgres = Postgres::start(&config.dir).await?;
+        let env = RoleEnv {
+            landslide: config.landslide.clone(),
+            nats_urls: nats.urls(),
+            replicas: config.layout.replicas(),
+            database_url: postgres.url("postgres"),
+            secret: config.secret.clone(),
+            ack_wait: config.ack_wait,
+        };
+        let roles = Roles::start(&env, &config.dir, &config.clock_offsets, config.workers).await?;
+        Ok((
+            Self {
+                nats,
+                postgres,
+                roles,
+            },
+            env,
+        ))
+    }
+}
+
 /// Runs a scenario and checks the outcome. `Err` only when the harness itself cannot run (a
 /// server that does not start); every finding about Landslide is in the report's failures.
 pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
@@ -125,22 +168,16 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         .collect();
 
     tracing::info!(seed = scenario.seed, layout = %scenario.layout, dir = %dir.path().display(), "starting the servers");
-    let nats = Nats::start(scenario.layout, dir.path()).await?;
-    let postgres = Postgres::start(dir.path()).await?;
-    let env = RoleEnv {
+    let (mut stack, env) = Stack::start(&StackConfig {
+        layout: scenario.layout,
         landslide: scenario.landslide.clone(),
-        nats_urls: nats.urls(),
-        replicas: scenario.layout.replicas(),
-        database_url: postgres.url("postgres"),
         secret,
         ack_wait: scenario.ack_wait,
-    };
-    let roles = Roles::start(&env, dir.path(), &clock_offsets, scenario.workers).await?;
-    let mut stack = Stack {
-        nats,
-        postgres,
-        roles,
-    };
+        clock_offsets: clock_offsets.clone(),
+        workers: scenario.workers,
+        dir: dir.path().to_path_buf(),
+    })
+    .await?;
     let driver = Driver::new(
         stack.roles.ingest.iter().map(|r| r.base_url()).collect(),
         scenario.concurrency,
