@@ -1,0 +1,3 @@
+//! `landslide-goose`: a goose load test of the voting path that checks the tally afterwards.
+
+fn main() {}
