@@ -46,6 +46,11 @@ impl Process {
         self
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

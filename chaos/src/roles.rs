@@ -98,17 +98,7 @@ impl Roles {
     ) -> anyhow::Result<Self> {
         let mut worker_roles = Vec::new();
         for i in 0..workers {
-            let addr = loopback()?;
-            let process = env
-                .process(&format!("worker{}", i + 1), "dedup-worker", dir)
-                .env("LANDSLIDE_METRICS_LISTEN", addr);
-            let mut role = Role {
-                process,
-                addr,
-                health_path: "/healthz",
-            };
-            role.start().await?;
-            worker_roles.push(role);
+            worker_roles.push(Self::start_worker(env, dir, i + 1).await?);
         }
         let mut ingest = Vec::new();
         for (i, offset) in clock_offsets.iter().enumerate() {
@@ -145,6 +135,21 @@ impl Roles {
             tally,
             clock_offsets: clock_offsets.to_vec(),
         })
+    }
+
+    /// Starts dedup-worker number `n` (its name and log are `worker<n>`).
+    pub async fn start_worker(env: &RoleEnv, dir: &Path, n: usize) -> anyhow::Result<Role> {
+        let addr = loopback()?;
+        let process = env
+            .process(&format!("worker{n}"), "dedup-worker", dir)
+            .env("LANDSLIDE_METRICS_LISTEN", addr);
+        let mut role = Role {
+            process,
+            addr,
+            health_path: "/healthz",
+        };
+        role.start().await?;
+        Ok(role)
     }
 
     /// `Err` naming every role that is not running (one that exited on its own is a finding).

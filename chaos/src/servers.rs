@@ -122,6 +122,9 @@ impl Nats {
         for i in 0..nats.nodes.len() {
             nats.wait_ready(i).await?;
         }
+        if layout == NatsLayout::Cluster {
+            nats.wait_for_placement().await?;
+        }
         Ok(nats)
     }
 
@@ -141,6 +144,11 @@ impl Nats {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].process.pid()
     }
 
     pub fn name(&self, node: usize) -> &str {
@@ -181,6 +189,33 @@ impl Nats {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until an R3 stream can be placed: every node answering is not enough, the meta
+    /// leader must know all three peers ("no suitable peers for placement" until then).
+    async fn wait_for_placement(&self) -> anyhow::Result<()> {
+        let client = landslide_nats::connect(&self.urls(), "landslide-chaos-probe").await?;
+        let config = r#"{"name":"CHAOS_PROBE","subjects":["chaos.probe"],"num_replicas":3,"storage":"memory"}"#;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = client
+                .request("$JS.API.STREAM.CREATE.CHAOS_PROBE", config.into())
+                .await;
+            let created = reply.ok().and_then(|r| {
+                let answer: serde_json::Value = serde_json::from_slice(&r.payload).ok()?;
+                answer.get("error").is_none().then_some(())
+            });
+            if created.is_some() {
+                let _ = client
+                    .request("$JS.API.STREAM.DELETE.CHAOS_PROBE", "".into())
+                    .await;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster could not place an R3 stream within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -94,9 +94,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Install the metrics recorder before the first batch is counted.
     landslide_telemetry::prometheus();
-    // Connect first: its error names DATABASE_URL, where a migration failure would not.
-    let db = connect_db(config.database_url.expose()).await?;
-    landslide_schema::postgres::migrate(config.database_url.expose()).await?;
+    // Connect first: its error names DATABASE_URL, where a migration failure would not. A
+    // database that is restarting ("the database system is shutting down", found by the
+    // reliability harness) is waited for, like JetStream below, rather than exited on.
+    let url = config.database_url.expose();
+    let db = landslide_nats::retry_startup("connect to PostgreSQL", || async {
+        let db = connect_db(url).await?;
+        landslide_schema::postgres::migrate(url).await?;
+        Ok(db)
+    })
+    .await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;
     let js = jetstream::new(client.clone());
     let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {

@@ -122,3 +122,71 @@ async fn a_worker_started_without_quorum_waits_for_it_then_drains() {
     assert_eq!(ballot.0, "dogs");
     worker.stop().await;
 }
+
+/// Found by the harness (a fresh seed in CI): a worker that started just as PostgreSQL was shut
+/// down exited on "the database system is shutting down". It now waits for the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
+    use diesel::sql_types::Text;
+    use diesel_async::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        choice: String,
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut postgres = landslide_chaos::servers::Postgres::start(dir.path())
+        .await
+        .unwrap();
+    postgres
+        .stop(landslide_chaos::servers::PgStop::Fast)
+        .await
+        .unwrap();
+    let nats = support::Nats::start().await;
+    let url = postgres.url("postgres");
+    let worker = support::worker_with(&nats.url, &url, |_| {});
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if worker.is_finished() {
+        panic!(
+            "the worker gave up while PostgreSQL was down: {:?}",
+            worker.join().await
+        );
+    }
+    postgres.start_server().await.unwrap();
+
+    let voter = Uuid::new_v4();
+    let event = VoteEvent {
+        event_id: EventId(Uuid::new_v4()),
+        poll: PollId::parse("pets").unwrap(),
+        voter: VoterId(voter),
+        choice: Choice::parse("cats").unwrap(),
+        ts: Timestamp::from_millis(1_000),
+        node: NodeId::parse("web1").unwrap(),
+    };
+    let js = async_nats::jetstream::new(nats.client().await);
+    landslide_nats::ensure_votes_stream(&js, &Topology::default())
+        .await
+        .unwrap();
+    js.publish("votes.web1", event.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let choice = support::wait_for("the ballot", Duration::from_secs(60), || {
+        let url = url.clone();
+        async move {
+            let mut conn = landslide_schema::postgres::connect(&url).await.ok()?;
+            let rows: Vec<Row> =
+                diesel::sql_query("SELECT choice FROM ballots WHERE voter = $1::uuid")
+                    .bind::<Text, _>(voter.to_string())
+                    .load(&mut conn)
+                    .await
+                    .ok()?;
+            rows.into_iter().next().map(|r| r.choice)
+        }
+    })
+    .await;
+    assert_eq!(choice, "cats");
+    worker.stop().await;
+}
