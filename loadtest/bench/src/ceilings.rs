@@ -1,0 +1,172 @@
+//! The ceilings: what each stage's unavoidable work costs when done by the plainest code, on the
+//! same machine in the same run, with the same event bytes.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream};
+use diesel_async::RunQueryDsl as _;
+use futures::StreamExt as _;
+use landslide_schema::{Choice, EventId, NodeId, PollId, Timestamp, VoteEvent, VoterId};
+use uuid::Uuid;
+
+use crate::procs::{CpuMeter, Group};
+
+/// A measured rate and the CPU seconds each process group spent per operation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Measured {
+    pub ops: u64,
+    pub seconds: f64,
+    pub rate: f64,
+    /// CPU microseconds per operation, by process group.
+    pub cpu_us_per_op: Vec<(String, f64)>,
+}
+
+impl Measured {
+    pub fn new(ops: u64, elapsed: Duration, cpu: Vec<(String, f64)>) -> Self {
+        let seconds = elapsed.as_secs_f64();
+        Self {
+            ops,
+            seconds,
+            rate: ops as f64 / seconds,
+            cpu_us_per_op: cpu
+                .into_iter()
+                .map(|(name, secs)| (name, secs * 1e6 / ops.max(1) as f64))
+                .collect(),
+        }
+    }
+
+    pub fn cpu_us(&self, group: &str) -> f64 {
+        self.cpu_us_per_op
+            .iter()
+            .filter(|(name, _)| name == group)
+            .map(|(_, us)| us)
+            .sum()
+    }
+
+    pub fn total_cpu_us(&self) -> f64 {
+        self.cpu_us_per_op.iter().map(|(_, us)| us).sum()
+    }
+}
+
+/// `n` events of distinct voters, sorted by voter (as a worker's batch is), in the wire format.
+pub fn events(n: usize, seed: u64) -> anyhow::Result<Vec<VoteEvent>> {
+    let poll = PollId::parse("pets")?;
+    let node = NodeId::parse("bench")?;
+    let choices = [Choice::parse("cats")?, Choice::parse("dogs")?];
+    Ok((0..n as u128)
+        .map(|i| VoteEvent {
+            event_id: EventId(Uuid::from_u128(u128::from(seed) << 64 | i)),
+            poll: poll.clone(),
+            voter: VoterId(Uuid::from_u128(u128::from(seed) << 64 | i)),
+            choice: choices[(i % 2) as usize].clone(),
+            ts: Timestamp::from_millis(1_800_000_000_000 + i as u64),
+            node: node.clone(),
+        })
+        .collect())
+}
+
+/// Publishes every event with its message id, keeping up to `in_flight` acks outstanding.
+pub async fn publish_all(
+    js: &jetstream::Context,
+    subject: &str,
+    events: &[VoteEvent],
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::message::PublishMessage;
+    let mut pending = VecDeque::with_capacity(in_flight);
+    for event in events {
+        if pending.len() >= in_flight
+            && let Some(ack) = pending.pop_front()
+        {
+            let ack: jetstream::context::PublishAckFuture = ack;
+            ack.await?;
+        }
+        let message = PublishMessage::build()
+            .payload(event.encode().into())
+            .message_id(event.event_id.to_string());
+        pending.push_back(js.send_publish(subject.to_owned(), message).await?);
+    }
+    for ack in pending {
+        ack.await?;
+    }
+    Ok(())
+}
+
+/// Raw publish into a fresh file-backed stream, ~1000 acks in flight; then raw fetch-and-ack of
+/// the same messages by a durable pull consumer with explicit acks.
+pub async fn publish_and_fetch(
+    js: &jetstream::Context,
+    nats: &Group,
+    events: &[VoteEvent],
+) -> anyhow::Result<(Measured, Measured)> {
+    let stream = js
+        .create_stream(stream::Config {
+            name: "BENCH_RAW".into(),
+            subjects: vec!["bench.raw".into()],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .context("cannot create the BENCH_RAW stream")?;
+    let meter = CpuMeter::start(vec![("bench", Group::me()), ("nats-server", nats.clone())]);
+    let started = Instant::now();
+    publish_all(js, "bench.raw", events, 1000).await?;
+    let publish = Measured::new(events.len() as u64, started.elapsed(), meter.stop());
+
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench-raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    let meter = CpuMeter::start(vec![("bench", Group::me()), ("nats-server", nats.clone())]);
+    let started = Instant::now();
+    let mut received = 0;
+    while received < events.len() {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await?;
+        while let Some(message) = batch.next().await {
+            message
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            received += 1;
+        }
+    }
+    let fetch = Measured::new(received as u64, started.elapsed(), meter.stop());
+    js.delete_stream("BENCH_RAW").await?;
+    Ok((publish, fetch))
+}
+
+/// The worker's job in plain SQL: batches of 1000 distinct, sorted events, one statement each
+/// (the worker's own unnest upsert with the exact tally), each its own commit.
+pub async fn sql(
+    database_url: &str,
+    postgres: &Group,
+    events: &[VoteEvent],
+) -> anyhow::Result<Measured> {
+    let mut conn = landslide_schema::postgres::connect(database_url).await?;
+    let meter = CpuMeter::start(vec![("bench", Group::me()), ("postgres", postgres.clone())]);
+    let started = Instant::now();
+    for batch in events.chunks(1000) {
+        landslide_dedup_worker::UpsertBatch::new(batch.iter(), 0)
+            .execute(&mut conn)
+            .await
+            .context("the upsert failed")?;
+    }
+    Ok(Measured::new(
+        events.len() as u64,
+        started.elapsed(),
+        meter.stop(),
+    ))
+}

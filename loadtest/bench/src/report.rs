@@ -1,0 +1,202 @@
+//! The table of figures against ceilings, and the latency chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::Figures;
+
+/// CPU microseconds per vote of the pipeline, summed over its processes, and the same for the
+/// ceilings' unavoidable work.
+pub fn cpu_per_vote(f: &Figures) -> (f64, f64) {
+    let system =
+        f.ingest.cpu_us("ingest") + f.ingest.cpu_us("nats-server") + f.drain_one.total_cpu_us();
+    let ceilings = f.null_http.cpu_us("null server")
+        + f.raw_publish.total_cpu_us()
+        + f.raw_fetch_ack.total_cpu_us()
+        + f.raw_sql.total_cpu_us();
+    (system, ceilings)
+}
+
+pub fn table(f: &Figures) -> String {
+    let mut out = String::new();
+    let mb = |bytes: u64| bytes as f64 / 1_048_576.0;
+    let _ = writeln!(out, "| figure | measured | ceiling | ratio | target |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---|");
+    let mut row = |name: &str, value: f64, ceiling: Option<f64>, target: &str, unit: &str| {
+        let (ceiling_text, ratio) = match ceiling {
+            Some(c) => (format!("{c:.0} {unit}"), format!("{:.2}", value / c)),
+            None => (String::new(), String::new()),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {value:.0} {unit} | {ceiling_text} | {ratio} | {target} |"
+        );
+    };
+    row(
+        "ingest, one node at saturation (durable votes/s) vs raw publish",
+        f.ingest.rate,
+        Some(f.raw_publish.rate),
+        "≥ 0.45",
+        "/s",
+    );
+    row(
+        "one worker's drain rate vs raw SQL",
+        f.drain_one.rate,
+        Some(f.raw_sql.rate),
+        "≥ 0.6",
+        "/s",
+    );
+    row(
+        "two workers' drain rate vs raw SQL",
+        f.drain_two.rate,
+        Some(f.raw_sql.rate),
+        "",
+        "/s",
+    );
+    row(
+        "HTTP ceiling: null handler",
+        f.null_http.rate,
+        None,
+        "",
+        "/s",
+    );
+    row(
+        "raw fetch-and-ack ceiling",
+        f.raw_fetch_ack.rate,
+        None,
+        "",
+        "/s",
+    );
+    let (system, ceilings) = cpu_per_vote(f);
+    row(
+        "CPU per vote, ingest + nats-server + worker + PostgreSQL (µs)",
+        system,
+        Some(ceilings),
+        "≤ 1.3",
+        "µs",
+    );
+    if let Some(half) = f.ingest_latency.iter().find(|p| is_half(p, f)) {
+        let _ = writeln!(
+            out,
+            "| p99 ingest latency at half of saturation | {:.2} ms | | | ≤ 5 ms |",
+            half.p99_ms
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| ingest peak RSS (after the runs) | {:.1} MB | | | ≤ 100 MB with 10,000 connections |",
+        mb(f.ingest_peak_rss)
+    );
+    let _ = writeln!(
+        out,
+        "| worker peak RSS | {:.1} MB | | | ≤ 64 MB |",
+        mb(f.worker_peak_rss)
+    );
+
+    let _ = writeln!(out, "\nCPU µs per operation, by process:\n");
+    let _ = writeln!(out, "| stage | ops | ops/s | CPU µs per op |");
+    let _ = writeln!(out, "|---|---:|---:|---|");
+    for (name, m) in [
+        ("null HTTP handler (ceiling)", &f.null_http),
+        ("raw publish (ceiling)", &f.raw_publish),
+        ("raw fetch-and-ack (ceiling)", &f.raw_fetch_ack),
+        ("raw SQL, rows (ceiling)", &f.raw_sql),
+        ("ingest at saturation", &f.ingest),
+        ("drain, one worker", &f.drain_one),
+        ("drain, two workers", &f.drain_two),
+    ] {
+        let cpu: Vec<String> = m
+            .cpu_us_per_op
+            .iter()
+            .map(|(group, us)| format!("{group} {us:.1}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {:.0} | {} |",
+            m.ops,
+            m.rate,
+            cpu.join(", ")
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\nIngest latency (one node; fixed rates are open-loop):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| offered/s | achieved/s | p50 ms | p90 ms | p99 ms | max ms | errors |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+    for p in &f.ingest_latency {
+        let offered = p
+            .offered
+            .map_or("saturation".to_owned(), |r| format!("{r:.0}"));
+        let _ = writeln!(
+            out,
+            "| {offered} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+            p.achieved, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms, p.errors
+        );
+    }
+    out
+}
+
+/// Whether a fixed-rate point is the one at half of saturation.
+fn is_half(point: &crate::LatencyPoint, f: &Figures) -> bool {
+    let saturation = f.ingest_latency.first().map_or(0.0, |p| p.achieved);
+    point
+        .offered
+        .is_some_and(|r| (r / saturation - 0.5).abs() < 0.01)
+}
+
+/// Latency (p50 and p99) against throughput, as an SVG.
+pub fn chart(f: &Figures, path: &Path) -> anyhow::Result<()> {
+    let mut points: Vec<&crate::LatencyPoint> = f.ingest_latency.iter().collect();
+    points.sort_by(|a, b| a.achieved.total_cmp(&b.achieved));
+    let max_x = points.iter().map(|p| p.achieved).fold(1.0, f64::max) * 1.1;
+    let max_y = points.iter().map(|p| p.p99_ms).fold(1.0, f64::max) * 1.2;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Ingest latency against throughput (one node)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("durable votes per second")
+        .y_desc("latency (ms)")
+        .draw()?;
+    for (label, color, pick) in [
+        (
+            "p50",
+            BLUE,
+            (|p: &crate::LatencyPoint| p.p50_ms) as fn(&crate::LatencyPoint) -> f64,
+        ),
+        ("p99", RED, |p: &crate::LatencyPoint| p.p99_ms),
+    ] {
+        let series: Vec<(f64, f64)> = points.iter().map(|p| (p.achieved, pick(p))).collect();
+        chart
+            .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart.draw_series(
+            series
+                .into_iter()
+                .map(|xy| Circle::new(xy, 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
