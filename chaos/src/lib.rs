@@ -191,7 +191,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     let (allowed_tx, allowed_rx) = watch::channel(0);
     let started = Instant::now();
     let load = async {
-        let outcomes = driver.run(&plan, scenario.concurrency, allowed_rx).await;
+        let outcomes = driver.run(&plan, allowed_rx).await;
         (outcomes, started.elapsed())
     };
     let faults = run_faults(

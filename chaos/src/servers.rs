@@ -346,25 +346,12 @@ impl Postgres {
     }
 
     fn command(&self, program: &str) -> Command {
-        let program = self.bindir.join(program);
-        let mut cmd = if self.as_postgres {
-            let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(program);
-            cmd
-        } else {
-            Command::new(program)
-        };
-        cmd.current_dir("/").stdin(Stdio::null());
-        cmd
+        Command::from(self.std_command(program))
     }
-}
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        if !self.running {
-            return;
-        }
-        let program = self.bindir.join("pg_ctl");
+    /// A PostgreSQL program run as the cluster's owner, from `/` (our folder may be private).
+    fn std_command(&self, program: &str) -> std::process::Command {
+        let program = self.bindir.join(program);
         let mut cmd = if self.as_postgres {
             let mut cmd = std::process::Command::new("runuser");
             cmd.args(["-u", "postgres", "--"]).arg(program);
@@ -372,8 +359,19 @@ impl Drop for Postgres {
         } else {
             std::process::Command::new(program)
         };
-        let _ = cmd
-            .current_dir("/")
+        cmd.current_dir("/").stdin(Stdio::null());
+        cmd
+    }
+}
+
+impl Drop for Postgres {
+    /// Blocking, since Drop cannot await: an immediate stop, for a run that ended early.
+    fn drop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let _ = self
+            .std_command("pg_ctl")
             .arg("stop")
             .arg("-D")
             .arg(&self.data)

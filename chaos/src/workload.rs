@@ -156,6 +156,8 @@ enum Attempt {
 pub struct Driver {
     client: reqwest::Client,
     nodes: Vec<String>,
+    /// Voters voting at once (and idle connections kept per node).
+    concurrency: usize,
     pub counters: Arc<Counters>,
     /// How long one vote may take, retries included, before the voter gives up (a finding).
     pub give_up: Duration,
@@ -173,6 +175,7 @@ impl Driver {
         Ok(Self {
             client,
             nodes,
+            concurrency,
             counters: Arc::default(),
             give_up: Duration::from_secs(180),
             max_retry_pause: Duration::from_millis(500),
@@ -181,12 +184,7 @@ impl Driver {
 
     /// Runs every voter, at most `concurrency` at once, starting voter `i` only once
     /// `allowed` lets `i` voters start (the fault schedule holds the load back with it).
-    pub async fn run(
-        &self,
-        plan: &Plan,
-        concurrency: usize,
-        allowed: watch::Receiver<usize>,
-    ) -> Vec<VoterOutcome> {
+    pub async fn run(&self, plan: &Plan, allowed: watch::Receiver<usize>) -> Vec<VoterOutcome> {
         use futures::StreamExt as _;
         let voters = futures::stream::iter(plan.voters.iter().enumerate())
             .then(|(i, voter)| {
@@ -199,7 +197,7 @@ impl Driver {
                 }
             })
             .map(|voter| self.voter(voter))
-            .buffered(concurrency.max(1));
+            .buffered(self.concurrency.max(1));
         voters.collect().await
     }
 

@@ -10,7 +10,6 @@ use landslide_chaos::faults::FaultKind;
 use landslide_chaos::servers::Nats;
 use landslide_chaos::{NatsLayout, Scenario};
 use landslide_nats::Topology;
-use landslide_schema::{Choice, EventId, NodeId, PollId, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
 use crate::support::{self, Db};
@@ -94,14 +93,7 @@ async fn a_worker_started_without_quorum_waits_for_it_then_drains() {
     nats.restart(1).await.unwrap();
     nats.restart(2).await.unwrap();
     let voter = Uuid::new_v4();
-    let event = VoteEvent {
-        event_id: EventId(Uuid::new_v4()),
-        poll: PollId::parse("pets").unwrap(),
-        voter: VoterId(voter),
-        choice: Choice::parse("dogs").unwrap(),
-        ts: Timestamp::from_millis(1_000),
-        node: NodeId::parse("web1").unwrap(),
-    };
+    let event = crate::tally::vote(voter, "dogs", 1_000);
     support::wait_for("the vote to be stored", Duration::from_secs(30), || {
         let js = js.clone();
         let payload = event.encode();
@@ -156,14 +148,7 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
     postgres.start_server().await.unwrap();
 
     let voter = Uuid::new_v4();
-    let event = VoteEvent {
-        event_id: EventId(Uuid::new_v4()),
-        poll: PollId::parse("pets").unwrap(),
-        voter: VoterId(voter),
-        choice: Choice::parse("cats").unwrap(),
-        ts: Timestamp::from_millis(1_000),
-        node: NodeId::parse("web1").unwrap(),
-    };
+    let event = crate::tally::vote(voter, "cats", 1_000);
     let js = async_nats::jetstream::new(nats.client().await);
     landslide_nats::ensure_votes_stream(&js, &Topology::default())
         .await

@@ -155,7 +155,7 @@ async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() 
     let (status, _) = support::vote_api(&browser, &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202);
 
-    nats.kill();
+    nats.kill().await;
     for _ in 0..3 {
         let response = browser
             .post(format!("{}/api/votes", ingest.url))
@@ -404,7 +404,7 @@ async fn shutdown_drains_requests_in_flight() {
     })
     .await;
     // With the broker gone, votes wait in their handlers for an ack.
-    nats.kill();
+    nats.kill().await;
     let requests: Vec<_> = (0..20)
         .map(|_| {
             let client = support::voter();

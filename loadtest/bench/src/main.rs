@@ -152,7 +152,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .tempdir()?;
 
     // One ingest node, no workers yet: each stage is measured alone.
-    let (mut stack, env) = Stack::start(&StackConfig {
+    let (stack, env) = Stack::start(&StackConfig {
         layout: NatsLayout::Single,
         landslide,
         secret: "bench-secret-bench-secret-bench-secret-0123".to_owned(),
@@ -192,7 +192,18 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             ("postgres", Group::named("postgres")),
             ("nats-server", nats.clone()),
         ]);
-        wait_drained(&js).await?;
+        let drain =
+            landslide_chaos::check::wait_drained(&env.nats_urls, Duration::from_secs(600), || {
+                roles
+                    .iter_mut()
+                    .filter_map(|r| r.process.check_running().err())
+                    .map(|e| format!("{e:#}"))
+                    .collect()
+            });
+        match drain.await? {
+            landslide_chaos::check::Drain::Done(_) => {}
+            other => anyhow::bail!("the workers did not drain the stream: {other:?}"),
+        }
         let drained = Measured::new(events.len() as u64, meter_start.elapsed(), meter.stop());
         let rss = roles
             .iter()
@@ -253,7 +264,6 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "written: {}/bench.json, bench.md, latency.svg",
         args.out.display()
     );
-    drop(stack.roles.check_running());
     Ok(())
 }
 
@@ -279,22 +289,4 @@ async fn null_http_ceiling(args: &Args, seconds: Duration) -> anyhow::Result<Mea
     let measured = Measured::new(outcome.ok, outcome.elapsed, meter.stop());
     server.kill().await?;
     Ok(measured)
-}
-
-/// Waits until the workers' consumer has nothing pending or unacknowledged.
-async fn wait_drained(js: &async_nats::jetstream::Context) -> anyhow::Result<()> {
-    let topology = landslide_nats::Topology::default();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let stream = js.get_stream_no_info(&topology.votes_stream).await?;
-        let info = stream.consumer_info(&topology.consumer).await?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the workers did not drain within 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -8,9 +8,6 @@
 
 #![allow(dead_code)] // Each test module uses part of this.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -18,8 +15,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    landslide_chaos::servers::free_port().expect("bind an ephemeral port")
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
@@ -41,99 +37,42 @@ where
     }
 }
 
-fn nats_server_bin() -> PathBuf {
-    if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
-        return bin.into();
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
-        .map(|dir| dir.join("nats-server"))
-        .find(|p| p.is_file())
-        .expect("nats-server not found: install it (apt-get install nats-server)")
-}
-
-/// A private nats-server with JetStream and file storage, killed when dropped.
+/// A private nats-server with JetStream and file storage (the reliability harness's), killed
+/// when dropped.
 pub struct Nats {
-    child: Option<Child>,
-    pub port: u16,
+    server: landslide_chaos::servers::Nats,
     pub url: String,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Nats {
     pub async fn start() -> Self {
-        let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir for nats");
-        let mut nats = Self {
-            child: None,
-            port,
-            url: format!("nats://127.0.0.1:{port}"),
-            dir,
-        };
-        nats.spawn().await;
-        nats
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
-            .args(["--server_name", "landslide-test", "-l"])
-            .arg(self.dir.path().join("nats.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let url = self.url.clone();
-        wait_for(
-            "nats-server to accept clients",
-            Duration::from_secs(15),
-            || {
-                let url = url.clone();
-                async move {
-                    landslide_nats::api_request(&url, "$JS.API.INFO")
-                        .await
-                        .map(drop)
-                }
-            },
-        )
-        .await;
-    }
-
-    /// SIGKILL: no goodbye to clients, no flush.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let server =
+            landslide_chaos::servers::Nats::start(landslide_chaos::NatsLayout::Single, dir.path())
+                .await
+                .expect("start nats-server");
+        Self {
+            url: server.url(0),
+            server,
+            _dir: dir,
         }
     }
 
-    /// Starts again on the same port with the same storage.
+    /// SIGKILL: no goodbye to clients, no flush.
+    pub async fn kill(&mut self) {
+        self.server.kill(0).await.expect("kill nats-server");
+    }
+
+    /// Starts again on the same port with the same storage; waits until JetStream answers.
     pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
+        self.server.restart(0).await.expect("restart nats-server");
     }
 
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(&self.url)
             .await
             .expect("connect to test nats")
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
