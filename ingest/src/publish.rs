@@ -116,6 +116,7 @@ impl Publisher {
     /// Stores `event`, retrying with the same message id; `Ok` only after JetStream's ack.
     pub async fn publish(&self, event: &VoteEvent) -> Result<Stored, PublishFailed> {
         let span = tracing::info_span!(
+            target: landslide_telemetry::PER_REQUEST_TARGET,
             "vote.publish",
             otel.name = "vote publish",
             messaging.destination = %self.subject,
@@ -179,7 +180,13 @@ impl Publisher {
                 }
                 Err(_) => last = format!("timed out after {:?}", self.timeout),
             }
-            tracing::warn!(attempt, error = %last, "publish attempt failed");
+            tracing::warn!(
+                attempt,
+                subject = %self.subject,
+                vote.event_id = %event_id,
+                error = %last,
+                "publish attempt failed"
+            );
         }
         Err(PublishFailed::NoAck {
             attempts: self.attempts,

@@ -17,6 +17,11 @@ use landslide_schema::{NodeId, Polls};
 
 mod local;
 
+/// jemalloc rather than glibc malloc: under load, glibc's arena locks cost ingest a quarter of its
+/// CPU in lock waits and wake-ups (BENCHMARKS.md, "What the profiles showed").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "landslide",

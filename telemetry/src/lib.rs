@@ -6,6 +6,7 @@
 //! silences the spans that carry `traceparent` from an HTTP request to the database commit.
 //! `LANDSLIDE_TRACE_FILTER` (default `info`) governs which spans are exported.
 
+use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -36,6 +38,12 @@ impl Telemetry {
         }
     }
 }
+
+/// The target of the spans opened for every request or vote (`http.request`, `vote.publish`).
+///
+/// They are exported as traces (`LANDSLIDE_TRACE_FILTER`) but never recorded by the log layer, so
+/// a log line inside one carries its own fields rather than the span's.
+pub const PER_REQUEST_TARGET: &str = "landslide::request";
 
 /// The most links one span keeps: a worker's batch span links every message's trace.
 pub const MAX_LINKS_PER_SPAN: u32 = 2048;
@@ -62,9 +70,13 @@ pub fn init_with(service: &str, export: Export) -> anyhow::Result<Telemetry> {
     // async-nats reports every (re)connection at info; its warnings (disconnects) still show.
     let log_filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    // The log layer formats every span's fields when the span opens, in case an event inside it is
+    // logged: for the spans of each request that was a sixth of ingest's instructions per vote
+    // (BENCHMARKS.md). Those spans are for traces; the log layer never sees them.
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
-        .with_filter(log_filter);
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_filter(log_filter.and(filter_fn(not_per_request)));
 
     let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.trim().is_empty());
     let enabled = match &export {
@@ -105,12 +117,21 @@ pub fn init_with(service: &str, export: Export) -> anyhow::Result<Telemetry> {
         (Some(layer), Some(provider))
     };
 
+    // Without an exporter no layer reads the per-request spans: do not even create them. (An
+    // absent layer counts as interested in everything, so this takes a filter of its own.)
+    let no_request_spans = otel.is_none().then(|| filter_fn(not_per_request));
     tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
+        .with(no_request_spans)
         .try_init()
         .context("a tracing subscriber is already installed")?;
     Ok(Telemetry { provider })
+}
+
+/// Whether `meta` is anything but a per-request span ([`PER_REQUEST_TARGET`]).
+fn not_per_request(meta: &tracing::Metadata<'_>) -> bool {
+    !(meta.is_span() && meta.target() == PER_REQUEST_TARGET)
 }
 
 /// Histogram buckets in seconds, from 100 µs to 10 s.
@@ -181,6 +202,7 @@ pub fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", axum::extract::MatchedPath::as_str);
     let span = tracing::info_span!(
+        target: PER_REQUEST_TARGET,
         "http.request",
         otel.name = format!("{} {route}", request.method()),
         otel.kind = "server",
