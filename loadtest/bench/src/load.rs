@@ -61,6 +61,16 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+/// How long [`warm_up`] runs.
+const WARM_UP: Duration = Duration::from_secs(2);
+
+/// A short run whose figures are thrown away, before a measured one at the same load: the first
+/// second after a pause (new connections, buffers and pages not yet grown back) had stalls of
+/// 100 ms that a steady load never shows, and they made p99 a measure of the start.
+pub async fn warm_up(target: &Target, connections: usize, rate: Option<f64>) -> anyhow::Result<()> {
+    run(target, connections, rate, WARM_UP).await.map(drop)
+}
+
 /// Sends requests on `connections` connections for `duration`: as fast as possible when `rate`
 /// is `None`, else `rate` requests per second in all.
 pub async fn run(
@@ -147,9 +157,10 @@ async fn connection(
     Ok((ok, errors, latency))
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+/// A keep-alive HTTP/1.1 connection to `addr`.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -161,21 +172,38 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
 
 /// One request; `true` when it got the expected status.
 async fn request(sender: &mut Sender, target: &Target) -> bool {
-    let request = hyper::Request::post(&target.path)
-        .header(hyper::header::HOST, target.addr.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(target.body.clone()));
-    let Ok(request) = request else {
-        return false;
-    };
-    if sender.ready().await.is_err() {
-        return false;
+    post(sender, target.addr, &target.path, target.body.clone(), None)
+        .await
+        .is_some_and(|answer| answer.status == target.ok_status)
+}
+
+/// What a `POST` got back.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// The `Set-Cookie` header, if any.
+    pub set_cookie: Option<hyper::header::HeaderValue>,
+}
+
+/// `POST path` with a JSON body (and a `Cookie` header); `None` when the connection failed.
+pub async fn post(
+    sender: &mut Sender,
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    cookie: Option<&hyper::header::HeaderValue>,
+) -> Option<Answer> {
+    let mut request = hyper::Request::post(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(cookie) = cookie {
+        request = request.header(hyper::header::COOKIE, cookie);
     }
-    match sender.send_request(request).await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            response.into_body().collect().await.is_ok() && status == target.ok_status
-        }
-        Err(_) => false,
-    }
+    let request = request.body(Full::new(body)).ok()?;
+    sender.ready().await.ok()?;
+    let response = sender.send_request(request).await.ok()?;
+    let status = response.status().as_u16();
+    let set_cookie = response.headers().get(hyper::header::SET_COOKIE).cloned();
+    response.into_body().collect().await.ok()?;
+    Some(Answer { status, set_cookie })
 }

@@ -13,11 +13,16 @@ use landslide_chaos::roles::Roles;
 use landslide_chaos::{NatsLayout, Stack, StackConfig};
 
 mod ceilings;
+mod end_to_end;
 mod load;
 mod procs;
 mod report;
 
 use ceilings::Measured;
+
+/// The same allocator as `landslide`, so the null HTTP handler is a ceiling for the same stack.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use procs::{CpuMeter, Group};
 
 #[derive(Debug, Parser)]
@@ -37,6 +42,15 @@ struct Args {
     /// Keep-alive connections of the load generator at saturation.
     #[arg(long, default_value_t = 256)]
     connections: usize,
+    /// Votes of the end-to-end run (first votes and changes of mind together).
+    #[arg(long, default_value_t = 1_000_000)]
+    e2e_votes: u64,
+    /// Share of the end-to-end run's voters who change their minds.
+    #[arg(long, default_value_t = 0.3)]
+    change_share: f64,
+    /// Idle keep-alive connections held open on one ingest node while its memory is read.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
     /// Where the JSON and Markdown results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -53,6 +67,21 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Runs the load generator alone against an ingest node and prints its latency.
+    Load {
+        /// The node's address.
+        #[arg(long)]
+        target: SocketAddr,
+        /// Requests per second in all (default: as fast as answers come).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 256)]
+        connections: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +96,19 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
         Some(Command::NullServer { listen }) => runtime.block_on(null_server(listen)),
+        Some(Command::Load {
+            target,
+            rate,
+            connections,
+            seconds,
+        }) => runtime.block_on(async {
+            let target = load::Target::vote(target);
+            let outcome =
+                load::run(&target, connections, rate, Duration::from_secs(seconds)).await?;
+            let point = LatencyPoint::of(rate, &outcome);
+            println!("{}", serde_json::to_string(&point)?);
+            Ok(())
+        }),
         None => runtime.block_on(bench(args)),
     }
 }
@@ -102,8 +144,35 @@ pub struct Figures {
     pub ingest_latency: Vec<LatencyPoint>,
     pub drain_one: Measured,
     pub drain_two: Measured,
+    pub end_to_end: EndToEnd,
+    pub idle: IdleConnections,
     pub ingest_peak_rss: u64,
     pub worker_peak_rss: u64,
+}
+
+/// The end-to-end run: votes through two ingest nodes and two workers until nothing is pending.
+#[derive(Debug, serde::Serialize)]
+pub struct EndToEnd {
+    pub voted: end_to_end::Voted,
+    /// Seconds until the last vote was answered.
+    pub load_seconds: f64,
+    /// Accepted votes over the seconds until nothing was pending, and CPU per vote by process.
+    pub measured: Measured,
+    /// The tally equalled the baseline plus every voter's last accepted choice (`None`: some vote
+    /// failed, so some ballot is unknown and the check cannot be exact).
+    pub tally_exact: Option<bool>,
+    /// Peak resident set of each role during the run, in bytes (the largest process of each).
+    pub peak_rss: Vec<(String, u64)>,
+}
+
+/// One ingest node's memory with many idle keep-alive connections, each after one vote.
+#[derive(Debug, serde::Serialize)]
+pub struct IdleConnections {
+    pub connections: usize,
+    /// Resident set while they were open, in bytes.
+    pub ingest_rss: u64,
+    /// The same for the null HTTP handler: what the HTTP stack alone keeps per connection.
+    pub null_rss: u64,
 }
 
 /// Latency of one load level.
@@ -157,7 +226,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         landslide,
         secret: "bench-secret-bench-secret-bench-secret-0123".to_owned(),
         ack_wait: Duration::from_secs(30),
-        clock_offsets: vec![0],
+        // Two ingest nodes: the end-to-end run votes through both, the others use the first.
+        clock_offsets: vec![0, 0],
         workers: 0,
         dir: dir.path().to_path_buf(),
     })
@@ -168,7 +238,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client);
 
     tracing::info!("ceiling: null HTTP handler");
-    let null_http = null_http_ceiling(&args, seconds).await?;
+    let (null_http, null_idle_rss) = null_http_ceiling(&args, seconds).await?;
     tracing::info!("ceilings: raw publish, raw fetch-and-ack");
     let events = ceilings::events(args.events, 1)?;
     let (raw_publish, raw_fetch_ack) = ceilings::publish_and_fetch(&js, &nats, &events).await?;
@@ -192,18 +262,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             ("postgres", Group::named("postgres")),
             ("nats-server", nats.clone()),
         ]);
-        let drain =
-            landslide_chaos::check::wait_drained(&env.nats_urls, Duration::from_secs(600), || {
-                roles
-                    .iter_mut()
-                    .filter_map(|r| r.process.check_running().err())
-                    .map(|e| format!("{e:#}"))
-                    .collect()
-            });
-        match drain.await? {
-            landslide_chaos::check::Drain::Done(_) => {}
-            other => anyhow::bail!("the workers did not drain the stream: {other:?}"),
-        }
+        wait_drained_by(&env, &mut roles, Duration::from_secs(600)).await?;
         let drained = Measured::new(events.len() as u64, meter_start.elapsed(), meter.stop());
         let rss = roles
             .iter()
@@ -218,10 +277,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let (drain_two, _) = drains.pop().context("two drains")?;
     let (drain_one, worker_peak_rss) = drains.pop().context("one drain")?;
 
+    tracing::info!(
+        votes = args.e2e_votes,
+        "end to end: two ingest nodes, two workers"
+    );
+    let end_to_end = end_to_end_run(&args, &stack, &env, &nats, dir.path()).await?;
+
     tracing::info!("ingest at saturation");
     let ingest_role = &stack.roles.ingest[0];
     let ingest_pid = Group::of(ingest_role.process.pid());
     let target = load::Target::vote(ingest_role.addr);
+    load::warm_up(&target, args.connections, None).await?;
     let meter = CpuMeter::start(vec![
         ("ingest", ingest_pid.clone()),
         ("nats-server", nats.clone()),
@@ -233,9 +299,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     for share in [0.25, 0.5, 0.75] {
         let rate = saturated.rate() * share;
         tracing::info!(rate, "ingest at a fixed rate");
-        let outcome = load::run(&target, 64, Some(rate), seconds).await?;
+        // As many connections as at saturation, so that the schedule never waits for a free one.
+        load::warm_up(&target, args.connections, Some(rate)).await?;
+        let outcome = load::run(&target, args.connections, Some(rate), seconds).await?;
         ingest_latency.push(LatencyPoint::of(Some(rate), &outcome));
     }
+    tracing::info!(
+        connections = args.idle_connections,
+        "idle keep-alive connections"
+    );
+    let idle = IdleConnections {
+        connections: args.idle_connections,
+        ingest_rss: hold_idle_connections(ingest_role.addr, args.idle_connections, &ingest_pid)
+            .await?,
+        null_rss: null_idle_rss,
+    };
     let ingest_peak_rss = ingest_pid.peak_rss();
 
     let figures = Figures {
@@ -248,6 +326,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         ingest_latency,
         drain_one,
         drain_two,
+        end_to_end,
+        idle,
         ingest_peak_rss,
         worker_peak_rss,
     };
@@ -267,8 +347,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The null handler in a process of its own, under the same load generator as ingest.
-async fn null_http_ceiling(args: &Args, seconds: Duration) -> anyhow::Result<Measured> {
+/// The null handler in a process of its own, under the same load generator as ingest; then its
+/// resident set with as many idle connections as ingest is given.
+async fn null_http_ceiling(args: &Args, seconds: Duration) -> anyhow::Result<(Measured, u64)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], landslide_chaos::servers::free_port()?));
     let mut server = tokio::process::Command::new(std::env::current_exe()?)
         .args(["null-server", "--listen", &addr.to_string()])
@@ -281,12 +362,129 @@ async fn null_http_ceiling(args: &Args, seconds: Duration) -> anyhow::Result<Mea
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let target = load::Target::vote(addr);
+    load::warm_up(&target, args.connections, None).await?;
     let meter = CpuMeter::start(vec![
         ("null server", Group::of([pid])),
         ("load generator", Group::me()),
     ]);
     let outcome = load::run(&target, args.connections, None, seconds).await?;
     let measured = Measured::new(outcome.ok, outcome.elapsed, meter.stop());
+    let idle_rss = hold_idle_connections(addr, args.idle_connections, &Group::of([pid])).await?;
     server.kill().await?;
-    Ok(measured)
+    Ok((measured, idle_rss))
+}
+
+/// Waits until `workers` have left nothing pending; an error if one dies or `timeout` passes.
+async fn wait_drained_by(
+    env: &landslide_chaos::roles::RoleEnv,
+    workers: &mut [landslide_chaos::roles::Role],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let drained = landslide_chaos::check::wait_drained(&env.nats_urls, timeout, || {
+        workers
+            .iter_mut()
+            .filter_map(|r| r.process.check_running().err())
+            .map(|e| format!("{e:#}"))
+            .collect()
+    })
+    .await?;
+    match drained {
+        landslide_chaos::check::Drain::Done(_) => Ok(()),
+        other => anyhow::bail!("the workers did not drain the stream: {other:?}"),
+    }
+}
+
+/// Votes through both ingest nodes with two workers draining at once; timed until nothing is
+/// pending, then the tally is checked against the voters' last choices.
+async fn end_to_end_run(
+    args: &Args,
+    stack: &Stack,
+    env: &landslide_chaos::roles::RoleEnv,
+    nats: &Group,
+    dir: &std::path::Path,
+) -> anyhow::Result<EndToEnd> {
+    // Every earlier stage has drained: the database holds the tally the new votes add to.
+    let baseline = landslide_chaos::check::read_database(&env.database_url)
+        .await?
+        .tallies;
+    let mut workers = Vec::new();
+    for n in 1..=2 {
+        workers.push(Roles::start_worker(env, dir, 10 + n).await?);
+    }
+    let ingest = Group::of(stack.roles.ingest.iter().filter_map(|r| r.process.pid()));
+    let worker = Group::of(workers.iter().filter_map(|r| r.process.pid()));
+    let meter = CpuMeter::start(vec![
+        ("ingest", ingest.clone()),
+        ("nats-server", nats.clone()),
+        ("worker", worker.clone()),
+        ("postgres", Group::named("postgres")),
+        ("load generator", Group::me()),
+    ]);
+    let started = Instant::now();
+    let nodes: Vec<SocketAddr> = stack.roles.ingest.iter().map(|r| r.addr).collect();
+    let plan = end_to_end::Plan {
+        votes: args.e2e_votes,
+        change_share: args.change_share,
+        connections_per_node: args.connections / 2,
+    };
+    let voted = end_to_end::run(&nodes, plan).await?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    wait_drained_by(env, &mut workers, Duration::from_secs(900)).await?;
+    let measured = Measured::new(voted.accepted, started.elapsed(), meter.stop());
+    let tally_exact = if voted.failed > 0 {
+        None
+    } else {
+        let mut expected = baseline;
+        for (option, n) in ["cats", "dogs"].into_iter().zip(voted.finals) {
+            *expected.entry(option.to_owned()).or_default() += n as i64;
+        }
+        let tally = stack.roles.tally.base_url();
+        let results =
+            landslide_chaos::check::settled_results(&tally, &expected, Duration::from_secs(30))
+                .await?;
+        let exact = results.pending == 0 && results.counts == expected;
+        if !exact {
+            tracing::error!(?expected, got = ?results.counts, "the end-to-end tally is not exact");
+        }
+        Some(exact)
+    };
+    let peak_rss = vec![
+        ("ingest".to_owned(), ingest.peak_rss()),
+        ("worker".to_owned(), worker.peak_rss()),
+        ("nats-server".to_owned(), nats.peak_rss()),
+        ("postgres".to_owned(), Group::named("postgres").peak_rss()),
+    ];
+    for mut role in workers {
+        role.process.terminate(Duration::from_secs(30)).await?;
+    }
+    Ok(EndToEnd {
+        voted,
+        load_seconds,
+        measured,
+        tally_exact,
+        peak_rss,
+    })
+}
+
+/// Opens `n` connections to `addr`, casts one vote on each, and reads the node's resident set
+/// while all of them are still open.
+async fn hold_idle_connections(addr: SocketAddr, n: usize, node: &Group) -> anyhow::Result<u64> {
+    use futures::StreamExt as _;
+    let target = load::Target::vote(addr);
+    let opened: Vec<anyhow::Result<load::Sender>> = futures::stream::iter(0..n)
+        .map(|_| async {
+            let mut sender = load::connect(addr).await?;
+            let answer = load::post(&mut sender, addr, &target.path, target.body.clone(), None)
+                .await
+                .context("a vote on an idle connection got no answer")?;
+            anyhow::ensure!(answer.status == 202, "a vote got {}", answer.status);
+            Ok(sender)
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let senders = opened.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let rss = node.rss();
+    drop(senders);
+    Ok(rss)
 }

@@ -43,20 +43,35 @@ impl Group {
         }
     }
 
-    /// CPU ticks consumed so far by each of the group's live processes.
-    fn ticks(&self) -> HashMap<u32, u64> {
-        let pids = match &self.comm {
+    /// The group's processes now: a named group is looked up again.
+    fn pids(&self) -> Vec<u32> {
+        match &self.comm {
             Some(comm) => Self::named(comm).pids,
             None => self.pids.clone(),
-        };
-        pids.into_iter()
+        }
+    }
+
+    /// CPU ticks consumed so far by each of the group's live processes.
+    fn ticks(&self) -> HashMap<u32, u64> {
+        self.pids()
+            .into_iter()
             .filter_map(|pid| Some((pid, cpu_ticks(pid)?)))
             .collect()
     }
 
+    /// The largest current resident set (`VmRSS`) among the group's processes, in bytes.
+    pub fn rss(&self) -> u64 {
+        self.pids()
+            .iter()
+            .filter_map(|&pid| status_kb(pid, "VmRSS:"))
+            .max()
+            .unwrap_or(0)
+            * 1024
+    }
+
     /// The largest peak resident set (`VmHWM`) among the group's processes, in bytes.
     pub fn peak_rss(&self) -> u64 {
-        self.pids
+        self.pids()
             .iter()
             .filter_map(|&pid| status_kb(pid, "VmHWM:"))
             .max()

@@ -7,16 +7,26 @@ use plotters::prelude::*;
 
 use crate::Figures;
 
-/// CPU microseconds per vote of the pipeline, summed over its processes, and the same for the
-/// ceilings' unavoidable work.
+/// CPU microseconds per vote of the pipeline end to end, summed over ingest, nats-server, the
+/// workers and PostgreSQL, and the same for the ceilings' unavoidable work.
 pub fn cpu_per_vote(f: &Figures) -> (f64, f64) {
-    let system =
-        f.ingest.cpu_us("ingest") + f.ingest.cpu_us("nats-server") + f.drain_one.total_cpu_us();
+    let e2e = &f.end_to_end.measured;
+    let system = ["ingest", "nats-server", "worker", "postgres"]
+        .into_iter()
+        .map(|group| e2e.cpu_us(group))
+        .sum();
     let ceilings = f.null_http.cpu_us("null server")
         + f.raw_publish.total_cpu_us()
         + f.raw_fetch_ack.total_cpu_us()
         + f.raw_sql.total_cpu_us();
     (system, ceilings)
+}
+
+/// The rate at which `f.cores` cores are used up by the CPU per operation of several ceilings
+/// together: what one stage could reach if nothing but the ceilings' own work ran.
+fn composed(f: &Figures, parts: &[&crate::Measured]) -> f64 {
+    let us: f64 = parts.iter().map(|m| m.total_cpu_us()).sum();
+    f.cores as f64 * 1e6 / us.max(f64::MIN_POSITIVE)
 }
 
 pub fn table(f: &Figures) -> String {
@@ -42,10 +52,24 @@ pub fn table(f: &Figures) -> String {
         "/s",
     );
     row(
+        "ingest vs its composed ceiling: null handler with its load generator + raw publish, on these cores",
+        f.ingest.rate,
+        Some(composed(f, &[&f.null_http, &f.raw_publish])),
+        "",
+        "/s",
+    );
+    row(
         "one worker's drain rate vs raw SQL",
         f.drain_one.rate,
         Some(f.raw_sql.rate),
         "≥ 0.6",
+        "/s",
+    );
+    row(
+        "one worker vs its composed ceiling: raw SQL + raw fetch-and-ack, on these cores",
+        f.drain_one.rate,
+        Some(composed(f, &[&f.raw_sql, &f.raw_fetch_ack])),
+        "",
         "/s",
     );
     row(
@@ -70,8 +94,24 @@ pub fn table(f: &Figures) -> String {
         "/s",
     );
     let (system, ceilings) = cpu_per_vote(f);
+    let e2e = &f.end_to_end;
+    let tally = match e2e.tally_exact {
+        Some(true) => "tally exact",
+        Some(false) => "tally NOT EXACT",
+        None => "tally not checked: some votes failed",
+    };
     row(
-        "CPU per vote, ingest + nats-server + worker + PostgreSQL (µs)",
+        &format!(
+            "end to end: {} votes ({} voters, {} changed their minds) through 2 ingest nodes and 2 workers, until nothing pending",
+            e2e.voted.accepted, e2e.voted.voters, e2e.voted.changed
+        ),
+        e2e.measured.rate,
+        None,
+        tally,
+        "/s",
+    );
+    row(
+        "CPU per vote end to end, ingest + nats-server + worker + PostgreSQL (µs)",
         system,
         Some(ceilings),
         "≤ 1.3",
@@ -86,7 +126,15 @@ pub fn table(f: &Figures) -> String {
     }
     let _ = writeln!(
         out,
-        "| ingest peak RSS (after the runs) | {:.1} MB | | | ≤ 100 MB with 10,000 connections |",
+        "| ingest RSS with {} idle keep-alive connections vs the null handler's | {:.1} MB | {:.1} MB | {:.2} | ≤ 100 MB with 10,000 connections |",
+        f.idle.connections,
+        mb(f.idle.ingest_rss),
+        mb(f.idle.null_rss),
+        f.idle.ingest_rss as f64 / f.idle.null_rss.max(1) as f64
+    );
+    let _ = writeln!(
+        out,
+        "| ingest peak RSS (every run) | {:.1} MB | | | |",
         mb(f.ingest_peak_rss)
     );
     let _ = writeln!(
@@ -106,6 +154,7 @@ pub fn table(f: &Figures) -> String {
         ("ingest at saturation", &f.ingest),
         ("drain, one worker", &f.drain_one),
         ("drain, two workers", &f.drain_two),
+        ("end to end (per accepted vote)", &f.end_to_end.measured),
     ] {
         let cpu: Vec<String> = m
             .cpu_us_per_op
@@ -120,6 +169,17 @@ pub fn table(f: &Figures) -> String {
             cpu.join(", ")
         );
     }
+
+    let rss: Vec<String> = e2e
+        .peak_rss
+        .iter()
+        .map(|(role, bytes)| format!("{role} {:.1} MB", mb(*bytes)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nPeak RSS during the end-to-end run (largest process of each role): {}.",
+        rss.join(", ")
+    );
 
     let _ = writeln!(
         out,
