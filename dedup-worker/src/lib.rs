@@ -3,7 +3,8 @@
 //!
 //! Any number of workers share the consumer. Each batch of up to `batch_size` messages (or what
 //! arrives within `batch_wait`) is decoded, deduplicated per voter, sorted, and written in one
-//! transaction; only after the commit is each message acked (design rules 3-6). The worker must
+//! transaction; only after the commit is each message acked (design rules 3-6). The next batch is
+//! pulled and decoded while the transaction runs. The worker must
 //! never ack a message whose effect is not committed, never let one bad message block the stream,
 //! and never treat a database outage as bad messages.
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::MessagesError;
 use async_nats::jetstream::{self, AckKind, Message};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
@@ -164,7 +166,7 @@ impl Worker {
         consumer: jetstream::consumer::PullConsumer,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let mut messages = consumer
+        let messages = consumer
             .stream()
             .max_messages_per_batch(self.config.batch_size)
             .heartbeat(Duration::from_secs(5))
@@ -172,41 +174,42 @@ impl Worker {
             .messages()
             .await
             .context("cannot start pulling from the consumer")?;
+        let mut inbox = Inbox {
+            messages,
+            polls: self.config.polls.clone(),
+            batch: Vec::with_capacity(self.config.batch_size),
+            first_at: None,
+            max: self.config.batch_size,
+            wait: self.config.batch_wait,
+            ended: false,
+        };
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             // Shutdown is only heeded between batches: a batch in hand is always finished.
-            let first = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                next = messages.next() => next,
-            };
-            let first = match first {
-                Some(Ok(message)) => message,
-                Some(Err(err)) => {
-                    // Missed heartbeats or a lost connection: the stream recovers by itself. The
-                    // pause keeps a lasting failure from turning into a busy loop of warnings.
-                    tracing::warn!(error = %err, "pulling messages failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+            if inbox.batch.is_empty() {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = inbox.wait_for_first() => {}
                 }
-                None => anyhow::bail!("the consumer's message stream ended"),
-            };
-            let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + self.config.batch_wait;
-            while batch.len() < self.config.batch_size {
-                match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(message))) => batch.push(message),
-                    Ok(Some(Err(err))) => {
-                        tracing::warn!(error = %err, "pulling messages failed");
-                        break;
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+            } else if futures::poll!(&mut shutdown).is_ready() {
+                break;
             }
-            self.process(batch).await?;
+            inbox.fill().await;
+            anyhow::ensure!(
+                !(inbox.ended && inbox.batch.is_empty()),
+                "the consumer's message stream ended"
+            );
+            let batch = std::mem::take(&mut inbox.batch);
+            inbox.first_at = None;
+            self.process(batch, &mut inbox).await?;
         }
-        // Messages already delivered to us go back at once rather than after the ack wait.
-        while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        // Messages already delivered to us, pulled ahead or buffered, go back at once rather
+        // than after the ack wait.
+        for (message, _) in inbox.batch.drain(..) {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+        while let Some(Some(Ok(message))) = inbox.messages.next().now_or_never() {
             let _ = message.ack_with(AckKind::Nak(None)).await;
         }
         tracing::info!("dedup-worker stopped");
@@ -214,7 +217,11 @@ impl Worker {
     }
 
     /// Handles one batch: dead letters out, votes committed, then every message acked.
-    async fn process(&mut self, batch: Vec<Message>) -> anyhow::Result<()> {
+    async fn process(
+        &mut self,
+        batch: Vec<(Message, Verdict)>,
+        inbox: &mut Inbox,
+    ) -> anyhow::Result<()> {
         let span = tracing::info_span!(
             "dedup.batch",
             otel.name = "dedup batch",
@@ -222,20 +229,24 @@ impl Worker {
             batch.ballots = tracing::field::Empty,
             batch.dead_letters = tracing::field::Empty,
         );
-        for message in &batch {
+        for (message, _) in &batch {
             if let Some(headers) = &message.headers {
                 link_trace(&span, headers);
             }
         }
-        self.process_in_span(batch).instrument(span).await
+        self.process_in_span(batch, inbox).instrument(span).await
     }
 
-    async fn process_in_span(&mut self, batch: Vec<Message>) -> anyhow::Result<()> {
+    async fn process_in_span(
+        &mut self,
+        batch: Vec<(Message, Verdict)>,
+        inbox: &mut Inbox,
+    ) -> anyhow::Result<()> {
         metrics::histogram!("landslide_batch_size").record(batch.len() as f64);
         let mut votes = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
-        for message in batch {
-            match self.verdict(&message) {
+        for (message, verdict) in batch {
+            match verdict {
                 Verdict::Vote(event) => votes.push((event, message)),
                 Verdict::Dead(reason) => dead.push((message, reason)),
             }
@@ -252,7 +263,8 @@ impl Worker {
         tracing::Span::current().record("batch.ballots", ballots.len());
         let upsert = UpsertBatch::new(ballots.values(), self.config.shard);
         let started = Instant::now();
-        match self.commit(&upsert).await {
+        // The next batch is pulled and decoded while PostgreSQL works on this one.
+        match inbox.pull_during(self.commit(&upsert)).await {
             Ok(()) => {
                 self.db_failures = 0;
                 metrics::histogram!("landslide_commit_seconds")
@@ -290,21 +302,6 @@ impl Worker {
                 tokio::time::sleep(delay).await;
                 Ok(())
             }
-        }
-    }
-
-    fn verdict(&self, message: &Message) -> Verdict {
-        let event = match VoteEvent::decode(&message.payload) {
-            Ok(event) => event,
-            Err(err) => return Verdict::Dead(err.to_string()),
-        };
-        match self.config.polls.get(event.poll.as_str()) {
-            None => Verdict::Dead(format!("unknown poll {}", event.poll)),
-            Some(poll) if !poll.has_option(&event.choice) => Verdict::Dead(format!(
-                "poll {} has no option {}",
-                event.poll, event.choice
-            )),
-            Some(_) => Verdict::Vote(event),
         }
     }
 
@@ -388,6 +385,99 @@ impl Worker {
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
+            }
+        }
+    }
+}
+
+/// Whether `message` is a vote of a known poll and option, or a dead letter and why.
+fn verdict(polls: &Polls, message: &Message) -> Verdict {
+    let event = match VoteEvent::decode(&message.payload) {
+        Ok(event) => event,
+        Err(err) => return Verdict::Dead(err.to_string()),
+    };
+    match polls.get(event.poll.as_str()) {
+        None => Verdict::Dead(format!("unknown poll {}", event.poll)),
+        Some(poll) if !poll.has_option(&event.choice) => Verdict::Dead(format!(
+            "poll {} has no option {}",
+            event.poll, event.choice
+        )),
+        Some(_) => Verdict::Vote(event),
+    }
+}
+
+/// The consumer's messages and the next batch being gathered from them, each message decoded as
+/// it arrives. Every method can be cancelled between messages without losing one: what was
+/// pulled is in `batch`.
+struct Inbox {
+    messages: jetstream::consumer::pull::Stream,
+    polls: Polls,
+    batch: Vec<(Message, Verdict)>,
+    /// When the batch's first message arrived: the batch closes `wait` later.
+    first_at: Option<tokio::time::Instant>,
+    max: usize,
+    wait: Duration,
+    /// The message stream ended (it never does while the connection lives).
+    ended: bool,
+}
+
+impl Inbox {
+    fn push(&mut self, next: Option<Result<Message, MessagesError>>) {
+        match next {
+            Some(Ok(message)) => {
+                let verdict = verdict(&self.polls, &message);
+                self.first_at.get_or_insert_with(tokio::time::Instant::now);
+                self.batch.push((message, verdict));
+            }
+            // Missed heartbeats or a lost connection: the stream recovers by itself.
+            Some(Err(err)) => tracing::warn!(error = %err, "pulling messages failed"),
+            None => self.ended = true,
+        }
+    }
+
+    /// Waits until the batch holds a message (or the stream ends).
+    async fn wait_for_first(&mut self) {
+        while self.batch.is_empty() && !self.ended {
+            let next = self.messages.next().await;
+            if matches!(next, Some(Err(_))) {
+                // A lasting failure must not turn into a busy loop of warnings.
+                self.push(next);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            } else {
+                self.push(next);
+            }
+        }
+    }
+
+    /// Adds messages until the batch is full or `wait` has passed since its first message.
+    async fn fill(&mut self) {
+        let Some(first_at) = self.first_at else {
+            return;
+        };
+        while self.batch.len() < self.max && !self.ended {
+            match tokio::time::timeout_at(first_at + self.wait, self.messages.next()).await {
+                Ok(next @ Some(Err(_))) => {
+                    self.push(next);
+                    break;
+                }
+                Ok(next) => self.push(next),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Runs `work` to its end, meanwhile pulling messages into the batch until it is full.
+    /// `work` itself is never dropped early: it may be a transaction (design section 5).
+    async fn pull_during<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            if self.batch.len() >= self.max || self.ended {
+                return work.await;
+            }
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                next = self.messages.next() => self.push(next),
             }
         }
     }
