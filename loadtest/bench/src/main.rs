@@ -142,6 +142,8 @@ pub struct Figures {
     pub raw_sql: Measured,
     pub ingest: Measured,
     pub ingest_latency: Vec<LatencyPoint>,
+    /// The null handler at the same fixed rates: the latency ceiling.
+    pub null_latency: Vec<LatencyPoint>,
     pub drain_one: Measured,
     pub drain_two: Measured,
     pub end_to_end: EndToEnd,
@@ -238,7 +240,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client);
 
     tracing::info!("ceiling: null HTTP handler");
-    let (null_http, null_idle_rss) = null_http_ceiling(&args, seconds).await?;
+    let mut null_server = NullServer::start().await?;
+    let (null_http, null_idle_rss) = null_server.ceiling(&args, seconds).await?;
     tracing::info!("ceilings: raw publish, raw fetch-and-ack");
     let events = ceilings::events(args.events, 1)?;
     let (raw_publish, raw_fetch_ack) = ceilings::publish_and_fetch(&js, &nats, &events).await?;
@@ -296,14 +299,27 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let saturated = load::run(&target, args.connections, None, seconds).await?;
     let ingest = Measured::new(saturated.ok, saturated.elapsed, meter.stop());
     let mut ingest_latency = vec![LatencyPoint::of(None, &saturated)];
+    let mut null_latency = Vec::new();
     for share in [0.25, 0.5, 0.75] {
         let rate = saturated.rate() * share;
-        tracing::info!(rate, "ingest at a fixed rate");
-        // As many connections as at saturation, so that the schedule never waits for a free one.
-        load::warm_up(&target, args.connections, Some(rate)).await?;
-        let outcome = load::run(&target, args.connections, Some(rate), seconds).await?;
-        ingest_latency.push(LatencyPoint::of(Some(rate), &outcome));
+        // The null handler at the same rate is the latency ceiling: the HTTP stack, the load
+        // generator and these cores, without storing anything.
+        for (name, target, points) in [
+            ("ingest", &target, &mut ingest_latency),
+            (
+                "null handler",
+                &load::Target::vote(null_server.addr),
+                &mut null_latency,
+            ),
+        ] {
+            tracing::info!(rate, name, "fixed rate");
+            // As many connections as at saturation, so the schedule never waits for a free one.
+            load::warm_up(target, args.connections, Some(rate)).await?;
+            let outcome = load::run(target, args.connections, Some(rate), seconds).await?;
+            points.push(LatencyPoint::of(Some(rate), &outcome));
+        }
     }
+    null_server.process.kill().await?;
     tracing::info!(
         connections = args.idle_connections,
         "idle keep-alive connections"
@@ -324,6 +340,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         raw_sql,
         ingest,
         ingest_latency,
+        null_latency,
         drain_one,
         drain_two,
         end_to_end,
@@ -347,31 +364,45 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The null handler in a process of its own, under the same load generator as ingest; then its
-/// resident set with as many idle connections as ingest is given.
-async fn null_http_ceiling(args: &Args, seconds: Duration) -> anyhow::Result<(Measured, u64)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], landslide_chaos::servers::free_port()?));
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["null-server", "--listen", &addr.to_string()])
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = server.id().context("the null server exited")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the null server did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// The HTTP ceiling: an axum handler that answers like ingest without storing anything, in a
+/// process of its own.
+struct NullServer {
+    process: tokio::process::Child,
+    addr: SocketAddr,
+    pid: u32,
+}
+
+impl NullServer {
+    async fn start() -> anyhow::Result<Self> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], landslide_chaos::servers::free_port()?));
+        let process = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["null-server", "--listen", &addr.to_string()])
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = process.id().context("the null server exited")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the null server did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { process, addr, pid })
     }
-    let target = load::Target::vote(addr);
-    load::warm_up(&target, args.connections, None).await?;
-    let meter = CpuMeter::start(vec![
-        ("null server", Group::of([pid])),
-        ("load generator", Group::me()),
-    ]);
-    let outcome = load::run(&target, args.connections, None, seconds).await?;
-    let measured = Measured::new(outcome.ok, outcome.elapsed, meter.stop());
-    let idle_rss = hold_idle_connections(addr, args.idle_connections, &Group::of([pid])).await?;
-    server.kill().await?;
-    Ok((measured, idle_rss))
+
+    /// Its rate at saturation under the same load generator as ingest; then its resident set with
+    /// as many idle connections as ingest is given.
+    async fn ceiling(&self, args: &Args, seconds: Duration) -> anyhow::Result<(Measured, u64)> {
+        let target = load::Target::vote(self.addr);
+        load::warm_up(&target, args.connections, None).await?;
+        let meter = CpuMeter::start(vec![
+            ("null server", Group::of([self.pid])),
+            ("load generator", Group::me()),
+        ]);
+        let outcome = load::run(&target, args.connections, None, seconds).await?;
+        let measured = Measured::new(outcome.ok, outcome.elapsed, meter.stop());
+        let idle =
+            hold_idle_connections(self.addr, args.idle_connections, &Group::of([self.pid])).await?;
+        Ok((measured, idle))
+    }
 }
 
 /// Waits until `workers` have left nothing pending; an error if one dies or `timeout` passes.
