@@ -200,8 +200,7 @@ impl Worker {
                 !(inbox.ended && inbox.batch.is_empty()),
                 "the consumer's message stream ended"
             );
-            let batch = std::mem::take(&mut inbox.batch);
-            inbox.first_at = None;
+            let batch = inbox.take();
             self.process(batch, &mut inbox).await?;
         }
         // Messages already delivered to us, pulled ahead or buffered, go back at once rather
@@ -439,14 +438,19 @@ impl Inbox {
     async fn wait_for_first(&mut self) {
         while self.batch.is_empty() && !self.ended {
             let next = self.messages.next().await;
-            if matches!(next, Some(Err(_))) {
+            let failed = matches!(next, Some(Err(_)));
+            self.push(next);
+            if failed {
                 // A lasting failure must not turn into a busy loop of warnings.
-                self.push(next);
                 tokio::time::sleep(Duration::from_millis(200)).await;
-            } else {
-                self.push(next);
             }
         }
+    }
+
+    /// The batch gathered so far; the next one starts empty.
+    fn take(&mut self) -> Vec<(Message, Verdict)> {
+        self.first_at = None;
+        std::mem::take(&mut self.batch)
     }
 
     /// Adds messages until the batch is full or `wait` has passed since its first message.

@@ -19,11 +19,11 @@ mod procs;
 mod report;
 
 use ceilings::Measured;
+use procs::{CpuMeter, Group};
 
 /// The same allocator as `landslide`, so the null HTTP handler is a ceiling for the same stack.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use procs::{CpuMeter, Group};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -456,7 +456,7 @@ async fn end_to_end_run(
     let plan = end_to_end::Plan {
         votes: args.e2e_votes,
         change_share: args.change_share,
-        connections_per_node: args.connections / 2,
+        connections_per_node: (args.connections / nodes.len()).max(1),
     };
     let voted = end_to_end::run(&nodes, plan).await?;
     let load_seconds = started.elapsed().as_secs_f64();
