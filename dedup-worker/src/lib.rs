@@ -106,7 +106,8 @@ pub async fn run(
         Ok(db)
     })
     .await?;
-    let client = landslide_nats::connect(&config.nats_url, "landslide-dedup-worker").await?;
+    let client =
+        landslide_nats::connect_patiently(&config.nats_url, "landslide-dedup-worker").await?;
     let js = jetstream::new(client.clone());
     let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {
         landslide_nats::ensure_consumer(&js, &config.topology)

@@ -88,7 +88,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Install the metrics recorder before the first vote is counted.
     landslide_telemetry::prometheus();
-    let client = landslide_nats::connect(
+    let client = landslide_nats::connect_patiently(
         &config.nats_url,
         &format!("landslide-ingest-{}", config.node_id),
     )

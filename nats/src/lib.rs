@@ -347,7 +347,28 @@ pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
 
 /// Connects to NATS. The client reconnects forever after a loss; the first connection must succeed.
 pub async fn connect(urls: &str, client_name: &str) -> anyhow::Result<async_nats::Client> {
+    connect_to(server_addrs(urls)?, urls, client_name).await
+}
+
+/// [`connect`] for a role starting up: an invalid `NATS_URL` fails at once, but a server that is
+/// down or restarting is waited for, like JetStream in [`retry_startup`]. The reliability harness
+/// found a worker restarted just as nats-server was killed exiting instead.
+pub async fn connect_patiently(
+    urls: &str,
+    client_name: &str,
+) -> anyhow::Result<async_nats::Client> {
     let addrs = server_addrs(urls)?;
+    retry_startup("connect to NATS", || {
+        connect_to(addrs.clone(), urls, client_name)
+    })
+    .await
+}
+
+async fn connect_to(
+    addrs: Vec<ServerAddr>,
+    urls: &str,
+    client_name: &str,
+) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .name(client_name)
         .connection_timeout(Duration::from_secs(5))

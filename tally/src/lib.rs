@@ -71,7 +71,7 @@ pub async fn run(
     landslide_schema::postgres::migrate(config.database_url.expose())
         .await
         .context("cannot apply the database migrations (DATABASE_URL)")?;
-    let client = landslide_nats::connect(&config.nats_url, "landslide-tally").await?;
+    let client = landslide_nats::connect_patiently(&config.nats_url, "landslide-tally").await?;
     let js = async_nats::jetstream::new(client);
     // Ensured rather than looked up: without the consumer, `pending` would mean nothing.
     let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {

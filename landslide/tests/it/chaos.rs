@@ -115,6 +115,50 @@ async fn a_worker_started_without_quorum_waits_for_it_then_drains() {
     worker.stop().await;
 }
 
+/// Found by the harness (a fresh seed in CI, 2026-11-30): a worker restarted just as nats-server
+/// was killed exited on "cannot connect to NATS", and the stream was never drained. A role now
+/// waits for the server at startup, as it waits for JetStream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_started_while_nats_server_is_down_waits_for_it_then_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(NatsLayout::Single, dir.path()).await.unwrap();
+    let db = Db::create().await;
+    nats.kill(0).await.unwrap();
+    let worker = support::worker_with(&nats.url(0), &db.url, |_| {});
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if worker.is_finished() {
+        panic!(
+            "the worker gave up while nats-server was down: {:?}",
+            worker.join().await
+        );
+    }
+
+    nats.restart(0).await.unwrap();
+    let client = landslide_nats::connect(&nats.urls(), "test").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let voter = Uuid::new_v4();
+    let event = crate::tally::vote(voter, "cats", 1_000);
+    support::wait_for("the vote to be stored", Duration::from_secs(30), || {
+        let js = js.clone();
+        let payload = event.encode();
+        async move {
+            js.publish("votes.web1", payload.into())
+                .await
+                .ok()?
+                .await
+                .ok()
+                .map(drop)
+        }
+    })
+    .await;
+    let ballot = support::wait_for("the ballot", Duration::from_secs(60), || {
+        db.ballot("pets", voter)
+    })
+    .await;
+    assert_eq!(ballot.0, "cats");
+    worker.stop().await;
+}
+
 /// Found by the harness (a fresh seed in CI): a worker that started just as PostgreSQL was shut
 /// down exited on "the database system is shutting down". It now waits for the database.
 #[tokio::test(flavor = "multi_thread")]
