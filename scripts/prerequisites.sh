@@ -1,5 +1,6 @@
-# Sourced by scripts/up and scripts/test: installs nats-server and the PostgreSQL server from the OS
-# packages (Debian, Ubuntu) when they are missing.
+# shellcheck shell=bash
+# Sourced by scripts/up, scripts/test and scripts/install: installs nats-server and the PostgreSQL
+# server from the OS packages (Debian, Ubuntu) when they are missing.
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -24,8 +25,8 @@ postgres_bindir() {
     echo "$dir"
     return
   fi
-  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
-  if [ -n "$dir" ] && [ -x "$dir/initdb" ]; then echo "$dir"; fi
+  dir=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  if [ -x "$dir/initdb" ]; then echo "$dir"; fi
 }
 
 ensure_nats_server() {
