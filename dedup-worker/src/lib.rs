@@ -127,9 +127,16 @@ pub async fn run(
         db_failures: 0,
     };
     let result = worker.drain(consumer, shutdown).await;
-    // Acks are plain publishes: flush them before the connection goes away.
-    if let Err(err) = client.flush().await {
-        tracing::warn!(error = %err, "flushing acks at shutdown failed; those messages will be redelivered");
+    // Acks are plain publishes: flush them before the connection goes away. Bounded: with the
+    // server gone the flush would wait forever; unflushed acks only mean redeliveries.
+    match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "flushing acks at shutdown failed; those messages will be redelivered")
+        }
+        Err(_) => tracing::warn!(
+            "NATS did not answer the flush at shutdown; unflushed acks mean redeliveries"
+        ),
     }
     result
 }

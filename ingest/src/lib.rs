@@ -44,6 +44,9 @@ impl Secret {
     }
 }
 
+/// The longest wait for the NATS client's last flush at shutdown.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
 /// Configuration of one ingest node.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -111,8 +114,12 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("ingest server failed: {e}"))?;
     // Every handler has returned, so every publish has its ack; flush what the client still buffers.
-    if let Err(err) = client.flush().await {
-        tracing::warn!(error = %err, "flushing the NATS client at shutdown failed");
+    // Bounded: with the server gone, a flush waits for a reconnection that may never come, and
+    // the node would never exit (found when stopping a Compose stack). Nothing unacked is lost.
+    match tokio::time::timeout(SHUTDOWN_FLUSH, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "flushing the NATS client at shutdown failed"),
+        Err(_) => tracing::warn!("NATS did not answer the flush at shutdown; exiting anyway"),
     }
     tracing::info!(node = %config.node_id, "ingest node stopped");
     Ok(())

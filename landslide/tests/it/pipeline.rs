@@ -432,3 +432,21 @@ async fn shutdown_drains_requests_in_flight() {
     );
     worker.stop().await;
 }
+
+/// Found stopping a Compose stack: an ingest node asked to stop while nats-server was gone never
+/// exited, waiting in its last flush for a reconnection. It now exits, and answered every vote it
+/// took (503: not stored).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ingest_node_stopped_while_the_broker_is_gone_still_exits() {
+    let mut nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats.url, "web01", |c| {
+        c.publish_timeout = Duration::from_millis(300);
+        c.publish_attempts = 1;
+    })
+    .await;
+    nats.kill().await;
+    let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 503, "a vote without the broker is refused: {body}");
+    // Role::stop allows 30 s and expects a clean exit.
+    ingest.role.stop().await;
+}
