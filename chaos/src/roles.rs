@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::process::Process;
-use crate::servers::free_port;
+use landslide_servers::{Process, free_port};
 
 /// What every role is started with.
 #[derive(Debug, Clone)]

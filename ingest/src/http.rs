@@ -50,7 +50,7 @@ impl AppState {
         Self(Arc::new(Inner {
             node: config.node_id.clone(),
             polls: config.polls.clone(),
-            publisher: Publisher::new(js, config),
+            publisher: Publisher::new(client.clone(), js, config),
             hlc: Hlc::new(config.clock.clone()),
             keys: Keys::new(&config.secret),
             secure_cookie: config.secure_cookie,
@@ -213,7 +213,12 @@ impl AppState {
             node: self.0.node.clone(),
         };
         let mut cookie = known.unwrap_or_else(|| VoterCookie::new(voter));
-        let result = match self.0.publisher.publish(&event).await {
+        let result = match self
+            .0
+            .publisher
+            .publish(&event, idempotency_key.is_some())
+            .await
+        {
             Ok(stored) => {
                 let ts = if stored.duplicate {
                     self.stored_ts(stored.sequence).await.unwrap_or(event.ts)

@@ -1,8 +1,28 @@
-//! Stamping and publishing one vote (design rules 1 and 2).
+//! Stamping and publishing votes (design rules 1 and 2), with group commit.
 //!
-//! A vote is accepted only once JetStream acknowledges it. A timeout is ambiguous (the vote may
-//! still be stored), so a failed attempt is retried with the same `Nats-Msg-Id`, which the stream's
-//! duplicate window turns into one stored message; after the last attempt the caller answers 503.
+//! A vote is accepted only once JetStream acknowledges it, from a server that fsyncs before it
+//! acks. One fsync per vote would cap a node at about 5,000 votes/s, so concurrent votes are
+//! coalesced: the handlers queue their votes, and a committer publishes whatever is queued as
+//! one atomic batch (stream `allow_atomic`, nats-server 2.12 and later), which the server stores
+//! with one fsync for the whole batch (measured with strace on 2.15.1: 4 fsyncs for a batch of
+//! 100, 100 for 100 concurrent single publishes). There is no artificial wait: a lone vote goes
+//! out at once, and under load the next batch is whatever arrived while the previous ones were
+//! in flight, as in PostgreSQL's group commit. Each handler answers only after the ack of the
+//! batch that holds its own vote, and learns its own stream sequence from it.
+//!
+//! What happens to a vote when its batch fails:
+//! - No answer (a timeout, no responders during an election, a lost connection) is ambiguous:
+//!   the batch may still be stored. It is sent again, as the same messages, a few times. A vote
+//!   without `Idempotency-Key` carries no `Nats-Msg-Id`, so a retry can store its event twice:
+//!   harmless, since the two copies are the same event (same id, same stamp) and the merge rule
+//!   is idempotent. A keyed vote carries its `Nats-Msg-Id`, so the duplicate window keeps one copy.
+//! - A refusal of the whole batch that is not about room (a duplicate message id, error 10201,
+//!   from a keyed retry; a message the stream refuses) says nothing about which vote caused it:
+//!   every vote of the batch is then published on its own, and answers with its own ack.
+//! - A full stream (10077) refuses every vote of the batch: each gets a 503.
+//!
+//! So a 2xx always rests on an ack that covers that vote, and a vote that got no ack gets a 503
+//! with `Retry-After`, never silence.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,9 +31,12 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
+use futures::future::join_all;
 use landslide_nats::HeaderInjector;
+use landslide_schema::VoteEvent;
 use landslide_schema::ts::{Timestamp, stamp};
-use landslide_schema::{EventId, VoteEvent};
+use serde::Deserialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -70,17 +93,69 @@ pub struct Stored {
 }
 
 /// Why a vote could not be stored. Either way the vote was not accepted: the client gets a 503.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishFailed {
     #[error("the votes stream is full")]
     StreamFull,
     #[error("no JetStream ack after {attempts} attempts: {last}")]
     NoAck { attempts: u32, last: String },
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+/// JetStream's answer when a stream with `discard: new` is full (design section 5).
+const STREAM_FULL: u64 = 10077;
+/// "atomic publish too many inflight": the stream has 50 batches open (its default limit).
+const TOO_MANY_BATCHES: u64 = 10210;
+
+/// The most votes in one batch: nats-server's default `jetstream.limits.batch.max_msgs`.
+const MAX_BATCH_MSGS: usize = 1000;
+/// The most bytes of payload and headers in one batch, so that a batch stays one socket write
+/// or a few: the server has no limit of its own on a batch's size, only on each message.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Batches of one node in flight at once. Two keep the server busy while the node prepares the
+/// next batch; more would make batches smaller without making the stream faster (it stores one
+/// batch at a time), and the stream allows 50 open batches from all nodes together.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// Votes waiting for a batch. A full queue makes handlers wait, which slows voters down instead
+/// of piling up memory.
+const QUEUE: usize = 10_000;
+
+/// One vote waiting for its batch.
+struct Queued {
+    payload: Bytes,
+    headers: HeaderMap,
+    /// `Nats-Msg-Id`, only for votes whose client chose an `Idempotency-Key`.
+    message_id: Option<String>,
+    answer: oneshot::Sender<Result<Stored, PublishFailed>>,
+}
+
+impl Queued {
+    fn size(&self) -> usize {
+        self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|(name, values)| {
+                    let name: &str = name.as_ref();
+                    name.len() + values.iter().map(|v| v.as_str().len()).sum::<usize>()
+                })
+                .sum::<usize>()
+    }
 }
 
 /// Publishes votes of one node to `votes.<node>`.
 #[derive(Debug)]
 pub struct Publisher {
+    js: jetstream::Context,
+    stream: String,
+    queue: mpsc::Sender<Queued>,
+}
+
+/// What the committer task needs: where to publish and how patiently.
+#[derive(Debug)]
+struct Committer {
+    client: async_nats::Client,
     js: jetstream::Context,
     subject: String,
     stream: String,
@@ -88,13 +163,13 @@ pub struct Publisher {
     attempts: u32,
 }
 
-/// JetStream's answer when a stream with `discard: new` is full (design section 5).
-const STREAM_FULL: u64 = 10077;
-
 impl Publisher {
-    pub fn new(js: jetstream::Context, config: &Config) -> Self {
-        Self {
-            js,
+    /// Starts the committer task; it ends once the publisher is dropped and every queued vote
+    /// has its answer.
+    pub fn new(client: async_nats::Client, js: jetstream::Context, config: &Config) -> Self {
+        let committer = Arc::new(Committer {
+            client,
+            js: js.clone(),
             subject: landslide_schema::subject::vote_subject(
                 &config.topology.votes_prefix,
                 &config.node_id,
@@ -102,6 +177,13 @@ impl Publisher {
             stream: config.topology.votes_stream.clone(),
             timeout: config.publish_timeout,
             attempts: config.publish_attempts.max(1),
+        });
+        let (queue, queued) = mpsc::channel(QUEUE);
+        tokio::spawn(committer.run(queued));
+        Self {
+            js,
+            stream: config.topology.votes_stream.clone(),
+            queue,
         }
     }
 
@@ -113,49 +195,268 @@ impl Publisher {
         &self.stream
     }
 
-    /// Stores `event`, retrying with the same message id; `Ok` only after JetStream's ack.
-    pub async fn publish(&self, event: &VoteEvent) -> Result<Stored, PublishFailed> {
+    /// Stores `event`; `Ok` only after the JetStream ack of a batch that holds it. `keyed`: the
+    /// event id comes from the client's `Idempotency-Key`, so it is sent as `Nats-Msg-Id` and
+    /// the duplicate window keeps a blind retry from being stored twice.
+    pub async fn publish(&self, event: &VoteEvent, keyed: bool) -> Result<Stored, PublishFailed> {
         let span = tracing::info_span!(
             target: landslide_telemetry::PER_REQUEST_TARGET,
             "vote.publish",
             otel.name = "vote publish",
-            messaging.destination = %self.subject,
             vote.event_id = %event.event_id,
-            attempts = tracing::field::Empty,
         );
-        let payload = Bytes::from(event.encode());
         let mut headers = HeaderMap::new();
         let context = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&context, &mut HeaderInjector(&mut headers));
         });
+        let (answer, answered) = oneshot::channel();
+        let queued = Queued {
+            payload: Bytes::from(event.encode()),
+            headers,
+            message_id: keyed.then(|| event.event_id.to_string()),
+            answer,
+        };
         let started = Instant::now();
-        let result = self
-            .publish_with_retries(event.event_id, payload, headers)
-            .instrument(span)
-            .await;
+        let result = async {
+            self.queue
+                .send(queued)
+                .await
+                .map_err(|_| PublishFailed::ShuttingDown)?;
+            // A dropped answer means the committer died with the vote: no ack, so no 2xx.
+            answered.await.unwrap_or(Err(PublishFailed::ShuttingDown))
+        }
+        .instrument(span)
+        .await;
         metrics::histogram!("landslide_publish_seconds").record(started.elapsed().as_secs_f64());
         result
     }
+}
 
-    async fn publish_with_retries(
-        &self,
-        event_id: EventId,
-        payload: Bytes,
-        headers: HeaderMap,
-    ) -> Result<Stored, PublishFailed> {
-        let message_id = event_id.to_string();
+/// How an atomic batch publish ended.
+enum BatchOutcome {
+    /// Stored: the stream sequence of the batch's first message.
+    Stored { first: u64 },
+    /// Refused as a whole, for a reason that a retry of the same batch would meet again.
+    Refused { code: u64, description: String },
+    /// No answer, or a refusal for want of room that may pass: the batch may or may not be stored.
+    Unknown(String),
+}
+
+/// The commit message's answer.
+#[derive(Deserialize)]
+struct BatchAck {
+    seq: Option<u64>,
+    count: Option<u64>,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+impl Committer {
+    async fn run(self: Arc<Self>, mut queued: mpsc::Receiver<Queued>) {
+        let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            // The semaphore is never closed, so this cannot fail.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let Some(first) = queued.recv().await else {
+                break;
+            };
+            let mut bytes = first.size();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_MSGS && bytes < MAX_BATCH_BYTES {
+                match queued.try_recv() {
+                    Ok(next) => {
+                        bytes += next.size();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let committer = self.clone();
+            in_flight.spawn(async move {
+                committer.commit(batch).await;
+                drop(slot);
+            });
+            while in_flight.try_join_next().is_some() {}
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Stores one batch and answers each of its votes.
+    async fn commit(&self, batch: Vec<Queued>) {
+        metrics::histogram!("landslide_publish_batch_size").record(batch.len() as f64);
+        if batch.len() == 1 {
+            // Alone, a plain publish: the server then stages nothing.
+            for queued in batch {
+                self.commit_alone(queued).await;
+            }
+            return;
+        }
         let mut last = String::new();
         for attempt in 1..=self.attempts {
             if attempt > 1 {
                 metrics::counter!("landslide_publish_retries_total").increment(1);
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
             }
-            let publish = PublishMessage::build()
+            match self.publish_batch(&batch).await {
+                BatchOutcome::Stored { first } => {
+                    for (i, queued) in (0u64..).zip(batch) {
+                        let stored = Stored {
+                            sequence: first + i,
+                            duplicate: false,
+                        };
+                        let _ = queued.answer.send(Ok(stored));
+                    }
+                    return;
+                }
+                BatchOutcome::Refused { code, .. } if code == STREAM_FULL => {
+                    for queued in batch {
+                        let _ = queued.answer.send(Err(PublishFailed::StreamFull));
+                    }
+                    return;
+                }
+                BatchOutcome::Refused { code, description } => {
+                    // Which vote the refusal is about is unknown: let each find out on its own.
+                    tracing::info!(
+                        batch.size = batch.len(),
+                        error.code = code,
+                        error = %description,
+                        "batch refused; publishing its votes one by one"
+                    );
+                    metrics::counter!("landslide_publish_batch_splits_total").increment(1);
+                    join_all(batch.into_iter().map(|q| self.commit_alone(q))).await;
+                    return;
+                }
+                BatchOutcome::Unknown(why) => {
+                    tracing::warn!(
+                        attempt,
+                        batch.size = batch.len(),
+                        subject = %self.subject,
+                        error = %why,
+                        "batch publish attempt failed"
+                    );
+                    last = why;
+                }
+            }
+        }
+        let failed = PublishFailed::NoAck {
+            attempts: self.attempts,
+            last,
+        };
+        for queued in batch {
+            let _ = queued.answer.send(Err(failed.clone()));
+        }
+    }
+
+    /// Publishes the batch atomically: every message but the last without a reply subject, the
+    /// last with `Nats-Batch-Commit` and a reply, whose answer covers the whole batch.
+    async fn publish_batch(&self, batch: &[Queued]) -> BatchOutcome {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let count = batch.len();
+        for (n, queued) in (1..).zip(&batch[..count - 1]) {
+            let headers = self.batch_headers(queued, &id, n, false);
+            if let Err(err) = self
+                .client
+                .publish_with_headers(self.subject.clone(), headers, queued.payload.clone())
+                .await
+            {
+                return BatchOutcome::Unknown(format!("cannot send the batch: {err}"));
+            }
+        }
+        let last = &batch[count - 1];
+        let request = async_nats::Request::new()
+            .headers(self.batch_headers(last, &id, count, true))
+            .payload(last.payload.clone())
+            .timeout(Some(self.timeout));
+        let reply = match self
+            .client
+            .send_request(self.subject.clone(), request)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(err) => return BatchOutcome::Unknown(err.to_string()),
+        };
+        match serde_json::from_slice::<BatchAck>(&reply.payload) {
+            Ok(BatchAck {
+                error: Some(error), ..
+            }) if error.err_code == TOO_MANY_BATCHES => BatchOutcome::Unknown(error.description),
+            Ok(BatchAck {
+                error: Some(error), ..
+            }) => BatchOutcome::Refused {
+                code: error.err_code,
+                description: error.description,
+            },
+            Ok(BatchAck {
+                seq: Some(seq),
+                count: Some(stored),
+                ..
+            }) if stored == count as u64 && seq >= stored => BatchOutcome::Stored {
+                first: seq + 1 - stored,
+            },
+            _ => BatchOutcome::Refused {
+                code: 0,
+                description: format!(
+                    "unexpected answer to a batch of {count}: {}",
+                    String::from_utf8_lossy(&reply.payload)
+                ),
+            },
+        }
+    }
+
+    fn batch_headers(&self, queued: &Queued, id: &str, n: usize, commit: bool) -> HeaderMap {
+        let mut headers = queued.headers.clone();
+        headers.insert("Nats-Batch-Id", id);
+        headers.insert("Nats-Batch-Sequence", n.to_string().as_str());
+        headers.insert("Nats-Expected-Stream", self.stream.as_str());
+        if let Some(message_id) = &queued.message_id {
+            headers.insert("Nats-Msg-Id", message_id.as_str());
+        }
+        if commit {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        headers
+    }
+
+    /// Publishes one vote on its own, retrying an ambiguous attempt, and answers it.
+    async fn commit_alone(&self, queued: Queued) {
+        let result = self
+            .publish_with_retries(
+                queued.message_id.as_deref(),
+                &queued.payload,
+                &queued.headers,
+            )
+            .await;
+        let _ = queued.answer.send(result);
+    }
+
+    async fn publish_with_retries(
+        &self,
+        message_id: Option<&str>,
+        payload: &Bytes,
+        headers: &HeaderMap,
+    ) -> Result<Stored, PublishFailed> {
+        let mut last = String::new();
+        for attempt in 1..=self.attempts {
+            if attempt > 1 {
+                metrics::counter!("landslide_publish_retries_total").increment(1);
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            let mut publish = PublishMessage::build()
                 .payload(payload.clone())
                 .headers(headers.clone())
-                .message_id(&message_id)
                 .expected_stream(&self.stream);
+            if let Some(id) = message_id {
+                publish = publish.message_id(id);
+            }
             let ack = async {
                 self.js
                     .send_publish(self.subject.clone(), publish)
@@ -166,7 +467,6 @@ impl Publisher {
             // wait for an in-flight slot and a send into a dead connection.
             match tokio::time::timeout(self.timeout + Duration::from_millis(100), ack).await {
                 Ok(Ok(ack)) => {
-                    tracing::Span::current().record("attempts", attempt);
                     return Ok(Stored {
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
@@ -183,7 +483,6 @@ impl Publisher {
             tracing::warn!(
                 attempt,
                 subject = %self.subject,
-                vote.event_id = %event_id,
                 error = %last,
                 "publish attempt failed"
             );

@@ -12,9 +12,9 @@
 //! <data_dir>/postgres/     the PostgreSQL cluster     <data_dir>/postgres.log
 //! ```
 //!
-//! PostgreSQL refuses to run as root, so when we are root the cluster belongs to, and the server
-//! runs as, the `postgres` system user. The running server keeps `fsync` on: votes must survive a
-//! crash of the machine, not only of the process.
+//! The servers are those of every other place that runs them (crate `landslide-servers`):
+//! nats-server fsyncs before it acks, and PostgreSQL keeps `fsync` on, so votes survive a crash
+//! of the machine, not only of the process.
 //!
 //! The servers must not outlive us where that is avoidable: nats-server is our child and is killed
 //! when dropped; PostgreSQL is daemonized by `pg_ctl`, so [`LocalStack::stop`] must be called, and
@@ -23,35 +23,21 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
-use diesel::QueryableByName;
-use diesel_async::{AsyncConnection, AsyncPgConnection};
-use tokio::process::{Child, Command};
+use anyhow::{Context, bail};
+use landslide_servers::postgres::PostgresSpec;
+use landslide_servers::{Binaries, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
 
 /// The database that `up` creates and hands to every role.
 const DATABASE: &str = "landslide";
 /// The PostgreSQL role created by `initdb`; trusted on loopback, as fits a stack for one machine.
 const DB_USER: &str = "landslide";
-/// How long nats-server may take to answer JetStream requests after it was spawned.
-const NATS_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long nats-server gets to flush and exit after SIGTERM before it is killed.
 const NATS_STOP_GRACE: Duration = Duration::from_secs(10);
-/// Seconds `pg_ctl` waits for start-up; crash recovery after an unclean stop can take a while.
-const PG_START_TIMEOUT_S: &str = "120";
-/// Seconds `pg_ctl` waits for a fast shutdown before we fall back to an immediate one.
-const PG_STOP_TIMEOUT_S: &str = "60";
-
-const NATS_MISSING: &str = "nats-server not found: install it with `sudo apt-get install nats-server` \
-     (Debian/Ubuntu) or from https://github.com/nats-io/nats-server/releases";
-const POSTGRES_MISSING: &str =
-    "PostgreSQL server not found: install it with `sudo apt-get install postgresql`";
 
 /// The loopback ports of the servers that [`LocalStack`] starts itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +113,8 @@ pub struct LocalStack {
     pub database_url: String,
     /// The cookie-signing secret: the caller's, or the one kept in `<data_dir>/secret`.
     pub secret: String,
-    nats: Option<NatsServer>,
-    postgres: Option<PostgresServer>,
+    nats: Option<Nats>,
+    postgres: Option<Postgres>,
     /// The open, flock-ed `<data_dir>/lock`: closing it (when the stack is dropped) releases it.
     _lock: Option<File>,
 }
@@ -188,20 +174,19 @@ impl LocalStack {
         let (database_url, postgres) = match postgres {
             Server::Given(url) => (url, None),
             Server::Start(bins) => {
-                let server = PostgresServer::start(bins, &data_dir, config.ports.postgres).await?;
-                (server.database_url(), Some(server))
+                let server = start_postgres(bins, &data_dir, config.ports.postgres).await?;
+                (server.url(DATABASE), Some(server))
             }
         };
 
         let (nats_url, nats) = match nats {
             Server::Given(url) => (url, None),
-            Server::Start(bin) => match NatsServer::start(&bin, &data_dir, config.ports.nats).await
-            {
-                Ok(server) => (server.url(), Some(server)),
+            Server::Start(bin) => match start_nats(bin, &data_dir, config.ports.nats).await {
+                Ok(server) => (server.url(0), Some(server)),
                 Err(e) => {
                     // Do not leave the daemonized PostgreSQL behind.
                     if let Some(mut pg) = postgres
-                        && let Err(stop) = pg.stop().await
+                        && let Err(stop) = pg.stop(PgStop::Fast).await
                     {
                         tracing::warn!(error = %format!("{stop:#}"), "could not stop PostgreSQL");
                     }
@@ -226,11 +211,24 @@ impl LocalStack {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         // Both are stopped even when the first fails; the first error is reported.
         let nats = match self.nats.take() {
-            Some(nats) => nats.stop().await,
+            Some(mut nats) => {
+                // A server that ignored SIGTERM has been killed by now: report it, do not fail.
+                match nats.terminate(0, NATS_STOP_GRACE).await {
+                    Ok(()) => tracing::info!("stopped nats-server"),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "nats-server was killed"),
+                }
+                Ok(())
+            }
             None => Ok(()),
         };
         let postgres = match self.postgres.take() {
-            Some(mut pg) => pg.stop().await,
+            Some(mut pg) => {
+                let stopped = pg.stop(PgStop::Fast).await;
+                if stopped.is_ok() {
+                    tracing::info!(cluster = %pg.data_dir().display(), "stopped PostgreSQL");
+                }
+                stopped
+            }
             None => Ok(()),
         };
         nats.and(postgres)
@@ -242,13 +240,62 @@ impl LocalStack {
     fn abandon(mut self) {
         drop(self._lock.take());
         if let Some(nats) = self.nats.take() {
-            // Forgetting the child skips its kill-on-drop.
-            std::mem::forget(nats.child);
+            // Forgetting the server skips its kill-on-drop.
+            std::mem::forget(nats);
         }
         if let Some(mut pg) = self.postgres.take() {
-            pg.running = false;
+            pg.forget();
         }
     }
+}
+
+/// Our nats-server: `<data_dir>/nats/` (the store), `nats.conf`, `nats.log`, `nats.pid`; in a
+/// process group of its own, so that Ctrl-C reaches only us and we stop it after the roles that
+/// use it have drained.
+async fn start_nats(bin: PathBuf, data_dir: &Path, port: u16) -> anyhow::Result<Nats> {
+    let spec = NatsSpec {
+        ports: Some(vec![port]),
+        stems: Some(vec!["nats".to_owned()]),
+        names: Some(vec!["landslide-local".to_owned()]),
+        binary: Some(bin),
+        own_process_group: true,
+        ..NatsSpec::new(NatsLayout::Single)
+    };
+    let nats = Nats::start_with(&spec, data_dir).await?;
+    tracing::info!(
+        nats.url = %nats.url(0),
+        pid = nats.pid(0),
+        log = %nats.log(0).display(),
+        "started nats-server on {}",
+        nats.url(0)
+    );
+    Ok(nats)
+}
+
+/// Our PostgreSQL: the cluster `<data_dir>/postgres/`, its log `postgres.log`, with the
+/// `landslide` database.
+async fn start_postgres(
+    bins: landslide_servers::postgres::PgBinaries,
+    data_dir: &Path,
+    port: u16,
+) -> anyhow::Result<Postgres> {
+    let spec = PostgresSpec {
+        cluster: data_dir.join("postgres"),
+        log: data_dir.join("postgres.log"),
+        port,
+        superuser: DB_USER.to_owned(),
+    };
+    let mut server = Postgres::start_with(spec, bins).await?;
+    if let Err(e) = server.create_database(DATABASE).await {
+        let _ = server.stop(PgStop::Fast).await;
+        return Err(e);
+    }
+    tracing::info!(
+        db.url = %server.url(DATABASE),
+        cluster = %server.data_dir().display(),
+        "started PostgreSQL on 127.0.0.1:{port}"
+    );
+    Ok(server)
 }
 
 /// A server the caller gave by URL, or the binaries to start our own with.
@@ -327,639 +374,23 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// Where the server binaries are looked for; the tests point it at empty folders.
-#[derive(Debug, Clone)]
-struct Binaries {
-    /// Folders searched for `nats-server` and `pg_config`, in order.
-    path: Vec<PathBuf>,
-    /// Debian's versioned PostgreSQL installs: `<pg_root>/<major>/bin`.
-    pg_root: PathBuf,
-}
-
-/// The PostgreSQL server programs we use.
-#[derive(Debug, Clone)]
-struct PgBinaries {
-    initdb: PathBuf,
-    pg_ctl: PathBuf,
-}
-
-impl Binaries {
-    /// `PATH`, then the folders Debian and manual installs use even when they are not on `PATH`.
-    fn system() -> Self {
-        let mut path: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        path.extend(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
-        Self {
-            path,
-            pg_root: PathBuf::from("/usr/lib/postgresql"),
-        }
-    }
-
-    fn find(&self, name: &str) -> Option<PathBuf> {
-        self.path
-            .iter()
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    }
-
-    fn nats_server(&self) -> anyhow::Result<PathBuf> {
-        self.find("nats-server")
-            .ok_or_else(|| anyhow!(NATS_MISSING))
-    }
-
-    /// The server binaries: those of the cluster's own major version when it exists (a newer
-    /// server cannot open an older cluster), else `pg_config --bindir`, else the highest version
-    /// under `pg_root`, else whatever is on the search path.
-    fn postgres(&self, cluster: &Path) -> anyhow::Result<PgBinaries> {
-        let in_dir = |dir: PathBuf| {
-            let bins = PgBinaries {
-                initdb: dir.join("initdb"),
-                pg_ctl: dir.join("pg_ctl"),
-            };
-            (bins.initdb.is_file() && bins.pg_ctl.is_file()).then_some(bins)
-        };
-        if let Ok(version) = std::fs::read_to_string(cluster.join("PG_VERSION"))
-            && let Some(bins) = in_dir(self.pg_root.join(version.trim()).join("bin"))
-        {
-            return Ok(bins);
-        }
-        // pg_config may come from libpq-dev alone, without the server: check what its bindir holds.
-        if let Some(pg_config) = self.find("pg_config")
-            && let Ok(out) = std::process::Command::new(pg_config)
-                .arg("--bindir")
-                .stderr(Stdio::null())
-                .output()
-            && out.status.success()
-            && let Some(bins) = in_dir(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-        {
-            return Ok(bins);
-        }
-        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(&self.pg_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
-                Some((major, entry.path().join("bin")))
-            })
-            .collect();
-        versions.sort();
-        if let Some(bins) = versions.into_iter().rev().find_map(|(_, bin)| in_dir(bin)) {
-            return Ok(bins);
-        }
-        match (self.find("initdb"), self.find("pg_ctl")) {
-            (Some(initdb), Some(pg_ctl)) => Ok(PgBinaries { initdb, pg_ctl }),
-            _ => bail!(POSTGRES_MISSING),
-        }
-    }
-}
-
-/// Fails clearly when `port` on loopback is taken. The check races with other programs, but it
-/// turns the common case (a server already there) into a message that names the port.
-fn ensure_port_free(port: u16, what: &str) -> anyhow::Result<()> {
-    match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::AddrInUse => bail!(
-            "port {port} on 127.0.0.1 is already in use, so our {what} cannot listen there: stop \
-             whatever listens on it or choose another port"
-        ),
-        Err(e) => Err(e).with_context(|| format!("cannot check port {port} for {what}")),
-    }
-}
-
-/// The last lines of a server's log, for error messages.
-fn log_tail(path: &Path) -> String {
-    const MAX_BYTES: u64 = 4096;
-    let mut text = String::new();
-    if let Ok(mut file) = File::open(path) {
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)));
-        let mut bytes = Vec::new();
-        let _ = file.read_to_end(&mut bytes);
-        text = String::from_utf8_lossy(&bytes).into_owned();
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-    if tail.is_empty() {
-        format!("(the log {} is empty)", path.display())
-    } else {
-        format!("last lines of {}:\n{tail}", path.display())
-    }
-}
-
-/// Whether process `pid` exists and has not exited (a zombie has exited).
-fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself contain ") ".
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-/// Sends `signal` (a name such as `TERM`) through kill(1): std has no way to send a signal other
-/// than SIGKILL, and the workspace forbids the unsafe code a libc call would need.
-async fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .context("cannot run kill(1)")?;
-    if !status.success() && process_alive(pid) {
-        bail!("kill -{signal} {pid} failed: {status}");
-    }
-    Ok(())
-}
-
-/// Waits until `pid` has exited, up to `timeout`; returns whether it did.
-async fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while process_alive(pid) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
-}
-
-/// Our nats-server: a child process, killed if dropped without [`NatsServer::stop`].
-struct NatsServer {
-    child: Child,
-    pid: u32,
-    port: u16,
-    log: PathBuf,
-}
-
-impl NatsServer {
-    async fn start(bin: &Path, data_dir: &Path, port: u16) -> anyhow::Result<Self> {
-        let pid_file = data_dir.join("nats.pid");
-        stop_leftover_nats(&pid_file, data_dir).await?;
-        ensure_port_free(port, "nats-server")?;
-
-        let store = data_dir.join("nats");
-        let log = data_dir.join("nats.log");
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("cannot open {}", log.display()))?;
-        let log_err = log_file
-            .try_clone()
-            .with_context(|| format!("cannot open {}", log.display()))?;
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&store)
-            .args(["--server_name", "landslide-local", "-P"])
-            .arg(&pid_file)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            // Its own process group: Ctrl-C in the terminal reaches only us, and we stop the
-            // server after the roles that use it have drained.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child
-            .id()
-            .context("nats-server exited as soon as it was started")?;
-        let server = Self {
-            child,
-            pid,
-            port,
-            log,
-        };
-        server.wait_ready().await?;
-        tracing::info!(
-            nats.url = %server.url(),
-            pid,
-            log = %server.log.display(),
-            "started nats-server on {}",
-            server.url()
-        );
-        Ok(server)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Waits until JetStream answers; fails with the log tail if the server exits first.
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + NATS_READY_TIMEOUT;
-        let url = self.url();
-        loop {
-            if !process_alive(self.pid) {
-                bail!(
-                    "nats-server exited during start-up; {}",
-                    log_tail(&self.log)
-                );
-            }
-            if jetstream_answers(&url).await {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "nats-server on {url} did not answer JetStream requests within {}s; {}",
-                    NATS_READY_TIMEOUT.as_secs(),
-                    log_tail(&self.log)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Err(e) = send_signal(self.pid, "TERM").await {
-            tracing::warn!(error = %format!("{e:#}"), "could not send SIGTERM to nats-server");
-        }
-        let status = match tokio::time::timeout(NATS_STOP_GRACE, self.child.wait()).await {
-            Ok(status) => status.context("cannot wait for nats-server")?,
-            Err(_) => {
-                tracing::warn!(
-                    grace_s = NATS_STOP_GRACE.as_secs(),
-                    "nats-server did not exit after SIGTERM; killing it"
-                );
-                self.child.kill().await.context("cannot kill nats-server")?;
-                return Ok(());
-            }
-        };
-        // nats-server 2.9 exits with status 1 after a graceful SIGTERM shutdown (JetStream
-        // flushed, "Server Exiting.." logged), so the status is reported, not judged.
-        tracing::info!(%status, "stopped nats-server");
-        Ok(())
-    }
-}
-
-/// Whether the server at `url` answers a JetStream account-info request.
-async fn jetstream_answers(url: &str) -> bool {
-    landslide_nats::api_request(url, "$JS.API.INFO")
-        .await
-        .is_some_and(|info| info["type"] == "io.nats.jetstream.api.v1.account_info_response")
-}
-
-/// Stops a nats-server that a crashed run of ours left on this folder. We hold the folder's lock,
-/// so no live `landslide up` owns it.
-async fn stop_leftover_nats(pid_file: &Path, data_dir: &Path) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(pid_file) else {
-        return Ok(());
-    };
-    let Ok(pid) = text.trim().parse::<u32>() else {
-        return Ok(());
-    };
-    // The pid may have been reused since: only a nats-server on our store folder is ours.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    let store = data_dir.join("nats");
-    let ours =
-        cmdline.contains("nats-server") && cmdline.split('\0').any(|arg| Path::new(arg) == store);
-    if !ours || !process_alive(pid) {
-        return Ok(());
-    }
-    tracing::warn!(
-        pid,
-        "stopping the nats-server that an earlier run left on this data folder"
-    );
-    send_signal(pid, "TERM").await?;
-    if !wait_gone(pid, NATS_STOP_GRACE).await {
-        send_signal(pid, "KILL").await?;
-        if !wait_gone(pid, Duration::from_secs(5)).await {
-            bail!("cannot stop the leftover nats-server (pid {pid}) on this data folder");
-        }
-    }
-    Ok(())
-}
-
-/// The user the PostgreSQL programs run as, when it is not us.
-#[derive(Debug, Clone, Copy)]
-struct RunAs {
-    uid: u32,
-    gid: u32,
-}
-
-/// Whether we are root, by the owner of our own /proc entry (std has no getuid).
-fn running_as_root() -> anyhow::Result<bool> {
-    let meta = std::fs::metadata("/proc/self").context("cannot read /proc/self")?;
-    Ok(meta.uid() == 0)
-}
-
-/// The `postgres` system user from /etc/passwd.
-fn postgres_user() -> anyhow::Result<RunAs> {
-    let passwd = std::fs::read_to_string("/etc/passwd").context("cannot read /etc/passwd")?;
-    passwd
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            if fields.first() != Some(&"postgres") || fields.len() < 4 {
-                return None;
-            }
-            Some(RunAs {
-                uid: fields[2].parse().ok()?,
-                gid: fields[3].parse().ok()?,
-            })
-        })
-        .ok_or_else(|| {
-            anyhow!(
-                "PostgreSQL refuses to run as root, and there is no `postgres` user to run it as: \
-                 install the server with `sudo apt-get install postgresql` (which creates the \
-                 user), or run landslide as a normal user"
-            )
-        })
-}
-
-/// Changes the owner of `path` and everything below it.
-fn chown_tree(path: &Path, user: RunAs) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
-    if std::fs::symlink_metadata(path)?.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), user)?;
-        }
-    }
-    Ok(())
-}
-
-/// Our PostgreSQL cluster, started by `pg_ctl` (so daemonized, not our child).
-struct PostgresServer {
-    bins: PgBinaries,
-    cluster: PathBuf,
-    port: u16,
-    run_as: Option<RunAs>,
-    /// Whether we still have to stop it; `Drop` stops it when this is still true.
-    running: bool,
-}
-
-impl PostgresServer {
-    async fn start(bins: PgBinaries, data_dir: &Path, port: u16) -> anyhow::Result<Self> {
-        let run_as = if running_as_root()? {
-            Some(postgres_user()?)
-        } else {
-            None
-        };
-        let cluster = data_dir.join("postgres");
-        let log = data_dir.join("postgres.log");
-        let mut server = Self {
-            bins,
-            cluster,
-            port,
-            run_as,
-            running: false,
-        };
-        server.prepare_cluster(data_dir, &log).await?;
-        server.stop_leftover().await?;
-        ensure_port_free(port, "PostgreSQL")?;
-
-        let options = format!(
-            // No Unix socket: its path must fit in 107 bytes, which a deep data folder breaks, and
-            // every client here uses TCP. pg_ctl passes these options through /bin/sh, hence ''.
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
-        );
-        let output = server
-            .pg_command(&server.bins.pg_ctl)
-            .arg("start")
-            .arg("-D")
-            .arg(&server.cluster)
-            .args(["-w", "-t", PG_START_TIMEOUT_S, "-l"])
-            .arg(&log)
-            .args(["-o", &options])
-            .output()
-            .await
-            .context("cannot run pg_ctl start")?;
-        if !output.status.success() {
-            // A timed-out start may still be coming up: make sure it does not linger.
-            server.running = true;
-            let _ = server.stop().await;
-            bail!(
-                "PostgreSQL did not start ({}): {}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim(),
-                log_tail(&log)
-            );
-        }
-        server.running = true;
-
-        if let Err(e) = server.create_database().await {
-            let _ = server.stop().await;
-            return Err(e);
-        }
-        tracing::info!(
-            db.url = %server.database_url(),
-            cluster = %server.cluster.display(),
-            log = %log.display(),
-            "started PostgreSQL on 127.0.0.1:{port}"
-        );
-        Ok(server)
-    }
-
-    fn database_url(&self) -> String {
-        format!("postgres://{DB_USER}@127.0.0.1:{}/{DATABASE}", self.port)
-    }
-
-    /// A command for a PostgreSQL program, run as the cluster's owner, from `/` (the programs
-    /// resolve their working directory, which may be private to root).
-    fn pg_command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.current_dir("/").stdin(Stdio::null());
-        if let Some(user) = self.run_as {
-            cmd.uid(user.uid).gid(user.gid);
-        }
-        cmd
-    }
-
-    /// Makes the cluster folder and log ours (or the postgres user's) and runs initdb once.
-    async fn prepare_cluster(&self, data_dir: &Path, log: &Path) -> anyhow::Result<()> {
-        if let Some(user) = self.run_as {
-            let status = self
-                .pg_command(Path::new("test"))
-                .arg("-x")
-                .arg(data_dir)
-                .status()
-                .await
-                .context("cannot run test(1) as the postgres user")?;
-            if !status.success() {
-                bail!(
-                    "PostgreSQL refuses to run as root, so it runs as the `postgres` user, which \
-                     cannot reach the data folder {} (it or a folder above it, such as /root, is \
-                     private): choose a data folder it can reach with `--data-dir`, e.g. \
-                     /var/lib/landslide",
-                    data_dir.display()
-                );
-            }
-            let cluster = self.cluster.clone();
-            let log = log.to_owned();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                if !cluster.exists() {
-                    std::fs::create_dir(&cluster)
-                        .with_context(|| format!("cannot create {}", cluster.display()))?;
-                    std::fs::set_permissions(&cluster, std::fs::Permissions::from_mode(0o700))
-                        .with_context(|| format!("cannot set the mode of {}", cluster.display()))?;
-                }
-                if std::fs::metadata(&cluster)?.uid() != user.uid {
-                    chown_tree(&cluster, user).with_context(|| {
-                        format!("cannot give {} to the postgres user", cluster.display())
-                    })?;
-                }
-                // pg_ctl opens the log as the postgres user, who cannot create files in our folder.
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .with_context(|| format!("cannot create {}", log.display()))?;
-                std::os::unix::fs::chown(&log, Some(user.uid), Some(user.gid))
-                    .with_context(|| format!("cannot give {} to the postgres user", log.display()))
-            })
-            .await
-            .context("the cluster preparation task panicked")??;
-        }
-
-        if self.cluster.join("PG_VERSION").is_file() {
-            return Ok(());
-        }
-        let output = self
-            .pg_command(&self.bins.initdb)
-            .arg("-D")
-            .arg(&self.cluster)
-            .args(["-U", DB_USER, "--auth=trust", "-E", "UTF8", "--locale=C"])
-            .output()
-            .await
-            .context("cannot run initdb")?;
-        if !output.status.success() {
-            bail!(
-                "initdb {} failed ({}): {}",
-                self.cluster.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        tracing::info!(cluster = %self.cluster.display(), "created a PostgreSQL cluster");
-        Ok(())
-    }
-
-    /// Stops a server that a crashed run left on this cluster (we hold the folder's lock, so no
-    /// live `up` owns it): it may listen on another port, and it keeps the cluster locked.
-    async fn stop_leftover(&mut self) -> anyhow::Result<()> {
-        let status = self
-            .pg_command(&self.bins.pg_ctl)
-            .arg("status")
-            .arg("-D")
-            .arg(&self.cluster)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .context("cannot run pg_ctl status")?;
-        // pg_ctl status: 0 running, 3 not running (a stale postmaster.pid is fine: the postmaster
-        // checks it and starts anyway), 4 no cluster.
-        if status.success() {
-            tracing::warn!("stopping the PostgreSQL that an earlier run left on this data folder");
-            self.running = true;
-            self.stop().await?;
-        }
-        Ok(())
-    }
-
-    async fn create_database(&self) -> anyhow::Result<()> {
-        // Imported here only: its `first` would shadow slices' `first` elsewhere in the module.
-        use diesel_async::RunQueryDsl as _;
-        #[derive(QueryableByName)]
-        struct Exists {
-            #[diesel(sql_type = diesel::sql_types::Bool)]
-            exists: bool,
-        }
-        let admin_url = format!("postgres://{DB_USER}@127.0.0.1:{}/postgres", self.port);
-        let mut conn = AsyncPgConnection::establish(&admin_url)
-            .await
-            .with_context(|| format!("cannot connect to our PostgreSQL at {admin_url}"))?;
-        let found: Exists =
-            diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind::<diesel::sql_types::Text, _>(DATABASE)
-                .get_result(&mut conn)
-                .await
-                .context("cannot list the databases")?;
-        if !found.exists {
-            diesel::sql_query(format!("CREATE DATABASE {DATABASE}"))
-                .execute(&mut conn)
-                .await
-                .with_context(|| format!("cannot create the database {DATABASE}"))?;
-            tracing::info!(db.name = DATABASE, "created the database");
-        }
-        Ok(())
-    }
-
-    /// Fast shutdown (sessions are ended, committed work is on disk); an immediate one if that
-    /// does not finish in time (recovery replays the WAL at the next start, so nothing committed
-    /// is lost either).
-    async fn stop(&mut self) -> anyhow::Result<()> {
-        // Without a postmaster.pid no server runs on the cluster (it failed to start, or died).
-        if !self.running || !self.cluster.join("postmaster.pid").exists() {
-            self.running = false;
-            return Ok(());
-        }
-        let fast = self.pg_stop("fast").await?;
-        if !fast.success() {
-            tracing::warn!(%fast, "PostgreSQL did not stop in time; stopping it immediately");
-            let immediate = self.pg_stop("immediate").await?;
-            if !immediate.success() {
-                bail!(
-                    "cannot stop PostgreSQL on {}: pg_ctl stop -m immediate: {immediate}",
-                    self.cluster.display()
-                );
-            }
-        }
-        self.running = false;
-        tracing::info!(cluster = %self.cluster.display(), "stopped PostgreSQL");
-        Ok(())
-    }
-
-    async fn pg_stop(&self, mode: &str) -> anyhow::Result<ExitStatus> {
-        self.pg_command(&self.bins.pg_ctl)
-            .arg("stop")
-            .arg("-D")
-            .arg(&self.cluster)
-            .args(["-m", mode, "-w", "-t", PG_STOP_TIMEOUT_S])
-            .stdout(Stdio::null())
-            .status()
-            .await
-            .context("cannot run pg_ctl stop")
-    }
-}
-
-impl Drop for PostgresServer {
-    /// The fallback when `stop` was not called (a panic, an early return): a blocking fast
-    /// shutdown, since Drop cannot await. It blocks the thread for as long as the shutdown takes,
-    /// which is acceptable on this path only.
-    fn drop(&mut self) {
-        if !self.running {
-            return;
-        }
-        use std::os::unix::process::CommandExt as _;
-        let mut cmd = std::process::Command::new(&self.bins.pg_ctl);
-        cmd.current_dir("/")
-            .arg("stop")
-            .arg("-D")
-            .arg(&self.cluster)
-            .args(["-m", "fast", "-w", "-t", PG_STOP_TIMEOUT_S])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        if let Some(user) = self.run_as {
-            cmd.uid(user.uid).gid(user.gid);
-        }
-        match cmd.status() {
-            Ok(status) if status.success() => {}
-            Ok(status) => tracing::warn!(%status, "could not stop PostgreSQL on drop"),
-            Err(e) => tracing::warn!(error = %e, "could not run pg_ctl stop on drop"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, TcpListener};
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::time::Instant;
+
+    use diesel::QueryableByName;
+    use diesel_async::{AsyncConnection as _, AsyncPgConnection};
     use diesel_async::{RunQueryDsl as _, SimpleAsyncConnection};
+    use landslide_servers::{ensure_port_free, process_alive, running_as_root};
+
+    async fn jetstream_answers(url: &str) -> bool {
+        landslide_nats::api_request(url, "$JS.API.INFO")
+            .await
+            .is_some_and(|info| info["type"] == "io.nats.jetstream.api.v1.account_info_response")
+    }
 
     fn free_port() -> u16 {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
@@ -1207,6 +638,7 @@ mod tests {
 
     fn nowhere(dir: &Path) -> Binaries {
         Binaries {
+            nats_server: Vec::new(),
             path: vec![dir.join("empty")],
             pg_root: dir.join("empty"),
         }
@@ -1224,8 +656,13 @@ mod tests {
         )
         .await
         .expect_err("no nats-server");
-        assert_eq!(err.to_string(), NATS_MISSING);
-        assert!(NATS_MISSING.contains("sudo apt-get install nats-server"));
+        let msg = err.to_string();
+        assert_eq!(msg, landslide_servers::nats_server_missing());
+        assert!(msg.contains("scripts/up"), "{msg}");
+        assert!(
+            msg.contains(&landslide_nats::ServerVersion::pinned().to_string()),
+            "{msg}"
+        );
         assert!(!dir.path().join("data").exists(), "nothing was created");
     }
 
@@ -1249,7 +686,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_data_folder_the_postgres_user_cannot_reach_is_refused_with_advice() {
-        if !running_as_root().expect("uid") {
+        if !running_as_root() {
             // Only root hands the cluster to the postgres user.
             return;
         }

@@ -23,6 +23,87 @@ pub const DLQ_STREAM_JSON: &str = include_str!("../votes-dlq-stream.json");
 /// `nats/dedup-worker-consumer.json`.
 pub const CONSUMER_JSON: &str = include_str!("../dedup-worker-consumer.json");
 
+/// `nats/nats-server.release`: the pinned nats-server release and the oldest one supported.
+pub const RELEASE_FILE: &str = include_str!("../nats-server.release");
+
+/// A nats-server version, `major.minor.patch` (a pre-release suffix is ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl ServerVersion {
+    /// Parses `2.15.1`, `v2.15.1`, `2.12.0-RC.3` or `nats-server: v2.15.1` (what `--version` prints).
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let text = text.rsplit(' ').next()?.trim_start_matches('v');
+        let core = text.split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+        let version = Self {
+            major: parts.next()??,
+            minor: parts.next()??,
+            patch: parts.next().unwrap_or(Some(0))?,
+        };
+        parts.next().is_none().then_some(version)
+    }
+
+    /// The release every deployment runs (`NATS_SERVER_VERSION`).
+    pub fn pinned() -> Self {
+        release_value("NATS_SERVER_VERSION")
+    }
+
+    /// The oldest release Landslide runs on (`NATS_SERVER_MIN_VERSION`).
+    pub fn minimum() -> Self {
+        release_value("NATS_SERVER_MIN_VERSION")
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+fn release_value(key: &str) -> ServerVersion {
+    RELEASE_FILE
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .and_then(ServerVersion::parse)
+        // The file is compiled in, and a unit test parses both keys.
+        .unwrap_or(ServerVersion {
+            major: 0,
+            minor: 0,
+            patch: 0,
+        })
+}
+
+/// Why a nats-server is refused: older than [`ServerVersion::minimum`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} is nats-server {found}, older than {}, the oldest Landslide runs on (it must fsync \
+     before it acks, and publish atomic batches); install nats-server {} (scripts/install does, \
+     from the official build)",
+    ServerVersion::minimum(),
+    ServerVersion::pinned()
+)]
+pub struct TooOld {
+    pub what: String,
+    pub found: String,
+}
+
+/// `Err(TooOld)` unless `found` (as the server or `--version` reports it) is at least the minimum.
+pub fn check_version(what: &str, found: &str) -> Result<ServerVersion, TooOld> {
+    match ServerVersion::parse(found) {
+        Some(version) if version >= ServerVersion::minimum() => Ok(version),
+        _ => Err(TooOld {
+            what: what.to_owned(),
+            found: found.trim().to_owned(),
+        }),
+    }
+}
+
 /// The names a deployment uses. The defaults are those of the JSON files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -181,7 +262,12 @@ fn same(a: &Value, b: &Value) -> bool {
     a == b || (is_default(a) && is_default(b))
 }
 
-/// Creates the stream if missing; checks it against its definition if present.
+/// Fields that an existing stream may lack and that are set in place, without touching a stored
+/// vote: `allow_atomic` (group commit), which streams made before nats-server 2.12 lack.
+const UPDATABLE_STREAM_FIELDS: &[&str] = &["allow_atomic"];
+
+/// Creates the stream if missing; checks it against its definition if present, and updates it in
+/// place where only [`UPDATABLE_STREAM_FIELDS`] differ.
 async fn ensure_stream(
     js: &jetstream::Context,
     config: stream::Config,
@@ -197,7 +283,13 @@ async fn ensure_stream(
             let expected = serde_json::to_value(&config)?;
             let found = serde_json::to_value(&info.config)?;
             let differences = differences(&file, &expected, &found);
-            if !differences.is_empty() {
+            if differences.is_empty() {
+                return Ok(stream);
+            }
+            if !differences
+                .iter()
+                .all(|d| UPDATABLE_STREAM_FIELDS.contains(&d.field.as_str()))
+            {
                 return Err(Incompatible {
                     kind: "stream",
                     name,
@@ -205,7 +297,14 @@ async fn ensure_stream(
                 }
                 .into());
             }
-            Ok(stream)
+            // A stream made by an earlier release: bring it up to its file in place.
+            js.update_stream(config)
+                .await
+                .with_context(|| format!("cannot update stream {name}"))?;
+            tracing::warn!(stream = %name, changes = %describe(&differences), "updated the stream to its definition");
+            js.get_stream(&name)
+                .await
+                .with_context(|| format!("cannot look up stream {name}"))
         }
         Err(err) if is_stream_not_found(&err) => {
             let stream = js
@@ -310,7 +409,12 @@ where
     loop {
         match step().await {
             Ok(value) => return Ok(value),
-            Err(err) if err.downcast_ref::<Incompatible>().is_some() => return Err(err),
+            Err(err)
+                if err.downcast_ref::<Incompatible>().is_some()
+                    || err.downcast_ref::<TooOld>().is_some() =>
+            {
+                return Err(err);
+            }
             Err(err) if tokio::time::Instant::now() + pause > deadline => {
                 return Err(err.context(format!(
                     "gave up trying to {what} after {}s",
@@ -369,13 +473,20 @@ async fn connect_to(
     urls: &str,
     client_name: &str,
 ) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    let client = async_nats::ConnectOptions::new()
         .name(client_name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
         .connect(addrs)
         .await
-        .with_context(|| format!("cannot connect to NATS at {urls} (NATS_URL)"))
+        .with_context(|| format!("cannot connect to NATS at {urls} (NATS_URL)"))?;
+    // Refuse a server that cannot keep the promise "accepted means on disk", before any vote.
+    let info = client.server_info();
+    check_version(
+        &format!("the server {} at {urls} (NATS_URL)", info.server_name),
+        &info.version,
+    )?;
+    Ok(client)
 }
 
 /// One JetStream API request (`$JS.API.INFO`, `$JS.API.STREAM.INFO.<name>`, …) on a connection of
@@ -475,6 +586,31 @@ mod tests {
             msg.contains("discard: expected \"new\", found \"old\""),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn versions_parse_and_compare() {
+        let v = |s| ServerVersion::parse(s).unwrap();
+        assert_eq!(v("nats-server: v2.15.1").to_string(), "2.15.1");
+        assert_eq!(v("2.12.0-RC.3"), v("2.12.0"));
+        assert!(v("2.9.10") < v("2.12.4"));
+        assert!(v("2.14.0") > v("2.12.4"));
+        assert_eq!(ServerVersion::parse("latest"), None);
+        assert!(ServerVersion::pinned() >= ServerVersion::minimum());
+        assert!(ServerVersion::minimum() >= v("2.12.0"));
+    }
+
+    #[test]
+    fn an_old_server_is_refused_naming_what_to_install() {
+        let err = check_version("the server n1", "2.9.10")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nats-server 2.9.10"), "{err}");
+        assert!(
+            err.contains(&format!("install nats-server {}", ServerVersion::pinned())),
+            "{err}"
+        );
+        assert!(check_version("the server n1", "2.15.1").is_ok());
     }
 
     #[test]

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use landslide_chaos::faults::FaultKind;
-use landslide_chaos::servers::Nats;
 use landslide_chaos::{NatsLayout, Scenario};
 use landslide_nats::Topology;
+use landslide_servers::Nats;
 use uuid::Uuid;
 
 use crate::support::{self, Db};
@@ -158,11 +158,11 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut postgres = landslide_chaos::servers::Postgres::start(dir.path())
+    let mut postgres = landslide_servers::Postgres::start(dir.path())
         .await
         .unwrap();
     postgres
-        .stop(landslide_chaos::servers::PgStop::Fast)
+        .stop(landslide_servers::PgStop::Fast)
         .await
         .unwrap();
     let nats = support::Nats::start().await;

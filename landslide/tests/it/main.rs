@@ -7,6 +7,7 @@ mod audit;
 mod chaos;
 mod cli;
 mod pipeline;
+mod publish;
 mod schema;
 mod streams;
 mod support;

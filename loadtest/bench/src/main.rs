@@ -374,7 +374,7 @@ struct NullServer {
 
 impl NullServer {
     async fn start() -> anyhow::Result<Self> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], landslide_chaos::servers::free_port()?));
+        let addr = SocketAddr::from(([127, 0, 0, 1], landslide_servers::free_port()?));
         let process = tokio::process::Command::new(std::env::current_exe()?)
             .args(["null-server", "--listen", &addr.to_string()])
             .kill_on_drop(true)

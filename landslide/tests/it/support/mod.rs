@@ -15,7 +15,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    landslide_chaos::servers::free_port().expect("bind an ephemeral port")
+    landslide_servers::free_port().expect("bind an ephemeral port")
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
@@ -40,7 +40,7 @@ where
 /// A private nats-server with JetStream and file storage (the reliability harness's), killed
 /// when dropped.
 pub struct Nats {
-    server: landslide_chaos::servers::Nats,
+    server: landslide_servers::Nats,
     pub url: String,
     _dir: tempfile::TempDir,
 }
@@ -49,7 +49,7 @@ impl Nats {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for nats");
         let server =
-            landslide_chaos::servers::Nats::start(landslide_chaos::NatsLayout::Single, dir.path())
+            landslide_servers::Nats::start(landslide_servers::NatsLayout::Single, dir.path())
                 .await
                 .expect("start nats-server");
         Self {

@@ -1,5 +1,5 @@
-//! One child process the harness owns: started, killed, terminated and started again with the
-//! same command, its output appended to one log file across restarts.
+//! One child process: started, killed, terminated and started again with the same command, its
+//! output appended to one log file across restarts.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -21,6 +21,7 @@ pub struct Process {
     args: Vec<OsString>,
     envs: Vec<(String, String)>,
     log: PathBuf,
+    own_process_group: bool,
     child: Option<Child>,
 }
 
@@ -32,6 +33,7 @@ impl Process {
             args: Vec::new(),
             envs: Vec::new(),
             log,
+            own_process_group: false,
             child: None,
         }
     }
@@ -43,6 +45,13 @@ impl Process {
 
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.envs.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    /// Runs the process in a process group of its own: a Ctrl-C in the terminal then reaches
+    /// only us, and we stop the process when it suits us.
+    pub fn own_process_group(mut self) -> Self {
+        self.own_process_group = true;
         self
     }
 
@@ -62,7 +71,11 @@ impl Process {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if self.own_process_group {
+            command.process_group(0);
+        }
+        let child = command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -125,9 +138,9 @@ impl Process {
     }
 }
 
-/// The last lines of a log, for error messages.
+/// The last lines of a server's log, for error messages.
 pub fn log_tail(path: &Path) -> String {
-    const MAX_BYTES: u64 = 3000;
+    const MAX_BYTES: u64 = 4096;
     let mut bytes = Vec::new();
     if let Ok(mut file) = std::fs::File::open(path) {
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -136,9 +149,10 @@ pub fn log_tail(path: &Path) -> String {
     }
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
-    format!(
-        "last lines of {}:\n{}",
-        path.display(),
-        lines[lines.len().saturating_sub(12)..].join("\n")
-    )
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    if tail.is_empty() {
+        format!("(the log {} is empty)", path.display())
+    } else {
+        format!("last lines of {}:\n{tail}", path.display())
+    }
 }

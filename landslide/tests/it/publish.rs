@@ -1,0 +1,214 @@
+//! Group commit at ingest, and the server versions the roles run on: concurrent votes share atomic
+//! batches, each answered only from the ack that covers it; a duplicate inside a batch never
+//! turns into a lost vote or a second copy; a server older than the minimum is refused.
+
+use std::collections::HashMap;
+
+use futures::future::join_all;
+use landslide_nats::{ServerVersion, Topology};
+use landslide_schema::VoteEvent;
+
+use crate::support::{self, Db, Nats};
+
+/// Every vote in the stream, by event id: how many copies.
+async fn stored_events(nats: &Nats) -> HashMap<String, usize> {
+    use futures::StreamExt as _;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stream = js.get_stream("VOTES").await.unwrap();
+    let total = stream.get_info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut copies = HashMap::new();
+    for _ in 0..total {
+        let message = messages.next().await.unwrap().unwrap();
+        let event = VoteEvent::decode(&message.payload).unwrap();
+        *copies.entry(event.event_id.to_string()).or_default() += 1;
+    }
+    copies
+}
+
+/// A role's `/metrics` page.
+async fn metrics_page(base_url: &str) -> String {
+    let response = reqwest::get(format!("{base_url}/metrics")).await.unwrap();
+    response.text().await.unwrap()
+}
+
+/// A metric's value in a Prometheus text page (summed over its labels).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_votes_share_batches_and_each_is_stored_once() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let worker = support::worker(&nats.url, &db.url);
+
+    let votes = 400;
+    let answers = join_all((0..votes).map(|i| {
+        let url = ingest.url.clone();
+        async move {
+            let choice = if i % 3 == 0 { "dogs" } else { "cats" };
+            support::vote_api(&support::voter(), &url, "pets", choice).await
+        }
+    }))
+    .await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 202, "{body}");
+        assert_eq!(body["duplicate"], false);
+    }
+
+    // Fewer publishes than votes: the votes went out together.
+    let page = metrics_page(&ingest.url).await;
+    let batches = metric(&page, "landslide_publish_batch_size_count");
+    let batched = metric(&page, "landslide_publish_batch_size_sum");
+    assert_eq!(batched, f64::from(votes), "every vote was in a batch");
+    assert!(
+        batches < f64::from(votes) / 2.0,
+        "{votes} concurrent votes took {batches} publishes"
+    );
+
+    // Each answer is its own vote, stored exactly once.
+    let copies = stored_events(&nats).await;
+    assert_eq!(copies.len(), votes as usize);
+    for (_, body) in &answers {
+        let id = body["event_id"].as_str().unwrap();
+        assert_eq!(copies.get(id), Some(&1), "event {id}");
+    }
+    support::drained(&nats.url).await;
+    let dogs = (0..votes).filter(|i| i % 3 == 0).count() as i64;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [
+            (
+                "cats".to_owned(),
+                i64::from(votes) - dogs,
+                i64::from(votes) - dogs
+            ),
+            ("dogs".to_owned(), dogs, dogs)
+        ]
+    );
+    worker.stop().await;
+    ingest.role.stop().await;
+}
+
+/// A keyed retry arriving among other votes makes JetStream refuse the whole batch (error 10201,
+/// "atomic publish batch contains duplicate message id"), without saying which vote. Every vote
+/// of that batch must still be answered from its own ack: the retry as the duplicate it is, the
+/// others as stored once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored() {
+    let nats = Nats::start().await;
+    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let keyed = |client: reqwest::Client, key: String| {
+        let url = format!("{}/api/votes", ingest.url);
+        async move {
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", key)
+                .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let keys: Vec<String> = (0..20).map(|i| format!("retry-{i}")).collect();
+    let originals = join_all(keys.iter().map(|k| keyed(support::voter(), k.clone()))).await;
+
+    // Each key again, cookie-less as after a lost answer, among 200 fresh votes.
+    let retries = join_all(keys.iter().map(|k| keyed(support::voter(), k.clone())));
+    let fresh = join_all((0..200).map(|_| {
+        let url = ingest.url.clone();
+        async move { support::vote_api(&support::voter(), &url, "pets", "cats").await }
+    }));
+    let (retries, fresh) = tokio::join!(retries, fresh);
+
+    for ((status, original), (again, retry)) in originals.iter().zip(&retries) {
+        assert_eq!((*status, *again), (202, 202), "{original} {retry}");
+        assert_eq!(retry["event_id"], original["event_id"]);
+        assert_eq!(retry["duplicate"], true, "{retry}");
+        assert_eq!(retry["ts"], original["ts"], "the stored copy's stamp");
+    }
+    for (status, body) in &fresh {
+        assert_eq!(*status, 202, "{body}");
+    }
+    // The path under test was taken: some batch held a retry beside other votes and was refused.
+    let page = metrics_page(&ingest.url).await;
+    assert!(
+        metric(&page, "landslide_publish_batch_splits_total") >= 1.0,
+        "no batch was refused for a duplicate"
+    );
+    let copies = stored_events(&nats).await;
+    assert_eq!(copies.len(), 220);
+    assert!(copies.values().all(|&n| n == 1), "{copies:?}");
+    ingest.role.stop().await;
+}
+
+/// Streams made by a release without group commit lack `allow_atomic`; the roles set it in
+/// place instead of refusing to start, and keep what the stream holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_votes_stream_without_atomic_batches_is_updated_in_place() {
+    let nats = Nats::start().await;
+    let client = nats.client().await;
+    let mut old: serde_json::Value =
+        serde_json::from_str(landslide_nats::VOTES_STREAM_JSON).unwrap();
+    old.as_object_mut().unwrap().remove("allow_atomic");
+    let reply = client
+        .request("$JS.API.STREAM.CREATE.VOTES", old.to_string().into())
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "{reply}");
+    let js = async_nats::jetstream::new(client);
+    js.publish("votes.old", "an earlier vote".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let stream = landslide_nats::ensure_votes_stream(&js, &Topology::default())
+        .await
+        .unwrap();
+    let info = stream.get_info().await.unwrap();
+    assert!(info.config.allow_atomic_publish);
+    assert_eq!(info.state.messages, 1);
+}
+
+/// Debian 12's nats-server 2.9.10 acks from the page cache; any release older than the minimum
+/// is refused by name, before a vote is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_connected_to_a_server_older_than_the_minimum_refuses_to_start() {
+    let old = std::env::var("NATS_SERVER_TOO_OLD_BIN").expect(
+        "NATS_SERVER_TOO_OLD_BIN names a nats-server older than the minimum (scripts/test installs one)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spec = landslide_servers::NatsSpec {
+        binary: Some(old.into()),
+        ..landslide_servers::NatsSpec::new(landslide_servers::NatsLayout::Single)
+    };
+    let nats = landslide_servers::Nats::start_with(&spec, dir.path())
+        .await
+        .unwrap();
+    let db = Db::create().await;
+    let worker = support::worker(&nats.url(0), &db.url);
+    let err = worker
+        .join()
+        .await
+        .expect_err("the worker refuses the old server");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("is nats-server 2.10.25"), "{msg}");
+    assert!(msg.contains(&ServerVersion::minimum().to_string()), "{msg}");
+    assert!(
+        msg.contains(&format!("install nats-server {}", ServerVersion::pinned())),
+        "{msg}"
+    );
+}

@@ -1,0 +1,173 @@
+//! Every server process that Landslide runs itself: nats-server, one node or a three-node
+//! cluster ([`nats`]), and PostgreSQL ([`postgres`]). `landslide up`, the integration tests, the
+//! reliability harness and the benchmark all start their servers here, so that they run the same
+//! binaries with the same durability settings, wait for readiness the same way, and stop them the
+//! same way.
+//!
+//! It never weakens durability behind a caller's back: nats-server fsyncs before it acks unless
+//! the caller asks for the lazy default by name ([`nats::Sync::Lazy`], for control runs), and
+//! PostgreSQL keeps `fsync` and `synchronous_commit` on.
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use landslide_nats::ServerVersion;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub mod nats;
+pub mod postgres;
+pub mod process;
+
+pub use nats::{Nats, NatsLayout, NatsSpec, Sync};
+pub use postgres::{PgStop, Postgres};
+pub use process::Process;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Fails clearly when `port` on loopback is taken. The check races with other programs, but it
+/// turns the common case (a server already there) into a message that names the port.
+pub fn ensure_port_free(port: u16, what: &str) -> anyhow::Result<()> {
+    match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AddrInUse => bail!(
+            "port {port} on 127.0.0.1 is already in use, so our {what} cannot listen there: stop \
+             whatever listens on it or choose another port"
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot check port {port} for {what}")),
+    }
+}
+
+/// Where server binaries are looked for; tests point it at empty folders.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// nats-server binaries to prefer over `path`, in order: `NATS_SERVER_BIN`, then the pinned
+    /// release where `scripts/prerequisites.sh` installs it (as root, then as a user).
+    pub nats_server: Vec<PathBuf>,
+    /// Folders searched for `nats-server`, `pg_config`, `initdb` and `pg_ctl`, in order.
+    pub path: Vec<PathBuf>,
+    /// Debian's versioned PostgreSQL installs: `<pg_root>/<major>/bin`, off `PATH`.
+    pub pg_root: PathBuf,
+}
+
+impl Binaries {
+    /// `PATH`, then the folders Debian and manual installs use even when they are not on `PATH`.
+    pub fn system() -> Self {
+        let pinned = ServerVersion::pinned();
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        let nats_server = [
+            std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from),
+            Some(PathBuf::from(format!(
+                "/usr/local/lib/landslide/nats-server-{pinned}/nats-server"
+            ))),
+            cache.map(|c| c.join(format!("landslide/nats-server-{pinned}/nats-server"))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut path: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        path.extend(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
+        Self {
+            nats_server,
+            path,
+            pg_root: PathBuf::from("/usr/lib/postgresql"),
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<PathBuf> {
+        self.path
+            .iter()
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    }
+
+    /// The nats-server to run: the first of [`Binaries::nats_server`] that exists, else
+    /// `nats-server` on the path. Refused, naming what to install, when missing or older than
+    /// the oldest supported release (Debian 12's 2.9.10 cannot fsync before it acks).
+    pub fn nats_server(&self) -> anyhow::Result<PathBuf> {
+        let bin = self
+            .nats_server
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .or_else(|| self.find("nats-server"))
+            .ok_or_else(|| anyhow::anyhow!(nats_server_missing()))?;
+        let output = std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("cannot run {} --version", bin.display()))?;
+        let printed = String::from_utf8_lossy(&output.stdout);
+        landslide_nats::check_version(&bin.display().to_string(), &printed)?;
+        Ok(bin)
+    }
+}
+
+/// The message when no nats-server is installed.
+pub fn nats_server_missing() -> String {
+    format!(
+        "nats-server not found: install nats-server {} (scripts/up and scripts/test install the \
+         official build) or point NATS_SERVER_BIN at one",
+        ServerVersion::pinned()
+    )
+}
+
+/// Whether we run as root (PostgreSQL then runs as the `postgres` user).
+pub fn running_as_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has exited).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Sends `signal` to `pid`; a process that is already gone is not an error.
+pub fn signal(pid: u32, signal: Signal) -> anyhow::Result<()> {
+    let target = Pid::from_raw(i32::try_from(pid)?);
+    match kill(target, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot send {signal} to {pid}")),
+    }
+}
+
+/// Waits until `pid` has exited, up to `timeout`; returns whether it did.
+pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// SIGTERM to a process that is not our child, SIGKILL if it is still there after `grace`.
+pub async fn stop_pid(pid: u32, grace: Duration) -> anyhow::Result<()> {
+    signal(pid, Signal::SIGTERM)?;
+    if !wait_gone(pid, grace).await {
+        signal(pid, Signal::SIGKILL)?;
+        if !wait_gone(pid, Duration::from_secs(5)).await {
+            bail!("cannot stop process {pid}");
+        }
+    }
+    Ok(())
+}

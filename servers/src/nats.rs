@@ -1,0 +1,437 @@
+//! nats-server processes: one node or a three-node JetStream cluster on loopback ports, each with a
+//! config file of its own, written here with the settings every deployment in `nats/` uses.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::process::{Process, log_tail};
+use crate::{Binaries, free_port};
+
+/// How the JetStream servers are laid out.
+/// (A `clap::ValueEnum`, for the command lines that choose one.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NatsLayout {
+    /// One server, file storage, R1 streams.
+    Single,
+    /// Three servers on loopback ports, R3 streams.
+    Cluster,
+}
+
+impl NatsLayout {
+    pub fn replicas(self) -> usize {
+        match self {
+            Self::Single => 1,
+            Self::Cluster => 3,
+        }
+    }
+
+    fn nodes(self) -> usize {
+        self.replicas()
+    }
+}
+
+impl std::fmt::Display for NatsLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single => "single nats-server",
+            Self::Cluster => "3-node cluster (R3)",
+        })
+    }
+}
+
+/// When the servers fsync what they store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// `sync_interval: always`: every write is on disk before the server acks it. What every
+    /// deployment runs.
+    Always,
+    /// The server's default: files are fsynced every two minutes, acks come from the page cache.
+    /// Only for the control test that shows the power-loss fault finds lost votes, and for the
+    /// benchmark's comparison.
+    Lazy,
+}
+
+/// The files of one node, all named after one stem under the run's folder: `<stem>/` (the
+/// JetStream store), `<stem>.conf`, `<stem>.log`, `<stem>.pid`.
+#[derive(Debug, Clone)]
+struct NodeFiles {
+    store: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    pid: PathBuf,
+}
+
+impl NodeFiles {
+    fn new(dir: &Path, stem: &str) -> Self {
+        Self {
+            store: dir.join(stem),
+            config: dir.join(format!("{stem}.conf")),
+            log: dir.join(format!("{stem}.log")),
+            pid: dir.join(format!("{stem}.pid")),
+        }
+    }
+}
+
+/// What [`Nats::start_with`] starts.
+#[derive(Debug, Clone)]
+pub struct NatsSpec {
+    pub layout: NatsLayout,
+    pub sync: Sync,
+    /// The client port of each node; free ports when `None`.
+    pub ports: Option<Vec<u16>>,
+    /// The file stem of each node (`<stem>/`, `<stem>.conf`, …); `nats-n1`… when `None`.
+    pub stems: Option<Vec<String>>,
+    /// The `server_name` of each node; `n1`… when `None`.
+    pub names: Option<Vec<String>>,
+    /// The nats-server binary; [`Binaries::nats_server`] of the system when `None`.
+    pub binary: Option<PathBuf>,
+    /// Put each server in a process group of its own, so that Ctrl-C in a terminal reaches only
+    /// the parent, which stops the server after the roles that use it (`landslide up`).
+    pub own_process_group: bool,
+}
+
+impl NatsSpec {
+    pub fn new(layout: NatsLayout) -> Self {
+        Self {
+            layout,
+            sync: Sync::Always,
+            ports: None,
+            stems: None,
+            names: None,
+            binary: None,
+            own_process_group: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NatsNode {
+    name: String,
+    port: u16,
+    files: NodeFiles,
+    process: Process,
+}
+
+/// nats-server processes with JetStream and file storage. Each is killed when this is dropped.
+#[derive(Debug)]
+pub struct Nats {
+    nodes: Vec<NatsNode>,
+}
+
+impl Nats {
+    /// `layout` with fsync before every ack, on free ports, under `dir`.
+    pub async fn start(layout: NatsLayout, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(&NatsSpec::new(layout), dir).await
+    }
+
+    pub async fn start_with(spec: &NatsSpec, dir: &Path) -> anyhow::Result<Self> {
+        let bin = match &spec.binary {
+            Some(bin) => bin.clone(),
+            None => Binaries::system().nats_server()?,
+        };
+        let count = spec.layout.nodes();
+        let ports = match &spec.ports {
+            Some(ports) if ports.len() == count => ports.clone(),
+            Some(_) => bail!("{} needs {count} client ports", spec.layout),
+            None => (0..count)
+                .map(|_| free_port())
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let cluster_ports: Vec<u16> = (0..count)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<_>>()?;
+        let pick = |given: &Option<Vec<String>>, default: &dyn Fn(usize) -> String| {
+            (0..count)
+                .map(|i| {
+                    given
+                        .as_ref()
+                        .and_then(|g| g.get(i).cloned())
+                        .unwrap_or_else(|| default(i))
+                })
+                .collect::<Vec<_>>()
+        };
+        let stems = pick(&spec.stems, &|i| format!("nats-n{}", i + 1));
+        let names = pick(&spec.names, &|i| format!("n{}", i + 1));
+        let mut nodes = Vec::new();
+        for i in 0..count {
+            let files = NodeFiles::new(dir, &stems[i]);
+            let routes: Vec<u16> = match spec.layout {
+                NatsLayout::Single => Vec::new(),
+                NatsLayout::Cluster => cluster_ports.clone(),
+            };
+            let config = config_text(
+                &names[i],
+                ports[i],
+                &files,
+                spec.sync,
+                cluster_ports[i],
+                &routes,
+            );
+            std::fs::write(&files.config, config)
+                .with_context(|| format!("cannot write {}", files.config.display()))?;
+            stop_leftover(&files).await?;
+            crate::ensure_port_free(ports[i], "nats-server")?;
+            let mut process =
+                Process::new(format!("nats-server {}", names[i]), &bin, files.log.clone())
+                    .arg("-c")
+                    .arg(&files.config);
+            if spec.own_process_group {
+                process = process.own_process_group();
+            }
+            process.start()?;
+            nodes.push(NatsNode {
+                name: names[i].clone(),
+                port: ports[i],
+                files,
+                process,
+            });
+        }
+        let nats = Self { nodes };
+        for i in 0..nats.nodes.len() {
+            nats.wait_ready(i).await?;
+        }
+        if spec.layout == NatsLayout::Cluster {
+            nats.wait_for_placement().await?;
+        }
+        Ok(nats)
+    }
+
+    /// Every server's client URL, comma-separated: `NATS_URL` for the roles.
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = (0..self.nodes.len()).map(|i| self.url(i)).collect();
+        urls.join(",")
+    }
+
+    pub fn url(&self, node: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[node].port)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].process.pid()
+    }
+
+    pub fn name(&self, node: usize) -> &str {
+        &self.nodes[node].name
+    }
+
+    /// Where a node keeps its JetStream files.
+    pub fn store_dir(&self, node: usize) -> &Path {
+        &self.nodes[node].files.store
+    }
+
+    pub fn log(&self, node: usize) -> &Path {
+        &self.nodes[node].files.log
+    }
+
+    /// SIGKILL: no goodbye to clients, no flush.
+    pub async fn kill(&mut self, node: usize) -> anyhow::Result<()> {
+        self.nodes[node].process.kill().await
+    }
+
+    /// SIGTERM, which makes nats-server flush JetStream and exit; SIGKILL after `grace`.
+    pub async fn terminate(&mut self, node: usize, grace: Duration) -> anyhow::Result<()> {
+        // nats-server 2.9 exited with status 1 after a clean SIGTERM shutdown, so the status is
+        // not judged; only a server that ignores the signal is an error.
+        self.nodes[node].process.terminate(grace).await.map(drop)
+    }
+
+    /// Starts a stopped node again on the same port and store; waits until it answers.
+    pub async fn restart(&mut self, node: usize) -> anyhow::Result<()> {
+        self.nodes[node].process.start()?;
+        self.wait_ready(node).await
+    }
+
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        self.nodes
+            .iter_mut()
+            .try_for_each(|n| n.process.check_running())
+    }
+
+    /// Waits until the node answers JetStream requests (in a cluster: a meta leader exists);
+    /// fails with the end of its log if it exits first.
+    async fn wait_ready(&self, node: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = self.url(node);
+        let log = &self.nodes[node].files.log;
+        loop {
+            if self.nodes[node]
+                .process
+                .pid()
+                .is_none_or(|pid| !crate::process_alive(pid))
+            {
+                bail!(
+                    "{} exited during start-up; {}",
+                    self.nodes[node].name,
+                    log_tail(log)
+                );
+            }
+            if landslide_nats::api_request(&url, "$JS.API.INFO")
+                .await
+                .is_some_and(|info| {
+                    info["type"] == "io.nats.jetstream.api.v1.account_info_response"
+                })
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} on {url} did not answer JetStream requests within 60 s; {}",
+                    self.nodes[node].name,
+                    log_tail(log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until an R3 stream can be placed: every node answering is not enough, the meta
+    /// leader must know all three peers ("no suitable peers for placement" until then).
+    async fn wait_for_placement(&self) -> anyhow::Result<()> {
+        let client = async_nats::connect(landslide_nats::server_addrs(&self.urls())?).await?;
+        let config = r#"{"name":"LANDSLIDE_PROBE","subjects":["landslide.probe"],"num_replicas":3,"storage":"memory"}"#;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = client
+                .request("$JS.API.STREAM.CREATE.LANDSLIDE_PROBE", config.into())
+                .await;
+            let created = reply.ok().and_then(|r| {
+                let answer: serde_json::Value = serde_json::from_slice(&r.payload).ok()?;
+                answer.get("error").is_none().then_some(())
+            });
+            if created.is_some() {
+                let _ = client
+                    .request("$JS.API.STREAM.DELETE.LANDSLIDE_PROBE", "".into())
+                    .await;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster could not place an R3 stream within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The node that leads `stream`'s RAFT group, by its stream info.
+    pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
+        let subject = format!("$JS.API.STREAM.INFO.{stream}");
+        for node in 0..self.nodes.len() {
+            if let Some(info) = landslide_nats::api_request(&self.url(node), &subject).await
+                && let Some(leader) = info["cluster"]["leader"].as_str()
+            {
+                return self.nodes.iter().position(|n| n.name == leader);
+            }
+        }
+        None
+    }
+}
+
+/// One node's configuration: the settings of `nats/nats-server.conf` and `nats/cluster.conf`
+/// (fsync before ack, the store limits, the payload limit), on loopback ports.
+fn config_text(
+    name: &str,
+    port: u16,
+    files: &NodeFiles,
+    sync: Sync,
+    cluster_port: u16,
+    routes: &[u16],
+) -> String {
+    let sync = match sync {
+        Sync::Always => "  sync_interval: always\n",
+        Sync::Lazy => "",
+    };
+    let mut text = format!(
+        "# Written by landslide-servers for one run; the settings of nats/nats-server.conf.\n\
+         server_name: {name}\n\
+         listen: 127.0.0.1:{port}\n\
+         pid_file: {pid:?}\n\
+         jetstream {{\n  store_dir: {store:?}\n{sync}  max_file_store: 20GB\n  max_memory_store: 256MB\n}}\n\
+         max_payload: 1MB\n\
+         write_deadline: \"10s\"\n",
+        pid = files.pid,
+        store = files.store,
+    );
+    if !routes.is_empty() {
+        let routes: Vec<String> = routes
+            .iter()
+            .map(|p| format!("    nats-route://127.0.0.1:{p}"))
+            .collect();
+        text.push_str(&format!(
+            "cluster {{\n  name: landslide\n  listen: 127.0.0.1:{cluster_port}\n  routes: [\n{}\n  ]\n}}\n",
+            routes.join("\n")
+        ));
+    }
+    text
+}
+
+/// Stops a nats-server that a crashed run left on this node's files (a `landslide up` killed
+/// with SIGKILL, say): it would hold the port and the store. Only a nats-server whose command
+/// line names this node's config or store is ours; the pid may have been reused since.
+async fn stop_leftover(files: &NodeFiles) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(&files.pid) else {
+        return Ok(());
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return Ok(());
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let ours = cmdline.contains("nats-server")
+        && cmdline
+            .split('\0')
+            .any(|arg| Path::new(arg) == files.config || Path::new(arg) == files.store);
+    if !ours || !crate::process_alive(pid) {
+        return Ok(());
+    }
+    tracing::warn!(
+        pid,
+        "stopping the nats-server that an earlier run left on this folder"
+    );
+    crate::stop_pid(pid, Duration::from_secs(10)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_node_fsyncs_before_it_acks_unless_told_otherwise() {
+        let files = NodeFiles::new(Path::new("/tmp/x"), "nats-n1");
+        let always = config_text("n1", 4222, &files, Sync::Always, 6222, &[]);
+        assert!(always.contains("sync_interval: always"), "{always}");
+        assert!(!always.contains("cluster"), "{always}");
+        let lazy = config_text("n1", 4222, &files, Sync::Lazy, 6222, &[6222, 6223, 6224]);
+        assert!(!lazy.contains("sync_interval"), "{lazy}");
+        assert!(lazy.contains("nats-route://127.0.0.1:6224"), "{lazy}");
+    }
+
+    /// The shipped configs promise the same: no deployment acks from the page cache.
+    #[test]
+    fn every_shipped_config_fsyncs_before_it_acks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "conf") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    text.lines().any(|l| l.trim() == "sync_interval: always"),
+                    "{} does not fsync before it acks",
+                    path.display()
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "found only {seen} configs in {}", dir.display());
+    }
+}

@@ -1,0 +1,460 @@
+//! A PostgreSQL cluster of our own, created by `initdb` and run by `pg_ctl` (so daemonized, not
+//! our child). PostgreSQL refuses to run as root, so when we are root the cluster belongs to, and
+//! the server runs as, the `postgres` system user. Durability settings stay at their defaults:
+//! `synchronous_commit = off` would let a crash lose commits that a worker has already acked.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+
+use anyhow::{Context as _, anyhow, bail};
+use diesel::QueryableByName;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use tokio::process::Command;
+
+use crate::Binaries;
+use crate::process::log_tail;
+
+/// Seconds `pg_ctl` waits for start-up; crash recovery after an unclean stop can take a while.
+const START_TIMEOUT_S: &str = "120";
+/// Seconds `pg_ctl` waits for a fast shutdown before we fall back to an immediate one.
+const STOP_TIMEOUT_S: &str = "60";
+
+/// The message when no server is installed.
+pub const POSTGRES_MISSING: &str =
+    "PostgreSQL server not found: install it with `sudo apt-get install postgresql`";
+
+/// How PostgreSQL is shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgStop {
+    /// Sessions are ended, a checkpoint is written (an immediate stop if that takes too long).
+    Fast,
+    /// Like a crash: every process quits at once and the next start replays the WAL.
+    Immediate,
+}
+
+impl PgStop {
+    fn mode(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Immediate => "immediate",
+        }
+    }
+}
+
+/// The server programs we use, found by [`Binaries::postgres`].
+#[derive(Debug, Clone)]
+pub struct PgBinaries {
+    initdb: PathBuf,
+    pg_ctl: PathBuf,
+}
+
+impl Binaries {
+    /// The server binaries: those of the cluster's own major version when it exists (a newer
+    /// server cannot open an older cluster), else `pg_config --bindir`, else the highest version
+    /// under `pg_root`, else whatever is on the search path.
+    pub fn postgres(&self, cluster: &Path) -> anyhow::Result<PgBinaries> {
+        let in_dir = |dir: PathBuf| {
+            let bins = PgBinaries {
+                initdb: dir.join("initdb"),
+                pg_ctl: dir.join("pg_ctl"),
+            };
+            (bins.initdb.is_file() && bins.pg_ctl.is_file()).then_some(bins)
+        };
+        if let Ok(version) = std::fs::read_to_string(cluster.join("PG_VERSION"))
+            && let Some(bins) = in_dir(self.pg_root.join(version.trim()).join("bin"))
+        {
+            return Ok(bins);
+        }
+        // pg_config may come from libpq-dev alone, without the server: check what its bindir holds.
+        if let Some(pg_config) = self.find("pg_config")
+            && let Ok(out) = std::process::Command::new(pg_config)
+                .arg("--bindir")
+                .stderr(Stdio::null())
+                .output()
+            && out.status.success()
+            && let Some(bins) = in_dir(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        {
+            return Ok(bins);
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(&self.pg_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((major, entry.path().join("bin")))
+            })
+            .collect();
+        versions.sort();
+        if let Some(bins) = versions.into_iter().rev().find_map(|(_, bin)| in_dir(bin)) {
+            return Ok(bins);
+        }
+        match (self.find("initdb"), self.find("pg_ctl")) {
+            (Some(initdb), Some(pg_ctl)) => Ok(PgBinaries { initdb, pg_ctl }),
+            _ => bail!(POSTGRES_MISSING),
+        }
+    }
+}
+
+/// What [`Postgres::start_with`] starts.
+#[derive(Debug, Clone)]
+pub struct PostgresSpec {
+    /// The cluster's data folder; `initdb` runs once when it holds no cluster.
+    pub cluster: PathBuf,
+    pub log: PathBuf,
+    pub port: u16,
+    /// The superuser `initdb` creates, trusted on loopback.
+    pub superuser: String,
+}
+
+/// The user the PostgreSQL programs run as, when it is not us.
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+/// A running PostgreSQL cluster. Stopped (fast) when dropped without [`Postgres::stop`].
+#[derive(Debug)]
+pub struct Postgres {
+    bins: PgBinaries,
+    spec: PostgresSpec,
+    run_as: Option<RunAs>,
+    /// Whether we still have to stop it; `Drop` stops it when this is still true.
+    running: bool,
+}
+
+impl Postgres {
+    /// A new cluster under `dir` (`dir/postgres`, `dir/postgres.log`) on a free port, with the
+    /// superuser `postgres`: the tests' and the harness's.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        // A fresh temporary folder is private: the postgres user must be able to enter it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        let spec = PostgresSpec {
+            cluster: dir.join("postgres"),
+            log: dir.join("postgres.log"),
+            port: crate::free_port()?,
+            superuser: "postgres".to_owned(),
+        };
+        let bins = Binaries::system().postgres(&spec.cluster)?;
+        Self::start_with(spec, bins).await
+    }
+
+    /// Creates the cluster if needed, stops a server that a crashed run left on it, and starts
+    /// it. Fails with advice when the binaries are missing or the folder is out of the postgres
+    /// user's reach, and with the log's tail when the server does not come up.
+    pub async fn start_with(spec: PostgresSpec, bins: PgBinaries) -> anyhow::Result<Self> {
+        let run_as = if crate::running_as_root() {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let mut server = Self {
+            bins,
+            spec,
+            run_as,
+            running: false,
+        };
+        server.prepare_cluster().await?;
+        server.stop_leftover().await?;
+        crate::ensure_port_free(server.spec.port, "PostgreSQL")?;
+        server.start_server().await?;
+        Ok(server)
+    }
+
+    /// The URL of database `name` on this server, as the superuser.
+    pub fn url(&self, name: &str) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/{name}",
+            self.spec.superuser, self.spec.port
+        )
+    }
+
+    pub fn port(&self) -> u16 {
+        self.spec.port
+    }
+
+    /// The cluster's data folder.
+    pub fn data_dir(&self) -> &Path {
+        &self.spec.cluster
+    }
+
+    /// Starts the server on the existing cluster and waits until it accepts connections.
+    pub async fn start_server(&mut self) -> anyhow::Result<()> {
+        // No Unix socket: its path must fit in 107 bytes, which a deep data folder breaks, and
+        // every client here uses TCP. pg_ctl passes these options through /bin/sh, hence ''.
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
+            self.spec.port
+        );
+        let output = self
+            .command(&self.bins.pg_ctl)
+            .arg("start")
+            .arg("-D")
+            .arg(&self.spec.cluster)
+            .args(["-w", "-t", START_TIMEOUT_S, "-l"])
+            .arg(&self.spec.log)
+            .args(["-o", &options])
+            .output()
+            .await
+            .context("cannot run pg_ctl start")?;
+        // A timed-out start may still be coming up: make sure it does not linger.
+        self.running = true;
+        if !output.status.success() {
+            let _ = self.stop(PgStop::Immediate).await;
+            bail!(
+                "PostgreSQL did not start ({}): {}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim(),
+                log_tail(&self.spec.log)
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the server and waits until it has exited. A fast stop that does not finish in time
+    /// becomes an immediate one (recovery replays the WAL at the next start, so nothing
+    /// committed is lost either).
+    pub async fn stop(&mut self, how: PgStop) -> anyhow::Result<()> {
+        // Without a postmaster.pid no server runs on the cluster (it failed to start, or died).
+        if !self.spec.cluster.join("postmaster.pid").exists() {
+            self.running = false;
+            return Ok(());
+        }
+        let status = self.pg_stop(how).await?;
+        if !status.success() {
+            tracing::warn!(%status, mode = how.mode(), "PostgreSQL did not stop in time; stopping it immediately");
+            let immediate = self.pg_stop(PgStop::Immediate).await?;
+            if !immediate.success() {
+                bail!(
+                    "cannot stop PostgreSQL on {}: pg_ctl stop -m immediate: {immediate}",
+                    self.spec.cluster.display()
+                );
+            }
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    async fn pg_stop(&self, how: PgStop) -> anyhow::Result<ExitStatus> {
+        self.command(&self.bins.pg_ctl)
+            .arg("stop")
+            .arg("-D")
+            .arg(&self.spec.cluster)
+            .args(["-m", how.mode(), "-w", "-t", STOP_TIMEOUT_S])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .context("cannot run pg_ctl stop")
+    }
+
+    /// Creates database `name` unless it exists.
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<()> {
+        // Imported here only: its `first` would shadow slices' `first` elsewhere in the module.
+        use diesel_async::RunQueryDsl as _;
+        #[derive(QueryableByName)]
+        struct Exists {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            exists: bool,
+        }
+        let admin_url = self.url("postgres");
+        let mut conn = AsyncPgConnection::establish(&admin_url)
+            .await
+            .with_context(|| format!("cannot connect to our PostgreSQL at {admin_url}"))?;
+        let found: Exists =
+            diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind::<diesel::sql_types::Text, _>(name)
+                .get_result(&mut conn)
+                .await
+                .context("cannot list the databases")?;
+        if !found.exists {
+            diesel::sql_query(format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("cannot create the database {name}"))?;
+            tracing::info!(db.name = name, "created the database");
+        }
+        Ok(())
+    }
+
+    /// Marks the server as not ours to stop (a test simulating a crashed parent).
+    pub fn forget(&mut self) {
+        self.running = false;
+    }
+
+    /// A command for a PostgreSQL program, run as the cluster's owner, from `/` (the programs
+    /// resolve their working directory, which may be private to root).
+    fn command(&self, program: &Path) -> Command {
+        Command::from(self.std_command(program))
+    }
+
+    fn std_command(&self, program: &Path) -> std::process::Command {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = std::process::Command::new(program);
+        cmd.current_dir("/").stdin(Stdio::null());
+        if let Some(user) = self.run_as {
+            cmd.uid(user.uid).gid(user.gid);
+        }
+        cmd
+    }
+
+    /// Makes the cluster folder and log ours (or the postgres user's) and runs initdb once.
+    async fn prepare_cluster(&self) -> anyhow::Result<()> {
+        let cluster = self.spec.cluster.clone();
+        let parent = cluster
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        if let Some(user) = self.run_as {
+            let status = self
+                .command(Path::new("test"))
+                .arg("-x")
+                .arg(&parent)
+                .status()
+                .await
+                .context("cannot run test(1) as the postgres user")?;
+            if !status.success() {
+                bail!(
+                    "PostgreSQL refuses to run as root, so it runs as the `postgres` user, which \
+                     cannot reach the data folder {} (it or a folder above it, such as /root, is \
+                     private): choose a data folder it can reach with `--data-dir`, e.g. \
+                     /var/lib/landslide",
+                    parent.display()
+                );
+            }
+            let log = self.spec.log.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                if !cluster.exists() {
+                    std::fs::create_dir(&cluster)
+                        .with_context(|| format!("cannot create {}", cluster.display()))?;
+                    std::fs::set_permissions(&cluster, std::fs::Permissions::from_mode(0o700))
+                        .with_context(|| format!("cannot set the mode of {}", cluster.display()))?;
+                }
+                if std::fs::metadata(&cluster)?.uid() != user.uid {
+                    chown_tree(&cluster, user).with_context(|| {
+                        format!("cannot give {} to the postgres user", cluster.display())
+                    })?;
+                }
+                // pg_ctl opens the log as the postgres user, who cannot create files in our folder.
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .with_context(|| format!("cannot create {}", log.display()))?;
+                std::os::unix::fs::chown(&log, Some(user.uid), Some(user.gid))
+                    .with_context(|| format!("cannot give {} to the postgres user", log.display()))
+            })
+            .await
+            .context("the cluster preparation task panicked")??;
+        }
+
+        if self.spec.cluster.join("PG_VERSION").is_file() {
+            return Ok(());
+        }
+        let output = self
+            .command(&self.bins.initdb)
+            .arg("-D")
+            .arg(&self.spec.cluster)
+            .args([
+                "-U",
+                &self.spec.superuser,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .await
+            .context("cannot run initdb")?;
+        if !output.status.success() {
+            bail!(
+                "initdb {} failed ({}): {}",
+                self.spec.cluster.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        tracing::info!(cluster = %self.spec.cluster.display(), "created a PostgreSQL cluster");
+        Ok(())
+    }
+
+    /// Stops a server that a crashed run left on this cluster: it may listen on another port,
+    /// and it keeps the cluster locked.
+    async fn stop_leftover(&mut self) -> anyhow::Result<()> {
+        let status = self
+            .command(&self.bins.pg_ctl)
+            .arg("status")
+            .arg("-D")
+            .arg(&self.spec.cluster)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .context("cannot run pg_ctl status")?;
+        // pg_ctl status: 0 running, 3 not running (a stale postmaster.pid is fine: the postmaster
+        // checks it and starts anyway), 4 no cluster.
+        if status.success() {
+            tracing::warn!("stopping the PostgreSQL that an earlier run left on this data folder");
+            self.running = true;
+            self.stop(PgStop::Fast).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Postgres {
+    /// The fallback when `stop` was not called (a panic, an early return): a blocking fast
+    /// shutdown, since Drop cannot await. It blocks the thread for as long as the shutdown takes,
+    /// which is acceptable on this path only.
+    fn drop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let status = self
+            .std_command(&self.bins.pg_ctl)
+            .arg("stop")
+            .arg("-D")
+            .arg(&self.spec.cluster)
+            .args(["-m", "fast", "-w", "-t", STOP_TIMEOUT_S])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match status {
+            Ok(status) if status.success() => {}
+            Ok(status) => tracing::warn!(%status, "could not stop PostgreSQL on drop"),
+            Err(e) => tracing::warn!(error = %e, "could not run pg_ctl stop on drop"),
+        }
+    }
+}
+
+/// The `postgres` system user.
+fn postgres_user() -> anyhow::Result<RunAs> {
+    nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .map(|user| RunAs {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "PostgreSQL refuses to run as root, and there is no `postgres` user to run it as: \
+                 install the server with `sudo apt-get install postgresql` (which creates the \
+                 user), or run landslide as a normal user"
+            )
+        })
+}
+
+/// Changes the owner of `path` and everything below it.
+fn chown_tree(path: &Path, user: RunAs) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), user)?;
+        }
+    }
+    Ok(())
+}
