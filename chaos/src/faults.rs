@@ -27,6 +27,9 @@ pub enum FaultKind {
     RestartPostgresImmediate,
     /// SIGTERM of an ingest node under load: it must answer what it accepted and exit 0.
     TerminateIngest,
+    /// SIGKILL of an ingest node under load, in the middle of publishing batches: what it had
+    /// answered 2xx must be stored, and what it had not answered is the voters' to retry.
+    KillIngest,
 }
 
 impl FaultKind {
@@ -42,6 +45,7 @@ impl FaultKind {
             Self::RestartPostgresFast,
             Self::RestartPostgresImmediate,
             Self::TerminateIngest,
+            Self::KillIngest,
         ]
     }
 
@@ -53,6 +57,7 @@ impl FaultKind {
             Self::RestartPostgresFast => "PostgreSQL restart (fast)",
             Self::RestartPostgresImmediate => "PostgreSQL restart (immediate)",
             Self::TerminateIngest => "SIGTERM ingest",
+            Self::KillIngest => "SIGKILL ingest",
         }
     }
 }
@@ -173,6 +178,19 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
             tokio::time::sleep(fault.down).await;
             stack.postgres.start_server().await?;
             Ok(format!("down {} ms", fault.down.as_millis()))
+        }
+        FaultKind::KillIngest => {
+            let nodes = &mut stack.roles.ingest;
+            let count = nodes.len();
+            let node = &mut nodes[fault.target % count];
+            node.process.kill().await?;
+            tokio::time::sleep(fault.down).await;
+            node.start().await?;
+            Ok(format!(
+                "{} killed, back after {} ms",
+                node.process.name(),
+                fault.down.as_millis()
+            ))
         }
         FaultKind::TerminateIngest => {
             let nodes = &mut stack.roles.ingest;

@@ -101,23 +101,7 @@ impl Roles {
         }
         let mut ingest = Vec::new();
         for (i, offset) in clock_offsets.iter().enumerate() {
-            let addr = loopback()?;
-            let name = format!("web{}", i + 1);
-            let process = env
-                .process(&name, "ingest", dir)
-                .env("LANDSLIDE_NODE_ID", &name)
-                .env("LANDSLIDE_LISTEN", addr)
-                .env("LANDSLIDE_SECRET", &env.secret)
-                .env("LANDSLIDE_CLOCK_OFFSET_MS", offset)
-                // Half the default: outages turn into 503s (and their ambiguous publishes) sooner.
-                .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000);
-            let mut role = Role {
-                process,
-                addr,
-                health_path: "/readyz",
-            };
-            role.start().await?;
-            ingest.push(role);
+            ingest.push(Self::start_ingest(env, dir, &format!("web{}", i + 1), *offset).await?);
         }
         let addr = loopback()?;
         let mut tally = Role {
@@ -134,6 +118,32 @@ impl Roles {
             tally,
             clock_offsets: clock_offsets.to_vec(),
         })
+    }
+
+    /// Starts ingest node `name` (its node id, and the name of its log) with its clock shifted
+    /// by `offset` milliseconds; returns once it is ready.
+    pub async fn start_ingest(
+        env: &RoleEnv,
+        dir: &Path,
+        name: &str,
+        offset: i64,
+    ) -> anyhow::Result<Role> {
+        let addr = loopback()?;
+        let process = env
+            .process(name, "ingest", dir)
+            .env("LANDSLIDE_NODE_ID", name)
+            .env("LANDSLIDE_LISTEN", addr)
+            .env("LANDSLIDE_SECRET", &env.secret)
+            .env("LANDSLIDE_CLOCK_OFFSET_MS", offset)
+            // Half the default: outages turn into 503s (and their ambiguous publishes) sooner.
+            .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000);
+        let mut role = Role {
+            process,
+            addr,
+            health_path: "/readyz",
+        };
+        role.start().await?;
+        Ok(role)
     }
 
     /// Starts dedup-worker number `n` (its name and log are `worker<n>`).

@@ -33,9 +33,9 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use futures::future::join_all;
 use landslide_nats::HeaderInjector;
+use landslide_nats::batch::{self, Outcome as BatchOutcome, STREAM_FULL};
 use landslide_schema::VoteEvent;
 use landslide_schema::ts::{Timestamp, stamp};
-use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -103,20 +103,11 @@ pub enum PublishFailed {
     ShuttingDown,
 }
 
-/// JetStream's answer when a stream with `discard: new` is full (design section 5).
-const STREAM_FULL: u64 = 10077;
-/// "atomic publish too many inflight": the stream has 50 batches open (its default limit).
-const TOO_MANY_BATCHES: u64 = 10210;
-
-/// The most votes in one batch: nats-server's default `jetstream.limits.batch.max_msgs`.
-const MAX_BATCH_MSGS: usize = 1000;
+/// The most votes in one batch: the server's limit.
+const MAX_BATCH_MSGS: usize = batch::MAX_MESSAGES;
 /// The most bytes of payload and headers in one batch, so that a batch stays one socket write
 /// or a few: the server has no limit of its own on a batch's size, only on each message.
 const MAX_BATCH_BYTES: usize = 1 << 20;
-/// Batches of one node in flight at once. Two keep the server busy while the node prepares the
-/// next batch; more would make batches smaller without making the stream faster (it stores one
-/// batch at a time), and the stream allows 50 open batches from all nodes together.
-const BATCHES_IN_FLIGHT: usize = 2;
 /// Votes waiting for a batch. A full queue makes handlers wait, which slows voters down instead
 /// of piling up memory.
 const QUEUE: usize = 10_000;
@@ -161,6 +152,8 @@ struct Committer {
     stream: String,
     timeout: Duration,
     attempts: u32,
+    /// Batches in flight at once ([`Config::publish_batches`]).
+    in_flight: usize,
 }
 
 impl Publisher {
@@ -177,6 +170,7 @@ impl Publisher {
             stream: config.topology.votes_stream.clone(),
             timeout: config.publish_timeout,
             attempts: config.publish_attempts.max(1),
+            in_flight: config.publish_batches.max(1),
         });
         let (queue, queued) = mpsc::channel(QUEUE);
         tokio::spawn(committer.run(queued));
@@ -233,34 +227,9 @@ impl Publisher {
     }
 }
 
-/// How an atomic batch publish ended.
-enum BatchOutcome {
-    /// Stored: the stream sequence of the batch's first message.
-    Stored { first: u64 },
-    /// Refused as a whole, for a reason that a retry of the same batch would meet again.
-    Refused { code: u64, description: String },
-    /// No answer, or a refusal for want of room that may pass: the batch may or may not be stored.
-    Unknown(String),
-}
-
-/// The commit message's answer.
-#[derive(Deserialize)]
-struct BatchAck {
-    seq: Option<u64>,
-    count: Option<u64>,
-    error: Option<ApiError>,
-}
-
-#[derive(Deserialize)]
-struct ApiError {
-    err_code: u64,
-    #[serde(default)]
-    description: String,
-}
-
 impl Committer {
     async fn run(self: Arc<Self>, mut queued: mpsc::Receiver<Queued>) {
-        let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        let slots = Arc::new(Semaphore::new(self.in_flight));
         let mut in_flight = tokio::task::JoinSet::new();
         loop {
             // The semaphore is never closed, so this cannot fail.
@@ -357,73 +326,26 @@ impl Committer {
         }
     }
 
-    /// Publishes the batch atomically: every message but the last without a reply subject, the
-    /// last with `Nats-Batch-Commit` and a reply, whose answer covers the whole batch.
+    /// Publishes the batch atomically, each vote with its own `Nats-Msg-Id` if it has one.
     async fn publish_batch(&self, batch: &[Queued]) -> BatchOutcome {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let count = batch.len();
-        for (n, queued) in (1..).zip(&batch[..count - 1]) {
-            let headers = self.batch_headers(queued, &id, n, false);
-            if let Err(err) = self
-                .client
-                .publish_with_headers(self.subject.clone(), headers, queued.payload.clone())
-                .await
-            {
-                return BatchOutcome::Unknown(format!("cannot send the batch: {err}"));
-            }
-        }
-        let last = &batch[count - 1];
-        let request = async_nats::Request::new()
-            .headers(self.batch_headers(last, &id, count, true))
-            .payload(last.payload.clone())
-            .timeout(Some(self.timeout));
-        let reply = match self
-            .client
-            .send_request(self.subject.clone(), request)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(err) => return BatchOutcome::Unknown(err.to_string()),
-        };
-        match serde_json::from_slice::<BatchAck>(&reply.payload) {
-            Ok(BatchAck {
-                error: Some(error), ..
-            }) if error.err_code == TOO_MANY_BATCHES => BatchOutcome::Unknown(error.description),
-            Ok(BatchAck {
-                error: Some(error), ..
-            }) => BatchOutcome::Refused {
-                code: error.err_code,
-                description: error.description,
-            },
-            Ok(BatchAck {
-                seq: Some(seq),
-                count: Some(stored),
-                ..
-            }) if stored == count as u64 && seq >= stored => BatchOutcome::Stored {
-                first: seq + 1 - stored,
-            },
-            _ => BatchOutcome::Refused {
-                code: 0,
-                description: format!(
-                    "unexpected answer to a batch of {count}: {}",
-                    String::from_utf8_lossy(&reply.payload)
-                ),
-            },
-        }
-    }
-
-    fn batch_headers(&self, queued: &Queued, id: &str, n: usize, commit: bool) -> HeaderMap {
-        let mut headers = queued.headers.clone();
-        headers.insert("Nats-Batch-Id", id);
-        headers.insert("Nats-Batch-Sequence", n.to_string().as_str());
-        headers.insert("Nats-Expected-Stream", self.stream.as_str());
-        if let Some(message_id) = &queued.message_id {
-            headers.insert("Nats-Msg-Id", message_id.as_str());
-        }
-        if commit {
-            headers.insert("Nats-Batch-Commit", "1");
-        }
-        headers
+        let messages: Vec<(HeaderMap, Bytes)> = batch
+            .iter()
+            .map(|queued| {
+                let mut headers = queued.headers.clone();
+                if let Some(message_id) = &queued.message_id {
+                    headers.insert("Nats-Msg-Id", message_id.as_str());
+                }
+                (headers, queued.payload.clone())
+            })
+            .collect();
+        batch::publish(
+            &self.client,
+            &self.subject,
+            &self.stream,
+            &messages,
+            self.timeout,
+        )
+        .await
     }
 
     /// Publishes one vote on its own, retrying an ambiguous attempt, and answers it.

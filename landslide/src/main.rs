@@ -59,6 +59,10 @@ struct Shared {
     /// Replicas of the VOTES and VOTES_DLQ streams: 1 on one server, 3 in a cluster.
     #[arg(long, env = "LANDSLIDE_STREAM_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
     stream_replicas: usize,
+    /// The nats-servers' monitoring endpoints (`http://host:8222`, comma-separated): at startup
+    /// the role reads their /varz and says loudly if one acks before it fsyncs.
+    #[arg(long, env = "LANDSLIDE_NATS_MONITOR_URL")]
+    nats_monitor_url: Option<String>,
     /// Test and drill only: the consumer's ack_wait in milliseconds instead of the one in
     /// nats/dedup-worker-consumer.json; every role of a deployment must give the same value.
     #[arg(long, env = "LANDSLIDE_ACK_WAIT_MS", hide = true)]
@@ -66,6 +70,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Says loudly if a server in `--nats-monitor-url` acks before it fsyncs (a client connection
+    /// cannot tell, so without the URL nothing is checked).
+    async fn check_sync(&self) {
+        if let Some(urls) = &self.nats_monitor_url {
+            landslide_nats::warn_if_lazy(urls).await;
+        }
+    }
+
     fn polls(&self) -> anyhow::Result<Polls> {
         match &self.polls {
             None => Ok(Polls::default()),
@@ -119,6 +131,9 @@ struct IngestArgs {
     /// Publish attempts, with the same message id, before answering 503.
     #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = 3)]
     publish_attempts: u32,
+    /// Atomic batches of votes in flight at once (group commit).
+    #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES", default_value_t = 4)]
+    publish_batches: usize,
     /// Mark the voter cookie Secure (when served over HTTPS).
     #[arg(long, env = "LANDSLIDE_SECURE_COOKIE")]
     secure_cookie: bool,
@@ -148,6 +163,7 @@ impl IngestArgs {
         });
         config.publish_timeout = Duration::from_millis(self.publish_timeout_ms.max(1));
         config.publish_attempts = self.publish_attempts.max(1);
+        config.publish_batches = self.publish_batches.max(1);
         config.secure_cookie = self.secure_cookie;
         Ok(config)
     }
@@ -303,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Ingest(args) => {
             let config = args.config()?;
             let listener = bind(args.listen).await?;
+            args.shared.check_sync().await;
             landslide_ingest::run(config, listener, shutdown_signal())
                 .await
                 .map(|()| std::process::ExitCode::SUCCESS)
@@ -311,6 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Tally(args) => {
             let config = args.config()?;
             let listener = bind(args.listen).await?;
+            args.shared.check_sync().await;
             landslide_tally::run(config, listener, shutdown_signal())
                 .await
                 .map(|()| std::process::ExitCode::SUCCESS)
@@ -371,6 +389,7 @@ fn shared_shutdown() -> (
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let listener = bind(args.metrics_listen).await?;
+    args.shared.check_sync().await;
     let (stop, wait) = shared_shutdown();
     let metrics = axum::Router::new()
         .route(
@@ -415,6 +434,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         nats_url: String::new(),
         polls: args.polls.clone(),
         stream_replicas: 1,
+        nats_monitor_url: None,
         ack_wait_ms: None,
     }
     .polls()?;

@@ -16,6 +16,8 @@ use async_nats::{HeaderMap, ServerAddr};
 use landslide_schema::subject::{DEFAULT_DLQ_PREFIX, DEFAULT_VOTES_PREFIX};
 use serde_json::Value;
 
+pub mod batch;
+
 /// `nats/votes-stream.json`.
 pub const VOTES_STREAM_JSON: &str = include_str!("../votes-stream.json");
 /// `nats/votes-dlq-stream.json`.
@@ -487,6 +489,68 @@ async fn connect_to(
         &info.version,
     )?;
     Ok(client)
+}
+
+/// How a nats-server syncs its JetStream files, as its monitoring endpoint reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `sync_interval: always`: every write is fsynced before the ack.
+    Always,
+    /// Files are fsynced every `interval`; an ack means "in the page cache" until then.
+    Every(Duration),
+}
+
+/// Reads `<monitor_url>/varz` (the server's `http:` port) and reports how its JetStream syncs.
+/// A client connection cannot tell: neither the INFO line nor `$JS.API.INFO` carries it.
+pub async fn sync_mode(monitor_url: &str) -> anyhow::Result<SyncMode> {
+    let url = format!("{}/varz", monitor_url.trim_end_matches('/'));
+    let varz: Value = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("cannot read {url} (LANDSLIDE_NATS_MONITOR_URL)"))?
+        .json()
+        .await
+        .with_context(|| format!("{url} is not a nats-server's /varz"))?;
+    let config = &varz["jetstream"]["config"];
+    anyhow::ensure!(config.is_object(), "{url}: JetStream is not enabled there");
+    if config["sync_always"] == true {
+        return Ok(SyncMode::Always);
+    }
+    // nats-server's default interval, when the field is missing.
+    let nanos = config["sync_interval"].as_u64().unwrap_or(120_000_000_000);
+    Ok(SyncMode::Every(Duration::from_nanos(nanos)))
+}
+
+/// Checks every server of `monitor_urls` (comma-separated) and says loudly, at error level,
+/// which of them ack votes before they are on disk. Never fails the role: a server that cannot
+/// be read is a warning too, since this check is advice, not a gate.
+pub async fn warn_if_lazy(monitor_urls: &str) {
+    for url in monitor_urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        match sync_mode(url).await {
+            Ok(SyncMode::Always) => {
+                tracing::info!(monitor.url = url, "nats-server fsyncs before it acks");
+            }
+            Ok(SyncMode::Every(interval)) => tracing::error!(
+                monitor.url = url,
+                sync_interval_s = interval.as_secs(),
+                "NATS SERVER SYNCS LAZILY: it acks votes before they are on disk, so a power cut \
+                 or kernel crash loses up to {}s of accepted votes; set `jetstream {{ \
+                 sync_interval: always }}` in its config (as nats/*.conf do)",
+                interval.as_secs()
+            ),
+            Err(err) => tracing::warn!(
+                error = %format!("{err:#}"),
+                "cannot tell whether nats-server fsyncs before it acks"
+            ),
+        }
+    }
 }
 
 /// One JetStream API request (`$JS.API.INFO`, `$JS.API.STREAM.INFO.<name>`, …) on a connection of

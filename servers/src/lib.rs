@@ -18,6 +18,7 @@ use landslide_nats::ServerVersion;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod lazyfs;
 pub mod nats;
 pub mod postgres;
 pub mod process;
@@ -104,14 +105,26 @@ impl Binaries {
             .cloned()
             .or_else(|| self.find("nats-server"))
             .ok_or_else(|| anyhow::anyhow!(nats_server_missing()))?;
-        let output = std::process::Command::new(&bin)
-            .arg("--version")
-            .output()
-            .with_context(|| format!("cannot run {} --version", bin.display()))?;
-        let printed = String::from_utf8_lossy(&output.stdout);
+        let printed = version_text(&bin)?;
         landslide_nats::check_version(&bin.display().to_string(), &printed)?;
         Ok(bin)
     }
+}
+
+/// What `nats-server --version` prints.
+fn version_text(bin: &std::path::Path) -> anyhow::Result<String> {
+    let output = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {} --version", bin.display()))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The version of a nats-server binary.
+pub fn version_of(bin: &std::path::Path) -> anyhow::Result<ServerVersion> {
+    let printed = version_text(bin)?;
+    ServerVersion::parse(&printed)
+        .with_context(|| format!("{} --version printed {printed:?}", bin.display()))
 }
 
 /// The message when no nats-server is installed.

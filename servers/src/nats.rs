@@ -110,6 +110,8 @@ impl NatsSpec {
 struct NatsNode {
     name: String,
     port: u16,
+    /// The monitoring port (`http:`), for `/varz`.
+    monitor_port: u16,
     files: NodeFiles,
     process: Process,
 }
@@ -131,6 +133,14 @@ impl Nats {
             Some(bin) => bin.clone(),
             None => Binaries::system().nats_server()?,
         };
+        // A binary the caller chose may be older than the minimum (the test that it is refused):
+        // give it only the settings it knows.
+        let batch_limits = crate::version_of(&bin)?
+            >= landslide_nats::ServerVersion {
+                major: 2,
+                minor: 12,
+                patch: 0,
+            };
         let count = spec.layout.nodes();
         let ports = match &spec.ports {
             Some(ports) if ports.len() == count => ports.clone(),
@@ -161,11 +171,15 @@ impl Nats {
                 NatsLayout::Single => Vec::new(),
                 NatsLayout::Cluster => cluster_ports.clone(),
             };
+            let monitor_port = free_port()?;
             let config = config_text(
                 &names[i],
-                ports[i],
+                (ports[i], monitor_port),
                 &files,
-                spec.sync,
+                Settings {
+                    sync: spec.sync,
+                    batch_limits,
+                },
                 cluster_ports[i],
                 &routes,
             );
@@ -184,6 +198,7 @@ impl Nats {
             nodes.push(NatsNode {
                 name: names[i].clone(),
                 port: ports[i],
+                monitor_port,
                 files,
                 process,
             });
@@ -206,6 +221,11 @@ impl Nats {
 
     pub fn url(&self, node: usize) -> String {
         format!("nats://127.0.0.1:{}", self.nodes[node].port)
+    }
+
+    /// The node's monitoring endpoint (`/varz`, `/jsz`).
+    pub fn monitor_url(&self, node: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[node].monitor_port)
     }
 
     pub fn len(&self) -> usize {
@@ -336,26 +356,40 @@ impl Nats {
     }
 }
 
+/// What differs between the nodes Landslide starts.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    sync: Sync,
+    /// `limits.batch` (nats-server 2.12 and later): room for every node's open batches.
+    batch_limits: bool,
+}
+
 /// One node's configuration: the settings of `nats/nats-server.conf` and `nats/cluster.conf`
-/// (fsync before ack, the store limits, the payload limit), on loopback ports.
+/// (fsync before ack, the store and batch limits, the payload limit), on loopback ports.
 fn config_text(
     name: &str,
-    port: u16,
+    (port, monitor_port): (u16, u16),
     files: &NodeFiles,
-    sync: Sync,
+    settings: Settings,
     cluster_port: u16,
     routes: &[u16],
 ) -> String {
-    let sync = match sync {
+    let sync = match settings.sync {
         Sync::Always => "  sync_interval: always\n",
         Sync::Lazy => "",
+    };
+    let limits = if settings.batch_limits {
+        "  limits { batch { max_inflight_per_stream: 256 } }\n"
+    } else {
+        ""
     };
     let mut text = format!(
         "# Written by landslide-servers for one run; the settings of nats/nats-server.conf.\n\
          server_name: {name}\n\
          listen: 127.0.0.1:{port}\n\
+         http: 127.0.0.1:{monitor_port}\n\
          pid_file: {pid:?}\n\
-         jetstream {{\n  store_dir: {store:?}\n{sync}  max_file_store: 20GB\n  max_memory_store: 256MB\n}}\n\
+         jetstream {{\n  store_dir: {store:?}\n{sync}{limits}  max_file_store: 20GB\n  max_memory_store: 256MB\n}}\n\
          max_payload: 1MB\n\
          write_deadline: \"10s\"\n",
         pid = files.pid,
@@ -404,13 +438,34 @@ async fn stop_leftover(files: &NodeFiles) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn settings(sync: Sync) -> Settings {
+        Settings {
+            sync,
+            batch_limits: true,
+        }
+    }
+
     #[test]
     fn every_node_fsyncs_before_it_acks_unless_told_otherwise() {
         let files = NodeFiles::new(Path::new("/tmp/x"), "nats-n1");
-        let always = config_text("n1", 4222, &files, Sync::Always, 6222, &[]);
+        let always = config_text(
+            "n1",
+            (4222, 8222),
+            &files,
+            settings(Sync::Always),
+            6222,
+            &[],
+        );
         assert!(always.contains("sync_interval: always"), "{always}");
         assert!(!always.contains("cluster"), "{always}");
-        let lazy = config_text("n1", 4222, &files, Sync::Lazy, 6222, &[6222, 6223, 6224]);
+        let lazy = config_text(
+            "n1",
+            (4222, 8222),
+            &files,
+            settings(Sync::Lazy),
+            6222,
+            &[6222, 6223, 6224],
+        );
         assert!(!lazy.contains("sync_interval"), "{lazy}");
         assert!(lazy.contains("nats-route://127.0.0.1:6224"), "{lazy}");
     }

@@ -3,6 +3,7 @@
 //! turns into a lost vote or a second copy; a server older than the minimum is refused.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures::future::join_all;
 use landslide_nats::{ServerVersion, Topology};
@@ -211,4 +212,65 @@ async fn a_role_connected_to_a_server_older_than_the_minimum_refuses_to_start() 
         msg.contains(&format!("install nats-server {}", ServerVersion::pinned())),
         "{msg}"
     );
+}
+
+/// A client connection cannot see how a server syncs; its monitoring endpoint can. A role given
+/// that endpoint says loudly when acks come before fsync, and quietly when they do not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_says_loudly_when_its_server_acks_before_it_fsyncs() {
+    use landslide_nats::SyncMode;
+    use landslide_servers::{NatsLayout, NatsSpec, Sync};
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let always = landslide_servers::Nats::start(NatsLayout::Single, dir.path())
+        .await
+        .unwrap();
+    let lazy_spec = NatsSpec {
+        sync: Sync::Lazy,
+        stems: Some(vec!["nats-lazy".to_owned()]),
+        ..NatsSpec::new(NatsLayout::Single)
+    };
+    let lazy = landslide_servers::Nats::start_with(&lazy_spec, dir.path())
+        .await
+        .unwrap();
+    assert_eq!(
+        landslide_nats::sync_mode(&always.monitor_url(0))
+            .await
+            .unwrap(),
+        SyncMode::Always
+    );
+    assert!(matches!(
+        landslide_nats::sync_mode(&lazy.monitor_url(0))
+            .await
+            .unwrap(),
+        SyncMode::Every(_)
+    ));
+
+    let mut ingest = tokio::process::Command::new(env!("CARGO_BIN_EXE_landslide"))
+        .arg("ingest")
+        .env("NATS_URL", lazy.url(0))
+        .env("LANDSLIDE_NATS_MONITOR_URL", lazy.monitor_url(0))
+        .env("LANDSLIDE_NODE_ID", "web01")
+        .env("LANDSLIDE_LISTEN", "127.0.0.1:0")
+        .env("LANDSLIDE_SECRET", support::SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(ingest.stdout.take().unwrap()).lines();
+    let warned = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("NATS SERVER SYNCS LAZILY") {
+                return line;
+            }
+        }
+        panic!("ingest exited without the warning");
+    })
+    .await
+    .expect("the warning within 20 s");
+    assert!(warned.contains("ERROR"), "{warned}");
+    ingest.kill().await.unwrap();
 }

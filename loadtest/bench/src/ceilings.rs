@@ -67,12 +67,14 @@ pub fn events(n: usize, seed: u64) -> anyhow::Result<Vec<VoteEvent>> {
         .collect())
 }
 
-/// Publishes every event with its message id, keeping up to `in_flight` acks outstanding.
+/// Publishes every event, with its message id when `ids`, keeping up to `in_flight` acks
+/// outstanding.
 pub async fn publish_all(
     js: &jetstream::Context,
     subject: &str,
     events: &[VoteEvent],
     in_flight: usize,
+    ids: bool,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::message::PublishMessage;
     let mut pending = VecDeque::with_capacity(in_flight);
@@ -83,9 +85,10 @@ pub async fn publish_all(
             let ack: jetstream::context::PublishAckFuture = ack;
             ack.await?;
         }
-        let message = PublishMessage::build()
-            .payload(event.encode().into())
-            .message_id(event.event_id.to_string());
+        let mut message = PublishMessage::build().payload(event.encode().into());
+        if ids {
+            message = message.message_id(event.event_id.to_string());
+        }
         pending.push_back(js.send_publish(subject.to_owned(), message).await?);
     }
     for ack in pending {
@@ -94,28 +97,107 @@ pub async fn publish_all(
     Ok(())
 }
 
-/// Raw publish into a fresh file-backed stream, ~1000 acks in flight; then raw fetch-and-ack of
-/// the same messages by a durable pull consumer with explicit acks.
-pub async fn publish_and_fetch(
+/// A fresh file-backed stream `name` on subject `name.lower()`, with atomic batches allowed and
+/// the votes stream's duplicate window.
+async fn fresh_stream(js: &jetstream::Context, name: &str) -> anyhow::Result<String> {
+    fresh_stream_with(js, name, 1).await
+}
+
+async fn fresh_stream_with(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> anyhow::Result<String> {
+    let subject = name.to_lowercase().replace('_', ".");
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec![subject.clone()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        allow_atomic_publish: true,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("cannot create the {name} stream"))?;
+    Ok(subject)
+}
+
+/// Raw single publishes into a fresh stream, ~1000 acks in flight, with or without message ids.
+pub async fn raw_publish(
     js: &jetstream::Context,
     nats: &Group,
     events: &[VoteEvent],
-) -> anyhow::Result<(Measured, Measured)> {
-    let stream = js
-        .create_stream(stream::Config {
-            name: "BENCH_RAW".into(),
-            subjects: vec!["bench.raw".into()],
-            storage: stream::StorageType::File,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .context("cannot create the BENCH_RAW stream")?;
+    ids: bool,
+) -> anyhow::Result<Measured> {
+    let name = if ids {
+        "BENCH_SINGLE_IDS"
+    } else {
+        "BENCH_SINGLE"
+    };
+    let subject = fresh_stream(js, name).await?;
     let meter = CpuMeter::start(vec![("bench", Group::me()), ("nats-server", nats.clone())]);
     let started = Instant::now();
-    publish_all(js, "bench.raw", events, 1000).await?;
+    publish_all(js, &subject, events, 1000, ids).await?;
+    let measured = Measured::new(events.len() as u64, started.elapsed(), meter.stop());
+    js.delete_stream(name).await?;
+    Ok(measured)
+}
+
+/// Stores `events` in `stream` as atomic batches of `size` without message ids, `in_flight`
+/// batches at once.
+pub async fn fill(
+    client: &async_nats::Client,
+    subject: &str,
+    stream: &str,
+    events: &[VoteEvent],
+    size: usize,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let batches: Vec<Vec<(async_nats::HeaderMap, bytes::Bytes)>> = events
+        .chunks(size)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|e| (async_nats::HeaderMap::new(), e.encode().into()))
+                .collect()
+        })
+        .collect();
+    let outcomes: Vec<landslide_nats::batch::Outcome> = futures::stream::iter(&batches)
+        .map(|batch| {
+            landslide_nats::batch::publish(client, subject, stream, batch, Duration::from_secs(10))
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    match outcomes
+        .iter()
+        .find(|o| !matches!(o, landslide_nats::batch::Outcome::Stored { .. }))
+    {
+        Some(failed) => anyhow::bail!("a batch was not stored: {failed:?}"),
+        None => Ok(()),
+    }
+}
+
+/// Raw atomic batches of `size` events without message ids, `in_flight` batches at once, into
+/// a fresh stream; then raw fetch-and-ack of the same messages by a durable pull consumer with
+/// explicit acks.
+pub async fn batches_and_fetch(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    nats: &Group,
+    events: &[VoteEvent],
+    size: usize,
+    in_flight: usize,
+) -> anyhow::Result<(Measured, Measured)> {
+    let stream = "BENCH_RAW";
+    let subject = fresh_stream(js, stream).await?;
+    let meter = CpuMeter::start(vec![("bench", Group::me()), ("nats-server", nats.clone())]);
+    let started = Instant::now();
+    fill(client, &subject, stream, events, size, in_flight).await?;
     let publish = Measured::new(events.len() as u64, started.elapsed(), meter.stop());
 
+    let stream = js.get_stream(stream).await?;
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some("bench-raw".into()),
@@ -169,4 +251,42 @@ pub async fn sql(
         started.elapsed(),
         meter.stop(),
     ))
+}
+
+/// Prints the rate and nats-server CPU per message of raw atomic batches for each batch size and
+/// number of batches in flight, against a private server that fsyncs before it acks.
+pub async fn sweep(messages: usize, cluster: bool) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let layout = if cluster {
+        landslide_servers::NatsLayout::Cluster
+    } else {
+        landslide_servers::NatsLayout::Single
+    };
+    let nats = landslide_servers::Nats::start(layout, dir.path()).await?;
+    let group = Group::of((0..nats.len()).filter_map(|i| nats.pid(i)));
+    let client = landslide_nats::connect(&nats.urls(), "landslide-bench-sweep").await?;
+    let js = jetstream::new(client.clone());
+    println!("| batch | in flight | msg/s | nats-server CPU µs/msg |");
+    println!("|---:|---:|---:|---:|");
+    for size in [1, 10, 50, 200, 1000] {
+        for in_flight in [1, 2, 4, 16] {
+            let events = events(
+                messages.min(size * 2000),
+                size as u64 * 100 + in_flight as u64,
+            )?;
+            let stream = format!("SWEEP_{size}_{in_flight}");
+            let subject = fresh_stream_with(&js, &stream, layout.replicas()).await?;
+            let meter = CpuMeter::start(vec![("nats-server", group.clone())]);
+            let started = Instant::now();
+            fill(&client, &subject, &stream, &events, size, in_flight).await?;
+            let m = Measured::new(events.len() as u64, started.elapsed(), meter.stop());
+            println!(
+                "| {size} | {in_flight} | {:.0} | {:.1} |",
+                m.rate,
+                m.cpu_us("nats-server")
+            );
+            js.delete_stream(&stream).await?;
+        }
+    }
+    Ok(())
 }

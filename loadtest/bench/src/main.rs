@@ -67,6 +67,16 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Raw atomic batch publish into a server of its own that fsyncs before it acks, for each
+    /// batch size and number of batches in flight: how group commit's settings were chosen.
+    Sweep {
+        /// Messages published per setting.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// A three-node cluster with R3 streams instead of one server.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Runs the load generator alone against an ingest node and prints its latency.
     Load {
         /// The node's address.
@@ -96,6 +106,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
         Some(Command::NullServer { listen }) => runtime.block_on(null_server(listen)),
+        Some(Command::Sweep { messages, cluster }) => {
+            runtime.block_on(ceilings::sweep(messages, cluster))
+        }
         Some(Command::Load {
             target,
             rate,
@@ -137,10 +150,19 @@ async fn null_server(listen: SocketAddr) -> anyhow::Result<()> {
 pub struct Figures {
     pub cores: usize,
     pub null_http: Measured,
+    /// Single publishes with message ids, ~1000 acks in flight, fsync before every ack.
     pub raw_publish: Measured,
+    /// Atomic batches of 1000 without message ids, two in flight, fsync before every ack.
+    pub raw_batch: Measured,
+    /// Single publishes without message ids to a server with the default lazy sync.
+    pub raw_publish_lazy: Measured,
+    /// The same with a message id on every publish: what the duplicate window costs.
+    pub raw_publish_lazy_ids: Measured,
     pub raw_fetch_ack: Measured,
     pub raw_sql: Measured,
     pub ingest: Measured,
+    /// One ingest node at saturation against a server with the default lazy sync.
+    pub ingest_lazy: Measured,
     pub ingest_latency: Vec<LatencyPoint>,
     /// The null handler at the same fixed rates: the latency ceiling.
     pub null_latency: Vec<LatencyPoint>,
@@ -237,14 +259,37 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     landslide_schema::postgres::migrate(&env.database_url).await?;
     let nats = Group::of(stack.nats.pid(0));
     let client = landslide_nats::connect(&env.nats_urls, "landslide-bench").await?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
+    // A second nats-server with the server's default lazy sync: what fsync before ack costs.
+    let lazy = landslide_servers::Nats::start_with(
+        &landslide_servers::NatsSpec {
+            sync: landslide_servers::Sync::Lazy,
+            stems: Some(vec!["nats-lazy".to_owned()]),
+            ..landslide_servers::NatsSpec::new(NatsLayout::Single)
+        },
+        dir.path(),
+    )
+    .await?;
+    let lazy_nats = Group::of(lazy.pid(0));
+    let lazy_env = landslide_chaos::roles::RoleEnv {
+        nats_urls: lazy.urls(),
+        ..env.clone()
+    };
+    let lazy_js =
+        async_nats::jetstream::new(landslide_nats::connect(&lazy.urls(), "landslide-bench").await?);
 
     tracing::info!("ceiling: null HTTP handler");
     let mut null_server = NullServer::start().await?;
     let (null_http, null_idle_rss) = null_server.ceiling(&args, seconds).await?;
-    tracing::info!("ceilings: raw publish, raw fetch-and-ack");
+    tracing::info!("ceilings: raw publish, raw batches, raw fetch-and-ack");
     let events = ceilings::events(args.events, 1)?;
-    let (raw_publish, raw_fetch_ack) = ceilings::publish_and_fetch(&js, &nats, &events).await?;
+    // Single publishes that fsync each run at a few thousand a second: a tenth is enough.
+    let singles = &events[..(events.len() / 10).max(1)];
+    let raw_publish = ceilings::raw_publish(&js, &nats, singles, true).await?;
+    let (raw_batch, raw_fetch_ack) =
+        ceilings::batches_and_fetch(&client, &js, &nats, &events, 1000, 2).await?;
+    let raw_publish_lazy = ceilings::raw_publish(&lazy_js, &lazy_nats, &events, false).await?;
+    let raw_publish_lazy_ids = ceilings::raw_publish(&lazy_js, &lazy_nats, &events, true).await?;
     tracing::info!("ceiling: raw SQL");
     let raw_sql = ceilings::sql(&env.database_url, &Group::named("postgres"), &events).await?;
 
@@ -253,7 +298,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     for (round, workers) in [(2u64, 1usize), (3, 2)] {
         tracing::info!(workers, "pre-filling VOTES, then draining it");
         let events = ceilings::events(args.events, round)?;
-        ceilings::publish_all(&js, "votes.bench", &events, 1000).await?;
+        ceilings::fill(&client, "votes.bench", "VOTES", &events, 1000, 2).await?;
         let mut roles = Vec::new();
         let meter_start = Instant::now();
         for n in 0..workers {
@@ -319,6 +364,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             points.push(LatencyPoint::of(Some(rate), &outcome));
         }
     }
+    tracing::info!("ingest at saturation, against the lazy nats-server");
+    let mut lazy_ingest = Roles::start_ingest(&lazy_env, dir.path(), "weblazy", 0).await?;
+    let lazy_target = load::Target::vote(lazy_ingest.addr);
+    load::warm_up(&lazy_target, args.connections, None).await?;
+    let meter = CpuMeter::start(vec![
+        ("ingest", Group::of(lazy_ingest.process.pid())),
+        ("nats-server", lazy_nats.clone()),
+        ("load generator", Group::me()),
+    ]);
+    let saturated_lazy = load::run(&lazy_target, args.connections, None, seconds).await?;
+    let ingest_lazy = Measured::new(saturated_lazy.ok, saturated_lazy.elapsed, meter.stop());
+    lazy_ingest
+        .process
+        .terminate(Duration::from_secs(30))
+        .await?;
     null_server.process.kill().await?;
     tracing::info!(
         connections = args.idle_connections,
@@ -336,9 +396,13 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         cores: std::thread::available_parallelism().map_or(1, usize::from),
         null_http,
         raw_publish,
+        raw_batch,
+        raw_publish_lazy,
+        raw_publish_lazy_ids,
         raw_fetch_ack,
         raw_sql,
         ingest,
+        ingest_lazy,
         ingest_latency,
         null_latency,
         drain_one,
