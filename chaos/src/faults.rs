@@ -30,6 +30,11 @@ pub enum FaultKind {
     /// SIGKILL of an ingest node under load, in the middle of publishing batches: what it had
     /// answered 2xx must be stored, and what it had not answered is the voters' to retry.
     KillIngest,
+    /// The workers stall (SIGSTOP) while votes keep being accepted, then the power goes out on
+    /// the data tier: nats-server (every node of a cluster at once) and PostgreSQL are killed and
+    /// their disks lose everything they had not fsynced (LazyFs). Then everything comes back.
+    /// The stalled workers leave accepted votes only in the stream when the power goes.
+    PowerLoss,
 }
 
 impl FaultKind {
@@ -46,6 +51,7 @@ impl FaultKind {
             Self::RestartPostgresImmediate,
             Self::TerminateIngest,
             Self::KillIngest,
+            Self::PowerLoss,
         ]
     }
 
@@ -58,6 +64,7 @@ impl FaultKind {
             Self::RestartPostgresImmediate => "PostgreSQL restart (immediate)",
             Self::TerminateIngest => "SIGTERM ingest",
             Self::KillIngest => "SIGKILL ingest",
+            Self::PowerLoss => "power loss (nats-server and PostgreSQL)",
         }
     }
 }
@@ -86,18 +93,21 @@ pub struct FaultRecord {
     pub error: Option<String>,
 }
 
-/// Every fault of the layout `rounds` times (worker kills twice as often), in a seeded order,
-/// spread over the voters.
+/// Every fault of `kinds` `rounds` times (worker kills, if among them, twice as often), in a
+/// seeded order, spread over the voters between the shares `window` of them.
 pub fn schedule(
     rng: &mut ChaCha8Rng,
-    layout: NatsLayout,
+    kinds_once: &[FaultKind],
+    window: (f64, f64),
     rounds: usize,
     voters: usize,
 ) -> Vec<Fault> {
     let mut kinds = Vec::new();
     for _ in 0..rounds {
-        kinds.extend(FaultKind::for_layout(layout));
-        kinds.push(FaultKind::KillWorker);
+        kinds.extend_from_slice(kinds_once);
+        if kinds_once.contains(&FaultKind::KillWorker) {
+            kinds.push(FaultKind::KillWorker);
+        }
     }
     kinds.shuffle(rng);
     let count = kinds.len();
@@ -105,7 +115,7 @@ pub fn schedule(
         .into_iter()
         .enumerate()
         .map(|(j, kind)| {
-            // Within the middle 80% of the voters, one fault per slot, at a random point in it.
+            // Within the window, one fault per slot, at a random point in it.
             let slot = (j as f64 + rng.random::<f64>()) / count as f64;
             let down_ms = match kind {
                 // Long enough, at times, for ingest to give up and answer 503.
@@ -115,7 +125,7 @@ pub fn schedule(
             };
             Fault {
                 kind,
-                at_voter: ((0.05 + 0.8 * slot) * voters as f64) as usize,
+                at_voter: ((window.0 + (window.1 - window.0) * slot) * voters as f64) as usize,
                 down: Duration::from_millis(down_ms),
                 target: rng.random_range(0..1024),
             }
@@ -178,6 +188,29 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
             tokio::time::sleep(fault.down).await;
             stack.postgres.start_server().await?;
             Ok(format!("down {} ms", fault.down.as_millis()))
+        }
+        FaultKind::PowerLoss => {
+            for worker in &mut stack.roles.workers {
+                worker.process.pause()?;
+            }
+            tokio::time::sleep(fault.down).await;
+            let nodes: Vec<usize> = (0..stack.nats.len()).collect();
+            let cut = stack.nats.power_cut(&nodes).await;
+            let pg = stack.postgres.power_cut().await;
+            let (cut, pg) = (cut?, pg?);
+            tokio::time::sleep(fault.down).await;
+            stack.postgres.start_server().await?;
+            stack.nats.restart_all(&nodes).await?;
+            for worker in &mut stack.roles.workers {
+                worker.process.resume()?;
+            }
+            let lost: u64 = cut.iter().map(|r| r.bytes).sum();
+            Ok(format!(
+                "workers stalled {} ms, then power cut: nats-server disks lost {lost} unsynced \
+                 bytes, PostgreSQL's {}",
+                fault.down.as_millis(),
+                pg.bytes
+            ))
         }
         FaultKind::KillIngest => {
             let nodes = &mut stack.roles.ingest;

@@ -28,13 +28,10 @@ pub mod workload;
 pub use landslide_servers::NatsLayout;
 pub use report::Report;
 
-use faults::{Fault, FaultRecord};
-use landslide_servers::{Nats, Postgres};
+use faults::{Fault, FaultKind, FaultRecord};
+use landslide_servers::{Nats, NatsSpec, Postgres, Sync};
 use roles::{RoleEnv, Roles};
 use workload::{Counters, Driver, Plan};
-
-/// How long the workers may take to drain the stream after the load.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One run of the harness.
 #[derive(Debug, Clone)]
@@ -58,6 +55,17 @@ pub struct Scenario {
     pub ack_wait: Duration,
     /// The `landslide` binary.
     pub landslide: PathBuf,
+    /// When the nats-servers fsync: always, as every deployment does; lazily only for the control
+    /// run that shows the power-loss fault finds what it looks for.
+    pub sync: Sync,
+    /// The fault kinds to inject, each `fault_rounds` times (worker kills twice as often).
+    pub faults: Vec<FaultKind>,
+    /// Where in the load the faults fall, as shares of the voters: from, to.
+    pub fault_window: (f64, f64),
+    /// How long the workers may take to drain the stream after the load.
+    pub drain_timeout: Duration,
+    /// How long a voter retries one vote before it gives up (a finding).
+    pub give_up: Duration,
 }
 
 impl Scenario {
@@ -76,6 +84,11 @@ impl Scenario {
             max_skew_ms: 10_000,
             ack_wait: Duration::from_secs(3),
             landslide: landslide.into(),
+            sync: Sync::Always,
+            faults: FaultKind::for_layout(layout),
+            fault_window: (0.05, 0.85),
+            drain_timeout: Duration::from_secs(300),
+            give_up: Duration::from_secs(180),
         }
     }
 }
@@ -103,14 +116,27 @@ pub struct StackConfig {
     pub workers: usize,
     /// Where the servers keep their data and every process its log.
     pub dir: PathBuf,
+    /// When the nats-servers fsync.
+    pub sync: Sync,
+    /// nats-server's store and PostgreSQL's data on LazyFs disks, for the power-loss fault.
+    pub power_loss: bool,
 }
 
 impl Stack {
     /// Starts the servers, then the roles: a whole deployment on this machine. The load tests
     /// and benchmarks stand on this too. Returns the settings the roles were started with.
     pub async fn start(config: &StackConfig) -> anyhow::Result<(Self, RoleEnv)> {
-        let nats = Nats::start(config.layout, &config.dir).await?;
-        let postgres = Postgres::start(&config.dir).await?;
+        let spec = NatsSpec {
+            sync: config.sync,
+            power_loss: config.power_loss,
+            ..NatsSpec::new(config.layout)
+        };
+        let nats = Nats::start_with(&spec, &config.dir).await?;
+        let postgres = if config.power_loss {
+            Postgres::start_on_power_loss_disk(&config.dir).await?
+        } else {
+            Postgres::start(&config.dir).await?
+        };
         let env = RoleEnv {
             landslide: config.landslide.clone(),
             nats_urls: nats.urls(),
@@ -156,7 +182,8 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     );
     let schedule = faults::schedule(
         &mut rng,
-        scenario.layout,
+        &scenario.faults,
+        scenario.fault_window,
         scenario.fault_rounds,
         scenario.voters,
     );
@@ -174,12 +201,15 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         clock_offsets: clock_offsets.clone(),
         workers: scenario.workers,
         dir: dir.path().to_path_buf(),
+        sync: scenario.sync,
+        power_loss: scenario.faults.contains(&FaultKind::PowerLoss),
     })
     .await?;
-    let driver = Driver::new(
+    let mut driver = Driver::new(
         stack.roles.ingest.iter().map(|r| r.base_url()).collect(),
         scenario.concurrency,
     )?;
+    driver.give_up = scenario.give_up;
 
     tracing::info!(
         voters = scenario.voters,
@@ -217,14 +247,14 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     if let Err(e) = stack.nats.check_running() {
         report.failures.push(format!("{e:#}"));
     }
-    let drain = check::wait_drained(&env.nats_urls, DRAIN_TIMEOUT, || {
+    let drain = check::wait_drained(&env.nats_urls, scenario.drain_timeout, || {
         stack.roles.check_running()
     });
     match drain.await? {
         check::Drain::Done(took) => report.drain_time = Some(took),
         check::Drain::Pending(pending) => report.failures.push(format!(
             "the workers did not drain the stream within {}s: {pending} messages pending",
-            DRAIN_TIMEOUT.as_secs()
+            scenario.drain_timeout.as_secs()
         )),
         check::Drain::RoleDied(dead) => report.failures.extend(dead),
     }
@@ -376,7 +406,16 @@ async fn check_outcome(
     report.expected = verdict.expected;
     report.failures.extend(verdict.examples);
 
-    let dead = check::dead_letters(&env.nats_urls).await?;
+    // A stream that is gone (a power cut of a server that did not fsync) is a finding.
+    let dead = match check::dead_letters(&env.nats_urls).await {
+        Ok(dead) => dead,
+        Err(e) => {
+            report
+                .failures
+                .push(format!("the dead letters cannot be read: {e:#}"));
+            Vec::new()
+        }
+    };
     report.poison_injected = poison.len();
     report.poison_dead_lettered = poison.iter().filter(|p| dead.contains(p)).count();
     report.dead_letters = dead.len();

@@ -102,7 +102,6 @@ async fn run(args: Args) -> anyhow::Result<Vec<Report>> {
     for (i, layout) in args.nats.iter().enumerate() {
         let scenario = Scenario {
             seed: seed.wrapping_add(i as u64),
-            layout: *layout,
             voters,
             max_votes: args.max_votes,
             concurrency: args.concurrency,
@@ -110,9 +109,8 @@ async fn run(args: Args) -> anyhow::Result<Vec<Report>> {
             workers: args.workers,
             fault_rounds: args.fault_rounds,
             poison: args.poison,
-            max_skew_ms: 10_000,
             ack_wait: Duration::from_millis(args.ack_wait_ms),
-            landslide: landslide.clone(),
+            ..Scenario::short(*layout, seed.wrapping_add(i as u64), landslide.clone())
         };
         let report = landslide_chaos::run(&scenario).await?;
         println!("{report}");

@@ -61,12 +61,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Publish attempts (same messages) before answering 503.
     pub publish_attempts: u32,
-    /// Atomic batches in flight at once. On one server more do not help (it stores one batch at a
-    /// time, and sets each up in a file store of its own: about 1 ms); on an R3 cluster they let
-    /// RAFT pipeline: batches of 10 went from 6,600 to 24,000 msg/s with 1 → 16 in flight
-    /// (`landslide-bench sweep --cluster`). The stream allows `max_inflight_per_stream` open
-    /// batches from all nodes together (256 in nats/*.conf; the server's default is 50).
-    pub publish_batches: usize,
+    /// Atomic batches in flight at once; `None`: [`Config::batches_in_flight`]'s choice.
+    pub publish_batches: Option<usize>,
     /// Mark the voter cookie `Secure` (serve over HTTPS, or behind a TLS load balancer).
     pub secure_cookie: bool,
 }
@@ -83,8 +79,26 @@ impl Config {
             clock: Arc::new(SystemClock::default()),
             publish_timeout: Duration::from_secs(2),
             publish_attempts: 3,
-            publish_batches: 4,
+            publish_batches: None,
             secure_cookie: false,
+        }
+    }
+}
+
+impl Config {
+    /// Atomic batches of votes in flight at once. One on an R1 stream: the server stores one
+    /// batch at a time and sets each up in a file store of its own (about 1 ms), so a second batch
+    /// in flight only waits, and makes both smaller (`landslide-bench sweep`: no gain in msg/s
+    /// from 1 to 16 in flight; the benchmark's p50 at a quarter of saturation was 7.5 ms with 4).
+    /// Four on R3, which stages batches in memory and lets RAFT pipeline them (batches of 10:
+    /// 6,600 → 24,000 msg/s from 1 to 16 in flight). The stream allows
+    /// `max_inflight_per_stream` open batches from all nodes together (256 in nats/*.conf; the
+    /// server's default is 50).
+    pub fn batches_in_flight(&self) -> usize {
+        match self.publish_batches {
+            Some(n) => n.max(1),
+            None if self.topology.replicas <= 1 => 1,
+            None => 4,
         }
     }
 }

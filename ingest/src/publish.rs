@@ -152,7 +152,7 @@ struct Committer {
     stream: String,
     timeout: Duration,
     attempts: u32,
-    /// Batches in flight at once ([`Config::publish_batches`]).
+    /// Batches in flight at once ([`Config::batches_in_flight`]).
     in_flight: usize,
 }
 
@@ -170,7 +170,7 @@ impl Publisher {
             stream: config.topology.votes_stream.clone(),
             timeout: config.publish_timeout,
             attempts: config.publish_attempts.max(1),
-            in_flight: config.publish_batches.max(1),
+            in_flight: config.batches_in_flight(),
         });
         let (queue, queued) = mpsc::channel(QUEUE);
         tokio::spawn(committer.run(queued));

@@ -131,9 +131,10 @@ struct IngestArgs {
     /// Publish attempts, with the same message id, before answering 503.
     #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = 3)]
     publish_attempts: u32,
-    /// Atomic batches of votes in flight at once (group commit).
-    #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES", default_value_t = 4)]
-    publish_batches: usize,
+    /// Atomic batches of votes in flight at once (group commit); default 1 on an R1 stream, 4 on
+    /// R3.
+    #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES")]
+    publish_batches: Option<usize>,
     /// Mark the voter cookie Secure (when served over HTTPS).
     #[arg(long, env = "LANDSLIDE_SECURE_COOKIE")]
     secure_cookie: bool,
@@ -163,7 +164,7 @@ impl IngestArgs {
         });
         config.publish_timeout = Duration::from_millis(self.publish_timeout_ms.max(1));
         config.publish_attempts = self.publish_attempts.max(1);
-        config.publish_batches = self.publish_batches.max(1);
+        config.publish_batches = self.publish_batches;
         config.secure_cookie = self.secure_cookie;
         Ok(config)
     }

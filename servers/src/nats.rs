@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::{Process, log_tail};
 use crate::{Binaries, free_port};
 
@@ -87,6 +88,9 @@ pub struct NatsSpec {
     pub names: Option<Vec<String>>,
     /// The nats-server binary; [`Binaries::nats_server`] of the system when `None`.
     pub binary: Option<PathBuf>,
+    /// Each node's store on a [`LazyFs`] over `<stem>.disk/`, so that [`Nats::power_cut`] can
+    /// throw away what the node never fsynced (the reliability harness's power-loss fault).
+    pub power_loss: bool,
     /// Put each server in a process group of its own, so that Ctrl-C in a terminal reaches only
     /// the parent, which stops the server after the roles that use it (`landslide up`).
     pub own_process_group: bool,
@@ -101,6 +105,7 @@ impl NatsSpec {
             stems: None,
             names: None,
             binary: None,
+            power_loss: false,
             own_process_group: false,
         }
     }
@@ -113,7 +118,9 @@ struct NatsNode {
     /// The monitoring port (`http:`), for `/varz`.
     monitor_port: u16,
     files: NodeFiles,
+    // Before `disk`: fields drop in order, and the server must go before its disk.
     process: Process,
+    disk: Option<LazyFs>,
 }
 
 /// nats-server processes with JetStream and file storage. Each is killed when this is dropped.
@@ -186,6 +193,14 @@ impl Nats {
             std::fs::write(&files.config, config)
                 .with_context(|| format!("cannot write {}", files.config.display()))?;
             stop_leftover(&files).await?;
+            let disk = if spec.power_loss {
+                let backing = dir.join(format!("{}.disk", stems[i]));
+                std::fs::create_dir_all(&backing)?;
+                std::fs::create_dir_all(&files.store)?;
+                Some(mount(backing, files.store.clone()).await?)
+            } else {
+                None
+            };
             crate::ensure_port_free(ports[i], "nats-server")?;
             let mut process =
                 Process::new(format!("nats-server {}", names[i]), &bin, files.log.clone())
@@ -201,6 +216,7 @@ impl Nats {
                 monitor_port,
                 files,
                 process,
+                disk,
             });
         }
         let nats = Self { nodes };
@@ -264,6 +280,40 @@ impl Nats {
         // nats-server 2.9 exited with status 1 after a clean SIGTERM shutdown, so the status is
         // not judged; only a server that ignores the signal is an error.
         self.nodes[node].process.terminate(grace).await.map(drop)
+    }
+
+    /// The power cut: `nodes` lose power at once. Each is killed (SIGKILL), then its disk throws
+    /// away everything it had not fsynced and is mounted again; the servers stay down until
+    /// [`Nats::restart`]. Needs [`NatsSpec::power_loss`]. Returns what each disk lost.
+    pub async fn power_cut(&mut self, nodes: &[usize]) -> anyhow::Result<Vec<CutReport>> {
+        for &node in nodes {
+            self.nodes[node].process.kill().await?;
+        }
+        let mut reports = Vec::new();
+        for &node in nodes {
+            let node = &mut self.nodes[node];
+            let disk = node
+                .disk
+                .take()
+                .with_context(|| format!("{} has no power-loss disk", node.name))?;
+            let (backing, mountpoint) = (disk.backing().to_owned(), disk.mountpoint().to_owned());
+            let report = tokio::task::spawn_blocking(move || disk.power_cut()).await??;
+            node.disk = Some(mount(backing, mountpoint).await?);
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    /// Starts stopped `nodes` again together, then waits until each answers: a cluster that lost
+    /// every node needs two of them running before either answers JetStream requests.
+    pub async fn restart_all(&mut self, nodes: &[usize]) -> anyhow::Result<()> {
+        for &node in nodes {
+            self.nodes[node].process.start()?;
+        }
+        for &node in nodes {
+            self.wait_ready(node).await?;
+        }
+        Ok(())
     }
 
     /// Starts a stopped node again on the same port and store; waits until it answers.
@@ -354,6 +404,11 @@ impl Nats {
         }
         None
     }
+}
+
+/// Mounts a [`LazyFs`] of `backing` at `mountpoint` off the async threads (it blocks).
+pub(crate) async fn mount(backing: PathBuf, mountpoint: PathBuf) -> anyhow::Result<LazyFs> {
+    tokio::task::spawn_blocking(move || LazyFs::mount(&backing, &mountpoint)).await?
 }
 
 /// What differs between the nodes Landslide starts.

@@ -14,6 +14,7 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use tokio::process::Command;
 
 use crate::Binaries;
+use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::log_tail;
 
 /// Seconds `pg_ctl` waits for start-up; crash recovery after an unclean stop can take a while.
@@ -124,6 +125,8 @@ pub struct Postgres {
     run_as: Option<RunAs>,
     /// Whether we still have to stop it; `Drop` stops it when this is still true.
     running: bool,
+    /// The power-loss disk the cluster lives on, if any. `Drop` stops the server first.
+    disk: Option<LazyFs>,
 }
 
 impl Postgres {
@@ -143,6 +146,44 @@ impl Postgres {
         Self::start_with(spec, bins).await
     }
 
+    /// [`Postgres::start`], with the cluster on a [`LazyFs`] over `dir/postgres.disk/`, so that
+    /// [`Postgres::power_cut`] can throw away what PostgreSQL never fsynced.
+    pub async fn start_on_power_loss_disk(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        let (backing, mountpoint) = (dir.join("postgres.disk"), dir.join("postgres.mount"));
+        for folder in [&backing, &mountpoint] {
+            std::fs::create_dir_all(folder)?;
+            std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let disk = crate::nats::mount(backing, mountpoint.clone()).await?;
+        let spec = PostgresSpec {
+            cluster: mountpoint.join("data"),
+            log: dir.join("postgres.log"),
+            port: crate::free_port()?,
+            superuser: "postgres".to_owned(),
+        };
+        let bins = Binaries::system().postgres(&spec.cluster)?;
+        let mut server = Self::start_with(spec, bins).await?;
+        server.disk = Some(disk);
+        Ok(server)
+    }
+
+    /// The power cut: every PostgreSQL process quits at once (an immediate stop, which writes
+    /// nothing), then the disk throws away what was never fsynced and is mounted again. The
+    /// server stays down until [`Postgres::start_server`], whose crash recovery replays the WAL.
+    pub async fn power_cut(&mut self) -> anyhow::Result<CutReport> {
+        self.stop(PgStop::Immediate).await?;
+        let disk = self
+            .disk
+            .take()
+            .context("PostgreSQL is not on a power-loss disk")?;
+        let (backing, mountpoint) = (disk.backing().to_owned(), disk.mountpoint().to_owned());
+        let report = tokio::task::spawn_blocking(move || disk.power_cut()).await??;
+        self.disk = Some(crate::nats::mount(backing, mountpoint).await?);
+        Ok(report)
+    }
+
     /// Creates the cluster if needed, stops a server that a crashed run left on it, and starts
     /// it. Fails with advice when the binaries are missing or the folder is out of the postgres
     /// user's reach, and with the log's tail when the server does not come up.
@@ -157,6 +198,7 @@ impl Postgres {
             spec,
             run_as,
             running: false,
+            disk: None,
         };
         server.prepare_cluster().await?;
         server.stop_leftover().await?;

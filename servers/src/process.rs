@@ -97,6 +97,20 @@ impl Process {
             .with_context(|| format!("cannot kill {}", self.name))
     }
 
+    /// SIGSTOP: the process stops running but keeps its state and connections, as if its host
+    /// stalled. [`Process::resume`] continues it.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.check_running()?;
+        let pid = self.pid().context("the process has already been reaped")?;
+        crate::signal(pid, Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Process::pause`].
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the process has already been reaped")?;
+        crate::signal(pid, Signal::SIGCONT)
+    }
+
     /// SIGTERM, then waits up to `grace` for the exit; a process still running then is killed and
     /// reported as an error.
     pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {

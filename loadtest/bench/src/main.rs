@@ -254,6 +254,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         clock_offsets: vec![0, 0],
         workers: 0,
         dir: dir.path().to_path_buf(),
+        sync: landslide_servers::Sync::Always,
+        power_loss: false,
     })
     .await?;
     landslide_schema::postgres::migrate(&env.database_url).await?;
