@@ -52,7 +52,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=off".into()),
+                // fuser logs an error for each reply to a request whose process was killed
+                // meanwhile (ENOENT from /dev/fuse): the power-loss disks see that at every kill.
+                .unwrap_or_else(|_| "info,async_nats=off,fuser::reply=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

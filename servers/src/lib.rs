@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 
 pub mod lazyfs;
 pub mod nats;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 
