@@ -53,8 +53,9 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // fuser logs an error for each reply to a request whose process was killed
-                // meanwhile (ENOENT from /dev/fuse): the power-loss disks see that at every kill.
-                .unwrap_or_else(|_| "info,async_nats=off,fuser::reply=off".into()),
+                // meanwhile (ENOENT from /dev/fuse), which the power-loss disks see at every
+                // kill, and a warning for each operation LazyFs leaves to the kernel's fallback.
+                .unwrap_or_else(|_| "info,async_nats=off,fuser=error,fuser::reply=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

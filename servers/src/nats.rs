@@ -136,6 +136,26 @@ impl Nats {
     }
 
     pub async fn start_with(spec: &NatsSpec, dir: &Path) -> anyhow::Result<Self> {
+        // A port that was free when chosen may be taken before the server binds it (the
+        // cluster's ports must be known to every node in advance, so `-p -1` cannot help): the
+        // long harness run met it once. Free ports are chosen again, twice at most.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(spec, dir).await {
+                Err(err)
+                    if spec.ports.is_none()
+                        && attempt < 3
+                        && format!("{err:#}").contains("address already in use") =>
+                {
+                    tracing::warn!(attempt, error = %format!("{err:#}"), "a chosen port was taken; choosing again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(spec: &NatsSpec, dir: &Path) -> anyhow::Result<Self> {
         let bin = match &spec.binary {
             Some(bin) => bin.clone(),
             None => Binaries::system().nats_server()?,
@@ -219,12 +239,22 @@ impl Nats {
                 disk,
             });
         }
-        let nats = Self { nodes };
-        for i in 0..nats.nodes.len() {
-            nats.wait_ready(i).await?;
-        }
-        if spec.layout == NatsLayout::Cluster {
-            nats.wait_for_placement().await?;
+        let mut nats = Self { nodes };
+        let ready = async {
+            for i in 0..nats.nodes.len() {
+                nats.wait_ready(i).await?;
+            }
+            if spec.layout == NatsLayout::Cluster {
+                nats.wait_for_placement().await?;
+            }
+            anyhow::Ok(())
+        };
+        if let Err(err) = ready.await {
+            // Gone before a second attempt reuses their stores and disks.
+            for node in &mut nats.nodes {
+                let _ = node.process.kill().await;
+            }
+            return Err(err);
         }
         Ok(nats)
     }
