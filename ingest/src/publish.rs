@@ -338,14 +338,20 @@ impl Committer {
                 (headers, queued.payload.clone())
             })
             .collect();
-        batch::publish(
+        let publish = batch::publish(
             &self.client,
             &self.subject,
             &self.stream,
             &messages,
             self.timeout,
-        )
-        .await
+        );
+        // The commit's own timeout covers the wait for its answer; this one also bounds sending
+        // into a dead connection. Dropping the publish midway is safe: a batch without its
+        // commit message is never stored, and one whose commit went out is sent again.
+        match tokio::time::timeout(self.timeout + Duration::from_millis(100), publish).await {
+            Ok(outcome) => outcome,
+            Err(_) => BatchOutcome::Unknown(format!("timed out after {:?}", self.timeout)),
+        }
     }
 
     /// Publishes one vote on its own, retrying an ambiguous attempt, and answers it.
