@@ -58,6 +58,21 @@ pub enum FailPoint {
 }
 
 impl Config {
+    /// The longest a worker waits for PostgreSQL to answer a batch's transaction: two thirds of
+    /// the consumer's `ack_wait`, at most 20 s (above the server's 10 s `statement_timeout`, so
+    /// that a slow statement normally fails on the server first). A database cut off by the
+    /// network answers nothing, and TCP would wait many minutes before it gives up; meanwhile
+    /// the batch's messages would pass `ack_wait` and go to another worker while this one still
+    /// held them.
+    pub fn database_bound(&self) -> Duration {
+        let ack_wait = self
+            .topology
+            .consumer_config()
+            .map(|c| c.ack_wait)
+            .unwrap_or(Duration::from_secs(30));
+        (ack_wait * 2 / 3).min(Duration::from_secs(20))
+    }
+
     pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
         Self {
             nats_url: nats_url.into(),
@@ -324,15 +339,27 @@ impl Worker {
                 unreachable!("connected just above");
             };
             let fail_point = self.config.fail_point;
-            let result = conn
-                .transaction::<_, TxError, _>(async |conn| {
-                    upsert.execute(conn).await?;
-                    if fail_point == Some(FailPoint::BeforeCommit) {
-                        return Err(TxError::FailPoint);
-                    }
-                    Ok(())
-                })
-                .await;
+            let bound = self.config.database_bound();
+            let transaction = conn.transaction::<_, TxError, _>(async |conn| {
+                upsert.execute(conn).await?;
+                if fail_point == Some(FailPoint::BeforeCommit) {
+                    return Err(TxError::FailPoint);
+                }
+                Ok(())
+            });
+            // Dropping a transaction future midway leaves its connection in a state diesel-async
+            // does not repair (design section 5), so the connection goes with it: the server
+            // rolls the transaction back when it sees the connection close, or has committed it,
+            // and either way the messages are naked, never acked, and their redelivery is
+            // harmless.
+            let Ok(result) = tokio::time::timeout(bound, transaction).await else {
+                self.db = None;
+                metrics::counter!("landslide_db_timeouts_total").increment(1);
+                anyhow::bail!(
+                    "PostgreSQL did not answer the batch's transaction within {bound:?}; \
+                     connection dropped, outcome unknown"
+                );
+            };
             match result {
                 Ok(()) => return Ok(()),
                 Err(TxError::FailPoint) => {

@@ -322,6 +322,49 @@ impl Postgres {
         Ok(())
     }
 
+    /// SIGSTOP to the postmaster and every backend: the server stops answering but keeps its
+    /// connections, as if the network to it were cut. [`Postgres::resume`] continues it.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal_all(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Postgres::pause`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal_all(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    /// The postmaster (first line of `postmaster.pid`) and its children, found in /proc.
+    fn signal_all(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(self.spec.cluster.join("postmaster.pid"))
+            .context("PostgreSQL is not running (no postmaster.pid)")?;
+        let postmaster: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .context("postmaster.pid has no pid")?;
+        crate::signal(postmaster, signal)?;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // The parent pid is the second field after the parenthesised command name.
+            let parent = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(") ")?;
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                });
+            if parent == Some(postmaster) {
+                crate::signal(pid, signal)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Marks the server as not ours to stop (a test simulating a crashed parent).
     pub fn forget(&mut self) {
         self.running = false;
@@ -455,6 +498,8 @@ impl Drop for Postgres {
         if !self.running {
             return;
         }
+        // A paused server (a test that failed midway) would never stop.
+        let _ = self.resume();
         let status = self
             .std_command(&self.bins.pg_ctl)
             .arg("stop")

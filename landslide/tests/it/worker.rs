@@ -291,3 +291,92 @@ async fn a_worker_whose_database_connection_dies_reconnects_and_loses_nothing() 
     );
     worker.stop().await;
 }
+
+/// A database that stops answering (cut off by the network, or stalled) must not hold a batch
+/// past the consumer's `ack_wait`: TCP alone would wait for many minutes. The worker gives the
+/// transaction up within `Config::database_bound`, drops the connection, naks the batch, and
+/// counts the batch once the database answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_batch_later() {
+    use diesel_async::RunQueryDsl as _;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        choice: String,
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = landslide_servers::Postgres::start(dir.path())
+        .await
+        .unwrap();
+    let url = postgres.url("postgres");
+    landslide_schema::postgres::migrate(&url).await.unwrap();
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let topology = Topology {
+        ack_wait: Some(Duration::from_secs(6)),
+        ..Topology::default()
+    };
+    landslide_nats::ensure_consumer(&js, &topology)
+        .await
+        .unwrap();
+    let mut config = landslide_dedup_worker::Config::new(&nats.url, url.as_str());
+    config.topology = topology.clone();
+    let bound = config.database_bound();
+    assert_eq!(bound, Duration::from_secs(4));
+    let worker = support::worker_with(&nats.url, &url, |c| c.topology = topology.clone());
+    let ballot = |voter: Uuid| {
+        let url = url.clone();
+        async move {
+            let mut conn = landslide_schema::postgres::connect(&url).await.ok()?;
+            let rows: Vec<Row> =
+                diesel::sql_query("SELECT choice FROM ballots WHERE voter = $1::uuid")
+                    .bind::<diesel::sql_types::Text, _>(voter.to_string())
+                    .load(&mut conn)
+                    .await
+                    .ok()?;
+            rows.into_iter().next().map(|r| r.choice)
+        }
+    };
+    let publish = async |event: VoteEvent| {
+        js.publish("votes.web1", event.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    };
+    let first = Uuid::new_v4();
+    publish(crate::tally::vote(first, "cats", 1_000)).await;
+    support::wait_for("the first ballot", Duration::from_secs(30), || {
+        ballot(first)
+    })
+    .await;
+
+    postgres.pause().unwrap();
+    let timeouts = || {
+        let page = landslide_telemetry::prometheus().render();
+        page.lines()
+            .find(|l| l.starts_with("landslide_db_timeouts_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = timeouts();
+    let second = Uuid::new_v4();
+    publish(crate::tally::vote(second, "dogs", 2_000)).await;
+    // Within the bound and some slack for the batch to form, well before TCP would give up.
+    support::wait_for(
+        "the worker to give up on the silent database",
+        bound + Duration::from_secs(4),
+        || async { (timeouts() > before).then_some(()) },
+    )
+    .await;
+    assert!(!worker.is_finished(), "the worker stays up");
+
+    postgres.resume().unwrap();
+    let choice = support::wait_for("the second ballot", Duration::from_secs(60), || {
+        ballot(second)
+    })
+    .await;
+    assert_eq!(choice, "dogs");
+    worker.stop().await;
+}
