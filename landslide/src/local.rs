@@ -384,17 +384,11 @@ mod tests {
     use diesel::QueryableByName;
     use diesel_async::{AsyncConnection as _, AsyncPgConnection};
     use diesel_async::{RunQueryDsl as _, SimpleAsyncConnection};
+    use landslide_servers::nats::jetstream_answers;
     use landslide_servers::{ensure_port_free, process_alive, running_as_root};
 
-    async fn jetstream_answers(url: &str) -> bool {
-        landslide_nats::api_request(url, "$JS.API.INFO")
-            .await
-            .is_some_and(|info| info["type"] == "io.nats.jetstream.api.v1.account_info_response")
-    }
-
     fn free_port() -> u16 {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-        listener.local_addr().expect("local addr").port()
+        landslide_servers::free_port().expect("bind an ephemeral port")
     }
 
     fn free_ports() -> LocalPorts {

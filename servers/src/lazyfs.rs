@@ -232,6 +232,20 @@ impl LazyFs {
         Ok(report)
     }
 
+    /// [`LazyFs::mount`] off the async runtime's threads (it blocks).
+    pub async fn mount_async(backing: PathBuf, mountpoint: PathBuf) -> anyhow::Result<Self> {
+        tokio::task::spawn_blocking(move || Self::mount(&backing, &mountpoint)).await?
+    }
+
+    /// A power cycle of the disk, off the runtime's threads: [`LazyFs::power_cut`], then the
+    /// same backing folder mounted again at the same place, as the disk is after the power
+    /// returns. Returns the new mount and what the cut threw away.
+    pub async fn power_cycle(self) -> anyhow::Result<(Self, CutReport)> {
+        let (backing, mountpoint) = (self.backing.clone(), self.mountpoint.clone());
+        let report = tokio::task::spawn_blocking(move || self.power_cut()).await??;
+        Ok((Self::mount_async(backing, mountpoint).await?, report))
+    }
+
     /// A clean unmount that first writes everything back and fsyncs it, like a clean shutdown
     /// flushing the page cache. Fails if the mount is still in use (it is then unmounted by
     /// force, after the write-back) or if something could not be written back.

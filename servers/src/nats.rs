@@ -139,9 +139,21 @@ impl Nats {
         // A port that was free when chosen may be taken before the server binds it (the
         // cluster's ports must be known to every node in advance, so `-p -1` cannot help): the
         // long harness run met it once. Free ports are chosen again, twice at most.
+        let bin = match &spec.binary {
+            Some(bin) => bin.clone(),
+            None => Binaries::system().nats_server()?,
+        };
+        // A binary the caller chose may be older than the minimum (the test that it is refused):
+        // give it only the settings it knows.
+        let batch_limits = crate::version_of(&bin)?
+            >= landslide_nats::ServerVersion {
+                major: 2,
+                minor: 12,
+                patch: 0,
+            };
         let mut attempt = 1;
         loop {
-            match Self::start_once(spec, dir).await {
+            match Self::start_once(spec, dir, &bin, batch_limits).await {
                 Err(err)
                     if spec.ports.is_none()
                         && attempt < 3
@@ -155,19 +167,12 @@ impl Nats {
         }
     }
 
-    async fn start_once(spec: &NatsSpec, dir: &Path) -> anyhow::Result<Self> {
-        let bin = match &spec.binary {
-            Some(bin) => bin.clone(),
-            None => Binaries::system().nats_server()?,
-        };
-        // A binary the caller chose may be older than the minimum (the test that it is refused):
-        // give it only the settings it knows.
-        let batch_limits = crate::version_of(&bin)?
-            >= landslide_nats::ServerVersion {
-                major: 2,
-                minor: 12,
-                patch: 0,
-            };
+    async fn start_once(
+        spec: &NatsSpec,
+        dir: &Path,
+        bin: &Path,
+        batch_limits: bool,
+    ) -> anyhow::Result<Self> {
         let count = spec.layout.nodes();
         let ports = match &spec.ports {
             Some(ports) if ports.len() == count => ports.clone(),
@@ -217,13 +222,13 @@ impl Nats {
                 let backing = dir.join(format!("{}.disk", stems[i]));
                 std::fs::create_dir_all(&backing)?;
                 std::fs::create_dir_all(&files.store)?;
-                Some(mount(backing, files.store.clone()).await?)
+                Some(LazyFs::mount_async(backing, files.store.clone()).await?)
             } else {
                 None
             };
             crate::ensure_port_free(ports[i], "nats-server")?;
             let mut process =
-                Process::new(format!("nats-server {}", names[i]), &bin, files.log.clone())
+                Process::new(format!("nats-server {}", names[i]), bin, files.log.clone())
                     .arg("-c")
                     .arg(&files.config);
             if spec.own_process_group {
@@ -326,9 +331,8 @@ impl Nats {
                 .disk
                 .take()
                 .with_context(|| format!("{} has no power-loss disk", node.name))?;
-            let (backing, mountpoint) = (disk.backing().to_owned(), disk.mountpoint().to_owned());
-            let report = tokio::task::spawn_blocking(move || disk.power_cut()).await??;
-            node.disk = Some(mount(backing, mountpoint).await?);
+            let (disk, report) = disk.power_cycle().await?;
+            node.disk = Some(disk);
             reports.push(report);
         }
         Ok(reports)
@@ -376,12 +380,7 @@ impl Nats {
                     log_tail(log)
                 );
             }
-            if landslide_nats::api_request(&url, "$JS.API.INFO")
-                .await
-                .is_some_and(|info| {
-                    info["type"] == "io.nats.jetstream.api.v1.account_info_response"
-                })
-            {
+            if jetstream_answers(&url).await {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -436,9 +435,12 @@ impl Nats {
     }
 }
 
-/// Mounts a [`LazyFs`] of `backing` at `mountpoint` off the async threads (it blocks).
-pub(crate) async fn mount(backing: PathBuf, mountpoint: PathBuf) -> anyhow::Result<LazyFs> {
-    tokio::task::spawn_blocking(move || LazyFs::mount(&backing, &mountpoint)).await?
+/// Whether the server at `url` answers a JetStream account-info request: it is up, and in a
+/// cluster a meta leader exists.
+pub async fn jetstream_answers(url: &str) -> bool {
+    landslide_nats::api_request(url, "$JS.API.INFO")
+        .await
+        .is_some_and(|info| info["type"] == "io.nats.jetstream.api.v1.account_info_response")
 }
 
 /// What differs between the nodes Landslide starts.

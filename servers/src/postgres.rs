@@ -133,39 +133,35 @@ impl Postgres {
     /// A new cluster under `dir` (`dir/postgres`, `dir/postgres.log`) on a free port, with the
     /// superuser `postgres`: the tests' and the harness's.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        // A fresh temporary folder is private: the postgres user must be able to enter it.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
-        let spec = PostgresSpec {
-            cluster: dir.join("postgres"),
-            log: dir.join("postgres.log"),
-            port: crate::free_port()?,
-            superuser: "postgres".to_owned(),
-        };
-        let bins = Binaries::system().postgres(&spec.cluster)?;
-        Self::start_with(spec, bins).await
+        Self::start_in(dir, dir.join("postgres"), None).await
     }
 
     /// [`Postgres::start`], with the cluster on a [`LazyFs`] over `dir/postgres.disk/`, so that
     /// [`Postgres::power_cut`] can throw away what PostgreSQL never fsynced.
     pub async fn start_on_power_loss_disk(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
         let (backing, mountpoint) = (dir.join("postgres.disk"), dir.join("postgres.mount"));
         for folder in [&backing, &mountpoint] {
             std::fs::create_dir_all(folder)?;
             std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755))?;
         }
-        let disk = crate::nats::mount(backing, mountpoint.clone()).await?;
+        let disk = LazyFs::mount_async(backing, mountpoint.clone()).await?;
+        Self::start_in(dir, mountpoint.join("data"), Some(disk)).await
+    }
+
+    /// A cluster at `cluster` with its log in `dir`, as the `postgres` superuser on a free port.
+    async fn start_in(dir: &Path, cluster: PathBuf, disk: Option<LazyFs>) -> anyhow::Result<Self> {
+        // A fresh temporary folder is private: the postgres user must be able to enter it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
         let spec = PostgresSpec {
-            cluster: mountpoint.join("data"),
+            cluster,
             log: dir.join("postgres.log"),
             port: crate::free_port()?,
             superuser: "postgres".to_owned(),
         };
         let bins = Binaries::system().postgres(&spec.cluster)?;
         let mut server = Self::start_with(spec, bins).await?;
-        server.disk = Some(disk);
+        server.disk = disk;
         Ok(server)
     }
 
@@ -178,9 +174,8 @@ impl Postgres {
             .disk
             .take()
             .context("PostgreSQL is not on a power-loss disk")?;
-        let (backing, mountpoint) = (disk.backing().to_owned(), disk.mountpoint().to_owned());
-        let report = tokio::task::spawn_blocking(move || disk.power_cut()).await??;
-        self.disk = Some(crate::nats::mount(backing, mountpoint).await?);
+        let (disk, report) = disk.power_cycle().await?;
+        self.disk = Some(disk);
         Ok(report)
     }
 
