@@ -7,6 +7,7 @@ use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
 
 use crate::Stack;
+use crate::roles::Role;
 use landslide_servers::{NatsLayout, PgStop};
 
 /// How long an ingest node may take to drain after SIGTERM.
@@ -133,16 +134,21 @@ pub fn schedule(
         .collect()
 }
 
+/// SIGKILL of the fault's target among `roles`, its downtime, then the same role started again.
+async fn kill_and_restart<'a>(roles: &'a mut [Role], fault: &Fault) -> anyhow::Result<&'a Role> {
+    let count = roles.len();
+    let role = &mut roles[fault.target % count];
+    role.process.kill().await?;
+    tokio::time::sleep(fault.down).await;
+    role.start().await?;
+    Ok(role)
+}
+
 /// Injects one fault and brings the failed part back; returns what was done.
 pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> {
     match fault.kind {
         FaultKind::KillWorker => {
-            let workers = &mut stack.roles.workers;
-            let count = workers.len();
-            let worker = &mut workers[fault.target % count];
-            worker.process.kill().await?;
-            tokio::time::sleep(fault.down).await;
-            worker.start().await?;
+            let worker = kill_and_restart(&mut stack.roles.workers, fault).await?;
             Ok(format!(
                 "{} down {} ms",
                 worker.process.name(),
@@ -213,12 +219,7 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
             ))
         }
         FaultKind::KillIngest => {
-            let nodes = &mut stack.roles.ingest;
-            let count = nodes.len();
-            let node = &mut nodes[fault.target % count];
-            node.process.kill().await?;
-            tokio::time::sleep(fault.down).await;
-            node.start().await?;
+            let node = kill_and_restart(&mut stack.roles.ingest, fault).await?;
             Ok(format!(
                 "{} killed, back after {} ms",
                 node.process.name(),

@@ -31,20 +31,6 @@ async fn stored_events(nats: &Nats) -> HashMap<String, usize> {
     copies
 }
 
-/// A role's `/metrics` page.
-async fn metrics_page(base_url: &str) -> String {
-    let response = reqwest::get(format!("{base_url}/metrics")).await.unwrap();
-    response.text().await.unwrap()
-}
-
-/// A metric's value in a Prometheus text page (summed over its labels).
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_votes_share_batches_and_each_is_stored_once() {
     let nats = Nats::start().await;
@@ -67,9 +53,9 @@ async fn concurrent_votes_share_batches_and_each_is_stored_once() {
     }
 
     // Fewer publishes than votes: the votes went out together.
-    let page = metrics_page(&ingest.url).await;
-    let batches = metric(&page, "landslide_publish_batch_size_count");
-    let batched = metric(&page, "landslide_publish_batch_size_sum");
+    let page = support::metrics_page(&ingest.url).await;
+    let batches = support::metric(&page, "landslide_publish_batch_size_count");
+    let batched = support::metric(&page, "landslide_publish_batch_size_sum");
     assert_eq!(batched, f64::from(votes), "every vote was in a batch");
     assert!(
         batches < f64::from(votes) / 2.0,
@@ -143,9 +129,9 @@ async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored()
         assert_eq!(*status, 202, "{body}");
     }
     // The path under test was taken: some batch held a retry beside other votes and was refused.
-    let page = metrics_page(&ingest.url).await;
+    let page = support::metrics_page(&ingest.url).await;
     assert!(
-        metric(&page, "landslide_publish_batch_splits_total") >= 1.0,
+        support::metric(&page, "landslide_publish_batch_splits_total") >= 1.0,
         "no batch was refused for a duplicate"
     );
     let copies = stored_events(&nats).await;

@@ -355,10 +355,7 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
     postgres.pause().unwrap();
     let timeouts = || {
         let page = landslide_telemetry::prometheus().render();
-        page.lines()
-            .find(|l| l.starts_with("landslide_db_timeouts_total"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        support::metric(&page, "landslide_db_timeouts_total")
     };
     let before = timeouts();
     let second = Uuid::new_v4();

@@ -387,3 +387,17 @@ pub async fn settled_results(tally_url: &str, poll: &str, total: u64) -> serde_j
     })
     .await
 }
+
+/// A role's `/metrics` page.
+pub async fn metrics_page(base_url: &str) -> String {
+    let response = reqwest::get(format!("{base_url}/metrics")).await.unwrap();
+    response.text().await.unwrap()
+}
+
+/// A metric's value in a Prometheus text page (summed over its labels).
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
