@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use landslide_chaos::faults::FaultKind;
 use landslide_chaos::{NatsLayout, Report, Scenario, report};
 
 #[derive(Debug, Parser)]
@@ -43,6 +44,9 @@ struct Args {
     /// The consumer's ack_wait in milliseconds (how soon a dead worker's messages come back).
     #[arg(long, default_value_t = 5_000)]
     ack_wait_ms: u64,
+    /// Also SIGKILL ingest nodes under load (RELIABILITY.md: what the model cannot judge yet).
+    #[arg(long)]
+    kill_ingest: bool,
     /// The `landslide` binary (default: the one beside this program).
     #[arg(long)]
     landslide: Option<PathBuf>,
@@ -103,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Report>> {
     );
     let mut reports = Vec::new();
     for (i, layout) in args.nats.iter().enumerate() {
-        let scenario = Scenario {
+        let mut scenario = Scenario {
             seed: seed.wrapping_add(i as u64),
             voters,
             max_votes: args.max_votes,
@@ -115,6 +119,9 @@ async fn run(args: Args) -> anyhow::Result<Vec<Report>> {
             ack_wait: Duration::from_millis(args.ack_wait_ms),
             ..Scenario::short(*layout, seed.wrapping_add(i as u64), landslide.clone())
         };
+        if args.kill_ingest {
+            scenario.faults.push(FaultKind::KillIngest);
+        }
         let report = landslide_chaos::run(&scenario).await?;
         println!("{report}");
         reports.push(report);

@@ -917,6 +917,35 @@ impl Ops {
         st.attr(ino, fh)
     }
 
+    /// Creates entry `name` in `parent` with `make`, which gets the new path and the parent's
+    /// metadata and returns the mode to give the entry (`None`: leave it). Then the entry is
+    /// handed to the caller (owner and group, as the kernel would) and remembered; if that
+    /// fails, the entry is removed again (`make` made a directory when `dir`).
+    fn new_entry(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        dir: bool,
+        make: impl FnOnce(&Path, &std::fs::Metadata) -> Result<Option<u32>, Errno>,
+    ) -> Result<FileAttr, Errno> {
+        let mut st = self.lock()?;
+        let parent_path = st.path(parent)?;
+        let parent_meta = std::fs::symlink_metadata(&parent_path)?;
+        let path = parent_path.join(name);
+        let mode = make(&path, &parent_meta)?;
+        if let Err(e) = hand_over(&path, req, &parent_meta, mode) {
+            let _ = if dir {
+                std::fs::remove_dir(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            return Err(e);
+        }
+        let meta = std::fs::symlink_metadata(&path)?;
+        Ok(st.remember(&path, &meta))
+    }
+
     fn do_mkdir(
         &self,
         req: &Request,
@@ -925,21 +954,14 @@ impl Ops {
         mode: u32,
         umask: u32,
     ) -> Result<FileAttr, Errno> {
-        let mut st = self.lock()?;
-        let parent_path = st.path(parent)?;
-        let parent_meta = std::fs::symlink_metadata(&parent_path)?;
-        let path = parent_path.join(name);
-        let mut mode = mode & 0o7777 & !umask;
-        if parent_meta.mode() & SET_GID != 0 {
-            mode |= SET_GID;
-        }
-        std::fs::DirBuilder::new().mode(mode).create(&path)?;
-        if let Err(e) = hand_over(&path, req, &parent_meta, Some(mode)) {
-            let _ = std::fs::remove_dir(&path);
-            return Err(e);
-        }
-        let meta = std::fs::symlink_metadata(&path)?;
-        Ok(st.remember(&path, &meta))
+        self.new_entry(req, parent, name, true, |path, parent_meta| {
+            let mut mode = mode & 0o7777 & !umask;
+            if parent_meta.mode() & SET_GID != 0 {
+                mode |= SET_GID;
+            }
+            std::fs::DirBuilder::new().mode(mode).create(path)?;
+            Ok(Some(mode))
+        })
     }
 
     fn do_mknod(
@@ -951,28 +973,21 @@ impl Ops {
         umask: u32,
         rdev: u32,
     ) -> Result<FileAttr, Errno> {
-        let mut st = self.lock()?;
-        let parent_path = st.path(parent)?;
-        let parent_meta = std::fs::symlink_metadata(&parent_path)?;
-        let path = parent_path.join(name);
-        let perm = mode & 0o7777 & !umask;
-        let kind = SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits());
-        if kind == SFlag::S_IFREG {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(perm)
-                .open(&path)?;
-        } else {
-            nix::sys::stat::mknod(&path, kind, Mode::from_bits_truncate(perm), rdev.into())
-                .map_err(nix_errno)?;
-        }
-        if let Err(e) = hand_over(&path, req, &parent_meta, Some(perm)) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        let meta = std::fs::symlink_metadata(&path)?;
-        Ok(st.remember(&path, &meta))
+        self.new_entry(req, parent, name, false, |path, _| {
+            let perm = mode & 0o7777 & !umask;
+            let kind = SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits());
+            if kind == SFlag::S_IFREG {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(perm)
+                    .open(path)?;
+            } else {
+                nix::sys::stat::mknod(path, kind, Mode::from_bits_truncate(perm), rdev.into())
+                    .map_err(nix_errno)?;
+            }
+            Ok(Some(perm))
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1054,17 +1069,10 @@ impl Ops {
         name: &OsStr,
         target: &Path,
     ) -> Result<FileAttr, Errno> {
-        let mut st = self.lock()?;
-        let parent_path = st.path(parent)?;
-        let parent_meta = std::fs::symlink_metadata(&parent_path)?;
-        let path = parent_path.join(name);
-        std::os::unix::fs::symlink(target, &path)?;
-        if let Err(e) = hand_over(&path, req, &parent_meta, None) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        let meta = std::fs::symlink_metadata(&path)?;
-        Ok(st.remember(&path, &meta))
+        self.new_entry(req, parent, name, false, |path, _| {
+            std::os::unix::fs::symlink(target, path)?;
+            Ok(None)
+        })
     }
 
     fn do_rename(
