@@ -69,9 +69,16 @@ pub struct Verdict {
     pub doubled: usize,
     /// Ballots that are not the voter's latest accepted vote.
     pub misordered: usize,
-    /// Ballots of no voter the harness knows, by no event it was told of.
+    /// Ballots of no voter the harness knows, by no event it was told of, beyond the orphans.
     pub phantom: usize,
-    /// The expected count of each option: voters whose latest accepted vote chose it.
+    /// Ballots of no voter the harness knows, each explained by a different unanswered vote
+    /// sent with neither cookie nor key, of the same choice ([`VoterOutcome::unlinked`]).
+    /// Not a fault of the pipeline: the vote was stored, its answer (and with it the voter
+    /// id) was lost, and its voter voted again as somebody new. Only a cookie from an earlier
+    /// answer or an `Idempotency-Key` links the two.
+    pub orphaned: usize,
+    /// The expected count of each option: voters whose latest accepted vote chose it, plus
+    /// the orphans.
     pub expected: BTreeMap<String, i64>,
     pub examples: Vec<String>,
 }
@@ -128,11 +135,25 @@ pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
             Some(_) => {}
         }
     }
+    let mut unlinked = BTreeMap::<&str, usize>::new();
+    for choice in outcomes.iter().flat_map(|o| &o.unlinked) {
+        *unlinked.entry(choice).or_default() += 1;
+    }
     for ballot in ballots {
         if known_voters.contains(&ballot.voter) {
             continue;
         }
-        if known_events.contains(&ballot.event_id) {
+        let explained = match unlinked.get_mut(ballot.choice.as_str()) {
+            Some(n) if *n > 0 && !known_events.contains(&ballot.event_id) => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        if explained {
+            verdict.orphaned += 1;
+            *verdict.expected.entry(ballot.choice.clone()).or_default() += 1;
+        } else if known_events.contains(&ballot.event_id) {
             verdict.doubled += 1;
             example(
                 &mut verdict,

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use rand::Rng as _;
 use rand::seq::SliceRandom as _;
 use rand_chacha::ChaCha8Rng;
@@ -13,7 +14,7 @@ use landslide_servers::{NatsLayout, PgStop};
 /// How long an ingest node may take to drain after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum FaultKind {
     /// SIGKILL of a dedup-worker, then a new one.
     KillWorker,
@@ -29,17 +30,29 @@ pub enum FaultKind {
     /// SIGTERM of an ingest node under load: it must answer what it accepted and exit 0.
     TerminateIngest,
     /// SIGKILL of an ingest node under load, in the middle of publishing batches: what it had
-    /// answered 2xx must be stored, and what it had not answered is the voters' to retry.
-    /// Not in [`FaultKind::for_layout`]: a keyless first vote that the node stored but never
-    /// answered belongs to a voter id its voter never learnt, and the harness's model counts
-    /// that ballot as a phantom (found by seed 1 in CI, 2 runs in 6). `landslide-chaos
-    /// --kill-ingest` adds it until the model can judge such voters.
+    /// answered 2xx must be stored, and what it had not answered is the voters' to retry. A
+    /// first vote without a cookie or a key that the node stored but never answered is a
+    /// ballot under a voter id its voter never learnt: the check counts such orphans apart
+    /// (see [`crate::check::Verdict::orphaned`]).
     KillIngest,
     /// The workers stall (SIGSTOP) while votes keep being accepted, then the power goes out on
     /// the data tier: nats-server (every node of a cluster at once) and PostgreSQL are killed and
     /// their disks lose everything they had not fsynced (LazyFs). Then everything comes back.
     /// The stalled workers leave accepted votes only in the stream when the power goes.
     PowerLoss,
+    /// In the cluster: the VOTES stream leader cut off from the other two nodes (the clients
+    /// still reach all three) long enough, at times, for the two to elect a new leader; then
+    /// the cut heals and the old leader must catch up without keeping anything the new one
+    /// did not.
+    PartitionLeader,
+    /// A worker cut off from PostgreSQL in the middle of its transactions: packets dropped,
+    /// so nothing answers and nothing fails. The worker must give up within its bound (below
+    /// `ack_wait`), nak, and carry on once the cut heals, without a restart.
+    PartitionWorkerFromPostgres,
+    /// An ingest node cut off after its publishes left: every packet from the nats-servers to
+    /// it is dropped, so what it sends is stored and no ack comes back. Its votes must be
+    /// answered 503 (never 2xx) and their retries must win over the stored copies.
+    PartitionIngestFromNats,
 }
 
 impl FaultKind {
@@ -49,14 +62,31 @@ impl FaultKind {
             NatsLayout::Single => Self::KillNats,
             NatsLayout::Cluster => Self::KillLeaderThenQuorum,
         };
-        vec![
+        let mut kinds = vec![
             Self::KillWorker,
             nats,
             Self::RestartPostgresFast,
             Self::RestartPostgresImmediate,
             Self::TerminateIngest,
+            Self::KillIngest,
             Self::PowerLoss,
-        ]
+            Self::PartitionWorkerFromPostgres,
+            Self::PartitionIngestFromNats,
+        ];
+        if layout == NatsLayout::Cluster {
+            kinds.push(Self::PartitionLeader);
+        }
+        kinds
+    }
+
+    /// Whether the fault cuts the network (the stack then runs on hosts of a network).
+    pub fn is_partition(self) -> bool {
+        matches!(
+            self,
+            Self::PartitionLeader
+                | Self::PartitionWorkerFromPostgres
+                | Self::PartitionIngestFromNats
+        )
     }
 
     pub fn label(self) -> &'static str {
@@ -69,6 +99,9 @@ impl FaultKind {
             Self::TerminateIngest => "SIGTERM ingest",
             Self::KillIngest => "SIGKILL ingest",
             Self::PowerLoss => "power loss (nats-server and PostgreSQL)",
+            Self::PartitionLeader => "partition: stream leader from the other nodes",
+            Self::PartitionWorkerFromPostgres => "partition: worker from PostgreSQL",
+            Self::PartitionIngestFromNats => "partition: ingest from nats-server's answers",
         }
     }
 }
@@ -125,6 +158,12 @@ pub fn schedule(
                 // Long enough, at times, for ingest to give up and answer 503.
                 FaultKind::KillLeaderThenQuorum => rng.random_range(1_000..5_000),
                 FaultKind::KillNats => rng.random_range(300..6_000),
+                // Around the election timeout (4 to 9 s): sometimes a new leader, sometimes not.
+                FaultKind::PartitionLeader => rng.random_range(2_000..12_000),
+                // Both sides of the worker's database bound (two thirds of ack_wait).
+                FaultKind::PartitionWorkerFromPostgres => rng.random_range(500..6_000),
+                // Longer than ingest's publish timeout: its votes are answered 503.
+                FaultKind::PartitionIngestFromNats => rng.random_range(1_500..5_000),
                 _ => rng.random_range(100..2_000),
             };
             Fault {
@@ -221,6 +260,70 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
                 pg.bytes
             ))
         }
+        FaultKind::PartitionLeader => {
+            let leader = stack
+                .nats
+                .stream_leader("VOTES")
+                .await
+                .context("the VOTES stream has no leader to cut off")?;
+            let name = stack.nats.name(leader).to_owned();
+            let majority: Vec<usize> = (0..stack.nats.len()).filter(|&i| i != leader).collect();
+            let others: Vec<String> = majority
+                .iter()
+                .map(|&i| stack.nats.name(i).to_owned())
+                .collect();
+            let network = stack.network()?;
+            for other in &others {
+                network.cut(&name, other).await?;
+            }
+            tokio::time::sleep(fault.down).await;
+            let during = stack.nats.stream_leader_seen_by("VOTES", majority).await;
+            stack.network()?.heal().await?;
+            let during = during.map_or("none".to_owned(), |i| stack.nats.name(i).to_owned());
+            Ok(format!(
+                "{name} (the VOTES leader) cut off from {} for {} ms; leader the other two \
+                 saw at the end: {during}",
+                others.join(" and "),
+                fault.down.as_millis()
+            ))
+        }
+        FaultKind::PartitionWorkerFromPostgres => {
+            let i = fault.target % stack.roles.workers.len();
+            let name = stack.roles.workers[i].process.name().to_owned();
+            const TIMEOUTS: &str = "landslide_db_timeouts_total";
+            let before = metric(&stack.roles.workers[i], TIMEOUTS).await;
+            let network = stack.network()?;
+            network.cut(&name, crate::POSTGRES_HOST).await?;
+            tokio::time::sleep(fault.down).await;
+            network.heal().await?;
+            let after = metric(&stack.roles.workers[i], TIMEOUTS).await;
+            Ok(format!(
+                "{name} cut off from PostgreSQL for {} ms; it gave up on {} transactions",
+                fault.down.as_millis(),
+                growth(before, after)
+            ))
+        }
+        FaultKind::PartitionIngestFromNats => {
+            let i = fault.target % stack.roles.ingest.len();
+            let name = stack.roles.ingest[i].process.name().to_owned();
+            let servers: Vec<String> = (0..stack.nats.len())
+                .map(|n| stack.nats.name(n).to_owned())
+                .collect();
+            const REFUSED: &str = "landslide_votes_rejected_total{reason=\"unavailable\"}";
+            let before = metric(&stack.roles.ingest[i], REFUSED).await;
+            let network = stack.network()?;
+            for server in &servers {
+                network.cut_one_way(server, &name).await?;
+            }
+            tokio::time::sleep(fault.down).await;
+            network.heal().await?;
+            let after = metric(&stack.roles.ingest[i], REFUSED).await;
+            Ok(format!(
+                "{name} heard nothing from nats-server for {} ms and answered {} votes 503",
+                fault.down.as_millis(),
+                growth(before, after)
+            ))
+        }
         FaultKind::KillIngest => {
             let node = kill_and_restart(&mut stack.roles.ingest, fault).await?;
             Ok(format!(
@@ -251,4 +354,22 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
             ))
         }
     }
+}
+
+/// A metric of a role (summed over its labels), if its `/metrics` answers.
+async fn metric(role: &Role, name: &str) -> Option<f64> {
+    let page = reqwest::get(format!("{}/metrics", role.base_url()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(landslide_telemetry::metric_value(&page, name))
+}
+
+/// How much a metric grew, for a fault's detail: `?` when a reading failed.
+fn growth(before: Option<f64>, after: Option<f64>) -> String {
+    after
+        .zip(before)
+        .map_or("?".to_owned(), |(a, b)| format!("{}", a - b))
 }

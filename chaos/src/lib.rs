@@ -29,7 +29,10 @@ pub use landslide_servers::NatsLayout;
 pub use report::Report;
 
 use faults::{Fault, FaultKind, FaultRecord};
-use landslide_servers::{Nats, NatsSpec, Postgres, Sync};
+use landslide_servers::{Nats, NatsSpec, Network, Place, Postgres, Sync};
+
+/// PostgreSQL's host in a stack with a network.
+pub const POSTGRES_HOST: &str = "pg";
 use roles::{RoleEnv, Roles};
 use workload::{Counters, Driver, Plan};
 
@@ -99,6 +102,18 @@ pub struct Stack {
     pub nats: Nats,
     pub postgres: Postgres,
     pub roles: Roles,
+    /// The hosts everything but tally runs on, for the partition faults. Last, so that it is
+    /// dropped after every process in it.
+    pub network: Option<Network>,
+}
+
+impl Stack {
+    /// The network, for a fault that cuts it.
+    pub fn network(&mut self) -> anyhow::Result<&mut Network> {
+        self.network
+            .as_mut()
+            .context("the stack runs without a network (StackConfig::partitions)")
+    }
 }
 
 /// What [`Stack::start`] starts.
@@ -120,24 +135,51 @@ pub struct StackConfig {
     pub sync: Sync,
     /// nats-server's store and PostgreSQL's data on LazyFs disks, for the power-loss fault.
     pub power_loss: bool,
+    /// Every nats-server, PostgreSQL, ingest node and worker on a host of its own (a network
+    /// namespace), for the partition faults. Tally and the harness stay outside, where no cut
+    /// reaches them.
+    pub partitions: bool,
 }
 
 impl Stack {
     /// Starts the servers, then the roles: a whole deployment on this machine. The load tests
     /// and benchmarks stand on this too. Returns the settings the roles were started with.
     pub async fn start(config: &StackConfig) -> anyhow::Result<(Self, RoleEnv)> {
+        let nats_hosts: Vec<String> = (1..=config.layout.replicas())
+            .map(|i| format!("n{i}"))
+            .collect();
+        let role_hosts: Vec<String> = (1..=config.clock_offsets.len())
+            .map(|i| format!("web{i}"))
+            .chain((1..=config.workers).map(|i| format!("worker{i}")))
+            .collect();
+        let network = if config.partitions {
+            let hosts: Vec<&str> = nats_hosts
+                .iter()
+                .chain(&role_hosts)
+                .map(String::as_str)
+                .chain([POSTGRES_HOST])
+                .collect();
+            Some(Network::create(&hosts).await?)
+        } else {
+            None
+        };
+        let place = |host: &str| {
+            network
+                .as_ref()
+                .map_or_else(Place::loopback, |n| n.place(host))
+        };
         let spec = NatsSpec {
             sync: config.sync,
             power_loss: config.power_loss,
+            names: Some(nats_hosts.clone()),
+            places: Some(nats_hosts.iter().map(|h| place(h)).collect()),
             ..NatsSpec::new(config.layout)
         };
         let nats = Nats::start_with(&spec, &config.dir).await?;
-        let postgres = if config.power_loss {
-            Postgres::start_on_power_loss_disk(&config.dir).await?
-        } else {
-            Postgres::start(&config.dir).await?
-        };
+        let postgres =
+            Postgres::start_at(&config.dir, &place(POSTGRES_HOST), config.power_loss).await?;
         let env = RoleEnv {
+            places: role_hosts.iter().map(|h| (h.clone(), place(h))).collect(),
             landslide: config.landslide.clone(),
             nats_urls: nats.urls(),
             replicas: config.layout.replicas(),
@@ -151,6 +193,7 @@ impl Stack {
                 nats,
                 postgres,
                 roles,
+                network,
             },
             env,
         ))
@@ -203,6 +246,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         dir: dir.path().to_path_buf(),
         sync: scenario.sync,
         power_loss: scenario.faults.contains(&FaultKind::PowerLoss),
+        partitions: scenario.faults.iter().any(|f| f.is_partition()),
     })
     .await?;
     let mut driver = Driver::new(
@@ -403,6 +447,7 @@ async fn check_outcome(
     report.doubled = verdict.doubled;
     report.misordered = verdict.misordered;
     report.phantom = verdict.phantom;
+    report.orphaned = verdict.orphaned;
     report.expected = verdict.expected;
     report.failures.extend(verdict.examples);
 

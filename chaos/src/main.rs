@@ -44,9 +44,10 @@ struct Args {
     /// The consumer's ack_wait in milliseconds (how soon a dead worker's messages come back).
     #[arg(long, default_value_t = 5_000)]
     ack_wait_ms: u64,
-    /// Also SIGKILL ingest nodes under load (RELIABILITY.md: what the model cannot judge yet).
-    #[arg(long)]
-    kill_ingest: bool,
+    /// Inject only this fault kind (repeat for several); default: every kind that applies to
+    /// the layout.
+    #[arg(long = "fault", value_enum)]
+    faults: Vec<FaultKind>,
     /// The `landslide` binary (default: the one beside this program).
     #[arg(long)]
     landslide: Option<PathBuf>,
@@ -119,8 +120,11 @@ async fn run(args: Args) -> anyhow::Result<Vec<Report>> {
             ack_wait: Duration::from_millis(args.ack_wait_ms),
             ..Scenario::short(*layout, seed.wrapping_add(i as u64), landslide.clone())
         };
-        if args.kill_ingest {
-            scenario.faults.push(FaultKind::KillIngest);
+        if !args.faults.is_empty() {
+            scenario.faults = FaultKind::for_layout(*layout)
+                .into_iter()
+                .filter(|kind| args.faults.contains(kind))
+                .collect();
         }
         let report = landslide_chaos::run(&scenario).await?;
         println!("{report}");

@@ -37,6 +37,8 @@ pub struct Report {
     pub doubled: usize,
     pub misordered: usize,
     pub phantom: usize,
+    /// Ballots of voters whose first answer was lost: see [`crate::check::Verdict::orphaned`].
+    pub orphaned: usize,
     pub tally_exact: bool,
     pub results_match: bool,
     pub poison_injected: usize,
@@ -81,6 +83,7 @@ impl Report {
             doubled: 0,
             misordered: 0,
             phantom: 0,
+            orphaned: 0,
             tally_exact: false,
             results_match: false,
             poison_injected: 0,
@@ -222,6 +225,10 @@ pub fn table(reports: &[Report]) -> String {
         (
             "phantom ballots".into(),
             Box::new(move |r| count(r.phantom)),
+        ),
+        (
+            "orphans (first answer lost)".into(),
+            Box::new(move |r| count(r.orphaned)),
         ),
         (
             "tally = count of ballots".into(),

@@ -1,12 +1,13 @@
 //! The Landslide roles, each a separate process of the real `landslide` binary.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use landslide_servers::{Process, free_port};
+use landslide_servers::{Place, Process, free_port};
 
 /// What every role is started with.
 #[derive(Debug, Clone)]
@@ -17,12 +18,24 @@ pub struct RoleEnv {
     pub database_url: String,
     pub secret: String,
     pub ack_wait: Duration,
+    /// Where each ingest node and worker runs, by name (`web1`, `worker1`); loopback if absent.
+    pub places: BTreeMap<String, Place>,
 }
 
 impl RoleEnv {
-    /// A `landslide <role>` process with the shared settings.
+    fn place(&self, name: &str) -> Place {
+        self.places.get(name).cloned().unwrap_or_default()
+    }
+
+    /// A free address for role `name` to listen on, at its place.
+    fn listen_addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        Ok(SocketAddr::from((self.place(name).addr(), free_port()?)))
+    }
+
+    /// A `landslide <role>` process with the shared settings, at its place.
     fn process(&self, name: &str, role: &str, dir: &Path) -> Process {
         Process::new(name, &self.landslide, dir.join(format!("{name}.log")))
+            .at(&self.place(name))
             .arg(role)
             .env("NATS_URL", &self.nats_urls)
             .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
@@ -103,7 +116,7 @@ impl Roles {
         for (i, offset) in clock_offsets.iter().enumerate() {
             ingest.push(Self::start_ingest(env, dir, &format!("web{}", i + 1), *offset).await?);
         }
-        let addr = loopback()?;
+        let addr = env.listen_addr("tally")?;
         let mut tally = Role {
             process: env
                 .process("tally", "tally", dir)
@@ -128,7 +141,7 @@ impl Roles {
         name: &str,
         offset: i64,
     ) -> anyhow::Result<Role> {
-        let addr = loopback()?;
+        let addr = env.listen_addr(name)?;
         let process = env
             .process(name, "ingest", dir)
             .env("LANDSLIDE_NODE_ID", name)
@@ -148,9 +161,10 @@ impl Roles {
 
     /// Starts dedup-worker number `n` (its name and log are `worker<n>`).
     pub async fn start_worker(env: &RoleEnv, dir: &Path, n: usize) -> anyhow::Result<Role> {
-        let addr = loopback()?;
+        let name = format!("worker{n}");
+        let addr = env.listen_addr(&name)?;
         let process = env
-            .process(&format!("worker{n}"), "dedup-worker", dir)
+            .process(&name, "dedup-worker", dir)
             .env("LANDSLIDE_METRICS_LISTEN", addr);
         let mut role = Role {
             process,
@@ -171,8 +185,4 @@ impl Roles {
             .map(|e| format!("{e:#}"))
             .collect()
     }
-}
-
-fn loopback() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
 }

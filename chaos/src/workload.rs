@@ -96,6 +96,11 @@ pub struct VoterOutcome {
     /// A vote without a key went unanswered after it may have been sent: it may be stored, and
     /// under an event id the voter never learnt.
     pub ambiguous: bool,
+    /// The choices of votes sent with neither a cookie nor a key that went unanswered after
+    /// they may have been sent. Each may be stored under a voter id that ingest made up for
+    /// it and nobody learnt (the answer that carried it is lost), so the voter's retry is a
+    /// new voter: a ballot no voter can claim, whose choice is one of these.
+    pub unlinked: Vec<&'static str>,
     /// What went wrong in a way the harness does not expect (a 4xx, a changed voter id, a vote
     /// never accepted).
     pub errors: Vec<String>,
@@ -280,6 +285,9 @@ impl Driver {
                     }
                     if maybe_sent && vote.key.is_none() {
                         outcome.ambiguous = true;
+                        if cookie.is_none() {
+                            outcome.unlinked.push(vote.choice);
+                        }
                     }
                     tracing::debug!(%error, "vote unanswered");
                     tokio::time::sleep(Duration::from_millis(100)).await;

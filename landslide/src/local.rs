@@ -284,6 +284,7 @@ async fn start_postgres(
         log: data_dir.join("postgres.log"),
         port,
         superuser: DB_USER.to_owned(),
+        place: landslide_servers::Place::loopback(),
     };
     let mut server = Postgres::start_with(spec, bins).await?;
     if let Err(e) = server.create_database(DATABASE).await {

@@ -2053,6 +2053,7 @@ mod tests {
             log: d.tmp.path().join("postgres.log"),
             port: crate::free_port().unwrap(),
             superuser: "postgres".to_owned(),
+            place: crate::Place::loopback(),
         };
         let bins = crate::Binaries::system().postgres(&spec.cluster).unwrap();
         let fs = LazyFs::mount(&d.backing, &d.mnt).unwrap();

@@ -10,7 +10,7 @@
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -25,8 +25,95 @@ pub mod postgres;
 pub mod process;
 
 pub use nats::{Nats, NatsLayout, NatsSpec, Sync};
+pub use netns::Network;
 pub use postgres::{PgStop, Postgres};
 pub use process::Process;
+
+/// Where a server or a role runs: on this machine's loopback (what `up`, the tests and the
+/// benchmark use), or on a host of a [`Network`], in its namespace and on its address (the
+/// harness's partition faults). A program placed on a host listens on the host's address, and
+/// its peers reach it there.
+#[derive(Debug, Clone)]
+pub struct Place {
+    addr: Ipv4Addr,
+    host: Option<HostPlace>,
+}
+
+#[derive(Debug, Clone)]
+struct HostPlace {
+    /// iproute2's `ip`, which runs programs inside the namespace.
+    ip: PathBuf,
+    namespace: String,
+    /// The network's /24: every peer a server on the host may hear from.
+    subnet: Ipv4Addr,
+}
+
+impl Default for Place {
+    fn default() -> Self {
+        Self::loopback()
+    }
+}
+
+impl Place {
+    /// 127.0.0.1 of this machine.
+    pub fn loopback() -> Self {
+        Self {
+            addr: Ipv4Addr::LOCALHOST,
+            host: None,
+        }
+    }
+
+    pub(crate) fn on_host(
+        addr: Ipv4Addr,
+        ip: PathBuf,
+        namespace: String,
+        subnet: Ipv4Addr,
+    ) -> Self {
+        Self {
+            addr,
+            host: Some(HostPlace {
+                ip,
+                namespace,
+                subnet,
+            }),
+        }
+    }
+
+    /// What the place's programs listen on and their peers connect to.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The network its peers are in, as `a.b.c.0/24`, when on a host; `None` on loopback.
+    pub fn peers(&self) -> Option<String> {
+        self.host.as_ref().map(|h| format!("{}/24", h.subnet))
+    }
+
+    /// The program and leading arguments that run `program` here: `program` itself on
+    /// loopback, `ip netns exec <namespace> program` on a host. `ip` execs the program, so the
+    /// process id is the program's and signals reach it.
+    pub fn launcher(&self, program: &Path) -> (PathBuf, Vec<std::ffi::OsString>) {
+        match &self.host {
+            None => (program.to_path_buf(), Vec::new()),
+            Some(host) => (
+                host.ip.clone(),
+                vec![
+                    "netns".into(),
+                    "exec".into(),
+                    host.namespace.clone().into(),
+                    program.as_os_str().to_owned(),
+                ],
+            ),
+        }
+    }
+
+    /// Whether this is a host of a network, where a program started as root must drop to
+    /// another user itself (`setpriv`): `ip netns exec` needs root, so the user cannot be set
+    /// on the command.
+    pub fn is_host(&self) -> bool {
+        self.host.is_some()
+    }
+}
 
 /// A port that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {

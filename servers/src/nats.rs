@@ -1,6 +1,7 @@
 //! nats-server processes: one node or a three-node JetStream cluster on loopback ports, each with a
 //! config file of its own, written here with the settings every deployment in `nats/` uses.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::{Process, log_tail};
-use crate::{Binaries, free_port};
+use crate::{Binaries, Place, free_port};
 
 /// How the JetStream servers are laid out.
 /// (A `clap::ValueEnum`, for the command lines that choose one.)
@@ -91,6 +92,9 @@ pub struct NatsSpec {
     /// Each node's store on a [`LazyFs`] over `<stem>.disk/`, so that [`Nats::power_cut`] can
     /// throw away what the node never fsynced (the reliability harness's power-loss fault).
     pub power_loss: bool,
+    /// Where each node runs: on loopback when `None`, else on a host of a [`crate::Network`]
+    /// each (the harness's partitions), listening on the host's address.
+    pub places: Option<Vec<Place>>,
     /// Put each server in a process group of its own, so that Ctrl-C in a terminal reaches only
     /// the parent, which stops the server after the roles that use it (`landslide up`).
     pub own_process_group: bool,
@@ -106,6 +110,7 @@ impl NatsSpec {
             names: None,
             binary: None,
             power_loss: false,
+            places: None,
             own_process_group: false,
         }
     }
@@ -114,6 +119,7 @@ impl NatsSpec {
 #[derive(Debug)]
 struct NatsNode {
     name: String,
+    place: Place,
     port: u16,
     /// The monitoring port (`http:`), for `/varz`.
     monitor_port: u16,
@@ -196,24 +202,37 @@ impl Nats {
         };
         let stems = pick(&spec.stems, &|i| format!("nats-n{}", i + 1));
         let names = pick(&spec.names, &|i| format!("n{}", i + 1));
+        let places = match &spec.places {
+            Some(places) if places.len() == count => places.clone(),
+            Some(_) => bail!("{} needs {count} places", spec.layout),
+            None => vec![Place::loopback(); count],
+        };
+        let route_addrs: Vec<(Ipv4Addr, u16)> = match spec.layout {
+            NatsLayout::Single => Vec::new(),
+            NatsLayout::Cluster => places
+                .iter()
+                .map(Place::addr)
+                .zip(cluster_ports.iter().copied())
+                .collect(),
+        };
         let mut nodes = Vec::new();
         for i in 0..count {
             let files = NodeFiles::new(dir, &stems[i]);
-            let routes: Vec<u16> = match spec.layout {
-                NatsLayout::Single => Vec::new(),
-                NatsLayout::Cluster => cluster_ports.clone(),
-            };
             let monitor_port = free_port()?;
             let config = config_text(
                 &names[i],
-                (ports[i], monitor_port),
+                Listen {
+                    addr: places[i].addr(),
+                    port: ports[i],
+                    monitor_port,
+                    cluster_port: cluster_ports[i],
+                },
                 &files,
                 Settings {
                     sync: spec.sync,
                     batch_limits,
                 },
-                cluster_ports[i],
-                &routes,
+                &route_addrs,
             );
             std::fs::write(&files.config, config)
                 .with_context(|| format!("cannot write {}", files.config.display()))?;
@@ -226,9 +245,13 @@ impl Nats {
             } else {
                 None
             };
-            crate::ensure_port_free(ports[i], "nats-server")?;
+            // A host's ports are its own; only loopback's can be taken.
+            if !places[i].is_host() {
+                crate::ensure_port_free(ports[i], "nats-server")?;
+            }
             let mut process =
                 Process::new(format!("nats-server {}", names[i]), bin, files.log.clone())
+                    .at(&places[i])
                     .arg("-c")
                     .arg(&files.config);
             if spec.own_process_group {
@@ -237,6 +260,7 @@ impl Nats {
             process.start()?;
             nodes.push(NatsNode {
                 name: names[i].clone(),
+                place: places[i].clone(),
                 port: ports[i],
                 monitor_port,
                 files,
@@ -271,12 +295,14 @@ impl Nats {
     }
 
     pub fn url(&self, node: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[node].port)
+        let node = &self.nodes[node];
+        format!("nats://{}:{}", node.place.addr(), node.port)
     }
 
     /// The node's monitoring endpoint (`/varz`, `/jsz`).
     pub fn monitor_url(&self, node: usize) -> String {
-        format!("http://127.0.0.1:{}", self.nodes[node].monitor_port)
+        let node = &self.nodes[node];
+        format!("http://{}:{}", node.place.addr(), node.monitor_port)
     }
 
     pub fn len(&self) -> usize {
@@ -423,8 +449,19 @@ impl Nats {
 
     /// The node that leads `stream`'s RAFT group, by its stream info.
     pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
+        self.stream_leader_seen_by(stream, 0..self.nodes.len())
+            .await
+    }
+
+    /// The leader of `stream` as the first of `nodes` that answers sees it: in a partition,
+    /// each side may name its own.
+    pub async fn stream_leader_seen_by(
+        &self,
+        stream: &str,
+        nodes: impl IntoIterator<Item = usize>,
+    ) -> Option<usize> {
         let subject = format!("$JS.API.STREAM.INFO.{stream}");
-        for node in 0..self.nodes.len() {
+        for node in nodes {
             if let Some(info) = landslide_nats::api_request(&self.url(node), &subject).await
                 && let Some(leader) = info["cluster"]["leader"].as_str()
             {
@@ -451,16 +488,31 @@ struct Settings {
     batch_limits: bool,
 }
 
+/// Where one node listens.
+#[derive(Debug, Clone, Copy)]
+struct Listen {
+    addr: Ipv4Addr,
+    port: u16,
+    monitor_port: u16,
+    cluster_port: u16,
+}
+
 /// One node's configuration: the settings of `nats/nats-server.conf` and `nats/cluster.conf`
-/// (fsync before ack, the store and batch limits, the payload limit), on loopback ports.
+/// (fsync before ack, the store and batch limits, the payload limit), on its address's ports,
+/// with a route to every node of `routes` (none for a single node).
 fn config_text(
     name: &str,
-    (port, monitor_port): (u16, u16),
+    listen: Listen,
     files: &NodeFiles,
     settings: Settings,
-    cluster_port: u16,
-    routes: &[u16],
+    routes: &[(Ipv4Addr, u16)],
 ) -> String {
+    let Listen {
+        addr,
+        port,
+        monitor_port,
+        cluster_port,
+    } = listen;
     let sync = match settings.sync {
         Sync::Always => "  sync_interval: always\n",
         Sync::Lazy => "",
@@ -473,8 +525,8 @@ fn config_text(
     let mut text = format!(
         "# Written by landslide-servers for one run; the settings of nats/nats-server.conf.\n\
          server_name: {name}\n\
-         listen: 127.0.0.1:{port}\n\
-         http: 127.0.0.1:{monitor_port}\n\
+         listen: {addr}:{port}\n\
+         http: {addr}:{monitor_port}\n\
          pid_file: {pid:?}\n\
          jetstream {{\n  store_dir: {store:?}\n{sync}{limits}  max_file_store: 20GB\n  max_memory_store: 256MB\n}}\n\
          max_payload: 1MB\n\
@@ -485,10 +537,10 @@ fn config_text(
     if !routes.is_empty() {
         let routes: Vec<String> = routes
             .iter()
-            .map(|p| format!("    nats-route://127.0.0.1:{p}"))
+            .map(|(a, p)| format!("    nats-route://{a}:{p}"))
             .collect();
         text.push_str(&format!(
-            "cluster {{\n  name: landslide\n  listen: 127.0.0.1:{cluster_port}\n  routes: [\n{}\n  ]\n}}\n",
+            "cluster {{\n  name: landslide\n  listen: {addr}:{cluster_port}\n  routes: [\n{}\n  ]\n}}\n",
             routes.join("\n")
         ));
     }
@@ -535,26 +587,30 @@ mod tests {
     #[test]
     fn every_node_fsyncs_before_it_acks_unless_told_otherwise() {
         let files = NodeFiles::new(Path::new("/tmp/x"), "nats-n1");
-        let always = config_text(
-            "n1",
-            (4222, 8222),
-            &files,
-            settings(Sync::Always),
-            6222,
-            &[],
-        );
+        let listen = Listen {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 4222,
+            monitor_port: 8222,
+            cluster_port: 6222,
+        };
+        let always = config_text("n1", listen, &files, settings(Sync::Always), &[]);
         assert!(always.contains("sync_interval: always"), "{always}");
         assert!(!always.contains("cluster"), "{always}");
+        let host = Ipv4Addr::new(10, 200, 7, 3);
+        let routes = [6222, 6223, 6224].map(|p| (host, p));
         let lazy = config_text(
             "n1",
-            (4222, 8222),
+            Listen {
+                addr: host,
+                ..listen
+            },
             &files,
             settings(Sync::Lazy),
-            6222,
-            &[6222, 6223, 6224],
+            &routes,
         );
         assert!(!lazy.contains("sync_interval"), "{lazy}");
-        assert!(lazy.contains("nats-route://127.0.0.1:6224"), "{lazy}");
+        assert!(lazy.contains("nats-route://10.200.7.3:6224"), "{lazy}");
+        assert!(lazy.contains("listen: 10.200.7.3:4222"), "{lazy}");
     }
 
     /// The shipped configs promise the same: no deployment acks from the page cache.

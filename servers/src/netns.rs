@@ -21,11 +21,12 @@
 //! # How a cut drops packets
 //!
 //! A cut is a pair of policy-routing rules in the switch namespace, `ip rule add from A to B
-//! blackhole` and back. The kernel discards a forwarded packet that meets a blackhole rule
-//! without any ICMP error, so both ends see silence: a new connection times out instead of being
-//! refused, and an established one stalls, its segments retransmitted, until the cut heals (then
-//! it carries on unless a peer gave up meanwhile). The switch has no connection tracking, so the
-//! rules apply to every packet, old connections and new.
+//! blackhole` and back (a one-way cut, [`Network::cut_one_way`], is one of them). The kernel
+//! discards a forwarded packet that meets a blackhole rule without any ICMP error, so both ends
+//! see silence: a new connection times out instead of being refused, and an established one
+//! stalls, its segments retransmitted, until the cut heals (then it carries on unless a peer
+//! gave up meanwhile). The switch has no connection tracking, so the rules apply to every packet,
+//! old connections and new.
 //!
 //! Simpler-looking mechanisms fail fast instead, which no real partition does: a blackhole route
 //! inside a host makes the sender's own `connect` fail with `EINVAL`; `unreachable` and
@@ -41,8 +42,8 @@ use std::process::Stdio;
 
 use anyhow::{Context as _, bail};
 
-use crate::Binaries;
 use crate::process::Process;
+use crate::{Binaries, Place};
 
 /// The first two octets of every network's /24.
 const BASE: [u8; 2] = [10, 200];
@@ -70,7 +71,7 @@ pub struct Network {
     /// Whether the root namespace's veth exists (and so must be deleted).
     harness_link: bool,
     hosts: Vec<Host>,
-    /// The pairs of hosts (indices, smaller first) that are cut from each other.
+    /// The directions cut: (from, to) host indices whose packets are dropped.
     cuts: BTreeSet<(usize, usize)>,
 }
 
@@ -270,10 +271,24 @@ impl Network {
         self.hosts.iter().map(|h| h.name.as_str())
     }
 
-    /// A [`Process`] that runs `program` inside `host`: `ip netns exec <namespace> <program>`,
-    /// with the arguments the caller adds. `ip` execs the program, so the process id is the
-    /// program's and signals reach it. The program keeps our environment and filesystem; only
-    /// its network is the host's.
+    /// Where programs run on `host`: its namespace and address, for [`Process::at`] and the
+    /// servers' specs.
+    ///
+    /// # Panics
+    ///
+    /// When the network has no host `host`.
+    pub fn place(&self, host: &str) -> Place {
+        let host = self.host(host);
+        Place::on_host(
+            host.addr,
+            self.ip.clone(),
+            host.namespace.clone(),
+            self.addr_of(0),
+        )
+    }
+
+    /// A [`Process`] that runs `program` inside `host`, with the arguments the caller adds.
+    /// The program keeps our environment and filesystem; only its network is the host's.
     ///
     /// # Panics
     ///
@@ -285,26 +300,42 @@ impl Network {
         program: impl AsRef<OsStr>,
         log: PathBuf,
     ) -> Process {
-        Process::new(name, &self.ip, log)
-            .arg("netns")
-            .arg("exec")
-            .arg(self.namespace(host))
-            .arg(program.as_ref())
+        Process::new(name, program.as_ref(), log).at(&self.place(host))
     }
 
     /// Cuts all traffic between `a` and `b`, both ways: their packets are dropped, not
     /// rejected, so new connections time out and established ones stall. Cutting a pair that
     /// is already cut changes nothing.
     pub async fn cut(&mut self, a: &str, b: &str) -> anyhow::Result<()> {
-        let (ia, ib) = (self.index(a)?, self.index(b)?);
-        anyhow::ensure!(ia != ib, "cannot cut {a} from itself");
-        let pair = (ia.min(ib), ia.max(ib));
-        if self.cuts.contains(&pair) {
-            return Ok(());
-        }
-        self.rules("add", pair).await?;
-        self.cuts.insert(pair);
+        self.drop_packets(a, b).await?;
+        self.drop_packets(b, a).await?;
         tracing::info!(network.cut.a = a, network.cut.b = b, "cut two hosts apart");
+        Ok(())
+    }
+
+    /// Drops the packets from `from` to `to` and lets those the other way through: an
+    /// asymmetric partition. A TCP connection from `to` then delivers what it sends (its
+    /// retransmissions carry it, since no acknowledgement comes back) and hears nothing: a
+    /// request arrives and is acted on, and its answer is lost.
+    pub async fn cut_one_way(&mut self, from: &str, to: &str) -> anyhow::Result<()> {
+        self.drop_packets(from, to).await?;
+        tracing::info!(
+            network.cut.from = from,
+            network.cut.to = to,
+            "cut one direction between two hosts"
+        );
+        Ok(())
+    }
+
+    async fn drop_packets(&mut self, from: &str, to: &str) -> anyhow::Result<()> {
+        let pair = (self.index(from)?, self.index(to)?);
+        anyhow::ensure!(pair.0 != pair.1, "cannot cut {from} from itself");
+        if self.cuts.insert(pair)
+            && let Err(e) = self.rule("add", pair).await
+        {
+            self.cuts.remove(&pair);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -326,36 +357,33 @@ impl Network {
     /// next retransmission.
     pub async fn heal(&mut self) -> anyhow::Result<()> {
         while let Some(&pair) = self.cuts.first() {
-            self.rules("del", pair).await?;
+            self.rule("del", pair).await?;
             self.cuts.remove(&pair);
         }
         tracing::info!("healed every cut");
         Ok(())
     }
 
-    /// Adds or deletes the two blackhole rules of a cut.
-    async fn rules(&self, action: &str, (a, b): (usize, usize)) -> anyhow::Result<()> {
-        let (a, b) = (
-            self.hosts[a].addr.to_string(),
-            self.hosts[b].addr.to_string(),
+    /// Adds or deletes the blackhole rule for the packets from one host to another.
+    async fn rule(&self, action: &str, (from, to): (usize, usize)) -> anyhow::Result<()> {
+        let (from, to) = (
+            self.hosts[from].addr.to_string(),
+            self.hosts[to].addr.to_string(),
         );
-        for (from, to) in [(&a, &b), (&b, &a)] {
-            let rule = [
-                "-n",
-                &self.prefix,
-                "rule",
-                action,
-                "from",
-                from,
-                "to",
-                to,
-                "blackhole",
-                "priority",
-                CUT_PRIORITY,
-            ];
-            self.ip(&rule).await?;
-        }
-        Ok(())
+        let rule = [
+            "-n",
+            &self.prefix,
+            "rule",
+            action,
+            "from",
+            &from,
+            "to",
+            &to,
+            "blackhole",
+            "priority",
+            CUT_PRIORITY,
+        ];
+        self.ip(&rule).await
     }
 
     fn host(&self, host: &str) -> &Host {
@@ -709,6 +737,55 @@ mod tests {
                 .set_read_timeout(Some(Duration::from_secs(10)))?;
             pong(&mut established)?;
             ping(&mut established)
+        })
+        .await;
+        assert_eq!(resumed.map_err(|e| e.kind()), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_one_way_cut_delivers_what_is_sent_and_drops_the_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut net = network(&["a", "b"]).await;
+        let _servers = start_nats(&net, dir.path()).await;
+        let b = net.addr("b");
+        // The harness watches what b's server receives on `probe`; cuts never reach it.
+        let mut watcher = in_root(move || {
+            let mut conn = nats_connect(b, HANG)?;
+            conn.get_mut().write_all(b"SUB probe 1\r\n")?;
+            ping(&mut conn).map(|()| conn)
+        })
+        .await
+        .unwrap();
+        let mut client = in_host(&net, "a", move || nats_connect(b, HANG))
+            .await
+            .unwrap();
+
+        net.cut_one_way("b", "a").await.unwrap();
+        assert_eq!(connect(&net, "a", "b").await, Err(ErrorKind::TimedOut));
+        let (mut client, answered, delivered) = in_root(move || {
+            let sent = client.get_mut().write_all(b"PUB probe 5\r\nhello\r\n");
+            let answered = sent.and_then(|()| ping(&mut client)).map_err(|e| e.kind());
+            let mut line = String::new();
+            let delivered = watcher.read_line(&mut line).map(|_| line);
+            (client, answered, delivered)
+        })
+        .await;
+        assert!(
+            matches!(answered, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+            "the answer crossed a one-way cut: {answered:?}"
+        );
+        let delivered = delivered.unwrap();
+        assert!(
+            delivered.starts_with("MSG probe 1 5"),
+            "what a sent across the cut did not arrive: {delivered:?}"
+        );
+
+        net.heal().await.unwrap();
+        let resumed = in_root(move || {
+            client
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(10)))?;
+            pong(&mut client)
         })
         .await;
         assert_eq!(resumed.map_err(|e| e.kind()), Ok(()));

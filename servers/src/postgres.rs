@@ -4,6 +4,7 @@
 //! `synchronous_commit = off` would let a crash lose commits that a worker has already acked.
 
 use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -13,9 +14,9 @@ use diesel::QueryableByName;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use tokio::process::Command;
 
-use crate::Binaries;
 use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::log_tail;
+use crate::{Binaries, Place};
 
 /// Seconds `pg_ctl` waits for start-up; crash recovery after an unclean stop can take a while.
 const START_TIMEOUT_S: &str = "120";
@@ -108,6 +109,9 @@ pub struct PostgresSpec {
     pub port: u16,
     /// The superuser `initdb` creates, trusted on loopback.
     pub superuser: String,
+    /// Where the server runs and listens. On a host of a network, the network's other hosts
+    /// are trusted as loopback is.
+    pub place: Place,
 }
 
 /// The user the PostgreSQL programs run as, when it is not us.
@@ -133,23 +137,32 @@ impl Postgres {
     /// A new cluster under `dir` (`dir/postgres`, `dir/postgres.log`) on a free port, with the
     /// superuser `postgres`: the tests' and the harness's.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        Self::start_in(dir, dir.join("postgres"), None).await
+        Self::start_at(dir, &Place::loopback(), false).await
     }
 
-    /// [`Postgres::start`], with the cluster on a [`LazyFs`] over `dir/postgres.disk/`, so that
-    /// [`Postgres::power_cut`] can throw away what PostgreSQL never fsynced.
-    pub async fn start_on_power_loss_disk(dir: &Path) -> anyhow::Result<Self> {
+    /// [`Postgres::start`] at `place`; with `power_loss`, the cluster is on a [`LazyFs`] over
+    /// `dir/postgres.disk/`, so that [`Postgres::power_cut`] can throw away what PostgreSQL
+    /// never fsynced.
+    pub async fn start_at(dir: &Path, place: &Place, power_loss: bool) -> anyhow::Result<Self> {
+        if !power_loss {
+            return Self::start_in(dir, dir.join("postgres"), None, place).await;
+        }
         let (backing, mountpoint) = (dir.join("postgres.disk"), dir.join("postgres.mount"));
         for folder in [&backing, &mountpoint] {
             std::fs::create_dir_all(folder)?;
             std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755))?;
         }
         let disk = LazyFs::mount_async(backing, mountpoint.clone()).await?;
-        Self::start_in(dir, mountpoint.join("data"), Some(disk)).await
+        Self::start_in(dir, mountpoint.join("data"), Some(disk), place).await
     }
 
     /// A cluster at `cluster` with its log in `dir`, as the `postgres` superuser on a free port.
-    async fn start_in(dir: &Path, cluster: PathBuf, disk: Option<LazyFs>) -> anyhow::Result<Self> {
+    async fn start_in(
+        dir: &Path,
+        cluster: PathBuf,
+        disk: Option<LazyFs>,
+        place: &Place,
+    ) -> anyhow::Result<Self> {
         // A fresh temporary folder is private: the postgres user must be able to enter it.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
@@ -158,6 +171,7 @@ impl Postgres {
             log: dir.join("postgres.log"),
             port: crate::free_port()?,
             superuser: "postgres".to_owned(),
+            place: place.clone(),
         };
         let bins = Binaries::system().postgres(&spec.cluster)?;
         let mut server = Self::start_with(spec, bins).await?;
@@ -205,8 +219,10 @@ impl Postgres {
     /// The URL of database `name` on this server, as the superuser.
     pub fn url(&self, name: &str) -> String {
         format!(
-            "postgres://{}@127.0.0.1:{}/{name}",
-            self.spec.superuser, self.spec.port
+            "postgres://{}@{}:{}/{name}",
+            self.spec.superuser,
+            self.spec.place.addr(),
+            self.spec.port
         )
     }
 
@@ -224,8 +240,9 @@ impl Postgres {
         // No Unix socket: its path must fit in 107 bytes, which a deep data folder breaks, and
         // every client here uses TCP. pg_ctl passes these options through /bin/sh, hence ''.
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
-            self.spec.port
+            "-p {} -c listen_addresses={} -c unix_socket_directories=''",
+            self.spec.port,
+            self.spec.place.addr()
         );
         let output = self
             .command(&self.bins.pg_ctl)
@@ -373,11 +390,32 @@ impl Postgres {
 
     fn std_command(&self, program: &Path) -> std::process::Command {
         use std::os::unix::process::CommandExt as _;
-        let mut cmd = std::process::Command::new(program);
+        let place = &self.spec.place;
+        let mut cmd = match self.run_as {
+            // `ip netns exec` needs root, so the user changes after it, with util-linux's
+            // setpriv (which execs the program: pg_ctl's pid stays the one we started).
+            Some(user) if place.is_host() => {
+                let (ip, leading) = place.launcher(Path::new("setpriv"));
+                let mut cmd = std::process::Command::new(ip);
+                cmd.args(leading).args([
+                    format!("--reuid={}", user.uid),
+                    format!("--regid={}", user.gid),
+                    "--clear-groups".to_owned(),
+                ]);
+                cmd.arg(program);
+                cmd
+            }
+            run_as => {
+                let (launcher, leading) = place.launcher(program);
+                let mut cmd = std::process::Command::new(launcher);
+                cmd.args(leading);
+                if let Some(user) = run_as {
+                    cmd.uid(user.uid).gid(user.gid);
+                }
+                cmd
+            }
+        };
         cmd.current_dir("/").stdin(Stdio::null());
-        if let Some(user) = self.run_as {
-            cmd.uid(user.uid).gid(user.gid);
-        }
         cmd
     }
 
@@ -456,6 +494,16 @@ impl Postgres {
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             );
+        }
+        if let Some(peers) = self.spec.place.peers() {
+            // The network's hosts are this test machine's too: trusted as loopback is.
+            let hba = self.spec.cluster.join("pg_hba.conf");
+            let mut file = OpenOptions::new()
+                .append(true)
+                .open(&hba)
+                .with_context(|| format!("cannot open {}", hba.display()))?;
+            writeln!(file, "host all all {peers} trust")?;
+            file.sync_all()?;
         }
         tracing::info!(cluster = %self.spec.cluster.display(), "created a PostgreSQL cluster");
         Ok(())

@@ -13,6 +13,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::Place;
+
 /// A restartable child process. Dropping it kills the process.
 #[derive(Debug)]
 pub struct Process {
@@ -22,6 +24,7 @@ pub struct Process {
     envs: Vec<(String, String)>,
     log: PathBuf,
     own_process_group: bool,
+    place: Place,
     child: Option<Child>,
 }
 
@@ -34,6 +37,7 @@ impl Process {
             envs: Vec::new(),
             log,
             own_process_group: false,
+            place: Place::loopback(),
             child: None,
         }
     }
@@ -55,6 +59,12 @@ impl Process {
         self
     }
 
+    /// Runs the process at `place`: inside a host's network namespace, or (the default) here.
+    pub fn at(mut self, place: &Place) -> Self {
+        self.place = place.clone();
+        self
+    }
+
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
@@ -71,7 +81,9 @@ impl Process {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let mut command = Command::new(&self.program);
+        let (program, leading) = self.place.launcher(&self.program);
+        let mut command = Command::new(program);
+        command.args(leading);
         if self.own_process_group {
             command.process_group(0);
         }

@@ -190,6 +190,15 @@ pub async fn metrics_handler() -> impl axum::response::IntoResponse {
     )
 }
 
+/// A metric's value in a page of the Prometheus text format, summed over its labels: what the
+/// tests and the reliability harness read from a role's `/metrics`. 0 when absent.
+pub fn metric_value(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The span of one HTTP request, for `tower_http::trace::TraceLayer::make_span_with`.
 ///
 /// It is named by route template (`POST /api/votes`, `GET /api/results/{poll}`), never by raw path,

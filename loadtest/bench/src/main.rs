@@ -256,6 +256,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         dir: dir.path().to_path_buf(),
         sync: landslide_servers::Sync::Always,
         power_loss: false,
+        partitions: false,
     })
     .await?;
     landslide_schema::postgres::migrate(&env.database_url).await?;

@@ -395,9 +395,4 @@ pub async fn metrics_page(base_url: &str) -> String {
 }
 
 /// A metric's value in a Prometheus text page (summed over its labels).
-pub fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+pub use landslide_telemetry::metric_value as metric;
