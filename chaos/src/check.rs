@@ -209,7 +209,7 @@ pub async fn wait_drained(
             stream.consumer_info(&topology.consumer).await.ok()
         };
         if let Some(info) = info.await {
-            last_pending = info.num_pending + info.num_ack_pending as u64;
+            last_pending = landslide_nats::pending(&info);
             if last_pending == 0 {
                 return Ok(Drain::Done(started.elapsed()));
             }

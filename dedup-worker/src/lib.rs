@@ -430,13 +430,9 @@ fn verdict(polls: &Polls, message: &Message) -> Verdict {
         Ok(event) => event,
         Err(err) => return Verdict::Dead(err.to_string()),
     };
-    match polls.get(event.poll.as_str()) {
-        None => Verdict::Dead(format!("unknown poll {}", event.poll)),
-        Some(poll) if !poll.has_option(&event.choice) => Verdict::Dead(format!(
-            "poll {} has no option {}",
-            event.poll, event.choice
-        )),
-        Some(_) => Verdict::Vote(event),
+    match polls.judge_event(&event) {
+        Ok(_) => Verdict::Vote(event),
+        Err(not_counted) => Verdict::Dead(not_counted.to_string()),
     }
 }
 

@@ -15,9 +15,8 @@ use axum::routing::{get, post};
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::Key;
 use landslide_schema::cookie::VoterCookie;
-use landslide_schema::{
-    Choice, EventId, NodeId, Poll, PollId, Polls, Timestamp, VoteEvent, VoterId,
-};
+use landslide_schema::poll::NotCounted;
+use landslide_schema::{EventId, NodeId, Poll, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 
@@ -88,10 +87,9 @@ enum VoteError {
     TooLarge,
     #[error("malformed request: {0}")]
     Malformed(String),
-    #[error("there is no poll {0:?}")]
-    UnknownPoll(String),
-    #[error("poll {poll} has no option {option:?}")]
-    UnknownOption { poll: PollId, option: String },
+    /// The rule the workers and audit apply too: ingest never accepts what they would refuse.
+    #[error(transparent)]
+    NotCounted(#[from] NotCounted),
     #[error("your vote could not be stored right now; please try again in a moment")]
     Unavailable(#[source] PublishFailed),
 }
@@ -102,7 +100,7 @@ impl VoteError {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownPoll(_) | Self::UnknownOption { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotCounted(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -112,8 +110,8 @@ impl VoteError {
             Self::UnsupportedMediaType { .. } => "content_type",
             Self::TooLarge => "too_large",
             Self::Malformed(_) => "malformed",
-            Self::UnknownPoll(_) => "unknown_poll",
-            Self::UnknownOption { .. } => "unknown_option",
+            Self::NotCounted(NotCounted::UnknownPoll(_)) => "unknown_poll",
+            Self::NotCounted(NotCounted::UnknownOption { .. }) => "unknown_option",
             Self::Unavailable(_) => "unavailable",
         }
     }
@@ -164,7 +162,7 @@ impl AppState {
         self.0
             .polls
             .get(id)
-            .ok_or_else(|| VoteError::UnknownPoll(id.to_owned()))
+            .ok_or_else(|| NotCounted::UnknownPoll(id.to_owned()).into())
     }
 
     /// Validates, stamps and stores one vote; returns the jar with the updated voter cookie.
@@ -179,19 +177,9 @@ impl AppState {
         choice: &str,
         idempotency_key: Option<&str>,
     ) -> (SignedCookieJar, Result<Accepted, VoteError>) {
-        let poll = match self.poll(poll) {
-            Ok(poll) => poll,
-            Err(err) => return (jar, Err(err)),
-        };
-        let choice = match Choice::parse(choice) {
-            Ok(choice) if poll.has_option(&choice) => choice,
-            _ => {
-                let err = VoteError::UnknownOption {
-                    poll: poll.id.clone(),
-                    option: choice.to_owned(),
-                };
-                return (jar, Err(err));
-            }
+        let (poll, choice) = match self.0.polls.judge(poll, choice) {
+            Ok(judged) => judged,
+            Err(err) => return (jar, Err(err.into())),
         };
         let known = voter::read(&jar);
         let floor = known.as_ref().map(|c| c.last_ts);

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Choice, PollId};
+use crate::{Choice, PollId, VoteEvent};
 
 /// One option of a poll.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,17 @@ impl Poll {
 pub struct Polls {
     default: PollId,
     polls: BTreeMap<PollId, Poll>,
+}
+
+/// Why a vote does not count: the one rule that ingest (before it accepts a vote), the workers
+/// (before they count an event) and audit (when it folds the stream) all apply, through
+/// [`Polls::judge`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotCounted {
+    #[error("there is no poll {0:?}")]
+    UnknownPoll(String),
+    #[error("poll {poll} has no option {option:?}")]
+    UnknownOption { poll: PollId, option: String },
 }
 
 /// Why a polls file was refused.
@@ -146,6 +157,28 @@ impl Polls {
         &self.polls[&self.default]
     }
 
+    /// Whether a vote for `option` in poll `poll` counts: the poll's definition when it does,
+    /// why not when it does not. Takes text, so that ingest judges what a voter sent with the
+    /// same rule the workers and audit apply to a decoded event ([`Polls::judge_event`]).
+    pub fn judge(&self, poll: &str, option: &str) -> Result<(&Poll, Choice), NotCounted> {
+        let found = self
+            .get(poll)
+            .ok_or_else(|| NotCounted::UnknownPoll(poll.to_owned()))?;
+        match Choice::parse(option) {
+            Ok(choice) if found.has_option(&choice) => Ok((found, choice)),
+            _ => Err(NotCounted::UnknownOption {
+                poll: found.id.clone(),
+                option: option.to_owned(),
+            }),
+        }
+    }
+
+    /// [`Polls::judge`] of an event from the stream.
+    pub fn judge_event(&self, event: &VoteEvent) -> Result<&Poll, NotCounted> {
+        self.judge(event.poll.as_str(), event.choice.as_str())
+            .map(|(poll, _)| poll)
+    }
+
     pub fn get(&self, id: &str) -> Option<&Poll> {
         let id = PollId::parse(id).ok()?;
         self.polls.get(&id)
@@ -201,5 +234,29 @@ mod tests {
         ));
         let bad_id = text.replace(r#"id = "pizza""#, r#"id = "pi zza""#);
         assert!(Polls::from_toml(&bad_id).is_err());
+    }
+
+    #[test]
+    fn a_vote_counts_only_for_a_defined_poll_and_option() {
+        let polls = Polls::default();
+        let (poll, choice) = polls.judge("pets", "cats").unwrap();
+        assert_eq!((poll.id.as_str(), choice.as_str()), ("pets", "cats"));
+        assert_eq!(
+            polls.judge("lunch", "cats").unwrap_err(),
+            NotCounted::UnknownPoll("lunch".to_owned())
+        );
+        assert_eq!(
+            polls.judge("bad.id", "cats").unwrap_err().to_string(),
+            "there is no poll \"bad.id\""
+        );
+        for option in ["birds", "", "Cats", "cats "] {
+            assert!(
+                matches!(
+                    polls.judge("pets", option),
+                    Err(NotCounted::UnknownOption { .. })
+                ),
+                "{option:?} was counted"
+            );
+        }
     }
 }

@@ -243,10 +243,7 @@ impl Fold {
             self.undecodable += 1;
             return;
         };
-        if !polls
-            .get(event.poll.as_str())
-            .is_some_and(|poll| poll.has_option(&event.choice))
-        {
+        if polls.judge_event(&event).is_err() {
             self.unknown_poll_or_option += 1;
             return;
         }
@@ -348,7 +345,7 @@ async fn wait_until_drained(
                     topology.consumer, topology.votes_stream
                 )
             })?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
+        if landslide_nats::pending(&info) == 0 {
             return Ok(info.delivered.stream_sequence);
         }
         if Instant::now() >= deadline {

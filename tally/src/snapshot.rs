@@ -173,8 +173,7 @@ impl Refresher {
             .get_info()
             .await
             .context("cannot read the consumer's pending count")?;
-        let unacked = u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX);
-        let pending = info.num_pending.saturating_add(unacked);
+        let pending = landslide_nats::pending(&info);
 
         let conn = match &mut self.conn {
             Some(conn) => conn,

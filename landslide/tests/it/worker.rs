@@ -228,8 +228,8 @@ async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_
         reasons[0].starts_with("malformed vote event"),
         "{reasons:?}"
     );
-    assert_eq!(reasons[1], "unknown poll lunch");
-    assert_eq!(reasons[2], "poll pets has no option fish");
+    assert_eq!(reasons[1], r#"there is no poll "lunch""#);
+    assert_eq!(reasons[2], r#"poll pets has no option "fish""#);
 
     // And the worker is still draining.
     publish_raw(&nats, [event(4, 11, "dogs", 4).encode()]).await;

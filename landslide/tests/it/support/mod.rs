@@ -338,7 +338,7 @@ pub async fn pending(nats_url: &str) -> Option<u64> {
     let topology = landslide_nats::Topology::default();
     let stream = js.get_stream(&topology.votes_stream).await.ok()?;
     let info = stream.consumer_info(&topology.consumer).await.ok()?;
-    Some(info.num_pending + info.num_ack_pending as u64)
+    Some(landslide_nats::pending(&info))
 }
 
 /// Waits until the workers' consumer exists and has nothing pending.
