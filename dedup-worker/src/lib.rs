@@ -27,8 +27,10 @@ use opentelemetry::trace::TraceContextExt as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+pub mod replay;
 mod upsert;
 
+pub use replay::{ReplayReport, replay};
 pub use upsert::UpsertBatch;
 
 /// Configuration of one worker.

@@ -1,7 +1,8 @@
 //! `landslide`: one binary for every role of the vote-capture pipeline.
 //!
 //! `up` runs the whole system on one machine; `ingest`, `dedup-worker` and `tally` run one role
-//! each; `audit` checks the database against the stream. Each subcommand reads its configuration
+//! each; `audit` checks the database against the stream, and `replay` folds the stream into
+//! the database again. Each subcommand reads its configuration
 //! once, from flags and the environment, and fails before binding anything if it is incomplete.
 
 use std::future::Future;
@@ -45,6 +46,9 @@ enum Command {
     Tally(TallyArgs),
     /// Check ballots and tallies against every vote in the stream; exit 1 on any difference.
     Audit(AuditArgs),
+    /// Fold the whole votes stream into the database again: after restoring a backup, or into a
+    /// new database. Idempotent, and safe beside running workers.
+    Replay(ReplayArgs),
 }
 
 /// Settings every role shares.
@@ -264,6 +268,14 @@ struct AuditArgs {
 }
 
 #[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(flatten)]
+    db: DatabaseArgs,
+}
+
+#[derive(Debug, Args)]
 struct UpArgs {
     /// Where the local nats-server and PostgreSQL keep their data (and the cookie secret).
     #[arg(long, env = "LANDSLIDE_DATA_DIR", default_value = ".landslide")]
@@ -313,6 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::DedupWorker(_) => "landslide-dedup-worker",
         Command::Tally(_) => "landslide-tally",
         Command::Audit(_) => "landslide-audit",
+        Command::Replay(_) => "landslide-replay",
     };
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
@@ -335,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .map(|()| std::process::ExitCode::SUCCESS)
         }
         Command::Audit(args) => audit(args).await,
+        Command::Replay(args) => replay(args).await,
     };
     telemetry.shutdown();
     result
@@ -428,6 +442,16 @@ async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {
+    let mut config = landslide_dedup_worker::Config::new(&args.shared.nats_url, args.db.url()?);
+    config.topology = args.shared.topology();
+    config.polls = args.shared.polls()?;
+    let chunk = landslide_dedup_worker::replay::CHUNK;
+    let report = landslide_dedup_worker::replay(&config, chunk).await?;
+    println!("{report}");
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {

@@ -609,6 +609,77 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Reads a stream from its first message to sequence `last` in order, without acks, for audit
+/// and replay: an ordered consumer (flow-controlled, recreated by the client on a gap), deleted by
+/// the server once the reader is dropped.
+pub struct StreamReader {
+    messages: consumer::pull::Ordered,
+    last: u64,
+    done: bool,
+}
+
+impl std::fmt::Debug for StreamReader {
+    /// async-nats' ordered stream has no `Debug`: the reader shows how far it reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("last", &self.last)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamReader {
+    /// How long a read may stall before the reader gives up.
+    pub const STALL: Duration = Duration::from_secs(30);
+
+    /// A reader of messages 1..=`last`; `description` names the consumer (`landslide audit`).
+    pub async fn open(
+        stream: &jetstream::stream::Stream,
+        last: u64,
+        description: &str,
+    ) -> anyhow::Result<Self> {
+        let reader = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                description: Some(description.to_owned()),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create the ordered consumer of {description}"))?;
+        let messages = reader
+            .messages()
+            .await
+            .context("cannot read the votes stream")?;
+        Ok(Self {
+            messages,
+            last,
+            done: last == 0,
+        })
+    }
+
+    /// The next message, or `None` after `last` (or after the stream's end, if `last` itself
+    /// was removed). Each message comes with its stream sequence.
+    pub async fn next(&mut self) -> anyhow::Result<Option<(u64, async_nats::Message)>> {
+        use futures::StreamExt as _;
+        if self.done {
+            return Ok(None);
+        }
+        let last = self.last;
+        let message = tokio::time::timeout(Self::STALL, self.messages.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("reading the votes stream stalled for {:?}", Self::STALL))?
+            .ok_or_else(|| anyhow::anyhow!("the votes stream ended before sequence {last}"))?
+            .context("cannot read the votes stream")?;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("a message of the votes stream has no metadata: {e}"))?;
+        let sequence = info.stream_sequence;
+        // `pending == 0`: nothing after it, even if `last` itself was removed.
+        self.done = sequence >= last || info.pending == 0;
+        Ok(Some((sequence, message.message)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow};
-use async_nats::jetstream::{self, consumer};
+use anyhow::Context as _;
+use async_nats::jetstream;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
@@ -27,8 +27,6 @@ use uuid::Uuid;
 
 use crate::counts::{self, OptionCount};
 
-/// Longest wait for the next message of the stream before the audit gives up.
-const READ_STALL: Duration = Duration::from_secs(30);
 /// How many differences of each kind [`AuditReport`]'s `Display` prints.
 const SHOWN: usize = 50;
 
@@ -369,37 +367,11 @@ async fn read_stream(
     polls: &Polls,
 ) -> anyhow::Result<Fold> {
     let mut fold = Fold::default();
-    if last == 0 {
-        return Ok(fold);
-    }
-    // An ordered consumer: no acks, flow-controlled batches, recreated by the client on a gap.
-    let reader = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
-            description: Some("landslide audit".to_owned()),
-            ..Default::default()
-        })
-        .await
-        .context("cannot create the audit's ordered consumer")?;
-    let mut messages = reader
-        .messages()
-        .await
-        .context("cannot read the votes stream")?;
-    loop {
-        let message = tokio::time::timeout(READ_STALL, messages.next())
-            .await
-            .map_err(|_| anyhow!("reading the votes stream stalled for {READ_STALL:?}"))?
-            .ok_or_else(|| anyhow!("the votes stream ended before sequence {last}"))?
-            .context("cannot read the votes stream")?;
+    let mut reader = landslide_nats::StreamReader::open(stream, last, "landslide audit").await?;
+    while let Some((_, message)) = reader.next().await? {
         fold.add(&message.payload, polls);
-        let info = message
-            .info()
-            .map_err(|e| anyhow!("a message of the votes stream has no metadata: {e}"))?;
-        // `pending == 0`: nothing after it, even if `last` itself was purged.
-        if info.stream_sequence >= last || info.pending == 0 {
-            return Ok(fold);
-        }
     }
+    Ok(fold)
 }
 
 /// Streams the ballots and compares each with the fold, which it empties: what is left are the

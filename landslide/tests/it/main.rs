@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod pipeline;
 mod publish;
+mod replay;
 mod schema;
 mod streams;
 mod support;

@@ -1,0 +1,121 @@
+//! `landslide replay`: folds the votes stream into a database again, from its first message.
+//!
+//! A PostgreSQL restored from last night's backup lacks every ballot committed since, and the
+//! workers' consumer has long acknowledged those messages: they will never be delivered again. A
+//! new, empty database lacks everything. The stream holds every accepted vote, so folding it again
+//! makes either whole. It is the workers' own write (the same judge, the same merge, the same
+//! upsert), fed from an ordered consumer instead of the durable one, so it is idempotent: an event
+//! that a ballot already reflects, or that a later vote outranks, changes nothing. Run it as often
+//! as you like, beside running workers; then `landslide audit` passes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use diesel_async::AsyncConnection as _;
+use landslide_schema::{VoteEvent, merge};
+
+use crate::Config;
+use crate::upsert::UpsertBatch;
+
+/// Events folded into one transaction by default: memory and transaction size stay bounded.
+pub const CHUNK: usize = 50_000;
+
+/// What a replay read and wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Messages read, sequences 1 to `last_sequence`.
+    pub events_read: u64,
+    /// Events that count (the rest are dead letters: undecodable, or refused by the polls).
+    pub counted: u64,
+    pub not_counted: u64,
+    /// The stream's last sequence when the replay began; later votes are the workers'.
+    pub last_sequence: u64,
+    /// Transactions committed.
+    pub transactions: u64,
+    pub took: Duration,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "replay: folded stream sequences 1..={} into the database: {} events read, {} \
+             counted, {} not counted (dead letters), {} transactions, {:.1} s",
+            self.last_sequence,
+            self.events_read,
+            self.counted,
+            self.not_counted,
+            self.transactions,
+            self.took.as_secs_f64()
+        )
+    }
+}
+
+/// Folds every message of the votes stream, up to its last sequence at the start, into the
+/// database (migrating it first, so an empty one works), `chunk` events per transaction. Reads
+/// the worker's configuration: its NATS, database, topology and polls.
+pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayReport> {
+    let started = Instant::now();
+    let url = config.database_url.expose();
+    let mut conn = crate::connect_db(url).await?;
+    landslide_schema::postgres::migrate(url).await?;
+    let client = landslide_nats::connect(&config.nats_url, "landslide-replay").await?;
+    let js = jetstream::new(client);
+    let name = &config.topology.votes_stream;
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("cannot open the votes stream {name}"))?;
+    let last = stream
+        .info()
+        .await
+        .with_context(|| format!("cannot read the state of {name}"))?
+        .state
+        .last_sequence;
+    let mut report = ReplayReport {
+        last_sequence: last,
+        ..ReplayReport::default()
+    };
+    // Its own shard: the tallies' sum over shards is what counts, and a running worker's rows
+    // are never waited on.
+    let shard = crate::random_shard();
+    let mut reader = landslide_nats::StreamReader::open(&stream, last, "landslide replay").await?;
+    let chunk_size = chunk.max(1);
+    let mut chunk = Vec::with_capacity(chunk_size.min(100_000));
+    while let Some((_, message)) = reader.next().await? {
+        report.events_read += 1;
+        match VoteEvent::decode(&message.payload) {
+            Ok(event) if config.polls.judge_event(&event).is_ok() => chunk.push(event),
+            _ => report.not_counted += 1,
+        }
+        if chunk.len() >= chunk_size {
+            report.counted += commit(&mut conn, &mut chunk, shard).await?;
+            report.transactions += 1;
+        }
+    }
+    if !chunk.is_empty() {
+        report.counted += commit(&mut conn, &mut chunk, shard).await?;
+        report.transactions += 1;
+    }
+    report.took = started.elapsed();
+    Ok(report)
+}
+
+/// Merges `events` per voter and upserts the survivors in one transaction; returns how many
+/// events it folded, and leaves `events` empty.
+async fn commit(
+    conn: &mut diesel_async::AsyncPgConnection,
+    events: &mut Vec<VoteEvent>,
+    shard: i16,
+) -> anyhow::Result<u64> {
+    let folded = events.len() as u64;
+    let ballots = merge::latest_per_voter(events.drain(..));
+    let upsert = UpsertBatch::new(ballots.values(), shard);
+    conn.transaction::<_, diesel::result::Error, _>(async |conn| {
+        diesel_async::RunQueryDsl::execute(upsert, conn).await
+    })
+    .await
+    .context("cannot write the replayed ballots")?;
+    Ok(folded)
+}
