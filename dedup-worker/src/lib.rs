@@ -17,12 +17,14 @@ use async_nats::jetstream::consumer::pull::MessagesError;
 use async_nats::jetstream::{self, AckKind, Message};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
+use landslide_nats::polls::PollWatch;
 use landslide_nats::{HeaderExtractor, Topology};
+use landslide_schema::poll::Unjudged;
 use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
-use landslide_schema::{Polls, VoteEvent, merge};
+use landslide_schema::{PollBook, Polls, Revision, VoteEvent, merge};
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -39,6 +41,8 @@ pub struct Config {
     pub nats_url: String,
     pub database_url: DatabaseUrl,
     pub topology: Topology,
+    /// The poll definitions that seed the polls bucket when it holds none; once it holds one,
+    /// each vote is judged by the bucket's revision that the vote names.
     pub polls: Polls,
     /// Most messages in one transaction.
     pub batch_size: usize,
@@ -137,8 +141,13 @@ pub async fn run(
         shard = config.shard,
         "dedup-worker draining"
     );
+    let polls = landslide_nats::retry_startup("read the poll definitions", || {
+        landslide_nats::polls::watch(&js, &config.topology, &config.polls)
+    })
+    .await?;
     let mut worker = Worker {
         db: Some(db),
+        polls,
         js,
         config,
         db_failures: 0,
@@ -173,6 +182,7 @@ async fn connect_db(url: &str) -> anyhow::Result<AsyncPgConnection> {
 struct Worker {
     /// `None` after a connection error, until reconnected.
     db: Option<AsyncPgConnection>,
+    polls: PollWatch,
     js: jetstream::Context,
     config: Config,
     /// Consecutive failed batches: the nak delay and reconnect backoff grow with it.
@@ -183,7 +193,13 @@ struct Worker {
 enum Verdict {
     Vote(VoteEvent),
     Dead(String),
+    /// The event names a poll revision this worker has not seen (yet): a configuration alarm.
+    /// Naked, never judged by another revision and never dead-lettered.
+    Wait(Revision),
 }
+
+/// How long a vote of an unseen poll revision waits before it is delivered again.
+const UNSEEN_REVISION_DELAY: Duration = Duration::from_secs(2);
 
 impl Worker {
     async fn drain(
@@ -201,7 +217,7 @@ impl Worker {
             .context("cannot start pulling from the consumer")?;
         let mut inbox = Inbox {
             messages,
-            polls: self.config.polls.clone(),
+            polls: self.polls.clone(),
             batch: Vec::with_capacity(self.config.batch_size),
             first_at: None,
             max: self.config.batch_size,
@@ -269,10 +285,26 @@ impl Worker {
         metrics::histogram!("landslide_batch_size").record(batch.len() as f64);
         let mut votes = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
+        let mut unseen = Vec::new();
         for (message, verdict) in batch {
             match verdict {
                 Verdict::Vote(event) => votes.push((event, message)),
                 Verdict::Dead(reason) => dead.push((message, reason)),
+                Verdict::Wait(revision) => unseen.push((message, revision)),
+            }
+        }
+        if let Some((_, revision)) = unseen.as_slice().first() {
+            metrics::counter!("landslide_unseen_revision_total").increment(unseen.len() as u64);
+            tracing::error!(
+                votes = unseen.len(),
+                %revision,
+                "votes name a poll revision this worker has not seen; they wait in the stream \
+                 (is the polls bucket reachable, or was a revision written elsewhere?)"
+            );
+            for (message, _) in unseen {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(UNSEEN_REVISION_DELAY)))
+                    .await;
             }
         }
         tracing::Span::current().record("batch.dead_letters", dead.len());
@@ -426,15 +458,17 @@ impl Worker {
     }
 }
 
-/// Whether `message` is a vote of a known poll and option, or a dead letter and why.
-fn verdict(polls: &Polls, message: &Message) -> Verdict {
+/// Whether `message` is a vote of a known poll and option by the revision it names, a dead
+/// letter and why, or a vote to wait with.
+fn verdict(polls: &PollBook, message: &Message) -> Verdict {
     let event = match VoteEvent::decode(&message.payload) {
         Ok(event) => event,
         Err(err) => return Verdict::Dead(err.to_string()),
     };
     match polls.judge_event(&event) {
         Ok(_) => Verdict::Vote(event),
-        Err(not_counted) => Verdict::Dead(not_counted.to_string()),
+        Err(Unjudged::NotCounted(not_counted)) => Verdict::Dead(not_counted.to_string()),
+        Err(Unjudged::UnknownRevision(revision)) => Verdict::Wait(revision),
     }
 }
 
@@ -443,7 +477,7 @@ fn verdict(polls: &Polls, message: &Message) -> Verdict {
 /// pulled is in `batch`.
 struct Inbox {
     messages: jetstream::consumer::pull::Stream,
-    polls: Polls,
+    polls: PollWatch,
     batch: Vec<(Message, Verdict)>,
     /// When the batch's first message arrived: the batch closes `wait` later.
     first_at: Option<tokio::time::Instant>,
@@ -457,7 +491,7 @@ impl Inbox {
     fn push(&mut self, next: Option<Result<Message, MessagesError>>) {
         match next {
             Some(Ok(message)) => {
-                let verdict = verdict(&self.polls, &message);
+                let verdict = verdict(&self.polls.current(), &message);
                 self.first_at.get_or_insert_with(tokio::time::Instant::now);
                 self.batch.push((message, verdict));
             }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream;
 use diesel_async::AsyncConnection as _;
+use landslide_schema::poll::Unjudged;
 use landslide_schema::{VoteEvent, merge};
 
 use crate::Config;
@@ -80,14 +81,26 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
     // Its own shard: the tallies' sum over shards is what counts, and a running worker's rows
     // are never waited on.
     let shard = crate::random_shard();
+    let store = landslide_nats::polls::ensure_bucket(&js, &config.topology).await?;
+    let polls = landslide_nats::polls::load(&store, &config.polls).await?;
     let mut reader = landslide_nats::StreamReader::open(&stream, last, "landslide replay").await?;
     let chunk_size = chunk.max(1);
     let mut chunk = Vec::with_capacity(chunk_size.min(100_000));
-    while let Some((_, message)) = reader.next().await? {
+    while let Some((sequence, message)) = reader.next().await? {
         report.events_read += 1;
-        match VoteEvent::decode(&message.payload) {
-            Ok(event) if config.polls.judge_event(&event).is_ok() => chunk.push(event),
-            _ => report.not_counted += 1,
+        let Ok(event) = VoteEvent::decode(&message.payload) else {
+            report.not_counted += 1;
+            continue;
+        };
+        match polls.judge_event(&event) {
+            Ok(_) => chunk.push(event),
+            Err(Unjudged::NotCounted(_)) => report.not_counted += 1,
+            // Accepted by an ingest node under a revision the bucket lacks: skipping it would
+            // drop an accepted vote, so the replay stops and says so.
+            Err(unjudged @ Unjudged::UnknownRevision(_)) => {
+                return Err(anyhow::anyhow!(unjudged))
+                    .with_context(|| format!("cannot replay stream sequence {sequence}"));
+            }
         }
         if chunk.len() >= chunk_size {
             report.counted += commit(&mut conn, &mut chunk, shard).await?;

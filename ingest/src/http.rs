@@ -14,9 +14,10 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::Key;
+use landslide_nats::polls::PollWatch;
 use landslide_schema::cookie::VoterCookie;
 use landslide_schema::poll::NotCounted;
-use landslide_schema::{EventId, NodeId, Poll, PollId, Polls, Timestamp, VoteEvent, VoterId};
+use landslide_schema::{EventId, NodeId, Poll, PollBook, PollId, Timestamp, VoteEvent, VoterId};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 
@@ -36,7 +37,9 @@ pub struct AppState(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     node: NodeId,
-    polls: Polls,
+    /// The poll definitions, current with the polls bucket: a vote is accepted by the latest
+    /// revision and names it.
+    polls: PollWatch,
     publisher: Publisher,
     hlc: Hlc,
     keys: Keys,
@@ -45,10 +48,15 @@ struct Inner {
 }
 
 impl AppState {
-    pub fn new(config: &Config, client: async_nats::Client, js: jetstream::Context) -> Self {
+    pub fn new(
+        config: &Config,
+        polls: PollWatch,
+        client: async_nats::Client,
+        js: jetstream::Context,
+    ) -> Self {
         Self(Arc::new(Inner {
             node: config.node_id.clone(),
-            polls: config.polls.clone(),
+            polls,
             publisher: Publisher::new(client.clone(), js, config),
             hlc: Hlc::new(config.clock.clone()),
             keys: Keys::new(&config.secret),
@@ -158,11 +166,9 @@ struct Accepted {
 }
 
 impl AppState {
-    fn poll(&self, id: &str) -> Result<&Poll, VoteError> {
-        self.0
-            .polls
-            .get(id)
-            .ok_or_else(|| NotCounted::UnknownPoll(id.to_owned()).into())
+    /// The poll definitions as of now.
+    fn book(&self) -> Arc<PollBook> {
+        self.0.polls.current()
     }
 
     /// Validates, stamps and stores one vote; returns the jar with the updated voter cookie.
@@ -177,7 +183,9 @@ impl AppState {
         choice: &str,
         idempotency_key: Option<&str>,
     ) -> (SignedCookieJar, Result<Accepted, VoteError>) {
-        let (poll, choice) = match self.0.polls.judge(poll, choice) {
+        let book = self.book();
+        let (revision, polls) = book.latest();
+        let (poll, choice) = match polls.judge(poll, choice) {
             Ok(judged) => judged,
             Err(err) => return (jar, Err(err.into())),
         };
@@ -199,6 +207,7 @@ impl AppState {
             choice: choice.clone(),
             ts: self.0.hlc.stamp(floor),
             node: self.0.node.clone(),
+            rev: Some(revision),
         };
         let mut cookie = known.unwrap_or_else(|| VoterCookie::new(voter));
         let result = match self
@@ -321,7 +330,7 @@ async fn vote_form(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let default = state.0.polls.default_poll().id.clone();
+    let default = state.book().latest().1.default_poll().id.clone();
     let vote: FormVote = match body(&headers, "application/x-www-form-urlencoded", raw)
         .and_then(|bytes| parse_form(&bytes))
     {
@@ -334,9 +343,10 @@ async fn vote_form(
         Ok(_) if poll == default.as_str() => (jar, Redirect::to("/")).into_response(),
         Ok(_) => (jar, Redirect::to(&format!("/?poll={poll}"))).into_response(),
         Err(err) => {
+            let book = state.book();
             let shown = PollId::parse(poll)
                 .ok()
-                .filter(|p| state.0.polls.get(p.as_str()).is_some());
+                .filter(|p| book.latest().1.get(p.as_str()).is_some());
             state.form_error(jar, &shown.unwrap_or(default), err)
         }
     }
@@ -389,11 +399,11 @@ impl AppState {
     }
 
     fn form_error(&self, jar: SignedCookieJar, poll: &PollId, err: VoteError) -> Response {
-        let poll = self
-            .0
-            .polls
+        let book = self.book();
+        let polls = book.latest().1;
+        let poll = polls
             .get(poll.as_str())
-            .unwrap_or_else(|| self.0.polls.default_poll());
+            .unwrap_or_else(|| polls.default_poll());
         let page = self.page(&jar, poll, Some(err.to_string()));
         let response = (err.status(), jar, page).into_response();
         err.finish(response)
@@ -406,13 +416,15 @@ async fn form(
     jar: SignedCookieJar,
     Query(query): Query<FormQuery>,
 ) -> Response {
+    let book = state.book();
+    let polls = book.latest().1;
     let poll = match query.poll.as_deref() {
-        None => state.0.polls.default_poll(),
-        Some(id) => match state.poll(id) {
-            Ok(poll) => poll,
-            Err(err) => {
-                let default = state.0.polls.default_poll().id.clone();
-                return state.form_error(jar, &default, err);
+        None => polls.default_poll(),
+        Some(id) => match polls.get(id) {
+            Some(poll) => poll,
+            None => {
+                let err = NotCounted::UnknownPoll(id.to_owned()).into();
+                return state.form_error(jar, &polls.default_poll().id, err);
             }
         },
     };

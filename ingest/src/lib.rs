@@ -54,6 +54,8 @@ pub struct Config {
     pub nats_url: String,
     pub topology: Topology,
     pub secret: Secret,
+    /// The poll definitions that seed the polls bucket when it holds none; once it holds one,
+    /// the bucket's latest revision is what the node accepts votes by.
     pub polls: Polls,
     /// The wall clock that stamps votes; tests skew it.
     pub clock: Arc<dyn Clock>,
@@ -122,7 +124,11 @@ pub async fn run(
         landslide_nats::ensure_votes_stream(&js, &config.topology)
     })
     .await?;
-    let state = http::AppState::new(&config, client.clone(), js);
+    let polls = landslide_nats::retry_startup("read the poll definitions", || {
+        landslide_nats::polls::watch(&js, &config.topology, &config.polls)
+    })
+    .await?;
+    let state = http::AppState::new(&config, polls, client.clone(), js);
     let app = http::router(state);
     tracing::info!(
         node = %config.node_id,

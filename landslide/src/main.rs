@@ -49,6 +49,30 @@ enum Command {
     /// Fold the whole votes stream into the database again: after restoring a backup, or into a
     /// new database. Idempotent, and safe beside running workers.
     Replay(ReplayArgs),
+    /// The poll definitions every role reads, one revision each, in the polls bucket.
+    Polls(PollsArgs),
+}
+
+#[derive(Debug, Args)]
+struct PollsArgs {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(subcommand)]
+    action: PollsAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum PollsAction {
+    /// Check a polls file and write it as the next revision; running roles pick it up.
+    Put {
+        /// The polls file (TOML).
+        file: PathBuf,
+    },
+    /// Print a revision (default: the latest) as a polls file.
+    Show {
+        #[arg(long)]
+        revision: Option<u64>,
+    },
 }
 
 /// Settings every role shares.
@@ -326,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Tally(_) => "landslide-tally",
         Command::Audit(_) => "landslide-audit",
         Command::Replay(_) => "landslide-replay",
+        Command::Polls(_) => "landslide-polls",
     };
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
@@ -349,6 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Audit(args) => audit(args).await,
         Command::Replay(args) => replay(args).await,
+        Command::Polls(args) => polls(args).await,
     };
     telemetry.shutdown();
     result
@@ -454,6 +480,44 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
+    use landslide_nats::polls;
+    let client = landslide_nats::connect(&args.shared.nats_url, "landslide-polls").await?;
+    let js = async_nats::jetstream::new(client);
+    let store = polls::ensure_bucket(&js, &args.shared.topology()).await?;
+    match args.action {
+        PollsAction::Put { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the polls file {}", file.display()))?;
+            let revision = polls::put(&store, &text)
+                .await
+                .with_context(|| format!("{} was not written", file.display()))?;
+            println!(
+                "wrote {} as revision {revision}; running roles pick it up within moments",
+                file.display()
+            );
+        }
+        PollsAction::Show { revision } => {
+            let revisions = polls::read_all(&store).await?;
+            let Some(latest) = revisions.last().map(|(r, _, _)| *r) else {
+                println!(
+                    "# the polls bucket is empty: roles seed it from LANDSLIDE_POLLS, or with the \
+                     built-in poll, when they start\n{}",
+                    Polls::default().to_toml()
+                );
+                return Ok(std::process::ExitCode::SUCCESS);
+            };
+            let wanted = revision.map_or(latest, landslide_schema::Revision);
+            let (_, text, _) = revisions
+                .iter()
+                .find(|(r, _, _)| *r == wanted)
+                .with_context(|| format!("there is no revision {wanted} (latest: {latest})"))?;
+            println!("# revision {wanted} of {latest}\n{}", text.trim_end());
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let polls = Shared {
         nats_url: String::new(),
@@ -475,9 +539,29 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         postgres: args.postgres_port,
     };
     let stack = local::LocalStack::start(local).await?;
-    let result = run_roles(&stack, polls, ingest_listener, tally_listener).await;
+    let result = async {
+        if args.polls.is_some() {
+            make_current(&stack.nats_url, &polls).await?;
+        }
+        run_roles(&stack, polls, ingest_listener, tally_listener).await
+    }
+    .await;
     let stopped = stack.stop().await;
     result.and(stopped)
+}
+
+/// Writes `polls` (up's `--polls` file) as a new revision unless the bucket's latest already is
+/// that: `up` with a file means "these polls", even when the data folder has others.
+async fn make_current(nats_url: &str, polls: &Polls) -> anyhow::Result<()> {
+    use landslide_nats::polls;
+    let client = landslide_nats::connect(nats_url, "landslide-up").await?;
+    let js = async_nats::jetstream::new(client);
+    let store = polls::ensure_bucket(&js, &Topology::default()).await?;
+    let latest = polls::read_all(&store).await?.pop();
+    if latest.is_none_or(|(_, _, current)| &current != polls) {
+        polls::put(&store, &polls.to_toml()).await?;
+    }
+    Ok(())
 }
 
 async fn run_roles(

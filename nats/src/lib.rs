@@ -17,6 +17,7 @@ use landslide_schema::subject::{DEFAULT_DLQ_PREFIX, DEFAULT_VOTES_PREFIX};
 use serde_json::Value;
 
 pub mod batch;
+pub mod polls;
 
 /// `nats/votes-stream.json`.
 pub const VOTES_STREAM_JSON: &str = include_str!("../votes-stream.json");
@@ -124,6 +125,8 @@ pub struct Topology {
     /// Overrides the consumer's `ack_wait`: how long an unacked message waits before it is
     /// redelivered to another worker. Tests shorten it to see a crashed worker's messages again.
     pub ack_wait: Option<Duration>,
+    /// The key-value bucket of the poll definitions, `LANDSLIDE_POLLS` ([`polls`]).
+    pub polls_bucket: String,
 }
 
 impl Default for Topology {
@@ -136,6 +139,7 @@ impl Default for Topology {
             dlq_prefix: DEFAULT_DLQ_PREFIX.to_owned(),
             replicas: 1,
             ack_wait: None,
+            polls_bucket: "LANDSLIDE_POLLS".to_owned(),
         }
     }
 }
@@ -152,6 +156,7 @@ impl Topology {
             dlq_prefix: format!("{tag}.dlq.votes"),
             replicas: 1,
             ack_wait: None,
+            polls_bucket: format!("{tag}_POLLS"),
         }
     }
 

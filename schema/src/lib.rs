@@ -25,5 +25,5 @@ pub mod ts;
 
 pub use event::{DecodeError, VoteEvent};
 pub use ids::{Choice, EventId, InvalidId, NodeId, PollId, VoterId};
-pub use poll::{Poll, PollOption, Polls};
+pub use poll::{Poll, PollBook, PollOption, Polls, Revision};
 pub use ts::Timestamp;

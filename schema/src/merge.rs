@@ -51,6 +51,7 @@ mod tests {
             choice: Choice::parse(choice).unwrap(),
             ts: Timestamp(ts),
             node: NodeId::parse("n").unwrap(),
+            rev: None,
         }
     }
 

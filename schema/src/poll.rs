@@ -1,7 +1,9 @@
 //! Polls: the question and the options a vote may name.
 //!
 //! The default is poll `pets`, "Cats or dogs?", with options `cats` and `dogs`. A TOML file can
-//! define others; every ingest node, worker and tally of one deployment must read the same file:
+//! define others. A deployment keeps its definitions in the polls bucket, one immutable revision
+//! each ([`PollBook`]): an ingest node stamps every vote with the revision it accepted the vote
+//! under, and the workers and audit judge the vote by that same revision. The file format:
 //!
 //! ```toml
 //! default = "pets"
@@ -46,6 +48,81 @@ pub struct Polls {
     polls: BTreeMap<PollId, Poll>,
 }
 
+/// The number of a poll definition in the polls bucket: 1 for the first, then 2, 3, … Revisions
+/// never change once written, so a vote judged by its revision is judged the same everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Revision(pub u64);
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Every revision of the poll definitions that a role has seen, the latest being what ingest
+/// accepts votes by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollBook {
+    revisions: BTreeMap<Revision, Polls>,
+}
+
+/// Why an event cannot be judged, or does not count.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unjudged {
+    /// A dead letter: no ingest node could have accepted it.
+    #[error(transparent)]
+    NotCounted(#[from] NotCounted),
+    /// A configuration alarm, never a dead letter: the event names a revision this role has not
+    /// seen (yet). It must wait, not be judged by another revision.
+    #[error("the vote names poll definition revision {0}, which this process has not seen")]
+    UnknownRevision(Revision),
+}
+
+impl PollBook {
+    /// A book of one revision.
+    pub fn new(revision: Revision, polls: Polls) -> Self {
+        Self {
+            revisions: BTreeMap::from([(revision, polls)]),
+        }
+    }
+
+    /// Adds a revision; one already known is replaced (revisions never change, so it is the same).
+    pub fn insert(&mut self, revision: Revision, polls: Polls) {
+        self.revisions.insert(revision, polls);
+    }
+
+    /// The newest revision, by which ingest accepts votes.
+    pub fn latest(&self) -> (Revision, &Polls) {
+        // `new` puts one in, and nothing takes any out.
+        let (revision, polls) = self
+            .revisions
+            .last_key_value()
+            .unwrap_or_else(|| unreachable!("a poll book holds at least one revision"));
+        (*revision, polls)
+    }
+
+    pub fn get(&self, revision: Revision) -> Option<&Polls> {
+        self.revisions.get(&revision)
+    }
+
+    pub fn revisions(&self) -> impl Iterator<Item = (Revision, &Polls)> {
+        self.revisions.iter().map(|(r, p)| (*r, p))
+    }
+
+    /// Whether an event counts, by the revision it names ([`VoteEvent::rev`]); an event of wire
+    /// version 1 names none and is judged by the latest, as before revisions existed.
+    pub fn judge_event(&self, event: &VoteEvent) -> Result<&Poll, Unjudged> {
+        let polls = match event.rev {
+            None => self.latest().1,
+            Some(revision) => self
+                .get(revision)
+                .ok_or(Unjudged::UnknownRevision(revision))?,
+        };
+        Ok(polls.judge_event(event)?)
+    }
+}
+
 /// Why a vote does not count: the one rule that ingest (before it accepts a vote), the workers
 /// (before they count an event) and audit (when it folds the stream) all apply, through
 /// [`Polls::judge`].
@@ -74,7 +151,7 @@ pub enum PollsError {
     UnknownDefault(PollId),
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PollsFile {
     default: Option<PollId>,
@@ -123,6 +200,16 @@ impl Polls {
             None => file.poll.first().ok_or(PollsError::NoPolls)?.id.clone(),
         };
         Self::new(default, file.poll)
+    }
+
+    /// The polls as a polls file, which [`Polls::from_toml`] reads back to the same polls.
+    pub fn to_toml(&self) -> String {
+        let file = PollsFile {
+            default: Some(self.default.clone()),
+            poll: self.polls.values().cloned().collect(),
+        };
+        // Strings and lists of tables: nothing here that TOML cannot hold.
+        toml::to_string(&file).unwrap_or_default()
     }
 
     /// The default poll `pets`: "Cats or dogs?".
@@ -234,6 +321,50 @@ mod tests {
         ));
         let bad_id = text.replace(r#"id = "pizza""#, r#"id = "pi zza""#);
         assert!(Polls::from_toml(&bad_id).is_err());
+    }
+
+    #[test]
+    fn polls_round_trip_through_their_file() {
+        let polls = Polls::default();
+        assert_eq!(Polls::from_toml(&polls.to_toml()).unwrap(), polls);
+    }
+
+    #[test]
+    fn a_vote_is_judged_by_the_revision_it_names() {
+        let lunch = Polls::from_toml(
+            r#"
+            [[poll]]
+            id = "pets"
+            question = "Cats, dogs or birds?"
+            options = [{ id = "cats", label = "Cats" }, { id = "dogs", label = "Dogs" }, { id = "birds", label = "Birds" }]
+        "#,
+        )
+        .unwrap();
+        let mut book = PollBook::new(Revision(1), Polls::default());
+        let birds = |rev| VoteEvent {
+            event_id: crate::EventId(uuid::Uuid::from_u128(1)),
+            poll: PollId::parse("pets").unwrap(),
+            voter: crate::VoterId(uuid::Uuid::from_u128(2)),
+            choice: Choice::parse("birds").unwrap(),
+            ts: crate::Timestamp(1),
+            node: crate::NodeId::parse("web1").unwrap(),
+            rev,
+        };
+        assert_eq!(
+            book.judge_event(&birds(Some(Revision(2)))),
+            Err(Unjudged::UnknownRevision(Revision(2)))
+        );
+        assert!(matches!(
+            book.judge_event(&birds(Some(Revision(1)))),
+            Err(Unjudged::NotCounted(NotCounted::UnknownOption { .. }))
+        ));
+        book.insert(Revision(2), lunch);
+        assert_eq!(book.latest().0, Revision(2));
+        assert!(book.judge_event(&birds(Some(Revision(2)))).is_ok());
+        // Revision 1 still judges the votes accepted under it.
+        assert!(book.judge_event(&birds(Some(Revision(1)))).is_err());
+        // Wire version 1 names no revision: the latest judges it.
+        assert!(book.judge_event(&birds(None)).is_ok());
     }
 
     #[test]

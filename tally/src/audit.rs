@@ -21,8 +21,9 @@ use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
 use landslide_nats::Topology;
 use landslide_schema::db::ballots;
+use landslide_schema::poll::Unjudged;
 use landslide_schema::postgres::DatabaseUrl;
-use landslide_schema::{Choice, EventId, PollId, Polls, Timestamp, VoteEvent, VoterId};
+use landslide_schema::{Choice, EventId, PollBook, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
 use crate::counts::{self, OptionCount};
@@ -121,6 +122,9 @@ pub struct AuditReport {
     pub undecodable: u64,
     /// Vote events naming a poll or option the polls file does not define.
     pub unknown_poll_or_option: u64,
+    /// Vote events naming a poll revision that the polls bucket does not hold: accepted by an
+    /// ingest node, yet no worker can judge them. Any makes the audit fail.
+    pub unknown_revision: u64,
     /// Messages in the dead-letter stream; a correct worker put `undecodable +
     /// unknown_poll_or_option` there.
     pub dead_letters: u64,
@@ -137,7 +141,8 @@ pub struct AuditReport {
 impl AuditReport {
     /// True when the database holds exactly what the stream says.
     pub fn is_consistent(&self) -> bool {
-        self.missing_ballots.is_empty()
+        self.unknown_revision == 0
+            && self.missing_ballots.is_empty()
             && self.unexpected_ballots.is_empty()
             && self.wrong_ballots.is_empty()
             && self.tally_mismatches.is_empty()
@@ -171,6 +176,14 @@ impl fmt::Display for AuditReport {
                 " (differs from the messages not counted)"
             }
         )?;
+        if self.unknown_revision > 0 {
+            writeln!(
+                f,
+                "{} vote events name a poll revision the polls bucket does not hold: they \
+                 cannot be judged",
+                self.unknown_revision
+            )?;
+        }
         writeln!(f, "voters: {}; ballots: {}", self.voters, self.ballots)?;
         list(f, "missing ballots", &self.missing_ballots, |f, d| {
             write!(
@@ -232,18 +245,26 @@ struct Fold {
     events_read: u64,
     undecodable: u64,
     unknown_poll_or_option: u64,
+    unknown_revision: u64,
 }
 
 impl Fold {
-    fn add(&mut self, payload: &[u8], polls: &Polls) {
+    fn add(&mut self, payload: &[u8], polls: &PollBook) {
         self.events_read += 1;
         let Ok(event) = VoteEvent::decode(payload) else {
             self.undecodable += 1;
             return;
         };
-        if polls.judge_event(&event).is_err() {
-            self.unknown_poll_or_option += 1;
-            return;
+        match polls.judge_event(&event) {
+            Ok(_) => {}
+            Err(Unjudged::NotCounted(_)) => {
+                self.unknown_poll_or_option += 1;
+                return;
+            }
+            Err(Unjudged::UnknownRevision(_)) => {
+                self.unknown_revision += 1;
+                return;
+            }
         }
         // The merge rule of `landslide_schema::merge`, over a leaner entry than a whole event:
         // an audit of millions of voters keeps one of these per voter.
@@ -296,7 +317,9 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
         .with_context(|| format!("cannot open the votes stream {}", topology.votes_stream))?;
 
     let last = wait_until_drained(&stream, topology, config.wait).await?;
-    let fold = read_stream(&stream, last, &config.polls).await?;
+    let store = landslide_nats::polls::ensure_bucket(&js, topology).await?;
+    let polls = landslide_nats::polls::load(&store, &config.polls).await?;
+    let fold = read_stream(&stream, last, &polls).await?;
     let dead_letters = js
         .get_stream(&topology.dlq_stream)
         .await
@@ -309,11 +332,12 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
         events_read: fold.events_read,
         undecodable: fold.undecodable,
         unknown_poll_or_option: fold.unknown_poll_or_option,
+        unknown_revision: fold.unknown_revision,
         dead_letters,
         voters: fold.latest.len() as u64,
         ..AuditReport::default()
     };
-    let expected = fold.expected_counts(&config.polls);
+    let expected = fold.expected_counts(polls.latest().1);
     compare_ballots(&mut conn, fold.latest, &mut report).await?;
     let tallies = counts::tally_sums(&mut conn)
         .await
@@ -364,7 +388,7 @@ async fn wait_until_drained(
 async fn read_stream(
     stream: &jetstream::stream::Stream,
     last: u64,
-    polls: &Polls,
+    polls: &PollBook,
 ) -> anyhow::Result<Fold> {
     let mut fold = Fold::default();
     let mut reader = landslide_nats::StreamReader::open(stream, last, "landslide audit").await?;
@@ -497,20 +521,22 @@ mod tests {
             choice: Choice::parse(choice).unwrap(),
             ts: Timestamp(ts),
             node: NodeId::parse("n1").unwrap(),
+            rev: None,
         }
         .encode()
     }
 
     #[test]
     fn the_latest_event_wins_in_any_order_and_ties_break_on_the_event_id() {
-        let polls = Polls::default();
+        let book = PollBook::new(landslide_schema::Revision(1), Polls::default());
+        let polls = book.latest().1;
         let mut fold = Fold::default();
-        fold.add(&event(1, "dogs", 20, 1), &polls);
-        fold.add(&event(1, "cats", 10, 9), &polls);
-        fold.add(&event(2, "cats", 5, 2), &polls);
-        fold.add(&event(2, "dogs", 5, 3), &polls);
-        fold.add(b"garbage", &polls);
-        fold.add(&event(3, "fish", 5, 4), &polls);
+        fold.add(&event(1, "dogs", 20, 1), &book);
+        fold.add(&event(1, "cats", 10, 9), &book);
+        fold.add(&event(2, "cats", 5, 2), &book);
+        fold.add(&event(2, "dogs", 5, 3), &book);
+        fold.add(b"garbage", &book);
+        fold.add(&event(3, "fish", 5, 4), &book);
         assert_eq!(
             (
                 fold.events_read,
@@ -529,7 +555,7 @@ mod tests {
         };
         assert_eq!(choice(1), "dogs");
         assert_eq!(choice(2), "dogs");
-        let counts = fold.expected_counts(&polls);
+        let counts = fold.expected_counts(polls);
         assert_eq!(counts[&("pets".to_owned(), "dogs".to_owned())], 2);
         assert_eq!(counts[&("pets".to_owned(), "cats".to_owned())], 0);
     }

@@ -13,7 +13,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt as _};
-use landslide_schema::{Poll, Polls};
+use landslide_nats::polls::PollWatch;
+use landslide_schema::Poll;
 use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
 
@@ -21,7 +22,7 @@ use crate::snapshot::Snapshot;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub polls: Arc<Polls>,
+    pub polls: PollWatch,
     pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub shutdown: watch::Receiver<bool>,
     /// A snapshot older than this makes `/readyz` fail: refreshes have been failing.
@@ -83,7 +84,8 @@ async fn api_results(
     State(state): State<AppState>,
     Path(poll): Path<String>,
 ) -> Result<Response, ApiError> {
-    let poll = state.polls.get(&poll).ok_or(ApiError::UnknownPoll)?;
+    let book = state.polls.current();
+    let poll = book.latest().1.get(&poll).ok_or(ApiError::UnknownPoll)?;
     let snapshot = state.snapshot().ok_or(ApiError::NotReady)?;
     let results = snapshot.polls.get(&poll.id).ok_or(ApiError::NotReady)?;
     Ok((
@@ -104,6 +106,9 @@ async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let poll = state
         .polls
+        .current()
+        .latest()
+        .1
         .get(&poll)
         .ok_or(ApiError::UnknownPoll)?
         .id
@@ -175,12 +180,14 @@ struct ResultsPage<'a> {
 
 /// `GET /`: the default poll's live results.
 async fn default_page(State(state): State<AppState>) -> Response {
-    page(&state, state.polls.default_poll())
+    let book = state.polls.current();
+    page(&state, book.latest().1.default_poll())
 }
 
 /// `GET /results/{poll}`: another poll's live results.
 async fn poll_page(State(state): State<AppState>, Path(poll): Path<String>) -> Response {
-    match state.polls.get(&poll) {
+    let book = state.polls.current();
+    match book.latest().1.get(&poll) {
         Some(poll) => page(&state, poll),
         None => (
             StatusCode::NOT_FOUND,

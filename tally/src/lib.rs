@@ -16,7 +16,6 @@ mod http;
 mod snapshot;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -35,7 +34,8 @@ pub struct Config {
     pub database_url: DatabaseUrl,
     /// The stream and consumer names.
     pub topology: Topology,
-    /// The polls this deployment shows.
+    /// The poll definitions that seed the polls bucket when it holds none; tally shows the
+    /// bucket's latest revision.
     pub polls: Polls,
     /// How often the snapshot is rebuilt; results are at most this old when the database is up.
     pub refresh: Duration,
@@ -79,7 +79,10 @@ pub async fn run(
     })
     .await?;
 
-    let polls = Arc::new(config.polls);
+    let polls = landslide_nats::retry_startup("read the poll definitions", || {
+        landslide_nats::polls::watch(&js, &config.topology, &config.polls)
+    })
+    .await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -88,12 +91,8 @@ pub async fn run(
     });
 
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
-    let refresher = snapshot::Refresher::new(
-        consumer,
-        conn,
-        config.database_url.clone(),
-        Arc::clone(&polls),
-    );
+    let refresher =
+        snapshot::Refresher::new(consumer, conn, config.database_url.clone(), polls.clone());
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown_rx.clone()));
 
     let app = http::router(http::AppState {

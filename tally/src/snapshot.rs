@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
+use landslide_nats::polls::PollWatch;
 use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::{Choice, PollId, Polls};
 use serde::Serialize;
@@ -97,7 +98,7 @@ pub(crate) struct Refresher {
     /// `None` after an error, until it is opened again.
     conn: Option<AsyncPgConnection>,
     database_url: DatabaseUrl,
-    polls: Arc<Polls>,
+    polls: PollWatch,
 }
 
 impl Refresher {
@@ -105,7 +106,7 @@ impl Refresher {
         consumer: PullConsumer,
         conn: AsyncPgConnection,
         database_url: DatabaseUrl,
-        polls: Arc<Polls>,
+        polls: PollWatch,
     ) -> Self {
         Self {
             consumer,
@@ -194,7 +195,11 @@ impl Refresher {
                 anyhow::bail!("reading the tallies took longer than {QUERY_TIMEOUT:?}");
             }
         };
-        Ok((Snapshot::build(&self.polls, pending, &sums, as_of), pending))
+        let book = self.polls.current();
+        Ok((
+            Snapshot::build(book.latest().1, pending, &sums, as_of),
+            pending,
+        ))
     }
 }
 

@@ -7,6 +7,7 @@ mod audit;
 mod chaos;
 mod cli;
 mod pipeline;
+mod polls;
 mod publish;
 mod replay;
 mod schema;

@@ -128,6 +128,7 @@ pub(crate) fn vote_in(poll: &str, voter: Uuid, choice: &str, ts: u64) -> VoteEve
         choice: Choice::parse(choice).unwrap(),
         ts: Timestamp(ts),
         node: NodeId::parse("test").unwrap(),
+        rev: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn event(voter: u128, ts: u64, choice: &str, id: u128) -> VoteEvent {
         choice: Choice::parse(choice).unwrap(),
         ts: Timestamp(ts),
         node: NodeId::parse("web01").unwrap(),
+        rev: None,
     }
 }
 

@@ -63,6 +63,7 @@ pub fn events(n: usize, seed: u64) -> anyhow::Result<Vec<VoteEvent>> {
             choice: choices[(i % 2) as usize].clone(),
             ts: Timestamp::from_millis(1_800_000_000_000 + i as u64),
             node: node.clone(),
+            rev: None,
         })
         .collect())
 }

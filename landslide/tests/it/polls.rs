@@ -1,0 +1,156 @@
+//! One poll definition for every role: the polls bucket, its revisions, and votes judged by the
+//! revision they were accepted under. The issue that brought it: an ingest node started with a
+//! polls file that had a third option took a `birds` vote with 202, the workers (on the default
+//! file) dead-lettered it, and audit still passed.
+
+use std::time::Duration;
+
+use landslide_nats::polls;
+use landslide_schema::{Polls, Revision, VoteEvent};
+use landslide_tally::audit::{AuditConfig, audit};
+use uuid::Uuid;
+
+use crate::support::{self, Db, Nats};
+use crate::tally::vote;
+
+const BIRDS: &str = r#"
+[[poll]]
+id = "pets"
+question = "Cats, dogs or birds?"
+options = [
+  { id = "cats", label = "Cats" },
+  { id = "dogs", label = "Dogs" },
+  { id = "birds", label = "Birds" },
+]
+"#;
+
+async fn store(nats: &Nats) -> async_nats::jetstream::kv::Store {
+    let js = async_nats::jetstream::new(nats.client().await);
+    polls::ensure_bucket(&js, &landslide_nats::Topology::default())
+        .await
+        .unwrap()
+}
+
+async fn dead_letters(nats: &Nats) -> u64 {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut dlq = js.get_stream("VOTES_DLQ").await.unwrap();
+    dlq.info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    // The worker starts first, on the built-in poll: it seeds revision 1.
+    let worker = support::worker(&nats.url, &db.url);
+    support::wait_for("the polls bucket", Duration::from_secs(15), || async {
+        let store = store(&nats).await;
+        (!polls::read_all(&store).await.ok()?.is_empty()).then_some(())
+    })
+    .await;
+    // An ingest node started with another polls file: the bucket wins, so the node refuses
+    // `birds` (422) instead of accepting what the workers would refuse.
+    let birds = Polls::from_toml(BIRDS).unwrap();
+    let ingest = support::ingest_with(&nats.url, "web1", |c| c.polls = birds.clone()).await;
+    let voter = support::voter();
+    let (status, body) = support::vote_api(&voter, &ingest.url, "pets", "birds").await;
+    assert_eq!(status, 422, "{body}");
+
+    // The owner adds the option: revision 2, picked up without a restart.
+    let store = store(&nats).await;
+    assert_eq!(polls::put(&store, BIRDS).await.unwrap(), Revision(2));
+    support::wait_for("ingest to accept birds", Duration::from_secs(15), || {
+        let voter = voter.clone();
+        let url = ingest.url.clone();
+        async move {
+            let (status, _) = support::vote_api(&voter, &url, "pets", "birds").await;
+            (status == 202).then_some(())
+        }
+    })
+    .await;
+
+    // A vote naming a revision nobody has written yet waits (nak), and is never dead-lettered;
+    // once the revision exists, it counts.
+    let early = VoteEvent {
+        rev: Some(Revision(3)),
+        ..vote(Uuid::new_v4(), "fish", 1_000)
+    };
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.publish("votes.web9", early.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(dead_letters(&nats).await, 0);
+    assert!(support::pending(&nats.url).await.unwrap() >= 1);
+    let fish = BIRDS.replace(
+        r#"{ id = "birds", label = "Birds" },"#,
+        r#"{ id = "birds", label = "Birds" }, { id = "fish", label = "Fish" },"#,
+    );
+    assert_eq!(polls::put(&store, &fish).await.unwrap(), Revision(3));
+    support::drained(&nats.url).await;
+    assert_eq!(dead_letters(&nats).await, 0);
+
+    let ballots = db.tally_and_count("pets").await;
+    let count = |option: &str| {
+        ballots
+            .iter()
+            .find(|(o, _, _)| o == option)
+            .map_or(0, |(_, tally, _)| *tally)
+    };
+    assert_eq!((count("birds"), count("fish")), (1, 1), "{ballots:?}");
+    let mut config = AuditConfig::new(&nats.url, &db.url);
+    config.wait = Duration::from_secs(10);
+    let report = audit(&config).await.unwrap();
+    assert!(report.is_consistent(), "{report}");
+    assert_eq!(report.unknown_poll_or_option, 0, "{report}");
+    worker.stop().await;
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polls_put_refuses_an_invalid_file_and_never_overwrites_a_revision() {
+    let nats = Nats::start().await;
+    let store = store(&nats).await;
+    assert!(polls::put(&store, "not = [toml").await.is_err());
+    let one_option = BIRDS.replace(
+        r#"{ id = "dogs", label = "Dogs" },
+  { id = "birds", label = "Birds" },"#,
+        "",
+    );
+    assert!(polls::put(&store, &one_option).await.is_err());
+    assert!(polls::read_all(&store).await.unwrap().is_empty());
+    // Two writers at once get two revisions.
+    let (a, b) = tokio::join!(polls::put(&store, BIRDS), polls::put(&store, BIRDS));
+    let mut revisions = [a.unwrap(), b.unwrap()];
+    revisions.sort();
+    assert_eq!(revisions, [Revision(1), Revision(2)]);
+    let seeded = polls::load(&store, &Polls::default()).await.unwrap();
+    assert_eq!(
+        seeded.latest().0,
+        Revision(2),
+        "a seed never writes over revisions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_sees_a_new_revision_after_nats_server_restarted() {
+    let mut nats = Nats::start().await;
+    let client = landslide_nats::connect(&nats.url, "test").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let topology = landslide_nats::Topology::default();
+    let watch = polls::watch(&js, &topology, &Polls::default())
+        .await
+        .unwrap();
+    assert_eq!(watch.current().latest().0, Revision(1));
+
+    nats.kill().await;
+    nats.restart().await;
+    let store = store(&nats).await;
+    assert_eq!(polls::put(&store, BIRDS).await.unwrap(), Revision(2));
+    support::wait_for("the new revision", Duration::from_secs(30), || async {
+        (watch.current().latest().0 == Revision(2)).then_some(())
+    })
+    .await;
+}
