@@ -465,7 +465,13 @@ fn verdict(polls: &PollBook, message: &Message) -> Verdict {
         Ok(event) => event,
         Err(err) => return Verdict::Dead(err.to_string()),
     };
-    match polls.judge_event(&event) {
+    // Every message JetStream delivers has its metadata; without it the window cannot be
+    // judged, so the vote waits rather than being judged by a guess.
+    let Ok(info) = message.info() else {
+        tracing::error!("a delivered message has no JetStream metadata; it waits");
+        return Verdict::Wait(event.rev.unwrap_or(Revision(0)));
+    };
+    match polls.judge_event(&event, landslide_nats::stored_at(&info)) {
         Ok(_) => Verdict::Vote(event),
         Err(Unjudged::NotCounted(not_counted)) => Verdict::Dead(not_counted.to_string()),
         Err(Unjudged::UnknownRevision(revision)) => Verdict::Wait(revision),

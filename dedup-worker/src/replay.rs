@@ -86,13 +86,14 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
     let mut reader = landslide_nats::StreamReader::open(&stream, last, "landslide replay").await?;
     let chunk_size = chunk.max(1);
     let mut chunk = Vec::with_capacity(chunk_size.min(100_000));
-    while let Some((sequence, message)) = reader.next().await? {
+    while let Some(stored) = reader.next().await? {
         report.events_read += 1;
-        let Ok(event) = VoteEvent::decode(&message.payload) else {
+        let sequence = stored.sequence;
+        let Ok(event) = VoteEvent::decode(&stored.message.payload) else {
             report.not_counted += 1;
             continue;
         };
-        match polls.judge_event(&event) {
+        match polls.judge_event(&event, stored.stored_at) {
             Ok(_) => chunk.push(event),
             Err(Unjudged::NotCounted(_)) => report.not_counted += 1,
             // Accepted by an ingest node under a revision the bucket lacks: skipping it would

@@ -14,9 +14,10 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::Key;
+use chrono::{DateTime, Utc};
 use landslide_nats::polls::PollWatch;
 use landslide_schema::cookie::VoterCookie;
-use landslide_schema::poll::NotCounted;
+use landslide_schema::poll::{NotCounted, Window};
 use landslide_schema::{EventId, NodeId, Poll, PollBook, PollId, Timestamp, VoteEvent, VoterId};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
@@ -42,8 +43,11 @@ struct Inner {
     polls: PollWatch,
     publisher: Publisher,
     hlc: Hlc,
+    /// The same clock as the HLC's, for the poll's window.
+    clock: Arc<dyn crate::Clock>,
     keys: Keys,
     secure_cookie: bool,
+    results_url: Option<String>,
     client: async_nats::Client,
 }
 
@@ -59,8 +63,10 @@ impl AppState {
             polls,
             publisher: Publisher::new(client.clone(), js, config),
             hlc: Hlc::new(config.clock.clone()),
+            clock: config.clock.clone(),
             keys: Keys::new(&config.secret),
             secure_cookie: config.secure_cookie,
+            results_url: config.results_url.clone(),
             client,
         }))
     }
@@ -98,6 +104,10 @@ enum VoteError {
     /// The rule the workers and audit apply too: ingest never accepts what they would refuse.
     #[error(transparent)]
     NotCounted(#[from] NotCounted),
+    /// Stored, but the time the stream stored it (which decides whether it is inside the poll's
+    /// window) could not be read: no proof that it counts, so no 2xx.
+    #[error("your vote could not be confirmed right now; please try again in a moment")]
+    Unconfirmed,
     #[error("your vote could not be stored right now; please try again in a moment")]
     Unavailable(#[source] PublishFailed),
 }
@@ -108,8 +118,11 @@ impl VoteError {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::NotCounted(NotCounted::NotOpenYet { .. } | NotCounted::Closed { .. }) => {
+                StatusCode::FORBIDDEN
+            }
             Self::NotCounted(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Unconfirmed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -120,7 +133,9 @@ impl VoteError {
             Self::Malformed(_) => "malformed",
             Self::NotCounted(NotCounted::UnknownPoll(_)) => "unknown_poll",
             Self::NotCounted(NotCounted::UnknownOption { .. }) => "unknown_option",
-            Self::Unavailable(_) => "unavailable",
+            Self::NotCounted(NotCounted::NotOpenYet { .. }) => "not_open",
+            Self::NotCounted(NotCounted::Closed { .. }) => "closed",
+            Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
         }
     }
 
@@ -130,6 +145,8 @@ impl VoteError {
         if let Self::Unavailable(cause) = self {
             // The cause is ours, not the voter's: log it here, once, and keep it out of the body.
             tracing::warn!(error = %cause, "vote refused: not stored");
+        }
+        if matches!(self, Self::Unavailable(_) | Self::Unconfirmed) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -189,6 +206,11 @@ impl AppState {
             Ok(judged) => judged,
             Err(err) => return (jar, Err(err.into())),
         };
+        // Outside the window by this node's clock: refused before anything is stored. Inside it,
+        // the stream's clock has the last word (below).
+        if let Err(err) = poll.judge_time(self.now()) {
+            return (jar, Err(err.into()));
+        }
         let known = voter::read(&jar);
         let floor = known.as_ref().map(|c| c.last_ts);
         let voter = match (&known, idempotency_key) {
@@ -216,6 +238,22 @@ impl AppState {
             .publish(&event, idempotency_key.is_some())
             .await
         {
+            Ok(stored) if poll.opens_at.is_some() || poll.closes_at.is_some() => {
+                // A poll with a window counts a vote by when the stream stored it, which this
+                // node's clock cannot tell: read it back, and answer 2xx only for a vote that
+                // counts. One that landed outside stays in the stream, not counted, like any
+                // vote the voter was refused.
+                match self.stored_at(stored.sequence).await {
+                    Some(at) => match poll.judge_time(at) {
+                        Ok(()) => Ok(stored),
+                        Err(err) => Err(VoteError::from(err)),
+                    },
+                    None => Err(VoteError::Unconfirmed),
+                }
+            }
+            other => other.map_err(VoteError::Unavailable),
+        };
+        let result = match result {
             Ok(stored) => {
                 let ts = if stored.duplicate {
                     self.stored_ts(stored.sequence).await.unwrap_or(event.ts)
@@ -233,10 +271,29 @@ impl AppState {
             }
             Err(err) => {
                 cookie.last_ts = cookie.last_ts.max(event.ts);
-                Err(VoteError::Unavailable(err))
+                Err(err)
             }
         };
         (voter::write(jar, &cookie, self.0.secure_cookie), result)
+    }
+
+    /// This node's clock, as a moment.
+    fn now(&self) -> DateTime<Utc> {
+        let ms = i64::try_from(self.0.clock.now_ms()).unwrap_or(i64::MAX);
+        DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// When the stream stored message `sequence`, if it can be read.
+    async fn stored_at(&self, sequence: u64) -> Option<DateTime<Utc>> {
+        let publisher = &self.0.publisher;
+        let stream = publisher
+            .jetstream()
+            .get_stream_no_info(publisher.stream_name())
+            .await
+            .ok()?;
+        let message = stream.direct_get(sequence).await.ok()?;
+        let nanos = i64::try_from(message.time.unix_timestamp_nanos()).ok()?;
+        Some(DateTime::from_timestamp_nanos(nanos))
     }
 
     /// The stamp of the copy JetStream kept when a retry was a duplicate, if it can be read.
@@ -366,6 +423,9 @@ struct VotePage<'a> {
     current_label: Option<&'a str>,
     error: Option<String>,
     node: &'a str,
+    /// Why the poll takes no votes now, if it does not: the buttons are left out.
+    closed: Option<String>,
+    results_url: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -381,6 +441,17 @@ impl AppState {
             .as_deref()
             .and_then(|id| poll.options.iter().find(|o| o.id.as_str() == id))
             .map(|o| o.label.as_str());
+        let closed = match poll.window_at(self.now()) {
+            Window::Open => None,
+            Window::NotOpenYet => Some(format!(
+                "This poll is not open yet. It opens at {}.",
+                poll.opens_at.map(|t| t.to_rfc2822()).unwrap_or_default()
+            )),
+            Window::Closed => Some(format!(
+                "This poll is closed. It closed at {}.",
+                poll.closes_at.map(|t| t.to_rfc2822()).unwrap_or_default()
+            )),
+        };
         let page = VotePage {
             question: &poll.question,
             poll: poll.id.as_str(),
@@ -389,6 +460,8 @@ impl AppState {
             current_label,
             error,
             node: self.0.node.as_str(),
+            closed,
+            results_url: self.0.results_url.as_deref(),
         };
         // The template is checked at compile time and only formats strings: rendering cannot fail
         // short of running out of memory.

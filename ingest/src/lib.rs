@@ -67,6 +67,8 @@ pub struct Config {
     pub publish_batches: Option<usize>,
     /// Mark the voter cookie `Secure` (serve over HTTPS, or behind a TLS load balancer).
     pub secure_cookie: bool,
+    /// Where the results are (tally's page), for the form's link when a poll is not open.
+    pub results_url: Option<String>,
 }
 
 impl Config {
@@ -83,6 +85,7 @@ impl Config {
             publish_attempts: 3,
             publish_batches: None,
             secure_cookie: false,
+            results_url: None,
         }
     }
 }

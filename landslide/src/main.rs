@@ -166,6 +166,9 @@ struct IngestArgs {
     /// Mark the voter cookie Secure (when served over HTTPS).
     #[arg(long, env = "LANDSLIDE_SECURE_COOKIE")]
     secure_cookie: bool,
+    /// The results page (tally), linked from the form when a poll is not open yet or closed.
+    #[arg(long, env = "LANDSLIDE_RESULTS_URL")]
+    results_url: Option<String>,
     /// Test and drill only: shift this node's clock by this many milliseconds.
     #[arg(
         long,
@@ -194,6 +197,7 @@ impl IngestArgs {
         config.publish_attempts = self.publish_attempts.max(1);
         config.publish_batches = self.publish_batches;
         config.secure_cookie = self.secure_cookie;
+        config.results_url = self.results_url.clone();
         Ok(config)
     }
 }
@@ -575,6 +579,7 @@ async fn run_roles(
     let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
     let mut ingest = landslide_ingest::Config::new(node_id, &stack.nats_url, secret);
     ingest.polls = polls.clone();
+    ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
     let mut worker = landslide_dedup_worker::Config::new(&stack.nats_url, &stack.database_url);
     worker.polls = polls.clone();
     let mut tally = landslide_tally::Config::new(&stack.nats_url, &stack.database_url);

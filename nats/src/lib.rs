@@ -663,8 +663,8 @@ impl StreamReader {
     }
 
     /// The next message, or `None` after `last` (or after the stream's end, if `last` itself
-    /// was removed). Each message comes with its stream sequence.
-    pub async fn next(&mut self) -> anyhow::Result<Option<(u64, async_nats::Message)>> {
+    /// was removed), with its stream sequence and the time the stream stored it.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Stored>> {
         use futures::StreamExt as _;
         if self.done {
             return Ok(None);
@@ -679,10 +679,31 @@ impl StreamReader {
             .info()
             .map_err(|e| anyhow::anyhow!("a message of the votes stream has no metadata: {e}"))?;
         let sequence = info.stream_sequence;
+        let stored_at = stored_at(&info);
         // `pending == 0`: nothing after it, even if `last` itself was removed.
         self.done = sequence >= last || info.pending == 0;
-        Ok(Some((sequence, message.message)))
+        Ok(Some(Stored {
+            sequence,
+            stored_at,
+            message: message.message,
+        }))
     }
+}
+
+/// A message read from a stream.
+#[derive(Debug)]
+pub struct Stored {
+    pub sequence: u64,
+    /// When the stream stored it: the clock every role judges a poll's window by.
+    pub stored_at: chrono::DateTime<chrono::Utc>,
+    pub message: async_nats::Message,
+}
+
+/// The time the stream stored a message, from its delivery metadata: set by the server that
+/// stored it (the stream leader), never by the client that published it.
+pub fn stored_at(info: &jetstream::message::Info<'_>) -> chrono::DateTime<chrono::Utc> {
+    let nanos = i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+    chrono::DateTime::from_timestamp_nanos(nanos)
 }
 
 #[cfg(test)]

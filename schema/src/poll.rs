@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{Choice, PollId, VoteEvent};
@@ -33,11 +34,88 @@ pub struct Poll {
     pub id: PollId,
     pub question: String,
     pub options: Vec<PollOption>,
+    /// When votes start to count (RFC 3339, e.g. `"2026-12-06T18:00:00Z"`); open from the start
+    /// when absent.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339"
+    )]
+    pub opens_at: Option<DateTime<Utc>>,
+    /// When votes stop counting; never when absent. A vote counts when the stream stored it at
+    /// or after `opens_at` and before `closes_at` ([`Poll::window_at`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339"
+    )]
+    pub closes_at: Option<DateTime<Utc>>,
+}
+
+/// A moment in a polls file: TOML's own offset date-time (`closes_at = 2026-12-06T20:00:00Z`)
+/// or the same as a string. A date-time without an offset is refused: it names no one moment.
+fn rfc3339<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<DateTime<Utc>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum When {
+        Text(String),
+        Toml(toml::value::Datetime),
+    }
+    let text = match When::deserialize(deserializer)? {
+        When::Text(text) => text,
+        When::Toml(datetime) => datetime.to_string(),
+    };
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an RFC 3339 date-time with an offset (like 2026-12-06T20:00:00Z): {e}"
+            ))
+        })
+}
+
+/// Where a moment falls in a poll's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    NotOpenYet,
+    Open,
+    Closed,
 }
 
 impl Poll {
     pub fn has_option(&self, choice: &Choice) -> bool {
         self.options.iter().any(|o| &o.id == choice)
+    }
+
+    /// The window at `t`: open from `opens_at` (included) to `closes_at` (excluded).
+    pub fn window_at(&self, t: DateTime<Utc>) -> Window {
+        if self.opens_at.is_some_and(|opens| t < opens) {
+            Window::NotOpenYet
+        } else if self.closes_at.is_some_and(|closes| t >= closes) {
+            Window::Closed
+        } else {
+            Window::Open
+        }
+    }
+
+    /// Whether a vote stored at `stored_at` counts, by the window alone: the rule at the
+    /// boundary, which the workers, audit and replay apply to the time the stream stored the
+    /// vote (one clock, the stream leader's, rather than the many clocks of ingest nodes), and
+    /// which ingest checks before it answers a vote near the boundary.
+    pub fn judge_time(&self, stored_at: DateTime<Utc>) -> Result<(), NotCounted> {
+        match self.window_at(stored_at) {
+            Window::Open => Ok(()),
+            Window::NotOpenYet => Err(NotCounted::NotOpenYet {
+                poll: self.id.clone(),
+                opens_at: self.opens_at.unwrap_or(stored_at),
+            }),
+            Window::Closed => Err(NotCounted::Closed {
+                poll: self.id.clone(),
+                closes_at: self.closes_at.unwrap_or(stored_at),
+            }),
+        }
     }
 }
 
@@ -110,16 +188,24 @@ impl PollBook {
         self.revisions.iter().map(|(r, p)| (*r, p))
     }
 
-    /// Whether an event counts, by the revision it names ([`VoteEvent::rev`]); an event of wire
-    /// version 1 names none and is judged by the latest, as before revisions existed.
-    pub fn judge_event(&self, event: &VoteEvent) -> Result<&Poll, Unjudged> {
+    /// Whether an event that the stream stored at `stored_at` counts: its poll and option by the
+    /// revision it names ([`VoteEvent::rev`]; an event of wire version 1 names none and is
+    /// judged by the latest, as before revisions existed), and `stored_at` within the poll's
+    /// window ([`Poll::judge_time`]).
+    pub fn judge_event(
+        &self,
+        event: &VoteEvent,
+        stored_at: DateTime<Utc>,
+    ) -> Result<&Poll, Unjudged> {
         let polls = match event.rev {
             None => self.latest().1,
             Some(revision) => self
                 .get(revision)
                 .ok_or(Unjudged::UnknownRevision(revision))?,
         };
-        Ok(polls.judge_event(event)?)
+        let poll = polls.judge_event(event)?;
+        poll.judge_time(stored_at)?;
+        Ok(poll)
     }
 }
 
@@ -132,6 +218,16 @@ pub enum NotCounted {
     UnknownPoll(String),
     #[error("poll {poll} has no option {option:?}")]
     UnknownOption { poll: PollId, option: String },
+    #[error("poll {poll} opens at {}", opens_at.to_rfc3339())]
+    NotOpenYet {
+        poll: PollId,
+        opens_at: DateTime<Utc>,
+    },
+    #[error("poll {poll} closed at {}", closes_at.to_rfc3339())]
+    Closed {
+        poll: PollId,
+        closes_at: DateTime<Utc>,
+    },
 }
 
 /// Why a polls file was refused.
@@ -149,6 +245,8 @@ pub enum PollsError {
     DuplicateOption { poll: PollId, option: Choice },
     #[error("the default poll {0} is not defined")]
     UnknownDefault(PollId),
+    #[error("poll {0} closes before it opens")]
+    ClosesBeforeOpening(PollId),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -169,6 +267,11 @@ impl Polls {
         for poll in polls {
             if poll.options.len() < 2 {
                 return Err(PollsError::TooFewOptions(poll.id));
+            }
+            if let (Some(opens), Some(closes)) = (poll.opens_at, poll.closes_at)
+                && closes <= opens
+            {
+                return Err(PollsError::ClosesBeforeOpening(poll.id));
             }
             let mut seen = std::collections::BTreeSet::new();
             for option in &poll.options {
@@ -230,6 +333,8 @@ impl Polls {
                     label: "Dogs".to_owned(),
                 },
             ],
+            opens_at: None,
+            closes_at: None,
         };
         let mut polls = BTreeMap::new();
         polls.insert(pets.clone(), poll);
@@ -260,7 +365,8 @@ impl Polls {
         }
     }
 
-    /// [`Polls::judge`] of an event from the stream.
+    /// [`Polls::judge`] of an event's poll and option (not its time: see
+    /// [`PollBook::judge_event`]).
     pub fn judge_event(&self, event: &VoteEvent) -> Result<&Poll, NotCounted> {
         self.judge(event.poll.as_str(), event.choice.as_str())
             .map(|(poll, _)| poll)
@@ -329,6 +435,55 @@ mod tests {
         assert_eq!(Polls::from_toml(&polls.to_toml()).unwrap(), polls);
     }
 
+    fn now() -> DateTime<Utc> {
+        "2026-12-01T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn a_vote_counts_when_the_stream_stored_it_inside_the_window() {
+        let text = r#"
+            [[poll]]
+            id = "pets"
+            question = "Cats or dogs?"
+            options = [{ id = "cats", label = "Cats" }, { id = "dogs", label = "Dogs" }]
+            opens_at = "2026-12-01T10:00:00Z"
+            closes_at = "2026-12-01T12:00:00Z"
+        "#;
+        let polls = Polls::from_toml(text).unwrap();
+        assert_eq!(Polls::from_toml(&polls.to_toml()).unwrap(), polls);
+        let poll = polls.default_poll();
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            poll.window_at(at("2026-12-01T09:59:59.999Z")),
+            Window::NotOpenYet
+        );
+        assert_eq!(poll.window_at(at("2026-12-01T10:00:00Z")), Window::Open);
+        assert_eq!(poll.window_at(at("2026-12-01T11:59:59.999Z")), Window::Open);
+        assert_eq!(poll.window_at(at("2026-12-01T12:00:00Z")), Window::Closed);
+        let late = poll.judge_time(at("2026-12-01T12:00:00Z")).unwrap_err();
+        assert_eq!(
+            late.to_string(),
+            "poll pets closed at 2026-12-01T12:00:00+00:00"
+        );
+        let early = poll.judge_time(at("2026-12-01T09:00:00Z")).unwrap_err();
+        assert!(matches!(early, NotCounted::NotOpenYet { .. }));
+
+        let backwards = text.replace("12:00:00Z", "09:00:00Z");
+        assert!(matches!(
+            Polls::from_toml(&backwards),
+            Err(PollsError::ClosesBeforeOpening(_))
+        ));
+        let not_a_time = text.replace("2026-12-01T12:00:00Z", "tomorrow");
+        assert!(Polls::from_toml(&not_a_time).is_err());
+        let native = text.replace("\"2026-12-01T10:00:00Z\"", "2026-12-01T11:00:00+01:00");
+        assert_eq!(Polls::from_toml(&native).unwrap(), polls, "{native}");
+        let local = text.replace("\"2026-12-01T10:00:00Z\"", "2026-12-01T10:00:00");
+        assert!(
+            Polls::from_toml(&local).is_err(),
+            "a time without an offset was taken"
+        );
+    }
+
     #[test]
     fn a_vote_is_judged_by_the_revision_it_names() {
         let lunch = Polls::from_toml(
@@ -351,20 +506,20 @@ mod tests {
             rev,
         };
         assert_eq!(
-            book.judge_event(&birds(Some(Revision(2)))),
+            book.judge_event(&birds(Some(Revision(2))), now()),
             Err(Unjudged::UnknownRevision(Revision(2)))
         );
         assert!(matches!(
-            book.judge_event(&birds(Some(Revision(1)))),
+            book.judge_event(&birds(Some(Revision(1))), now()),
             Err(Unjudged::NotCounted(NotCounted::UnknownOption { .. }))
         ));
         book.insert(Revision(2), lunch);
         assert_eq!(book.latest().0, Revision(2));
-        assert!(book.judge_event(&birds(Some(Revision(2)))).is_ok());
+        assert!(book.judge_event(&birds(Some(Revision(2))), now()).is_ok());
         // Revision 1 still judges the votes accepted under it.
-        assert!(book.judge_event(&birds(Some(Revision(1)))).is_err());
+        assert!(book.judge_event(&birds(Some(Revision(1))), now()).is_err());
         // Wire version 1 names no revision: the latest judges it.
-        assert!(book.judge_event(&birds(None)).is_ok());
+        assert!(book.judge_event(&birds(None), now()).is_ok());
     }
 
     #[test]

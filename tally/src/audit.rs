@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
@@ -249,13 +250,13 @@ struct Fold {
 }
 
 impl Fold {
-    fn add(&mut self, payload: &[u8], polls: &PollBook) {
+    fn add(&mut self, payload: &[u8], stored_at: DateTime<Utc>, polls: &PollBook) {
         self.events_read += 1;
         let Ok(event) = VoteEvent::decode(payload) else {
             self.undecodable += 1;
             return;
         };
-        match polls.judge_event(&event) {
+        match polls.judge_event(&event, stored_at) {
             Ok(_) => {}
             Err(Unjudged::NotCounted(_)) => {
                 self.unknown_poll_or_option += 1;
@@ -392,8 +393,8 @@ async fn read_stream(
 ) -> anyhow::Result<Fold> {
     let mut fold = Fold::default();
     let mut reader = landslide_nats::StreamReader::open(stream, last, "landslide audit").await?;
-    while let Some((_, message)) = reader.next().await? {
-        fold.add(&message.payload, polls);
+    while let Some(stored) = reader.next().await? {
+        fold.add(&stored.message.payload, stored.stored_at, polls);
     }
     Ok(fold)
 }
@@ -531,12 +532,12 @@ mod tests {
         let book = PollBook::new(landslide_schema::Revision(1), Polls::default());
         let polls = book.latest().1;
         let mut fold = Fold::default();
-        fold.add(&event(1, "dogs", 20, 1), &book);
-        fold.add(&event(1, "cats", 10, 9), &book);
-        fold.add(&event(2, "cats", 5, 2), &book);
-        fold.add(&event(2, "dogs", 5, 3), &book);
-        fold.add(b"garbage", &book);
-        fold.add(&event(3, "fish", 5, 4), &book);
+        fold.add(&event(1, "dogs", 20, 1), Utc::now(), &book);
+        fold.add(&event(1, "cats", 10, 9), Utc::now(), &book);
+        fold.add(&event(2, "cats", 5, 2), Utc::now(), &book);
+        fold.add(&event(2, "dogs", 5, 3), Utc::now(), &book);
+        fold.add(b"garbage", Utc::now(), &book);
+        fold.add(&event(3, "fish", 5, 4), Utc::now(), &book);
         assert_eq!(
             (
                 fold.events_read,

@@ -228,6 +228,8 @@ mod tests {
                     label: id.to_owned(),
                 })
                 .to_vec(),
+            opens_at: None,
+            closes_at: None,
         };
         let polls = Polls::new(
             PollId::parse("pets").unwrap(),

@@ -154,3 +154,118 @@ async fn a_role_sees_a_new_revision_after_nats_server_restarted() {
     })
     .await;
 }
+
+/// The pets poll with a window, as a polls file.
+fn windowed(
+    opens_at: chrono::DateTime<chrono::Utc>,
+    closes_at: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let poll =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    format!(
+        "[[poll]]\nid = \"pets\"\nquestion = \"Cats or dogs?\"\n\
+         options = [{{ id = \"cats\", label = \"Cats\" }}, {{ id = \"dogs\", label = \"Dogs\" }}]\n\
+         opens_at = \"{}\"\ncloses_at = \"{}\"\n",
+        poll(opens_at),
+        poll(closes_at)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_the_node_clock() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let now = chrono::Utc::now();
+    let store = store(&nats).await;
+    let later = now + chrono::Duration::hours(1);
+    polls::put(&store, &windowed(later, later + chrono::Duration::hours(1)))
+        .await
+        .unwrap();
+    let worker = support::worker(&nats.url, &db.url);
+    let honest = support::ingest(&nats.url, "web1", 0).await;
+    // A node whose clock is two minutes slow: by its clock the poll is still open after the close.
+    let slow = support::ingest(&nats.url, "web2", -120_000).await;
+
+    let voter = support::voter();
+    let (status, body) = support::vote_api(&voter, &honest.url, "pets", "cats").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("opens at"),
+        "{body}"
+    );
+    let page = reqwest::get(&honest.url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("This poll is not open yet."), "{page}");
+
+    // Open (since an hour ago, so the slow node's clock is inside too), closing in three seconds.
+    let closes_at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let opened = now - chrono::Duration::hours(1);
+    polls::put(&store, &windowed(opened, closes_at))
+        .await
+        .unwrap();
+    let early = support::voter();
+    support::wait_for("the poll to open", Duration::from_secs(15), || {
+        let early = early.clone();
+        let url = honest.url.clone();
+        async move {
+            let (status, _) = support::vote_api(&early, &url, "pets", "dogs").await;
+            (status == 202).then_some(())
+        }
+    })
+    .await;
+    let wait = (closes_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(200)).await;
+
+    let (status, body) = support::vote_api(&support::voter(), &honest.url, "pets", "cats").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("closed at"),
+        "{body}"
+    );
+    let page = reqwest::get(&honest.url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("This poll is closed."), "{page}");
+    assert!(
+        !page.contains("<button"),
+        "a closed poll's form still has buttons: {page}"
+    );
+    // The slow node stores the vote (its clock says open), then reads when the stream stored it:
+    // after the close, so no 202.
+    let (status, body) = support::vote_api(&support::voter(), &slow.url, "pets", "cats").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("closed at"),
+        "{body}"
+    );
+
+    support::drained(&nats.url).await;
+    let counts = db.tally_and_count("pets").await;
+    let total: i64 = counts.iter().map(|(_, tally, _)| tally).sum();
+    assert_eq!(
+        total, 1,
+        "only the vote inside the window counts: {counts:?}"
+    );
+    let mut config = AuditConfig::new(&nats.url, &db.url);
+    config.wait = Duration::from_secs(10);
+    let report = audit(&config).await.unwrap();
+    assert!(report.is_consistent(), "{report}");
+    // The slow node's vote is in the stream, refused and not counted.
+    assert_eq!(
+        (report.events_read, report.unknown_poll_or_option),
+        (2, 1),
+        "{report}"
+    );
+    worker.stop().await;
+    honest.role.stop().await;
+    slow.role.stop().await;
+}

@@ -162,6 +162,8 @@ fn two_polls() -> Polls {
                 label: label.to_owned(),
             })
             .to_vec(),
+        opens_at: None,
+        closes_at: None,
     };
     Polls::new(
         PollId::parse("pets").unwrap(),
