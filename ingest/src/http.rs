@@ -283,28 +283,27 @@ impl AppState {
         DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
-    /// When the stream stored message `sequence`, if it can be read.
-    async fn stored_at(&self, sequence: u64) -> Option<DateTime<Utc>> {
+    /// Message `sequence` of the votes stream as stored, if it can be read.
+    async fn stored(&self, sequence: u64) -> Option<async_nats::jetstream::message::StreamMessage> {
         let publisher = &self.0.publisher;
         let stream = publisher
             .jetstream()
             .get_stream_no_info(publisher.stream_name())
             .await
             .ok()?;
-        let message = stream.direct_get(sequence).await.ok()?;
+        stream.direct_get(sequence).await.ok()
+    }
+
+    /// When the stream stored message `sequence`, if it can be read.
+    async fn stored_at(&self, sequence: u64) -> Option<DateTime<Utc>> {
+        let message = self.stored(sequence).await?;
         let nanos = i64::try_from(message.time.unix_timestamp_nanos()).ok()?;
         Some(DateTime::from_timestamp_nanos(nanos))
     }
 
     /// The stamp of the copy JetStream kept when a retry was a duplicate, if it can be read.
     async fn stored_ts(&self, sequence: u64) -> Option<Timestamp> {
-        let publisher = &self.0.publisher;
-        let stream = publisher
-            .jetstream()
-            .get_stream_no_info(publisher.stream_name())
-            .await
-            .ok()?;
-        let message = stream.direct_get(sequence).await.ok()?;
+        let message = self.stored(sequence).await?;
         VoteEvent::decode(&message.payload).ok().map(|e| e.ts)
     }
 }

@@ -155,6 +155,19 @@ async fn a_role_sees_a_new_revision_after_nats_server_restarted() {
     .await;
 }
 
+/// A vote through the API that must be refused with 403 and a message containing `why`.
+async fn refused(ingest: &str, why: &str) {
+    let (status, body) = support::vote_api(&support::voter(), ingest, "pets", "cats").await;
+    assert_eq!(status, 403, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains(why), "{body}");
+}
+
+/// The voting form's HTML.
+async fn form(ingest: &str) -> String {
+    reqwest::get(ingest).await.unwrap().text().await.unwrap()
+}
+
 /// The pets poll with a window, as a polls file.
 fn windowed(
     opens_at: chrono::DateTime<chrono::Utc>,
@@ -186,20 +199,12 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     // A node whose clock is two minutes slow: by its clock the poll is still open after the close.
     let slow = support::ingest(&nats.url, "web2", -120_000).await;
 
-    let voter = support::voter();
-    let (status, body) = support::vote_api(&voter, &honest.url, "pets", "cats").await;
-    assert_eq!(status, 403, "{body}");
+    refused(&honest.url, "opens at").await;
     assert!(
-        body["error"].as_str().unwrap().contains("opens at"),
-        "{body}"
+        form(&honest.url)
+            .await
+            .contains("This poll is not open yet.")
     );
-    let page = reqwest::get(&honest.url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("This poll is not open yet."), "{page}");
 
     // Open (since an hour ago, so the slow node's clock is inside too), closing in three seconds.
     let closes_at = chrono::Utc::now() + chrono::Duration::seconds(3);
@@ -222,31 +227,16 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
         .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(200)).await;
 
-    let (status, body) = support::vote_api(&support::voter(), &honest.url, "pets", "cats").await;
-    assert_eq!(status, 403, "{body}");
-    assert!(
-        body["error"].as_str().unwrap().contains("closed at"),
-        "{body}"
-    );
-    let page = reqwest::get(&honest.url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    refused(&honest.url, "closed at").await;
+    let page = form(&honest.url).await;
     assert!(page.contains("This poll is closed."), "{page}");
     assert!(
         !page.contains("<button"),
-        "a closed poll's form still has buttons: {page}"
+        "a closed poll still has buttons: {page}"
     );
     // The slow node stores the vote (its clock says open), then reads when the stream stored it:
     // after the close, so no 202.
-    let (status, body) = support::vote_api(&support::voter(), &slow.url, "pets", "cats").await;
-    assert_eq!(status, 403, "{body}");
-    assert!(
-        body["error"].as_str().unwrap().contains("closed at"),
-        "{body}"
-    );
+    refused(&slow.url, "closed at").await;
 
     support::drained(&nats.url).await;
     let counts = db.tally_and_count("pets").await;
