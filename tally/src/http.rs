@@ -18,7 +18,7 @@ use landslide_schema::Poll;
 use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
 
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Results, Snapshot, Status};
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -176,6 +176,28 @@ struct ResultsPage<'a> {
     pending: u64,
     /// Empty before the first snapshot.
     as_of: &'a str,
+    /// What the poll's state says to a reader: "Open", "Closes at …", "Final result", ….
+    status: String,
+    /// `final` once the result is final, for the page's style and script.
+    status_key: &'static str,
+}
+
+/// The line of the results page that says where the poll is, from its snapshot's status.
+fn status_line(status: Status, results: Option<&Results>) -> (String, &'static str) {
+    let closes = results.and_then(|r| r.closes_at.as_deref());
+    let opens = results.and_then(|r| r.opens_at.as_deref());
+    match status {
+        Status::NotOpen => (
+            format!("Not open yet: opens at {}", opens.unwrap_or("?")),
+            "not_open",
+        ),
+        Status::Open => match closes {
+            Some(closes) => (format!("Open: closes at {closes}"), "open"),
+            None => ("Open".to_owned(), "open"),
+        },
+        Status::Closed => ("Closed: counting the last votes".to_owned(), "closed"),
+        Status::Final => ("Final result".to_owned(), "final"),
+    }
 }
 
 /// `GET /`: the default poll's live results.
@@ -226,6 +248,7 @@ fn page(state: &AppState, poll: &Poll) -> Response {
             }
         })
         .collect();
+    let (status, status_key) = status_line(results.map_or(Status::Open, |r| r.status), results);
     let page = ResultsPage {
         poll: poll.id.as_str(),
         question: &poll.question,
@@ -233,6 +256,8 @@ fn page(state: &AppState, poll: &Poll) -> Response {
         total,
         pending: results.map_or(0, |r| r.pending),
         as_of: results.map_or("", |r| &r.as_of),
+        status,
+        status_key,
     };
     match page.render() {
         Ok(html) => Html(html).into_response(),

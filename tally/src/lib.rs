@@ -91,8 +91,13 @@ pub async fn run(
     });
 
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
-    let refresher =
-        snapshot::Refresher::new(consumer, conn, config.database_url.clone(), polls.clone());
+    let refresher = snapshot::Refresher::new(
+        js,
+        consumer,
+        conn,
+        config.database_url.clone(),
+        polls.clone(),
+    );
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown_rx.clone()));
 
     let app = http::router(http::AppState {

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, consumer, consumer::PullConsumer};
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
 use landslide_nats::polls::PollWatch;
+use landslide_schema::poll::Window;
 use landslide_schema::postgres::DatabaseUrl;
-use landslide_schema::{Choice, PollId, Polls};
+use landslide_schema::{Choice, Poll, PollId, Polls};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -34,6 +35,43 @@ pub(crate) struct Results {
     pub pending: u64,
     /// When the snapshot was started, RFC 3339 in UTC.
     pub as_of: String,
+    /// Where the poll is in its life: `not_open`, `open`, `closed` (votes may still be
+    /// pending), or `final`: closed by the stream's clock and nothing pending, so the counts are
+    /// the result.
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<String>,
+}
+
+/// Where a poll is in its life, as the results say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    NotOpen,
+    Open,
+    Closed,
+    Final,
+}
+
+impl Status {
+    /// The status at `now`, with `pending` votes not yet counted. `stream_now` is the NATS
+    /// server's clock, which decides which votes count; without it the poll is never final
+    /// (tally's own clock cannot prove that no vote stored before the close is still to come).
+    pub fn of(
+        poll: &Poll,
+        now: DateTime<Utc>,
+        stream_now: Option<DateTime<Utc>>,
+        pending: u64,
+    ) -> Self {
+        match poll.window_at(stream_now.unwrap_or(now)) {
+            Window::NotOpenYet => Self::NotOpen,
+            Window::Open => Self::Open,
+            Window::Closed if pending == 0 && stream_now.is_some() => Self::Final,
+            Window::Closed => Self::Closed,
+        }
+    }
 }
 
 /// One poll's results, with the JSON rendered once for every viewer.
@@ -54,8 +92,16 @@ pub(crate) struct Snapshot {
 impl Snapshot {
     /// Builds the results of every poll from the tally sums. Rows of unknown polls or options are
     /// left out here (the audit reports them).
-    pub fn build(polls: &Polls, pending: u64, sums: &[OptionCount], as_of: DateTime<Utc>) -> Self {
+    pub fn build(
+        polls: &Polls,
+        pending: u64,
+        sums: &[OptionCount],
+        as_of: DateTime<Utc>,
+        stream_now: Option<DateTime<Utc>>,
+    ) -> Self {
+        let at = as_of;
         let as_of = as_of.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let rfc3339 = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
         let votes: HashMap<(&str, &str), i64> = sums
             .iter()
             .map(|row| ((row.poll.as_str(), row.option.as_str()), row.votes))
@@ -78,6 +124,9 @@ impl Snapshot {
                     counts,
                     pending,
                     as_of: as_of.clone(),
+                    status: Status::of(poll, at, stream_now, pending),
+                    opens_at: poll.opens_at.map(rfc3339),
+                    closes_at: poll.closes_at.map(rfc3339),
                 };
                 // Serializing strings and integers cannot fail.
                 let json = serde_json::to_string(&results).unwrap_or_default();
@@ -94,6 +143,8 @@ impl Snapshot {
 /// The only reader of the database and of the consumer's state on behalf of viewers.
 pub(crate) struct Refresher {
     consumer: PullConsumer,
+    /// For the consumer's info as the server sent it, whose `ts` is the server's clock.
+    js: jetstream::Context,
     /// One connection held across refreshes (a pool checkout would add a round trip each time);
     /// `None` after an error, until it is opened again.
     conn: Option<AsyncPgConnection>,
@@ -103,12 +154,14 @@ pub(crate) struct Refresher {
 
 impl Refresher {
     pub fn new(
+        js: jetstream::Context,
         consumer: PullConsumer,
         conn: AsyncPgConnection,
         database_url: DatabaseUrl,
         polls: PollWatch,
     ) -> Self {
         Self {
+            js,
             consumer,
             conn: Some(conn),
             database_url,
@@ -169,9 +222,8 @@ impl Refresher {
         // or was acked, hence committed, before the counts are read. So pending == 0 proves the
         // counts complete. The other order could show 0 pending with a vote missing from the
         // counts.
-        let info = self
-            .consumer
-            .get_info()
+        let (info, stream_now) = self
+            .consumer_info()
             .await
             .context("cannot read the consumer's pending count")?;
         let pending = landslide_nats::pending(&info);
@@ -197,9 +249,25 @@ impl Refresher {
         };
         let book = self.polls.current();
         Ok((
-            Snapshot::build(book.latest().1, pending, &sums, as_of),
+            Snapshot::build(book.latest().1, pending, &sums, as_of, stream_now),
             pending,
         ))
+    }
+
+    /// The consumer's info and the server's clock when it answered (the response's `ts`, which
+    /// async-nats' typed info leaves out).
+    async fn consumer_info(&self) -> anyhow::Result<(consumer::Info, Option<DateTime<Utc>>)> {
+        let cached = self.consumer.cached_info();
+        let subject = format!("CONSUMER.INFO.{}.{}", cached.stream_name, cached.name);
+        let raw: serde_json::Value = self.js.request(subject, &serde_json::json!({})).await?;
+        if let Some(error) = raw.get("error") {
+            anyhow::bail!("JetStream refused the consumer info: {error}");
+        }
+        let stream_now = raw["ts"]
+            .as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        Ok((serde_json::from_value(raw)?, stream_now))
     }
 }
 
@@ -243,7 +311,7 @@ mod tests {
             row("other", "cats", 100),
         ];
         let as_of = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
-        let snapshot = Snapshot::build(&polls, 2, &sums, as_of);
+        let snapshot = Snapshot::build(&polls, 2, &sums, as_of, Some(as_of));
 
         let pets: serde_json::Value =
             serde_json::from_str(&snapshot.polls[&PollId::parse("pets").unwrap()].json).unwrap();
@@ -252,10 +320,31 @@ mod tests {
             serde_json::json!({
                 "poll": "pets", "question": "Cats or dogs?", "counts": {"cats": 3, "dogs": 4},
                 "total": 7, "pending": 2, "as_of": "2023-11-14T22:13:20.123Z",
+                "status": "open",
             })
         );
         let lunch = &snapshot.polls[&PollId::parse("lunch").unwrap()].results;
         assert_eq!(lunch.total, 0);
         assert_eq!(lunch.counts.values().copied().collect::<Vec<_>>(), [0, 0]);
+    }
+
+    #[test]
+    fn a_poll_is_final_once_the_stream_clock_passed_its_close_and_nothing_is_pending() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let poll = Poll {
+            opens_at: Some(at("2026-12-06T18:00:00Z")),
+            closes_at: Some(at("2026-12-06T20:00:00Z")),
+            ..Polls::pets().default_poll().clone()
+        };
+        let before = at("2026-12-06T17:00:00Z");
+        let during = at("2026-12-06T19:00:00Z");
+        let after = at("2026-12-06T20:00:01Z");
+        assert_eq!(Status::of(&poll, before, Some(before), 0), Status::NotOpen);
+        assert_eq!(Status::of(&poll, during, Some(during), 0), Status::Open);
+        assert_eq!(Status::of(&poll, after, Some(after), 3), Status::Closed);
+        assert_eq!(Status::of(&poll, after, Some(after), 0), Status::Final);
+        // Tally's clock past the close proves nothing while the stream's is not.
+        assert_eq!(Status::of(&poll, after, Some(during), 0), Status::Open);
+        assert_eq!(Status::of(&poll, after, None, 0), Status::Closed);
     }
 }

@@ -238,6 +238,24 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     // after the close, so no 202.
     refused(&slow.url, "closed at").await;
 
+    // Closed by the stream's clock and nothing pending: the result is final.
+    let tally = support::tally(&nats.url, &db.url).await;
+    let results = support::wait_for("the final result", Duration::from_secs(30), || {
+        let url = format!("{}/api/results/pets", tally.url);
+        async move {
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            (body["status"] == "final").then_some(body)
+        }
+    })
+    .await;
+    assert_eq!(results["total"], 1, "{results}");
+    assert_eq!(results["pending"], 0, "{results}");
+    assert!(results["closes_at"].as_str().is_some(), "{results}");
+    let page = form(&tally.url).await;
+    assert!(page.contains("Final result"), "{page}");
+    assert!(page.contains("100.0%"), "{page}");
+    tally.role.stop().await;
+
     support::drained(&nats.url).await;
     let counts = db.tally_and_count("pets").await;
     let total: i64 = counts.iter().map(|(_, tally, _)| tally).sum();

@@ -313,7 +313,7 @@ async fn results_show_every_option_with_total_pending_and_as_of() {
         pets,
         json!({
             "poll": "pets", "question": "Cats or dogs?", "counts": {"cats": 1, "dogs": 2},
-            "total": 3, "pending": 0, "as_of": as_of,
+            "total": 3, "pending": 0, "as_of": as_of, "status": "open",
         })
     );
     // RFC 3339 in UTC, such as 2026-11-24T10:00:00.123Z.
