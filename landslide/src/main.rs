@@ -51,6 +51,9 @@ enum Command {
     Replay(ReplayArgs),
     /// The poll definitions every role reads, one revision each, in the polls bucket.
     Polls(PollsArgs),
+    /// Audit, then write one poll's certified ballots (ballots.csv) and certificate
+    /// (certificate.json) to a folder; exit 1 unless the audit is consistent.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +296,47 @@ struct AuditArgs {
     /// Seconds to wait for the workers to drain the stream before auditing.
     #[arg(long, default_value_t = 60)]
     wait_secs: u64,
+    /// Also certify this poll: its counts, the stream range read and the digest of its export.
+    #[arg(long)]
+    poll: Option<String>,
+    /// The key that pseudonymises voters in the certified ballots (at least 32 bytes); required
+    /// with --poll. Keep it: the same key gives the same pseudonyms.
+    #[arg(long, env = "LANDSLIDE_EXPORT_KEY", hide_env_values = true)]
+    export_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    audit: AuditArgs,
+    /// Where to write ballots.csv and certificate.json (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl AuditArgs {
+    fn config(&self) -> anyhow::Result<landslide_tally::audit::AuditConfig> {
+        Ok(landslide_tally::audit::AuditConfig {
+            nats_url: self.shared.nats_url.clone(),
+            database_url: self.db.url()?.into(),
+            topology: self.shared.topology(),
+            polls: self.shared.polls()?,
+            wait: Duration::from_secs(self.wait_secs),
+        })
+    }
+
+    /// The poll to certify and the export key, both required.
+    fn certified(&self) -> anyhow::Result<(&str, landslide_tally::certificate::ExportKey)> {
+        let poll = self
+            .poll
+            .as_deref()
+            .context("name the poll to certify with --poll")?;
+        let key = self.export_key.clone().context(
+            "set LANDSLIDE_EXPORT_KEY (at least 32 bytes, kept by the poll's owner): it \
+             pseudonymises the voters of the certified ballots",
+        )?;
+        Ok((poll, landslide_tally::certificate::ExportKey::new(key)?))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -355,6 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(_) => "landslide-audit",
         Command::Replay(_) => "landslide-replay",
         Command::Polls(_) => "landslide-polls",
+        Command::Export(_) => "landslide-export",
     };
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
@@ -379,6 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(args) => audit(args).await,
         Command::Replay(args) => replay(args).await,
         Command::Polls(args) => polls(args).await,
+        Command::Export(args) => export(args).await,
     };
     telemetry.shutdown();
     result
@@ -458,15 +504,45 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
-    let config = landslide_tally::audit::AuditConfig {
-        nats_url: args.shared.nats_url.clone(),
-        database_url: args.db.url()?.into(),
-        topology: args.shared.topology(),
-        polls: args.shared.polls()?,
-        wait: Duration::from_secs(args.wait_secs),
+    let config = args.config()?;
+    let report = if args.poll.is_some() {
+        let (poll, key) = args.certified()?;
+        let (report, certificate, _) =
+            landslide_tally::certificate::certify(&config, poll, &key).await?;
+        println!("{report}\n{certificate}");
+        report
+    } else {
+        let report = landslide_tally::audit::audit(&config).await?;
+        println!("{report}");
+        report
     };
-    let report = landslide_tally::audit::audit(&config).await?;
-    println!("{report}");
+    Ok(if report.is_consistent() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<std::process::ExitCode> {
+    let config = args.audit.config()?;
+    let (poll, key) = args.audit.certified()?;
+    let (report, certificate, csv) =
+        landslide_tally::certificate::certify(&config, poll, &key).await?;
+    let out = &args.out;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = out.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    };
+    write("ballots.csv", csv.as_bytes())?;
+    write(
+        "certificate.json",
+        format!("{}\n", serde_json::to_string_pretty(&certificate)?).as_bytes(),
+    )?;
+    println!(
+        "{report}\n{certificate}\nwrote ballots.csv and certificate.json to {}",
+        out.display()
+    );
     Ok(if report.is_consistent() {
         std::process::ExitCode::SUCCESS
     } else {

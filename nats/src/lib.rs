@@ -333,6 +333,30 @@ fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
+/// A consumer's info and the server's clock when it answered: the response's `ts`, which
+/// async-nats' typed info leaves out. The clock that decides whether a poll has closed (the
+/// stream's), read in the same answer as the pending count: `None` from a server that sends none.
+pub async fn consumer_info_at(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> anyhow::Result<(consumer::Info, Option<chrono::DateTime<chrono::Utc>>)> {
+    let subject = format!("CONSUMER.INFO.{stream}.{consumer}");
+    let raw: Value = js
+        .request(subject, &serde_json::json!({}))
+        .await
+        .with_context(|| format!("cannot read consumer {consumer} of {stream}"))?;
+    if let Some(error) = raw.get("error") {
+        anyhow::bail!("JetStream refused the info of consumer {consumer} of {stream}: {error}");
+    }
+    let at = raw["ts"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc));
+    let info = serde_json::from_value(raw).context("the consumer info has an unexpected shape")?;
+    Ok((info, at))
+}
+
 /// Votes accepted and not yet counted, by a consumer's info: messages not yet delivered plus
 /// those delivered and not acknowledged (a worker acks only after its commit). The one figure that
 /// tally shows as `pending`, audit waits to see at 0, and the harness and the tests drain to 0.

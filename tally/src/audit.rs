@@ -126,6 +126,12 @@ pub struct AuditReport {
     /// Vote events naming a poll revision that the polls bucket does not hold: accepted by an
     /// ingest node, yet no worker can judge them. Any makes the audit fail.
     pub unknown_revision: u64,
+    /// The stream sequences read, first to last (0 and 0 for an empty stream).
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    /// The NATS server's clock once the consumer had nothing pending: what decides whether a
+    /// poll had closed when the audit read the stream.
+    pub server_now: Option<DateTime<Utc>>,
     /// Messages in the dead-letter stream; a correct worker put `undecodable +
     /// unknown_poll_or_option` there.
     pub dead_letters: u64,
@@ -247,6 +253,8 @@ struct Fold {
     undecodable: u64,
     unknown_poll_or_option: u64,
     unknown_revision: u64,
+    first_sequence: u64,
+    last_sequence: u64,
 }
 
 impl Fold {
@@ -317,7 +325,7 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
         .await
         .with_context(|| format!("cannot open the votes stream {}", topology.votes_stream))?;
 
-    let last = wait_until_drained(&stream, topology, config.wait).await?;
+    let (last, server_now) = wait_until_drained(&js, topology, config.wait).await?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology).await?;
     let polls = landslide_nats::polls::load(&store, &config.polls).await?;
     let fold = read_stream(&stream, last, &polls).await?;
@@ -334,6 +342,9 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
         undecodable: fold.undecodable,
         unknown_poll_or_option: fold.unknown_poll_or_option,
         unknown_revision: fold.unknown_revision,
+        first_sequence: fold.first_sequence,
+        last_sequence: fold.last_sequence,
+        server_now,
         dead_letters,
         voters: fold.latest.len() as u64,
         ..AuditReport::default()
@@ -353,23 +364,17 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
 /// Waits until the workers' consumer has nothing pending or unacked, and returns the last stream
 /// sequence it delivered: every message up to it has then been committed (or dead-lettered).
 async fn wait_until_drained(
-    stream: &jetstream::stream::Stream,
+    js: &jetstream::Context,
     topology: &Topology,
     wait: Duration,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Option<DateTime<Utc>>)> {
     let deadline = Instant::now() + wait;
     loop {
-        let info = stream
-            .consumer_info(&topology.consumer)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot read consumer {} of stream {}",
-                    topology.consumer, topology.votes_stream
-                )
-            })?;
+        let (info, server_now) =
+            landslide_nats::consumer_info_at(js, &topology.votes_stream, &topology.consumer)
+                .await?;
         if landslide_nats::pending(&info) == 0 {
-            return Ok(info.delivered.stream_sequence);
+            return Ok((info.delivered.stream_sequence, server_now));
         }
         if Instant::now() >= deadline {
             anyhow::bail!(
@@ -394,6 +399,10 @@ async fn read_stream(
     let mut fold = Fold::default();
     let mut reader = landslide_nats::StreamReader::open(stream, last, "landslide audit").await?;
     while let Some(stored) = reader.next().await? {
+        if fold.first_sequence == 0 {
+            fold.first_sequence = stored.sequence;
+        }
+        fold.last_sequence = stored.sequence;
         fold.add(&stored.message.payload, stored.stored_at, polls);
     }
     Ok(fold)

@@ -11,6 +11,7 @@
 //! through an ephemeral consumer of its own.
 
 pub mod audit;
+pub mod certificate;
 mod counts;
 mod http;
 mod snapshot;

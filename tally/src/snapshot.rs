@@ -254,20 +254,10 @@ impl Refresher {
         ))
     }
 
-    /// The consumer's info and the server's clock when it answered (the response's `ts`, which
-    /// async-nats' typed info leaves out).
+    /// The consumer's info and the server's clock when it answered.
     async fn consumer_info(&self) -> anyhow::Result<(consumer::Info, Option<DateTime<Utc>>)> {
         let cached = self.consumer.cached_info();
-        let subject = format!("CONSUMER.INFO.{}.{}", cached.stream_name, cached.name);
-        let raw: serde_json::Value = self.js.request(subject, &serde_json::json!({})).await?;
-        if let Some(error) = raw.get("error") {
-            anyhow::bail!("JetStream refused the consumer info: {error}");
-        }
-        let stream_now = raw["ts"]
-            .as_str()
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc));
-        Ok((serde_json::from_value(raw)?, stream_now))
+        landslide_nats::consumer_info_at(&self.js, &cached.stream_name, &cached.name).await
     }
 }
 

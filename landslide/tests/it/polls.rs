@@ -1,13 +1,17 @@
 //! One poll definition for every role: the polls bucket, its revisions, and votes judged by the
 //! revision they were accepted under. The issue that brought it: an ingest node started with a
 //! polls file that had a third option took a `birds` vote with 202, the workers (on the default
-//! file) dead-lettered it, and audit still passed.
+//! file) dead-lettered it, and audit still passed. Then the poll's life: opening, closing, the
+//! final result and its certificate.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use landslide_nats::polls;
 use landslide_schema::{Polls, Revision, VoteEvent};
 use landslide_tally::audit::{AuditConfig, audit};
+use landslide_tally::certificate::{ExportKey, certify};
+use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use crate::support::{self, Db, Nats};
@@ -213,12 +217,12 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
         .await
         .unwrap();
     let early = support::voter();
-    support::wait_for("the poll to open", Duration::from_secs(15), || {
+    let receipt = support::wait_for("the poll to open", Duration::from_secs(15), || {
         let early = early.clone();
         let url = honest.url.clone();
         async move {
-            let (status, _) = support::vote_api(&early, &url, "pets", "dogs").await;
-            (status == 202).then_some(())
+            let (status, body) = support::vote_api(&early, &url, "pets", "dogs").await;
+            (status == 202).then(|| body["event_id"].as_str().unwrap().to_owned())
         }
     })
     .await;
@@ -255,6 +259,30 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     assert!(page.contains("Final result"), "{page}");
     assert!(page.contains("100.0%"), "{page}");
     tally.role.stop().await;
+
+    // The certificate: final, the counts, and a digest anyone can recompute from the export,
+    // in which the voter finds their own line by their receipt.
+    let mut config = AuditConfig::new(&nats.url, &db.url);
+    config.wait = Duration::from_secs(10);
+    let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
+    let (report, certificate, csv) = certify(&config, "pets", &key).await.unwrap();
+    assert!(report.is_consistent(), "{report}");
+    assert_eq!(certificate.status, "final", "{certificate}");
+    assert_eq!(
+        certificate.counts,
+        BTreeMap::from([("cats".to_owned(), 0), ("dogs".to_owned(), 1)])
+    );
+    assert_eq!((certificate.ballots, certificate.events_read), (1, 2));
+    assert_eq!(
+        (certificate.first_sequence, certificate.last_sequence),
+        (1, 2)
+    );
+    let digest = format!("sha256:{:x}", Sha256::digest(csv.as_bytes()));
+    assert_eq!(certificate.digest, digest);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "voter,choice,event_id,ts");
+    assert_eq!(lines.len(), 2, "{csv}");
+    assert!(lines[1].contains(&format!(",dogs,{receipt},")), "{csv}");
 
     support::drained(&nats.url).await;
     let counts = db.tally_and_count("pets").await;
