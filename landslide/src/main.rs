@@ -54,6 +54,17 @@ enum Command {
     /// Audit, then write one poll's certified ballots (ballots.csv) and certificate
     /// (certificate.json) to a folder; exit 1 unless the audit is consistent.
     Export(ExportArgs),
+    /// Print each poll's state and counts, the pending votes, and the state of the streams and
+    /// the workers' consumer (what `nats stream info` and `nats consumer info` would show).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(flatten)]
+    db: DatabaseArgs,
 }
 
 #[derive(Debug, Args)]
@@ -400,6 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Replay(_) => "landslide-replay",
         Command::Polls(_) => "landslide-polls",
         Command::Export(_) => "landslide-export",
+        Command::Status(_) => "landslide-status",
     };
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
@@ -425,6 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Replay(args) => replay(args).await,
         Command::Polls(args) => polls(args).await,
         Command::Export(args) => export(args).await,
+        Command::Status(args) => status(args).await,
     };
     telemetry.shutdown();
     result
@@ -521,6 +534,15 @@ async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
+    let mut config =
+        landslide_tally::audit::AuditConfig::new(&args.shared.nats_url, args.db.url()?);
+    config.topology = args.shared.topology();
+    config.polls = args.shared.polls()?;
+    println!("{}", landslide_tally::status::status(&config).await?);
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn export(args: ExportArgs) -> anyhow::Result<std::process::ExitCode> {

@@ -15,6 +15,9 @@ pub mod certificate;
 mod counts;
 mod http;
 mod snapshot;
+pub mod status;
+
+pub use snapshot::Status;
 
 use std::future::Future;
 use std::time::Duration;

@@ -48,7 +48,7 @@ pub(crate) struct Results {
 /// Where a poll is in its life, as the results say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum Status {
+pub enum Status {
     NotOpen,
     Open,
     Closed,

@@ -10,6 +10,7 @@ fn landslide(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         "DATABASE_URL",
         "LANDSLIDE_NODE_ID",
         "NATS_URL",
+        "LANDSLIDE_EXPORT_KEY",
     ] {
         command.env_remove(var);
     }
@@ -51,6 +52,20 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
         (&["dedup-worker"], &[], "DATABASE_URL is not set"),
         (&["tally"], &[], "DATABASE_URL is not set"),
         (&["audit"], &[], "DATABASE_URL is not set"),
+        (
+            &["audit", "--poll", "pets"],
+            &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
+            "set LANDSLIDE_EXPORT_KEY",
+        ),
+        (
+            &["export", "--poll", "pets", "--out", "/nonexistent"],
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
+                ("LANDSLIDE_EXPORT_KEY", "short"),
+            ],
+            "LANDSLIDE_EXPORT_KEY must be at least 32 bytes",
+        ),
+        (&["status"], &[], "DATABASE_URL is not set"),
         (
             &["dedup-worker", "--batch-size", "5000"],
             &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],

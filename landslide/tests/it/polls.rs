@@ -284,6 +284,15 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     assert_eq!(lines.len(), 2, "{csv}");
     assert!(lines[1].contains(&format!(",dogs,{receipt},")), "{csv}");
 
+    // What an operator without the nats CLI sees.
+    let status = landslide_tally::status::status(&config).await.unwrap();
+    let text = status.to_string();
+    assert!(text.contains("poll pets (Cats or dogs?): final"), "{text}");
+    assert!(text.contains("counts: cats 0, dogs 1; total 1"), "{text}");
+    assert!(text.contains("pending: 0"), "{text}");
+    assert!(text.contains("stream VOTES: 2 messages"), "{text}");
+    assert!(text.contains("stream VOTES_DLQ: 1 messages"), "{text}");
+
     support::drained(&nats.url).await;
     let counts = db.tally_and_count("pets").await;
     let total: i64 = counts.iter().map(|(_, tally, _)| tally).sum();

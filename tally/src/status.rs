@@ -1,0 +1,218 @@
+//! `landslide status`: what an operator without the `nats` CLI needs to see, in one screen.
+//! Per poll: its state, counts and pending votes; then the votes stream, the dead-letter stream
+//! and the workers' consumer, as `nats stream info` and `nats consumer info` would show them.
+
+use std::fmt;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, stream};
+use chrono::{DateTime, Utc};
+use landslide_schema::Revision;
+
+use crate::audit::AuditConfig;
+use crate::counts;
+use crate::snapshot::Status;
+
+/// One poll, as the results show it.
+#[derive(Debug, Clone)]
+pub struct PollStatus {
+    pub id: String,
+    pub question: String,
+    pub status: Status,
+    pub closes_at: Option<DateTime<Utc>>,
+    /// Every option with its tally, in the definition's order.
+    pub counts: Vec<(String, i64)>,
+}
+
+/// A stream's state.
+#[derive(Debug, Clone)]
+pub struct StreamStatus {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub replicas: usize,
+    /// In a cluster: the leader, then each other replica with whether it is current and its lag.
+    pub leader: Option<String>,
+    pub followers: Vec<(String, bool, Option<u64>)>,
+}
+
+/// Everything `landslide status` prints.
+#[derive(Debug, Clone)]
+pub struct DeploymentStatus {
+    pub revision: Revision,
+    pub polls: Vec<PollStatus>,
+    /// Accepted votes not yet counted (undelivered plus unacknowledged).
+    pub pending: u64,
+    pub undelivered: u64,
+    pub unacknowledged: u64,
+    pub redelivered: u64,
+    /// The last stream sequence delivered to a worker.
+    pub delivered: u64,
+    pub consumer: String,
+    pub votes: StreamStatus,
+    pub dead_letters: StreamStatus,
+    pub server_now: Option<DateTime<Utc>>,
+}
+
+/// Reads the deployment's state; read-only, like tally.
+pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
+    let client = landslide_nats::connect(&config.nats_url, "landslide-status").await?;
+    let js = jetstream::new(client);
+    let topology = &config.topology;
+    let (consumer, server_now) =
+        landslide_nats::consumer_info_at(&js, &topology.votes_stream, &topology.consumer).await?;
+    let pending = landslide_nats::pending(&consumer);
+    let store = landslide_nats::polls::ensure_bucket(&js, topology).await?;
+    let book = landslide_nats::polls::load(&store, &config.polls).await?;
+    let (revision, definitions) = book.latest();
+
+    let mut conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
+    let sums = counts::tally_sums(&mut conn)
+        .await
+        .context("cannot read the tallies")?;
+    let now = Utc::now();
+    let polls = definitions
+        .iter()
+        .map(|poll| PollStatus {
+            id: poll.id.to_string(),
+            question: poll.question.clone(),
+            status: Status::of(poll, now, server_now, pending),
+            closes_at: poll.closes_at,
+            counts: poll
+                .options
+                .iter()
+                .map(|option| {
+                    let votes = sums
+                        .iter()
+                        .filter(|r| r.poll == poll.id.as_str() && r.option == option.id.as_str())
+                        .map(|r| r.votes)
+                        .sum();
+                    (option.id.to_string(), votes)
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(DeploymentStatus {
+        revision,
+        polls,
+        pending,
+        undelivered: consumer.num_pending,
+        unacknowledged: consumer.num_ack_pending as u64,
+        redelivered: consumer.num_redelivered as u64,
+        delivered: consumer.delivered.stream_sequence,
+        consumer: consumer.name.clone(),
+        votes: stream_status(&js, &topology.votes_stream).await?,
+        dead_letters: stream_status(&js, &topology.dlq_stream).await?,
+        server_now,
+    })
+}
+
+async fn stream_status(js: &jetstream::Context, name: &str) -> anyhow::Result<StreamStatus> {
+    let mut handle = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("cannot open stream {name}"))?;
+    let info: &stream::Info = handle
+        .info()
+        .await
+        .with_context(|| format!("cannot read stream {name}"))?;
+    let cluster = info.cluster.as_ref();
+    Ok(StreamStatus {
+        name: name.to_owned(),
+        messages: info.state.messages,
+        bytes: info.state.bytes,
+        first_sequence: info.state.first_sequence,
+        last_sequence: info.state.last_sequence,
+        replicas: info.config.num_replicas,
+        leader: cluster.and_then(|c| c.leader.clone()),
+        followers: cluster
+            .map(|c| {
+                c.replicas
+                    .iter()
+                    .map(|p| (p.name.clone(), p.current, p.lag))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+fn status_word(status: Status) -> &'static str {
+    match status {
+        Status::NotOpen => "not open yet",
+        Status::Open => "open",
+        Status::Closed => "closed, counting",
+        Status::Final => "final",
+    }
+}
+
+impl fmt::Display for StreamStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stream {}: {} messages, {} bytes, sequences {} to {}, {} replica(s)",
+            self.name,
+            self.messages,
+            self.bytes,
+            self.first_sequence,
+            self.last_sequence,
+            self.replicas
+        )?;
+        if let Some(leader) = &self.leader {
+            write!(f, "; leader {leader}")?;
+            for (name, current, lag) in &self.followers {
+                let state = if *current { "current" } else { "behind" };
+                write!(f, ", {name} {state}")?;
+                if let Some(lag) = lag.filter(|l| *l > 0) {
+                    write!(f, " (lag {lag})")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for DeploymentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "poll definitions: revision {}", self.revision)?;
+        for poll in &self.polls {
+            let total: i64 = poll.counts.iter().map(|(_, n)| n).sum();
+            write!(
+                f,
+                "poll {} ({}): {}",
+                poll.id,
+                poll.question,
+                status_word(poll.status)
+            )?;
+            if let Some(closes) = poll.closes_at {
+                write!(f, ", closes at {}", closes.to_rfc3339())?;
+            }
+            writeln!(f)?;
+            let counts: Vec<String> = poll
+                .counts
+                .iter()
+                .map(|(o, n)| format!("{o} {n}"))
+                .collect();
+            writeln!(f, "  counts: {}; total {total}", counts.join(", "))?;
+        }
+        writeln!(
+            f,
+            "pending: {} (not yet delivered {}, delivered and not acknowledged {}); redelivered {}",
+            self.pending, self.undelivered, self.unacknowledged, self.redelivered
+        )?;
+        writeln!(
+            f,
+            "consumer {}: delivered up to sequence {}, lag {}",
+            self.consumer,
+            self.delivered,
+            self.votes.last_sequence.saturating_sub(self.delivered)
+        )?;
+        writeln!(f, "{}", self.votes)?;
+        writeln!(f, "{}", self.dead_letters)?;
+        match self.server_now {
+            Some(now) => write!(f, "as of {} (the NATS server's clock)", now.to_rfc3339()),
+            None => write!(f, "as of now (the NATS server sent no clock)"),
+        }
+    }
+}
