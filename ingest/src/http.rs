@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use landslide_nats::polls::PollWatch;
 use landslide_schema::cookie::VoterCookie;
 use landslide_schema::poll::{NotCounted, Window};
+use landslide_schema::receipt::Receipt;
 use landslide_schema::{EventId, NodeId, Poll, PollBook, PollId, Timestamp, VoteEvent, VoterId};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
@@ -180,6 +181,7 @@ struct Accepted {
     event_id: EventId,
     ts: Timestamp,
     duplicate: bool,
+    receipt: Receipt,
 }
 
 impl AppState {
@@ -267,6 +269,12 @@ impl AppState {
                     event_id,
                     ts,
                     duplicate: stored.duplicate,
+                    receipt: Receipt {
+                        poll: poll.id.clone(),
+                        voter,
+                        event_id,
+                        ts,
+                    },
                 })
             }
             Err(err) => {
@@ -319,6 +327,9 @@ struct ApiAccepted {
     event_id: EventId,
     ts: Timestamp,
     duplicate: bool,
+    /// What the voter keeps to check later what became of this vote (`GET /api/receipts/…`
+    /// at tally).
+    receipt: String,
 }
 
 #[derive(Serialize)]
@@ -366,6 +377,7 @@ async fn vote_api(
                 event_id: accepted.event_id,
                 ts: accepted.ts,
                 duplicate: accepted.duplicate,
+                receipt: accepted.receipt.to_string(),
             }),
         )
             .into_response(),
@@ -396,8 +408,15 @@ async fn vote_form(
     let poll = vote.poll.unwrap_or_else(|| default.to_string());
     let (jar, result) = state.cast(jar, &poll, &vote.vote, None).await;
     match result {
-        Ok(_) if poll == default.as_str() => (jar, Redirect::to("/")).into_response(),
-        Ok(_) => (jar, Redirect::to(&format!("/?poll={poll}"))).into_response(),
+        // The receipt travels in the address of the confirmation: the form shows it.
+        Ok(accepted) if poll == default.as_str() => {
+            let to = format!("/?receipt={}", accepted.receipt);
+            (jar, Redirect::to(&to)).into_response()
+        }
+        Ok(accepted) => {
+            let to = format!("/?poll={poll}&receipt={}", accepted.receipt);
+            (jar, Redirect::to(&to)).into_response()
+        }
         Err(err) => {
             let book = state.book();
             let shown = PollId::parse(poll)
@@ -425,15 +444,24 @@ struct VotePage<'a> {
     /// Why the poll takes no votes now, if it does not: the buttons are left out.
     closed: Option<String>,
     results_url: Option<&'a str>,
+    receipt: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct FormQuery {
     poll: Option<String>,
+    /// The receipt of the vote just cast, shown as its confirmation.
+    receipt: Option<String>,
 }
 
 impl AppState {
-    fn page(&self, jar: &SignedCookieJar, poll: &Poll, error: Option<String>) -> Html<String> {
+    fn page(
+        &self,
+        jar: &SignedCookieJar,
+        poll: &Poll,
+        error: Option<String>,
+        receipt: Option<&Receipt>,
+    ) -> Html<String> {
         let current =
             voter::read(jar).and_then(|c| c.choices.get(&poll.id).map(|choice| choice.to_string()));
         let current_label = current
@@ -461,6 +489,9 @@ impl AppState {
             node: self.0.node.as_str(),
             closed,
             results_url: self.0.results_url.as_deref(),
+            receipt: receipt
+                .filter(|r| r.poll == poll.id)
+                .map(ToString::to_string),
         };
         // The template is checked at compile time and only formats strings: rendering cannot fail
         // short of running out of memory.
@@ -476,7 +507,7 @@ impl AppState {
         let poll = polls
             .get(poll.as_str())
             .unwrap_or_else(|| polls.default_poll());
-        let page = self.page(&jar, poll, Some(err.to_string()));
+        let page = self.page(&jar, poll, Some(err.to_string()), None);
         let response = (err.status(), jar, page).into_response();
         err.finish(response)
     }
@@ -500,7 +531,14 @@ async fn form(
             }
         },
     };
-    state.page(&jar, poll, None).into_response()
+    // Only a well-formed receipt of this poll is shown; anything else in the address is not.
+    let receipt = query
+        .receipt
+        .as_deref()
+        .and_then(|r| r.parse::<Receipt>().ok());
+    state
+        .page(&jar, poll, None, receipt.as_ref())
+        .into_response()
 }
 
 /// `GET /readyz`: NATS connected and the votes stream present.

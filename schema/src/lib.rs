@@ -20,6 +20,7 @@ pub mod merge;
 pub mod poll;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod receipt;
 pub mod subject;
 pub mod ts;
 

@@ -27,10 +27,12 @@ pub(crate) struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// A snapshot older than this makes `/readyz` fail: refreshes have been failing.
     pub stale_after: Duration,
+    /// For receipts only (`receipts.rs`).
+    pub db: diesel_async::pooled_connection::bb8::Pool<diesel_async::AsyncPgConnection>,
 }
 
 impl AppState {
-    fn snapshot(&self) -> Option<Arc<Snapshot>> {
+    pub(crate) fn snapshot(&self) -> Option<Arc<Snapshot>> {
         self.snapshots.borrow().clone()
     }
 }
@@ -41,6 +43,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/results/{poll}", get(poll_page))
         .route("/api/results/{poll}", get(api_results))
         .route("/api/results/{poll}/events", get(events))
+        .route("/api/receipts/{receipt}", get(crate::receipts::api))
+        .route("/receipts/{receipt}", get(crate::receipts::page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(landslide_telemetry::metrics_handler))

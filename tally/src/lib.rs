@@ -14,6 +14,7 @@ pub mod audit;
 pub mod certificate;
 mod counts;
 mod http;
+mod receipts;
 mod snapshot;
 pub mod status;
 
@@ -104,8 +105,18 @@ pub async fn run(
     );
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown_rx.clone()));
 
+    let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
+        diesel_async::AsyncPgConnection,
+    >::new(config.database_url.expose());
+    let db = diesel_async::pooled_connection::bb8::Pool::builder()
+        .max_size(receipts::POOL_SIZE)
+        .connection_timeout(Duration::from_secs(5))
+        .build(manager)
+        .await
+        .context("cannot set up the database pool for receipts (DATABASE_URL)")?;
     let app = http::router(http::AppState {
         polls,
+        db,
         snapshots: snapshots_rx,
         shutdown: shutdown_rx.clone(),
         stale_after: (config.refresh * 5).max(Duration::from_secs(5)),

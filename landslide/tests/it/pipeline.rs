@@ -20,9 +20,11 @@ async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_resu
         .await
         .unwrap();
     assert_eq!(response.status(), 303);
-    assert_eq!(response.headers()["location"], "/");
+    // Back to the form, with the vote's receipt as its confirmation.
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with("/?receipt=pets."), "{location}");
     let page = browser
-        .get(format!("{}/", ingest.url))
+        .get(format!("{}{location}", ingest.url))
         .send()
         .await
         .unwrap()
@@ -30,11 +32,15 @@ async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_resu
         .await
         .unwrap();
     assert!(page.contains("Your vote: <strong>Cats</strong>"), "{page}");
+    assert!(
+        page.contains("Your receipt: <code class=\"receipt\">pets."),
+        "{page}"
+    );
 
     let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "dogs").await;
     assert_eq!(status, 202, "{body}");
     assert!(
-        body["event_id"].is_string() && body["ts"].is_u64(),
+        body["event_id"].is_string() && body["ts"].is_u64() && body["receipt"].is_string(),
         "{body}"
     );
 

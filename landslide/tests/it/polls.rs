@@ -314,3 +314,52 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     honest.role.stop().await;
     slow.role.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats.url, &db.url);
+    let ingest = support::ingest(&nats.url, "web1", 0).await;
+    let tally = support::tally(&nats.url, &db.url).await;
+    let voter = support::voter();
+    let (_, first) = support::vote_api(&voter, &ingest.url, "pets", "cats").await;
+    let (_, second) = support::vote_api(&voter, &ingest.url, "pets", "dogs").await;
+    let receipt = |body: &serde_json::Value| body["receipt"].as_str().unwrap().to_owned();
+    let (first, second) = (receipt(&first), receipt(&second));
+    support::drained(&nats.url).await;
+
+    let ask = |r: String| {
+        let url = format!("{}/api/receipts/{r}", tally.url);
+        async move {
+            let response = reqwest::get(&url).await.ok()?;
+            let body: serde_json::Value = response.json().await.ok()?;
+            (body["status"] != "pending" || body["error"].is_string()).then_some(body)
+        }
+    };
+    let counted = support::wait_for("the second receipt", Duration::from_secs(15), || {
+        ask(second.clone())
+    })
+    .await;
+    assert_eq!(counted["status"], "counted", "{counted}");
+    assert_eq!(counted["counted_choice"], "dogs", "{counted}");
+    let replaced = ask(first.clone()).await.unwrap();
+    assert_eq!(replaced["status"], "superseded", "{replaced}");
+    assert_eq!(
+        replaced["counted_event_id"], counted["event_id"],
+        "{replaced}"
+    );
+    let page = form(&format!("{}/receipts/{first}", tally.url)).await;
+    assert!(
+        page.contains("A later vote of yours replaced this one: dogs is counted."),
+        "{page}"
+    );
+    let garbage = reqwest::get(format!("{}/api/receipts/not-a-receipt", tally.url))
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+
+    worker.stop().await;
+    ingest.role.stop().await;
+    tally.role.stop().await;
+}

@@ -1,0 +1,157 @@
+//! `GET /api/receipts/{receipt}` and `GET /receipts/{receipt}`: what became of one vote, from the
+//! receipt its voter got ([`Receipt`]). One indexed read of the voter's ballot per request, on a
+//! small pool of its own: the results' one query per refresh stays what it was.
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+use diesel_async::AsyncPgConnection;
+use diesel_async::RunQueryDsl as _;
+use diesel_async::pooled_connection::bb8::Pool;
+use landslide_schema::receipt::{Receipt, Standing};
+use landslide_schema::{EventId, Timestamp};
+use serde::Serialize;
+
+use crate::http::AppState;
+use crate::snapshot::Status;
+
+/// Connections for receipts (each request holds one for a single indexed read).
+pub(crate) const POOL_SIZE: u32 = 4;
+
+#[derive(QueryableByName)]
+struct BallotRow {
+    #[diesel(sql_type = BigInt)]
+    ts: i64,
+    #[diesel(sql_type = SqlUuid)]
+    event_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    choice: String,
+}
+
+/// The answer about one receipt.
+#[derive(Debug, Serialize)]
+pub(crate) struct Answer {
+    receipt: String,
+    poll: String,
+    event_id: EventId,
+    /// `counted`: this vote is the voter's ballot. `superseded`: a later vote of the same voter
+    /// is (`counted_event_id`). `pending`: not counted yet. `not_counted`: the poll is final and
+    /// the vote is not in its ballots, which the audit reports as a difference.
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    counted_event_id: Option<EventId>,
+    /// The choice the voter's ballot holds now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    counted_choice: Option<String>,
+    /// The poll's status, as the results say it.
+    poll_status: Status,
+}
+
+pub(crate) async fn answer(state: &AppState, text: &str) -> Result<Answer, (StatusCode, String)> {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, message);
+    let receipt: Receipt = text.parse().map_err(|e| bad(format!("{e}")))?;
+    let book = state.polls.current();
+    let poll = book.latest().1.get(receipt.poll.as_str()).ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("there is no poll {}", receipt.poll),
+        )
+    })?;
+    let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
+    let results = state
+        .snapshot()
+        .and_then(|s| s.polls.get(&poll.id).map(|p| p.results.clone()))
+        .ok_or_else(|| unavailable("results are not available yet; retry in a second".into()))?;
+    let ballot = read_ballot(&state.db, &receipt)
+        .await
+        .map_err(|e| unavailable(format!("cannot read the ballots right now: {e}")))?;
+    let standing = receipt.standing(
+        ballot
+            .as_ref()
+            .map(|b| (Timestamp::from_i64(b.ts), EventId(b.event_id))),
+    );
+    let status = match standing {
+        Standing::Counted => "counted",
+        Standing::Superseded => "superseded",
+        Standing::NotYet if results.status == Status::Final => "not_counted",
+        Standing::NotYet => "pending",
+    };
+    Ok(Answer {
+        receipt: receipt.to_string(),
+        poll: receipt.poll.to_string(),
+        event_id: receipt.event_id,
+        status,
+        counted_event_id: ballot
+            .as_ref()
+            .filter(|_| standing == Standing::Superseded)
+            .map(|b| EventId(b.event_id)),
+        counted_choice: ballot.map(|b| b.choice),
+        poll_status: results.status,
+    })
+}
+
+async fn read_ballot(
+    db: &Pool<AsyncPgConnection>,
+    receipt: &Receipt,
+) -> anyhow::Result<Option<BallotRow>> {
+    let mut conn = db.get().await?;
+    let rows: Vec<BallotRow> = diesel::sql_query(
+        "SELECT ts, event_id, choice FROM ballots WHERE poll = $1 AND voter = $2",
+    )
+    .bind::<Text, _>(receipt.poll.as_str())
+    .bind::<SqlUuid, _>(receipt.voter.0)
+    .load(&mut conn)
+    .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// `GET /api/receipts/{receipt}`.
+pub(crate) async fn api(State(state): State<AppState>, Path(receipt): Path<String>) -> Response {
+    match answer(&state, &receipt).await {
+        Ok(answer) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(answer)).into_response(),
+        Err((status, error)) => {
+            (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+        }
+    }
+}
+
+/// `GET /receipts/{receipt}`: the same, as a small page.
+pub(crate) async fn page(State(state): State<AppState>, Path(receipt): Path<String>) -> Response {
+    let (status, sentence) = match answer(&state, &receipt).await {
+        Ok(answer) => (
+            StatusCode::OK,
+            match answer.status {
+                "counted" => "This vote is the one counted for you.".to_owned(),
+                "superseded" => format!(
+                    "A later vote of yours replaced this one: {} is counted.",
+                    answer.counted_choice.unwrap_or_default()
+                ),
+                "pending" => {
+                    "This vote is accepted and not counted yet; look again in a moment.".to_owned()
+                }
+                _ => "This vote is not among the counted ballots of the final result. \
+                      Please report it."
+                    .to_owned(),
+            },
+        ),
+        Err((status, error)) => (status, error),
+    };
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>Your vote</title>\n</head>\n<body>\n<main>\n<h1>Your vote</h1>\n\
+         <p id=\"standing\">{}</p>\n</main>\n</body>\n</html>\n",
+        escape(&sentence)
+    );
+    (status, Html(html)).into_response()
+}
+
+/// Escapes text for HTML (a choice is an identifier, but the page escapes everything it shows).
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
