@@ -105,3 +105,16 @@ ensure_postgres_server() {
     apt_install postgresql
   fi
 }
+
+# Debian's Chromium and the npm packages of the browser script (landslide/tests/browser:
+# playwright-core and axe-core, pinned by its package-lock.json), for the `browser::` tests.
+ensure_browser() {
+  if [ ! -x /usr/bin/chromium ]; then apt_install --no-install-recommends chromium; fi
+  if ! command -v npm >/dev/null; then apt_install nodejs npm; fi
+  local dir=landslide/tests/browser
+  if [ ! -d "$dir/node_modules/playwright-core" ] ||
+    [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    log "installing the browser script's packages (npm ci in $dir)"
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >/dev/null
+  fi
+}
