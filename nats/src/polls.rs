@@ -103,7 +103,7 @@ pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
 
 /// The book of every revision, seeding the bucket with `seed` (as revision 1) when it holds
 /// none. A `seed` that differs from the latest revision is not written: the bucket is the one
-/// place of truth, changed with `landslide polls put`, and the role says so.
+/// place of truth, changed with `landslide polls put` ([`watch`], for the roles, says so).
 pub async fn load(store: &kv::Store, seed: &Polls) -> anyhow::Result<PollBook> {
     let mut revisions = read_all(store).await?;
     if revisions.is_empty() {
@@ -122,17 +122,7 @@ pub async fn load(store: &kv::Store, seed: &Polls) -> anyhow::Result<PollBook> {
             Some(book) => book.insert(revision, polls),
         }
     }
-    let book = book.context("the polls bucket is empty after seeding it")?;
-    let (latest, polls) = book.latest();
-    if polls != seed {
-        tracing::warn!(
-            revision = %latest,
-            "this role's polls file (LANDSLIDE_POLLS, or the built-in poll) differs from the \
-             polls bucket's latest revision; the bucket wins. Change polls with `landslide polls \
-             put FILE`"
-        );
-    }
-    Ok(book)
+    book.context("the polls bucket is empty after seeding it")
 }
 
 /// The poll definitions a role works by, kept current by a task that watches the bucket.
@@ -175,6 +165,15 @@ pub async fn watch(
         .await
         .context("cannot watch the polls bucket")?;
     let book = load(&store, seed).await?;
+    let (latest, polls) = book.latest();
+    if polls != seed {
+        tracing::warn!(
+            revision = %latest,
+            "this role's polls file (LANDSLIDE_POLLS, or the built-in poll) differs from the \
+             polls bucket's latest revision; the bucket wins. Change polls with `landslide polls \
+             put FILE`"
+        );
+    }
     let (tx, rx) = watch::channel(Arc::new(book));
     tokio::spawn(keep_current(store, updates, tx));
     Ok(PollWatch { rx })
