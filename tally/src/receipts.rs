@@ -112,7 +112,14 @@ pub(crate) async fn api(State(state): State<AppState>, Path(receipt): Path<Strin
     match answer(&state, &receipt).await {
         Ok(answer) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(answer)).into_response(),
         Err((status, error)) => {
-            (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+            let mut response =
+                (status, axum::Json(serde_json::json!({ "error": error }))).into_response();
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            response
         }
     }
 }

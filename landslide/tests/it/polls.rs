@@ -334,7 +334,8 @@ async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it
         async move {
             let response = reqwest::get(&url).await.ok()?;
             let body: serde_json::Value = response.json().await.ok()?;
-            (body["status"] != "pending" || body["error"].is_string()).then_some(body)
+            // Before tally's first refresh the answer is a 503: ask again.
+            (body["status"].is_string() && body["status"] != "pending").then_some(body)
         }
     };
     let counted = support::wait_for("the second receipt", Duration::from_secs(15), || {
