@@ -132,14 +132,6 @@ pub struct PollWatch {
 }
 
 impl PollWatch {
-    /// A watch that never changes: for code that is handed fixed definitions (tests, tools).
-    pub fn fixed(book: PollBook) -> Self {
-        let (tx, rx) = watch::channel(Arc::new(book));
-        // The receiver keeps the last value when the sender is gone.
-        drop(tx);
-        Self { rx }
-    }
-
     /// The book as of now.
     pub fn current(&self) -> Arc<PollBook> {
         self.rx.borrow().clone()

@@ -121,7 +121,8 @@ pub struct AuditReport {
     pub events_read: u64,
     /// Messages that are not a vote event.
     pub undecodable: u64,
-    /// Vote events naming a poll or option the polls file does not define.
+    /// Vote events their poll revision refuses: an unknown poll or option, or stored outside the
+    /// poll's window. No ingest node answered 2xx for one.
     pub unknown_poll_or_option: u64,
     /// Vote events naming a poll revision that the polls bucket does not hold: accepted by an
     /// ingest node, yet no worker can judge them. Any makes the audit fail.
@@ -171,7 +172,7 @@ impl fmt::Display for AuditReport {
         writeln!(f, "audit: {verdict}")?;
         writeln!(
             f,
-            "events read: {}; not counted: {} undecodable, {} with an unknown poll or option; \
+            "events read: {}; not counted: {} undecodable, {} refused by their poll definitions; \
              dead letters stored: {}{}",
             self.events_read,
             self.undecodable,

@@ -209,7 +209,9 @@ async fn audit_reports_undecodable_messages_next_to_the_dead_letters() {
     assert_eq!(report.voters, 1);
     let text = report.to_string();
     assert!(
-        text.contains("1 undecodable, 2 with an unknown poll or option; dead letters stored: 3\n"),
+        text.contains(
+            "1 undecodable, 2 refused by their poll definitions; dead letters stored: 3\n"
+        ),
         "{text}"
     );
 }
