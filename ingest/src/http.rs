@@ -102,6 +102,9 @@ enum VoteError {
     TooLarge,
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// A browser sent it from another site's page: a hostile page voting in its visitors' name.
+    #[error("votes sent from another site's page are refused")]
+    CrossSite,
     /// The rule the workers and audit apply too: ingest never accepts what they would refuse.
     #[error(transparent)]
     NotCounted(#[from] NotCounted),
@@ -119,6 +122,7 @@ impl VoteError {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::CrossSite => StatusCode::FORBIDDEN,
             Self::NotCounted(NotCounted::NotOpenYet { .. } | NotCounted::Closed { .. }) => {
                 StatusCode::FORBIDDEN
             }
@@ -132,6 +136,7 @@ impl VoteError {
             Self::UnsupportedMediaType { .. } => "content_type",
             Self::TooLarge => "too_large",
             Self::Malformed(_) => "malformed",
+            Self::CrossSite => "cross_site",
             Self::NotCounted(NotCounted::UnknownPoll(_)) => "unknown_poll",
             Self::NotCounted(NotCounted::UnknownOption { .. }) => "unknown_option",
             Self::NotCounted(NotCounted::NotOpenYet { .. }) => "not_open",
@@ -154,6 +159,27 @@ impl VoteError {
         }
         response
     }
+}
+
+/// Refuses a vote that a browser sent from another site's page. Browsers say where a request comes
+/// from: `Sec-Fetch-Site` (every current browser), and `Origin` on every POST. A request that is
+/// `cross-site`, or whose `Origin` names another host than the one it was sent to, is refused; a
+/// request with neither header (curl, a server, a phone app) is not a browser's and passes. The
+/// voter cookie's `SameSite=Lax` alone does not help: without the cookie the hostile page's vote
+/// is a new voter whose cookie replaces the real one.
+fn same_site(headers: &HeaderMap) -> Result<(), VoteError> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if header("sec-fetch-site") == Some("cross-site") {
+        return Err(VoteError::CrossSite);
+    }
+    if let Some(origin) = header("origin") {
+        // `null` (a sandboxed frame, a file) is no site of ours either.
+        let from = origin.split_once("://").map(|(_, authority)| authority);
+        if from.is_none() || from != header("host") {
+            return Err(VoteError::CrossSite);
+        }
+    }
+    Ok(())
 }
 
 /// Checks the media type and buffers the body, in that order, so 415 wins over 413.
@@ -351,9 +377,11 @@ async fn vote_api(
         let response = (err.status(), jar, body).into_response();
         err.finish(response)
     };
-    let vote: ApiVote = match body(&headers, "application/json", raw).and_then(|bytes| {
-        serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
-    }) {
+    let vote: ApiVote = match same_site(&headers)
+        .and_then(|()| body(&headers, "application/json", raw))
+        .and_then(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
+        }) {
         Ok(vote) => vote,
         Err(err) => return json_error(err, None),
     };
@@ -399,7 +427,8 @@ async fn vote_form(
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let default = state.book().latest().1.default_poll().id.clone();
-    let vote: FormVote = match body(&headers, "application/x-www-form-urlencoded", raw)
+    let vote: FormVote = match same_site(&headers)
+        .and_then(|()| body(&headers, "application/x-www-form-urlencoded", raw))
         .and_then(|bytes| parse_form(&bytes))
     {
         Ok(vote) => vote,

@@ -226,14 +226,51 @@ pub fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
     span
 }
 
+/// The longest trace header taken from a request. W3C Trace Context asks vendors to propagate at
+/// least 512 characters of `tracestate` and a `traceparent` is 55: a longer value from the internet
+/// is dropped, as if absent. Otherwise it would be copied into the vote's NATS headers, and a few
+/// hundred kilobytes of it would push the vote over the server's payload limit, turning a client's
+/// oddity into a `503` for the voter.
+pub const MAX_TRACE_HEADER: usize = 512;
+
 struct HttpHeaderExtractor<'a>(&'a axum::http::HeaderMap);
 
 impl opentelemetry::propagation::Extractor for HttpHeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        self.0
+            .get(key)
+            .filter(|v| v.len() <= MAX_TRACE_HEADER)
+            .and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::propagation::Extractor as _;
+
+    use super::*;
+
+    #[test]
+    fn an_oversized_trace_header_is_ignored() {
+        let mut headers = axum::http::HeaderMap::new();
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        headers.insert("traceparent", traceparent.parse().unwrap());
+        headers.insert("tracestate", "x=1".repeat(300).parse().unwrap());
+        let extractor = HttpHeaderExtractor(&headers);
+        assert_eq!(extractor.get("traceparent"), Some(traceparent));
+        assert_eq!(
+            extractor.get("tracestate"),
+            None,
+            "900 bytes of tracestate were taken"
+        );
+        headers.insert("tracestate", "vendor=abc".parse().unwrap());
+        assert_eq!(
+            HttpHeaderExtractor(&headers).get("tracestate"),
+            Some("vendor=abc")
+        );
     }
 }
