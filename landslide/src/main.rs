@@ -286,6 +286,9 @@ struct TallyArgs {
     /// Milliseconds between two refreshes of the results.
     #[arg(long, env = "LANDSLIDE_REFRESH_MS", default_value_t = 500)]
     refresh_ms: u64,
+    /// Live result streams (server-sent events) at once; one more gets 503 with Retry-After.
+    #[arg(long, env = "LANDSLIDE_MAX_EVENT_STREAMS", default_value_t = landslide_tally::DEFAULT_MAX_EVENT_STREAMS)]
+    max_event_streams: usize,
 }
 
 impl TallyArgs {
@@ -294,6 +297,7 @@ impl TallyArgs {
         config.topology = self.shared.topology();
         config.polls = self.shared.polls()?;
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
+        config.max_event_streams = self.max_event_streams;
         Ok(config)
     }
 }

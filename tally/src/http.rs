@@ -27,6 +27,8 @@ pub(crate) struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// A snapshot older than this makes `/readyz` fail: refreshes have been failing.
     pub stale_after: Duration,
+    /// One permit per live result stream (`Config::max_event_streams`).
+    pub event_streams: Arc<tokio::sync::Semaphore>,
     /// For receipts only (`receipts.rs`).
     pub db: diesel_async::pooled_connection::bb8::Pool<diesel_async::AsyncPgConnection>,
 }
@@ -64,20 +66,25 @@ enum ApiError {
     UnknownPoll,
     #[error("results are not available yet; retry in a second")]
     NotReady,
+    #[error(
+        "too many live result streams right now; retry in a few seconds, or read /api/results/<poll>"
+    )]
+    TooManyStreams,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match self {
-            Self::UnknownPoll => StatusCode::NOT_FOUND,
-            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        let (status, retry_after) = match self {
+            Self::UnknownPoll => (StatusCode::NOT_FOUND, None),
+            Self::NotReady => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
+            Self::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, Some("5")),
         };
         let body = axum::Json(serde_json::json!({ "error": self.to_string() }));
         let mut response = (status, body).into_response();
-        if matches!(self, Self::NotReady) {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         response
     }
@@ -117,8 +124,16 @@ async fn events(
         .ok_or(ApiError::UnknownPoll)?
         .id
         .clone();
+    // Held for as long as the stream lives: dropped with it when the viewer leaves.
+    let permit = Arc::clone(&state.event_streams)
+        .try_acquire_owned()
+        .map_err(|_| {
+            metrics::counter!("landslide_tally_event_streams_refused_total").increment(1);
+            ApiError::TooManyStreams
+        })?;
     let events = snapshots(state.snapshots.clone())
         .filter_map(move |snapshot| {
+            let _stream = &permit;
             let event = snapshot
                 .polls
                 .get(&poll)

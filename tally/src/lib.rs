@@ -44,7 +44,15 @@ pub struct Config {
     pub polls: Polls,
     /// How often the snapshot is rebuilt; results are at most this old when the database is up.
     pub refresh: Duration,
+    /// Live result streams (server-sent events) served at once; one more is refused with `503`
+    /// and `Retry-After`. Each holds a connection (a file descriptor) for as long as its viewer
+    /// stays, so the cap keeps a crowd of viewers from exhausting them.
+    pub max_event_streams: usize,
 }
+
+/// The default cap on live result streams: well under the 65,536 file descriptors tally's systemd
+/// unit allows (`LimitNOFILE`), leaving room for the other connections.
+pub const DEFAULT_MAX_EVENT_STREAMS: usize = 20_000;
 
 impl Config {
     /// The default topology and polls, refreshed every 500 ms.
@@ -55,6 +63,7 @@ impl Config {
             topology: Topology::default(),
             polls: Polls::default(),
             refresh: Duration::from_millis(500),
+            max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
         }
     }
 }
@@ -117,6 +126,7 @@ pub async fn run(
     let app = http::router(http::AppState {
         polls,
         db,
+        event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
         snapshots: snapshots_rx,
         shutdown: shutdown_rx.clone(),
         stale_after: (config.refresh * 5).max(Duration::from_secs(5)),

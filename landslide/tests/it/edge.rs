@@ -59,3 +59,52 @@ async fn a_vote_sent_from_another_sites_page_is_refused_and_sets_no_cookie() {
     assert_eq!(status, 202, "{body}");
     ingest.role.stop().await;
 }
+
+/// Found by trying it: tally's live result streams had no cap, so a crowd of viewers (or one
+/// client opening thousands) held a connection each until the file descriptors ran out.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_result_streams_beyond_the_cap_get_503_with_retry_after() {
+    let nats = Nats::start().await;
+    let db = crate::support::Db::create().await;
+    let tally = support::tally_with(&nats.url, &db.url, |c| c.max_event_streams = 2).await;
+    let url = format!("{}/api/results/pets/events", tally.url);
+    let open = || async {
+        support::wait_for(
+            "an answer to the event stream",
+            std::time::Duration::from_secs(15),
+            || {
+                let url = url.clone();
+                async move {
+                    let response = reqwest::get(&url).await.ok()?;
+                    // Before the first snapshot tally answers 503 "not ready" without a cap involved.
+                    let body_not_ready =
+                        response.status() == 503 && response.headers()["retry-after"] == "1";
+                    (!body_not_ready).then_some(response)
+                }
+            },
+        )
+        .await
+    };
+    let first = open().await;
+    let second = open().await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open().await;
+    assert_eq!(third.status(), 503);
+    assert_eq!(third.headers()["retry-after"], "5");
+    // A viewer who leaves frees a place.
+    drop(first);
+    let again = support::wait_for(
+        "a freed stream",
+        std::time::Duration::from_secs(15),
+        || async {
+            let response = reqwest::get(&url).await.ok()?;
+            (response.status() == 200).then_some(response)
+        },
+    )
+    .await;
+    drop((second, again));
+    tally.role.stop().await;
+}

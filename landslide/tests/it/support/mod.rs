@@ -356,8 +356,17 @@ pub struct Tally {
 }
 
 pub async fn tally(nats_url: &str, database_url: &str) -> Tally {
+    tally_with(nats_url, database_url, |_| {}).await
+}
+
+pub async fn tally_with(
+    nats_url: &str,
+    database_url: &str,
+    adjust: impl FnOnce(&mut landslide_tally::Config),
+) -> Tally {
     let mut config = landslide_tally::Config::new(nats_url, database_url);
     config.refresh = Duration::from_millis(50);
+    adjust(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind tally");
