@@ -69,6 +69,8 @@ pub struct Config {
     pub secure_cookie: bool,
     /// Where the results are (tally's page), for the form's link when a poll is not open.
     pub results_url: Option<String>,
+    /// The HTTP server's header read timeout and connection cap.
+    pub http: landslide_telemetry::serve::Limits,
 }
 
 impl Config {
@@ -86,6 +88,7 @@ impl Config {
             publish_batches: None,
             secure_cookie: false,
             results_url: None,
+            http: landslide_telemetry::serve::Limits::default(),
         }
     }
 }
@@ -139,8 +142,7 @@ pub async fn run(
         subject = %landslide_schema::subject::vote_subject(&config.topology.votes_prefix, &config.node_id),
         "ingest node serving"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    landslide_telemetry::serve::serve(listener, app, config.http, shutdown)
         .await
         .map_err(|e| anyhow::anyhow!("ingest server failed: {e}"))?;
     // Every handler has returned, so every publish has its ack; flush what the client still buffers.

@@ -15,6 +15,10 @@ use crate::Secret;
 
 /// The voter cookie's name.
 pub const COOKIE_NAME: &str = "landslide_voter";
+/// Its name with `LANDSLIDE_SECURE_COOKIE`: the `__Host-` prefix makes browsers accept it only
+/// when `Secure`, for `Path=/` and without a `Domain`, so no other host of the site (a sibling
+/// subdomain, a plain-HTTP page) can set or overwrite it.
+pub const SECURE_COOKIE_NAME: &str = "__Host-landslide_voter";
 
 /// How long a browser keeps the voter cookie, in days: longer than any poll.
 const COOKIE_MAX_AGE_DAYS: i64 = 400;
@@ -84,21 +88,37 @@ impl Keys {
     }
 }
 
-/// The voter cookie's payload, if the cookie is present, authentic and well-formed.
+/// The voter cookie's payload, if a cookie is present, authentic and well-formed. Both names are
+/// read, so that turning `LANDSLIDE_SECURE_COOKIE` on mid-poll keeps every voter the same voter;
+/// with both present, the one with the later floor wins.
 pub fn read(jar: &SignedCookieJar) -> Option<VoterCookie> {
-    jar.get(COOKIE_NAME)
-        .and_then(|cookie| VoterCookie::parse(cookie.value()))
+    [SECURE_COOKIE_NAME, COOKIE_NAME]
+        .into_iter()
+        .filter_map(|name| jar.get(name))
+        .filter_map(|cookie| VoterCookie::parse(cookie.value()))
+        .max_by_key(|cookie| cookie.last_ts)
 }
 
-/// The jar with the voter cookie set to `payload`.
+/// The jar with the voter cookie set to `payload`: under the `__Host-` name when `secure`, which
+/// also expires a cookie left under the plain name.
 pub fn write(jar: SignedCookieJar, payload: &VoterCookie, secure: bool) -> SignedCookieJar {
-    let cookie = Cookie::build((COOKIE_NAME, payload.format()))
+    let name = if secure {
+        SECURE_COOKIE_NAME
+    } else {
+        COOKIE_NAME
+    };
+    let cookie = Cookie::build((name, payload.format()))
         .path("/")
         .http_only(true)
         .secure(secure)
         .same_site(SameSite::Lax)
         .max_age(cookie::time::Duration::days(COOKIE_MAX_AGE_DAYS));
-    jar.add(cookie)
+    let jar = jar.add(cookie);
+    if secure && jar.get(COOKIE_NAME).is_some() {
+        jar.remove(Cookie::build(COOKIE_NAME).path("/"))
+    } else {
+        jar
+    }
 }
 
 /// Checks an `Idempotency-Key` header value: 1 to 255 visible ASCII characters.

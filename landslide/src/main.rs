@@ -154,10 +154,33 @@ fn parse_replicas(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The HTTP server's limits (ingest and tally).
+#[derive(Debug, Args, Clone)]
+struct HttpArgs {
+    /// Milliseconds a client may take to send a request's line and headers; a slower
+    /// connection is closed.
+    #[arg(long, env = "LANDSLIDE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// HTTP connections served at once; more wait in the kernel's accept queue.
+    #[arg(long, env = "LANDSLIDE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    max_connections: usize,
+}
+
+impl HttpArgs {
+    fn limits(&self) -> landslide_telemetry::serve::Limits {
+        landslide_telemetry::serve::Limits {
+            header_read_timeout: Duration::from_millis(self.header_timeout_ms.max(100)),
+            max_connections: self.max_connections.max(1),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct IngestArgs {
     #[command(flatten)]
     shared: Shared,
+    #[command(flatten)]
+    http: HttpArgs,
     /// This node's id; its votes go to subject votes.<ID>. Required.
     #[arg(long, env = "LANDSLIDE_NODE_ID")]
     node_id: Option<String>,
@@ -212,6 +235,7 @@ impl IngestArgs {
         config.publish_batches = self.publish_batches;
         config.secure_cookie = self.secure_cookie;
         config.results_url = self.results_url.clone();
+        config.http = self.http.limits();
         Ok(config)
     }
 }
@@ -279,6 +303,8 @@ struct TallyArgs {
     #[command(flatten)]
     shared: Shared,
     #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
     db: DatabaseArgs,
     /// Address to serve HTTP on.
     #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8081")]
@@ -298,6 +324,7 @@ impl TallyArgs {
         config.polls = self.shared.polls()?;
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
+        config.http = self.http.limits();
         Ok(config)
     }
 }

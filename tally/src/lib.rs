@@ -48,6 +48,8 @@ pub struct Config {
     /// and `Retry-After`. Each holds a connection (a file descriptor) for as long as its viewer
     /// stays, so the cap keeps a crowd of viewers from exhausting them.
     pub max_event_streams: usize,
+    /// The HTTP server's header read timeout and connection cap.
+    pub http: landslide_telemetry::serve::Limits,
 }
 
 /// The default cap on live result streams: well under the 65,536 file descriptors tally's systemd
@@ -64,6 +66,7 @@ impl Config {
             polls: Polls::default(),
             refresh: Duration::from_millis(500),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
+            http: landslide_telemetry::serve::Limits::default(),
         }
     }
 }
@@ -135,9 +138,13 @@ pub async fn run(
         listen = %listener.local_addr().context("the listener has no local address")?,
         "tally serving results"
     );
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(http::shutdown_signal(shutdown_rx))
-        .await;
+    let served = landslide_telemetry::serve::serve(
+        listener,
+        app,
+        config.http,
+        http::shutdown_signal(shutdown_rx),
+    )
+    .await;
     if served.is_err() {
         // Without a server nobody reads the snapshots: do not leave the refresher running.
         refresher.abort();

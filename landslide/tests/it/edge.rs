@@ -108,3 +108,128 @@ async fn live_result_streams_beyond_the_cap_get_503_with_retry_after() {
     drop((second, again));
     tally.role.stop().await;
 }
+
+/// The `Set-Cookie` values of a response, and the receipt's voter part of its JSON body.
+async fn cookies_and_voter(response: reqwest::Response) -> (Vec<String>, String) {
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let receipt = body["receipt"].as_str().unwrap();
+    (cookies, receipt.split('.').nth(1).unwrap().to_owned())
+}
+
+/// `name=value` of the cookie called `name` among `Set-Cookie` values.
+fn pair(cookies: &[String], name: &str) -> String {
+    let prefix = format!("{name}=");
+    let cookie = cookies.iter().find(|c| c.starts_with(&prefix)).unwrap();
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secure_cookie_uses_the_host_prefix_and_keeps_every_voter_when_turned_on() {
+    let nats = Nats::start().await;
+    let plain = support::ingest(&nats.url, "web1", 0).await;
+    let secure = support::ingest_with(&nats.url, "web2", |c| c.secure_cookie = true).await;
+    let client = reqwest::Client::new();
+    let vote = |url: &str, cookie: Option<&str>| {
+        let mut request = client
+            .post(format!("{url}/api/votes"))
+            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send()
+    };
+
+    let (cookies, voter) = cookies_and_voter(vote(&plain.url, None).await.unwrap()).await;
+    let old = pair(&cookies, "landslide_voter");
+    // LANDSLIDE_SECURE_COOKIE turned on mid-poll: the voter keeps their id.
+    let (cookies, same) = cookies_and_voter(vote(&secure.url, Some(&old)).await.unwrap()).await;
+    assert_eq!(same, voter, "turning the secure cookie on made a new voter");
+    let host = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-landslide_voter="))
+        .expect("no __Host- cookie");
+    for attribute in ["Secure", "Path=/", "HttpOnly", "SameSite=Lax"] {
+        assert!(host.contains(attribute), "{host} lacks {attribute}");
+    }
+    assert!(!host.contains("Domain"), "{host}");
+    let expired = cookies
+        .iter()
+        .find(|c| c.starts_with("landslide_voter="))
+        .expect("the plain cookie was not expired");
+    assert!(expired.contains("Max-Age=0"), "{expired}");
+    let new = pair(&cookies, "__Host-landslide_voter");
+    let (_, still) = cookies_and_voter(vote(&secure.url, Some(&new)).await.unwrap()).await;
+    assert_eq!(still, voter);
+    plain.role.stop().await;
+    secure.role.stop().await;
+}
+
+/// Found by trying it: connections that sent half a request line and headers stayed open forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_never_finishes_its_headers_is_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats.url, "web1", |c| {
+        c.http.header_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let addr = ingest.url.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(b"POST /api/votes HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            .await
+            .unwrap();
+        slow.push(conn);
+    }
+    for mut conn in slow {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+            "a connection with unfinished headers was still open after 10 s"
+        );
+    }
+    let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 202, "{body}");
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_wait_until_one_is_free() {
+    let nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats.url, "web1", |c| c.http.max_connections = 1).await;
+    // One client keeps its keep-alive connection, so it holds the only place.
+    let holder = reqwest::Client::new();
+    let ready = format!("{}/healthz", ingest.url);
+    assert!(
+        holder
+            .get(&ready)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let other = reqwest::Client::new();
+    let waiting =
+        tokio::time::timeout(std::time::Duration::from_secs(1), other.get(&ready).send()).await;
+    assert!(waiting.is_err(), "a connection beyond the cap was served");
+    drop(holder);
+    let served = tokio::time::timeout(std::time::Duration::from_secs(10), other.get(&ready).send())
+        .await
+        .expect("the waiting connection was never served once the place was free")
+        .unwrap();
+    assert!(served.status().is_success());
+    ingest.role.stop().await;
+}

@@ -1,0 +1,94 @@
+//! The HTTP server of ingest and tally: axum's router on hyper's HTTP/1.1, with the limits a
+//! server facing the internet needs and `axum::serve` does not set. Found by trying it: 2,000
+//! connections that sent half a request line and headers stayed open forever, each holding a
+//! file descriptor and a task.
+//!
+//! - **Header read timeout:** a connection that has not sent a whole request head within
+//!   [`Limits::header_read_timeout`] is closed (a slow-loris client, a half-open phone).
+//! - **Connection cap:** at most [`Limits::max_connections`] at once; beyond it new connections
+//!   wait in the kernel's accept queue instead of taking descriptors the process may not have.
+//! - **Graceful shutdown:** when `shutdown` completes, no new connection is accepted, every request
+//!   in flight is answered, idle keep-alive connections are closed, and then `serve` returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// The limits of one HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a client may take to send a request's line and headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    /// 10 s for the headers, which a phone on a poor network sends in well under one; 50,000
+    /// connections, within the 262,144 (ingest) and 65,536 (tally) descriptors the units allow.
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 50_000,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains (see the module).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let place = tokio::select! {
+            () = &mut shutdown => break,
+            place = Arc::clone(&places).acquire_owned() => match place {
+                Ok(place) => place,
+                // The semaphore is never closed.
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of descriptors, or a connection reset before it was accepted: wait a
+                    // moment rather than spin, and go on.
+                    tracing::warn!(error = %err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _place = place;
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
