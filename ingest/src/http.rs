@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use askama::Template;
 use async_nats::jetstream;
+use async_nats::jetstream::message::StreamMessage;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -44,8 +45,6 @@ struct Inner {
     polls: PollWatch,
     publisher: Publisher,
     hlc: Hlc,
-    /// The same clock as the HLC's, for the poll's window.
-    clock: Arc<dyn crate::Clock>,
     keys: Keys,
     secure_cookie: bool,
     results_url: Option<String>,
@@ -64,7 +63,6 @@ impl AppState {
             polls,
             publisher: Publisher::new(client.clone(), js, config),
             hlc: Hlc::new(config.clock.clone()),
-            clock: config.clock.clone(),
             keys: Keys::new(&config.secret),
             secure_cookie: config.secure_cookie,
             results_url: config.results_url.clone(),
@@ -260,65 +258,69 @@ impl AppState {
             rev: Some(revision),
         };
         let mut cookie = known.unwrap_or_else(|| VoterCookie::new(voter));
-        let result = match self
+        let published = self
             .0
             .publisher
             .publish(&event, idempotency_key.is_some())
-            .await
-        {
-            Ok(stored) if poll.opens_at.is_some() || poll.closes_at.is_some() => {
-                // A poll with a window counts a vote by when the stream stored it, which this
-                // node's clock cannot tell: read it back, and answer 2xx only for a vote that
-                // counts. One that landed outside stays in the stream, not counted, like any
-                // vote the voter was refused.
-                match self.stored_at(stored.sequence).await {
-                    Some(at) => match poll.judge_time(at) {
-                        Ok(()) => Ok(stored),
-                        Err(err) => Err(VoteError::from(err)),
-                    },
-                    None => Err(VoteError::Unconfirmed),
-                }
-            }
-            other => other.map_err(VoteError::Unavailable),
-        };
-        let result = match result {
+            .await;
+        let result = match published {
+            Err(err) => Err(VoteError::Unavailable(err)),
             Ok(stored) => {
-                let ts = if stored.duplicate {
-                    self.stored_ts(stored.sequence).await.unwrap_or(event.ts)
+                let windowed = poll.opens_at.is_some() || poll.closes_at.is_some();
+                // The stored copy, read back once when it tells what this node cannot: when the
+                // stream stored the vote (a poll with a window counts it by that), and the stamp
+                // it kept (a duplicate's is the first copy's).
+                let copy = if windowed || stored.duplicate {
+                    self.stored(stored.sequence).await
                 } else {
-                    event.ts
+                    None
                 };
-                // The floor also covers our own stamp: it is above anything stored so far.
-                cookie.record(poll.id.clone(), choice, ts.max(event.ts));
-                metrics::counter!("landslide_votes_accepted_total").increment(1);
-                Ok(Accepted {
-                    event_id,
-                    ts,
-                    duplicate: stored.duplicate,
-                    receipt: Receipt {
-                        poll: poll.id.clone(),
-                        voter,
+                // Answer 2xx only for a vote that counts. One that landed outside the window
+                // stays in the stream, not counted, like any vote the voter was refused.
+                let counts = match (windowed, copy.as_ref().map(stored_at)) {
+                    (false, _) => Ok(()),
+                    (true, Some(Some(at))) => poll.judge_time(at).map_err(VoteError::from),
+                    (true, _) => Err(VoteError::Unconfirmed),
+                };
+                counts.map(|()| {
+                    let kept = copy.and_then(|m| VoteEvent::decode(&m.payload).ok());
+                    let ts = match kept {
+                        Some(kept) if stored.duplicate => kept.ts,
+                        _ => event.ts,
+                    };
+                    Accepted {
                         event_id,
                         ts,
-                    },
+                        duplicate: stored.duplicate,
+                        receipt: Receipt {
+                            poll: poll.id.clone(),
+                            voter,
+                            event_id,
+                            ts,
+                        },
+                    }
                 })
             }
-            Err(err) => {
-                cookie.last_ts = cookie.last_ts.max(event.ts);
-                Err(err)
-            }
         };
+        match &result {
+            Ok(accepted) => {
+                // The floor also covers our own stamp: it is above anything stored so far.
+                cookie.record(poll.id.clone(), choice, accepted.ts.max(event.ts));
+                metrics::counter!("landslide_votes_accepted_total").increment(1);
+            }
+            Err(_) => cookie.last_ts = cookie.last_ts.max(event.ts),
+        }
         (voter::write(jar, &cookie, self.0.secure_cookie), result)
     }
 
     /// This node's clock, as a moment.
     fn now(&self) -> DateTime<Utc> {
-        let ms = i64::try_from(self.0.clock.now_ms()).unwrap_or(i64::MAX);
+        let ms = i64::try_from(self.0.hlc.now_ms()).unwrap_or(i64::MAX);
         DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// Message `sequence` of the votes stream as stored, if it can be read.
-    async fn stored(&self, sequence: u64) -> Option<async_nats::jetstream::message::StreamMessage> {
+    async fn stored(&self, sequence: u64) -> Option<StreamMessage> {
         let publisher = &self.0.publisher;
         let stream = publisher
             .jetstream()
@@ -327,19 +329,12 @@ impl AppState {
             .ok()?;
         stream.direct_get(sequence).await.ok()
     }
+}
 
-    /// When the stream stored message `sequence`, if it can be read.
-    async fn stored_at(&self, sequence: u64) -> Option<DateTime<Utc>> {
-        let message = self.stored(sequence).await?;
-        let nanos = i64::try_from(message.time.unix_timestamp_nanos()).ok()?;
-        Some(DateTime::from_timestamp_nanos(nanos))
-    }
-
-    /// The stamp of the copy JetStream kept when a retry was a duplicate, if it can be read.
-    async fn stored_ts(&self, sequence: u64) -> Option<Timestamp> {
-        let message = self.stored(sequence).await?;
-        VoteEvent::decode(&message.payload).ok().map(|e| e.ts)
-    }
+/// When the stream stored a message, by its own clock.
+fn stored_at(message: &StreamMessage) -> Option<DateTime<Utc>> {
+    let nanos = i64::try_from(message.time.unix_timestamp_nanos()).ok()?;
+    Some(DateTime::from_timestamp_nanos(nanos))
 }
 
 #[derive(Deserialize)]

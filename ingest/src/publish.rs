@@ -67,6 +67,12 @@ impl Hlc {
         }
     }
 
+    /// The node's wall clock, in milliseconds: what its poll windows are judged by before a vote
+    /// is stored.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// A stamp greater than `floor`, than every stamp this node issued, and not behind its clock.
     pub fn stamp(&self, floor: Option<Timestamp>) -> Timestamp {
         let now = self.clock.now_ms();
