@@ -317,6 +317,13 @@ impl Fold {
 /// Errors (rather than reporting) when NATS or PostgreSQL cannot be read, or when the consumer
 /// still has pending or unacked votes after `config.wait`.
 pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
+    audit_with_polls(config).await.map(|(report, _)| report)
+}
+
+/// [`audit`], with the poll definitions it judged the stream by (for the certificate).
+pub(crate) async fn audit_with_polls(
+    config: &AuditConfig,
+) -> anyhow::Result<(AuditReport, PollBook)> {
     let mut conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
     let client = landslide_nats::connect(&config.nats_url, "landslide-audit").await?;
     let js = jetstream::new(client);
@@ -359,7 +366,7 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
         .await
         .context("cannot count the ballots")?;
     report.tally_mismatches = compare_counts(expected, &tallies, &ballot_counts);
-    Ok(report)
+    Ok((report, polls))
 }
 
 /// Waits until the workers' consumer has nothing pending or unacked, and returns the last stream

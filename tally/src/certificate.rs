@@ -27,7 +27,7 @@ use landslide_schema::{Choice, PollId};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::audit::{AuditConfig, AuditReport, audit};
+use crate::audit::{AuditConfig, AuditReport, audit_with_polls};
 
 /// The key that pseudonymises voter ids in an export (`LANDSLIDE_EXPORT_KEY`): at least 32
 /// bytes, never written anywhere.
@@ -63,18 +63,8 @@ impl ExportKey {
         mac.update(poll.as_str().as_bytes());
         mac.update(b"\0");
         mac.update(voter.as_bytes());
-        hex(&mac.finalize().into_bytes())
+        format!("{:x}", mac.finalize().into_bytes())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// What is certified about one poll.
@@ -150,11 +140,7 @@ pub async fn certify(
     poll: &str,
     key: &ExportKey,
 ) -> anyhow::Result<(AuditReport, Certificate, String)> {
-    let report = audit(config).await?;
-    let client = landslide_nats::connect(&config.nats_url, "landslide-audit").await?;
-    let js = async_nats::jetstream::new(client);
-    let store = landslide_nats::polls::ensure_bucket(&js, &config.topology).await?;
-    let book = landslide_nats::polls::load(&store, &config.polls).await?;
+    let (report, book) = audit_with_polls(config).await?;
     let definition = book
         .latest()
         .1
@@ -188,7 +174,7 @@ pub async fn certify(
     lines.sort_unstable();
     let mut csv = String::from("voter,choice,event_id,ts\n");
     csv.extend(lines);
-    let digest = format!("sha256:{}", hex(&Sha256::digest(csv.as_bytes())));
+    let digest = format!("sha256:{:x}", Sha256::digest(csv.as_bytes()));
 
     let closed = report
         .server_now
