@@ -11,7 +11,7 @@ use landslide_schema::Revision;
 
 use crate::audit::AuditConfig;
 use crate::counts;
-use crate::snapshot::Status;
+use crate::snapshot::{Snapshot, Status};
 
 /// One poll, as the results show it.
 #[derive(Debug, Clone)]
@@ -72,26 +72,28 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
     let sums = counts::tally_sums(&mut conn)
         .await
         .context("cannot read the tallies")?;
-    let now = Utc::now();
+    // The same snapshot the results are built from: its counts and its status.
+    let snapshot = Snapshot::build(definitions, pending, &sums, Utc::now(), server_now);
     let polls = definitions
         .iter()
-        .map(|poll| PollStatus {
-            id: poll.id.to_string(),
-            question: poll.question.clone(),
-            status: Status::of(poll, now, server_now, pending),
-            closes_at: poll.closes_at,
-            counts: poll
-                .options
-                .iter()
-                .map(|option| {
-                    let votes = sums
-                        .iter()
-                        .filter(|r| r.poll == poll.id.as_str() && r.option == option.id.as_str())
-                        .map(|r| r.votes)
-                        .sum();
-                    (option.id.to_string(), votes)
-                })
-                .collect(),
+        .filter_map(|poll| {
+            let results = &snapshot.polls.get(&poll.id)?.results;
+            Some(PollStatus {
+                id: poll.id.to_string(),
+                question: poll.question.clone(),
+                status: results.status,
+                closes_at: poll.closes_at,
+                counts: poll
+                    .options
+                    .iter()
+                    .map(|o| {
+                        (
+                            o.id.to_string(),
+                            results.counts.get(&o.id).copied().unwrap_or(0),
+                        )
+                    })
+                    .collect(),
+            })
         })
         .collect();
     Ok(DeploymentStatus {
