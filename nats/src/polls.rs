@@ -54,40 +54,54 @@ pub async fn ensure_bucket(
     }
 }
 
-/// Every revision in the bucket, with its text, oldest first.
-pub async fn read_all(store: &kv::Store) -> anyhow::Result<Vec<(Revision, String, Polls)>> {
+/// The revisions in the bucket, oldest first, by their keys alone.
+async fn revisions(store: &kv::Store) -> anyhow::Result<Vec<Revision>> {
     let mut keys = store.keys().await.context("cannot list the polls bucket")?;
     let mut revisions = Vec::new();
     while let Some(key) = keys.next().await {
         let key = key.context("cannot list the polls bucket")?;
-        let Some(revision) = revision_of(&key) else {
-            continue;
-        };
-        let Some(value) = store
-            .get(&key)
-            .await
-            .with_context(|| format!("cannot read {key} of the polls bucket"))?
-        else {
-            continue;
-        };
-        let text = String::from_utf8(value.to_vec())
-            .with_context(|| format!("{key} of the polls bucket is not UTF-8"))?;
-        let polls = Polls::from_toml(&text)
-            .with_context(|| format!("{key} of the polls bucket is not a valid polls file"))?;
-        revisions.push((revision, text, polls));
+        revisions.extend(revision_of(&key));
     }
-    revisions.sort_by_key(|(revision, _, _)| *revision);
+    revisions.sort_unstable();
     Ok(revisions)
+}
+
+/// One revision's text and polls; `None` when its key holds no value.
+async fn fetch(store: &kv::Store, revision: Revision) -> anyhow::Result<Option<(String, Polls)>> {
+    let key = key(revision);
+    let Some(value) = store
+        .get(&key)
+        .await
+        .with_context(|| format!("cannot read {key} of the polls bucket"))?
+    else {
+        return Ok(None);
+    };
+    let text = String::from_utf8(value.to_vec())
+        .with_context(|| format!("{key} of the polls bucket is not UTF-8"))?;
+    let polls = Polls::from_toml(&text)
+        .with_context(|| format!("{key} of the polls bucket is not a valid polls file"))?;
+    Ok(Some((text, polls)))
+}
+
+/// Every revision in the bucket, with its text, oldest first.
+pub async fn read_all(store: &kv::Store) -> anyhow::Result<Vec<(Revision, String, Polls)>> {
+    let mut all = Vec::new();
+    for revision in revisions(store).await? {
+        if let Some((text, polls)) = fetch(store, revision).await? {
+            all.push((revision, text, polls));
+        }
+    }
+    Ok(all)
 }
 
 /// Writes `text` (a polls file, checked first) as the next revision and returns its number.
 pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
     Polls::from_toml(text).context("refusing an invalid polls file")?;
     for _ in 0..10 {
-        let next = read_all(store)
+        let next = revisions(store)
             .await?
             .last()
-            .map_or(Revision(1), |(r, _, _)| Revision(r.0 + 1));
+            .map_or(Revision(1), |r| Revision(r.0 + 1));
         match store.create(key(next), text.to_owned().into()).await {
             Ok(_) => {
                 tracing::info!(revision = %next, "wrote a new revision of the poll definitions");
@@ -174,8 +188,8 @@ pub async fn watch(
 /// How often a role reads the whole bucket besides watching it.
 const RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Adds every revision the watch yields to the book, and every revision a read of the whole
-/// bucket finds every [`RESYNC`]: async-nats' watch (an ordered push consumer) was seen to stay
+/// Adds every revision the watch yields to the book, and every revision a listing of the
+/// bucket's keys finds every [`RESYNC`] that the book lacks (only those are read): async-nats' watch (an ordered push consumer) was seen to stay
 /// silent after the server restarted, where the read finds the new revision. When the watch fails
 /// or ends it is made again. Ends when nobody holds the book any more.
 async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sender<Arc<PollBook>>) {
@@ -186,7 +200,7 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
         tokio::select! {
             () = tx.closed() => return,
             entry = updates.next(), if watching => match entry {
-                Some(Ok(entry)) => add(&tx, &entry.key, entry.operation, &entry.value),
+                Some(Ok(entry)) => added(&tx, &entry),
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "watching the polls bucket failed; watching again");
                     watching = false;
@@ -194,13 +208,8 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
                 None => watching = false,
             },
             _ = resync.tick() => {
-                match read_all(&store).await {
-                    Ok(revisions) => {
-                        for (revision, text, _) in revisions {
-                            add(&tx, &key(revision), kv::Operation::Put, text.as_bytes());
-                        }
-                    }
-                    Err(err) => tracing::warn!(error = format!("{err:#}"), "cannot read the polls bucket"),
+                if let Err(err) = add_missing(&store, &tx).await {
+                    tracing::warn!(error = format!("{err:#}"), "cannot read the polls bucket");
                 }
                 if !watching {
                     match store.watch_all().await {
@@ -216,21 +225,41 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
     }
 }
 
-/// Adds a revision to the book if it is a new, valid one.
-fn add(tx: &watch::Sender<Arc<PollBook>>, key: &str, operation: kv::Operation, value: &[u8]) {
-    let Some(revision) = revision_of(key) else {
+/// Reads the revisions the book lacks and adds them.
+async fn add_missing(store: &kv::Store, tx: &watch::Sender<Arc<PollBook>>) -> anyhow::Result<()> {
+    let book = tx.borrow().clone();
+    for revision in revisions(store).await? {
+        if book.get(revision).is_none()
+            && let Some((_, polls)) = fetch(store, revision).await?
+        {
+            add(tx, revision, polls);
+        }
+    }
+    Ok(())
+}
+
+/// Adds the revision a watched entry holds, if it is a valid one.
+fn added(tx: &watch::Sender<Arc<PollBook>>, entry: &kv::Entry) {
+    let Some(revision) = revision_of(&entry.key) else {
         return;
     };
-    if operation != kv::Operation::Put {
+    if entry.operation != kv::Operation::Put {
         return;
     }
-    let polls = std::str::from_utf8(value)
+    let polls = std::str::from_utf8(&entry.value)
         .ok()
         .and_then(|text| Polls::from_toml(text).ok());
-    let Some(polls) = polls else {
-        tracing::error!(%revision, "a revision in the polls bucket is not a valid polls file; ignored");
-        return;
-    };
+    match polls {
+        Some(polls) => add(tx, revision, polls),
+        None => tracing::error!(
+            %revision,
+            "a revision in the polls bucket is not a valid polls file; ignored"
+        ),
+    }
+}
+
+/// Adds a revision to the book unless it holds it already.
+fn add(tx: &watch::Sender<Arc<PollBook>>, revision: Revision, polls: Polls) {
     tx.send_if_modified(|book| {
         if book.get(revision) == Some(&polls) {
             return false;
