@@ -290,38 +290,27 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
         FaultKind::PartitionWorkerFromPostgres => {
             let i = fault.target % stack.roles.workers.len();
             let name = stack.roles.workers[i].process.name().to_owned();
-            const TIMEOUTS: &str = "landslide_db_timeouts_total";
-            let before = metric(&stack.roles.workers[i], TIMEOUTS).await;
-            let network = stack.network()?;
-            network.cut(&name, crate::POSTGRES_HOST).await?;
-            tokio::time::sleep(fault.down).await;
-            network.heal().await?;
-            let after = metric(&stack.roles.workers[i], TIMEOUTS).await;
+            let url = stack.roles.workers[i].base_url();
+            let cuts = [Cut::Both(name.clone(), crate::POSTGRES_HOST.to_owned())];
+            let gave_up =
+                partition(stack, &cuts, fault, &url, "landslide_db_timeouts_total").await?;
             Ok(format!(
-                "{name} cut off from PostgreSQL for {} ms; it gave up on {} transactions",
+                "{name} cut off from PostgreSQL for {} ms; it gave up on {gave_up} transactions",
                 fault.down.as_millis(),
-                growth(before, after)
             ))
         }
         FaultKind::PartitionIngestFromNats => {
             let i = fault.target % stack.roles.ingest.len();
             let name = stack.roles.ingest[i].process.name().to_owned();
-            let servers: Vec<String> = (0..stack.nats.len())
-                .map(|n| stack.nats.name(n).to_owned())
+            let url = stack.roles.ingest[i].base_url();
+            let cuts: Vec<Cut> = (0..stack.nats.len())
+                .map(|n| Cut::OneWay(stack.nats.name(n).to_owned(), name.clone()))
                 .collect();
-            const REFUSED: &str = "landslide_votes_rejected_total{reason=\"unavailable\"}";
-            let before = metric(&stack.roles.ingest[i], REFUSED).await;
-            let network = stack.network()?;
-            for server in &servers {
-                network.cut_one_way(server, &name).await?;
-            }
-            tokio::time::sleep(fault.down).await;
-            network.heal().await?;
-            let after = metric(&stack.roles.ingest[i], REFUSED).await;
+            let refused = "landslide_votes_rejected_total{reason=\"unavailable\"}";
+            let answered = partition(stack, &cuts, fault, &url, refused).await?;
             Ok(format!(
-                "{name} heard nothing from nats-server for {} ms and answered {} votes 503",
+                "{name} heard nothing from nats-server for {} ms and answered {answered} votes 503",
                 fault.down.as_millis(),
-                growth(before, after)
             ))
         }
         FaultKind::KillIngest => {
@@ -356,20 +345,44 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
     }
 }
 
+/// One cut of a partition: between two hosts, or only the packets from the first to the second.
+enum Cut {
+    Both(String, String),
+    OneWay(String, String),
+}
+
+/// Makes `cuts` for the fault's downtime, then heals them; returns how much `counter` of the role
+/// at `role_url` grew meanwhile, for the fault's detail (`?` when a reading failed).
+async fn partition(
+    stack: &mut Stack,
+    cuts: &[Cut],
+    fault: &Fault,
+    role_url: &str,
+    counter: &str,
+) -> anyhow::Result<String> {
+    let before = metric(role_url, counter).await;
+    let network = stack.network()?;
+    for cut in cuts {
+        match cut {
+            Cut::Both(a, b) => network.cut(a, b).await?,
+            Cut::OneWay(from, to) => network.cut_one_way(from, to).await?,
+        }
+    }
+    tokio::time::sleep(fault.down).await;
+    network.heal().await?;
+    let after = metric(role_url, counter).await;
+    Ok(after
+        .zip(before)
+        .map_or("?".to_owned(), |(a, b)| format!("{}", a - b)))
+}
+
 /// A metric of a role (summed over its labels), if its `/metrics` answers.
-async fn metric(role: &Role, name: &str) -> Option<f64> {
-    let page = reqwest::get(format!("{}/metrics", role.base_url()))
+async fn metric(role_url: &str, name: &str) -> Option<f64> {
+    let page = reqwest::get(format!("{role_url}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
     Some(landslide_telemetry::metric_value(&page, name))
-}
-
-/// How much a metric grew, for a fault's detail: `?` when a reading failed.
-fn growth(before: Option<f64>, after: Option<f64>) -> String {
-    after
-        .zip(before)
-        .map_or("?".to_owned(), |(a, b)| format!("{}", a - b))
 }

@@ -61,6 +61,21 @@ impl Role {
         format!("http://{}", self.addr)
     }
 
+    /// A role of `process`, answering `health_path` at `addr`, started and healthy.
+    async fn launch(
+        process: Process,
+        addr: SocketAddr,
+        health_path: &'static str,
+    ) -> anyhow::Result<Self> {
+        let mut role = Self {
+            process,
+            addr,
+            health_path,
+        };
+        role.start().await?;
+        Ok(role)
+    }
+
     /// Starts the process and waits until its health check answers 200.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         self.process.start()?;
@@ -117,14 +132,10 @@ impl Roles {
             ingest.push(Self::start_ingest(env, dir, &format!("web{}", i + 1), *offset).await?);
         }
         let addr = env.listen_addr("tally")?;
-        let mut tally = Role {
-            process: env
-                .process("tally", "tally", dir)
-                .env("LANDSLIDE_LISTEN", addr),
-            addr,
-            health_path: "/readyz",
-        };
-        tally.start().await?;
+        let tally = env
+            .process("tally", "tally", dir)
+            .env("LANDSLIDE_LISTEN", addr);
+        let tally = Role::launch(tally, addr, "/readyz").await?;
         Ok(Self {
             ingest,
             workers: worker_roles,
@@ -150,13 +161,7 @@ impl Roles {
             .env("LANDSLIDE_CLOCK_OFFSET_MS", offset)
             // Half the default: outages turn into 503s (and their ambiguous publishes) sooner.
             .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000);
-        let mut role = Role {
-            process,
-            addr,
-            health_path: "/readyz",
-        };
-        role.start().await?;
-        Ok(role)
+        Role::launch(process, addr, "/readyz").await
     }
 
     /// Starts dedup-worker number `n` (its name and log are `worker<n>`).
@@ -166,13 +171,7 @@ impl Roles {
         let process = env
             .process(&name, "dedup-worker", dir)
             .env("LANDSLIDE_METRICS_LISTEN", addr);
-        let mut role = Role {
-            process,
-            addr,
-            health_path: "/healthz",
-        };
-        role.start().await?;
-        Ok(role)
+        Role::launch(process, addr, "/healthz").await
     }
 
     /// `Err` naming every role that is not running (one that exited on its own is a finding).
