@@ -2,6 +2,7 @@
 //! receipt its voter got ([`Receipt`]). One indexed read of the voter's ballot per request, on a
 //! small pool of its own: the results' one query per refresh stays what it was.
 
+use askama::Template;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -145,20 +146,21 @@ pub(crate) async fn page(State(state): State<AppState>, Path(receipt): Path<Stri
         ),
         Err((status, error)) => (status, error),
     };
-    let html = format!(
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>Your vote</title>\n</head>\n<body>\n<main>\n<h1>Your vote</h1>\n\
-         <p id=\"standing\">{}</p>\n</main>\n</body>\n</html>\n",
-        escape(&sentence)
-    );
-    (status, Html(html)).into_response()
+    // askama escapes the sentence (a choice is an identifier, but every shown value is escaped).
+    let page = ReceiptPage {
+        sentence: &sentence,
+    };
+    match page.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot render the receipt page");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot render the page").into_response()
+        }
+    }
 }
 
-/// Escapes text for HTML (a choice is an identifier, but the page escapes everything it shows).
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+#[derive(Template)]
+#[template(path = "receipt.html")]
+struct ReceiptPage<'a> {
+    sentence: &'a str,
 }
