@@ -190,11 +190,12 @@ pub enum Drain {
 /// Waits until the consumer has nothing pending or unacked, checking with `dead_roles` that no
 /// role has died meanwhile (a dead worker would make the wait pointless).
 pub async fn wait_drained(
-    nats_urls: &str,
+    nats: &landslide_nats::NatsConfig,
     timeout: Duration,
     mut dead_roles: impl FnMut() -> Vec<String>,
 ) -> anyhow::Result<Drain> {
-    let client = landslide_nats::connect(nats_urls, "landslide-chaos-drain").await?;
+    let client =
+        landslide_nats::connect(nats, landslide_nats::User::Admin, "landslide-chaos-drain").await?;
     let js = async_nats::jetstream::new(client);
     let topology = landslide_nats::Topology::default();
     let started = Instant::now();
@@ -221,8 +222,9 @@ pub async fn wait_drained(
 }
 
 /// The dead-letter stream's payloads.
-pub async fn dead_letters(nats_urls: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    let client = landslide_nats::connect(nats_urls, "landslide-chaos-dlq").await?;
+pub async fn dead_letters(nats: &landslide_nats::NatsConfig) -> anyhow::Result<Vec<Vec<u8>>> {
+    let client =
+        landslide_nats::connect(nats, landslide_nats::User::Admin, "landslide-chaos-dlq").await?;
     let js = async_nats::jetstream::new(client);
     let topology = landslide_nats::Topology::default();
     let mut stream = js

@@ -181,7 +181,10 @@ impl Stack {
         let env = RoleEnv {
             places: role_hosts.iter().map(|h| (h.clone(), place(h))).collect(),
             landslide: config.landslide.clone(),
-            nats_urls: nats.urls(),
+            nats: landslide_nats::User::ALL
+                .into_iter()
+                .map(|user| (user, nats.config(user)))
+                .collect(),
             replicas: config.layout.replicas(),
             database_url: postgres.url("postgres"),
             secret: config.secret.clone(),
@@ -274,7 +277,12 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         scenario.voters,
         started,
     );
-    let injected = inject_poison(&env.nats_urls, &poison, &driver.counters, scenario);
+    let injected = inject_poison(
+        env.nats(landslide_nats::User::Ingest),
+        &poison,
+        &driver.counters,
+        scenario,
+    );
     let ((outcomes, load_time), fault_records, injected) = tokio::join!(load, faults, injected);
     tracing::info!(
         ?load_time,
@@ -291,9 +299,11 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     if let Err(e) = stack.nats.check_running() {
         report.failures.push(format!("{e:#}"));
     }
-    let drain = check::wait_drained(&env.nats_urls, scenario.drain_timeout, || {
-        stack.roles.check_running()
-    });
+    let drain = check::wait_drained(
+        env.nats(landslide_nats::User::Admin),
+        scenario.drain_timeout,
+        || stack.roles.check_running(),
+    );
     match drain.await? {
         check::Drain::Done(took) => report.drain_time = Some(took),
         check::Drain::Pending(pending) => report.failures.push(format!(
@@ -357,13 +367,16 @@ async fn run_faults(
 /// Publishes the malformed messages straight into the stream, spread over the load, each
 /// retried with its own message id until JetStream stores it.
 async fn inject_poison(
-    nats_urls: &str,
+    nats: &landslide_nats::NatsConfig,
     poison: &[Vec<u8>],
     counters: &Counters,
     scenario: &Scenario,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::message::PublishMessage;
-    let client = landslide_nats::connect(nats_urls, "landslide-chaos-poison").await?;
+    // As an ingest node: only ingest's user may publish to the votes subjects.
+    let client =
+        landslide_nats::connect(nats, landslide_nats::User::Ingest, "landslide-chaos-poison")
+            .await?;
     let js = async_nats::jetstream::new(client);
     let subject = format!(
         "{}.chaos-injector",
@@ -452,7 +465,7 @@ async fn check_outcome(
     report.failures.extend(verdict.examples);
 
     // A stream that is gone (a power cut of a server that did not fsync) is a finding.
-    let dead = match check::dead_letters(&env.nats_urls).await {
+    let dead = match check::dead_letters(env.nats(landslide_nats::User::Admin)).await {
         Ok(dead) => dead,
         Err(e) => {
             report
@@ -475,7 +488,7 @@ async fn check_outcome(
 
     let audit = tokio::process::Command::new(&env.landslide)
         .args(["audit", "--wait-secs", "60"])
-        .env("NATS_URL", &env.nats_urls)
+        .envs(env.nats(landslide_nats::User::Audit).env())
         .env("DATABASE_URL", &env.database_url)
         .env("LANDSLIDE_STREAM_REPLICAS", env.replicas.to_string())
         .env(

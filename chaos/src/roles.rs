@@ -7,13 +7,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+use landslide_nats::{NatsConfig, User};
 use landslide_servers::{Place, Process, free_port};
 
 /// What every role is started with.
 #[derive(Debug, Clone)]
 pub struct RoleEnv {
     pub landslide: PathBuf,
-    pub nats_urls: String,
+    /// How each role's user connects to the servers.
+    pub nats: std::collections::HashMap<User, NatsConfig>,
     pub replicas: usize,
     pub database_url: String,
     pub secret: String,
@@ -23,6 +25,13 @@ pub struct RoleEnv {
 }
 
 impl RoleEnv {
+    /// How `user` connects to the servers.
+    pub fn nats(&self, user: User) -> &NatsConfig {
+        self.nats
+            .get(&user)
+            .unwrap_or_else(|| unreachable!("every user has a configuration"))
+    }
+
     fn place(&self, name: &str) -> Place {
         self.places.get(name).cloned().unwrap_or_default()
     }
@@ -32,12 +41,15 @@ impl RoleEnv {
         Ok(SocketAddr::from((self.place(name).addr(), free_port()?)))
     }
 
-    /// A `landslide <role>` process with the shared settings, at its place.
-    fn process(&self, name: &str, role: &str, dir: &Path) -> Process {
-        Process::new(name, &self.landslide, dir.join(format!("{name}.log")))
+    /// A `landslide <role>` process with the shared settings, as `user`, at its place.
+    fn process(&self, name: &str, role: &str, user: User, dir: &Path) -> Process {
+        let mut process = Process::new(name, &self.landslide, dir.join(format!("{name}.log")))
             .at(&self.place(name))
-            .arg(role)
-            .env("NATS_URL", &self.nats_urls)
+            .arg(role);
+        for (var, value) in self.nats(user).env() {
+            process = process.env(var, value);
+        }
+        process
             .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
             .env("LANDSLIDE_ACK_WAIT_MS", self.ack_wait.as_millis())
             .env("DATABASE_URL", &self.database_url)
@@ -133,7 +145,7 @@ impl Roles {
         }
         let addr = env.listen_addr("tally")?;
         let tally = env
-            .process("tally", "tally", dir)
+            .process("tally", "tally", User::Tally, dir)
             .env("LANDSLIDE_LISTEN", addr);
         let tally = Role::launch(tally, addr, "/readyz").await?;
         Ok(Self {
@@ -154,7 +166,7 @@ impl Roles {
     ) -> anyhow::Result<Role> {
         let addr = env.listen_addr(name)?;
         let process = env
-            .process(name, "ingest", dir)
+            .process(name, "ingest", User::Ingest, dir)
             .env("LANDSLIDE_NODE_ID", name)
             .env("LANDSLIDE_LISTEN", addr)
             .env("LANDSLIDE_SECRET", &env.secret)
@@ -169,7 +181,7 @@ impl Roles {
         let name = format!("worker{n}");
         let addr = env.listen_addr(&name)?;
         let process = env
-            .process(&name, "dedup-worker", dir)
+            .process(&name, "dedup-worker", User::Worker, dir)
             .env("LANDSLIDE_METRICS_LISTEN", addr);
         Role::launch(process, addr, "/healthz").await
     }

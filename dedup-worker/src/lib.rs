@@ -8,7 +8,6 @@
 //! never ack a message whose effect is not committed, never let one bad message block the stream,
 //! and never treat a database outage as bad messages.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -17,14 +16,14 @@ use async_nats::jetstream::consumer::pull::MessagesError;
 use async_nats::jetstream::{self, AckKind, Message};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
+use landslide_config::{Connections, Shutdown};
 use landslide_nats::polls::PollWatch;
-use landslide_nats::{HeaderExtractor, Topology};
+use landslide_nats::{Access, HeaderExtractor, User};
 use landslide_schema::poll::Unjudged;
-use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
-use landslide_schema::{PollBook, Polls, Revision, VoteEvent, merge};
+use landslide_schema::{PollBook, Revision, VoteEvent, merge};
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -38,12 +37,10 @@ pub use upsert::UpsertBatch;
 /// Configuration of one worker.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
-    pub database_url: DatabaseUrl,
-    pub topology: Topology,
-    /// The poll definitions that seed the polls bucket when it holds none; once it holds one,
-    /// each vote is judged by the bucket's revision that the vote names.
-    pub polls: Polls,
+    /// The broker (as the `worker` user), the database (required), the names, and the polls
+    /// that seed the polls bucket when it holds none; once it holds one, each vote is judged by
+    /// the bucket's revision that the vote names.
+    pub connections: Connections,
     /// Most messages in one transaction.
     pub batch_size: usize,
     /// Longest wait to fill a batch once its first message is in hand.
@@ -72,6 +69,7 @@ impl Config {
     /// held them.
     pub fn database_bound(&self) -> Duration {
         let ack_wait = self
+            .connections
             .topology
             .consumer_config()
             .map(|c| c.ack_wait)
@@ -79,12 +77,9 @@ impl Config {
         (ack_wait * 2 / 3).min(Duration::from_secs(20))
     }
 
-    pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
+    pub fn new(connections: Connections) -> Self {
         Self {
-            nats_url: nats_url.into(),
-            database_url: database_url.into(),
-            topology: Topology::default(),
-            polls: Polls::default(),
+            connections,
             batch_size: 1000,
             batch_wait: Duration::from_millis(20),
             shard: random_shard(),
@@ -111,38 +106,41 @@ fn random_shard() -> i16 {
 pub struct FailPointReached(pub FailPoint);
 
 /// Drains the consumer until `shutdown` completes, then finishes the batch in hand and returns.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // Install the metrics recorder before the first batch is counted.
     landslide_telemetry::prometheus();
     // Connect first: its error names DATABASE_URL, where a migration failure would not. A
     // database that is restarting ("the database system is shutting down", found by the
     // reliability harness) is waited for, like JetStream below, rather than exited on.
-    let url = config.database_url.expose();
+    let connections = &config.connections;
+    let url = connections.database()?.expose();
     let db = landslide_nats::retry_startup("connect to PostgreSQL", || async {
         let db = connect_db(url).await?;
         landslide_schema::postgres::migrate(url).await?;
         Ok(db)
     })
     .await?;
-    let client =
-        landslide_nats::connect_patiently(&config.nats_url, "landslide-dedup-worker").await?;
+    let client = landslide_nats::connect_patiently(
+        &connections.nats,
+        User::Worker,
+        "landslide-dedup-worker",
+    )
+    .await?;
     let js = jetstream::new(client.clone());
+    let topology = &connections.topology;
     let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {
-        landslide_nats::ensure_consumer(&js, &config.topology)
+        landslide_nats::ensure_consumer(&js, topology, Access::SetUp)
     })
     .await?;
     tracing::info!(
-        consumer = %config.topology.consumer,
-        stream = %config.topology.votes_stream,
+        consumer = %topology.consumer,
+        stream = %topology.votes_stream,
         batch.size = config.batch_size,
         shard = config.shard,
         "dedup-worker draining"
     );
     let polls = landslide_nats::retry_startup("read the poll definitions", || {
-        landslide_nats::polls::watch(&js, &config.topology, &config.polls)
+        landslide_nats::polls::watch(&js, topology, &connections.polls, Access::SetUp)
     })
     .await?;
     let mut worker = Worker {
@@ -152,7 +150,7 @@ pub async fn run(
         config,
         db_failures: 0,
     };
-    let result = worker.drain(consumer, shutdown).await;
+    let result = worker.drain(consumer, shutdown.wait()).await;
     // Acks are plain publishes: flush them before the connection goes away. Bounded: with the
     // server gone the flush would wait forever; unflushed acks only mean redeliveries.
     match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
@@ -366,7 +364,7 @@ impl Worker {
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
             if self.db.is_none() {
-                self.db = Some(connect_db(self.config.database_url.expose()).await?);
+                self.db = Some(connect_db(self.config.connections.database()?.expose()).await?);
                 tracing::info!("reconnected to PostgreSQL");
             }
             let Some(conn) = self.db.as_mut() else {
@@ -418,7 +416,7 @@ impl Worker {
     /// Sends one message to the dead-letter stream, then terminates it. If the dead-letter
     /// publish is not acknowledged, the message is naked instead: it is never dropped silently.
     async fn dead_letter(&self, message: Message, reason: &str) {
-        let topology = &self.config.topology;
+        let topology = &self.config.connections.topology;
         let subject = dlq_subject(
             &topology.dlq_prefix,
             &topology.votes_prefix,

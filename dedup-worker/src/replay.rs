@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream;
 use diesel_async::AsyncConnection as _;
+use landslide_nats::{Access, User};
 use landslide_schema::poll::Unjudged;
 use landslide_schema::{VoteEvent, merge};
 
@@ -58,12 +59,15 @@ impl std::fmt::Display for ReplayReport {
 /// the worker's configuration: its NATS, database, topology and polls.
 pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
-    let url = config.database_url.expose();
+    let connections = &config.connections;
+    let url = connections.database()?.expose();
     let mut conn = crate::connect_db(url).await?;
     landslide_schema::postgres::migrate(url).await?;
-    let client = landslide_nats::connect(&config.nats_url, "landslide-replay").await?;
+    let client =
+        landslide_nats::connect(&connections.nats, User::Worker, "landslide-replay").await?;
     let js = jetstream::new(client);
-    let name = &config.topology.votes_stream;
+    let topology = &connections.topology;
+    let name = &topology.votes_stream;
     let mut stream = js
         .get_stream(name)
         .await
@@ -81,8 +85,8 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
     // Its own shard: the tallies' sum over shards is what counts, and a running worker's rows
     // are never waited on.
     let shard = crate::random_shard();
-    let store = landslide_nats::polls::ensure_bucket(&js, &config.topology).await?;
-    let polls = landslide_nats::polls::load(&store, &config.polls).await?;
+    let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::SetUp).await?;
+    let polls = landslide_nats::polls::load(&store, &connections.polls, Access::SetUp).await?;
     let mut reader = landslide_nats::StreamReader::open(&stream, last, "landslide replay").await?;
     let chunk_size = chunk.max(1);
     let mut chunk = Vec::with_capacity(chunk_size.min(100_000));

@@ -5,12 +5,12 @@
 //! in the signed voter cookie, everything about a vote in the stream. It must never answer 2xx for a
 //! vote that JetStream has not acknowledged, and never let a bad request, a forged cookie or a broker
 //! outage crash it.
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use landslide_nats::Topology;
-use landslide_schema::{NodeId, Polls};
+use landslide_config::{Connections, Shutdown};
+use landslide_nats::{Access, User};
+use landslide_schema::NodeId;
 
 pub mod clock;
 mod http;
@@ -51,12 +51,10 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node_id: NodeId,
-    pub nats_url: String,
-    pub topology: Topology,
+    /// The broker (as the `ingest` user), the names and the polls. The node never seeds the
+    /// polls bucket or creates a stream: it waits for a worker to have set them up.
+    pub connections: Connections,
     pub secret: Secret,
-    /// The poll definitions that seed the polls bucket when it holds none; once it holds one,
-    /// the bucket's latest revision is what the node accepts votes by.
-    pub polls: Polls,
     /// The wall clock that stamps votes; tests skew it.
     pub clock: Arc<dyn Clock>,
     /// How long one publish waits for its JetStream ack.
@@ -75,13 +73,11 @@ pub struct Config {
 
 impl Config {
     /// Defaults for everything but the identity, the broker and the key.
-    pub fn new(node_id: NodeId, nats_url: impl Into<String>, secret: Secret) -> Self {
+    pub fn new(node_id: NodeId, connections: Connections, secret: Secret) -> Self {
         Self {
             node_id,
-            nats_url: nats_url.into(),
-            topology: Topology::default(),
+            connections,
             secret,
-            polls: Polls::default(),
             clock: Arc::new(SystemClock::default()),
             publish_timeout: Duration::from_secs(2),
             publish_attempts: 3,
@@ -105,7 +101,7 @@ impl Config {
     pub fn batches_in_flight(&self) -> usize {
         match self.publish_batches {
             Some(n) => n.max(1),
-            None if self.topology.replicas <= 1 => 1,
+            None if self.connections.topology.replicas <= 1 => 1,
             None => 4,
         }
     }
@@ -116,22 +112,25 @@ impl Config {
 pub async fn run(
     config: Config,
     listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     // Install the metrics recorder before the first vote is counted.
     landslide_telemetry::prometheus();
+    let connections = &config.connections;
+    let topology = &connections.topology;
     let client = landslide_nats::connect_patiently(
-        &config.nats_url,
+        &connections.nats,
+        User::Ingest,
         &format!("landslide-ingest-{}", config.node_id),
     )
     .await?;
     let js = publish::jetstream_context(client.clone(), &config);
-    landslide_nats::retry_startup("ensure the votes stream", || {
-        landslide_nats::ensure_votes_stream(&js, &config.topology)
+    landslide_nats::retry_startup("find the votes stream", || {
+        landslide_nats::ensure_votes_stream(&js, topology, Access::ReadOnly)
     })
     .await?;
     let polls = landslide_nats::retry_startup("read the poll definitions", || {
-        landslide_nats::polls::watch(&js, &config.topology, &config.polls)
+        landslide_nats::polls::watch(&js, topology, &connections.polls, Access::ReadOnly)
     })
     .await?;
     let state = http::AppState::new(&config, polls, client.clone(), js);
@@ -139,10 +138,10 @@ pub async fn run(
     tracing::info!(
         node = %config.node_id,
         listen = %listener.local_addr()?,
-        subject = %landslide_schema::subject::vote_subject(&config.topology.votes_prefix, &config.node_id),
+        subject = %landslide_schema::subject::vote_subject(&topology.votes_prefix, &config.node_id),
         "ingest node serving"
     );
-    landslide_telemetry::serve::serve(listener, app, config.http, shutdown)
+    landslide_telemetry::serve::serve(listener, app, config.http, shutdown.wait())
         .await
         .map_err(|e| anyhow::anyhow!("ingest server failed: {e}"))?;
     // Every handler has returned, so every publish has its ack; flush what the client still buffers.

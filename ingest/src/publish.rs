@@ -170,10 +170,10 @@ impl Publisher {
             client,
             js: js.clone(),
             subject: landslide_schema::subject::vote_subject(
-                &config.topology.votes_prefix,
+                &config.connections.topology.votes_prefix,
                 &config.node_id,
             ),
-            stream: config.topology.votes_stream.clone(),
+            stream: config.connections.topology.votes_stream.clone(),
             timeout: config.publish_timeout,
             attempts: config.publish_attempts.max(1),
             in_flight: config.batches_in_flight(),
@@ -182,7 +182,7 @@ impl Publisher {
         tokio::spawn(committer.run(queued));
         Self {
             js,
-            stream: config.topology.votes_stream.clone(),
+            stream: config.connections.topology.votes_stream.clone(),
             queue,
         }
     }

@@ -28,7 +28,10 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use anyhow::{Context, bail};
+use landslide_nats::{NatsConfig, User};
 use landslide_servers::postgres::PostgresSpec;
 use landslide_servers::{Binaries, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
 
@@ -62,8 +65,9 @@ impl Default for LocalPorts {
 pub struct LocalConfig {
     /// The data folder; created if missing.
     pub data_dir: PathBuf,
-    /// An existing NATS server to use (`NATS_URL`) instead of starting one.
-    pub nats_url: Option<String>,
+    /// An existing NATS server to use (`NATS_URL`) instead of starting one: how each role's
+    /// user connects to it.
+    pub nats: Option<NatsUsers>,
     /// An existing PostgreSQL database to use (`DATABASE_URL`) instead of starting one.
     pub database_url: Option<String>,
     /// The cookie-signing secret (`LANDSLIDE_SECRET`) instead of the one kept in the data folder.
@@ -77,7 +81,7 @@ impl LocalConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            nats_url: None,
+            nats: None,
             database_url: None,
             secret: None,
             ports: LocalPorts::default(),
@@ -90,7 +94,7 @@ impl fmt::Debug for LocalConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalConfig")
             .field("data_dir", &self.data_dir)
-            .field("nats_url", &self.nats_url)
+            .field("nats", &self.nats)
             .field(
                 "database_url",
                 &self
@@ -104,10 +108,14 @@ impl fmt::Debug for LocalConfig {
     }
 }
 
+/// How each role's NATS user connects: servers, its password, the CA.
+pub type NatsUsers = HashMap<User, NatsConfig>;
+
 /// The running local infrastructure: where to reach it, and the servers we started.
 pub struct LocalStack {
-    /// NATS with JetStream: ours (`nats://127.0.0.1:PORT`) or the one the caller gave.
-    pub nats_url: String,
+    /// NATS with JetStream, as each role's user reaches it: ours (`nats://127.0.0.1:PORT`, the
+    /// passwords and CA kept under `<data_dir>/nats-tls/`) or the one the caller gave.
+    pub nats_users: NatsUsers,
     /// `postgres://landslide@127.0.0.1:PORT/landslide` (database created, not migrated), or the
     /// caller's.
     pub database_url: String,
@@ -123,7 +131,7 @@ impl fmt::Debug for LocalStack {
     // By hand, so that the secret is never printed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalStack")
-            .field("nats_url", &self.nats_url)
+            .field("nats_users", &self.nats_users)
             .field(
                 "database_url",
                 &landslide_schema::postgres::redact(&self.database_url),
@@ -136,6 +144,14 @@ impl fmt::Debug for LocalStack {
 }
 
 impl LocalStack {
+    /// How `user`'s role connects to NATS.
+    pub fn nats_config(&self, user: User) -> NatsConfig {
+        self.nats_users
+            .get(&user)
+            .cloned()
+            .unwrap_or_else(|| unreachable!("every user has a configuration"))
+    }
+
     /// Starts what the caller does not already have, and returns once every server we started
     /// accepts requests (JetStream answers, the `landslide` database exists).
     ///
@@ -147,8 +163,8 @@ impl LocalStack {
 
     async fn start_with(config: LocalConfig, binaries: &Binaries) -> anyhow::Result<LocalStack> {
         // Find every binary before touching anything, so a missing one fails fast and cleanly.
-        let nats = match config.nats_url {
-            Some(url) => Server::Given(url),
+        let nats = match config.nats {
+            Some(users) => Server::Given(users),
             None => Server::Start(binaries.nats_server()?),
         };
         let postgres = match config.database_url {
@@ -179,10 +195,16 @@ impl LocalStack {
             }
         };
 
-        let (nats_url, nats) = match nats {
-            Server::Given(url) => (url, None),
+        let (nats_users, nats) = match nats {
+            Server::Given(users) => (users, None),
             Server::Start(bin) => match start_nats(bin, &data_dir, config.ports.nats).await {
-                Ok(server) => (server.url(0), Some(server)),
+                Ok(server) => (
+                    User::ALL
+                        .into_iter()
+                        .map(|user| (user, server.config(user)))
+                        .collect(),
+                    Some(server),
+                ),
                 Err(e) => {
                     // Do not leave the daemonized PostgreSQL behind.
                     if let Some(mut pg) = postgres
@@ -196,7 +218,7 @@ impl LocalStack {
         };
 
         Ok(LocalStack {
-            nats_url,
+            nats_users,
             database_url,
             secret,
             nats,
@@ -300,8 +322,8 @@ async fn start_postgres(
 }
 
 /// A server the caller gave by URL, or the binaries to start our own with.
-enum Server<B> {
-    Given(String),
+enum Server<G, B> {
+    Given(G),
     Start(B),
 }
 
@@ -392,6 +414,14 @@ mod tests {
         landslide_servers::free_port().expect("bind an ephemeral port")
     }
 
+    /// A NATS server the caller gives, each user with a password of its own.
+    fn given(url: &str) -> NatsUsers {
+        User::ALL
+            .into_iter()
+            .map(|user| (user, NatsConfig::user(url, user.name(), "pw", None)))
+            .collect()
+    }
+
     fn free_ports() -> LocalPorts {
         LocalPorts {
             nats: free_port(),
@@ -414,10 +444,17 @@ mod tests {
         }
     }
 
-    async fn assert_jetstream_answers(url: &str) {
-        assert!(jetstream_answers(url).await, "JetStream answers on {url}");
+    async fn assert_jetstream_answers(stack: &LocalStack) {
+        let config = stack.nats_config(User::Admin);
+        assert!(
+            jetstream_answers(&config, User::Admin).await,
+            "JetStream answers on {}",
+            config.urls
+        );
         // And streams work: create one with file storage and publish to it with an ack.
-        let client = async_nats::connect(url).await.expect("connect to our nats");
+        let client = landslide_nats::connect(&config, User::Admin, "test")
+            .await
+            .expect("connect to our nats");
         let js = async_nats::jetstream::new(client);
         js.get_or_create_stream(async_nats::jetstream::stream::Config {
             name: "PROBE".into(),
@@ -457,7 +494,7 @@ mod tests {
         let stack = LocalStack::start(config(&data_dir, free_ports()))
             .await
             .expect("first start");
-        assert_jetstream_answers(&stack.nats_url).await;
+        assert_jetstream_answers(&stack).await;
         let mut conn = AsyncPgConnection::establish(&stack.database_url)
             .await
             .expect("connect to our database");
@@ -482,7 +519,10 @@ mod tests {
         let stack = LocalStack::start(config(&data_dir, ports))
             .await
             .expect("second start");
-        assert_eq!(stack.nats_url, format!("nats://127.0.0.1:{}", ports.nats));
+        assert_eq!(
+            stack.nats_config(User::Ingest).urls,
+            format!("nats://127.0.0.1:{}", ports.nats)
+        );
         assert_eq!(
             stack.database_url,
             format!(
@@ -491,7 +531,7 @@ mod tests {
             )
         );
         assert_eq!(stack.secret, secret, "the secret is kept");
-        assert_jetstream_answers(&stack.nats_url).await;
+        assert_jetstream_answers(&stack).await;
         assert_eq!(votes(&stack.database_url).await, ["cats"]);
         stack.stop().await.expect("second stop");
 
@@ -531,7 +571,7 @@ mod tests {
         let stack = LocalStack::start(config(dir.path(), ports))
             .await
             .expect("start over leftovers");
-        assert_jetstream_answers(&stack.nats_url).await;
+        assert_jetstream_answers(&stack).await;
         assert_eq!(votes(&stack.database_url).await, ["dogs"]);
         assert!(
             !process_alive(old_nats),
@@ -568,14 +608,14 @@ mod tests {
     async fn a_second_stack_on_a_folder_in_use_is_refused() {
         let dir = reachable_tempdir();
         let first = LocalStack::start(LocalConfig {
-            nats_url: Some("nats://unused".into()),
+            nats: Some(given("nats://unused")),
             database_url: Some("postgres://unused".into()),
             ..config(dir.path(), free_ports())
         })
         .await
         .expect("first start");
         let err = LocalStack::start(LocalConfig {
-            nats_url: Some("nats://unused".into()),
+            nats: Some(given("nats://unused")),
             database_url: Some("postgres://unused".into()),
             ..config(dir.path(), free_ports())
         })
@@ -613,14 +653,14 @@ mod tests {
     async fn given_urls_and_secret_are_used_as_they_are() {
         let dir = reachable_tempdir();
         let stack = LocalStack::start(LocalConfig {
-            nats_url: Some("nats://elsewhere:4222".into()),
+            nats: Some(given("nats://elsewhere:4222")),
             database_url: Some("postgres://u@elsewhere/db".into()),
             secret: Some("s".repeat(40)),
             ..config(&dir.path().join("never-created"), free_ports())
         })
         .await
         .expect("start with everything given");
-        assert_eq!(stack.nats_url, "nats://elsewhere:4222");
+        assert_eq!(stack.nats_config(User::Tally).urls, "nats://elsewhere:4222");
         assert_eq!(stack.database_url, "postgres://u@elsewhere/db");
         assert_eq!(stack.secret, "s".repeat(40));
         assert!(!dir.path().join("never-created").exists());
@@ -666,7 +706,7 @@ mod tests {
         let dir = reachable_tempdir();
         let err = LocalStack::start_with(
             LocalConfig {
-                nats_url: Some("nats://unused".into()),
+                nats: Some(given("nats://unused")),
                 ..config(&dir.path().join("data"), free_ports())
             },
             &nowhere(dir.path()),
@@ -690,7 +730,7 @@ mod tests {
         std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700))
             .expect("chmod temp dir");
         let err = LocalStack::start(LocalConfig {
-            nats_url: Some("nats://unused".into()),
+            nats: Some(given("nats://unused")),
             ..config(&private.path().join("data"), free_ports())
         })
         .await

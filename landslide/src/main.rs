@@ -5,7 +5,6 @@
 //! the database again. Each subcommand reads its configuration
 //! once, from flags and the environment, and fails before binding anything if it is incomplete.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use landslide_nats::Topology;
+use landslide_config::{Connections, Shutdown};
+use landslide_nats::auth::{CredentialSettings, Tls};
+use landslide_nats::{Access, NatsConfig, Topology, User};
 use landslide_schema::{NodeId, Polls};
 
 mod local;
@@ -95,6 +96,8 @@ struct Shared {
     /// NATS server(s), comma-separated for a cluster.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    #[command(flatten)]
+    nats_auth: NatsAuthArgs,
     /// A TOML file defining the polls (default: the built-in "pets" poll).
     #[arg(long, env = "LANDSLIDE_POLLS")]
     polls: Option<PathBuf>,
@@ -111,7 +114,78 @@ struct Shared {
     ack_wait_ms: Option<u64>,
 }
 
+/// How a role proves who it is to NATS (one way of these), and how it checks the server.
+#[derive(Debug, Args, Clone, Default)]
+struct NatsAuthArgs {
+    /// The NATS user (nats/auth.conf: ingest, worker, tally, audit or admin), with a password.
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// The NATS user's password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// A file holding the NATS user's password (instead of NATS_PASSWORD).
+    #[arg(long, env = "NATS_PASSWORD_FILE")]
+    nats_password_file: Option<PathBuf>,
+    /// A NATS token (instead of a user).
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// A file holding a NATS token.
+    #[arg(long, env = "NATS_TOKEN_FILE")]
+    nats_token_file: Option<PathBuf>,
+    /// A file holding an nkey seed (SU…).
+    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
+    nats_nkey_seed_file: Option<PathBuf>,
+    /// A NATS .creds file (user JWT and seed), for an operator-mode server.
+    #[arg(long, env = "NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the servers' certificates: with it, TLS is required
+    /// and each server's certificate is verified.
+    #[arg(long, env = "NATS_CA")]
+    nats_ca: Option<PathBuf>,
+    /// A client certificate (PEM), for servers that verify clients; with NATS_KEY.
+    #[arg(long, env = "NATS_CERT", requires = "nats_key")]
+    nats_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "NATS_KEY", requires = "nats_cert")]
+    nats_key: Option<PathBuf>,
+}
+
+impl NatsAuthArgs {
+    fn config(&self, urls: &str) -> anyhow::Result<NatsConfig> {
+        let credentials = CredentialSettings {
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            password_file: self.nats_password_file.clone(),
+            token: self.nats_token.clone(),
+            token_file: self.nats_token_file.clone(),
+            nkey_seed_file: self.nats_nkey_seed_file.clone(),
+            creds: self.nats_creds.clone(),
+        }
+        .credentials()?;
+        let client = self.nats_cert.clone().zip(self.nats_key.clone());
+        let tls = self.nats_ca.clone().map(|ca| Tls { ca, client });
+        Ok(NatsConfig {
+            urls: urls.to_owned(),
+            credentials,
+            tls,
+        })
+    }
+}
+
 impl Shared {
+    /// The one connection configuration of every role: NATS (credentials and TLS), the
+    /// database if the role has one, the names and the polls.
+    fn connections(&self, db: Option<&DatabaseArgs>) -> anyhow::Result<Connections> {
+        let database = match db {
+            Some(db) => Some(db.url()?.into()),
+            None => None,
+        };
+        let mut connections = Connections::new(self.nats_auth.config(&self.nats_url)?, database);
+        connections.topology = self.topology();
+        connections.polls = self.polls()?;
+        Ok(connections)
+    }
+
     /// Says loudly if a server in `--nats-monitor-url` acks before it fsyncs (a client connection
     /// cannot tell, so without the URL nothing is checked).
     async fn check_sync(&self) {
@@ -121,7 +195,12 @@ impl Shared {
     }
 
     fn polls(&self) -> anyhow::Result<Polls> {
-        match &self.polls {
+        Self::polls_file(self.polls.as_deref())
+    }
+
+    /// The polls of a `LANDSLIDE_POLLS` file, or the built-in poll.
+    fn polls_file(path: Option<&std::path::Path>) -> anyhow::Result<Polls> {
+        match path {
             None => Ok(Polls::default()),
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| {
@@ -224,9 +303,8 @@ impl IngestArgs {
             .with_context(|| format!("invalid --node-id {node_id:?} (LANDSLIDE_NODE_ID)"))?;
         let secret = required(&self.secret, "--secret", "LANDSLIDE_SECRET")?;
         let secret = landslide_ingest::Secret::new(secret)?;
-        let mut config = landslide_ingest::Config::new(node_id, &self.shared.nats_url, secret);
-        config.topology = self.shared.topology();
-        config.polls = self.shared.polls()?;
+        let mut config =
+            landslide_ingest::Config::new(node_id, self.shared.connections(None)?, secret);
         config.clock = Arc::new(landslide_ingest::SystemClock {
             offset_ms: self.clock_offset_ms,
         });
@@ -289,9 +367,8 @@ impl WorkerArgs {
             (1..=1000).contains(&self.batch_size),
             "--batch-size (LANDSLIDE_BATCH_SIZE) must be between 1 and 1000, the consumer's max_batch"
         );
-        let mut config = landslide_dedup_worker::Config::new(&self.shared.nats_url, self.db.url()?);
-        config.topology = self.shared.topology();
-        config.polls = self.shared.polls()?;
+        let mut config =
+            landslide_dedup_worker::Config::new(self.shared.connections(Some(&self.db))?);
         config.batch_size = self.batch_size;
         config.batch_wait = Duration::from_millis(self.batch_wait_ms);
         Ok(config)
@@ -319,9 +396,7 @@ struct TallyArgs {
 
 impl TallyArgs {
     fn config(&self) -> anyhow::Result<landslide_tally::Config> {
-        let mut config = landslide_tally::Config::new(&self.shared.nats_url, self.db.url()?);
-        config.topology = self.shared.topology();
-        config.polls = self.shared.polls()?;
+        let mut config = landslide_tally::Config::new(self.shared.connections(Some(&self.db))?);
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
         config.http = self.http.limits();
@@ -359,10 +434,7 @@ struct ExportArgs {
 impl AuditArgs {
     fn config(&self) -> anyhow::Result<landslide_tally::audit::AuditConfig> {
         Ok(landslide_tally::audit::AuditConfig {
-            nats_url: self.shared.nats_url.clone(),
-            database_url: self.db.url()?.into(),
-            topology: self.shared.topology(),
-            polls: self.shared.polls()?,
+            connections: self.shared.connections(Some(&self.db))?,
             wait: Duration::from_secs(self.wait_secs),
         })
     }
@@ -451,7 +523,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let config = args.config()?;
             let listener = bind(args.listen).await?;
             args.shared.check_sync().await;
-            landslide_ingest::run(config, listener, shutdown_signal())
+            landslide_ingest::run(config, listener, Shutdown::on_signal())
                 .await
                 .map(|()| std::process::ExitCode::SUCCESS)
         }
@@ -460,7 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let config = args.config()?;
             let listener = bind(args.listen).await?;
             args.shared.check_sync().await;
-            landslide_tally::run(config, listener, shutdown_signal())
+            landslide_tally::run(config, listener, Shutdown::on_signal())
                 .await
                 .map(|()| std::process::ExitCode::SUCCESS)
         }
@@ -480,52 +552,11 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutdown requested; draining");
-}
-
-/// A shutdown signal that many roles of one process can wait on.
-fn shared_shutdown() -> (
-    tokio::sync::watch::Sender<bool>,
-    impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-) {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let wait = move || {
-        let mut rx = rx.clone();
-        Box::pin(async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
-    };
-    (tx, wait)
-}
-
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let listener = bind(args.metrics_listen).await?;
     args.shared.check_sync().await;
-    let (stop, wait) = shared_shutdown();
+    let shutdown = Shutdown::on_signal();
     let metrics = axum::Router::new()
         .route(
             "/metrics",
@@ -534,15 +565,10 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let metrics = tokio::spawn(
         axum::serve(listener, metrics)
-            .with_graceful_shutdown(wait())
+            .with_graceful_shutdown(shutdown.clone().wait())
             .into_future(),
     );
-    let signal = tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    });
-    let result = landslide_dedup_worker::run(config, wait()).await;
-    signal.abort();
+    let result = landslide_dedup_worker::run(config, shutdown).await;
     metrics.abort();
     result
 }
@@ -568,10 +594,7 @@ async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
-    let mut config =
-        landslide_tally::audit::AuditConfig::new(&args.shared.nats_url, args.db.url()?);
-    config.topology = args.shared.topology();
-    config.polls = args.shared.polls()?;
+    let config = landslide_tally::audit::AuditConfig::new(args.shared.connections(Some(&args.db))?);
     println!("{}", landslide_tally::status::status(&config).await?);
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -604,9 +627,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {
-    let mut config = landslide_dedup_worker::Config::new(&args.shared.nats_url, args.db.url()?);
-    config.topology = args.shared.topology();
-    config.polls = args.shared.polls()?;
+    let config = landslide_dedup_worker::Config::new(args.shared.connections(Some(&args.db))?);
     let chunk = landslide_dedup_worker::replay::CHUNK;
     let report = landslide_dedup_worker::replay(&config, chunk).await?;
     println!("{report}");
@@ -615,9 +636,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {
 
 async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
     use landslide_nats::polls;
-    let client = landslide_nats::connect(&args.shared.nats_url, "landslide-polls").await?;
+    let nats = args.shared.nats_auth.config(&args.shared.nats_url)?;
+    let client = landslide_nats::connect(&nats, User::Admin, "landslide-polls").await?;
     let js = async_nats::jetstream::new(client);
-    let store = polls::ensure_bucket(&js, &args.shared.topology()).await?;
+    let store = polls::ensure_bucket(&js, &args.shared.topology(), Access::SetUp).await?;
     match args.action {
         PollsAction::Put { file } => {
             let text = std::fs::read_to_string(&file)
@@ -652,19 +674,12 @@ async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let polls = Shared {
-        nats_url: String::new(),
-        polls: args.polls.clone(),
-        stream_replicas: 1,
-        nats_monitor_url: None,
-        ack_wait_ms: None,
-    }
-    .polls()?;
+    let polls = Shared::polls_file(args.polls.as_deref())?;
     // Bind both addresses before starting any server, so a port in use fails at once.
     let ingest_listener = bind(args.ingest_listen).await?;
     let tally_listener = bind(args.tally_listen).await?;
     let mut local = local::LocalConfig::new(&args.data_dir);
-    local.nats_url = non_empty_env("NATS_URL");
+    local.nats = non_empty_env("NATS_URL").map(given_nats).transpose()?;
     local.database_url = non_empty_env("DATABASE_URL");
     local.secret = non_empty_env("LANDSLIDE_SECRET");
     local.ports = local::LocalPorts {
@@ -674,7 +689,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let stack = local::LocalStack::start(local).await?;
     let result = async {
         if args.polls.is_some() {
-            make_current(&stack.nats_url, &polls).await?;
+            make_current(&stack.nats_config(User::Admin), &polls).await?;
         }
         run_roles(&stack, polls, ingest_listener, tally_listener).await
     }
@@ -683,13 +698,37 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     result.and(stopped)
 }
 
+/// The caller's NATS for `up`: each role connects as its own user, with the password the
+/// server's `nats/auth.conf` reads from the same variable (`LANDSLIDE_NATS_<USER>_PASSWORD`),
+/// verifying the server against `NATS_CA` if set.
+fn given_nats(url: String) -> anyhow::Result<local::NatsUsers> {
+    let ca = non_empty_env("NATS_CA").map(PathBuf::from);
+    User::ALL
+        .into_iter()
+        .map(|user| {
+            let var = user.password_var();
+            let password = non_empty_env(&var).with_context(|| {
+                format!(
+                    "NATS_URL is set, so `up` uses that server: give each role's password in \
+                     {var} and the other LANDSLIDE_NATS_<USER>_PASSWORD variables (those that \
+                     nats/auth.conf reads)"
+                )
+            })?;
+            Ok((
+                user,
+                NatsConfig::user(url.clone(), user.name(), password, ca.clone()),
+            ))
+        })
+        .collect()
+}
+
 /// Writes `polls` (up's `--polls` file) as a new revision unless the bucket's latest already is
 /// that: `up` with a file means "these polls", even when the data folder has others.
-async fn make_current(nats_url: &str, polls: &Polls) -> anyhow::Result<()> {
+async fn make_current(nats: &NatsConfig, polls: &Polls) -> anyhow::Result<()> {
     use landslide_nats::polls;
-    let client = landslide_nats::connect(nats_url, "landslide-up").await?;
+    let client = landslide_nats::connect(nats, User::Admin, "landslide-up").await?;
     let js = async_nats::jetstream::new(client);
-    let store = polls::ensure_bucket(&js, &Topology::default()).await?;
+    let store = polls::ensure_bucket(&js, &Topology::default(), Access::SetUp).await?;
     let latest = polls::read_all(&store).await?.pop();
     if latest.is_none_or(|(_, _, current)| &current != polls) {
         polls::put(&store, &polls.to_toml()).await?;
@@ -706,33 +745,48 @@ async fn run_roles(
     landslide_schema::postgres::migrate(&stack.database_url).await?;
     let node_id = NodeId::parse("local").context("the local node id is valid")?;
     let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
-    let mut ingest = landslide_ingest::Config::new(node_id, &stack.nats_url, secret);
-    ingest.polls = polls.clone();
+    // One connection configuration, each role with its own NATS user.
+    let connections = |user: User, database: bool| {
+        let mut connections = Connections::new(
+            stack.nats_config(user),
+            database.then(|| stack.database_url.as_str().into()),
+        );
+        connections.polls = polls.clone();
+        connections
+    };
+    let mut ingest =
+        landslide_ingest::Config::new(node_id, connections(User::Ingest, false), secret);
     ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
-    let mut worker = landslide_dedup_worker::Config::new(&stack.nats_url, &stack.database_url);
-    worker.polls = polls.clone();
-    let mut tally = landslide_tally::Config::new(&stack.nats_url, &stack.database_url);
-    tally.polls = polls;
+    let worker = landslide_dedup_worker::Config::new(connections(User::Worker, true));
+    let tally = landslide_tally::Config::new(connections(User::Tally, true));
 
     let vote_url = format!("http://{}/", ingest_listener.local_addr()?);
     let results_url = format!("http://{}/", tally_listener.local_addr()?);
-    let (stop, wait) = shared_shutdown();
+    let (stop, shutdown) = Shutdown::new();
     // The worker first: it creates the streams and the consumer that the others look up.
-    let mut worker = tokio::spawn(landslide_dedup_worker::run(worker, wait()));
-    let mut ingest = tokio::spawn(landslide_ingest::run(ingest, ingest_listener, wait()));
-    let mut tally = tokio::spawn(landslide_tally::run(tally, tally_listener, wait()));
+    let mut worker = tokio::spawn(landslide_dedup_worker::run(worker, shutdown.clone()));
+    let mut ingest = tokio::spawn(landslide_ingest::run(
+        ingest,
+        ingest_listener,
+        shutdown.clone(),
+    ));
+    let mut tally = tokio::spawn(landslide_tally::run(
+        tally,
+        tally_listener,
+        shutdown.clone(),
+    ));
     println!(
         "Landslide is up.\n  vote:    {vote_url}\n  results: {results_url}\nPress Ctrl-C to stop."
     );
 
     // Run until Ctrl-C, or until a role fails; then stop the others and wait for all three.
     let first = tokio::select! {
-        () = shutdown_signal() => None,
+        () = Shutdown::on_signal().wait() => None,
         r = &mut worker => Some(("dedup-worker", r)),
         r = &mut ingest => Some(("ingest", r)),
         r = &mut tally => Some(("tally", r)),
     };
-    let _ = stop.send(true);
+    stop.stop();
     let (finished, mut failure) = match first {
         Some((role, result)) => (Some(role), role_failure(role, result)),
         None => (None, None),

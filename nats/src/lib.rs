@@ -16,8 +16,11 @@ use async_nats::{HeaderMap, ServerAddr};
 use landslide_schema::subject::{DEFAULT_DLQ_PREFIX, DEFAULT_VOTES_PREFIX};
 use serde_json::Value;
 
+pub mod auth;
 pub mod batch;
 pub mod polls;
+
+pub use auth::{Credentials, NatsConfig, User};
 
 /// `nats/votes-stream.json`.
 pub const VOTES_STREAM_JSON: &str = include_str!("../votes-stream.json");
@@ -270,15 +273,36 @@ fn same(a: &Value, b: &Value) -> bool {
 }
 
 /// Fields that an existing stream may lack and that are set in place, without touching a stored
-/// vote: `allow_atomic` (group commit), which streams made before nats-server 2.12 lack.
-const UPDATABLE_STREAM_FIELDS: &[&str] = &["allow_atomic"];
+/// vote: `allow_atomic` (group commit), which streams made before nats-server 2.12 lack, and
+/// `deny_purge`, which streams made by earlier releases lack (the server lets it turn on, never
+/// off again: `stream configuration update can not cancel deny purge`).
+const UPDATABLE_STREAM_FIELDS: &[&str] = &["allow_atomic", "deny_purge"];
 
-/// Creates the stream if missing; checks it against its definition if present, and updates it in
-/// place where only [`UPDATABLE_STREAM_FIELDS`] differ.
+/// What a role may do about the streams, the consumer and the polls bucket at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Create what is missing and bring what is there up to its file (dedup-workers, replay and
+    /// the operator: their NATS users may).
+    SetUp,
+    /// Only check: what is missing is an error to wait out ([`retry_startup`]) until a worker
+    /// has set it up (ingest, tally, audit: their users may not create streams).
+    ReadOnly,
+}
+
+/// Not there yet: a worker has not set it up. Retried at startup.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} does not exist yet; a dedup-worker creates it when it starts")]
+pub struct NotSetUp {
+    pub what: String,
+}
+
+/// With [`Access::SetUp`], creates the stream if missing and updates it in place where only
+/// [`UPDATABLE_STREAM_FIELDS`] differ; with either access, checks it against its definition.
 async fn ensure_stream(
     js: &jetstream::Context,
     config: stream::Config,
     file: Value,
+    access: Access,
 ) -> anyhow::Result<stream::Stream> {
     let name = config.name.clone();
     match js.get_stream(&name).await {
@@ -304,6 +328,12 @@ async fn ensure_stream(
                 }
                 .into());
             }
+            if access == Access::ReadOnly {
+                anyhow::bail!(
+                    "stream {name} lacks {}; a dedup-worker brings it up to its file when it starts",
+                    describe(&differences)
+                );
+            }
             // A stream made by an earlier release: bring it up to its file in place.
             js.update_stream(config)
                 .await
@@ -313,6 +343,10 @@ async fn ensure_stream(
                 .await
                 .with_context(|| format!("cannot look up stream {name}"))
         }
+        Err(err) if is_stream_not_found(&err) && access == Access::ReadOnly => Err(NotSetUp {
+            what: format!("stream {name}"),
+        }
+        .into()),
         Err(err) if is_stream_not_found(&err) => {
             let stream = js
                 .create_stream(config)
@@ -365,15 +399,17 @@ pub fn pending(info: &jetstream::consumer::Info) -> u64 {
     info.num_pending.saturating_add(unacked)
 }
 
-/// Ensures the votes stream (ingest nodes need only this one).
+/// Ensures the votes stream (ingest nodes need only this one, [`Access::ReadOnly`]).
 pub async fn ensure_votes_stream(
     js: &jetstream::Context,
     topology: &Topology,
+    access: Access,
 ) -> anyhow::Result<stream::Stream> {
     ensure_stream(
         js,
         topology.votes_stream_config()?,
         topology.votes_stream_value()?,
+        access,
     )
     .await
 }
@@ -382,22 +418,28 @@ pub async fn ensure_votes_stream(
 pub async fn ensure_dlq_stream(
     js: &jetstream::Context,
     topology: &Topology,
+    access: Access,
 ) -> anyhow::Result<stream::Stream> {
     ensure_stream(
         js,
         topology.dlq_stream_config()?,
         topology.dlq_stream_value()?,
+        access,
     )
     .await
 }
 
-/// Ensures both streams and the workers' consumer, and returns the consumer.
+/// Ensures both streams and the workers' consumer, and returns the consumer. Tally reads the
+/// consumer's state with [`Access::ReadOnly`].
 pub async fn ensure_consumer(
     js: &jetstream::Context,
     topology: &Topology,
+    access: Access,
 ) -> anyhow::Result<consumer::PullConsumer> {
-    let stream = ensure_votes_stream(js, topology).await?;
-    ensure_dlq_stream(js, topology).await?;
+    let stream = ensure_votes_stream(js, topology, access).await?;
+    if access == Access::SetUp {
+        ensure_dlq_stream(js, topology, access).await?;
+    }
     let config = topology.consumer_config()?;
     let file = topology.consumer_value()?;
     let name = topology.consumer.clone();
@@ -414,6 +456,15 @@ pub async fn ensure_consumer(
                 }
                 .into());
             }
+        }
+        Err(err)
+            if err.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound
+                && access == Access::ReadOnly =>
+        {
+            return Err(NotSetUp {
+                what: format!("consumer {name}"),
+            }
+            .into());
         }
         Err(err) if err.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
             stream
@@ -450,7 +501,8 @@ where
             Ok(value) => return Ok(value),
             Err(err)
                 if err.downcast_ref::<Incompatible>().is_some()
-                    || err.downcast_ref::<TooOld>().is_some() =>
+                    || err.downcast_ref::<TooOld>().is_some()
+                    || err.downcast_ref::<Refused>().is_some() =>
             {
                 return Err(err);
             }
@@ -488,37 +540,89 @@ pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
     Ok(addrs)
 }
 
-/// Connects to NATS. The client reconnects forever after a loss; the first connection must succeed.
-pub async fn connect(urls: &str, client_name: &str) -> anyhow::Result<async_nats::Client> {
-    connect_to(server_addrs(urls)?, urls, client_name).await
+/// Connects to NATS as `user`'s role. The client reconnects forever after a loss; the first
+/// connection must succeed.
+pub async fn connect(
+    config: &NatsConfig,
+    user: User,
+    client_name: &str,
+) -> anyhow::Result<async_nats::Client> {
+    connect_to(server_addrs(&config.urls)?, config, user, client_name).await
 }
 
 /// [`connect`] for a role starting up: an invalid `NATS_URL` fails at once, but a server that is
 /// down or restarting is waited for, like JetStream in [`retry_startup`]. The reliability harness
-/// found a worker restarted just as nats-server was killed exiting instead.
+/// found a worker restarted just as nats-server was killed exiting instead. Refused credentials
+/// are not waited for.
 pub async fn connect_patiently(
-    urls: &str,
+    config: &NatsConfig,
+    user: User,
     client_name: &str,
 ) -> anyhow::Result<async_nats::Client> {
-    let addrs = server_addrs(urls)?;
+    let addrs = server_addrs(&config.urls)?;
     retry_startup("connect to NATS", || {
-        connect_to(addrs.clone(), urls, client_name)
+        connect_to(addrs.clone(), config, user, client_name)
     })
     .await
 }
 
+/// Installs ring as the process's TLS crypto provider, once (rustls cannot choose when a build
+/// enables both of its providers, and panics at the first TLS connection).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means another provider was installed first: that one serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Why the broker refused a connection: the credentials or the TLS setup, which waiting cannot
+/// fix.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the NATS server at {urls} refused us ({reason}): check NATS_USER and NATS_PASSWORD (or the other credentials) and NATS_CA"
+)]
+pub struct Refused {
+    pub urls: String,
+    pub reason: String,
+}
+
 async fn connect_to(
     addrs: Vec<ServerAddr>,
-    urls: &str,
+    config: &NatsConfig,
+    user: User,
     client_name: &str,
 ) -> anyhow::Result<async_nats::Client> {
-    let client = async_nats::ConnectOptions::new()
+    let urls = &config.urls;
+    install_crypto_provider();
+    let connected = config
+        .options(user)?
         .name(client_name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
         .connect(addrs)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {urls} (NATS_URL)"))?;
+        .await;
+    let client = match connected {
+        Ok(client) => client,
+        Err(err)
+            if matches!(
+                err.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+                    | async_nats::ConnectErrorKind::Tls
+            ) =>
+        {
+            return Err(Refused {
+                urls: urls.clone(),
+                reason: err.to_string(),
+            }
+            .into());
+        }
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("cannot connect to NATS at {urls} (NATS_URL)"));
+        }
+    };
     // Refuse a server that cannot keep the promise "accepted means on disk", before any vote.
     let info = client.server_info();
     check_version(
@@ -591,16 +695,23 @@ pub async fn warn_if_lazy(monitor_urls: &str) {
 }
 
 /// One JetStream API request (`$JS.API.INFO`, `$JS.API.STREAM.INFO.<name>`, …) on a connection of
-/// its own to the one server at `url`: the answer, if it came within 2 s and is not an error
+/// its own to the server(s) of `config`, as `user`: the answer, if it came within 2 s and is not an error
 /// object (which is what a server answers before JetStream is ready, or without quorum).
 ///
 /// Raw rather than through async-nats' typed calls, which probes need on nats-server 2.9:
 /// `query_account` cannot decode its account info (async-nats 0.51 requires `reserved_memory`).
-pub async fn api_request(url: &str, subject: &str) -> Option<serde_json::Value> {
+pub async fn api_request(
+    config: &NatsConfig,
+    user: User,
+    subject: &str,
+) -> Option<serde_json::Value> {
+    install_crypto_provider();
     let attempt = async {
-        let client = async_nats::ConnectOptions::new()
+        let client = config
+            .options(user)
+            .ok()?
             .connection_timeout(Duration::from_secs(1))
-            .connect(url)
+            .connect(server_addrs(&config.urls).ok()?)
             .await
             .ok()?;
         let reply = client.request(subject.to_owned(), "".into()).await.ok()?;

@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 use landslide_schema::poll::{PollBook, Polls, Revision};
 use tokio::sync::watch;
 
-use crate::Topology;
+use crate::{Access, NotSetUp, Topology};
 
 /// The key of a revision.
 fn key(revision: Revision) -> String {
@@ -27,14 +27,25 @@ fn revision_of(key: &str) -> Option<Revision> {
     key.strip_prefix("rev.")?.parse().ok().map(Revision)
 }
 
-/// Opens the polls bucket, creating it (with the topology's replicas) if it is missing.
+/// Opens the polls bucket; with [`Access::SetUp`], creates it (with the topology's replicas)
+/// if it is missing.
 pub async fn ensure_bucket(
     js: &jetstream::Context,
     topology: &Topology,
+    access: Access,
 ) -> anyhow::Result<kv::Store> {
     let bucket = &topology.polls_bucket;
     match js.get_key_value(bucket).await {
         Ok(store) => Ok(store),
+        Err(err)
+            if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket
+                && access == Access::ReadOnly =>
+        {
+            Err(NotSetUp {
+                what: format!("the polls bucket {bucket}"),
+            }
+            .into())
+        }
         Err(err) if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
             let config = kv::Config {
                 bucket: bucket.clone(),
@@ -115,11 +126,18 @@ pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
     anyhow::bail!("the polls bucket kept changing under us; try again")
 }
 
-/// The book of every revision, seeding the bucket with `seed` (as revision 1) when it holds
-/// none. A `seed` that differs from the latest revision is not written: the bucket is the one
-/// place of truth, changed with `landslide polls put` ([`watch`], for the roles, says so).
-pub async fn load(store: &kv::Store, seed: &Polls) -> anyhow::Result<PollBook> {
+/// The book of every revision; with [`Access::SetUp`], seeding the bucket with `seed` (as
+/// revision 1) when it holds none. A `seed` that differs from the latest revision is not
+/// written: the bucket is the one place of truth, changed with `landslide polls put`
+/// ([`watch`], for the roles, says so).
+pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Result<PollBook> {
     let mut revisions = read_all(store).await?;
+    if revisions.is_empty() && access == Access::ReadOnly {
+        return Err(NotSetUp {
+            what: "a revision of the poll definitions".to_owned(),
+        }
+        .into());
+    }
     if revisions.is_empty() {
         match store.create(key(Revision(1)), seed.to_toml().into()).await {
             Ok(_) => tracing::info!("seeded the polls bucket with revision 1"),
@@ -157,20 +175,22 @@ impl PollWatch {
     }
 }
 
-/// Loads the book (seeding the bucket if it is empty) and keeps it current for as long as anyone
-/// holds it: a task watches the bucket and reads it whole every [`RESYNC`].
+/// Loads the book (with [`Access::SetUp`], seeding the bucket if it is empty) and keeps it
+/// current for as long as anyone holds it: a task watches the bucket and reads it whole every
+/// [`RESYNC`].
 pub async fn watch(
     js: &jetstream::Context,
     topology: &Topology,
     seed: &Polls,
+    access: Access,
 ) -> anyhow::Result<PollWatch> {
-    let store = ensure_bucket(js, topology).await?;
+    let store = ensure_bucket(js, topology, access).await?;
     // Watch first, then read: a revision written in between is in the watch.
     let updates = store
         .watch_all()
         .await
         .context("cannot watch the polls bucket")?;
-    let book = load(&store, seed).await?;
+    let book = load(&store, seed, access).await?;
     let (latest, polls) = book.latest();
     if polls != seed {
         tracing::warn!(

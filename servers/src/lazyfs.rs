@@ -1965,7 +1965,15 @@ mod tests {
 
         let fs = LazyFs::mount(&d.backing, &d.mnt).unwrap();
         let mut nats = crate::Nats::start_with(&spec, &run).await.unwrap();
-        let js = jetstream::new(async_nats::connect(nats.url(0)).await.unwrap());
+        let js = jetstream::new(
+            landslide_nats::connect(
+                &nats.config(landslide_nats::User::Admin),
+                landslide_nats::User::Admin,
+                "test",
+            )
+            .await
+            .unwrap(),
+        );
         js.create_stream(stream::Config {
             name: "LAZY".to_owned(),
             subjects: vec!["lazy.>".to_owned()],
@@ -1991,7 +1999,15 @@ mod tests {
         nats.restart(0)
             .await
             .expect("nats-server starts again on the disk the power cut left");
-        let js = jetstream::new(async_nats::connect(nats.url(0)).await.unwrap());
+        let js = jetstream::new(
+            landslide_nats::connect(
+                &nats.config(landslide_nats::User::Admin),
+                landslide_nats::User::Admin,
+                "test",
+            )
+            .await
+            .unwrap(),
+        );
         let (messages, last) = match js.get_stream("LAZY").await {
             Ok(mut stream) => {
                 let messages = stream.info().await.unwrap().state.messages;

@@ -23,6 +23,7 @@ pub mod nats;
 pub mod netns;
 pub mod postgres;
 pub mod process;
+pub mod tls;
 
 pub use nats::{Nats, NatsLayout, NatsSpec, Sync};
 pub use netns::Network;
@@ -271,4 +272,24 @@ pub async fn stop_pid(pid: u32, grace: Duration) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A fresh random secret for a run's own passwords: 32 hex digits (122 random bits).
+pub fn random_secret() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Writes a file only its owner may read (mode 0600), replacing any file there.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,11 +1,16 @@
 //! nats-server processes: one node or a three-node JetStream cluster on loopback ports, each with a
-//! config file of its own, written here with the settings every deployment in `nats/` uses.
+//! config file of its own, written here with the settings every deployment in `nats/` uses:
+//! the users and permissions of `nats/auth.conf` (with passwords of the run's own), TLS on the
+//! client port with a certificate from the run's own CA, and TLS verified both ways between the
+//! cluster's nodes. A client connects with [`Nats::config`] for its role's user; nothing connects
+//! without credentials.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use landslide_nats::{NatsConfig, Topology, User};
 
 use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::{Process, log_tail};
@@ -133,6 +138,88 @@ struct NatsNode {
 #[derive(Debug)]
 pub struct Nats {
     nodes: Vec<NatsNode>,
+    security: Security,
+}
+
+/// The run's credentials: each user's password, and the CA that signed the servers' certificate.
+#[derive(Debug, Clone)]
+pub struct Security {
+    passwords: Vec<(User, String)>,
+    ca: PathBuf,
+    cert: crate::tls::CertFiles,
+}
+
+impl Security {
+    /// The run's security under `<dir>/nats-tls/`: made once, and found again by a later start on
+    /// the same folder (`landslide up` starts again on its data folder; its roles' passwords and
+    /// the CA its clients trust stay the same) as long as the hosts are the same.
+    fn load_or_create(dir: &Path, hosts: &[String]) -> anyhow::Result<Self> {
+        let tls_dir = dir.join("nats-tls");
+        let passwords_file = tls_dir.join("passwords");
+        let hosts_file = tls_dir.join("hosts");
+        let cert = crate::tls::CertFiles {
+            cert: tls_dir.join("nats-cert.pem"),
+            key: tls_dir.join("nats-key.pem"),
+        };
+        let same_hosts = std::fs::read_to_string(&hosts_file).ok() == Some(hosts.join("\n"));
+        if same_hosts
+            && let Ok(text) = std::fs::read_to_string(&passwords_file)
+            && let Some(passwords) = parse_passwords(&text)
+            && cert.cert.exists()
+        {
+            return Ok(Self {
+                passwords,
+                ca: tls_dir.join("ca.pem"),
+                cert,
+            });
+        }
+        if tls_dir.exists() {
+            std::fs::remove_dir_all(&tls_dir)
+                .with_context(|| format!("cannot remove {}", tls_dir.display()))?;
+        }
+        let ca = crate::tls::Authority::create(&tls_dir, "Landslide test and local CA")?;
+        let cert = ca.issue("nats", hosts)?;
+        let passwords: Vec<(User, String)> = User::ALL
+            .into_iter()
+            .map(|user| (user, crate::random_secret()))
+            .collect();
+        let text: String = passwords
+            .iter()
+            .map(|(user, password)| format!("{user} {password}\n"))
+            .collect();
+        crate::write_private(&passwords_file, text.as_bytes())?;
+        std::fs::write(&hosts_file, hosts.join("\n"))
+            .with_context(|| format!("cannot write {}", hosts_file.display()))?;
+        Ok(Self {
+            passwords,
+            ca: ca.ca(),
+            cert,
+        })
+    }
+
+    fn password(&self, user: User) -> &str {
+        self.passwords
+            .iter()
+            .find(|(u, _)| *u == user)
+            .map_or("", |(_, p)| p.as_str())
+    }
+
+    /// The CA certificate that clients verify the servers against.
+    pub fn ca(&self) -> &Path {
+        &self.ca
+    }
+}
+
+fn parse_passwords(text: &str) -> Option<Vec<(User, String)>> {
+    User::ALL
+        .into_iter()
+        .map(|user| {
+            text.lines().find_map(|line| {
+                let (name, password) = line.split_once(' ')?;
+                (name == user.name()).then(|| (user, password.to_owned()))
+            })
+        })
+        .collect()
 }
 
 impl Nats {
@@ -157,9 +244,17 @@ impl Nats {
                 minor: 12,
                 patch: 0,
             };
+        let mut hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+        for place in spec.places.iter().flatten() {
+            let addr = place.addr().to_string();
+            if !hosts.contains(&addr) {
+                hosts.push(addr);
+            }
+        }
+        let security = Security::load_or_create(dir, &hosts)?;
         let mut attempt = 1;
         loop {
-            match Self::start_once(spec, dir, &bin, batch_limits).await {
+            match Self::start_once(spec, dir, &bin, batch_limits, &security).await {
                 Err(err)
                     if spec.ports.is_none()
                         && attempt < 3
@@ -178,6 +273,7 @@ impl Nats {
         dir: &Path,
         bin: &Path,
         batch_limits: bool,
+        security: &Security,
     ) -> anyhow::Result<Self> {
         let count = spec.layout.nodes();
         let ports = match &spec.ports {
@@ -233,6 +329,7 @@ impl Nats {
                     batch_limits,
                 },
                 &route_addrs,
+                security,
             );
             std::fs::write(&files.config, config)
                 .with_context(|| format!("cannot write {}", files.config.display()))?;
@@ -268,7 +365,10 @@ impl Nats {
                 disk,
             });
         }
-        let mut nats = Self { nodes };
+        let mut nats = Self {
+            nodes,
+            security: security.clone(),
+        };
         let ready = async {
             for i in 0..nats.nodes.len() {
                 nats.wait_ready(i).await?;
@@ -297,6 +397,31 @@ impl Nats {
     pub fn url(&self, node: usize) -> String {
         let node = &self.nodes[node];
         format!("nats://{}:{}", node.place.addr(), node.port)
+    }
+
+    /// How `user`'s role connects to every server: its password, and TLS verified against the
+    /// run's CA.
+    pub fn config(&self, user: User) -> NatsConfig {
+        self.config_for(self.urls(), user)
+    }
+
+    /// [`Nats::config`] for one node only.
+    pub fn node_config(&self, node: usize, user: User) -> NatsConfig {
+        self.config_for(self.url(node), user)
+    }
+
+    fn config_for(&self, urls: String, user: User) -> NatsConfig {
+        NatsConfig::user(
+            urls,
+            user.name(),
+            self.security.password(user),
+            Some(self.security.ca.clone()),
+        )
+    }
+
+    /// The run's passwords and CA.
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The node's monitoring endpoint (`/varz`, `/jsz`).
@@ -393,6 +518,7 @@ impl Nats {
     async fn wait_ready(&self, node: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let url = self.url(node);
+        let config = self.node_config(node, User::Admin);
         let log = &self.nodes[node].files.log;
         loop {
             if self.nodes[node]
@@ -406,7 +532,7 @@ impl Nats {
                     log_tail(log)
                 );
             }
-            if jetstream_answers(&url).await {
+            if jetstream_answers(&config, User::Admin).await {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -423,7 +549,9 @@ impl Nats {
     /// Waits until an R3 stream can be placed: every node answering is not enough, the meta
     /// leader must know all three peers ("no suitable peers for placement" until then).
     async fn wait_for_placement(&self) -> anyhow::Result<()> {
-        let client = async_nats::connect(landslide_nats::server_addrs(&self.urls())?).await?;
+        let client =
+            landslide_nats::connect(&self.config(User::Admin), User::Admin, "landslide-servers")
+                .await?;
         let config = r#"{"name":"LANDSLIDE_PROBE","subjects":["landslide.probe"],"num_replicas":3,"storage":"memory"}"#;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -462,7 +590,12 @@ impl Nats {
     ) -> Option<usize> {
         let subject = format!("$JS.API.STREAM.INFO.{stream}");
         for node in nodes {
-            if let Some(info) = landslide_nats::api_request(&self.url(node), &subject).await
+            if let Some(info) = landslide_nats::api_request(
+                &self.node_config(node, User::Admin),
+                User::Admin,
+                &subject,
+            )
+            .await
                 && let Some(leader) = info["cluster"]["leader"].as_str()
             {
                 return self.nodes.iter().position(|n| n.name == leader);
@@ -472,10 +605,10 @@ impl Nats {
     }
 }
 
-/// Whether the server at `url` answers a JetStream account-info request: it is up, and in a
-/// cluster a meta leader exists.
-pub async fn jetstream_answers(url: &str) -> bool {
-    landslide_nats::api_request(url, "$JS.API.INFO")
+/// Whether the server(s) of `config` answer a JetStream account-info request from `user`: up,
+/// and in a cluster a meta leader exists.
+pub async fn jetstream_answers(config: &NatsConfig, user: User) -> bool {
+    landslide_nats::api_request(config, user, "$JS.API.INFO")
         .await
         .is_some_and(|info| info["type"] == "io.nats.jetstream.api.v1.account_info_response")
 }
@@ -498,14 +631,16 @@ struct Listen {
 }
 
 /// One node's configuration: the settings of `nats/nats-server.conf` and `nats/cluster.conf`
-/// (fsync before ack, the store and batch limits, the payload limit), on its address's ports,
-/// with a route to every node of `routes` (none for a single node).
+/// (fsync before ack, the store and batch limits, the payload limit, the users of
+/// `nats/auth.conf`, TLS), on its address's ports, with a route to every node of `routes` (none
+/// for a single node).
 fn config_text(
     name: &str,
     listen: Listen,
     files: &NodeFiles,
     settings: Settings,
     routes: &[(Ipv4Addr, u16)],
+    security: &Security,
 ) -> String {
     let Listen {
         addr,
@@ -530,18 +665,29 @@ fn config_text(
          pid_file: {pid:?}\n\
          jetstream {{\n  store_dir: {store:?}\n{sync}{limits}  max_file_store: 20GB\n  max_memory_store: 256MB\n}}\n\
          max_payload: 1MB\n\
-         write_deadline: \"10s\"\n",
+         write_deadline: \"10s\"\n\
+         tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 5\n}}\n",
         pid = files.pid,
         store = files.store,
+        cert = security.cert.cert,
+        key = security.cert.key,
     );
+    text.push_str(&landslide_nats::auth::authorization(
+        &Topology::default(),
+        |user| format!("{:?}", security.password(user)),
+    ));
     if !routes.is_empty() {
         let routes: Vec<String> = routes
             .iter()
             .map(|(a, p)| format!("    nats-route://{a}:{p}"))
             .collect();
         text.push_str(&format!(
-            "cluster {{\n  name: landslide\n  listen: {addr}:{cluster_port}\n  routes: [\n{}\n  ]\n}}\n",
-            routes.join("\n")
+            "cluster {{\n  name: landslide\n  listen: {addr}:{cluster_port}\n  routes: [\n{}\n  ]\n  \
+             tls {{\n    cert_file: {cert:?}\n    key_file: {key:?}\n    ca_file: {ca:?}\n    verify: true\n    timeout: 5\n  }}\n}}\n",
+            routes.join("\n"),
+            cert = security.cert.cert,
+            key = security.cert.key,
+            ca = security.ca,
         ));
     }
     text
@@ -584,6 +730,17 @@ mod tests {
         }
     }
 
+    fn security() -> Security {
+        Security {
+            passwords: User::ALL.map(|u| (u, format!("pw-{u}"))).to_vec(),
+            ca: PathBuf::from("/tmp/x/ca.pem"),
+            cert: crate::tls::CertFiles {
+                cert: PathBuf::from("/tmp/x/nats-cert.pem"),
+                key: PathBuf::from("/tmp/x/nats-key.pem"),
+            },
+        }
+    }
+
     #[test]
     fn every_node_fsyncs_before_it_acks_unless_told_otherwise() {
         let files = NodeFiles::new(Path::new("/tmp/x"), "nats-n1");
@@ -593,9 +750,21 @@ mod tests {
             monitor_port: 8222,
             cluster_port: 6222,
         };
-        let always = config_text("n1", listen, &files, settings(Sync::Always), &[]);
+        let always = config_text(
+            "n1",
+            listen,
+            &files,
+            settings(Sync::Always),
+            &[],
+            &security(),
+        );
         assert!(always.contains("sync_interval: always"), "{always}");
         assert!(!always.contains("cluster"), "{always}");
+        assert!(always.contains("password: \"pw-ingest\""), "{always}");
+        assert!(
+            always.contains("cert_file: \"/tmp/x/nats-cert.pem\""),
+            "{always}"
+        );
         let host = Ipv4Addr::new(10, 200, 7, 3);
         let routes = [6222, 6223, 6224].map(|p| (host, p));
         let lazy = config_text(
@@ -607,7 +776,9 @@ mod tests {
             &files,
             settings(Sync::Lazy),
             &routes,
+            &security(),
         );
+        assert!(lazy.contains("verify: true"), "{lazy}");
         assert!(!lazy.contains("sync_interval"), "{lazy}");
         assert!(lazy.contains("nats-route://10.200.7.3:6224"), "{lazy}");
         assert!(lazy.contains("listen: 10.200.7.3:4222"), "{lazy}");
@@ -620,7 +791,10 @@ mod tests {
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "conf") {
+            // auth.conf is the users a server config includes, not a server config.
+            if path.extension().is_some_and(|e| e == "conf")
+                && path.file_name().is_some_and(|n| n != "auth.conf")
+            {
                 let text = std::fs::read_to_string(&path).unwrap();
                 assert!(
                     text.lines().any(|l| l.trim() == "sync_interval: always"),

@@ -20,10 +20,10 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
-use landslide_nats::Topology;
+use landslide_config::Connections;
+use landslide_nats::{Access, Topology, User};
 use landslide_schema::db::ballots;
 use landslide_schema::poll::Unjudged;
-use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::{Choice, EventId, PollBook, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
@@ -35,24 +35,18 @@ const SHOWN: usize = 50;
 /// What the audit needs.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    /// `NATS_URL`.
-    pub nats_url: String,
-    /// `DATABASE_URL`.
-    pub database_url: DatabaseUrl,
-    pub topology: Topology,
-    pub polls: Polls,
+    /// The broker (as the read-only `audit` user), the database (required), the names; the
+    /// polls are the bucket's, never seeded from here.
+    pub connections: Connections,
     /// How long to wait for the workers to drain the consumer before giving up.
     pub wait: Duration,
 }
 
 impl AuditConfig {
     /// The default topology and polls; waits up to a minute for the workers to drain.
-    pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
+    pub fn new(connections: Connections) -> Self {
         Self {
-            nats_url: nats_url.into(),
-            database_url: database_url.into(),
-            topology: Topology::default(),
-            polls: Polls::default(),
+            connections,
             wait: Duration::from_secs(60),
         }
     }
@@ -324,18 +318,19 @@ pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
 pub(crate) async fn audit_with_polls(
     config: &AuditConfig,
 ) -> anyhow::Result<(AuditReport, PollBook)> {
-    let mut conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
-    let client = landslide_nats::connect(&config.nats_url, "landslide-audit").await?;
+    let connections = &config.connections;
+    let mut conn = landslide_schema::postgres::connect(connections.database()?.expose()).await?;
+    let client = landslide_nats::connect(&connections.nats, User::Audit, "landslide-audit").await?;
     let js = jetstream::new(client);
-    let topology = &config.topology;
+    let topology = &connections.topology;
     let stream = js
         .get_stream(&topology.votes_stream)
         .await
         .with_context(|| format!("cannot open the votes stream {}", topology.votes_stream))?;
 
     let (last, server_now) = wait_until_drained(&js, topology, config.wait).await?;
-    let store = landslide_nats::polls::ensure_bucket(&js, topology).await?;
-    let polls = landslide_nats::polls::load(&store, &config.polls).await?;
+    let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
+    let polls = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let fold = read_stream(&stream, last, &polls).await?;
     let dead_letters = js
         .get_stream(&topology.dlq_stream)

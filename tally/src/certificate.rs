@@ -148,7 +148,8 @@ pub async fn certify(
         .with_context(|| format!("there is no poll {poll:?} in the latest poll definitions"))?
         .clone();
 
-    let mut conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
+    let mut conn =
+        landslide_schema::postgres::connect(config.connections.database()?.expose()).await?;
     let rows: Vec<Row> =
         diesel::sql_query("SELECT voter, choice, event_id, ts FROM ballots WHERE poll = $1")
             .bind::<Text, _>(definition.id.as_str())
@@ -195,7 +196,7 @@ pub async fn certify(
         counts,
         ballots: rows.len() as u64,
         events_read: report.events_read,
-        stream: config.topology.votes_stream.clone(),
+        stream: config.connections.topology.votes_stream.clone(),
         first_sequence: report.first_sequence,
         last_sequence: report.last_sequence,
         dead_letters: report.dead_letters,

@@ -13,6 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt as _};
+use landslide_config::Shutdown;
 use landslide_nats::polls::PollWatch;
 use landslide_schema::Poll;
 use tokio::sync::watch;
@@ -24,7 +25,7 @@ use crate::snapshot::{Results, Snapshot, Status};
 pub(crate) struct AppState {
     pub polls: PollWatch,
     pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: Shutdown,
     /// A snapshot older than this makes `/readyz` fail: refreshes have been failing.
     pub stale_after: Duration,
     /// One permit per live result stream (`Config::max_event_streams`).
@@ -52,11 +53,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(landslide_telemetry::metrics_handler))
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
-}
-
-/// Completes when the shutdown flag turns true (or its sender is gone, which means the same).
-pub(crate) async fn shutdown_signal(mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Errors of the JSON API; the body is `{"error": "..."}`.
@@ -140,7 +136,7 @@ async fn events(
                 .map(|results| Ok(Event::default().data(&results.json)));
             futures::future::ready(event)
         })
-        .take_until(shutdown_signal(state.shutdown.clone()));
+        .take_until(state.shutdown.clone().wait());
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 

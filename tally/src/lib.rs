@@ -20,28 +20,20 @@ pub mod status;
 
 pub use snapshot::Status;
 
-use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use landslide_nats::Topology;
-use landslide_schema::Polls;
-use landslide_schema::postgres::DatabaseUrl;
+use landslide_config::{Connections, Shutdown};
+use landslide_nats::{Access, User};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// What the tally role needs; [`Config::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `NATS_URL`: one URL or several separated by commas.
-    pub nats_url: String,
-    /// `DATABASE_URL`.
-    pub database_url: DatabaseUrl,
-    /// The stream and consumer names.
-    pub topology: Topology,
-    /// The poll definitions that seed the polls bucket when it holds none; tally shows the
-    /// bucket's latest revision.
-    pub polls: Polls,
+    /// The broker (as the `tally` user), the database (required), the names; tally shows the
+    /// polls bucket's latest revision, and never seeds it.
+    pub connections: Connections,
     /// How often the snapshot is rebuilt; results are at most this old when the database is up.
     pub refresh: Duration,
     /// Live result streams (server-sent events) served at once; one more is refused with `503`
@@ -58,12 +50,9 @@ pub const DEFAULT_MAX_EVENT_STREAMS: usize = 20_000;
 
 impl Config {
     /// The default topology and polls, refreshed every 500 ms.
-    pub fn new(nats_url: impl Into<String>, database_url: impl Into<DatabaseUrl>) -> Self {
+    pub fn new(connections: Connections) -> Self {
         Self {
-            nats_url: nats_url.into(),
-            database_url: database_url.into(),
-            topology: Topology::default(),
-            polls: Polls::default(),
+            connections,
             refresh: Duration::from_millis(500),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             http: landslide_telemetry::serve::Limits::default(),
@@ -76,50 +65,39 @@ impl Config {
 ///
 /// Fails before serving anything when PostgreSQL or NATS cannot be reached, when the migrations
 /// fail, or when the stream or consumer exists with an incompatible definition.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     // Installs the metrics recorder now, so that the first refreshes are recorded too.
     landslide_telemetry::prometheus();
+    let connections = &config.connections;
+    let database = connections.database()?;
     // Checked first, with its own message: bb8 and friends report bad credentials as a timeout.
-    let conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
-    landslide_schema::postgres::migrate(config.database_url.expose())
+    let conn = landslide_schema::postgres::connect(database.expose()).await?;
+    landslide_schema::postgres::migrate(database.expose())
         .await
         .context("cannot apply the database migrations (DATABASE_URL)")?;
-    let client = landslide_nats::connect_patiently(&config.nats_url, "landslide-tally").await?;
+    let client =
+        landslide_nats::connect_patiently(&connections.nats, User::Tally, "landslide-tally")
+            .await?;
     let js = async_nats::jetstream::new(client);
-    // Ensured rather than looked up: without the consumer, `pending` would mean nothing.
-    let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {
-        landslide_nats::ensure_consumer(&js, &config.topology)
+    let topology = &connections.topology;
+    // Waited for rather than skipped: without the consumer, `pending` would mean nothing.
+    let consumer = landslide_nats::retry_startup("find the streams and the consumer", || {
+        landslide_nats::ensure_consumer(&js, topology, Access::ReadOnly)
     })
     .await?;
 
     let polls = landslide_nats::retry_startup("read the poll definitions", || {
-        landslide_nats::polls::watch(&js, &config.topology, &config.polls)
+        landslide_nats::polls::watch(&js, topology, &connections.polls, Access::ReadOnly)
     })
     .await?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        // Nobody listening any more means everything has already stopped.
-        let _ = shutdown_tx.send(true);
-    });
 
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
-    let refresher = snapshot::Refresher::new(
-        js,
-        consumer,
-        conn,
-        config.database_url.clone(),
-        polls.clone(),
-    );
-    let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown_rx.clone()));
+    let refresher = snapshot::Refresher::new(js, consumer, conn, database.clone(), polls.clone());
+    let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown.clone()));
 
     let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
         diesel_async::AsyncPgConnection,
-    >::new(config.database_url.expose());
+    >::new(database.expose());
     let db = diesel_async::pooled_connection::bb8::Pool::builder()
         .max_size(receipts::POOL_SIZE)
         .connection_timeout(Duration::from_secs(5))
@@ -131,20 +109,15 @@ pub async fn run(
         db,
         event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
         snapshots: snapshots_rx,
-        shutdown: shutdown_rx.clone(),
+        shutdown: shutdown.clone(),
         stale_after: (config.refresh * 5).max(Duration::from_secs(5)),
     });
     tracing::info!(
         listen = %listener.local_addr().context("the listener has no local address")?,
         "tally serving results"
     );
-    let served = landslide_telemetry::serve::serve(
-        listener,
-        app,
-        config.http,
-        http::shutdown_signal(shutdown_rx),
-    )
-    .await;
+    let served =
+        landslide_telemetry::serve::serve(listener, app, config.http, shutdown.wait()).await;
     if served.is_err() {
         // Without a server nobody reads the snapshots: do not leave the refresher running.
         refresher.abort();

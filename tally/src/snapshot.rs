@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, consumer::PullConsumer};
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
+use landslide_config::Shutdown;
 use landslide_nats::polls::PollWatch;
 use landslide_schema::poll::Window;
 use landslide_schema::postgres::DatabaseUrl;
@@ -175,7 +176,7 @@ impl Refresher {
         mut self,
         every: Duration,
         snapshots: watch::Sender<Option<Arc<Snapshot>>>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) {
         let mut ticker = tokio::time::interval(every);
         // After a slow refresh, wait a full period rather than firing catch-up refreshes.
@@ -184,7 +185,7 @@ impl Refresher {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                () = shutdown.clone().wait() => break,
             }
             let started = Instant::now();
             match self.refresh().await {

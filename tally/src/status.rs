@@ -7,6 +7,7 @@ use std::fmt;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use chrono::{DateTime, Utc};
+use landslide_nats::{Access, User};
 use landslide_schema::Revision;
 
 use crate::audit::AuditConfig;
@@ -58,17 +59,19 @@ pub struct DeploymentStatus {
 
 /// Reads the deployment's state; read-only, like tally.
 pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
-    let client = landslide_nats::connect(&config.nats_url, "landslide-status").await?;
+    let connections = &config.connections;
+    let client =
+        landslide_nats::connect(&connections.nats, User::Audit, "landslide-status").await?;
     let js = jetstream::new(client);
-    let topology = &config.topology;
+    let topology = &connections.topology;
     let (consumer, server_now) =
         landslide_nats::consumer_info_at(&js, &topology.votes_stream, &topology.consumer).await?;
     let pending = landslide_nats::pending(&consumer);
-    let store = landslide_nats::polls::ensure_bucket(&js, topology).await?;
-    let book = landslide_nats::polls::load(&store, &config.polls).await?;
+    let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
+    let book = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let (revision, definitions) = book.latest();
 
-    let mut conn = landslide_schema::postgres::connect(config.database_url.expose()).await?;
+    let mut conn = landslide_schema::postgres::connect(connections.database()?.expose()).await?;
     let sums = counts::tally_sums(&mut conn)
         .await
         .context("cannot read the tallies")?;

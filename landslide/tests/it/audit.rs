@@ -11,8 +11,12 @@ use uuid::Uuid;
 use crate::tally::{Stack, commit_like_a_worker, vote, vote_in};
 
 fn config(stack: &Stack) -> AuditConfig {
-    let mut config = AuditConfig::new(&stack.nats.url, &stack.db.url);
-    config.topology = stack.topology.clone();
+    let mut config = AuditConfig::new(
+        stack
+            .nats
+            .connections(landslide_nats::User::Audit, Some(&stack.db.url)),
+    );
+    config.connections.topology = stack.topology.clone();
     config.wait = Duration::from_secs(10);
     config
 }
@@ -191,7 +195,7 @@ async fn audit_reports_undecodable_messages_next_to_the_dead_letters() {
     // A correct worker dead-letters the three it cannot count before acking them.
     for reason in ["undecodable", "unknown poll", "unknown option"] {
         stack
-            .js
+            .worker_js
             .publish(format!("{}.test", stack.topology.dlq_prefix), reason.into())
             .await
             .unwrap()

@@ -50,10 +50,10 @@ async fn run_phase(phase: &str, ingest: &str, tally: &str) {
 async fn vote_change_watch_live_results_without_javascript_then_closed_and_final() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats.url, &db.url);
-    let tally = support::tally(&nats.url, &db.url).await;
+    let worker = support::worker(&nats, &db.url);
+    let tally = support::tally(&nats, &db.url).await;
     let results_url = format!("{}/", tally.url);
-    let ingest = support::ingest_with(&nats.url, "web1", |c| {
+    let ingest = support::ingest_with(&nats, "web1", |c| {
         c.results_url = Some(results_url.clone());
     })
     .await;
@@ -80,11 +80,15 @@ async fn vote_change_watch_live_results_without_javascript_then_closed_and_final
         (now - chrono::Duration::seconds(1)).to_rfc3339(),
     );
     let js = async_nats::jetstream::new(nats.client().await);
-    let store = polls::ensure_bucket(&js, &landslide_nats::Topology::default())
-        .await
-        .unwrap();
+    let store = polls::ensure_bucket(
+        &js,
+        &landslide_nats::Topology::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await
+    .unwrap();
     polls::put(&store, &closed).await.unwrap();
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     support::wait_for(
         "ingest to see the close",
         Duration::from_secs(15),

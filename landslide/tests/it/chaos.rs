@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use landslide_chaos::faults::FaultKind;
 use landslide_chaos::{NatsLayout, Scenario};
-use landslide_nats::Topology;
+use landslide_nats::{Topology, User};
 use landslide_servers::Nats;
 use uuid::Uuid;
 
@@ -112,16 +112,19 @@ async fn a_worker_started_without_quorum_waits_for_it_then_drains() {
         replicas: 3,
         ..Topology::default()
     };
-    let client = landslide_nats::connect(&nats.urls(), "test").await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    landslide_nats::ensure_consumer(&js, &topology)
+    let setup = async_nats::jetstream::new(support::client_as(&nats, User::Worker).await);
+    landslide_nats::ensure_consumer(&setup, &topology, landslide_nats::Access::SetUp)
         .await
         .unwrap();
+    // Votes come from ingest's user, the only one that may publish them.
+    let js = async_nats::jetstream::new(support::client_as(&nats, User::Ingest).await);
 
     // Two of three nodes gone: the last one answers, but JetStream is unavailable there.
     nats.kill(1).await.unwrap();
     nats.kill(2).await.unwrap();
-    let worker = support::worker_with(&nats.url(0), &db.url, |c| c.topology = topology.clone());
+    let worker = support::worker_with(&nats, &db.url, |c| {
+        c.connections.topology = topology.clone()
+    });
     tokio::time::sleep(Duration::from_secs(3)).await;
     if worker.is_finished() {
         panic!(
@@ -145,7 +148,7 @@ async fn a_worker_started_while_nats_server_is_down_waits_for_it_then_drains() {
     let mut nats = Nats::start(NatsLayout::Single, dir.path()).await.unwrap();
     let db = Db::create().await;
     nats.kill(0).await.unwrap();
-    let worker = support::worker_with(&nats.url(0), &db.url, |_| {});
+    let worker = support::worker_with(&nats, &db.url, |_| {});
     tokio::time::sleep(Duration::from_secs(2)).await;
     if worker.is_finished() {
         panic!(
@@ -155,8 +158,7 @@ async fn a_worker_started_while_nats_server_is_down_waits_for_it_then_drains() {
     }
 
     nats.restart(0).await.unwrap();
-    let client = landslide_nats::connect(&nats.urls(), "test").await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(support::client_as(&nats, User::Ingest).await);
     a_vote_is_stored_then_counted(&js, &db, "cats").await;
     worker.stop().await;
 }
@@ -207,7 +209,7 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
         .unwrap();
     let nats = support::Nats::start().await;
     let url = postgres.url("postgres");
-    let worker = support::worker_with(&nats.url, &url, |_| {});
+    let worker = support::worker_with(&nats, &url, |_| {});
     tokio::time::sleep(Duration::from_secs(2)).await;
     if worker.is_finished() {
         panic!(
@@ -219,10 +221,18 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
 
     let voter = Uuid::new_v4();
     let event = crate::tally::vote(voter, "cats", 1_000);
-    let js = async_nats::jetstream::new(nats.client().await);
-    landslide_nats::ensure_votes_stream(&js, &Topology::default())
+    // The worker has set the stream up by now, or will: publish as ingest, retrying until then.
+    let js = async_nats::jetstream::new(nats.client_as(User::Ingest).await);
+    support::wait_for("the votes stream", Duration::from_secs(60), || async {
+        landslide_nats::ensure_votes_stream(
+            &js,
+            &Topology::default(),
+            landslide_nats::Access::ReadOnly,
+        )
         .await
-        .unwrap();
+        .ok()
+    })
+    .await;
     js.publish("votes.web1", event.encode().into())
         .await
         .unwrap()

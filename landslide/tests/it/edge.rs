@@ -8,7 +8,7 @@ use crate::support::{self, Nats};
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vote_sent_from_another_sites_page_is_refused_and_sets_no_cookie() {
     let nats = Nats::start().await;
-    let ingest = support::ingest(&nats.url, "web1", 0).await;
+    let ingest = support::ingest(&nats, "web1", 0).await;
     let host = ingest.url.trim_start_matches("http://").to_owned();
     let client = support::voter();
     let form = |headers: &[(&str, &str)]| {
@@ -66,7 +66,7 @@ async fn a_vote_sent_from_another_sites_page_is_refused_and_sets_no_cookie() {
 async fn live_result_streams_beyond_the_cap_get_503_with_retry_after() {
     let nats = Nats::start().await;
     let db = crate::support::Db::create().await;
-    let tally = support::tally_with(&nats.url, &db.url, |c| c.max_event_streams = 2).await;
+    let tally = support::tally_with(&nats, &db.url, |c| c.max_event_streams = 2).await;
     let url = format!("{}/api/results/pets/events", tally.url);
     let open = || async {
         support::wait_for(
@@ -132,8 +132,8 @@ fn pair(cookies: &[String], name: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secure_cookie_uses_the_host_prefix_and_keeps_every_voter_when_turned_on() {
     let nats = Nats::start().await;
-    let plain = support::ingest(&nats.url, "web1", 0).await;
-    let secure = support::ingest_with(&nats.url, "web2", |c| c.secure_cookie = true).await;
+    let plain = support::ingest(&nats, "web1", 0).await;
+    let secure = support::ingest_with(&nats, "web2", |c| c.secure_cookie = true).await;
     let client = reqwest::Client::new();
     let vote = |url: &str, cookie: Option<&str>| {
         let mut request = client
@@ -175,7 +175,7 @@ async fn a_secure_cookie_uses_the_host_prefix_and_keeps_every_voter_when_turned_
 async fn a_connection_that_never_finishes_its_headers_is_closed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let nats = Nats::start().await;
-    let ingest = support::ingest_with(&nats.url, "web1", |c| {
+    let ingest = support::ingest_with(&nats, "web1", |c| {
         c.http.header_read_timeout = std::time::Duration::from_secs(1);
     })
     .await;
@@ -208,7 +208,7 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_cap_wait_until_one_is_free() {
     let nats = Nats::start().await;
-    let ingest = support::ingest_with(&nats.url, "web1", |c| c.http.max_connections = 1).await;
+    let ingest = support::ingest_with(&nats, "web1", |c| c.http.max_connections = 1).await;
     // One client keeps its keep-alive connection, so it holds the only place.
     let holder = reqwest::Client::new();
     let ready = format!("{}/healthz", ingest.url);

@@ -8,9 +8,9 @@ use crate::support::{self, Db, Nats};
 async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_results() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
-    let worker = support::worker(&nats.url, &db.url);
-    let tally = support::tally(&nats.url, &db.url).await;
+    let ingest = support::ingest(&nats, "web01", 0).await;
+    let worker = support::worker(&nats, &db.url);
+    let tally = support::tally(&nats, &db.url).await;
 
     let browser = support::voter();
     let response = browser
@@ -44,7 +44,7 @@ async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_resu
         "{body}"
     );
 
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     let results = tally.settled_results("pets", 2).await;
     assert_eq!(
         results["counts"],
@@ -67,9 +67,9 @@ async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_resu
 async fn a_change_of_mind_on_a_node_with_a_slow_clock_still_wins() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let fast = support::ingest(&nats.url, "fast", 0).await;
-    let slow = support::ingest(&nats.url, "slow", -10_000).await;
-    let worker = support::worker(&nats.url, &db.url);
+    let fast = support::ingest(&nats, "fast", 0).await;
+    let slow = support::ingest(&nats, "slow", -10_000).await;
+    let worker = support::worker(&nats, &db.url);
 
     // One browser: the cookie from the fast node travels to the slow one.
     let browser = support::voter();
@@ -82,7 +82,7 @@ async fn a_change_of_mind_on_a_node_with_a_slow_clock_still_wins() {
         "{first} then {second}"
     );
 
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("dogs".to_owned(), 1, 1)]
@@ -97,8 +97,8 @@ async fn without_the_cookie_the_slow_node_would_lose_the_change_of_mind() {
     // The control experiment for the test above: it shows the clock skew is real and would
     // misorder the votes if the cookie floor did not exist.
     let nats = Nats::start().await;
-    let fast = support::ingest(&nats.url, "fast", 0).await;
-    let slow = support::ingest(&nats.url, "slow", -10_000).await;
+    let fast = support::ingest(&nats, "fast", 0).await;
+    let slow = support::ingest(&nats, "slow", -10_000).await;
     let (_, first) = support::vote_api(&support::voter(), &fast.url, "pets", "cats").await;
     let (_, second) = support::vote_api(&support::voter(), &slow.url, "pets", "dogs").await;
     assert!(
@@ -113,8 +113,8 @@ async fn without_the_cookie_the_slow_node_would_lose_the_change_of_mind() {
 async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
-    let worker = support::worker(&nats.url, &db.url);
+    let ingest = support::ingest(&nats, "web01", 0).await;
+    let worker = support::worker(&nats, &db.url);
 
     let send = |client: reqwest::Client| {
         let url = format!("{}/api/votes", ingest.url);
@@ -140,7 +140,7 @@ async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
         "the retry reports the stored copy's stamp"
     );
 
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 1, 1)]
@@ -152,7 +152,7 @@ async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() {
     let mut nats = Nats::start().await;
-    let ingest = support::ingest_with(&nats.url, "web01", |c| {
+    let ingest = support::ingest_with(&nats, "web01", |c| {
         c.publish_timeout = Duration::from_millis(300);
         c.publish_attempts = 2;
     })
@@ -199,7 +199,7 @@ async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_its_status_and_a_message() {
     let nats = Nats::start().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let ingest = support::ingest(&nats, "web01", 0).await;
     let client = support::voter();
     let api = format!("{}/api/votes", ingest.url);
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
@@ -345,8 +345,8 @@ async fn bad_input_gets_its_status_and_a_message() {
 async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
-    let worker = support::worker(&nats.url, &db.url);
+    let ingest = support::ingest(&nats, "web01", 0).await;
+    let worker = support::worker(&nats, &db.url);
 
     let client = support::voter();
     let api = format!("{}/api/votes", ingest.url);
@@ -390,7 +390,7 @@ async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone()
         );
     }
 
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     // The original voter still votes cats; three new voters vote dogs.
     assert_eq!(
         db.tally_and_count("pets").await,
@@ -404,7 +404,7 @@ async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone()
 async fn shutdown_drains_requests_in_flight() {
     let mut nats = Nats::start().await;
     let db = Db::create().await;
-    let ingest = support::ingest_with(&nats.url, "web01", |c| {
+    let ingest = support::ingest_with(&nats, "web01", |c| {
         c.publish_timeout = Duration::from_secs(3);
         c.publish_attempts = 3;
     })
@@ -430,8 +430,8 @@ async fn shutdown_drains_requests_in_flight() {
     }
     stopping.await.unwrap();
 
-    let worker = support::worker(&nats.url, &db.url);
-    support::drained(&nats.url).await;
+    let worker = support::worker(&nats, &db.url);
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 20, 20)]
@@ -445,7 +445,7 @@ async fn shutdown_drains_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ingest_node_stopped_while_the_broker_is_gone_still_exits() {
     let mut nats = Nats::start().await;
-    let ingest = support::ingest_with(&nats.url, "web01", |c| {
+    let ingest = support::ingest_with(&nats, "web01", |c| {
         c.publish_timeout = Duration::from_millis(300);
         c.publish_attempts = 1;
     })

@@ -30,9 +30,13 @@ options = [
 
 async fn store(nats: &Nats) -> async_nats::jetstream::kv::Store {
     let js = async_nats::jetstream::new(nats.client().await);
-    polls::ensure_bucket(&js, &landslide_nats::Topology::default())
-        .await
-        .unwrap()
+    polls::ensure_bucket(
+        &js,
+        &landslide_nats::Topology::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await
+    .unwrap()
 }
 
 async fn dead_letters(nats: &Nats) -> u64 {
@@ -46,7 +50,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
     let nats = Nats::start().await;
     let db = Db::create().await;
     // The worker starts first, on the built-in poll: it seeds revision 1.
-    let worker = support::worker(&nats.url, &db.url);
+    let worker = support::worker(&nats, &db.url);
     support::wait_for("the polls bucket", Duration::from_secs(15), || async {
         let store = store(&nats).await;
         (!polls::read_all(&store).await.ok()?.is_empty()).then_some(())
@@ -55,7 +59,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
     // An ingest node started with another polls file: the bucket wins, so the node refuses
     // `birds` (422) instead of accepting what the workers would refuse.
     let birds = Polls::from_toml(BIRDS).unwrap();
-    let ingest = support::ingest_with(&nats.url, "web1", |c| c.polls = birds.clone()).await;
+    let ingest = support::ingest_with(&nats, "web1", |c| c.connections.polls = birds.clone()).await;
     let voter = support::voter();
     let (status, body) = support::vote_api(&voter, &ingest.url, "pets", "birds").await;
     assert_eq!(status, 422, "{body}");
@@ -79,7 +83,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
         rev: Some(Revision(3)),
         ..vote(Uuid::new_v4(), "fish", 1_000)
     };
-    let js = async_nats::jetstream::new(nats.client().await);
+    let js = async_nats::jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
     js.publish("votes.web9", early.encode().into())
         .await
         .unwrap()
@@ -87,13 +91,13 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(dead_letters(&nats).await, 0);
-    assert!(support::pending(&nats.url).await.unwrap() >= 1);
+    assert!(support::pending(&nats).await.unwrap() >= 1);
     let fish = BIRDS.replace(
         r#"{ id = "birds", label = "Birds" },"#,
         r#"{ id = "birds", label = "Birds" }, { id = "fish", label = "Fish" },"#,
     );
     assert_eq!(polls::put(&store, &fish).await.unwrap(), Revision(3));
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(dead_letters(&nats).await, 0);
 
     let ballots = db.tally_and_count("pets").await;
@@ -104,7 +108,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
             .map_or(0, |(_, tally, _)| *tally)
     };
     assert_eq!((count("birds"), count("fish")), (1, 1), "{ballots:?}");
-    let mut config = AuditConfig::new(&nats.url, &db.url);
+    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db.url)));
     config.wait = Duration::from_secs(10);
     let report = audit(&config).await.unwrap();
     assert!(report.is_consistent(), "{report}");
@@ -130,7 +134,9 @@ async fn polls_put_refuses_an_invalid_file_and_never_overwrites_a_revision() {
     let mut revisions = [a.unwrap(), b.unwrap()];
     revisions.sort();
     assert_eq!(revisions, [Revision(1), Revision(2)]);
-    let seeded = polls::load(&store, &Polls::default()).await.unwrap();
+    let seeded = polls::load(&store, &Polls::default(), landslide_nats::Access::SetUp)
+        .await
+        .unwrap();
     assert_eq!(
         seeded.latest().0,
         Revision(2),
@@ -141,12 +147,16 @@ async fn polls_put_refuses_an_invalid_file_and_never_overwrites_a_revision() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_role_sees_a_new_revision_after_nats_server_restarted() {
     let mut nats = Nats::start().await;
-    let client = landslide_nats::connect(&nats.url, "test").await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
     let topology = landslide_nats::Topology::default();
-    let watch = polls::watch(&js, &topology, &Polls::default())
-        .await
-        .unwrap();
+    let watch = polls::watch(
+        &js,
+        &topology,
+        &Polls::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await
+    .unwrap();
     assert_eq!(watch.current().latest().0, Revision(1));
 
     nats.kill().await;
@@ -198,10 +208,10 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     polls::put(&store, &windowed(later, later + chrono::Duration::hours(1)))
         .await
         .unwrap();
-    let worker = support::worker(&nats.url, &db.url);
-    let honest = support::ingest(&nats.url, "web1", 0).await;
+    let worker = support::worker(&nats, &db.url);
+    let honest = support::ingest(&nats, "web1", 0).await;
     // A node whose clock is two minutes slow: by its clock the poll is still open after the close.
-    let slow = support::ingest(&nats.url, "web2", -120_000).await;
+    let slow = support::ingest(&nats, "web2", -120_000).await;
 
     refused(&honest.url, "opens at").await;
     assert!(
@@ -243,7 +253,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     refused(&slow.url, "closed at").await;
 
     // Closed by the stream's clock and nothing pending: the result is final.
-    let tally = support::tally(&nats.url, &db.url).await;
+    let tally = support::tally(&nats, &db.url).await;
     let results = support::wait_for("the final result", Duration::from_secs(30), || {
         let url = format!("{}/api/results/pets", tally.url);
         async move {
@@ -262,7 +272,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
 
     // The certificate: final, the counts, and a digest anyone can recompute from the export,
     // in which the voter finds their own line by their receipt.
-    let mut config = AuditConfig::new(&nats.url, &db.url);
+    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db.url)));
     config.wait = Duration::from_secs(10);
     let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
     let (report, certificate, csv) = certify(&config, "pets", &key).await.unwrap();
@@ -293,14 +303,14 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     assert!(text.contains("stream VOTES: 2 messages"), "{text}");
     assert!(text.contains("stream VOTES_DLQ: 1 messages"), "{text}");
 
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     let counts = db.tally_and_count("pets").await;
     let total: i64 = counts.iter().map(|(_, tally, _)| tally).sum();
     assert_eq!(
         total, 1,
         "only the vote inside the window counts: {counts:?}"
     );
-    let mut config = AuditConfig::new(&nats.url, &db.url);
+    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db.url)));
     config.wait = Duration::from_secs(10);
     let report = audit(&config).await.unwrap();
     assert!(report.is_consistent(), "{report}");
@@ -319,15 +329,15 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
 async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats.url, &db.url);
-    let ingest = support::ingest(&nats.url, "web1", 0).await;
-    let tally = support::tally(&nats.url, &db.url).await;
+    let worker = support::worker(&nats, &db.url);
+    let ingest = support::ingest(&nats, "web1", 0).await;
+    let tally = support::tally(&nats, &db.url).await;
     let voter = support::voter();
     let (_, first) = support::vote_api(&voter, &ingest.url, "pets", "cats").await;
     let (_, second) = support::vote_api(&voter, &ingest.url, "pets", "dogs").await;
     let receipt = |body: &serde_json::Value| body["receipt"].as_str().unwrap().to_owned();
     let (first, second) = (receipt(&first), receipt(&second));
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
 
     let ask = |r: String| {
         let url = format!("{}/api/receipts/{r}", tally.url);

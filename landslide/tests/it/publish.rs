@@ -35,8 +35,8 @@ async fn stored_events(nats: &Nats) -> HashMap<String, usize> {
 async fn concurrent_votes_share_batches_and_each_is_stored_once() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
-    let worker = support::worker(&nats.url, &db.url);
+    let ingest = support::ingest(&nats, "web01", 0).await;
+    let worker = support::worker(&nats, &db.url);
 
     let votes = 400;
     let answers = join_all((0..votes).map(|i| {
@@ -69,7 +69,7 @@ async fn concurrent_votes_share_batches_and_each_is_stored_once() {
         let id = body["event_id"].as_str().unwrap();
         assert_eq!(copies.get(id), Some(&1), "event {id}");
     }
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     let dogs = (0..votes).filter(|i| i % 3 == 0).count() as i64;
     assert_eq!(
         db.tally_and_count("pets").await,
@@ -93,7 +93,7 @@ async fn concurrent_votes_share_batches_and_each_is_stored_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored() {
     let nats = Nats::start().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let ingest = support::ingest(&nats, "web01", 0).await;
     let keyed = |client: reqwest::Client, key: String| {
         let url = format!("{}/api/votes", ingest.url);
         async move {
@@ -156,15 +156,21 @@ async fn a_votes_stream_without_atomic_batches_is_updated_in_place() {
     let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert!(reply.get("error").is_none(), "{reply}");
     let js = async_nats::jetstream::new(client);
-    js.publish("votes.old", "an earlier vote".into())
+    let ingest = async_nats::jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
+    ingest
+        .publish("votes.old", "an earlier vote".into())
         .await
         .unwrap()
         .await
         .unwrap();
 
-    let stream = landslide_nats::ensure_votes_stream(&js, &Topology::default())
-        .await
-        .unwrap();
+    let stream = landslide_nats::ensure_votes_stream(
+        &js,
+        &Topology::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await
+    .unwrap();
     let info = stream.get_info().await.unwrap();
     assert!(info.config.allow_atomic_publish);
     assert_eq!(info.state.messages, 1);
@@ -186,7 +192,7 @@ async fn a_role_connected_to_a_server_older_than_the_minimum_refuses_to_start() 
         .await
         .unwrap();
     let db = Db::create().await;
-    let worker = support::worker(&nats.url(0), &db.url);
+    let worker = support::worker(&nats, &db.url);
     let err = worker
         .join()
         .await

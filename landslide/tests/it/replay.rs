@@ -17,15 +17,23 @@ use crate::tally::{Stack, vote};
 const VOTERS: usize = 1_000;
 
 async fn audit_of(stack: &Stack, db: &Db) -> AuditReport {
-    let mut config = AuditConfig::new(&stack.nats.url, &db.url);
-    config.topology = stack.topology.clone();
+    let mut config = AuditConfig::new(
+        stack
+            .nats
+            .connections(landslide_nats::User::Audit, Some(&db.url)),
+    );
+    config.connections.topology = stack.topology.clone();
     config.wait = Duration::from_secs(30);
     audit(&config).await.expect("audit runs")
 }
 
 async fn replay_into(stack: &Stack, db: &Db) -> landslide_dedup_worker::ReplayReport {
-    let mut config = landslide_dedup_worker::Config::new(&stack.nats.url, db.url.as_str());
-    config.topology = stack.topology.clone();
+    let mut config = landslide_dedup_worker::Config::new(
+        stack
+            .nats
+            .connections(landslide_nats::User::Worker, Some(&db.url)),
+    );
+    config.connections.topology = stack.topology.clone();
     // Several transactions, so that a voter's events fall into different ones.
     replay(&config, 700).await.expect("replay runs")
 }
@@ -82,7 +90,7 @@ fn restore(db: &Db, file: &Path) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_restored_from_an_older_dump_is_made_whole_by_replay() {
     let stack = Stack::start().await;
-    let worker = support::worker(&stack.nats.url, &stack.db.url);
+    let worker = support::worker(&stack.nats, &stack.db.url);
     let voters: Vec<Uuid> = (0..VOTERS).map(|_| Uuid::new_v4()).collect();
 
     // Day one: every voter votes; the worker counts it all; last night's backup.
@@ -92,7 +100,7 @@ async fn a_database_restored_from_an_older_dump_is_made_whole_by_replay() {
         .map(|(i, v)| vote(*v, ["cats", "dogs"][i % 2], 1_000 + i as u64))
         .collect();
     publish_all(&stack, &day_one).await;
-    support::drained(&stack.nats.url).await;
+    support::drained(&stack.nats).await;
     let dir = tempfile::tempdir().unwrap();
     let backup = dir.path().join("landslide.dump");
     dump(&stack.db, &backup);
@@ -106,7 +114,7 @@ async fn a_database_restored_from_an_older_dump_is_made_whole_by_replay() {
     day_two.extend((0..VOTERS / 2).map(|i| vote(Uuid::new_v4(), "cats", 2_000 + i as u64)));
     publish_all(&stack, &day_two).await;
     stack.publish_raw(b"not a vote".to_vec()).await;
-    support::drained(&stack.nats.url).await;
+    support::drained(&stack.nats).await;
     worker.stop().await;
     let whole = audit_of(&stack, &stack.db).await;
     assert!(whole.is_consistent(), "{whole}");

@@ -43,11 +43,11 @@ async fn the_definition_files_create_streams_and_a_consumer_the_roles_accept() {
 
     // The roles find exactly their definitions and start; a vote goes all the way through.
     let db = Db::create().await;
-    let worker = support::worker(&nats.url, &db.url);
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
+    let worker = support::worker(&nats, &db.url);
+    let ingest = support::ingest(&nats, "web01", 0).await;
     let (status, _) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202);
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 1, 1)]

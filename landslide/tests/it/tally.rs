@@ -25,6 +25,8 @@ pub(crate) struct Stack {
     pub nats: Nats,
     pub db: Db,
     pub js: jetstream::Context,
+    /// As the workers' user.
+    pub worker_js: jetstream::Context,
     pub topology: Topology,
 }
 
@@ -32,15 +34,19 @@ impl Stack {
     pub async fn start() -> Self {
         let nats = Nats::start().await;
         let db = Db::create().await;
-        let js = jetstream::new(nats.client().await);
+        // What a worker sets up: the streams, the consumer, the polls bucket (the pets poll and
+        // one more, as tally's tests show both).
+        crate::support::set_up(&nats, &two_polls()).await;
         let topology = Topology::default();
-        landslide_nats::ensure_consumer(&js, &topology)
-            .await
-            .expect("ensure streams and consumer");
+        // Votes are published as ingest's user, the only one that may; the consumer is read and
+        // dead letters written as the workers'.
+        let js = jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
+        let worker_js = jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
         Self {
             nats,
             db,
             js,
+            worker_js,
             topology,
         }
     }
@@ -72,7 +78,7 @@ impl Stack {
     /// Takes `n` messages from the workers' consumer without acknowledging them.
     pub async fn fetch(&self, n: usize) -> Vec<jetstream::Message> {
         let stream = self
-            .js
+            .worker_js
             .get_stream(&self.topology.votes_stream)
             .await
             .expect("votes stream");
@@ -176,7 +182,7 @@ fn two_polls() -> Polls {
 struct Tally {
     base: String,
     http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<landslide_config::Trigger>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -184,13 +190,15 @@ impl Tally {
     async fn start(stack: &Stack) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let mut config = Config::new(&stack.nats.url, &stack.db.url);
-        config.polls = two_polls();
+        let mut config = Config::new(
+            stack
+                .nats
+                .connections(landslide_nats::User::Tally, Some(&stack.db.url)),
+        );
+        config.connections.polls = two_polls();
         config.refresh = Duration::from_millis(50);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(landslide_tally::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
+        let (stop, shutdown) = landslide_config::Shutdown::new();
+        let task = tokio::spawn(landslide_tally::run(config, listener, shutdown));
         let tally = Self {
             base,
             http: reqwest::Client::new(),
@@ -225,7 +233,7 @@ impl Tally {
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
+        self.stop.take().unwrap().stop();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("tally stops within 10 s")
@@ -468,11 +476,12 @@ async fn shutdown_ends_open_event_streams_so_the_server_drains() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_that_cannot_be_reached_stops_startup_naming_database_url() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = Config::new(
-        "nats://127.0.0.1:1",
-        "postgres://landslide:secret@127.0.0.1:1/landslide",
-    );
-    let err = landslide_tally::run(config, listener, std::future::pending())
+    let config = Config::new(landslide_config::Connections::new(
+        landslide_nats::NatsConfig::anonymous("nats://127.0.0.1:1"),
+        Some("postgres://landslide:secret@127.0.0.1:1/landslide".into()),
+    ));
+    let (_stop, shutdown) = landslide_config::Shutdown::new();
+    let err = landslide_tally::run(config, listener, shutdown)
         .await
         .expect_err("startup must fail");
     let message = format!("{err:#}");

@@ -50,11 +50,11 @@ async fn a_trace_started_by_a_vote_continues_in_the_workers_batch_span() {
     .unwrap();
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let ingest = support::ingest(&nats.url, "web01", 0).await;
-    let worker = support::worker(&nats.url, &db.url);
+    let ingest = support::ingest(&nats, "web01", 0).await;
+    let worker = support::worker(&nats, &db.url);
     let (status, _) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202);
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     worker.stop().await;
     ingest.role.stop().await;
     // Shutting down flushes the batch exporter; it blocks, so keep it off the async workers.

@@ -41,10 +41,15 @@ fn event(voter: u128, ts: u64, choice: &str, id: u128) -> VoteEvent {
 
 /// Publishes raw payloads to `votes.web01`, awaiting every ack.
 async fn publish_raw(nats: &Nats, payloads: impl IntoIterator<Item = Vec<u8>>) {
-    let js = jetstream::new(nats.client().await);
-    landslide_nats::ensure_votes_stream(&js, &Topology::default())
-        .await
-        .unwrap();
+    let setup = jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
+    landslide_nats::ensure_votes_stream(
+        &setup,
+        &Topology::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await
+    .unwrap();
+    let js = jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
     let mut acks = Vec::new();
     for payload in payloads {
         acks.push(js.publish("votes.web01", payload.into()).await.unwrap());
@@ -88,8 +93,8 @@ async fn crash_then_recover(fail_point: FailPoint) {
         .collect();
     publish_raw(&nats, events.iter().map(VoteEvent::encode)).await;
 
-    let crashing = support::worker_with(&nats.url, &db.url, |c| {
-        c.topology = short_ack_wait();
+    let crashing = support::worker_with(&nats, &db.url, |c| {
+        c.connections.topology = short_ack_wait();
         c.fail_point = Some(fail_point);
     });
     let err = crashing
@@ -102,14 +107,12 @@ async fn crash_then_recover(fail_point: FailPoint) {
         FailPoint::AfterCommit => assert_eq!(after_crash, model_counts(&events)),
         FailPoint::BeforeCommit => assert_eq!(after_crash, []),
     }
-    assert_eq!(
-        support::pending(&nats.url).await,
-        Some(50),
-        "nothing was acked"
-    );
+    assert_eq!(support::pending(&nats).await, Some(50), "nothing was acked");
 
-    let worker = support::worker_with(&nats.url, &db.url, |c| c.topology = short_ack_wait());
-    support::drained(&nats.url).await;
+    let worker = support::worker_with(&nats, &db.url, |c| {
+        c.connections.topology = short_ack_wait()
+    });
+    support::drained(&nats).await;
     assert_eq!(db.tally_and_count("pets").await, model_counts(&events));
     worker.stop().await;
 }
@@ -152,10 +155,10 @@ async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
     for i in (1..payloads.len()).rev() {
         payloads.swap(i, rng.below(i as u64 + 1) as usize);
     }
-    let a = support::worker_with(&nats.url, &db.url, |c| c.batch_size = 97);
-    let b = support::worker_with(&nats.url, &db.url, |c| c.batch_size = 13);
+    let a = support::worker_with(&nats, &db.url, |c| c.batch_size = 97);
+    let b = support::worker_with(&nats, &db.url, |c| c.batch_size = 13);
     publish_raw(&nats, payloads).await;
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
 
     let expected = merge::latest_per_voter(events.iter().cloned());
     for ((poll, voter), latest) in &expected {
@@ -183,7 +186,7 @@ async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
 async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_on() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats.url, &db.url);
+    let worker = support::worker(&nats, &db.url);
     let mut unknown_poll = event(2, 10, "cats", 2);
     unknown_poll.poll = PollId::parse("lunch").unwrap();
     let mut unknown_option = event(3, 10, "cats", 3);
@@ -198,7 +201,7 @@ async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_
         ],
     )
     .await;
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 1, 1)]
@@ -234,7 +237,7 @@ async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_
 
     // And the worker is still draining.
     publish_raw(&nats, [event(4, 11, "dogs", 4).encode()]).await;
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
@@ -250,7 +253,7 @@ async fn an_incompatible_existing_stream_stops_the_worker_naming_the_difference(
     let mut config = Topology::default().votes_stream_config().unwrap();
     config.discard = jetstream::stream::DiscardPolicy::Old;
     js.create_stream(config).await.unwrap();
-    let err = support::worker(&nats.url, &db.url)
+    let err = support::worker(&nats, &db.url)
         .join()
         .await
         .expect_err("the worker refuses the stream");
@@ -269,9 +272,9 @@ async fn an_incompatible_existing_stream_stops_the_worker_naming_the_difference(
 async fn a_worker_whose_database_connection_dies_reconnects_and_loses_nothing() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats.url, &db.url);
+    let worker = support::worker(&nats, &db.url);
     publish_raw(&nats, [event(1, 10, "cats", 1).encode()]).await;
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
 
     // Cut every other session to this database, as a PostgreSQL restart or a proxy failover would.
     diesel_async::RunQueryDsl::execute(
@@ -285,7 +288,7 @@ async fn a_worker_whose_database_connection_dies_reconnects_and_loses_nothing() 
     .unwrap();
     let events = [event(1, 20, "dogs", 2), event(2, 20, "cats", 3)];
     publish_raw(&nats, events.iter().map(VoteEvent::encode)).await;
-    support::drained(&nats.url).await;
+    support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
@@ -313,19 +316,22 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
     let url = postgres.url("postgres");
     landslide_schema::postgres::migrate(&url).await.unwrap();
     let nats = Nats::start().await;
-    let js = jetstream::new(nats.client().await);
+    let setup = jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
+    let js = jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
     let topology = Topology {
         ack_wait: Some(Duration::from_secs(6)),
         ..Topology::default()
     };
-    landslide_nats::ensure_consumer(&js, &topology)
+    landslide_nats::ensure_consumer(&setup, &topology, landslide_nats::Access::SetUp)
         .await
         .unwrap();
-    let mut config = landslide_dedup_worker::Config::new(&nats.url, url.as_str());
-    config.topology = topology.clone();
+    let mut config = landslide_dedup_worker::Config::new(
+        nats.connections(landslide_nats::User::Worker, Some(&url)),
+    );
+    config.connections.topology = topology.clone();
     let bound = config.database_bound();
     assert_eq!(bound, Duration::from_secs(4));
-    let worker = support::worker_with(&nats.url, &url, |c| c.topology = topology.clone());
+    let worker = support::worker_with(&nats, &url, |c| c.connections.topology = topology.clone());
     let ballot = |voter: Uuid| {
         let url = url.clone();
         async move {

@@ -261,7 +261,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     .await?;
     landslide_schema::postgres::migrate(&env.database_url).await?;
     let nats = Group::of(stack.nats.pid(0));
-    let client = landslide_nats::connect(&env.nats_urls, "landslide-bench").await?;
+    let client = landslide_nats::connect(
+        env.nats(landslide_nats::User::Admin),
+        landslide_nats::User::Admin,
+        "landslide-bench",
+    )
+    .await?;
     let js = async_nats::jetstream::new(client.clone());
     // A second nats-server with the server's default lazy sync: what fsync before ack costs.
     let lazy = landslide_servers::Nats::start_with(
@@ -275,11 +280,20 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     .await?;
     let lazy_nats = Group::of(lazy.pid(0));
     let lazy_env = landslide_chaos::roles::RoleEnv {
-        nats_urls: lazy.urls(),
+        nats: landslide_nats::User::ALL
+            .into_iter()
+            .map(|user| (user, lazy.config(user)))
+            .collect(),
         ..env.clone()
     };
-    let lazy_js =
-        async_nats::jetstream::new(landslide_nats::connect(&lazy.urls(), "landslide-bench").await?);
+    let lazy_js = async_nats::jetstream::new(
+        landslide_nats::connect(
+            &lazy.config(landslide_nats::User::Admin),
+            landslide_nats::User::Admin,
+            "landslide-bench",
+        )
+        .await?,
+    );
 
     tracing::info!("ceiling: null HTTP handler");
     let mut null_server = NullServer::start().await?;
@@ -478,13 +492,17 @@ async fn wait_drained_by(
     workers: &mut [landslide_chaos::roles::Role],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let drained = landslide_chaos::check::wait_drained(&env.nats_urls, timeout, || {
-        workers
-            .iter_mut()
-            .filter_map(|r| r.process.check_running().err())
-            .map(|e| format!("{e:#}"))
-            .collect()
-    })
+    let drained = landslide_chaos::check::wait_drained(
+        env.nats(landslide_nats::User::Admin),
+        timeout,
+        || {
+            workers
+                .iter_mut()
+                .filter_map(|r| r.process.check_running().err())
+                .map(|e| format!("{e:#}"))
+                .collect()
+        },
+    )
     .await?;
     match drained {
         landslide_chaos::check::Drain::Done(_) => Ok(()),

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use landslide_config::{Connections, Shutdown};
+use landslide_nats::User;
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -37,10 +39,11 @@ where
     }
 }
 
-/// A private nats-server with JetStream and file storage (the reliability harness's), killed
-/// when dropped.
+/// A private nats-server with JetStream and file storage (the reliability harness's, with the
+/// users, permissions and TLS of every deployment), killed when dropped. Every client of a test
+/// connects as one of its users.
 pub struct Nats {
-    server: landslide_servers::Nats,
+    pub server: landslide_servers::Nats,
     pub url: String,
     _dir: tempfile::TempDir,
 }
@@ -69,11 +72,66 @@ impl Nats {
         self.server.restart(0).await.expect("restart nats-server");
     }
 
-    pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(&self.url)
-            .await
-            .expect("connect to test nats")
+    /// A role's connection configuration: `user` on this server, the database if given.
+    pub fn connections(&self, user: User, database_url: Option<&str>) -> Connections {
+        connections(&self.server, user, database_url)
     }
+
+    /// A client as the operator (`admin`), for what tests look at.
+    pub async fn client(&self) -> async_nats::Client {
+        client_as(&self.server, User::Admin).await
+    }
+
+    /// A client as `user`, with that user's permissions.
+    pub async fn client_as(&self, user: User) -> async_nats::Client {
+        client_as(&self.server, user).await
+    }
+
+    /// A JetStream context as the operator.
+    pub async fn js(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client().await)
+    }
+}
+
+impl std::ops::Deref for Nats {
+    type Target = landslide_servers::Nats;
+
+    fn deref(&self) -> &Self::Target {
+        &self.server
+    }
+}
+
+/// A role's connection configuration: `user` on `nats`, the database if given, the default
+/// names and polls.
+pub fn connections(
+    nats: &landslide_servers::Nats,
+    user: User,
+    database_url: Option<&str>,
+) -> Connections {
+    Connections::new(nats.config(user), database_url.map(Into::into))
+}
+
+/// A client of `nats` as `user`, with that user's permissions.
+pub async fn client_as(nats: &landslide_servers::Nats, user: User) -> async_nats::Client {
+    landslide_nats::connect(&nats.config(user), user, "landslide-test")
+        .await
+        .expect("connect to test nats")
+}
+
+/// What a worker sets up when it starts (the streams, the consumer, the polls bucket seeded with
+/// `polls`), as the worker user: for tests that run ingest without a worker.
+pub async fn set_up(nats: &landslide_servers::Nats, polls: &landslide_schema::Polls) {
+    let js = async_nats::jetstream::new(client_as(nats, User::Worker).await);
+    let topology = landslide_nats::Topology::default();
+    landslide_nats::ensure_consumer(&js, &topology, landslide_nats::Access::SetUp)
+        .await
+        .expect("set up the streams and the consumer");
+    let store = landslide_nats::polls::ensure_bucket(&js, &topology, landslide_nats::Access::SetUp)
+        .await
+        .expect("set up the polls bucket");
+    landslide_nats::polls::load(&store, polls, landslide_nats::Access::SetUp)
+        .await
+        .expect("seed the polls bucket");
 }
 
 fn admin_url() -> String {
@@ -185,21 +243,16 @@ impl Drop for Db {
 
 /// A role running in this test process, stopped through its shutdown signal.
 pub struct Role {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<landslide_config::Trigger>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Role {
-    fn spawn<F>(
-        run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
-    ) -> Self
+    fn spawn<F>(run: impl FnOnce(Shutdown) -> F) -> Self
     where
         F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shutdown = Box::pin(async move {
-            let _ = stopped.await;
-        });
+        let (stop, shutdown) = Shutdown::new();
         Self {
             stop: Some(stop),
             handle: tokio::spawn(run(shutdown)),
@@ -209,7 +262,7 @@ impl Role {
     /// Signals shutdown and waits for a clean exit.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            stop.stop();
         }
         let handle = &mut self.handle;
         tokio::time::timeout(Duration::from_secs(30), handle)
@@ -249,8 +302,10 @@ pub struct Ingest {
     pub role: Role,
 }
 
-pub async fn ingest(nats_url: &str, node: &str, clock_offset_ms: i64) -> Ingest {
-    ingest_with(nats_url, node, |config| {
+/// An ingest node as the `ingest` user, after what a worker sets up (the streams, the polls
+/// bucket seeded with the node's polls), so that it needs no worker to start.
+pub async fn ingest(nats: &landslide_servers::Nats, node: &str, clock_offset_ms: i64) -> Ingest {
+    ingest_with(nats, node, |config| {
         config.clock = std::sync::Arc::new(landslide_ingest::SystemClock {
             offset_ms: clock_offset_ms,
         });
@@ -259,16 +314,17 @@ pub async fn ingest(nats_url: &str, node: &str, clock_offset_ms: i64) -> Ingest 
 }
 
 pub async fn ingest_with(
-    nats_url: &str,
+    nats: &landslide_servers::Nats,
     node: &str,
     adjust: impl FnOnce(&mut landslide_ingest::Config),
 ) -> Ingest {
     let mut config = landslide_ingest::Config::new(
         landslide_schema::NodeId::parse(node).expect("node id"),
-        nats_url,
+        connections(nats, User::Ingest, None),
         landslide_ingest::Secret::new(SECRET).expect("secret"),
     );
     adjust(&mut config);
+    set_up(nats, &config.connections.polls).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind ingest");
@@ -289,16 +345,17 @@ pub async fn ingest_with(
 }
 
 /// A dedup-worker in this process.
-pub fn worker(nats_url: &str, database_url: &str) -> Role {
-    worker_with(nats_url, database_url, |_| {})
+pub fn worker(nats: &landslide_servers::Nats, database_url: &str) -> Role {
+    worker_with(nats, database_url, |_| {})
 }
 
 pub fn worker_with(
-    nats_url: &str,
+    nats: &landslide_servers::Nats,
     database_url: &str,
     adjust: impl FnOnce(&mut landslide_dedup_worker::Config),
 ) -> Role {
-    let mut config = landslide_dedup_worker::Config::new(nats_url, database_url);
+    let mut config =
+        landslide_dedup_worker::Config::new(connections(nats, User::Worker, Some(database_url)));
     adjust(&mut config);
     Role::spawn(move |shutdown| landslide_dedup_worker::run(config, shutdown))
 }
@@ -332,9 +389,8 @@ pub async fn vote_api(
 
 /// Consumer pending + unacked of the workers' consumer (default topology); `None` until a worker
 /// has created the consumer.
-pub async fn pending(nats_url: &str) -> Option<u64> {
-    let client = async_nats::connect(nats_url).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
+pub async fn pending(nats: &landslide_servers::Nats) -> Option<u64> {
+    let js = async_nats::jetstream::new(client_as(nats, User::Admin).await);
     let topology = landslide_nats::Topology::default();
     let stream = js.get_stream(&topology.votes_stream).await.ok()?;
     let info = stream.consumer_info(&topology.consumer).await.ok()?;
@@ -342,31 +398,34 @@ pub async fn pending(nats_url: &str) -> Option<u64> {
 }
 
 /// Waits until the workers' consumer exists and has nothing pending.
-pub async fn drained(nats_url: &str) {
+pub async fn drained(nats: &landslide_servers::Nats) {
     wait_for("the stream to drain", Duration::from_secs(60), || async {
-        (pending(nats_url).await == Some(0)).then_some(())
+        (pending(nats).await == Some(0)).then_some(())
     })
     .await;
 }
 
-/// The tally role on an ephemeral port.
+/// The tally role on an ephemeral port, after what a worker sets up.
 pub struct Tally {
     pub url: String,
     pub role: Role,
 }
 
-pub async fn tally(nats_url: &str, database_url: &str) -> Tally {
-    tally_with(nats_url, database_url, |_| {}).await
+pub async fn tally(nats: &landslide_servers::Nats, database_url: &str) -> Tally {
+    tally_with(nats, database_url, |_| {}).await
 }
 
 pub async fn tally_with(
-    nats_url: &str,
+    nats: &landslide_servers::Nats,
     database_url: &str,
     adjust: impl FnOnce(&mut landslide_tally::Config),
 ) -> Tally {
-    let mut config = landslide_tally::Config::new(nats_url, database_url);
+    let mut config =
+        landslide_tally::Config::new(connections(nats, User::Tally, Some(database_url)));
     config.refresh = Duration::from_millis(50);
     adjust(&mut config);
+    // Tally waits for what a worker sets up; a test may run it without one.
+    set_up(nats, &config.connections.polls).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind tally");

@@ -1,0 +1,106 @@
+//! The broker's closed doors: nobody connects without a user and TLS, and each role's user may
+//! publish only where its role must (`nats/src/auth.rs`). Found by trying, as a new user would:
+//! anything that reached port 4222 could publish a vote for any voter with any stamp, or purge
+//! the stream that audit treats as the truth.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use landslide_nats::{Credentials, NatsConfig, User};
+
+use crate::support::{self, Nats};
+
+/// Publishes one message as `user` and says whether JetStream stored it (a refused publish is
+/// never answered, so the ack times out).
+async fn stores(nats: &Nats, user: User, subject: &str) -> bool {
+    let js = jetstream::new(nats.client_as(user).await);
+    let ack = async { js.publish(subject.to_owned(), "x".into()).await?.await };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), ack).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nobody_connects_without_credentials_and_tls() {
+    let nats = Nats::start().await;
+    let ingest = nats.config(User::Ingest);
+    let anonymous = ingest.with_credentials(Credentials::Anonymous);
+    let wrong = ingest.with_credentials(Credentials::UserPassword {
+        user: "ingest".to_owned(),
+        password: landslide_nats::auth::Hidden::new("not-the-password"),
+    });
+    // The right password, but the server's certificate is not checked against our CA.
+    let unverified = NatsConfig {
+        tls: None,
+        ..ingest.clone()
+    };
+    for (what, config) in [
+        ("no credentials", anonymous),
+        ("a wrong password", wrong),
+        ("no CA to verify the server", unverified),
+    ] {
+        let refused = landslide_nats::connect(&config, User::Ingest, "test").await;
+        assert!(refused.is_err(), "connected with {what}");
+    }
+    landslide_nats::connect(&ingest, User::Ingest, "test")
+        .await
+        .expect("ingest's user connects");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_ingest_may_publish_votes_and_nobody_may_purge_or_delete_them() {
+    let nats = &Nats::start().await;
+    support::set_up(nats, &landslide_schema::Polls::default()).await;
+    let votes = "votes.web1";
+    let checks = [
+        User::Ingest,
+        User::Worker,
+        User::Tally,
+        User::Audit,
+        User::Admin,
+    ]
+    .map(|user| async move { (user, stores(nats, user, votes).await) });
+    let stored: Vec<(User, bool)> = futures::future::join_all(checks).await;
+    assert_eq!(
+        stored,
+        [
+            (User::Ingest, true),
+            (User::Worker, false),
+            (User::Tally, false),
+            (User::Audit, false),
+            (User::Admin, false),
+        ]
+    );
+    // Dead letters are the workers' alone.
+    assert!(stores(nats, User::Worker, "dlq.votes.web1").await);
+    assert!(!stores(nats, User::Ingest, "dlq.votes.web1").await);
+    assert!(!stores(nats, User::Tally, "dlq.votes.web1").await);
+
+    // Purging or deleting: refused to every user, the operator included.
+    let attempts = User::ALL.map(|user| async move {
+        let js = jetstream::new(nats.client_as(user).await);
+        let purged = tokio::time::timeout(Duration::from_secs(10), async {
+            js.get_stream_no_info("VOTES")
+                .await
+                .ok()?
+                .purge()
+                .await
+                .ok()
+        });
+        let deleted = tokio::time::timeout(Duration::from_secs(10), js.delete_stream("VOTES"));
+        let (purged, deleted) = futures::join!(purged, deleted);
+        (
+            user,
+            matches!(purged, Ok(Some(_))) || matches!(deleted, Ok(Ok(_))),
+        )
+    });
+    for (user, done) in futures::future::join_all(attempts).await {
+        assert!(!done, "{user} purged or deleted the votes stream");
+    }
+    // And the stream denies it by itself, whoever asks.
+    let mut stream = nats.js().await.get_stream("VOTES").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert!(info.config.deny_purge && info.config.deny_delete);
+    assert_eq!(info.state.messages, 1, "only ingest's vote was stored");
+}

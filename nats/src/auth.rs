@@ -1,0 +1,576 @@
+//! Who may do what on the broker, and how a role proves who it is.
+//!
+//! Every deployment has one NATS user per role, each allowed only the subjects its role uses
+//! ([`User::permissions`]): ingest publishes votes and reads the stream's and the polls' state;
+//! workers consume, ack, dead-letter and set the streams up; tally reads the consumer's state and
+//! the polls; audit reads everything and writes nothing; `admin` is the operator's. No user may
+//! purge or delete the votes stream or its messages (and the stream itself denies both). Replies
+//! come on an inbox of the role's own (`_INBOX_<user>.`), so no role reads another's answers.
+//!
+//! [`authorization`] writes these users as a nats-server `authorization` block: `nats/auth.conf`
+//! is its output for the default names (a unit test keeps the file and the code the same), and the
+//! test harness and `landslide up` write it for their own names and passwords.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use crate::Topology;
+
+/// A user of the broker: one per role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum User {
+    /// Ingest nodes: publish votes.
+    Ingest,
+    /// Dedup-workers and `landslide replay`: consume, dead-letter, set the streams up.
+    Worker,
+    /// Tally: the consumer's state and the polls.
+    Tally,
+    /// `landslide audit`, `export` and `status`: read only.
+    Audit,
+    /// The operator: `landslide polls put`, the `nats` CLI. Everything but what the streams deny.
+    Admin,
+}
+
+impl User {
+    pub const ALL: [Self; 5] = [
+        Self::Ingest,
+        Self::Worker,
+        Self::Tally,
+        Self::Audit,
+        Self::Admin,
+    ];
+
+    /// The user name, as in `nats/auth.conf` and `NATS_USER`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest",
+            Self::Worker => "worker",
+            Self::Tally => "tally",
+            Self::Audit => "audit",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The environment variable that gives nats-server this user's password in `nats/auth.conf`.
+    pub fn password_var(self) -> String {
+        format!(
+            "LANDSLIDE_NATS_{}_PASSWORD",
+            self.name().to_ascii_uppercase()
+        )
+    }
+
+    /// The prefix of this role's reply subjects: requests (JetStream API calls, publish acks,
+    /// pulled messages) are answered there, and only this user may subscribe to it.
+    pub fn inbox_prefix(self) -> String {
+        format!("_INBOX_{}", self.name())
+    }
+
+    /// The subjects this user may publish and subscribe to, for `topology`'s names. Everything
+    /// else is refused; for [`User::Admin`], who may use every subject but a few, the refused
+    /// ones are [`User::admin_denied`].
+    ///
+    /// Each entry is what a call of async-nats 0.51 sends (read in its source, and checked by the
+    /// integration tests, where every role runs with these permissions): `get_stream` is
+    /// `STREAM.INFO.<stream>`, a durable pull is `CONSUMER.MSG.NEXT.<stream>.<consumer>` answered
+    /// on the inbox and acked on `$JS.ACK.<stream>.<consumer>.…`, an ordered consumer (key-value
+    /// watch and listing, audit's and replay's reads) is `CONSUMER.CREATE.<stream>.<name>.<filter>`
+    /// with flow-control replies on `$JS.FC.<stream>.…`, a key-value get is
+    /// `DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>`, a put or create a publish to `$KV.<bucket>.<key>`.
+    pub fn permissions(self, t: &Topology) -> Permissions {
+        let api = |s: &str| format!("$JS.API.{s}");
+        let votes = &t.votes_stream;
+        let dlq = &t.dlq_stream;
+        let consumer = &t.consumer;
+        let kv = format!("KV_{}", t.polls_bucket);
+        // Reading the poll definitions: the bucket's state, its watch and key listing, and gets.
+        // An ordered consumer deletes the one it replaces (the bucket has no durable consumer).
+        let read_polls = vec![
+            api(&format!("STREAM.INFO.{kv}")),
+            // Unnamed (`CONSUMER.CREATE.<stream>`) or named, with a filter or without.
+            api(&format!("CONSUMER.CREATE.{kv}")),
+            api(&format!("CONSUMER.CREATE.{kv}.>")),
+            api(&format!("CONSUMER.DELETE.{kv}.*")),
+            api(&format!("DIRECT.GET.{kv}.>")),
+            format!("$JS.FC.{kv}.>"),
+        ];
+        let inbox = vec![format!("{}.>", self.inbox_prefix())];
+        let publish = match self {
+            Self::Admin => {
+                return Permissions {
+                    publish: Rule::AllBut(Self::admin_denied(t)),
+                    subscribe: Rule::AllBut(Vec::new()),
+                };
+            }
+            Self::Ingest => [
+                vec![
+                    format!("{}.*", t.votes_prefix),
+                    api(&format!("STREAM.INFO.{votes}")),
+                    // Reading back the time a vote of a windowed poll was stored.
+                    api(&format!("DIRECT.GET.{votes}")),
+                ],
+                read_polls,
+            ]
+            .concat(),
+            Self::Worker => [
+                vec![
+                    api(&format!("STREAM.INFO.{votes}")),
+                    api(&format!("STREAM.INFO.{dlq}")),
+                    // Account limits, which creating the polls bucket reads.
+                    api("INFO"),
+                    // Setting the streams, the consumer and the bucket up (an existing stream is
+                    // only brought up to its file: `ensure_stream`).
+                    api(&format!("STREAM.CREATE.{votes}")),
+                    api(&format!("STREAM.UPDATE.{votes}")),
+                    api(&format!("STREAM.CREATE.{dlq}")),
+                    api(&format!("STREAM.UPDATE.{dlq}")),
+                    api(&format!("STREAM.CREATE.{kv}")),
+                    api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                    // The durable consumer, and replay's ordered one (which is never deleted by
+                    // subject: that would allow deleting the durable one too; the server
+                    // removes it once idle).
+                    api(&format!("CONSUMER.CREATE.{votes}")),
+                    api(&format!("CONSUMER.CREATE.{votes}.>")),
+                    api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
+                    format!("$JS.ACK.{votes}.{consumer}.>"),
+                    format!("$JS.FC.{votes}.>"),
+                    format!("{}.*", t.dlq_prefix),
+                    // Seeding the bucket with revision 1 when it is empty.
+                    format!("$KV.{}.>", t.polls_bucket),
+                ],
+                read_polls,
+            ]
+            .concat(),
+            Self::Tally => [
+                vec![
+                    api(&format!("STREAM.INFO.{votes}")),
+                    api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                ],
+                read_polls,
+            ]
+            .concat(),
+            Self::Audit => [
+                vec![
+                    api(&format!("STREAM.INFO.{votes}")),
+                    api(&format!("STREAM.INFO.{dlq}")),
+                    api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                    api(&format!("CONSUMER.CREATE.{votes}")),
+                    api(&format!("CONSUMER.CREATE.{votes}.>")),
+                    api(&format!("CONSUMER.CREATE.{dlq}")),
+                    api(&format!("CONSUMER.CREATE.{dlq}.>")),
+                    api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
+                    api(&format!("CONSUMER.MSG.NEXT.{dlq}.*")),
+                ],
+                read_polls,
+            ]
+            .concat(),
+        };
+        Permissions {
+            publish: Rule::Only(publish),
+            subscribe: Rule::Only(inbox),
+        }
+    }
+
+    /// What not even the operator may publish: a vote (only ingest makes votes), and deleting or
+    /// purging the votes or dead-letter stream or a message of theirs, which audit needs whole
+    /// (the streams deny message deletes and purges themselves; deleting a whole stream only a
+    /// server config change allows).
+    pub fn admin_denied(t: &Topology) -> Vec<String> {
+        let mut denied = vec![format!("{}.*", t.votes_prefix)];
+        for stream in [&t.votes_stream, &t.dlq_stream] {
+            for api in ["STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.DELETE"] {
+                denied.push(format!("$JS.API.{api}.{stream}"));
+            }
+        }
+        denied
+    }
+}
+
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a user may publish and subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Rule,
+    pub subscribe: Rule,
+}
+
+/// Subjects allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    /// These and nothing else.
+    Only(Vec<String>),
+    /// Everything but these.
+    AllBut(Vec<String>),
+}
+
+impl Rule {
+    /// The rule as nats-server's config writes it.
+    fn conf(&self) -> String {
+        let list = |items: &[String]| {
+            items
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            Self::Only(subjects) => format!("{{ allow: [{}] }}", list(subjects)),
+            Self::AllBut(subjects) => {
+                format!("{{ allow: [\">\"], deny: [{}] }}", list(subjects))
+            }
+        }
+    }
+}
+
+/// A nats-server `authorization` block with every [`User`] and its permissions for `topology`.
+/// `password` gives each user's password as the config writes it: a quoted literal, or a
+/// `$VARIABLE` that nats-server takes from its environment (and refuses to start without).
+pub fn authorization(topology: &Topology, password: impl Fn(User) -> String) -> String {
+    let quote = |s: &str| format!("\"{s}\"");
+    let mut out = String::from("authorization {\n  users: [\n");
+    for user in User::ALL {
+        out.push_str(&format!(
+            "    {{\n      user: {}\n      password: {}\n",
+            quote(user.name()),
+            password(user)
+        ));
+        let p = user.permissions(topology);
+        out.push_str(&format!(
+            "      permissions: {{\n        publish: {}\n        subscribe: {}\n      }}\n    }}\n",
+            p.publish.conf(),
+            p.subscribe.conf()
+        ));
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
+
+/// `nats/auth.conf`: the users of every deployment, passwords from the environment.
+pub const AUTH_CONF: &str = include_str!("../auth.conf");
+
+/// The text of `nats/auth.conf`: [`authorization`] for the default names, each password from
+/// the variable [`User::password_var`].
+pub fn auth_conf() -> String {
+    format!(
+        "# The broker's users, one per role, with only the subjects each role uses. Generated from\n\
+         # nats/src/auth.rs (`User::permissions`); a unit test keeps the two the same. Every\n\
+         # password comes from the server's environment (LANDSLIDE_NATS_<USER>_PASSWORD), and\n\
+         # nats-server refuses to start if one is missing. No user may connect without one.\n{}",
+        authorization(&Topology::default(), |user| format!(
+            "${}",
+            user.password_var()
+        ))
+    )
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Hidden(String);
+
+impl Hidden {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How a role proves who it is to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// None: only a server without authorization lets such a client in.
+    Anonymous,
+    /// `NATS_USER` with `NATS_PASSWORD` (or `NATS_PASSWORD_FILE`).
+    UserPassword { user: String, password: Hidden },
+    /// `NATS_TOKEN` (or `NATS_TOKEN_FILE`).
+    Token(Hidden),
+    /// `NATS_NKEY_SEED_FILE`: an nkey seed (`SU…`).
+    NKey(Hidden),
+    /// `NATS_CREDS`: a `.creds` file (a user JWT and its seed), for an operator-mode server.
+    CredsFile(PathBuf),
+}
+
+/// TLS to the broker: the server's certificate must chain to `ca` and name the host connected
+/// to; `client` is a certificate and key for servers that verify clients (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// Where the broker is and how to reach it: what every role connects with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// One URL or several, comma-separated (a cluster): `NATS_URL`.
+    pub urls: String,
+    pub credentials: Credentials,
+    /// `None`: plain TCP, unless a URL says `tls://` (then the system's roots verify it).
+    pub tls: Option<Tls>,
+}
+
+impl NatsConfig {
+    /// A server without authorization or TLS: a test's own throwaway server, a probe.
+    pub fn anonymous(urls: impl Into<String>) -> Self {
+        Self {
+            urls: urls.into(),
+            credentials: Credentials::Anonymous,
+            tls: None,
+        }
+    }
+
+    /// `urls` as `user` with `password`, verifying the servers against `ca` if given.
+    pub fn user(
+        urls: impl Into<String>,
+        user: &str,
+        password: impl Into<String>,
+        ca: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            urls: urls.into(),
+            credentials: Credentials::UserPassword {
+                user: user.to_owned(),
+                password: Hidden::new(password),
+            },
+            tls: ca.map(|ca| Tls { ca, client: None }),
+        }
+    }
+
+    /// The same servers and TLS, other credentials.
+    pub fn with_credentials(&self, credentials: Credentials) -> Self {
+        Self {
+            credentials,
+            ..self.clone()
+        }
+    }
+
+    /// The environment that gives a `landslide` process this configuration (what its flags read:
+    /// `NATS_URL`, the credentials' variables, `NATS_CA`, `NATS_CERT`, `NATS_KEY`).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("NATS_URL", self.urls.clone())];
+        match &self.credentials {
+            Credentials::Anonymous => {}
+            Credentials::UserPassword { user, password } => {
+                env.push(("NATS_USER", user.clone()));
+                env.push(("NATS_PASSWORD", password.expose().to_owned()));
+            }
+            Credentials::Token(token) => env.push(("NATS_TOKEN", token.expose().to_owned())),
+            // A seed is read from a file only; a process is given one by its own file.
+            Credentials::NKey(_) => {}
+            Credentials::CredsFile(path) => env.push(("NATS_CREDS", path.display().to_string())),
+        }
+        if let Some(tls) = &self.tls {
+            env.push(("NATS_CA", tls.ca.display().to_string()));
+            if let Some((cert, key)) = &tls.client {
+                env.push(("NATS_CERT", cert.display().to_string()));
+                env.push(("NATS_KEY", key.display().to_string()));
+            }
+        }
+        env
+    }
+
+    /// async-nats' options for this configuration, replies on `user`'s inbox.
+    pub(crate) fn options(&self, user: User) -> anyhow::Result<async_nats::ConnectOptions> {
+        let mut options =
+            async_nats::ConnectOptions::new().custom_inbox_prefix(user.inbox_prefix());
+        options = match &self.credentials {
+            Credentials::Anonymous => options,
+            Credentials::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.expose().to_owned())
+            }
+            Credentials::Token(token) => options.token(token.expose().to_owned()),
+            Credentials::NKey(seed) => options.nkey(seed.expose().to_owned()),
+            Credentials::CredsFile(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "cannot read the NATS credentials {} (NATS_CREDS)",
+                        path.display()
+                    )
+                })?;
+                options.credentials(&text).with_context(|| {
+                    format!(
+                        "{} is not a NATS credentials file (NATS_CREDS)",
+                        path.display()
+                    )
+                })?
+            }
+        };
+        if let Some(tls) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone());
+            if let Some((cert, key)) = &tls.client {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// The settings that give a role its [`Credentials`], as flags and the environment hold them.
+/// Exactly one way may be set (or none, for a server without authorization).
+#[derive(Debug, Clone, Default)]
+pub struct CredentialSettings {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub creds: Option<PathBuf>,
+}
+
+impl CredentialSettings {
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        let secret = |value: &Option<String>, file: &Option<PathBuf>, what: &str| {
+            read_secret(value.as_deref(), file.as_deref(), what)
+        };
+        let password = secret(&self.password, &self.password_file, "NATS_PASSWORD")?;
+        let token = secret(&self.token, &self.token_file, "NATS_TOKEN")?;
+        let nkey = secret(&None, &self.nkey_seed_file, "NATS_NKEY_SEED")?;
+        let ways = [
+            self.user.is_some() || password.is_some(),
+            token.is_some(),
+            nkey.is_some(),
+            self.creds.is_some(),
+        ];
+        anyhow::ensure!(
+            ways.iter().filter(|&&set| set).count() <= 1,
+            "give NATS credentials one way only: NATS_USER with NATS_PASSWORD, NATS_TOKEN, \
+             NATS_NKEY_SEED_FILE or NATS_CREDS"
+        );
+        Ok(match (&self.user, password, token, nkey, &self.creds) {
+            (Some(user), Some(password), ..) => Credentials::UserPassword {
+                user: user.clone(),
+                password,
+            },
+            (Some(_), None, ..) => anyhow::bail!("NATS_USER is set without NATS_PASSWORD"),
+            (None, Some(_), ..) => anyhow::bail!("NATS_PASSWORD is set without NATS_USER"),
+            (_, _, Some(token), ..) => Credentials::Token(token),
+            (_, _, _, Some(seed), _) => Credentials::NKey(seed),
+            (_, _, _, _, Some(creds)) => Credentials::CredsFile(creds.clone()),
+            _ => Credentials::Anonymous,
+        })
+    }
+}
+
+/// A secret given as a value or as a file holding it (trailing newline dropped); both is an error.
+pub fn read_secret(
+    value: Option<&str>,
+    file: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<Option<Hidden>> {
+    match (value.filter(|v| !v.is_empty()), file) {
+        (Some(_), Some(_)) => anyhow::bail!("set {what} or {what}_FILE, not both"),
+        (Some(value), None) => Ok(Some(Hidden::new(value))),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {} ({what}_FILE)", path.display()))?;
+            let text = text.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(
+                !text.is_empty(),
+                "{} ({what}_FILE) is empty",
+                path.display()
+            );
+            Ok(Some(Hidden::new(text)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_auth_conf_is_the_generated_one() {
+        assert_eq!(
+            AUTH_CONF,
+            auth_conf(),
+            "nats/auth.conf differs from nats/src/auth.rs: regenerate it with \
+             `cargo run -p landslide-nats --example auth-conf > nats/auth.conf`"
+        );
+    }
+
+    #[test]
+    fn no_role_may_purge_or_delete_and_only_ingest_may_vote() {
+        let t = Topology::default();
+        for user in User::ALL {
+            match user.permissions(&t) {
+                Permissions {
+                    publish: Rule::Only(publish),
+                    subscribe: Rule::Only(subscribe),
+                } => {
+                    for subject in &publish {
+                        assert!(
+                            !subject.contains("STREAM.DELETE")
+                                && !subject.contains("PURGE")
+                                && !subject.contains("MSG.DELETE")
+                                && !subject.contains("CONSUMER.DELETE.VOTES"),
+                            "{user} may publish {subject}"
+                        );
+                    }
+                    let votes = publish.contains(&"votes.*".to_owned());
+                    assert_eq!(votes, user == User::Ingest, "{user} and votes.*");
+                    assert_eq!(subscribe, [format!("_INBOX_{user}.>")]);
+                }
+                Permissions {
+                    publish: Rule::AllBut(denied),
+                    ..
+                } => {
+                    assert_eq!(user, User::Admin);
+                    for subject in [
+                        "votes.*",
+                        "$JS.API.STREAM.PURGE.VOTES",
+                        "$JS.API.STREAM.DELETE.VOTES",
+                        "$JS.API.STREAM.MSG.DELETE.VOTES",
+                    ] {
+                        assert!(denied.contains(&subject.to_owned()), "admin and {subject}");
+                    }
+                }
+                other => panic!("{user}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn credentials_come_one_way_only() {
+        let none = CredentialSettings::default();
+        assert_eq!(none.credentials().unwrap(), Credentials::Anonymous);
+        let user = CredentialSettings {
+            user: Some("ingest".into()),
+            password: Some("pw".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            user.credentials().unwrap(),
+            Credentials::UserPassword { .. }
+        ));
+        let both = CredentialSettings {
+            token: Some("t".into()),
+            ..user.clone()
+        };
+        assert!(both.credentials().is_err());
+        let lone = CredentialSettings {
+            user: Some("ingest".into()),
+            ..Default::default()
+        };
+        assert!(lone.credentials().is_err());
+        assert_eq!(
+            format!("{:?}", user.credentials().unwrap()),
+            "UserPassword { user: \"ingest\", password: *** }"
+        );
+    }
+}
