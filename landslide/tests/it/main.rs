@@ -7,6 +7,7 @@ mod audit;
 mod browser;
 mod chaos;
 mod cli;
+mod clock;
 mod edge;
 mod pipeline;
 mod polls;
