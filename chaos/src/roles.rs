@@ -59,6 +59,9 @@ impl RoleEnv {
     }
 }
 
+/// How far beyond its deliberate skew an ingest node's clock may stray: the default bound.
+const CLOCK_BOUND_SLACK_MS: u64 = 2_000;
+
 /// A role process and where it answers health checks.
 #[derive(Debug)]
 pub struct Role {
@@ -157,7 +160,9 @@ impl Roles {
     }
 
     /// Starts ingest node `name` (its node id, and the name of its log) with its clock shifted
-    /// by `offset` milliseconds; returns once it is ready.
+    /// by `offset` milliseconds; returns once it is ready. Its clock bound admits the shift with
+    /// the default bound's 2 s to spare: a skew the harness gives a node on purpose is one the
+    /// design must tolerate, and the harness checks that its votes still count in order.
     pub async fn start_ingest(
         env: &RoleEnv,
         dir: &Path,
@@ -171,6 +176,10 @@ impl Roles {
             .env("LANDSLIDE_LISTEN", addr)
             .env("LANDSLIDE_SECRET", &env.secret)
             .env("LANDSLIDE_CLOCK_OFFSET_MS", offset)
+            .env(
+                "LANDSLIDE_MAX_CLOCK_OFFSET_MS",
+                offset.unsigned_abs() + CLOCK_BOUND_SLACK_MS,
+            )
             // Half the default: outages turn into 503s (and their ambiguous publishes) sooner.
             .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000);
         Role::launch(process, addr, "/readyz").await

@@ -190,7 +190,8 @@ struct Worker {
 /// What to do with one message after decoding.
 enum Verdict {
     Vote(VoteEvent),
-    Dead(String),
+    /// A dead letter: why (its `Landslide-Reason`), and the kind, for the metric's label.
+    Dead(String, &'static str),
     /// The event names a poll revision this worker has not seen (yet): a configuration alarm.
     /// Naked, never judged by another revision and never dead-lettered.
     Wait(Revision),
@@ -287,7 +288,7 @@ impl Worker {
         for (message, verdict) in batch {
             match verdict {
                 Verdict::Vote(event) => votes.push((event, message)),
-                Verdict::Dead(reason) => dead.push((message, reason)),
+                Verdict::Dead(reason, kind) => dead.push((message, reason, kind)),
                 Verdict::Wait(revision) => unseen.push((message, revision)),
             }
         }
@@ -306,8 +307,8 @@ impl Worker {
             }
         }
         tracing::Span::current().record("batch.dead_letters", dead.len());
-        for (message, reason) in dead {
-            self.dead_letter(message, &reason).await;
+        for (message, reason, kind) in dead {
+            self.dead_letter(message, &reason, kind).await;
         }
         if votes.is_empty() {
             return Ok(());
@@ -415,7 +416,7 @@ impl Worker {
 
     /// Sends one message to the dead-letter stream, then terminates it. If the dead-letter
     /// publish is not acknowledged, the message is naked instead: it is never dropped silently.
-    async fn dead_letter(&self, message: Message, reason: &str) {
+    async fn dead_letter(&self, message: Message, reason: &str, kind: &'static str) {
         let topology = &self.config.connections.topology;
         let subject = dlq_subject(
             &topology.dlq_prefix,
@@ -440,8 +441,13 @@ impl Worker {
         };
         match stored.await {
             Ok(_) => {
-                metrics::counter!("landslide_dead_letters_total").increment(1);
-                tracing::warn!(reason, stream.sequence = sequence, "vote dead-lettered");
+                metrics::counter!("landslide_dead_letters_total", "reason" => kind).increment(1);
+                tracing::warn!(
+                    reason,
+                    dead_letter.kind = kind,
+                    stream.sequence = sequence,
+                    "vote dead-lettered"
+                );
                 if let Err(err) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(error = %err, "terminating a dead letter failed; it will be redelivered and dead-lettered once more");
                 }
@@ -456,12 +462,13 @@ impl Worker {
     }
 }
 
-/// Whether `message` is a vote of a known poll and option by the revision it names, a dead
-/// letter and why, or a vote to wait with.
+/// Whether `message` is a vote of a known poll and option by the revision it names, stamped
+/// no further ahead of when the stream stored it than a node may stamp; a dead letter and why;
+/// or a vote to wait with.
 fn verdict(polls: &PollBook, message: &Message) -> Verdict {
     let event = match VoteEvent::decode(&message.payload) {
         Ok(event) => event,
-        Err(err) => return Verdict::Dead(err.to_string()),
+        Err(err) => return Verdict::Dead(err.to_string(), "undecodable"),
     };
     // Every message JetStream delivers has its metadata; without it the window cannot be
     // judged, so the vote waits rather than being judged by a guess.
@@ -471,7 +478,10 @@ fn verdict(polls: &PollBook, message: &Message) -> Verdict {
     };
     match polls.judge_event(&event, landslide_nats::stored_at(&info)) {
         Ok(_) => Verdict::Vote(event),
-        Err(Unjudged::NotCounted(not_counted)) => Verdict::Dead(not_counted.to_string()),
+        Err(Unjudged::NotCounted(not_counted)) => {
+            Verdict::Dead(not_counted.to_string(), not_counted.label())
+        }
+        Err(Unjudged::StampAhead(ahead)) => Verdict::Dead(ahead.to_string(), "stamp_ahead"),
         Err(Unjudged::UnknownRevision(revision)) => Verdict::Wait(revision),
     }
 }

@@ -28,7 +28,8 @@ pub const CHUNK: usize = 50_000;
 pub struct ReplayReport {
     /// Messages read, sequences 1 to `last_sequence`.
     pub events_read: u64,
-    /// Events that count (the rest are dead letters: undecodable, or refused by the polls).
+    /// Events that count (the rest are dead letters: undecodable, refused by the polls, or
+    /// stamped further ahead of when the stream stored them than a node may stamp).
     pub counted: u64,
     pub not_counted: u64,
     /// The stream's last sequence when the replay began; later votes are the workers'.
@@ -99,7 +100,7 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
         };
         match polls.judge_event(&event, stored.stored_at) {
             Ok(_) => chunk.push(event),
-            Err(Unjudged::NotCounted(_)) => report.not_counted += 1,
+            Err(Unjudged::NotCounted(_) | Unjudged::StampAhead(_)) => report.not_counted += 1,
             // Accepted by an ingest node under a revision the bucket lacks: skipping it would
             // drop an accepted vote, so the replay stops and says so.
             Err(unjudged @ Unjudged::UnknownRevision(_)) => {

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 
 use crate::Config;
+use crate::clock::ClockCheck;
 use crate::publish::{Hlc, PublishFailed, Publisher};
 use crate::voter::{self, Keys};
 
@@ -45,6 +46,8 @@ struct Inner {
     polls: PollWatch,
     publisher: Publisher,
     hlc: Hlc,
+    /// Whether `hlc`'s clock is close enough to the NATS server's to stamp votes.
+    clock: Arc<ClockCheck>,
     keys: Keys,
     secure_cookie: bool,
     results_url: Option<String>,
@@ -57,12 +60,17 @@ impl AppState {
         polls: PollWatch,
         client: async_nats::Client,
         js: jetstream::Context,
+        clock: Arc<ClockCheck>,
     ) -> Self {
         Self(Arc::new(Inner {
             node: config.node_id.clone(),
             polls,
             publisher: Publisher::new(client.clone(), js, config),
-            hlc: Hlc::new(config.clock.clone()),
+            hlc: Hlc::new(
+                config.clock.clone(),
+                config.max_clock_offset.max_stamp_ahead_ms(),
+            ),
+            clock,
             keys: Keys::new(&config.secret),
             secure_cookie: config.secure_cookie,
             results_url: config.results_url.clone(),
@@ -106,6 +114,10 @@ enum VoteError {
     /// The rule the workers and audit apply too: ingest never accepts what they would refuse.
     #[error(transparent)]
     NotCounted(#[from] NotCounted),
+    /// This node's clock is off from the NATS server's (or not compared yet): a vote stamped
+    /// with it might never count. The details are for `/readyz` and the log, not the voter.
+    #[error("this node cannot take votes right now; please try again in a moment")]
+    ClockOff,
     /// Stored, but the time the stream stored it (which decides whether it is inside the poll's
     /// window) could not be read: no proof that it counts, so no 2xx.
     #[error("your vote could not be confirmed right now; please try again in a moment")]
@@ -125,7 +137,9 @@ impl VoteError {
                 StatusCode::FORBIDDEN
             }
             Self::NotCounted(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) | Self::Unconfirmed => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -135,11 +149,9 @@ impl VoteError {
             Self::TooLarge => "too_large",
             Self::Malformed(_) => "malformed",
             Self::CrossSite => "cross_site",
-            Self::NotCounted(NotCounted::UnknownPoll(_)) => "unknown_poll",
-            Self::NotCounted(NotCounted::UnknownOption { .. }) => "unknown_option",
-            Self::NotCounted(NotCounted::NotOpenYet { .. }) => "not_open",
-            Self::NotCounted(NotCounted::Closed { .. }) => "closed",
+            Self::NotCounted(not_counted) => not_counted.label(),
             Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
+            Self::ClockOff => "clock_off",
         }
     }
 
@@ -150,7 +162,10 @@ impl VoteError {
             // The cause is ours, not the voter's: log it here, once, and keep it out of the body.
             tracing::warn!(error = %cause, "vote refused: not stored");
         }
-        if matches!(self, Self::Unavailable(_) | Self::Unconfirmed) {
+        if matches!(
+            self,
+            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -232,6 +247,11 @@ impl AppState {
             Ok(judged) => judged,
             Err(err) => return (jar, Err(err.into())),
         };
+        // Before anything reads the clock: a clock off from the stream's would judge the window
+        // wrongly and stamp a vote that might never count. `/readyz` and the log say why.
+        if !self.0.clock.verdict().is_within() {
+            return (jar, Err(VoteError::ClockOff));
+        }
         // Outside the window by this node's clock: refused before anything is stored. Inside it,
         // the stream's clock has the last word (below).
         if let Err(err) = poll.judge_time(self.now()) {
@@ -248,16 +268,31 @@ impl AppState {
             Some(key) => self.0.keys.event_for_key(voter, &poll.id, &choice, key),
             None => EventId::new_random(),
         };
+        let stamped = self.0.hlc.stamp(floor);
+        let mut cookie = known.unwrap_or_else(|| VoterCookie::new(voter));
+        if stamped.floor_refused {
+            // Only a node whose clock ran far ahead can have set such a floor, and the workers
+            // dead-letter its votes: this vote is stamped as the voter's first, and the cookie
+            // forgets the floor so that the voter's next vote follows this one.
+            metrics::counter!("landslide_cookie_floors_refused_total").increment(1);
+            tracing::warn!(
+                vote.poll = %poll.id,
+                cookie.last_ts = cookie.last_ts.0,
+                vote.ts = stamped.ts.0,
+                "a voter cookie's floor lies too far ahead of this node's clock; stamped by the \
+                 clock instead"
+            );
+            cookie.last_ts = Timestamp(0);
+        }
         let event = VoteEvent {
             event_id,
             poll: poll.id.clone(),
             voter,
             choice: choice.clone(),
-            ts: self.0.hlc.stamp(floor),
+            ts: stamped.ts,
             node: self.0.node.clone(),
             rev: Some(revision),
         };
-        let mut cookie = known.unwrap_or_else(|| VoterCookie::new(voter));
         let published = self
             .0
             .publisher
@@ -565,11 +600,16 @@ async fn form(
         .into_response()
 }
 
-/// `GET /readyz`: NATS connected and the votes stream present.
+/// `GET /readyz`: NATS connected, this node's clock within its bound of the NATS server's, and
+/// the votes stream present.
 async fn readyz(State(state): State<AppState>) -> Response {
     use async_nats::connection::State as Conn;
     if state.0.client.connection_state() != Conn::Connected {
         return (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n").into_response();
+    }
+    let clock = state.0.clock.verdict();
+    if !clock.is_within() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{clock}\n")).into_response();
     }
     let publisher = &state.0.publisher;
     let lookup = publisher.jetstream().get_stream(publisher.stream_name());

@@ -1,10 +1,12 @@
 //! The ingest node: serves the voting form and the JSON API, stamps each vote with the hybrid
 //! logical clock, publishes it to `votes.<node id>` and answers only once JetStream has stored it.
 //!
-//! It keeps no state of its own beyond the last stamp it issued: everything about a voter travels
-//! in the signed voter cookie, everything about a vote in the stream. It must never answer 2xx for a
-//! vote that JetStream has not acknowledged, and never let a bad request, a forged cookie or a broker
-//! outage crash it.
+//! It keeps no state of its own beyond the last stamp it issued and the last comparison of its
+//! clock with the NATS server's: everything about a voter travels in the signed voter cookie,
+//! everything about a vote in the stream. It must never answer 2xx for a vote that JetStream has
+//! not acknowledged, never stamp a vote while its clock is off from the NATS server's (the workers
+//! would dead-letter what it stamps too far ahead), and never let a bad request, a forged cookie
+//! or a broker outage crash it.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ pub mod clock;
 mod http;
 mod publish;
 mod voter;
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, MaxClockOffset, SystemClock};
 
 /// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.
 #[derive(Clone)]
@@ -57,6 +59,8 @@ pub struct Config {
     pub secret: Secret,
     /// The wall clock that stamps votes; tests skew it.
     pub clock: Arc<dyn Clock>,
+    /// How far `clock` may be from the NATS server's while the node takes votes.
+    pub max_clock_offset: MaxClockOffset,
     /// How long one publish waits for its JetStream ack.
     pub publish_timeout: Duration,
     /// Publish attempts (same messages) before answering 503.
@@ -79,6 +83,7 @@ impl Config {
             connections,
             secret,
             clock: Arc::new(SystemClock::default()),
+            max_clock_offset: MaxClockOffset::DEFAULT,
             publish_timeout: Duration::from_secs(2),
             publish_attempts: 3,
             publish_batches: None,
@@ -133,7 +138,16 @@ pub async fn run(
         landslide_nats::polls::watch(&js, topology, &connections.polls, Access::ReadOnly)
     })
     .await?;
-    let state = http::AppState::new(&config, polls, client.clone(), js);
+    let clock = Arc::new(clock::ClockCheck::new(
+        config.clock.clone(),
+        config.max_clock_offset,
+    ));
+    let clock_watch = tokio::spawn(
+        clock
+            .clone()
+            .watch(js.clone(), config.connections.topology.votes_stream.clone()),
+    );
+    let state = http::AppState::new(&config, polls, client.clone(), js, clock);
     let app = http::router(state);
     tracing::info!(
         node = %config.node_id,
@@ -141,9 +155,10 @@ pub async fn run(
         subject = %landslide_schema::subject::vote_subject(&topology.votes_prefix, &config.node_id),
         "ingest node serving"
     );
-    landslide_telemetry::serve::serve(listener, app, config.http, shutdown.wait())
-        .await
-        .map_err(|e| anyhow::anyhow!("ingest server failed: {e}"))?;
+    let served =
+        landslide_telemetry::serve::serve(listener, app, config.http, shutdown.wait()).await;
+    clock_watch.abort();
+    served.map_err(|e| anyhow::anyhow!("ingest server failed: {e}"))?;
     // Every handler has returned, so every publish has its ack; flush what the client still buffers.
     // Bounded: with the server gone, a flush waits for a reconnection that may never come, and
     // the node would never exit (found when stopping a Compose stack). Nothing unacked is lost.

@@ -35,7 +35,7 @@ use futures::future::join_all;
 use landslide_nats::HeaderInjector;
 use landslide_nats::batch::{self, Outcome as BatchOutcome, STREAM_FULL};
 use landslide_schema::VoteEvent;
-use landslide_schema::ts::{Timestamp, stamp};
+use landslide_schema::ts::{Stamped, Timestamp, stamp_within};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -57,13 +57,17 @@ pub fn jetstream_context(client: async_nats::Client, config: &Config) -> jetstre
 pub struct Hlc {
     clock: Arc<dyn Clock>,
     last: AtomicU64,
+    /// How far ahead of the clock a cookie floor or the last stamp may push a stamp
+    /// ([`stamp_within`]): [`crate::MaxClockOffset::max_stamp_ahead_ms`].
+    max_ahead_ms: u64,
 }
 
 impl Hlc {
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
+    pub fn new(clock: Arc<dyn Clock>, max_ahead_ms: u64) -> Self {
         Self {
             clock,
             last: AtomicU64::new(0),
+            max_ahead_ms,
         }
     }
 
@@ -73,17 +77,31 @@ impl Hlc {
         self.clock.now_ms()
     }
 
-    /// A stamp greater than `floor`, than every stamp this node issued, and not behind its clock.
-    pub fn stamp(&self, floor: Option<Timestamp>) -> Timestamp {
+    /// A stamp greater than `floor`, than every stamp this node issued, and not behind its clock;
+    /// but never more than `max_ahead_ms` ahead of the clock: a floor or last stamp further
+    /// ahead is not followed, and the result says which ([`stamp_within`]).
+    pub fn stamp(&self, floor: Option<Timestamp>) -> Stamped {
         let now = self.clock.now_ms();
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let ts = stamp(now, Timestamp(last), floor);
-            match self
-                .last
-                .compare_exchange_weak(last, ts.0, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return ts,
+            let stamped = stamp_within(now, Timestamp(last), floor, self.max_ahead_ms);
+            match self.last.compare_exchange_weak(
+                last,
+                stamped.ts.0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    if stamped.last_refused {
+                        tracing::warn!(
+                            last_stamp = last,
+                            clock_ms = now,
+                            "this node's last stamp lies far ahead of its clock (was the clock \
+                             set back?); stamping by the clock again"
+                        );
+                    }
+                    return stamped;
+                }
                 Err(current) => last = current,
             }
         }
@@ -449,19 +467,31 @@ mod tests {
         }
     }
 
+    const MAX_AHEAD_MS: u64 = 298_000;
+
     #[test]
     fn a_node_never_repeats_a_stamp_within_one_millisecond() {
-        let hlc = Hlc::new(Arc::new(Fixed(1_000)));
-        let a = hlc.stamp(None);
-        let b = hlc.stamp(None);
+        let hlc = Hlc::new(Arc::new(Fixed(1_000)), MAX_AHEAD_MS);
+        let a = hlc.stamp(None).ts;
+        let b = hlc.stamp(None).ts;
         assert!(b > a);
         assert_eq!(a, Timestamp::from_millis(1_000));
     }
 
     #[test]
     fn a_stamp_is_above_the_cookie_floor() {
-        let hlc = Hlc::new(Arc::new(Fixed(1_000)));
+        let hlc = Hlc::new(Arc::new(Fixed(1_000)), MAX_AHEAD_MS);
         let floor = Timestamp::from_millis(11_000);
-        assert_eq!(hlc.stamp(Some(floor)), floor.next());
+        assert_eq!(hlc.stamp(Some(floor)).ts, floor.next());
+    }
+
+    #[test]
+    fn a_cookie_floor_far_ahead_neither_moves_the_stamp_nor_the_node() {
+        let hlc = Hlc::new(Arc::new(Fixed(1_000)), MAX_AHEAD_MS);
+        let forged = hlc.stamp(Some(Timestamp(i64::MAX as u64)));
+        assert!(forged.floor_refused);
+        assert_eq!(forged.ts, Timestamp::from_millis(1_000));
+        // The node's next stamp is not dragged ahead either.
+        assert_eq!(hlc.stamp(None).ts, forged.ts.next());
     }
 }

@@ -285,6 +285,10 @@ struct IngestArgs {
     /// The results page (tally), linked from the form when a poll is not open yet or closed.
     #[arg(long, env = "LANDSLIDE_RESULTS_URL")]
     results_url: Option<String>,
+    /// Milliseconds this node's clock may be off from the NATS server's; beyond it, /readyz fails
+    /// and votes get 503. Less than the workers' 300000 ms tolerance.
+    #[arg(long, env = "LANDSLIDE_MAX_CLOCK_OFFSET_MS", default_value_t = 2000)]
+    max_clock_offset_ms: u64,
     /// Test and drill only: shift this node's clock by this many milliseconds.
     #[arg(
         long,
@@ -308,6 +312,8 @@ impl IngestArgs {
         config.clock = Arc::new(landslide_ingest::SystemClock {
             offset_ms: self.clock_offset_ms,
         });
+        config.max_clock_offset =
+            landslide_ingest::MaxClockOffset::from_millis(self.max_clock_offset_ms)?;
         config.publish_timeout = Duration::from_millis(self.publish_timeout_ms.max(1));
         config.publish_attempts = self.publish_attempts.max(1);
         config.publish_batches = self.publish_batches;

@@ -383,12 +383,36 @@ pub async fn consumer_info_at(
     if let Some(error) = raw.get("error") {
         anyhow::bail!("JetStream refused the info of consumer {consumer} of {stream}: {error}");
     }
-    let at = raw["ts"]
-        .as_str()
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&chrono::Utc));
+    let at = server_ts(&raw);
     let info = serde_json::from_value(raw).context("the consumer info has an unexpected shape")?;
     Ok((info, at))
+}
+
+/// The clock of the server that stores the stream's messages, as it answers the stream's info:
+/// the response's `ts` (`None` from a server that sends none). In a cluster only the stream's
+/// leader answers a stream info request (nats-server `jsStreamInfoRequest`: "only the stream
+/// leader should answer"), and the leader is the server whose clock stamps each message it
+/// stores, the time every role judges a vote by (`stored_at`).
+pub async fn stream_clock(
+    js: &jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let raw: Value = js
+        .request(format!("STREAM.INFO.{stream}"), &serde_json::json!({}))
+        .await
+        .with_context(|| format!("cannot read the info of stream {stream}"))?;
+    if let Some(error) = raw.get("error") {
+        anyhow::bail!("JetStream refused the info of stream {stream}: {error}");
+    }
+    Ok(server_ts(&raw))
+}
+
+/// The `ts` of a JetStream API response: the answering server's clock.
+fn server_ts(raw: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    raw["ts"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
 }
 
 /// Votes accepted and not yet counted, by a consumer's info: messages not yet delivered plus

@@ -27,4 +27,4 @@ pub mod ts;
 pub use event::{DecodeError, VoteEvent};
 pub use ids::{Choice, EventId, InvalidId, NodeId, PollId, VoterId};
 pub use poll::{Poll, PollBook, PollOption, Polls, Revision};
-pub use ts::Timestamp;
+pub use ts::{MAX_TS_AHEAD, Timestamp};

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::ts::{StampAhead, judge_stamp};
 use crate::{Choice, PollId, VoteEvent};
 
 /// One option of a poll.
@@ -151,6 +152,10 @@ pub enum Unjudged {
     /// A dead letter: no ingest node could have accepted it.
     #[error(transparent)]
     NotCounted(#[from] NotCounted),
+    /// A dead letter: no ingest node could have stamped it, so far ahead of the time the stream
+    /// stored it ([`crate::ts::judge_stamp`]).
+    #[error(transparent)]
+    StampAhead(#[from] StampAhead),
     /// A configuration alarm, never a dead letter: the event names a revision this role has not
     /// seen (yet). It must wait, not be judged by another revision.
     #[error("the vote names poll definition revision {0}, which this process has not seen")]
@@ -188,15 +193,20 @@ impl PollBook {
         self.revisions.iter().map(|(r, p)| (*r, p))
     }
 
-    /// Whether an event that the stream stored at `stored_at` counts: its poll and option by the
+    /// Whether an event that the stream stored at `stored_at` counts: its stamp no further ahead
+    /// of `stored_at` than an ingest node may stamp ([`judge_stamp`]), its poll and option by the
     /// revision it names ([`VoteEvent::rev`]; an event of wire version 1 names none and is
     /// judged by the latest, as before revisions existed), and `stored_at` within the poll's
-    /// window ([`Poll::judge_time`]).
+    /// window ([`Poll::judge_time`]). The workers, audit and replay all judge by this, so they
+    /// agree on every event.
     pub fn judge_event(
         &self,
         event: &VoteEvent,
         stored_at: DateTime<Utc>,
     ) -> Result<&Poll, Unjudged> {
+        // First: the stamp needs no poll definition, so an event no node could have stamped is a
+        // dead letter even when it names a revision nobody has (it would wait for ever).
+        judge_stamp(event.ts, stored_at)?;
         let polls = match event.rev {
             None => self.latest().1,
             Some(revision) => self
@@ -228,6 +238,19 @@ pub enum NotCounted {
         poll: PollId,
         closes_at: DateTime<Utc>,
     },
+}
+
+impl NotCounted {
+    /// A short name of the kind, for metric labels (`landslide_votes_rejected_total{reason}` at
+    /// ingest, `landslide_dead_letters_total{reason}` at the workers).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::UnknownPoll(_) => "unknown_poll",
+            Self::UnknownOption { .. } => "unknown_option",
+            Self::NotOpenYet { .. } => "not_open",
+            Self::Closed { .. } => "closed",
+        }
+    }
 }
 
 /// Why a polls file was refused.
@@ -520,6 +543,35 @@ mod tests {
         assert!(book.judge_event(&birds(Some(Revision(1))), now()).is_err());
         // Wire version 1 names no revision: the latest judges it.
         assert!(book.judge_event(&birds(None), now()).is_ok());
+    }
+
+    #[test]
+    fn a_vote_stamped_beyond_the_tolerance_is_judged_a_dead_letter_before_its_revision() {
+        let book = PollBook::new(Revision(1), Polls::default());
+        let stored_ms = u64::try_from(now().timestamp_millis()).unwrap();
+        let vote = |ms: u64, rev| VoteEvent {
+            event_id: crate::EventId(uuid::Uuid::from_u128(1)),
+            poll: PollId::parse("pets").unwrap(),
+            voter: crate::VoterId(uuid::Uuid::from_u128(2)),
+            choice: Choice::parse("cats").unwrap(),
+            ts: crate::Timestamp::from_millis(ms),
+            node: crate::NodeId::parse("web1").unwrap(),
+            rev,
+        };
+        let tolerance = u64::try_from(crate::ts::MAX_TS_AHEAD.as_millis()).unwrap();
+        assert!(
+            book.judge_event(&vote(stored_ms + tolerance, None), now())
+                .is_ok()
+        );
+        for rev in [None, Some(Revision(1)), Some(Revision(9))] {
+            assert!(
+                matches!(
+                    book.judge_event(&vote(stored_ms + tolerance + 1, rev), now()),
+                    Err(Unjudged::StampAhead(_))
+                ),
+                "{rev:?}"
+            );
+        }
     }
 
     #[test]

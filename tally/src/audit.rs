@@ -118,6 +118,9 @@ pub struct AuditReport {
     /// Vote events their poll revision refuses: an unknown poll or option, or stored outside the
     /// poll's window. No ingest node answered 2xx for one.
     pub unknown_poll_or_option: u64,
+    /// Vote events stamped further ahead of when the stream stored them than an ingest node may
+    /// stamp (`landslide_schema::ts::judge_stamp`): no ingest node made them.
+    pub stamped_ahead: u64,
     /// Vote events naming a poll revision that the polls bucket does not hold: accepted by an
     /// ingest node, yet no worker can judge them. Any makes the audit fail.
     pub unknown_revision: u64,
@@ -128,7 +131,7 @@ pub struct AuditReport {
     /// poll had closed when the audit read the stream.
     pub server_now: Option<DateTime<Utc>>,
     /// Messages in the dead-letter stream; a correct worker put `undecodable +
-    /// unknown_poll_or_option` there.
+    /// unknown_poll_or_option + stamped_ahead` there.
     pub dead_letters: u64,
     /// Distinct (poll, voter) among the valid events.
     pub voters: u64,
@@ -152,7 +155,7 @@ impl AuditReport {
 
     /// Messages that a correct worker dead-letters.
     pub fn dead_letters_expected(&self) -> u64 {
-        self.undecodable + self.unknown_poll_or_option
+        self.undecodable + self.unknown_poll_or_option + self.stamped_ahead
     }
 }
 
@@ -166,11 +169,12 @@ impl fmt::Display for AuditReport {
         writeln!(f, "audit: {verdict}")?;
         writeln!(
             f,
-            "events read: {}; not counted: {} undecodable, {} refused by their poll definitions; \
-             dead letters stored: {}{}",
+            "events read: {}; not counted: {} undecodable, {} refused by their poll definitions, \
+             {} stamped ahead of the stream; dead letters stored: {}{}",
             self.events_read,
             self.undecodable,
             self.unknown_poll_or_option,
+            self.stamped_ahead,
             self.dead_letters,
             if self.dead_letters == self.dead_letters_expected() {
                 ""
@@ -247,6 +251,7 @@ struct Fold {
     events_read: u64,
     undecodable: u64,
     unknown_poll_or_option: u64,
+    stamped_ahead: u64,
     unknown_revision: u64,
     first_sequence: u64,
     last_sequence: u64,
@@ -263,6 +268,10 @@ impl Fold {
             Ok(_) => {}
             Err(Unjudged::NotCounted(_)) => {
                 self.unknown_poll_or_option += 1;
+                return;
+            }
+            Err(Unjudged::StampAhead(_)) => {
+                self.stamped_ahead += 1;
                 return;
             }
             Err(Unjudged::UnknownRevision(_)) => {
@@ -344,6 +353,7 @@ pub(crate) async fn audit_with_polls(
         events_read: fold.events_read,
         undecodable: fold.undecodable,
         unknown_poll_or_option: fold.unknown_poll_or_option,
+        stamped_ahead: fold.stamped_ahead,
         unknown_revision: fold.unknown_revision,
         first_sequence: fold.first_sequence,
         last_sequence: fold.last_sequence,

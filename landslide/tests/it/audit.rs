@@ -214,7 +214,8 @@ async fn audit_reports_undecodable_messages_next_to_the_dead_letters() {
     let text = report.to_string();
     assert!(
         text.contains(
-            "1 undecodable, 2 refused by their poll definitions; dead letters stored: 3\n"
+            "1 undecodable, 2 refused by their poll definitions, 0 stamped ahead of the \
+             stream; dead letters stored: 3\n"
         ),
         "{text}"
     );

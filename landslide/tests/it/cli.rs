@@ -11,6 +11,7 @@ fn landslide(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         "LANDSLIDE_NODE_ID",
         "NATS_URL",
         "LANDSLIDE_EXPORT_KEY",
+        "LANDSLIDE_MAX_CLOCK_OFFSET_MS",
     ] {
         command.env_remove(var);
     }
@@ -48,6 +49,14 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
             &["ingest", "--node-id", "web.01"],
             &[("LANDSLIDE_SECRET", &long_secret)],
             "invalid --node-id \"web.01\" (LANDSLIDE_NODE_ID)",
+        ),
+        (
+            &["ingest", "--node-id", "web01"],
+            &[
+                ("LANDSLIDE_SECRET", &long_secret),
+                ("LANDSLIDE_MAX_CLOCK_OFFSET_MS", "300000"),
+            ],
+            "LANDSLIDE_MAX_CLOCK_OFFSET_MS must be more than 0 and less than 300000 ms",
         ),
         (&["dedup-worker"], &[], "DATABASE_URL is not set"),
         (&["tally"], &[], "DATABASE_URL is not set"),

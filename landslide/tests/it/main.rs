@@ -8,6 +8,7 @@ mod auth;
 mod browser;
 mod chaos;
 mod cli;
+mod clock;
 mod edge;
 mod pipeline;
 mod polls;

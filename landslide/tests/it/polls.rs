@@ -40,9 +40,7 @@ async fn store(nats: &Nats) -> async_nats::jetstream::kv::Store {
 }
 
 async fn dead_letters(nats: &Nats) -> u64 {
-    let js = async_nats::jetstream::new(nats.client().await);
-    let mut dlq = js.get_stream("VOTES_DLQ").await.unwrap();
-    dlq.info().await.unwrap().state.messages
+    nats.messages("VOTES_DLQ").await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -59,6 +59,34 @@ async fn publish_raw(nats: &Nats, payloads: impl IntoIterator<Item = Vec<u8>>) {
     }
 }
 
+/// The ballot row `event` makes: `(choice, ts, event id)`, as `Db::ballot` reads it.
+fn as_ballot(event: &VoteEvent) -> (String, i64, Uuid) {
+    (
+        event.choice.to_string(),
+        event.ts.to_i64(),
+        event.event_id.0,
+    )
+}
+
+/// The first `n` messages of the dead-letter stream, waiting up to 5 s for each.
+async fn dead_letters(nats: &Nats, n: usize) -> Vec<jetstream::Message> {
+    let js = jetstream::new(nats.client().await);
+    let dlq = js.get_stream("VOTES_DLQ").await.unwrap();
+    let consumer = dlq
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(n);
+    let mut dead = Vec::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .unwrap_or_else(|_| panic!("{n} dead letters, only {} came", dead.len()))
+    {
+        dead.push(message.unwrap());
+    }
+    dead
+}
+
 /// The expected (option → count) of the latest event per voter.
 fn model_counts(events: &[VoteEvent]) -> Vec<(String, i64, i64)> {
     let mut counts = BTreeMap::<String, i64>::new();
@@ -163,15 +191,7 @@ async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
     let expected = merge::latest_per_voter(events.iter().cloned());
     for ((poll, voter), latest) in &expected {
         let ballot = db.ballot(poll.as_str(), voter.0).await.expect("ballot");
-        assert_eq!(
-            ballot,
-            (
-                latest.choice.to_string(),
-                latest.ts.to_i64(),
-                latest.event_id.0
-            ),
-            "voter {voter} (seed {seed})"
-        );
+        assert_eq!(ballot, as_ballot(latest), "voter {voter} (seed {seed})");
     }
     assert_eq!(
         db.tally_and_count("pets").await,
@@ -207,19 +227,8 @@ async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_
         [("cats".to_owned(), 1, 1)]
     );
 
-    let js = jetstream::new(nats.client().await);
-    let dlq = js.get_stream("VOTES_DLQ").await.unwrap();
-    let consumer = dlq
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap().take(3);
     let mut reasons = Vec::new();
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(5), messages.next())
-        .await
-        .expect("three dead letters")
-    {
-        let message = message.unwrap();
+    for message in dead_letters(&nats, 3).await {
         let headers = message.headers.clone().unwrap();
         assert_eq!(message.subject.as_str(), "dlq.votes.web01");
         assert_eq!(
@@ -234,6 +243,11 @@ async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_
     );
     assert_eq!(reasons[1], r#"there is no poll "lunch""#);
     assert_eq!(reasons[2], r#"poll pets has no option "fish""#);
+    let page = landslide_telemetry::prometheus().render();
+    for kind in ["undecodable", "unknown_poll", "unknown_option"] {
+        let counted = format!(r#"landslide_dead_letters_total{{reason="{kind}"}}"#);
+        assert_eq!(support::metric(&page, &counted), 1.0, "{page}");
+    }
 
     // And the worker is still draining.
     publish_raw(&nats, [event(4, 11, "dogs", 4).encode()]).await;
@@ -382,5 +396,141 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
     })
     .await;
     assert_eq!(choice, "dogs");
+    worker.stop().await;
+}
+
+fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(now.as_millis()).unwrap()
+}
+
+/// Found by the issue (12, item 2): anything that could publish to the stream could stamp a vote
+/// 2^63 − 1, a ballot no later vote of its voter could ever replace, and audit passed, since it
+/// folded the stream by the same rule. A stamp further ahead of when the stream stored it than
+/// an ingest node may stamp is no ingest node's: the workers dead-letter it, audit expects that
+/// dead letter, and replay leaves it out too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_stamped_far_ahead_of_the_stream_is_dead_lettered_and_its_voter_still_counts() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats, &db.url);
+    let now = now_ms();
+    let at = |ms: u64| Timestamp::from_millis(ms).0;
+    let forged = [
+        event(1, i64::MAX as u64, "cats", 1),
+        event(2, at(now + 3_600_000), "cats", 2),
+    ];
+    // A minute ahead is within the tolerance: a node's clock may be, and its vote counts.
+    let ahead_a_minute = event(3, at(now + 60_000), "cats", 3);
+    publish_raw(
+        &nats,
+        forged
+            .iter()
+            .chain([&ahead_a_minute])
+            .map(VoteEvent::encode),
+    )
+    .await;
+    // Then the same voters vote again, stamped by a clock of now as a node would.
+    let honest = [event(1, at(now), "dogs", 11), event(2, at(now), "dogs", 12)];
+    publish_raw(&nats, honest.iter().map(VoteEvent::encode)).await;
+    support::drained(&nats).await;
+
+    for (voter, expected) in [(1, &honest[0]), (2, &honest[1]), (3, &ahead_a_minute)] {
+        assert_eq!(
+            db.ballot("pets", Uuid::from_u128(voter)).await,
+            Some(as_ballot(expected)),
+            "voter {voter}"
+        );
+    }
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 2, 2)]
+    );
+
+    let mut dead = Vec::new();
+    for message in dead_letters(&nats, 2).await {
+        let headers = message.headers.clone().unwrap();
+        let reason = headers.get("Landslide-Reason").unwrap().as_str().to_owned();
+        let sequence = headers
+            .get("Landslide-Stream-Seq")
+            .unwrap()
+            .as_str()
+            .to_owned();
+        dead.push((sequence, reason));
+    }
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for ((sequence, reason), expected) in dead.iter().zip(["1", "2"]) {
+        assert_eq!(sequence, expected, "{dead:?}");
+        assert!(
+            reason.contains("ahead of when the stream stored it")
+                && reason.contains("no ingest node made it"),
+            "{reason}"
+        );
+    }
+    assert!(
+        dead[0]
+            .1
+            .starts_with("the vote's stamp 9223372036854775807 lies")
+    );
+    let page = landslide_telemetry::prometheus().render();
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"landslide_dead_letters_total{reason="stamp_ahead"}"#
+        ),
+        2.0,
+        "{page}"
+    );
+
+    let mut audit = landslide_tally::audit::AuditConfig::new(
+        nats.connections(landslide_nats::User::Audit, Some(&db.url)),
+    );
+    audit.wait = Duration::from_secs(30);
+    let report = landslide_tally::audit::audit(&audit).await.unwrap();
+    assert!(report.is_consistent(), "{report}");
+    assert_eq!(
+        (
+            report.events_read,
+            report.stamped_ahead,
+            report.dead_letters,
+            report.voters
+        ),
+        (5, 2, 2, 3),
+        "{report}"
+    );
+    assert_eq!(report.dead_letters_expected(), report.dead_letters);
+    assert!(
+        report.to_string().contains("2 stamped ahead of the stream"),
+        "{report}"
+    );
+
+    // Replay agrees: folded into a new database, the same ballots, the forged votes left out.
+    let fresh = Db::create_empty().await;
+    let replayed = landslide_dedup_worker::replay(
+        &landslide_dedup_worker::Config::new(
+            nats.connections(landslide_nats::User::Worker, Some(&fresh.url)),
+        ),
+        landslide_dedup_worker::replay::CHUNK,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (replayed.events_read, replayed.counted, replayed.not_counted),
+        (5, 3, 2)
+    );
+    for voter in 1..=3 {
+        let voter = Uuid::from_u128(voter);
+        assert_eq!(
+            fresh.ballot("pets", voter).await,
+            db.ballot("pets", voter).await
+        );
+    }
+    assert_eq!(
+        fresh.tally_and_count("pets").await,
+        db.tally_and_count("pets").await
+    );
     worker.stop().await;
 }

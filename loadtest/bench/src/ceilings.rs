@@ -55,13 +55,20 @@ pub fn events(n: usize, seed: u64) -> anyhow::Result<Vec<VoteEvent>> {
     let poll = PollId::parse("pets")?;
     let node = NodeId::parse("bench")?;
     let choices = [Choice::parse("cats")?, Choice::parse("dogs")?];
+    // Stamped as one node would stamp them now: one clock reading, then the counter. The workers
+    // dead-letter a stamp more than `MAX_TS_AHEAD` ahead of when the stream stored it, so a
+    // fixed stamp in the future would drain as dead letters.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let now = Timestamp::from_millis(u64::try_from(now_ms)?);
     Ok((0..n as u128)
         .map(|i| VoteEvent {
             event_id: EventId(Uuid::from_u128(u128::from(seed) << 64 | i)),
             poll: poll.clone(),
             voter: VoterId(Uuid::from_u128(u128::from(seed) << 64 | i)),
             choice: choices[(i % 2) as usize].clone(),
-            ts: Timestamp::from_millis(1_800_000_000_000 + i as u64),
+            ts: Timestamp(now.0 + i as u64),
             node: node.clone(),
             rev: None,
         })

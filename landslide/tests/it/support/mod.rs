@@ -134,6 +134,15 @@ pub async fn set_up(nats: &landslide_servers::Nats, polls: &landslide_schema::Po
         .expect("seed the polls bucket");
 }
 
+impl Nats {
+    /// How many messages `stream` holds.
+    pub async fn messages(&self, stream: &str) -> u64 {
+        let js = async_nats::jetstream::new(self.client().await);
+        let mut stream = js.get_stream(stream).await.expect("open the stream");
+        stream.info().await.expect("stream info").state.messages
+    }
+}
+
 fn admin_url() -> String {
     std::env::var("LANDSLIDE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
@@ -302,18 +311,47 @@ pub struct Ingest {
     pub role: Role,
 }
 
-/// An ingest node as the `ingest` user, after what a worker sets up (the streams, the polls
-/// bucket seeded with the node's polls), so that it needs no worker to start.
+/// An ingest node whose clock is shifted by `clock_offset_ms`, ready. A node skewed on purpose
+/// is one the design must tolerate (a change of mind on a slow node still wins; a slow node
+/// cannot vote after the close), so its clock bound admits the skew, with the default bound's
+/// 2 s to spare; the bound itself is tested in `edge.rs`.
 pub async fn ingest(nats: &landslide_servers::Nats, node: &str, clock_offset_ms: i64) -> Ingest {
     ingest_with(nats, node, |config| {
         config.clock = std::sync::Arc::new(landslide_ingest::SystemClock {
             offset_ms: clock_offset_ms,
         });
+        if clock_offset_ms != 0 {
+            config.max_clock_offset = landslide_ingest::MaxClockOffset::from_millis(
+                clock_offset_ms.unsigned_abs() + 2_000,
+            )
+            .expect("a bound the workers' tolerance covers");
+        }
     })
     .await
 }
 
 pub async fn ingest_with(
+    nats: &landslide_servers::Nats,
+    node: &str,
+    adjust: impl FnOnce(&mut landslide_ingest::Config),
+) -> Ingest {
+    let ingest = start_ingest(nats, node, adjust).await;
+    let probe = reqwest::Client::new();
+    let ready = format!("{}/readyz", ingest.url);
+    wait_for("ingest to be ready", Duration::from_secs(15), || {
+        let probe = probe.clone();
+        let ready = ready.clone();
+        async move {
+            let response = probe.get(&ready).send().await.ok()?;
+            response.status().is_success().then_some(())
+        }
+    })
+    .await;
+    ingest
+}
+
+/// An ingest node, started but perhaps not ready (yet, or at all).
+pub async fn start_ingest(
     nats: &landslide_servers::Nats,
     node: &str,
     adjust: impl FnOnce(&mut landslide_ingest::Config),
@@ -330,17 +368,6 @@ pub async fn ingest_with(
         .expect("bind ingest");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let role = Role::spawn(move |shutdown| landslide_ingest::run(config, listener, shutdown));
-    let probe = reqwest::Client::new();
-    let ready = format!("{url}/readyz");
-    wait_for("ingest to be ready", Duration::from_secs(15), || {
-        let probe = probe.clone();
-        let ready = ready.clone();
-        async move {
-            let response = probe.get(&ready).send().await.ok()?;
-            response.status().is_success().then_some(())
-        }
-    })
-    .await;
     Ingest { url, role }
 }
 
