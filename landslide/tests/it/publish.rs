@@ -108,7 +108,10 @@ async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored()
             (status, response.json::<serde_json::Value>().await.unwrap())
         }
     };
-    let keys: Vec<String> = (0..20).map(|i| format!("retry-{i}")).collect();
+    // Random, as a key sent without the cookie must be.
+    let keys: Vec<String> = (0..20)
+        .map(|i| format!("retry-{i}-{}", uuid::Uuid::new_v4()))
+        .collect();
     let originals = join_all(keys.iter().map(|k| keyed(support::voter(), k.clone()))).await;
 
     // Each key again, cookie-less as after a lost answer, among 200 fresh votes.
