@@ -181,7 +181,10 @@ impl Roles {
                 offset.unsigned_abs() + CLOCK_BOUND_SLACK_MS,
             )
             // Half the default: outages turn into 503s (and their ambiguous publishes) sooner.
-            .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000);
+            .env("LANDSLIDE_PUBLISH_TIMEOUT_MS", 1000)
+            // Every voter of the harness and of the benchmark comes from one address (loopback,
+            // or the harness's in a network), far beyond one client's rate: no per-client limit.
+            .env("LANDSLIDE_RATE_LIMIT", 0);
         Role::launch(process, addr, "/readyz").await
     }
 

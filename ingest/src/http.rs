@@ -1,5 +1,6 @@
 //! The HTTP surface of an ingest node: the form, the JSON API, health and metrics.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use async_nats::jetstream::message::StreamMessage;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRef, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRef, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -25,8 +26,10 @@ use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 
 use crate::Config;
+use crate::client::{self, Client, ClientIpHeader};
 use crate::clock::ClockCheck;
 use crate::publish::{Hlc, PublishFailed, Publisher};
+use crate::rate_limit::Limiter;
 use crate::voter::{self, Keys};
 
 /// The largest request body accepted: a vote is a few dozen bytes.
@@ -52,6 +55,10 @@ struct Inner {
     secure_cookie: bool,
     results_url: Option<String>,
     client: async_nats::Client,
+    /// The per-client token bucket of the vote endpoints; `None`: no limit.
+    limiter: Option<Arc<Limiter>>,
+    /// Where the client's address is read from; `None`: the TCP peer.
+    client_ip_header: Option<ClientIpHeader>,
 }
 
 impl AppState {
@@ -61,6 +68,7 @@ impl AppState {
         client: async_nats::Client,
         js: jetstream::Context,
         clock: Arc<ClockCheck>,
+        limiter: Option<Arc<Limiter>>,
     ) -> Self {
         Self(Arc::new(Inner {
             node: config.node_id.clone(),
@@ -75,7 +83,25 @@ impl AppState {
             secure_cookie: config.secure_cookie,
             results_url: config.results_url.clone(),
             client,
+            limiter,
+            client_ip_header: config.client_ip_header.clone(),
         }))
+    }
+
+    /// The client of a request from `peer`.
+    fn client(&self, headers: &HeaderMap, peer: SocketAddr) -> Client {
+        client::resolve(self.0.client_ip_header.as_ref(), headers, peer)
+    }
+
+    /// Takes a token from `client`'s bucket, or refuses the vote: it is not stored, and the
+    /// voter may retry after the seconds it names.
+    fn admit(&self, client: &Client) -> Result<(), VoteError> {
+        match &self.0.limiter {
+            None => Ok(()),
+            Some(limiter) => limiter
+                .check(client)
+                .map_err(|retry_after| VoteError::RateLimited { retry_after }),
+        }
     }
 }
 
@@ -111,6 +137,13 @@ enum VoteError {
     /// A browser sent it from another site's page: a hostile page voting in its visitors' name.
     #[error("votes sent from another site's page are refused")]
     CrossSite,
+    /// Beyond this client address's token bucket. Said so that a voter behind a shared address
+    /// (a carrier's NAT, an office) knows it is not their own doing and that a retry will do.
+    #[error(
+        "too many votes are coming from your network right now; your vote was not counted, \
+         please try again in {retry_after} s"
+    )]
+    RateLimited { retry_after: u64 },
     /// The rule the workers and audit apply too: ingest never accepts what they would refuse.
     #[error(transparent)]
     NotCounted(#[from] NotCounted),
@@ -133,6 +166,7 @@ impl VoteError {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::CrossSite => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotCounted(NotCounted::NotOpenYet { .. } | NotCounted::Closed { .. }) => {
                 StatusCode::FORBIDDEN
             }
@@ -150,6 +184,7 @@ impl VoteError {
             Self::Malformed(_) => "malformed",
             Self::CrossSite => "cross_site",
             Self::NotCounted(not_counted) => not_counted.label(),
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
             Self::ClockOff => "clock_off",
         }
@@ -162,13 +197,22 @@ impl VoteError {
             // The cause is ours, not the voter's: log it here, once, and keep it out of the body.
             tracing::warn!(error = %cause, "vote refused: not stored");
         }
-        if matches!(
-            self,
-            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff
-        ) {
+        let retry_after = match self {
+            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff => {
+                Some(u64::from(RETRY_AFTER_SECS))
+            }
+            Self::RateLimited { retry_after } => {
+                // Its own counter as well, the one to alert on: every refused vote is in
+                // landslide_votes_rejected_total, by reason.
+                metrics::counter!("landslide_ingest_rate_limited_total").increment(1);
+                Some(*retry_after)
+            }
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -240,6 +284,7 @@ impl AppState {
         poll: &str,
         choice: &str,
         idempotency_key: Option<&str>,
+        client: Client,
     ) -> (SignedCookieJar, Result<Accepted, VoteError>) {
         let book = self.book();
         let (revision, polls) = book.latest();
@@ -261,7 +306,7 @@ impl AppState {
         let floor = known.as_ref().map(|c| c.last_ts);
         let voter = match (&known, idempotency_key) {
             (Some(cookie), _) => cookie.voter,
-            (None, Some(key)) => self.0.keys.voter_for_key(key),
+            (None, Some(key)) => self.0.keys.voter_for_key(key, client),
             (None, None) => VoterId::new_random(),
         };
         let event_id = match idempotency_key {
@@ -396,6 +441,7 @@ struct ApiError {
 /// `POST /api/votes`: `{"poll":"pets","choice":"cats"}` → 202 `{"event_id":…,"ts":…}`.
 async fn vote_api(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: SignedCookieJar,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
@@ -407,7 +453,9 @@ async fn vote_api(
         let response = (err.status(), jar, body).into_response();
         err.finish(response)
     };
+    let client = state.client(&headers, peer);
     let vote: ApiVote = match same_site(&headers)
+        .and_then(|()| state.admit(&client))
         .and_then(|()| body(&headers, "application/json", raw))
         .and_then(|bytes| {
             serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
@@ -417,7 +465,7 @@ async fn vote_api(
     };
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
-        Some(Ok(key)) => match voter::check_idempotency_key(key) {
+        Some(Ok(key)) => match voter::check_idempotency_key(key, voter::read(&jar).is_some()) {
             Ok(()) => Some(key),
             Err(message) => return json_error(VoteError::Malformed(message), None),
         },
@@ -426,7 +474,7 @@ async fn vote_api(
             return json_error(VoteError::Malformed(message), None);
         }
     };
-    let (jar, result) = state.cast(jar, &vote.poll, &vote.choice, key).await;
+    let (jar, result) = state.cast(jar, &vote.poll, &vote.choice, key, client).await;
     match result {
         Ok(accepted) => (
             StatusCode::ACCEPTED,
@@ -452,12 +500,15 @@ struct FormVote {
 /// `POST /vote`: the form's `vote=<option>` (and `poll=<id>`) → 303 back to the form.
 async fn vote_form(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: SignedCookieJar,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let default = state.book().latest().1.default_poll().id.clone();
+    let client = state.client(&headers, peer);
     let vote: FormVote = match same_site(&headers)
+        .and_then(|()| state.admit(&client))
         .and_then(|()| body(&headers, "application/x-www-form-urlencoded", raw))
         .and_then(|bytes| parse_form(&bytes))
     {
@@ -465,7 +516,7 @@ async fn vote_form(
         Err(err) => return state.form_error(jar, &default, err),
     };
     let poll = vote.poll.unwrap_or_else(|| default.to_string());
-    let (jar, result) = state.cast(jar, &poll, &vote.vote, None).await;
+    let (jar, result) = state.cast(jar, &poll, &vote.vote, None, client).await;
     match result {
         // The receipt travels in the address of the confirmation: the form shows it.
         Ok(accepted) if poll == default.as_str() => {

@@ -14,11 +14,15 @@ use landslide_config::{Connections, Shutdown};
 use landslide_nats::{Access, User};
 use landslide_schema::NodeId;
 
+mod client;
 pub mod clock;
 mod http;
 mod publish;
+mod rate_limit;
 mod voter;
+pub use client::ClientIpHeader;
 pub use clock::{Clock, MaxClockOffset, SystemClock};
+pub use rate_limit::RateLimit;
 
 /// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.
 #[derive(Clone)]
@@ -73,6 +77,12 @@ pub struct Config {
     pub results_url: Option<String>,
     /// The HTTP server's header read timeout and connection cap.
     pub http: landslide_telemetry::serve::Limits,
+    /// Votes per client address on this node (`LANDSLIDE_RATE_LIMIT`, `LANDSLIDE_RATE_BURST`);
+    /// `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// The header a trusted proxy sets to the client's address (`LANDSLIDE_CLIENT_IP_HEADER`);
+    /// `None`: the client is the TCP peer.
+    pub client_ip_header: Option<ClientIpHeader>,
 }
 
 impl Config {
@@ -90,6 +100,8 @@ impl Config {
             secure_cookie: false,
             results_url: None,
             http: landslide_telemetry::serve::Limits::default(),
+            rate_limit: Some(RateLimit::DEFAULT),
+            client_ip_header: None,
         }
     }
 }
@@ -147,12 +159,20 @@ pub async fn run(
             .clone()
             .watch(js.clone(), config.connections.topology.votes_stream.clone()),
     );
-    let state = http::AppState::new(&config, polls, client.clone(), js, clock);
+    let limiter = config
+        .rate_limit
+        .map(|limit| Arc::new(rate_limit::Limiter::new(limit)));
+    // Stops with this function, however it returns.
+    let _pruner = limiter.as_ref().map(rate_limit::Limiter::spawn_pruner);
+    let state = http::AppState::new(&config, polls, client.clone(), js, clock, limiter);
     let app = http::router(state);
     tracing::info!(
         node = %config.node_id,
         listen = %listener.local_addr()?,
         subject = %landslide_schema::subject::vote_subject(&topology.votes_prefix, &config.node_id),
+        rate_limit.per_second = config.rate_limit.map_or(0.0, |l| l.per_second()),
+        rate_limit.burst = config.rate_limit.map_or(0, |l| l.burst()),
+        client_ip_header = config.client_ip_header.as_ref().map_or("(the TCP peer)", |h| h.as_str()),
         "ingest node serving"
     );
     let served =

@@ -2,6 +2,13 @@
 //!
 //! A cookie that fails verification or parsing is ignored: the request is a new voter. It is never
 //! an error (the vote still counts, once) and never another voter (the signature binds the id).
+//!
+//! A key never makes a voter on its own: the voter of a cookie-less request with a key is derived
+//! from the key *and* the client address, and such a key must be long enough to be random
+//! ([`MIN_COOKIELESS_KEY_LEN`]). Found by trying it: two clients that both sent
+//! `Idempotency-Key: 1` without a cookie were one voter, so either could change the other's
+//! ballot, and anyone who guessed a client's key could. The price: a cookie-less retry from
+//! another address is another voter (README, "Idempotency-Key").
 
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::{Cookie, Key, SameSite};
@@ -12,6 +19,7 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::Secret;
+use crate::client::Client;
 
 /// The voter cookie's name.
 pub const COOKIE_NAME: &str = "landslide_voter";
@@ -25,6 +33,11 @@ const COOKIE_MAX_AGE_DAYS: i64 = 400;
 
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The shortest `Idempotency-Key` of a request without a voter cookie: 16 visible ASCII
+/// characters hold up to 104 bits, room for a random value (a UUID is 36, 122 bits random).
+/// A short key is a counter or a constant, which another client sends too.
+pub const MIN_COOKIELESS_KEY_LEN: usize = 16;
 
 /// Keys derived from `LANDSLIDE_SECRET`: one signs cookies, one derives ids.
 #[derive(Clone)]
@@ -62,10 +75,11 @@ impl Keys {
         uuid::Builder::from_custom_bytes(bytes).into_uuid()
     }
 
-    /// The voter of a cookie-less request that carries `key`: a retry without the cookie (the
-    /// first answer was lost) is the same voter, so it cannot count twice.
-    pub fn voter_for_key(&self, key: &str) -> VoterId {
-        VoterId(self.derive(&[b"voter", key.as_bytes()]))
+    /// The voter of a cookie-less request that carries `key`, from `client`: a retry without
+    /// the cookie (the first answer was lost) from the same address is the same voter, so it
+    /// cannot count twice; the same key from another client is another voter.
+    pub fn voter_for_key(&self, key: &str, client: Client) -> VoterId {
+        VoterId(self.derive(&[b"voter", key.as_bytes(), &client.to_bytes()]))
     }
 
     /// The event id of a request that carries `key`: a retry of the same vote is the same event.
@@ -121,8 +135,9 @@ pub fn write(jar: SignedCookieJar, payload: &VoterCookie, secure: bool) -> Signe
     }
 }
 
-/// Checks an `Idempotency-Key` header value: 1 to 255 visible ASCII characters.
-pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+/// Checks an `Idempotency-Key` header value: 1 to 255 visible ASCII characters, and at least
+/// [`MIN_COOKIELESS_KEY_LEN`] when the request carries no valid voter cookie (`with_cookie`).
+pub fn check_idempotency_key(key: &str, with_cookie: bool) -> Result<(), String> {
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(format!(
             "Idempotency-Key must hold 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
@@ -130,6 +145,12 @@ pub fn check_idempotency_key(key: &str) -> Result<(), String> {
     }
     if !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("Idempotency-Key may only hold visible ASCII characters".to_owned());
+    }
+    if !with_cookie && key.len() < MIN_COOKIELESS_KEY_LEN {
+        return Err(format!(
+            "Idempotency-Key must hold at least {MIN_COOKIELESS_KEY_LEN} characters without the \
+             voter cookie: use a random key, such as a UUID"
+        ));
     }
     Ok(())
 }
@@ -142,15 +163,20 @@ mod tests {
         Keys::new(&Secret::new("x".repeat(32)).unwrap())
     }
 
+    fn client(ip: &str) -> Client {
+        Client::of(ip.parse().unwrap())
+    }
+
     #[test]
     fn the_same_key_gives_the_same_ids() {
         let k = keys();
         let pets = PollId::parse("pets").unwrap();
         let cats = Choice::parse("cats").unwrap();
         let dogs = Choice::parse("dogs").unwrap();
-        let v = k.voter_for_key("abc");
-        assert_eq!(v, k.voter_for_key("abc"));
-        assert_ne!(v, k.voter_for_key("abd"));
+        let here = client("192.0.2.1");
+        let v = k.voter_for_key("abc", here);
+        assert_eq!(v, k.voter_for_key("abc", here));
+        assert_ne!(v, k.voter_for_key("abd", here));
         let event = k.event_for_key(v, &pets, &cats, "abc");
         assert_eq!(event, k.event_for_key(v, &pets, &cats, "abc"));
         assert_ne!(
@@ -161,16 +187,44 @@ mod tests {
     }
 
     #[test]
+    fn the_same_key_from_another_client_is_another_voter() {
+        let k = keys();
+        let key = "2c1e6f0a-9d4b-4e8f-a1b2-c3d4e5f60718";
+        assert_ne!(
+            k.voter_for_key(key, client("192.0.2.1")),
+            k.voter_for_key(key, client("192.0.2.2"))
+        );
+        // One phone's IPv6 addresses share its /64: a retry from a rotated address is the same.
+        assert_eq!(
+            k.voter_for_key(key, client("2001:db8:0:1::a")),
+            k.voter_for_key(key, client("2001:db8:0:1::b"))
+        );
+    }
+
+    #[test]
     fn ids_depend_on_the_secret() {
         let other = Keys::new(&Secret::new("y".repeat(32)).unwrap());
-        assert_ne!(keys().voter_for_key("abc"), other.voter_for_key("abc"));
+        let here = client("192.0.2.1");
+        assert_ne!(
+            keys().voter_for_key("abc", here),
+            other.voter_for_key("abc", here)
+        );
     }
 
     #[test]
     fn idempotency_keys_are_checked() {
-        assert!(check_idempotency_key("3f2a-retry_1").is_ok());
-        assert!(check_idempotency_key("").is_err());
-        assert!(check_idempotency_key("a b").is_err());
-        assert!(check_idempotency_key(&"k".repeat(256)).is_err());
+        for with_cookie in [true, false] {
+            assert!(check_idempotency_key("3f2a-retry_1-4b0e9c8e", with_cookie).is_ok());
+            assert!(check_idempotency_key("", with_cookie).is_err());
+            assert!(check_idempotency_key("a b", with_cookie).is_err());
+            assert!(check_idempotency_key(&"k".repeat(256), with_cookie).is_err());
+        }
+        // With the cookie the voter is the cookie's, so any key will do; without it the key
+        // must be long enough to be random.
+        assert!(check_idempotency_key("1", true).is_ok());
+        let short = check_idempotency_key("1", false).unwrap_err();
+        assert!(short.contains("UUID"), "{short}");
+        assert!(check_idempotency_key(&"k".repeat(15), false).is_err());
+        assert!(check_idempotency_key(&"k".repeat(16), false).is_ok());
     }
 }

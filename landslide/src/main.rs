@@ -254,12 +254,52 @@ impl HttpArgs {
     }
 }
 
+/// The per-client limits of ingest's vote endpoints (ingest, and `up`'s ingest node).
+#[derive(Debug, Args, Clone)]
+struct ClientLimitArgs {
+    /// Votes per second per client address on this node (a fraction is allowed); 0 turns the
+    /// limit off. Beyond it: 429 with Retry-After.
+    #[arg(long, env = "LANDSLIDE_RATE_LIMIT", default_value_t = landslide_ingest::RateLimit::DEFAULT.per_second())]
+    rate_limit: f64,
+    /// Votes one client address may send at once before the rate applies.
+    #[arg(long, env = "LANDSLIDE_RATE_BURST", default_value_t = landslide_ingest::RateLimit::DEFAULT.burst())]
+    rate_burst: u32,
+    /// The header a trusted proxy sets to the client's address (X-Forwarded-For: its right-most
+    /// entry). Unset: the client is the TCP peer. Set it only behind a proxy that sets it.
+    #[arg(long, env = "LANDSLIDE_CLIENT_IP_HEADER")]
+    client_ip_header: Option<String>,
+}
+
+/// An ingest node's `rate_limit` and `client_ip_header`.
+type ClientLimits = (
+    Option<landslide_ingest::RateLimit>,
+    Option<landslide_ingest::ClientIpHeader>,
+);
+
+impl ClientLimitArgs {
+    fn settings(&self) -> anyhow::Result<ClientLimits> {
+        let limit = landslide_ingest::RateLimit::new(self.rate_limit, self.rate_burst).context(
+            "invalid --rate-limit or --rate-burst (LANDSLIDE_RATE_LIMIT, LANDSLIDE_RATE_BURST)",
+        )?;
+        let header = match self.client_ip_header.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(name) => Some(
+                landslide_ingest::ClientIpHeader::parse(name)
+                    .context("invalid --client-ip-header (LANDSLIDE_CLIENT_IP_HEADER)")?,
+            ),
+        };
+        Ok((limit, header))
+    }
+}
+
 #[derive(Debug, Args)]
 struct IngestArgs {
     #[command(flatten)]
     shared: Shared,
     #[command(flatten)]
     http: HttpArgs,
+    #[command(flatten)]
+    limits: ClientLimitArgs,
     /// This node's id; its votes go to subject votes.<ID>. Required.
     #[arg(long, env = "LANDSLIDE_NODE_ID")]
     node_id: Option<String>,
@@ -320,6 +360,7 @@ impl IngestArgs {
         config.secure_cookie = self.secure_cookie;
         config.results_url = self.results_url.clone();
         config.http = self.http.limits();
+        (config.rate_limit, config.client_ip_header) = self.limits.settings()?;
         Ok(config)
     }
 }
@@ -487,6 +528,8 @@ struct UpArgs {
     /// A TOML file defining the polls.
     #[arg(long, env = "LANDSLIDE_POLLS")]
     polls: Option<PathBuf>,
+    #[command(flatten)]
+    limits: ClientLimitArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -681,6 +724,7 @@ async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let polls = Shared::polls_file(args.polls.as_deref())?;
+    let limits = args.limits.settings()?;
     // Bind both addresses before starting any server, so a port in use fails at once.
     let ingest_listener = bind(args.ingest_listen).await?;
     let tally_listener = bind(args.tally_listen).await?;
@@ -697,7 +741,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         if args.polls.is_some() {
             make_current(&stack.nats_config(User::Admin), &polls).await?;
         }
-        run_roles(&stack, polls, ingest_listener, tally_listener).await
+        run_roles(&stack, polls, limits, ingest_listener, tally_listener).await
     }
     .await;
     let stopped = stack.stop().await;
@@ -745,6 +789,7 @@ async fn make_current(nats: &NatsConfig, polls: &Polls) -> anyhow::Result<()> {
 async fn run_roles(
     stack: &local::LocalStack,
     polls: Polls,
+    (rate_limit, client_ip_header): ClientLimits,
     ingest_listener: tokio::net::TcpListener,
     tally_listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
@@ -762,6 +807,7 @@ async fn run_roles(
     };
     let mut ingest =
         landslide_ingest::Config::new(node_id, connections(User::Ingest, false), secret);
+    (ingest.rate_limit, ingest.client_ip_header) = (rate_limit, client_ip_header);
     ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
     let worker = landslide_dedup_worker::Config::new(connections(User::Worker, true));
     let tally = landslide_tally::Config::new(connections(User::Tally, true));

@@ -98,6 +98,13 @@ function openForm(shows) {
   check(res, checks);
 }
 
+/// `n` random hex digits (unique enough for an idempotency key; not a secret).
+function randomHex(n) {
+  let out = '';
+  while (out.length < n) out += Math.floor(Math.random() * 0x100000000).toString(16).padStart(8, '0');
+  return out.slice(0, n);
+}
+
 /// Votes until a 202 or a refusal; true when accepted.
 function vote(choice, key) {
   const body = JSON.stringify({ poll: 'pets', choice });
@@ -165,7 +172,9 @@ export default function () {
   const vu = exec.vu.idInTest;
   const iteration = exec.vu.iterationInScenario;
   const choice = finalChoice(vu);
-  const key = (step) => `k6-${vu}-${iteration}-${step}`;
+  // Random: a key sent without the cookie must be (16 characters at least), and a run must not
+  // reuse an earlier run's keys, which would make its votes retries of theirs.
+  const key = (step) => `k6-${vu}-${iteration}-${step}-${randomHex(16)}`;
   if (iteration === 0) {
     openForm(null);
     if (changesMind(vu)) {

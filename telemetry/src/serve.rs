@@ -9,18 +9,24 @@
 //!   wait in the kernel's accept queue instead of taking descriptors the process may not have.
 //! - **Graceful shutdown:** when `shutdown` completes, no new connection is accepted, every request
 //!   in flight is answered, idle keep-alive connections are closed, and then `serve` returns.
+//! - **The peer address:** every request carries its connection's TCP peer address as
+//!   [`ConnectInfo<SocketAddr>`](axum::extract::ConnectInfo), as `axum::serve` does with
+//!   `into_make_service_with_connect_info`, so a handler may extract it.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::Layer as _;
 
 /// The limits of one HTTP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,10 +71,10 @@ pub async fn serve(
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of descriptors, or a connection reset before it was accepted: wait a
                     // moment rather than spin, and go on.
@@ -78,8 +84,10 @@ pub async fn serve(
                 }
             },
         };
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        // The extension layer wraps the router as it is (a clone is a reference count), unlike
+        // `Router::layer`, which would rebuild every route for each connection.
+        let app = axum::Extension(ConnectInfo::<SocketAddr>(peer)).layer(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _place = place;

@@ -58,6 +58,27 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
             ],
             "LANDSLIDE_MAX_CLOCK_OFFSET_MS must be more than 0 and less than 300000 ms",
         ),
+        (
+            &["ingest", "--node-id", "web01"],
+            &[
+                ("LANDSLIDE_SECRET", &long_secret),
+                ("LANDSLIDE_RATE_LIMIT", "-1"),
+            ],
+            "invalid --rate-limit or --rate-burst (LANDSLIDE_RATE_LIMIT, LANDSLIDE_RATE_BURST)",
+        ),
+        (
+            &["ingest", "--node-id", "web01", "--rate-burst", "0"],
+            &[("LANDSLIDE_SECRET", &long_secret)],
+            "the burst must be at least 1",
+        ),
+        (
+            &["ingest", "--node-id", "web01"],
+            &[
+                ("LANDSLIDE_SECRET", &long_secret),
+                ("LANDSLIDE_CLIENT_IP_HEADER", "X Forwarded For"),
+            ],
+            "invalid --client-ip-header (LANDSLIDE_CLIENT_IP_HEADER)",
+        ),
         (&["dedup-worker"], &[], "DATABASE_URL is not set"),
         (&["tally"], &[], "DATABASE_URL is not set"),
         (&["audit"], &[], "DATABASE_URL is not set"),

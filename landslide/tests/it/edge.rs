@@ -233,3 +233,267 @@ async fn connections_beyond_the_cap_wait_until_one_is_free() {
     assert!(served.status().is_success());
     ingest.role.stop().await;
 }
+
+/// Messages in the votes stream.
+async fn stored_votes(nats: &Nats) -> u64 {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("VOTES").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// Found by trying it: nothing limited a client's rate anywhere, so one script could send as
+/// many votes as ingest could take. Beyond its burst a client gets 429 with `Retry-After`, and
+/// the vote is not stored; another client, told apart by the header our load balancer appends,
+/// is not affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn votes_beyond_a_clients_burst_get_429_with_retry_after_and_are_not_stored() {
+    let nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats, "web1", |c| {
+        // A burst of 2, then one vote per 100 s: the third vote is beyond the bucket however
+        // slowly this machine runs the first two.
+        c.rate_limit = landslide_ingest::RateLimit::new(0.01, 2).unwrap();
+        c.client_ip_header =
+            Some(landslide_ingest::ClientIpHeader::parse("X-Forwarded-For").unwrap());
+    })
+    .await;
+    let http = reqwest::Client::new();
+    // The client says it is 198.51.100.66; the balancer appended what it saw.
+    let api = |forwarded_for: &'static str| {
+        http.post(format!("{}/api/votes", ingest.url))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
+            .send()
+    };
+    let one = "198.51.100.66, 203.0.113.1";
+    let other = "198.51.100.66, 203.0.113.2";
+
+    for _ in 0..2 {
+        assert_eq!(api(one).await.unwrap().status(), 202);
+    }
+    let refused = api(one).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1, "Retry-After: {retry_after}");
+    assert!(refused.headers().get("set-cookie").is_none());
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("try again"), "{body}");
+    // The form shares the bucket, and answers with the form and the message.
+    let form = http
+        .post(format!("{}/vote", ingest.url))
+        .header("x-forwarded-for", one)
+        .form(&[("vote", "dogs")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 429);
+    assert!(form.headers().contains_key("retry-after"));
+    let page = form.text().await.unwrap();
+    assert!(page.contains("too many votes"), "{page}");
+
+    // Another client behind the same balancer votes as before, and so does one whose request
+    // lacks the header (its TCP peer stands in).
+    assert_eq!(api(other).await.unwrap().status(), 202);
+    let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "dogs").await;
+    assert_eq!(status, 202, "{body}");
+
+    // Only the accepted votes are in the stream; the refusals are counted.
+    assert_eq!(stored_votes(&nats).await, 4);
+    let page = support::metrics_page(&ingest.url).await;
+    assert_eq!(
+        support::metric(&page, "landslide_ingest_rate_limited_total"),
+        2.0
+    );
+    assert_eq!(
+        support::metric(&page, "landslide_ingest_client_ip_fallback_total"),
+        1.0
+    );
+    ingest.role.stop().await;
+}
+
+/// `landslide ingest` as a process of its own, killed when dropped.
+struct IngestProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl IngestProcess {
+    async fn start(nats: &Nats, node: &str, env: &[(&str, &str)]) -> Self {
+        // What a worker sets up, for an ingest node without one.
+        support::set_up(nats, &landslide_schema::Polls::default()).await;
+        let port = support::free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_landslide"))
+            .args(["ingest", "--node-id", node])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(nats.config(landslide_nats::User::Ingest).env())
+            .env("LANDSLIDE_SECRET", support::SECRET)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .spawn()
+            .expect("start landslide ingest");
+        let url = format!("http://127.0.0.1:{port}");
+        let ready = format!("{url}/readyz");
+        support::wait_for(
+            "ingest to be ready",
+            std::time::Duration::from_secs(30),
+            || {
+                let ready = ready.clone();
+                async move {
+                    let response = reqwest::get(&ready).await.ok()?;
+                    response.status().is_success().then_some(())
+                }
+            },
+        )
+        .await;
+        Self { child, url }
+    }
+
+    async fn vote(&self, forwarded_for: &str) -> u16 {
+        reqwest::Client::new()
+            .post(format!("{}/api/votes", self.url))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The settings as an operator gives them: `LANDSLIDE_RATE_LIMIT=0` turns the limit off, and
+/// without `LANDSLIDE_CLIENT_IP_HEADER` a header the client sends is not believed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rate_limit_settings_reach_the_node_and_a_rate_of_zero_turns_it_off() {
+    let nats = Nats::start().await;
+    let off = IngestProcess::start(
+        &nats,
+        "off",
+        &[("LANDSLIDE_RATE_LIMIT", "0"), ("LANDSLIDE_RATE_BURST", "1")],
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(off.vote("203.0.113.1").await, 202);
+    }
+    drop(off);
+
+    let peer = IngestProcess::start(
+        &nats,
+        "peer",
+        &[
+            ("LANDSLIDE_RATE_LIMIT", "0.01"),
+            ("LANDSLIDE_RATE_BURST", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(peer.vote("203.0.113.1").await, 202);
+    // Another address in the header changes nothing: the client is the TCP peer.
+    assert_eq!(peer.vote("203.0.113.2").await, 429);
+    drop(peer);
+
+    let proxied = IngestProcess::start(
+        &nats,
+        "proxied",
+        &[
+            ("LANDSLIDE_RATE_LIMIT", "0.01"),
+            ("LANDSLIDE_RATE_BURST", "1"),
+            ("LANDSLIDE_CLIENT_IP_HEADER", "X-Forwarded-For"),
+        ],
+    )
+    .await;
+    assert_eq!(proxied.vote("203.0.113.1").await, 202);
+    assert_eq!(proxied.vote("203.0.113.1").await, 429);
+    assert_eq!(proxied.vote("203.0.113.2").await, 202);
+    drop(proxied);
+    assert_eq!(stored_votes(&nats).await, 8);
+}
+
+/// Found by trying it: two cookie-less clients that both sent `Idempotency-Key: 1` were one
+/// voter, so the second client's vote was taken for a retry of the first's, and anyone who
+/// guessed a key could change that voter's ballot. Now the key is salted with the client
+/// address, and without a cookie it must be long enough to be random.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_idempotency_key_from_two_addresses_is_two_voters_and_a_short_one_needs_the_cookie()
+ {
+    let nats = Nats::start().await;
+    let db = crate::support::Db::create().await;
+    let ingest = support::ingest_with(&nats, "web1", |c| {
+        c.client_ip_header =
+            Some(landslide_ingest::ClientIpHeader::parse("X-Forwarded-For").unwrap());
+    })
+    .await;
+    let worker = support::worker(&nats, &db.url);
+    let url = format!("{}/api/votes", ingest.url);
+    // A client without a cookie: a new reqwest client each time.
+    let keyed = |forwarded_for: &'static str, key: String| {
+        let url = url.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("x-forwarded-for", forwarded_for)
+                .header("idempotency-key", key)
+                .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let voter_of = |body: &serde_json::Value| {
+        let receipt = body["receipt"].as_str().unwrap().to_owned();
+        receipt.split('.').nth(1).unwrap().to_owned()
+    };
+    let key = uuid::Uuid::new_v4().to_string();
+
+    let (status, first) = keyed("203.0.113.1", key.clone()).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, other) = keyed("203.0.113.2", key.clone()).await;
+    assert_eq!(status, 202, "{other}");
+    assert_eq!(
+        other["duplicate"], false,
+        "another client's vote was taken for a retry"
+    );
+    assert_ne!(voter_of(&other), voter_of(&first));
+    // A retry from the first address, its answer lost with its cookie: the same voter and vote.
+    let (status, retry) = keyed("203.0.113.1", key.clone()).await;
+    assert_eq!(status, 202, "{retry}");
+    assert_eq!(retry["duplicate"], true);
+    assert_eq!(retry["event_id"], first["event_id"]);
+    assert_eq!(voter_of(&retry), voter_of(&first));
+
+    // A short key without the cookie is refused; with a valid cookie any key will do.
+    let (status, short) = keyed("203.0.113.3", "1".to_owned()).await;
+    assert_eq!(status, 400, "{short}");
+    assert!(short["error"].as_str().unwrap().contains("UUID"), "{short}");
+    let browser = support::voter();
+    let (status, body) = support::vote_api(&browser, &ingest.url, "pets", "dogs").await;
+    assert_eq!(status, 202, "{body}");
+    let with_cookie = browser
+        .post(&url)
+        .header("idempotency-key", "1")
+        .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_cookie.status(), 202);
+
+    support::drained(&nats).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 2, 2), ("dogs".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+    ingest.role.stop().await;
+}

@@ -121,7 +121,7 @@ async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
         async move {
             let response = client
                 .post(url)
-                .header("Idempotency-Key", "4b0e9c8e-retry")
+                .header("Idempotency-Key", "4b0e9c8e-5f1d-4a7e-retry")
                 .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
                 .send()
                 .await

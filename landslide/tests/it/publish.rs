@@ -39,11 +39,15 @@ async fn concurrent_votes_share_batches_and_each_is_stored_once() {
     let worker = support::worker(&nats, &db.url);
 
     let votes = 400;
-    let answers = join_all((0..votes).map(|i| {
+    // The voters first: building an HTTP client is CPU work (with the workspace's features,
+    // rustls and the system's roots), and 400 built inside the burst starved the node in this
+    // same process long enough for its 10 s header timeout to close the first connections.
+    let voters: Vec<reqwest::Client> = (0..votes).map(|_| support::voter()).collect();
+    let answers = join_all(voters.iter().enumerate().map(|(i, voter)| {
         let url = ingest.url.clone();
         async move {
             let choice = if i % 3 == 0 { "dogs" } else { "cats" };
-            support::vote_api(&support::voter(), &url, "pets", choice).await
+            support::vote_api(voter, &url, "pets", choice).await
         }
     }))
     .await;
@@ -108,7 +112,10 @@ async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored()
             (status, response.json::<serde_json::Value>().await.unwrap())
         }
     };
-    let keys: Vec<String> = (0..20).map(|i| format!("retry-{i}")).collect();
+    // Random, as a key sent without the cookie must be.
+    let keys: Vec<String> = (0..20)
+        .map(|i| format!("retry-{i}-{}", uuid::Uuid::new_v4()))
+        .collect();
     let originals = join_all(keys.iter().map(|k| keyed(support::voter(), k.clone()))).await;
 
     // Each key again, cookie-less as after a lost answer, among 200 fresh votes.
