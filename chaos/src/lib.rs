@@ -181,10 +181,7 @@ impl Stack {
         let env = RoleEnv {
             places: role_hosts.iter().map(|h| (h.clone(), place(h))).collect(),
             landslide: config.landslide.clone(),
-            nats: landslide_nats::User::ALL
-                .into_iter()
-                .map(|user| (user, nats.config(user)))
-                .collect(),
+            nats: nats.configs(),
             replicas: config.layout.replicas(),
             database_url: postgres.url("postgres"),
             secret: config.secret.clone(),

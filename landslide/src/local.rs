@@ -198,13 +198,7 @@ impl LocalStack {
         let (nats_users, nats) = match nats {
             Server::Given(users) => (users, None),
             Server::Start(bin) => match start_nats(bin, &data_dir, config.ports.nats).await {
-                Ok(server) => (
-                    User::ALL
-                        .into_iter()
-                        .map(|user| (user, server.config(user)))
-                        .collect(),
-                    Some(server),
-                ),
+                Ok(server) => (server.configs(), Some(server)),
                 Err(e) => {
                     // Do not leave the daemonized PostgreSQL behind.
                     if let Some(mut pg) = postgres

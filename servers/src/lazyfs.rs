@@ -1965,15 +1965,7 @@ mod tests {
 
         let fs = LazyFs::mount(&d.backing, &d.mnt).unwrap();
         let mut nats = crate::Nats::start_with(&spec, &run).await.unwrap();
-        let js = jetstream::new(
-            landslide_nats::connect(
-                &nats.config(landslide_nats::User::Admin),
-                landslide_nats::User::Admin,
-                "test",
-            )
-            .await
-            .unwrap(),
-        );
+        let js = jetstream::new(nats.client(landslide_nats::User::Admin).await.unwrap());
         js.create_stream(stream::Config {
             name: "LAZY".to_owned(),
             subjects: vec!["lazy.>".to_owned()],
@@ -1999,15 +1991,7 @@ mod tests {
         nats.restart(0)
             .await
             .expect("nats-server starts again on the disk the power cut left");
-        let js = jetstream::new(
-            landslide_nats::connect(
-                &nats.config(landslide_nats::User::Admin),
-                landslide_nats::User::Admin,
-                "test",
-            )
-            .await
-            .unwrap(),
-        );
+        let js = jetstream::new(nats.client(landslide_nats::User::Admin).await.unwrap());
         let (messages, last) = match js.get_stream("LAZY").await {
             Ok(mut stream) => {
                 let messages = stream.info().await.unwrap().state.messages;

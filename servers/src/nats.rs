@@ -405,6 +405,19 @@ impl Nats {
         self.config_for(self.urls(), user)
     }
 
+    /// [`Nats::config`] of every user: what a deployment of processes hands its roles.
+    pub fn configs(&self) -> std::collections::HashMap<User, NatsConfig> {
+        User::ALL
+            .into_iter()
+            .map(|user| (user, self.config(user)))
+            .collect()
+    }
+
+    /// A client of every server as `user`, with that user's permissions.
+    pub async fn client(&self, user: User) -> anyhow::Result<async_nats::Client> {
+        landslide_nats::connect(&self.config(user), user, "landslide-servers").await
+    }
+
     /// [`Nats::config`] for one node only.
     pub fn node_config(&self, node: usize, user: User) -> NatsConfig {
         self.config_for(self.url(node), user)
@@ -549,9 +562,7 @@ impl Nats {
     /// Waits until an R3 stream can be placed: every node answering is not enough, the meta
     /// leader must know all three peers ("no suitable peers for placement" until then).
     async fn wait_for_placement(&self) -> anyhow::Result<()> {
-        let client =
-            landslide_nats::connect(&self.config(User::Admin), User::Admin, "landslide-servers")
-                .await?;
+        let client = self.client(User::Admin).await?;
         let config = r#"{"name":"LANDSLIDE_PROBE","subjects":["landslide.probe"],"num_replicas":3,"storage":"memory"}"#;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

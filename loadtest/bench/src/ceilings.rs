@@ -272,12 +272,7 @@ pub async fn sweep(messages: usize, cluster: bool) -> anyhow::Result<()> {
     };
     let nats = landslide_servers::Nats::start(layout, dir.path()).await?;
     let group = Group::of((0..nats.len()).filter_map(|i| nats.pid(i)));
-    let client = landslide_nats::connect(
-        &nats.config(landslide_nats::User::Admin),
-        landslide_nats::User::Admin,
-        "landslide-bench-sweep",
-    )
-    .await?;
+    let client = nats.client(landslide_nats::User::Admin).await?;
     let js = jetstream::new(client.clone());
     println!("| batch | in flight | msg/s | nats-server CPU µs/msg |");
     println!("|---:|---:|---:|---:|");

@@ -280,20 +280,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     .await?;
     let lazy_nats = Group::of(lazy.pid(0));
     let lazy_env = landslide_chaos::roles::RoleEnv {
-        nats: landslide_nats::User::ALL
-            .into_iter()
-            .map(|user| (user, lazy.config(user)))
-            .collect(),
+        nats: lazy.configs(),
         ..env.clone()
     };
-    let lazy_js = async_nats::jetstream::new(
-        landslide_nats::connect(
-            &lazy.config(landslide_nats::User::Admin),
-            landslide_nats::User::Admin,
-            "landslide-bench",
-        )
-        .await?,
-    );
+    let lazy_js = async_nats::jetstream::new(lazy.client(landslide_nats::User::Admin).await?);
 
     tracing::info!("ceiling: null HTTP handler");
     let mut null_server = NullServer::start().await?;

@@ -113,9 +113,7 @@ pub fn connections(
 
 /// A client of `nats` as `user`, with that user's permissions.
 pub async fn client_as(nats: &landslide_servers::Nats, user: User) -> async_nats::Client {
-    landslide_nats::connect(&nats.config(user), user, "landslide-test")
-        .await
-        .expect("connect to test nats")
+    nats.client(user).await.expect("connect to test nats")
 }
 
 /// What a worker sets up when it starts (the streams, the consumer, the polls bucket seeded with
