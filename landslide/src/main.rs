@@ -58,6 +58,25 @@ enum Command {
     /// Print each poll's state and counts, the pending votes, and the state of the streams and
     /// the workers' consumer (what `nats stream info` and `nats consumer info` would show).
     Status(StatusArgs),
+    /// Make a deployment's TLS files: its own CA (once) and a server certificate signed by it,
+    /// for every name and address clients use. Running it again keeps what is already right.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// Folder of the CA (ca.pem, ca-key.pem) and the certificates (<NAME>-cert.pem,
+    /// <NAME>-key.pem); created if missing. Keep ca-key.pem where only the operator can read it.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The certificate's name, e.g. nats or postgres: its files are <NAME>-cert.pem and
+    /// <NAME>-key.pem.
+    #[arg(long, default_value = "nats")]
+    name: String,
+    /// Every host name and IP address clients reach the servers by, comma-separated: one
+    /// certificate serves every node of a cluster (their routes verify each other with it).
+    #[arg(long, value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -564,6 +583,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Polls(_) => "landslide-polls",
         Command::Export(_) => "landslide-export",
         Command::Status(_) => "landslide-status",
+        Command::Certs(_) => "landslide-certs",
     };
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
@@ -590,9 +610,28 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Polls(args) => polls(args).await,
         Command::Export(args) => export(args).await,
         Command::Status(args) => status(args).await,
+        Command::Certs(args) => certs(&args).map(|()| std::process::ExitCode::SUCCESS),
     };
     telemetry.shutdown();
     result
+}
+
+fn certs(args: &CertsArgs) -> anyhow::Result<()> {
+    use landslide_servers::tls::{Authority, Issued};
+    let ca = Authority::open_or_create(&args.dir, "Landslide deployment CA")?;
+    let (files, issued) = ca.issue_or_keep(&args.name, &args.hosts)?;
+    let done = match issued {
+        Issued::Kept => "kept, for the same hosts",
+        Issued::New => "written",
+    };
+    println!(
+        "CA {}\n{} {} and {}: {done}",
+        ca.ca().display(),
+        args.name,
+        files.cert.display(),
+        files.key.display()
+    );
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

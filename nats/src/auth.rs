@@ -174,11 +174,18 @@ impl User {
     /// What not even the operator may publish: a vote (only ingest makes votes), and deleting or
     /// purging the votes or dead-letter stream or a message of theirs, which audit needs whole
     /// (the streams deny message deletes and purges themselves; deleting a whole stream only a
-    /// server config change allows).
+    /// server config change allows). Nor updating them: a lower `max_msgs`, `max_bytes` or
+    /// `max_age` drops the oldest votes at once, a purge by another name (found by trying it).
+    /// The workers' user keeps the update, to bring the definitions of `nats/` in place.
     pub fn admin_denied(t: &Topology) -> Vec<String> {
         let mut denied = vec![format!("{}.*", t.votes_prefix)];
         for stream in [&t.votes_stream, &t.dlq_stream] {
-            for api in ["STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.DELETE"] {
+            for api in [
+                "STREAM.DELETE",
+                "STREAM.PURGE",
+                "STREAM.MSG.DELETE",
+                "STREAM.UPDATE",
+            ] {
                 denied.push(format!("$JS.API.{api}.{stream}"));
             }
         }
@@ -536,6 +543,7 @@ mod tests {
                         "$JS.API.STREAM.PURGE.VOTES",
                         "$JS.API.STREAM.DELETE.VOTES",
                         "$JS.API.STREAM.MSG.DELETE.VOTES",
+                        "$JS.API.STREAM.UPDATE.VOTES",
                     ] {
                         assert!(denied.contains(&subject.to_owned()), "admin and {subject}");
                     }

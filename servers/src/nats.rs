@@ -795,9 +795,10 @@ mod tests {
         assert!(lazy.contains("listen: 10.200.7.3:4222"), "{lazy}");
     }
 
-    /// The shipped configs promise the same: no deployment acks from the page cache.
+    /// The shipped configs promise the same: no deployment acks from the page cache, and none
+    /// lets anyone in without a user of `auth.conf` and TLS.
     #[test]
-    fn every_shipped_config_fsyncs_before_it_acks() {
+    fn every_shipped_config_fsyncs_before_it_acks_and_closes_its_doors() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats");
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -812,6 +813,13 @@ mod tests {
                     "{} does not fsync before it acks",
                     path.display()
                 );
+                for line in ["include auth.conf", "tls {"] {
+                    assert!(
+                        text.lines().any(|l| l == line),
+                        "{} lacks `{line}`: anyone who reaches it could publish a vote",
+                        path.display()
+                    );
+                }
                 seen += 1;
             }
         }

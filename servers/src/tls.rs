@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// Years a certificate is valid from the start of this year: long enough for any poll, short
@@ -22,8 +22,19 @@ const VALID_YEARS: i32 = 3;
 
 /// A CA that signs server certificates; its certificate is `<dir>/ca.pem`.
 pub struct Authority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
     dir: PathBuf,
+    /// Made just now: certificates already in its folder were signed by another CA.
+    new: bool,
+}
+
+/// What [`Authority::issue_or_keep`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Issued {
+    /// A certificate for the same hosts was there already, and is kept.
+    Kept,
+    /// A new certificate was written (none was there, or it named other hosts).
+    New,
 }
 
 impl std::fmt::Debug for Authority {
@@ -55,12 +66,83 @@ impl Authority {
         let key_pem = key.serialize_pem();
         let issuer =
             CertifiedIssuer::self_signed(params, key).context("cannot sign the CA certificate")?;
-        write_new(&dir.join("ca.pem"), issuer.pem().as_bytes(), 0o644)?;
+        // The key first: a CA certificate without its key could never sign again, while a key
+        // without its certificate is only made again.
         write_new(&dir.join("ca-key.pem"), key_pem.as_bytes(), 0o600)?;
+        write_new(&dir.join("ca.pem"), issuer.pem().as_bytes(), 0o644)?;
+        Ok(Self {
+            new: true,
+            ..Self::open(dir)?
+        })
+    }
+
+    /// The CA already in `dir` (`ca.pem` and `ca-key.pem`), to sign more certificates with.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let read = |file: &str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))
+        };
+        let key = KeyPair::from_pem(&read("ca-key.pem")?)
+            .with_context(|| format!("{}: not a private key", dir.join("ca-key.pem").display()))?;
+        let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, key)
+            .with_context(|| format!("{}: not a CA certificate", dir.join("ca.pem").display()))?;
         Ok(Self {
             issuer,
             dir: dir.to_owned(),
+            new: false,
         })
+    }
+
+    /// The CA in `dir`, created (named `name`) if there is none yet.
+    pub fn open_or_create(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        if dir.join("ca.pem").exists() {
+            Self::open(dir)
+        } else {
+            Self::create(dir, name)
+        }
+    }
+
+    /// The certificate `name` for `hosts`, as [`issue`](Self::issue) makes it, unless one for the
+    /// same hosts, signed by this CA, is already there: so that running a deployment's set-up
+    /// again changes nothing. One for other hosts is replaced (servers pick it up when they
+    /// restart).
+    pub fn issue_or_keep(
+        &self,
+        name: &str,
+        hosts: &[String],
+    ) -> anyhow::Result<(CertFiles, Issued)> {
+        let files = self.files(name);
+        // The hosts a certificate names, beside it (rcgen 0.14 reads back a CA certificate's
+        // fields, not a server certificate's names).
+        let hosts_file = self.dir.join(format!("{name}-hosts"));
+        let wanted = hosts.join("\n") + "\n";
+        if !self.new
+            && files.cert.exists()
+            && files.key.exists()
+            && std::fs::read_to_string(&hosts_file).is_ok_and(|had| had == wanted)
+        {
+            return Ok((files, Issued::Kept));
+        }
+        for path in [&files.cert, &files.key, &hosts_file] {
+            match std::fs::remove_file(path) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(err).with_context(|| format!("cannot replace {}", path.display()));
+                }
+                _ => {}
+            }
+        }
+        let files = self.issue(name, hosts)?;
+        std::fs::write(&hosts_file, wanted)
+            .with_context(|| format!("cannot write {}", hosts_file.display()))?;
+        Ok((files, Issued::New))
+    }
+
+    fn files(&self, name: &str) -> CertFiles {
+        CertFiles {
+            cert: self.dir.join(format!("{name}-cert.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+        }
     }
 
     /// The CA certificate, which clients verify servers against (`NATS_CA`, `sslrootcert`).
@@ -75,17 +157,7 @@ impl Authority {
         anyhow::ensure!(!hosts.is_empty(), "a certificate for {name} needs a host");
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished(name);
-        params.subject_alt_names = hosts
-            .iter()
-            .map(|host| match host.parse::<IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => host
-                    .clone()
-                    .try_into()
-                    .map(SanType::DnsName)
-                    .with_context(|| format!("{host:?} is not a host name")),
-            })
-            .collect::<anyhow::Result<_>>()?;
+        params.subject_alt_names = subject_alt_names(hosts)?;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -99,14 +171,27 @@ impl Authority {
         let cert = params
             .signed_by(&key, &self.issuer)
             .with_context(|| format!("cannot sign the certificate of {name}"))?;
-        let files = CertFiles {
-            cert: self.dir.join(format!("{name}-cert.pem")),
-            key: self.dir.join(format!("{name}-key.pem")),
-        };
-        write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
+        let files = self.files(name);
+        // The key first, as for the CA: a certificate is only ever beside its own key.
         write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
         Ok(files)
     }
+}
+
+/// `hosts` as a certificate names them: IP addresses as such, anything else as a DNS name.
+fn subject_alt_names(hosts: &[String]) -> anyhow::Result<Vec<SanType>> {
+    hosts
+        .iter()
+        .map(|host| match host.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => host
+                .clone()
+                .try_into()
+                .map(SanType::DnsName)
+                .with_context(|| format!("{host:?} is not a host name")),
+        })
+        .collect()
 }
 
 fn distinguished(name: &str) -> DistinguishedName {
@@ -165,5 +250,34 @@ mod tests {
         );
         assert!(Authority::create(dir.path(), "again").is_err());
         assert!(ca.issue("nats", &["127.0.0.1".into()]).is_err());
+    }
+
+    #[test]
+    fn an_opened_ca_keeps_a_certificate_for_the_same_hosts_and_replaces_one_for_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts: Vec<String> = vec!["10.0.0.1".into(), "nats1".into()];
+        let created = Authority::create(dir.path(), "test CA").unwrap();
+        let (files, issued) = created.issue_or_keep("nats", &hosts).unwrap();
+        assert_eq!(issued, Issued::New);
+        let first = std::fs::read(&files.cert).unwrap();
+
+        let opened = Authority::open_or_create(dir.path(), "ignored").unwrap();
+        assert_eq!(
+            std::fs::read(opened.ca()).unwrap(),
+            std::fs::read(created.ca()).unwrap()
+        );
+        assert_eq!(
+            opened.issue_or_keep("nats", &hosts).unwrap().1,
+            Issued::Kept
+        );
+        assert_eq!(std::fs::read(&files.cert).unwrap(), first);
+
+        let other: Vec<String> = vec!["10.0.0.2".into()];
+        assert_eq!(opened.issue_or_keep("nats", &other).unwrap().1, Issued::New);
+        assert_ne!(std::fs::read(&files.cert).unwrap(), first);
+        assert_eq!(
+            opened.issue_or_keep("nats", &other).unwrap().1,
+            Issued::Kept
+        );
     }
 }

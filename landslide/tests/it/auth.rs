@@ -99,8 +99,53 @@ async fn only_ingest_may_publish_votes_and_nobody_may_purge_or_delete_them() {
         assert!(!done, "{user} purged or deleted the votes stream");
     }
     // And the stream denies it by itself, whoever asks.
-    let mut stream = nats.js().await.get_stream("VOTES").await.unwrap();
-    let info = stream.info().await.unwrap();
+    let info = votes_info(nats).await;
     assert!(info.config.deny_purge && info.config.deny_delete);
-    assert_eq!(info.state.messages, 1, "only ingest's vote was stored");
+    assert_eq!(
+        info.state.messages, 1,
+        "only ingest's vote was stored: {:?}",
+        info.state
+    );
+}
+
+/// The votes stream as audit sees it.
+async fn votes_info(nats: &Nats) -> jetstream::stream::Info {
+    let js = jetstream::new(nats.client_as(User::Audit).await);
+    let mut stream = js.get_stream("VOTES").await.expect("audit reads VOTES");
+    stream.info().await.expect("VOTES info").clone()
+}
+
+/// Lowering a limit drops the oldest messages at once, a purge by another name: found by trying
+/// it as the operator, whose user could update every stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn nobody_but_the_workers_may_change_the_votes_stream_and_its_limits_stay() {
+    let nats = &Nats::start().await;
+    support::set_up(nats, &landslide_schema::Polls::default()).await;
+    for _ in 0..3 {
+        assert!(stores(nats, User::Ingest, "votes.web1").await);
+    }
+    let before = votes_info(nats).await;
+    let shrunk = jetstream::stream::Config {
+        max_messages: 1,
+        ..before.config.clone()
+    };
+    let attempts = [User::Admin, User::Ingest, User::Tally, User::Audit].map(|user| {
+        let shrunk = shrunk.clone();
+        async move {
+            let js = jetstream::new(nats.client_as(user).await);
+            let updated =
+                tokio::time::timeout(Duration::from_secs(10), js.update_stream(shrunk)).await;
+            (user, matches!(updated, Ok(Ok(_))))
+        }
+    });
+    for (user, updated) in futures::future::join_all(attempts).await {
+        assert!(!updated, "{user} lowered the votes stream's max_msgs");
+    }
+    let after = votes_info(nats).await;
+    assert_eq!(
+        after.state.messages, 3,
+        "votes were dropped: {:?}",
+        after.state
+    );
+    assert_eq!(after.config.max_messages, before.config.max_messages);
 }

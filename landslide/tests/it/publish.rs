@@ -162,7 +162,9 @@ async fn a_votes_stream_without_atomic_batches_is_updated_in_place() {
         .unwrap();
     let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert!(reply.get("error").is_none(), "{reply}");
-    let js = async_nats::jetstream::new(client);
+    // The workers' user brings it in place, as a worker does at start; the operator may not
+    // update the votes stream (auth::nobody_but_the_workers_may_change_the_votes_stream…).
+    let js = async_nats::jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
     let ingest = async_nats::jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
     ingest
         .publish("votes.old", "an earlier vote".into())
