@@ -79,7 +79,7 @@ impl AppState {
                 config.max_clock_offset.max_stamp_ahead_ms(),
             ),
             clock,
-            keys: Keys::new(&config.secret),
+            keys: Keys::new(&config.secret, &config.previous_secrets),
             secure_cookie: config.secure_cookie,
             results_url: config.results_url.clone(),
             client,
@@ -446,6 +446,7 @@ async fn vote_api(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
     let json_error = |err: VoteError, jar: Option<SignedCookieJar>| {
         let body = axum::Json(ApiError {
             error: err.to_string(),
@@ -505,6 +506,7 @@ async fn vote_form(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
     let default = state.book().latest().1.default_poll().id.clone();
     let client = state.client(&headers, peer);
     let vote: FormVote = match same_site(&headers)
@@ -627,8 +629,10 @@ impl AppState {
 async fn form(
     State(state): State<AppState>,
     jar: SignedCookieJar,
+    headers: HeaderMap,
     Query(query): Query<FormQuery>,
 ) -> Response {
+    let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
     let book = state.book();
     let polls = book.latest().1;
     let poll = match query.poll.as_deref() {
@@ -646,9 +650,9 @@ async fn form(
         .receipt
         .as_deref()
         .and_then(|r| r.parse::<Receipt>().ok());
-    state
-        .page(&jar, poll, None, receipt.as_ref())
-        .into_response()
+    // The jar goes back too: a cookie of a previous key comes back signed with the current one.
+    let page = state.page(&jar, poll, None, receipt.as_ref());
+    (jar, page).into_response()
 }
 
 /// `GET /readyz`: NATS connected, this node's clock within its bound of the NATS server's, and

@@ -61,6 +61,9 @@ pub struct Config {
     /// polls bucket or creates a stream: it waits for a worker to have set them up.
     pub connections: Connections,
     pub secret: Secret,
+    /// Keys that signed cookies before `secret` (`LANDSLIDE_SECRET_PREVIOUS`, newest first):
+    /// they verify, never sign.
+    pub previous_secrets: Vec<Secret>,
     /// The wall clock that stamps votes; tests skew it.
     pub clock: Arc<dyn Clock>,
     /// How far `clock` may be from the NATS server's while the node takes votes.
@@ -92,6 +95,7 @@ impl Config {
             node_id,
             connections,
             secret,
+            previous_secrets: Vec::new(),
             clock: Arc::new(SystemClock::default()),
             max_clock_offset: MaxClockOffset::DEFAULT,
             publish_timeout: Duration::from_secs(2),

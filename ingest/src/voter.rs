@@ -10,6 +10,7 @@
 //! ballot, and anyone who guessed a client's key could. The price: a cookie-less retry from
 //! another address is another voter (README, "Idempotency-Key").
 
+use axum::http::HeaderMap;
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::{Cookie, Key, SameSite};
 use hmac::{Hmac, Mac};
@@ -39,10 +40,14 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// A short key is a counter or a constant, which another client sends too.
 pub const MIN_COOKIELESS_KEY_LEN: usize = 16;
 
-/// Keys derived from `LANDSLIDE_SECRET`: one signs cookies, one derives ids.
+/// Keys derived from `LANDSLIDE_SECRET`: one signs cookies, one derives ids. The keys of
+/// `LANDSLIDE_SECRET_PREVIOUS` only verify: a cookie one of them signed is the same voter, and is
+/// signed again with the current key ([`Keys::adopt`]), so a key is rotated without turning
+/// every voter into a new one (who would then be counted twice).
 #[derive(Clone)]
 pub struct Keys {
     pub cookie: Key,
+    previous: Vec<Key>,
     ids: Hmac<Sha256>,
 }
 
@@ -53,13 +58,51 @@ impl std::fmt::Debug for Keys {
 }
 
 impl Keys {
-    pub fn new(secret: &Secret) -> Self {
-        let master = secret.expose().as_bytes();
+    /// `secret` signs; `previous` (newest first) verify.
+    ///
+    /// The ids of cookie-less keyed requests derive from the oldest secret given, the one the
+    /// poll most likely started with, so that a retry sent across a rotation is still one vote:
+    /// keep that secret listed until the polls it served have closed (SECURITY.md).
+    pub fn new(secret: &Secret, previous: &[Secret]) -> Self {
         // `Secret` holds at least 32 bytes, the minimum `derive_from` needs, so it cannot panic.
-        let cookie = Key::derive_from(master);
-        let ids = <Hmac<Sha256> as Mac>::new_from_slice(master)
+        let cookie = Key::derive_from(secret.expose().as_bytes());
+        let oldest = previous.last().unwrap_or(secret).expose().as_bytes();
+        let ids = <Hmac<Sha256> as Mac>::new_from_slice(oldest)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        Self { cookie, ids }
+        let previous = previous
+            .iter()
+            .map(|old| Key::derive_from(old.expose().as_bytes()))
+            .collect();
+        Self {
+            cookie,
+            previous,
+            ids,
+        }
+    }
+
+    /// `jar` (verified with the current key) with the voter cookie of `headers` that a previous
+    /// key signed, signed again with the current one, if the current key verifies none: the
+    /// response then carries it, so the voter moves to the current key on their next request.
+    pub fn adopt(
+        &self,
+        jar: SignedCookieJar,
+        headers: &HeaderMap,
+        secure: bool,
+    ) -> SignedCookieJar {
+        if self.previous.is_empty() || read(&jar).is_some() {
+            return jar;
+        }
+        let older = self
+            .previous
+            .iter()
+            .find_map(|key| read(&SignedCookieJar::from_headers(headers, key.clone())));
+        match older {
+            Some(payload) => {
+                metrics::counter!("landslide_cookies_resigned_total").increment(1);
+                write(jar, &payload, secure)
+            }
+            None => jar,
+        }
     }
 
     fn derive(&self, parts: &[&[u8]]) -> Uuid {
@@ -160,7 +203,7 @@ mod tests {
     use super::*;
 
     fn keys() -> Keys {
-        Keys::new(&Secret::new("x".repeat(32)).unwrap())
+        Keys::new(&Secret::new("x".repeat(32)).unwrap(), &[])
     }
 
     fn client(ip: &str) -> Client {
@@ -203,11 +246,30 @@ mod tests {
 
     #[test]
     fn ids_depend_on_the_secret() {
-        let other = Keys::new(&Secret::new("y".repeat(32)).unwrap());
+        let other = Keys::new(&Secret::new("y".repeat(32)).unwrap(), &[]);
         let here = client("192.0.2.1");
         assert_ne!(
             keys().voter_for_key("abc", here),
             other.voter_for_key("abc", here)
+        );
+    }
+
+    /// A keyed retry sent across a rotation of the secret must stay one voter and one event.
+    #[test]
+    fn after_a_rotation_ids_still_derive_from_the_oldest_secret() {
+        let x = Secret::new("x".repeat(32)).unwrap();
+        let y = Secret::new("y".repeat(32)).unwrap();
+        let rotated = Keys::new(&y, &[x]);
+        let here = client("192.0.2.1");
+        let voter = keys().voter_for_key("abc", here);
+        assert_eq!(rotated.voter_for_key("abc", here), voter);
+        let (poll, choice) = (
+            PollId::parse("pets").unwrap(),
+            Choice::parse("cats").unwrap(),
+        );
+        assert_eq!(
+            rotated.event_for_key(voter, &poll, &choice, "abc"),
+            keys().event_for_key(voter, &poll, &choice, "abc")
         );
     }
 

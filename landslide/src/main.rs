@@ -328,6 +328,15 @@ struct IngestArgs {
     /// The key that signs voter cookies, at least 32 bytes; shared by every ingest node. Required.
     #[arg(long, env = "LANDSLIDE_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// Keys that signed voter cookies before LANDSLIDE_SECRET, newest first, comma-separated:
+    /// they verify cookies (which are then signed again with the current key), never sign.
+    #[arg(
+        long,
+        env = "LANDSLIDE_SECRET_PREVIOUS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    secret_previous: Vec<String>,
     /// Milliseconds one publish waits for its JetStream ack.
     #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
     publish_timeout_ms: u64,
@@ -366,8 +375,17 @@ impl IngestArgs {
             .with_context(|| format!("invalid --node-id {node_id:?} (LANDSLIDE_NODE_ID)"))?;
         let secret = required(&self.secret, "--secret", "LANDSLIDE_SECRET")?;
         let secret = landslide_ingest::Secret::new(secret)?;
+        let previous_secrets = self
+            .secret_previous
+            .iter()
+            .filter(|old| !old.is_empty())
+            .map(|old| {
+                landslide_ingest::Secret::new(old.as_str()).context("in LANDSLIDE_SECRET_PREVIOUS")
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut config =
             landslide_ingest::Config::new(node_id, self.shared.connections(None)?, secret);
+        config.previous_secrets = previous_secrets;
         config.clock = Arc::new(landslide_ingest::SystemClock {
             offset_ms: self.clock_offset_ms,
         });

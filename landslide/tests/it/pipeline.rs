@@ -400,6 +400,85 @@ async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone()
     ingest.role.stop().await;
 }
 
+/// Posts one vote with `cookie` (`name=value`, or none); returns the status and the voter cookie
+/// the answer sets, as `name=value`.
+async fn vote_with_cookie(url: &str, cookie: Option<&str>, choice: &str) -> (u16, Option<String>) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{url}/api/votes"))
+        .json(&serde_json::json!({"poll": "pets", "choice": choice}));
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    let response = request.send().await.unwrap();
+    let set = response
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+    (response.status().as_u16(), set)
+}
+
+/// Rotating `LANDSLIDE_SECRET`: a node that lists the old key in `LANDSLIDE_SECRET_PREVIOUS`
+/// keeps every voter and signs their cookie again with the new key. Without it (the last node),
+/// the same cookie is a new voter, and a change of mind would count twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_secret_keeps_every_voter_and_signs_their_cookie_again() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats, &db.url);
+    let new_secret = "a-new-integration-test-secret-of-more-than-32-bytes";
+    let secret = |s: &str| landslide_ingest::Secret::new(s).unwrap();
+    let before = support::ingest(&nats, "web01", 0).await;
+    let rotated = support::ingest_with(&nats, "web02", |c| {
+        c.secret = secret(new_secret);
+        c.previous_secrets = vec![secret(support::SECRET)];
+    })
+    .await;
+    let after = support::ingest_with(&nats, "web03", |c| c.secret = secret(new_secret)).await;
+
+    let (status, old_cookie) = vote_with_cookie(&before.url, None, "cats").await;
+    assert_eq!(status, 202);
+    let old_cookie = old_cookie.expect("a voter cookie");
+
+    // The rotated node knows the voter, and hands back the cookie signed with its key...
+    let (status, new_cookie) = vote_with_cookie(&rotated.url, Some(&old_cookie), "dogs").await;
+    assert_eq!(status, 202);
+    let new_cookie = new_cookie.expect("the cookie, signed again");
+    assert_ne!(new_cookie, old_cookie);
+    // ...which a node with the new key alone accepts: the same voter again.
+    let (status, _) = vote_with_cookie(&after.url, Some(&new_cookie), "cats").await;
+    assert_eq!(status, 202);
+    // A page view moves a voter to the new key too.
+    let page = reqwest::Client::new()
+        .get(&rotated.url)
+        .header("cookie", &old_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        page.headers().get("set-cookie").is_some(),
+        "the form signs the cookie again"
+    );
+    support::drained(&nats).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1)],
+        "one voter, whose last choice counts"
+    );
+
+    // What the previous keys prevent: the old cookie at a node without them is a new voter.
+    let (status, _) = vote_with_cookie(&after.url, Some(&old_cookie), "dogs").await;
+    assert_eq!(status, 202);
+    support::drained(&nats).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
+    );
+    for node in [before, rotated, after] {
+        node.role.stop().await;
+    }
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_drains_requests_in_flight() {
     let mut nats = Nats::start().await;
