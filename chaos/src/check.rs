@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
-use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use diesel_async::RunQueryDsl as _;
 use uuid::Uuid;
 
 use crate::workload::{POLL, VoterOutcome};
@@ -41,7 +41,8 @@ pub struct Stored {
 }
 
 pub async fn read_database(url: &str) -> anyhow::Result<Stored> {
-    let mut conn = AsyncPgConnection::establish(url)
+    let url = landslide_schema::postgres::DatabaseUrl::parse(url)?;
+    let mut conn = landslide_schema::postgres::connect(&url)
         .await
         .context("cannot connect to the harness's PostgreSQL")?;
     let ballots = diesel::sql_query("SELECT voter, event_id, choice FROM ballots WHERE poll = $1")

@@ -178,12 +178,23 @@ impl Stack {
         let nats = Nats::start_with(&spec, &config.dir).await?;
         let postgres =
             Postgres::start_at(&config.dir, &place(POSTGRES_HOST), config.power_loss).await?;
+        // As a deployment does: migrate as the owner, then each role as its own user.
+        let owner = landslide_schema::postgres::DatabaseUrl::parse(&postgres.url("postgres"))?;
+        landslide_schema::postgres::migrate(&owner).await?;
+        let mut conn = landslide_schema::postgres::connect(&owner).await?;
+        let mut role_urls = std::collections::HashMap::new();
+        for role in landslide_schema::postgres::LoginRole::ALL {
+            landslide_schema::postgres::roles::ensure_login_role(&mut conn, role, None).await?;
+            role_urls.insert(role, postgres.url_as(role.name(), None, "postgres"));
+        }
+        drop(conn);
         let env = RoleEnv {
             places: role_hosts.iter().map(|h| (h.clone(), place(h))).collect(),
             landslide: config.landslide.clone(),
             nats: nats.configs(),
             replicas: config.layout.replicas(),
             database_url: postgres.url("postgres"),
+            role_urls,
             secret: config.secret.clone(),
             ack_wait: config.ack_wait,
         };
@@ -486,7 +497,10 @@ async fn check_outcome(
     let audit = tokio::process::Command::new(&env.landslide)
         .args(["audit", "--wait-secs", "60"])
         .envs(env.nats(landslide_nats::User::Audit).env())
-        .env("DATABASE_URL", &env.database_url)
+        .env(
+            "DATABASE_URL",
+            env.database_url_for(landslide_nats::User::Audit),
+        )
         .env("LANDSLIDE_STREAM_REPLICAS", env.replicas.to_string())
         .env(
             "LANDSLIDE_ACK_WAIT_MS",

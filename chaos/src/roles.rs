@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use landslide_nats::{NatsConfig, User};
+use landslide_schema::postgres::LoginRole;
 use landslide_servers::{Place, Process, free_port};
 
 /// What every role is started with.
@@ -17,7 +18,10 @@ pub struct RoleEnv {
     /// How each role's user connects to the servers.
     pub nats: std::collections::HashMap<User, NatsConfig>,
     pub replicas: usize,
+    /// The schema owner's URL (the harness reads the database with it).
     pub database_url: String,
+    /// Each role's own database user's URL, as every deployment connects them.
+    pub role_urls: std::collections::HashMap<LoginRole, String>,
     pub secret: String,
     pub ack_wait: Duration,
     /// Where each ingest node and worker runs, by name (`web1`, `worker1`); loopback if absent.
@@ -30,6 +34,18 @@ impl RoleEnv {
         self.nats
             .get(&user)
             .unwrap_or_else(|| unreachable!("every user has a configuration"))
+    }
+
+    /// The database URL of a role whose NATS user is `user`: its own login role.
+    pub fn database_url_for(&self, user: User) -> &str {
+        let role = match user {
+            User::Worker => Some(LoginRole::Worker),
+            User::Tally => Some(LoginRole::Tally),
+            User::Audit => Some(LoginRole::Audit),
+            User::Ingest | User::Admin => None,
+        };
+        role.and_then(|role| self.role_urls.get(&role))
+            .map_or(self.database_url.as_str(), String::as_str)
     }
 
     fn place(&self, name: &str) -> Place {
@@ -52,7 +68,7 @@ impl RoleEnv {
         process
             .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
             .env("LANDSLIDE_ACK_WAIT_MS", self.ack_wait.as_millis())
-            .env("DATABASE_URL", &self.database_url)
+            .env("DATABASE_URL", self.database_url_for(user))
             .env("RUST_LOG", "info,async_nats=warn")
             // Results and pending counts refresh quickly, so that the harness sees the end soon.
             .env("LANDSLIDE_REFRESH_MS", 200)

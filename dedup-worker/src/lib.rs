@@ -20,6 +20,7 @@ use landslide_config::{Connections, Shutdown};
 use landslide_nats::polls::PollWatch;
 use landslide_nats::{Access, HeaderExtractor, User};
 use landslide_schema::poll::Unjudged;
+use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
@@ -109,17 +110,16 @@ pub struct FailPointReached(pub FailPoint);
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // Install the metrics recorder before the first batch is counted.
     landslide_telemetry::prometheus();
-    // Connect first: its error names DATABASE_URL, where a migration failure would not. A
-    // database that is restarting ("the database system is shutting down", found by the
-    // reliability harness) is waited for, like JetStream below, rather than exited on.
+    // A database that is restarting ("the database system is shutting down", found by the
+    // reliability harness) is waited for, like JetStream below, rather than exited on. A schema
+    // older than this binary is not: the worker's user may not migrate it (`landslide migrate`
+    // does, as the owner), and the votes wait in the stream, unacknowledged, until it is.
     let connections = &config.connections;
-    let url = connections.database()?.expose();
-    let db = landslide_nats::retry_startup("connect to PostgreSQL", || async {
-        let db = connect_db(url).await?;
-        landslide_schema::postgres::migrate(url).await?;
-        Ok(db)
-    })
-    .await?;
+    let url = connections.database()?;
+    let mut db = landslide_nats::retry_startup("connect to PostgreSQL", || connect_db(url)).await?;
+    landslide_schema::postgres::check_schema(&mut db)
+        .await
+        .with_context(|| format!("the database at {url} (DATABASE_URL) is not ready"))?;
     let client = landslide_nats::connect_patiently(
         &connections.nats,
         User::Worker,
@@ -166,7 +166,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 /// Connects to PostgreSQL (an error names `DATABASE_URL`) with the session settings of a worker.
-async fn connect_db(url: &str) -> anyhow::Result<AsyncPgConnection> {
+async fn connect_db(url: &DatabaseUrl) -> anyhow::Result<AsyncPgConnection> {
     let mut conn = landslide_schema::postgres::connect(url).await?;
     // A statement that hangs must fail on the server: dropping a transaction future mid-flight
     // does not roll it back (design section 5). Well under the consumer's ack wait.
@@ -365,7 +365,7 @@ impl Worker {
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
             if self.db.is_none() {
-                self.db = Some(connect_db(self.config.connections.database()?.expose()).await?);
+                self.db = Some(connect_db(self.config.connections.database()?).await?);
                 tracing::info!("reconnected to PostgreSQL");
             }
             let Some(conn) = self.db.as_mut() else {

@@ -56,14 +56,18 @@ impl std::fmt::Display for ReplayReport {
 }
 
 /// Folds every message of the votes stream, up to its last sequence at the start, into the
-/// database (migrating it first, so an empty one works), `chunk` events per transaction. Reads
+/// database (migrated, perhaps empty), `chunk` events per transaction. Reads
 /// the worker's configuration: its NATS, database, topology and polls.
 pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
     let connections = &config.connections;
-    let url = connections.database()?.expose();
+    let url = connections.database()?;
     let mut conn = crate::connect_db(url).await?;
-    landslide_schema::postgres::migrate(url).await?;
+    // Replay writes as a worker does, and may not migrate: a new database is migrated first
+    // (`landslide migrate`, as the schema's owner).
+    landslide_schema::postgres::check_schema(&mut conn)
+        .await
+        .with_context(|| format!("the database at {url} (DATABASE_URL) is not ready"))?;
     let client =
         landslide_nats::connect(&connections.nats, User::Worker, "landslide-replay").await?;
     let js = jetstream::new(client);

@@ -9,8 +9,17 @@
 //! <data_dir>/lock          held (flock) while a LocalStack runs: one `up` per folder
 //! <data_dir>/secret        the generated LANDSLIDE_SECRET, mode 0600
 //! <data_dir>/nats/         JetStream storage          <data_dir>/nats.log, nats.pid
+//! <data_dir>/nats-tls/     the local CA (ca.pem), nats-server's and PostgreSQL's certificates,
+//!                          the NATS users' passwords
 //! <data_dir>/postgres/     the PostgreSQL cluster     <data_dir>/postgres.log
+//! <data_dir>/postgres-users/<user>.password   each database user's password, mode 0600
 //! ```
+//!
+//! Our PostgreSQL takes TLS connections only (`hostssl`, with a certificate from the same CA as
+//! nats-server's) and a password from every user, the superuser
+//! `landslide` (the schema's owner, which migrates) included. Each role connects as its own
+//! login role (`landslide_worker`, `landslide_tally`, `landslide_audit`) with
+//! `sslmode=verify-full`: the path a deployment takes, on one machine.
 //!
 //! The servers are those of every other place that runs them (crate `landslide-servers`):
 //! nats-server fsyncs before it acks, and PostgreSQL keeps `fsync` on, so votes survive a crash
@@ -24,7 +33,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,13 +41,16 @@ use std::collections::HashMap;
 
 use anyhow::{Context, bail};
 use landslide_nats::{NatsConfig, User};
-use landslide_servers::postgres::PostgresSpec;
+use landslide_schema::postgres::{DatabaseUrl, LoginRole};
+use landslide_servers::postgres::{PgAccess, PgTls, PostgresSpec};
 use landslide_servers::{Binaries, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
 
 /// The database that `up` creates and hands to every role.
 const DATABASE: &str = "landslide";
-/// The PostgreSQL role created by `initdb`; trusted on loopback, as fits a stack for one machine.
+/// The PostgreSQL superuser created by `initdb`, which owns the schema and migrates it.
 const DB_USER: &str = "landslide";
+/// The name of the local CA's certificates (nats-server's says the same).
+const LOCAL_CA: &str = "Landslide test and local CA";
 /// How long nats-server gets to flush and exit after SIGTERM before it is killed.
 const NATS_STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -68,8 +80,9 @@ pub struct LocalConfig {
     /// An existing NATS server to use (`NATS_URL`) instead of starting one: how each role's
     /// user connects to it.
     pub nats: Option<NatsUsers>,
-    /// An existing PostgreSQL database to use (`DATABASE_URL`) instead of starting one.
-    pub database_url: Option<String>,
+    /// An existing PostgreSQL database to use (`DATABASE_URL`) instead of starting one: every
+    /// role connects with it.
+    pub database_url: Option<DatabaseUrl>,
     /// The cookie-signing secret (`LANDSLIDE_SECRET`) instead of the one kept in the data folder.
     pub secret: Option<String>,
     /// Ports for the servers we start.
@@ -95,13 +108,7 @@ impl fmt::Debug for LocalConfig {
         f.debug_struct("LocalConfig")
             .field("data_dir", &self.data_dir)
             .field("nats", &self.nats)
-            .field(
-                "database_url",
-                &self
-                    .database_url
-                    .as_deref()
-                    .map(landslide_schema::postgres::redact),
-            )
+            .field("database_url", &self.database_url)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("ports", &self.ports)
             .finish()
@@ -116,9 +123,12 @@ pub struct LocalStack {
     /// NATS with JetStream, as each role's user reaches it: ours (`nats://127.0.0.1:PORT`, the
     /// passwords and CA kept under `<data_dir>/nats-tls/`) or the one the caller gave.
     pub nats_users: NatsUsers,
-    /// `postgres://landslide@127.0.0.1:PORT/landslide` (database created, not migrated), or the
+    /// The schema owner's URL: `postgres://landslide:…@127.0.0.1:PORT/landslide` with
+    /// `sslmode=verify-full` (database created and migrated, login roles set up), or the
     /// caller's.
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
+    /// Each login role's URL on our PostgreSQL; empty when the caller gave `DATABASE_URL`.
+    role_urls: HashMap<LoginRole, DatabaseUrl>,
     /// The cookie-signing secret: the caller's, or the one kept in `<data_dir>/secret`.
     pub secret: String,
     nats: Option<Nats>,
@@ -132,10 +142,8 @@ impl fmt::Debug for LocalStack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalStack")
             .field("nats_users", &self.nats_users)
-            .field(
-                "database_url",
-                &landslide_schema::postgres::redact(&self.database_url),
-            )
+            .field("database_url", &self.database_url)
+            .field("role_urls", &self.role_urls)
             .field("secret", &"<redacted>")
             .field("owns_nats", &self.nats.is_some())
             .field("owns_postgres", &self.postgres.is_some())
@@ -152,8 +160,18 @@ impl LocalStack {
             .unwrap_or_else(|| unreachable!("every user has a configuration"))
     }
 
+    /// How `role` connects to the database: as its own login role on our PostgreSQL, or with
+    /// the caller's `DATABASE_URL`.
+    pub fn database_url(&self, role: LoginRole) -> DatabaseUrl {
+        self.role_urls
+            .get(&role)
+            .cloned()
+            .unwrap_or_else(|| self.database_url.clone())
+    }
+
     /// Starts what the caller does not already have, and returns once every server we started
-    /// accepts requests (JetStream answers, the `landslide` database exists).
+    /// accepts requests (JetStream answers; the `landslide` database exists, is migrated, and
+    /// each role's login role has its password).
     ///
     /// Fails, naming the package to install, when a server binary is missing; fails with the
     /// server's log tail when it does not come up; fails when another `up` uses the same folder.
@@ -187,33 +205,29 @@ impl LocalStack {
             None => load_or_create_secret(&data_dir.join("secret"))?,
         };
 
-        let (database_url, postgres) = match postgres {
-            Server::Given(url) => (url, None),
-            Server::Start(bins) => {
-                let server = start_postgres(bins, &data_dir, config.ports.postgres).await?;
-                (server.url(DATABASE), Some(server))
+        // nats-server first: it makes the local CA (or finds it), which then signs PostgreSQL's
+        // certificate. It is our child and dies with us if PostgreSQL fails to start.
+        let (nats_users, nats) = match nats {
+            Server::Given(users) => (users, None),
+            Server::Start(bin) => {
+                let server = start_nats(bin, &data_dir, config.ports.nats).await?;
+                (server.configs(), Some(server))
             }
         };
 
-        let (nats_users, nats) = match nats {
-            Server::Given(users) => (users, None),
-            Server::Start(bin) => match start_nats(bin, &data_dir, config.ports.nats).await {
-                Ok(server) => (server.configs(), Some(server)),
-                Err(e) => {
-                    // Do not leave the daemonized PostgreSQL behind.
-                    if let Some(mut pg) = postgres
-                        && let Err(stop) = pg.stop(PgStop::Fast).await
-                    {
-                        tracing::warn!(error = %format!("{stop:#}"), "could not stop PostgreSQL");
-                    }
-                    return Err(e);
-                }
-            },
+        let (database_url, role_urls, postgres) = match postgres {
+            Server::Given(url) => (url, HashMap::new(), None),
+            Server::Start(bins) => {
+                let (server, owner, roles) =
+                    start_postgres(bins, &data_dir, config.ports.postgres).await?;
+                (owner, roles, Some(server))
+            }
         };
 
         Ok(LocalStack {
             nats_users,
             database_url,
+            role_urls,
             secret,
             nats,
             postgres,
@@ -288,31 +302,86 @@ async fn start_nats(bin: PathBuf, data_dir: &Path, port: u16) -> anyhow::Result<
     Ok(nats)
 }
 
-/// Our PostgreSQL: the cluster `<data_dir>/postgres/`, its log `postgres.log`, with the
-/// `landslide` database.
+/// Our PostgreSQL: the cluster `<data_dir>/postgres/`, its log `postgres.log`, TLS only with a
+/// certificate of the local CA, a password for every user; with the `landslide` database,
+/// migrated, and each role's login role. Returns the server, the owner's URL and the roles'.
 async fn start_postgres(
     bins: landslide_servers::postgres::PgBinaries,
     data_dir: &Path,
     port: u16,
-) -> anyhow::Result<Postgres> {
+) -> anyhow::Result<(Postgres, DatabaseUrl, HashMap<LoginRole, DatabaseUrl>)> {
+    // The CA of `<data_dir>/nats-tls/` (made there by nats-server's start, or now when NATS is
+    // the caller's). The certificate is kept while it names the same hosts and comes from this
+    // CA, and issued anew otherwise.
+    let ca =
+        landslide_servers::tls::Authority::open_or_create(&data_dir.join("nats-tls"), LOCAL_CA)?;
+    let (cert, _) = ca.issue_or_keep(
+        "postgres",
+        &["127.0.0.1".to_owned(), "localhost".to_owned()],
+    )?;
+    let passwords = data_dir.join("postgres-users");
     let spec = PostgresSpec {
         cluster: data_dir.join("postgres"),
         log: data_dir.join("postgres.log"),
         port,
         superuser: DB_USER.to_owned(),
         place: landslide_servers::Place::loopback(),
+        access: PgAccess {
+            tls: Some(PgTls { cert, ca: ca.ca() }),
+            superuser_password: Some(load_or_create_password(&passwords, DB_USER)?),
+        },
     };
     let mut server = Postgres::start_with(spec, bins).await?;
-    if let Err(e) = server.create_database(DATABASE).await {
-        let _ = server.stop(PgStop::Fast).await;
-        return Err(e);
+    match prepare_database(&server, &passwords).await {
+        Ok((owner, roles)) => {
+            tracing::info!(
+                db.url = %owner,
+                cluster = %server.data_dir().display(),
+                "started PostgreSQL on 127.0.0.1:{port}"
+            );
+            Ok((server, owner, roles))
+        }
+        Err(e) => {
+            let _ = server.stop(PgStop::Fast).await;
+            Err(e)
+        }
     }
-    tracing::info!(
-        db.url = %server.url(DATABASE),
-        cluster = %server.data_dir().display(),
-        "started PostgreSQL on 127.0.0.1:{port}"
-    );
-    Ok(server)
+}
+
+/// Creates, migrates (as the owner) and sets up the login roles of up's database, as a
+/// deployment does with `landslide migrate` and `landslide db-users`.
+async fn prepare_database(
+    server: &Postgres,
+    passwords: &Path,
+) -> anyhow::Result<(DatabaseUrl, HashMap<LoginRole, DatabaseUrl>)> {
+    server.create_database(DATABASE).await?;
+    let owner = DatabaseUrl::parse(&server.url(DATABASE))?;
+    landslide_schema::postgres::migrate(&owner).await?;
+    let mut conn = landslide_schema::postgres::connect(&owner).await?;
+    let mut roles = HashMap::new();
+    for role in LoginRole::ALL {
+        let password = load_or_create_password(passwords, role.name())?;
+        landslide_schema::postgres::roles::ensure_login_role(&mut conn, role, Some(&password))
+            .await?;
+        let url = server.url_as(role.name(), Some(&password), DATABASE);
+        roles.insert(role, DatabaseUrl::parse(&url)?);
+    }
+    Ok((owner, roles))
+}
+
+/// The password of database user `user`, kept in `<dir>/<user>.password` (mode 0600).
+fn load_or_create_password(dir: &Path, user: &str) -> anyhow::Result<String> {
+    let path = dir.join(format!("{user}.password"));
+    if path.exists() {
+        return landslide_schema::postgres::roles::read_password_file(&path);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+    // Hex: nothing in it needs escaping in a URL.
+    let password = landslide_servers::random_secret();
+    landslide_servers::write_private(&path, format!("{password}\n").as_bytes())?;
+    Ok(password)
 }
 
 /// A server the caller gave by URL, or the binaries to start our own with.
@@ -395,12 +464,11 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, TcpListener};
-    use std::os::unix::fs::PermissionsExt as _;
     use std::time::Instant;
 
     use diesel::QueryableByName;
-    use diesel_async::{AsyncConnection as _, AsyncPgConnection};
     use diesel_async::{RunQueryDsl as _, SimpleAsyncConnection};
+    use landslide_schema::postgres::{SslMode, connect};
     use landslide_servers::nats::jetstream_answers;
     use landslide_servers::{ensure_port_free, process_alive, running_as_root};
 
@@ -464,13 +532,18 @@ mod tests {
             .expect("publish ack");
     }
 
-    async fn votes(database_url: &str) -> Vec<String> {
+    /// A URL no test connects to.
+    fn unused_database() -> Option<DatabaseUrl> {
+        Some(DatabaseUrl::parse("postgres://unused").expect("a URL"))
+    }
+
+    async fn votes(database_url: &DatabaseUrl) -> Vec<String> {
         #[derive(QueryableByName)]
         struct Row {
             #[diesel(sql_type = diesel::sql_types::Text)]
             choice: String,
         }
-        let mut conn = AsyncPgConnection::establish(database_url)
+        let mut conn = connect(database_url)
             .await
             .expect("connect to our database");
         let rows: Vec<Row> = diesel::sql_query("SELECT choice FROM t ORDER BY choice")
@@ -489,7 +562,7 @@ mod tests {
             .await
             .expect("first start");
         assert_jetstream_answers(&stack).await;
-        let mut conn = AsyncPgConnection::establish(&stack.database_url)
+        let mut conn = connect(&stack.database_url)
             .await
             .expect("connect to our database");
         conn.batch_execute("CREATE TABLE t (choice text); INSERT INTO t VALUES ('cats')")
@@ -517,12 +590,13 @@ mod tests {
             stack.nats_config(User::Ingest).urls,
             format!("nats://127.0.0.1:{}", ports.nats)
         );
-        assert_eq!(
-            stack.database_url,
-            format!(
-                "postgres://landslide@127.0.0.1:{}/landslide",
+        assert!(
+            stack.database_url.to_string().starts_with(&format!(
+                "postgres://landslide:***@127.0.0.1:{}/landslide?sslmode=verify-full&sslrootcert=",
                 ports.postgres
-            )
+            )),
+            "{}",
+            stack.database_url
         );
         assert_eq!(stack.secret, secret, "the secret is kept");
         assert_jetstream_answers(&stack).await;
@@ -534,6 +608,82 @@ mod tests {
         ensure_port_free(ports.postgres, "postgres").expect("postgres port released");
     }
 
+    /// The path every deployment takes, on one machine: TLS verified against the local CA, a
+    /// password for every user, and each role as its own user with only its own rights.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_postgresql_of_up_takes_tls_only_and_each_role_connects_as_its_own_user() {
+        #[derive(QueryableByName)]
+        struct Session {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            user: String,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            ssl: bool,
+        }
+        let dir = reachable_tempdir();
+        let stack = LocalStack::start(config(dir.path(), free_ports()))
+            .await
+            .expect("start");
+        for role in LoginRole::ALL {
+            let url = stack.database_url(role);
+            assert_eq!(url.ssl_mode(), SslMode::VerifyFull, "{url}");
+            assert_eq!(
+                url.root_cert(),
+                Some(dir.path().join("nats-tls/ca.pem").as_path())
+            );
+            let mut conn = connect(&url).await.expect("connect as the role");
+            let session: Session = diesel::sql_query(
+                "SELECT current_user::text AS user, ssl FROM pg_stat_ssl \
+                 WHERE pid = pg_backend_pid()",
+            )
+            .get_result(&mut conn)
+            .await
+            .expect("read the session");
+            assert_eq!((session.user.as_str(), session.ssl), (role.name(), true));
+            landslide_schema::postgres::check_schema(&mut conn)
+                .await
+                .expect("migrated");
+            let write = diesel::sql_query(
+                "INSERT INTO tallies (poll, option, shard, votes) VALUES ('pets', 'cats', 0, 1)",
+            )
+            .execute(&mut conn)
+            .await;
+            match role {
+                LoginRole::Worker => assert!(write.is_ok(), "{write:?}"),
+                LoginRole::Tally | LoginRole::Audit => {
+                    let err = write.expect_err("a reader cannot write").to_string();
+                    assert!(err.contains("permission denied"), "{err}");
+                }
+            }
+        }
+
+        // Neither plaintext nor a missing password gets in, not even for the owner.
+        let owner = stack.database_url.expose();
+        let plaintext =
+            owner.split_once('?').expect("parameters").0.to_owned() + "?sslmode=disable";
+        let err = connect(&DatabaseUrl::parse(&plaintext).expect("a URL"))
+            .await
+            .err()
+            .expect("plaintext is refused");
+        assert!(format!("{err:#}").contains("no encryption"), "{err:#}");
+        let no_password = owner.replacen(
+            &format!(
+                ":{}@",
+                std::fs::read_to_string(dir.path().join("postgres-users/landslide.password"))
+                    .expect("the owner's password file")
+                    .trim()
+            ),
+            "@",
+            1,
+        );
+        assert_ne!(no_password, owner);
+        let err = connect(&DatabaseUrl::parse(&no_password).expect("a URL"))
+            .await
+            .err()
+            .expect("no password, no connection");
+        assert!(format!("{err:#}").contains("password"), "{err:#}");
+        stack.stop().await.expect("stop");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn servers_left_by_a_crashed_run_are_replaced_and_keep_their_data() {
         let dir = reachable_tempdir();
@@ -541,9 +691,7 @@ mod tests {
         let stack = LocalStack::start(config(dir.path(), ports))
             .await
             .expect("first start");
-        let mut conn = AsyncPgConnection::establish(&stack.database_url)
-            .await
-            .expect("connect");
+        let mut conn = connect(&stack.database_url).await.expect("connect");
         conn.batch_execute("CREATE TABLE t (choice text); INSERT INTO t VALUES ('dogs')")
             .await
             .expect("create and insert");
@@ -603,14 +751,14 @@ mod tests {
         let dir = reachable_tempdir();
         let first = LocalStack::start(LocalConfig {
             nats: Some(given("nats://unused")),
-            database_url: Some("postgres://unused".into()),
+            database_url: unused_database(),
             ..config(dir.path(), free_ports())
         })
         .await
         .expect("first start");
         let err = LocalStack::start(LocalConfig {
             nats: Some(given("nats://unused")),
-            database_url: Some("postgres://unused".into()),
+            database_url: unused_database(),
             ..config(dir.path(), free_ports())
         })
         .await
@@ -625,7 +773,7 @@ mod tests {
         let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
         let port = taken.local_addr().expect("addr").port();
         let err = LocalStack::start(LocalConfig {
-            database_url: Some("postgres://unused".into()),
+            database_url: unused_database(),
             ..config(
                 dir.path(),
                 LocalPorts {
@@ -648,14 +796,15 @@ mod tests {
         let dir = reachable_tempdir();
         let stack = LocalStack::start(LocalConfig {
             nats: Some(given("nats://elsewhere:4222")),
-            database_url: Some("postgres://u@elsewhere/db".into()),
+            database_url: Some(DatabaseUrl::parse("postgres://u@elsewhere/db").expect("a URL")),
             secret: Some("s".repeat(40)),
             ..config(&dir.path().join("never-created"), free_ports())
         })
         .await
         .expect("start with everything given");
         assert_eq!(stack.nats_config(User::Tally).urls, "nats://elsewhere:4222");
-        assert_eq!(stack.database_url, "postgres://u@elsewhere/db");
+        assert_eq!(stack.database_url.expose(), "postgres://u@elsewhere/db");
+        assert_eq!(stack.database_url(LoginRole::Tally), stack.database_url);
         assert_eq!(stack.secret, "s".repeat(40));
         assert!(!dir.path().join("never-created").exists());
         assert!(
@@ -678,7 +827,7 @@ mod tests {
         let dir = reachable_tempdir();
         let err = LocalStack::start_with(
             LocalConfig {
-                database_url: Some("postgres://unused".into()),
+                database_url: unused_database(),
                 ..config(&dir.path().join("data"), free_ports())
             },
             &nowhere(dir.path()),

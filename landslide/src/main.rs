@@ -2,7 +2,8 @@
 //!
 //! `up` runs the whole system on one machine; `ingest`, `dedup-worker` and `tally` run one role
 //! each; `audit` checks the database against the stream, and `replay` folds the stream into
-//! the database again. Each subcommand reads its configuration
+//! the database again; `migrate` applies the schema as its owner, and `db-users` sets up the
+//! roles' database users. Each subcommand reads its configuration
 //! once, from flags and the environment, and fails before binding anything if it is incomplete.
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::auth::{CredentialSettings, Tls};
 use landslide_nats::{Access, NatsConfig, Topology, User};
+use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_schema::{NodeId, Polls};
 
 mod local;
@@ -61,6 +63,13 @@ enum Command {
     /// Make a deployment's TLS files: its own CA (once) and a server certificate signed by it,
     /// for every name and address clients use. Running it again keeps what is already right.
     Certs(CertsArgs),
+    /// Apply the database migrations, as the schema's owner (DATABASE_URL). The other roles may
+    /// not change the schema, and refuse to start until it is current.
+    Migrate(MigrateArgs),
+    /// Create or update the login roles the processes connect as (landslide_worker,
+    /// landslide_tally, landslide_audit), with passwords from files; DATABASE_URL is a user
+    /// with CREATEROLE. Run `migrate` first: it creates their groups.
+    DbUsers(DbUsersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +86,37 @@ struct CertsArgs {
     /// certificate serves every node of a cluster (their routes verify each other with it).
     #[arg(long, value_delimiter = ',', required = true)]
     hosts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+}
+
+#[derive(Debug, Args)]
+struct DbUsersArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The password of landslide_worker (dedup-workers, replay): the file's first line.
+    #[arg(long)]
+    worker_password_file: Option<PathBuf>,
+    /// The password of landslide_tally.
+    #[arg(long)]
+    tally_password_file: Option<PathBuf>,
+    /// The password of landslide_audit (audit, export, status).
+    #[arg(long)]
+    audit_password_file: Option<PathBuf>,
+}
+
+impl DbUsersArgs {
+    fn password_file(&self, role: LoginRole) -> Option<&PathBuf> {
+        match role {
+            LoginRole::Worker => self.worker_password_file.as_ref(),
+            LoginRole::Tally => self.tally_password_file.as_ref(),
+            LoginRole::Audit => self.audit_password_file.as_ref(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -196,7 +236,7 @@ impl Shared {
     /// database if the role has one, the names and the polls.
     fn connections(&self, db: Option<&DatabaseArgs>) -> anyhow::Result<Connections> {
         let database = match db {
-            Some(db) => Some(db.url()?.into()),
+            Some(db) => Some(db.url()?),
             None => None,
         };
         let mut connections = Connections::new(self.nats_auth.config(&self.nats_url)?, database);
@@ -404,14 +444,17 @@ impl IngestArgs {
 
 #[derive(Debug, Args)]
 struct DatabaseArgs {
-    /// PostgreSQL connection URL. Required.
+    /// PostgreSQL connection URL, with libpq's sslmode (disable, prefer, require, verify-ca,
+    /// verify-full), sslrootcert, sslcert and sslkey. Required.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
 
 impl DatabaseArgs {
-    fn url(&self) -> anyhow::Result<&str> {
-        required(&self.database_url, "--database-url", "DATABASE_URL")
+    /// The URL, parsed (its TLS files read), or an error that names DATABASE_URL.
+    fn url(&self) -> anyhow::Result<DatabaseUrl> {
+        let url = required(&self.database_url, "--database-url", "DATABASE_URL")?;
+        Ok(DatabaseUrl::parse(url)?)
     }
 }
 
@@ -602,6 +645,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Export(_) => "landslide-export",
         Command::Status(_) => "landslide-status",
         Command::Certs(_) => "landslide-certs",
+        Command::Migrate(_) => "landslide-migrate",
+        Command::DbUsers(_) => "landslide-db-users",
     };
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
@@ -629,6 +674,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Export(args) => export(args).await,
         Command::Status(args) => status(args).await,
         Command::Certs(args) => certs(&args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Migrate(args) => migrate(args).await,
+        Command::DbUsers(args) => db_users(args).await,
     };
     telemetry.shutdown();
     result
@@ -740,6 +787,59 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+async fn migrate(args: MigrateArgs) -> anyhow::Result<std::process::ExitCode> {
+    let url = args.db.url()?;
+    let applied = landslide_schema::postgres::migrate(&url).await?;
+    if applied.is_empty() {
+        println!("the schema of {url} is current: no migration to apply");
+    } else {
+        println!(
+            "applied {} migration(s) to {url}: {}",
+            applied.len(),
+            applied.join(", ")
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn db_users(args: DbUsersArgs) -> anyhow::Result<std::process::ExitCode> {
+    use landslide_schema::postgres::roles;
+    let url = args.db.url()?;
+    // Every file is read before anything changes, so that a missing one changes nothing.
+    let passwords = LoginRole::ALL
+        .into_iter()
+        .map(|role| {
+            let password = args
+                .password_file(role)
+                .map(|path| roles::read_password_file(path))
+                .transpose()?;
+            Ok((role, password))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut conn = landslide_schema::postgres::connect(&url).await?;
+    for (role, password) in passwords {
+        let changes = roles::ensure_login_role(&mut conn, role, password.as_deref()).await?;
+        let mut said = Vec::new();
+        if changes.created {
+            said.push("created".to_owned());
+        }
+        if changes.attributes_reset {
+            said.push("reset to LOGIN alone".to_owned());
+        }
+        if changes.joined_group {
+            said.push(format!("made a member of {}", role.group()));
+        }
+        if changes.password_set {
+            said.push("password set".to_owned());
+        }
+        if said.is_empty() {
+            said.push("unchanged".to_owned());
+        }
+        println!("{role} (member of {}): {}", role.group(), said.join(", "));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
     use landslide_nats::polls;
     let nats = args.shared.nats_auth.config(&args.shared.nats_url)?;
@@ -787,7 +887,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let tally_listener = bind(args.tally_listen).await?;
     let mut local = local::LocalConfig::new(&args.data_dir);
     local.nats = non_empty_env("NATS_URL").map(given_nats).transpose()?;
-    local.database_url = non_empty_env("DATABASE_URL");
+    local.database_url = non_empty_env("DATABASE_URL")
+        .map(|url| DatabaseUrl::parse(&url))
+        .transpose()?;
     local.secret = non_empty_env("LANDSLIDE_SECRET");
     local.ports = local::LocalPorts {
         nats: args.nats_port,
@@ -850,24 +952,27 @@ async fn run_roles(
     ingest_listener: tokio::net::TcpListener,
     tally_listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
+    // As the schema's owner, before any role starts: the roles' users may not migrate. Our own
+    // PostgreSQL is migrated already; a given DATABASE_URL is its owner's.
     landslide_schema::postgres::migrate(&stack.database_url).await?;
     let node_id = NodeId::parse("local").context("the local node id is valid")?;
     let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
-    // One connection configuration, each role with its own NATS user.
-    let connections = |user: User, database: bool| {
+    // One connection configuration, each role with its own NATS user and database user.
+    let connections = |user: User, database: Option<LoginRole>| {
         let mut connections = Connections::new(
             stack.nats_config(user),
-            database.then(|| stack.database_url.as_str().into()),
+            database.map(|role| stack.database_url(role)),
         );
         connections.polls = polls.clone();
         connections
     };
     let mut ingest =
-        landslide_ingest::Config::new(node_id, connections(User::Ingest, false), secret);
+        landslide_ingest::Config::new(node_id, connections(User::Ingest, None), secret);
     (ingest.rate_limit, ingest.client_ip_header) = (rate_limit, client_ip_header);
     ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
-    let worker = landslide_dedup_worker::Config::new(connections(User::Worker, true));
-    let tally = landslide_tally::Config::new(connections(User::Tally, true));
+    let worker =
+        landslide_dedup_worker::Config::new(connections(User::Worker, Some(LoginRole::Worker)));
+    let tally = landslide_tally::Config::new(connections(User::Tally, Some(LoginRole::Tally)));
 
     let vote_url = format!("http://{}/", ingest_listener.local_addr()?);
     let results_url = format!("http://{}/", tally_listener.local_addr()?);

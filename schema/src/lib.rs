@@ -8,9 +8,10 @@
 //!
 //! This crate holds data and its encoding, never behaviour that talks to the world: no NATS, no
 //! runtime. The single exception is [`postgres`] (feature `postgres`): connecting the way every role
-//! must (with a timeout and an error that names `DATABASE_URL`) and applying the migrations under an
-//! advisory lock. It lives here because the schema, its migrations and the lock that guards them are
-//! one piece of the contract.
+//! must (TLS as `DATABASE_URL`'s `sslmode` says, with a timeout and an error that names
+//! `DATABASE_URL`), applying the migrations under an advisory lock, checking that they are applied,
+//! and the database users the roles connect as. It lives here because the schema, its migrations,
+//! the rights they grant and the lock that guards them are one piece of the contract.
 
 pub mod cookie;
 pub mod db;

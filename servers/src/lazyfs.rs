@@ -2054,6 +2054,7 @@ mod tests {
             port: crate::free_port().unwrap(),
             superuser: "postgres".to_owned(),
             place: crate::Place::loopback(),
+            access: crate::postgres::PgAccess::default(),
         };
         let bins = crate::Binaries::system().postgres(&spec.cluster).unwrap();
         let fs = LazyFs::mount(&d.backing, &d.mnt).unwrap();

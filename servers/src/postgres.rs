@@ -2,16 +2,19 @@
 //! our child). PostgreSQL refuses to run as root, so when we are root the cluster belongs to, and
 //! the server runs as, the `postgres` system user. Durability settings stay at their defaults:
 //! `synchronous_commit = off` would let a crash lose commits that a worker has already acked.
+//!
+//! Who may connect is [`PgAccess`]: by default plaintext and trusted on loopback (the tests' and
+//! the harness's servers), or TLS only (`hostssl` lines alone in `pg_hba.conf`, a certificate
+//! from a [`crate::tls::Authority`]) with a password for every user (`landslide up`).
+//! `pg_hba.conf` is written at every start, so it always says what the spec says.
 
 use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 
 use anyhow::{Context as _, anyhow, bail};
 use diesel::QueryableByName;
-use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use tokio::process::Command;
 
 use crate::lazyfs::{CutReport, LazyFs};
@@ -50,6 +53,8 @@ impl PgStop {
 pub struct PgBinaries {
     initdb: PathBuf,
     pg_ctl: PathBuf,
+    /// The server itself, for single-user mode (setting the superuser's password offline).
+    postgres: PathBuf,
 }
 
 impl Binaries {
@@ -61,6 +66,7 @@ impl Binaries {
             let bins = PgBinaries {
                 initdb: dir.join("initdb"),
                 pg_ctl: dir.join("pg_ctl"),
+                postgres: dir.join("postgres"),
             };
             (bins.initdb.is_file() && bins.pg_ctl.is_file()).then_some(bins)
         };
@@ -94,7 +100,11 @@ impl Binaries {
             return Ok(bins);
         }
         match (self.find("initdb"), self.find("pg_ctl")) {
-            (Some(initdb), Some(pg_ctl)) => Ok(PgBinaries { initdb, pg_ctl }),
+            (Some(initdb), Some(pg_ctl)) => Ok(PgBinaries {
+                postgres: initdb.with_file_name("postgres"),
+                initdb,
+                pg_ctl,
+            }),
             _ => bail!(POSTGRES_MISSING),
         }
     }
@@ -110,8 +120,27 @@ pub struct PostgresSpec {
     /// The superuser `initdb` creates, trusted on loopback.
     pub superuser: String,
     /// Where the server runs and listens. On a host of a network, the network's other hosts
-    /// are trusted as loopback is.
+    /// may connect as loopback may.
     pub place: Place,
+    /// TLS, and whether a password is needed.
+    pub access: PgAccess,
+}
+
+/// How clients may reach a cluster we run.
+#[derive(Debug, Clone, Default)]
+pub struct PgAccess {
+    /// TLS only, with this certificate; `None`: plaintext only.
+    pub tls: Option<PgTls>,
+    /// The superuser's password; with one, every user must give its own (`scram-sha-256`), and
+    /// without, everyone who reaches the port is trusted as whoever they say.
+    pub superuser_password: Option<String>,
+}
+
+/// The server's certificate and the CA that signed it (what clients name as `sslrootcert`).
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    pub cert: crate::tls::CertFiles,
+    pub ca: PathBuf,
 }
 
 /// The user the PostgreSQL programs run as, when it is not us.
@@ -145,7 +174,8 @@ impl Postgres {
     /// never fsynced.
     pub async fn start_at(dir: &Path, place: &Place, power_loss: bool) -> anyhow::Result<Self> {
         if !power_loss {
-            return Self::start_in(dir, dir.join("postgres"), None, place).await;
+            return Self::start_in(dir, dir.join("postgres"), None, place, PgAccess::default())
+                .await;
         }
         let (backing, mountpoint) = (dir.join("postgres.disk"), dir.join("postgres.mount"));
         for folder in [&backing, &mountpoint] {
@@ -153,7 +183,19 @@ impl Postgres {
             std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755))?;
         }
         let disk = LazyFs::mount_async(backing, mountpoint.clone()).await?;
-        Self::start_in(dir, mountpoint.join("data"), Some(disk), place).await
+        Self::start_in(
+            dir,
+            mountpoint.join("data"),
+            Some(disk),
+            place,
+            PgAccess::default(),
+        )
+        .await
+    }
+
+    /// [`Postgres::start`] with `access`: TLS only, or passwords (the TLS tests' servers).
+    pub async fn start_with_access(dir: &Path, access: PgAccess) -> anyhow::Result<Self> {
+        Self::start_in(dir, dir.join("postgres"), None, &Place::loopback(), access).await
     }
 
     /// A cluster at `cluster` with its log in `dir`, as the `postgres` superuser on a free port.
@@ -162,6 +204,7 @@ impl Postgres {
         cluster: PathBuf,
         disk: Option<LazyFs>,
         place: &Place,
+        access: PgAccess,
     ) -> anyhow::Result<Self> {
         // A fresh temporary folder is private: the postgres user must be able to enter it.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
@@ -172,6 +215,7 @@ impl Postgres {
             port: crate::free_port()?,
             superuser: "postgres".to_owned(),
             place: place.clone(),
+            access,
         };
         let bins = Binaries::system().postgres(&spec.cluster)?;
         let mut server = Self::start_with(spec, bins).await?;
@@ -216,11 +260,29 @@ impl Postgres {
         Ok(server)
     }
 
-    /// The URL of database `name` on this server, as the superuser.
+    /// The URL of database `name` on this server, as the superuser (with its password, and
+    /// `sslmode=verify-full` against the CA when the server has TLS).
     pub fn url(&self, name: &str) -> String {
+        let password = self.spec.access.superuser_password.as_deref();
+        self.url_as(&self.spec.superuser, password, name)
+    }
+
+    /// The URL of database `name` as `user`, verifying the server as [`Postgres::url`] does.
+    pub fn url_as(&self, user: &str, password: Option<&str>, name: &str) -> String {
+        use landslide_schema::postgres::percent_encode;
+        let userinfo = match password {
+            Some(password) => format!("{user}:{}", percent_encode(password)),
+            None => user.to_owned(),
+        };
+        let tls = match &self.spec.access.tls {
+            Some(tls) => format!(
+                "?sslmode=verify-full&sslrootcert={}",
+                percent_encode(&tls.ca.to_string_lossy())
+            ),
+            None => String::new(),
+        };
         format!(
-            "postgres://{}@{}:{}/{name}",
-            self.spec.superuser,
+            "postgres://{userinfo}@{}:{}/{name}{tls}",
             self.spec.place.addr(),
             self.spec.port
         )
@@ -237,12 +299,20 @@ impl Postgres {
 
     /// Starts the server on the existing cluster and waits until it accepts connections.
     pub async fn start_server(&mut self) -> anyhow::Result<()> {
+        self.configure_access().await?;
         // No Unix socket: its path must fit in 107 bytes, which a deep data folder breaks, and
         // every client here uses TCP. pg_ctl passes these options through /bin/sh, hence ''.
+        // With TLS, the certificate is the cluster's `server.crt` and `server.key`, PostgreSQL's
+        // defaults, copied there by `configure_access`.
         let options = format!(
-            "-p {} -c listen_addresses={} -c unix_socket_directories=''",
+            "-p {} -c listen_addresses={} -c unix_socket_directories=''{}",
             self.spec.port,
-            self.spec.place.addr()
+            self.spec.place.addr(),
+            if self.spec.access.tls.is_some() {
+                " -c ssl=on"
+            } else {
+                ""
+            }
         );
         let output = self
             .command(&self.bins.pg_ctl)
@@ -305,6 +375,112 @@ impl Postgres {
             .context("cannot run pg_ctl stop")
     }
 
+    /// Writes `pg_hba.conf` as the spec says, puts the certificate where the server reads it,
+    /// and sets the superuser's password: before every start, so that a cluster made by an
+    /// earlier release (trusted, plaintext) is brought to the spec too.
+    async fn configure_access(&self) -> anyhow::Result<()> {
+        let access = &self.spec.access;
+        let cluster = &self.spec.cluster;
+        let kind = if access.tls.is_some() {
+            "hostssl"
+        } else {
+            "host"
+        };
+        let method = if access.superuser_password.is_some() {
+            "scram-sha-256"
+        } else {
+            "trust"
+        };
+        // Only TCP (no Unix socket is opened), from loopback and, on a network, its hosts.
+        let mut hba = format!(
+            "# Written by landslide-servers at every start (servers/src/postgres.rs).\n\
+             {kind} all all 127.0.0.1/32 {method}\n{kind} all all ::1/128 {method}\n"
+        );
+        if let Some(peers) = self.spec.place.peers() {
+            hba.push_str(&format!("{kind} all all {peers} {method}\n"));
+        }
+        let mut files = vec![(cluster.join("pg_hba.conf"), hba.into_bytes(), 0o600)];
+        if let Some(tls) = &access.tls {
+            let read = |path: &Path| {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+            };
+            // PostgreSQL refuses a key that others may read, or that belongs to another user.
+            files.push((cluster.join("server.crt"), read(&tls.cert.cert)?, 0o644));
+            files.push((cluster.join("server.key"), read(&tls.cert.key)?, 0o600));
+        }
+        let run_as = self.run_as;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for (path, bytes, mode) in files {
+                // Synced: on a power-loss disk, what the server reads must survive a cut too.
+                std::fs::File::create(&path)
+                    .and_then(|mut file| {
+                        std::io::Write::write_all(&mut file, &bytes)?;
+                        file.sync_all()
+                    })
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+                if let Some(user) = run_as {
+                    std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                        .with_context(|| format!("cannot give {} to postgres", path.display()))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .context("the access configuration task panicked")??;
+        if let Some(password) = &access.superuser_password {
+            self.set_superuser_password(password).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the superuser's password in single-user mode, with the server stopped: with
+    /// `scram-sha-256` for everyone, no connection could set it, not even the first.
+    async fn set_superuser_password(&self, password: &str) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        // A SCRAM verifier: the password itself is never written anywhere the server keeps.
+        // The role name is ours (the spec's), quoted as an identifier.
+        let statement = format!(
+            "ALTER ROLE \"{}\" PASSWORD '{}';\n",
+            self.spec.superuser,
+            landslide_schema::postgres::roles::scram_verifier(password)
+        );
+        let mut child = self
+            .command(&self.bins.postgres)
+            .arg("--single")
+            .arg("-D")
+            .arg(&self.spec.cluster)
+            // The database `initdb` always makes; a standalone backend is the bootstrap
+            // superuser whatever the name it is started under.
+            .arg("postgres")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run postgres --single")?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .context("postgres --single has no stdin")?;
+        stdin.write_all(statement.as_bytes()).await?;
+        drop(stdin);
+        let output = child
+            .wait_with_output()
+            .await
+            .context("cannot run postgres --single")?;
+        let said =
+            String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() || said.contains("ERROR") {
+            bail!(
+                "cannot set the password of {} ({}): {}",
+                self.spec.superuser,
+                output.status,
+                said.trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Creates database `name` unless it exists.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<()> {
         // Imported here only: its `first` would shadow slices' `first` elsewhere in the module.
@@ -314,10 +490,8 @@ impl Postgres {
             #[diesel(sql_type = diesel::sql_types::Bool)]
             exists: bool,
         }
-        let admin_url = self.url("postgres");
-        let mut conn = AsyncPgConnection::establish(&admin_url)
-            .await
-            .with_context(|| format!("cannot connect to our PostgreSQL at {admin_url}"))?;
+        let admin_url = landslide_schema::postgres::DatabaseUrl::parse(&self.url("postgres"))?;
+        let mut conn = landslide_schema::postgres::connect(&admin_url).await?;
         let found: Exists =
             diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
                 .bind::<diesel::sql_types::Text, _>(name)
@@ -494,16 +668,6 @@ impl Postgres {
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             );
-        }
-        if let Some(peers) = self.spec.place.peers() {
-            // The network's hosts are this test machine's too: trusted as loopback is.
-            let hba = self.spec.cluster.join("pg_hba.conf");
-            let mut file = OpenOptions::new()
-                .append(true)
-                .open(&hba)
-                .with_context(|| format!("cannot open {}", hba.display()))?;
-            writeln!(file, "host all all {peers} trust")?;
-            file.sync_all()?;
         }
         tracing::info!(cluster = %self.spec.cluster.display(), "created a PostgreSQL cluster");
         Ok(())

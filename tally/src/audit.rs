@@ -328,7 +328,7 @@ pub(crate) async fn audit_with_polls(
     config: &AuditConfig,
 ) -> anyhow::Result<(AuditReport, PollBook)> {
     let connections = &config.connections;
-    let mut conn = landslide_schema::postgres::connect(connections.database()?.expose()).await?;
+    let mut conn = landslide_schema::postgres::connect_current(connections.database()?).await?;
     let client = landslide_nats::connect(&connections.nats, User::Audit, "landslide-audit").await?;
     let js = jetstream::new(client);
     let topology = &connections.topology;

@@ -149,7 +149,7 @@ pub async fn certify(
         .clone();
 
     let mut conn =
-        landslide_schema::postgres::connect(config.connections.database()?.expose()).await?;
+        landslide_schema::postgres::connect_current(config.connections.database()?).await?;
     let rows: Vec<Row> =
         diesel::sql_query("SELECT voter, choice, event_id, ts FROM ballots WHERE poll = $1")
             .bind::<Text, _>(definition.id.as_str())

@@ -63,18 +63,18 @@ impl Config {
 /// Runs the tally role on `listener` until `shutdown` completes, then stops accepting, ends the
 /// live event streams and waits for the requests in flight.
 ///
-/// Fails before serving anything when PostgreSQL or NATS cannot be reached, when the migrations
-/// fail, or when the stream or consumer exists with an incompatible definition.
+/// Fails before serving anything when PostgreSQL or NATS cannot be reached, when the database's
+/// schema is older than this binary, or when the stream or consumer exists with an incompatible
+/// definition.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     // Installs the metrics recorder now, so that the first refreshes are recorded too.
     landslide_telemetry::prometheus();
     let connections = &config.connections;
     let database = connections.database()?;
     // Checked first, with its own message: bb8 and friends report bad credentials as a timeout.
-    let conn = landslide_schema::postgres::connect(database.expose()).await?;
-    landslide_schema::postgres::migrate(database.expose())
-        .await
-        .context("cannot apply the database migrations (DATABASE_URL)")?;
+    // Tally reads only, and may not migrate: a schema older than this binary stops it, naming
+    // `landslide migrate`.
+    let conn = landslide_schema::postgres::connect_current(database).await?;
     let client =
         landslide_nats::connect_patiently(&connections.nats, User::Tally, "landslide-tally")
             .await?;
@@ -95,9 +95,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let refresher = snapshot::Refresher::new(js, consumer, conn, database.clone(), polls.clone());
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown.clone()));
 
-    let manager = diesel_async::pooled_connection::AsyncDieselConnectionManager::<
-        diesel_async::AsyncPgConnection,
-    >::new(database.expose());
+    // Its connections are made as DATABASE_URL says, TLS included.
+    let manager = landslide_schema::postgres::pool_manager(database);
     let db = diesel_async::pooled_connection::bb8::Pool::builder()
         .max_size(receipts::POOL_SIZE)
         .connection_timeout(Duration::from_secs(5))

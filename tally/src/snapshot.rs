@@ -233,7 +233,7 @@ impl Refresher {
             Some(conn) => conn,
             None => self
                 .conn
-                .insert(landslide_schema::postgres::connect(self.database_url.expose()).await?),
+                .insert(landslide_schema::postgres::connect(&self.database_url).await?),
         };
         // Dropping a plain read mid-flight is harmless, but leaves the connection in an unknown
         // state: it is replaced after any failure.

@@ -71,7 +71,7 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
     let book = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let (revision, definitions) = book.latest();
 
-    let mut conn = landslide_schema::postgres::connect(connections.database()?.expose()).await?;
+    let mut conn = landslide_schema::postgres::connect_current(connections.database()?).await?;
     let sums = counts::tally_sums(&mut conn)
         .await
         .context("cannot read the tallies")?;

@@ -14,7 +14,7 @@ fn config(stack: &Stack) -> AuditConfig {
     let mut config = AuditConfig::new(
         stack
             .nats
-            .connections(landslide_nats::User::Audit, Some(&stack.db.url)),
+            .connections(landslide_nats::User::Audit, Some(&stack.db)),
     );
     config.connections.topology = stack.topology.clone();
     config.wait = Duration::from_secs(10);

@@ -50,8 +50,8 @@ async fn run_phase(phase: &str, ingest: &str, tally: &str) {
 async fn vote_change_watch_live_results_without_javascript_then_closed_and_final() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
-    let tally = support::tally(&nats, &db.url).await;
+    let worker = support::worker(&nats, &db);
+    let tally = support::tally(&nats, &db).await;
     let results_url = format!("{}/", tally.url);
     let ingest = support::ingest_with(&nats, "web1", |c| {
         c.results_url = Some(results_url.clone());

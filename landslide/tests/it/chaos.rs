@@ -122,9 +122,7 @@ async fn a_worker_started_without_quorum_waits_for_it_then_drains() {
     // Two of three nodes gone: the last one answers, but JetStream is unavailable there.
     nats.kill(1).await.unwrap();
     nats.kill(2).await.unwrap();
-    let worker = support::worker_with(&nats, &db.url, |c| {
-        c.connections.topology = topology.clone()
-    });
+    let worker = support::worker_with(&nats, &db, |c| c.connections.topology = topology.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
     if worker.is_finished() {
         panic!(
@@ -148,7 +146,7 @@ async fn a_worker_started_while_nats_server_is_down_waits_for_it_then_drains() {
     let mut nats = Nats::start(NatsLayout::Single, dir.path()).await.unwrap();
     let db = Db::create().await;
     nats.kill(0).await.unwrap();
-    let worker = support::worker_with(&nats, &db.url, |_| {});
+    let worker = support::worker_with(&nats, &db, |_| {});
     tokio::time::sleep(Duration::from_secs(2)).await;
     if worker.is_finished() {
         panic!(
@@ -203,13 +201,15 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
     let mut postgres = landslide_servers::Postgres::start(dir.path())
         .await
         .unwrap();
+    // Migrated first, as every deployment does (`landslide migrate`), then down.
+    let db = support::Db::create_on(&postgres.url("postgres")).await;
     postgres
         .stop(landslide_servers::PgStop::Fast)
         .await
         .unwrap();
     let nats = support::Nats::start().await;
-    let url = postgres.url("postgres");
-    let worker = support::worker_with(&nats, &url, |_| {});
+    let url = db.owner();
+    let worker = support::worker_with(&nats, &db, |_| {});
     tokio::time::sleep(Duration::from_secs(2)).await;
     if worker.is_finished() {
         panic!(

@@ -96,6 +96,30 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
             "LANDSLIDE_EXPORT_KEY must be at least 32 bytes",
         ),
         (&["status"], &[], "DATABASE_URL is not set"),
+        (&["migrate"], &[], "DATABASE_URL is not set"),
+        (&["db-users"], &[], "DATABASE_URL is not set"),
+        (
+            &["dedup-worker"],
+            &[(
+                "DATABASE_URL",
+                "postgres://x:secret-pw@127.0.0.1:1/x?sslmode=verify-full",
+            )],
+            "DATABASE_URL postgres://x:***@127.0.0.1:1/x?sslmode=verify-full is invalid: \
+             sslmode=verify-full needs sslrootcert",
+        ),
+        (
+            &["tally"],
+            &[(
+                "DATABASE_URL",
+                "postgres://x@127.0.0.1:1/x?sslrootcert=/ca.pem",
+            )],
+            "sslrootcert is given but sslmode is prefer (the default)",
+        ),
+        (
+            &["db-users", "--worker-password-file", "/nonexistent/worker"],
+            &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
+            "cannot read the password file /nonexistent/worker",
+        ),
         (
             &["dedup-worker", "--batch-size", "5000"],
             &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],

@@ -144,7 +144,7 @@ fn signed_cookie(voter: &VoterCookie) -> String {
 async fn a_cookie_floor_far_ahead_of_the_node_clock_is_not_followed_and_the_votes_count() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let ingest = support::ingest(&nats, "web1", 0).await;
     let voter = Uuid::new_v4();
     let mut cookie = VoterCookie::new(VoterId(voter));

@@ -66,7 +66,7 @@ async fn a_vote_sent_from_another_sites_page_is_refused_and_sets_no_cookie() {
 async fn live_result_streams_beyond_the_cap_get_503_with_retry_after() {
     let nats = Nats::start().await;
     let db = crate::support::Db::create().await;
-    let tally = support::tally_with(&nats, &db.url, |c| c.max_event_streams = 2).await;
+    let tally = support::tally_with(&nats, &db, |c| c.max_event_streams = 2).await;
     let url = format!("{}/api/results/pets/events", tally.url);
     let open = || async {
         support::wait_for(
@@ -433,7 +433,7 @@ async fn the_same_idempotency_key_from_two_addresses_is_two_voters_and_a_short_o
             Some(landslide_ingest::ClientIpHeader::parse("X-Forwarded-For").unwrap());
     })
     .await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let url = format!("{}/api/votes", ingest.url);
     // A client without a cookie: a new reqwest client each time.
     let keyed = |forwarded_for: &'static str, key: String| {

@@ -9,6 +9,7 @@ mod browser;
 mod chaos;
 mod cli;
 mod clock;
+mod database;
 mod edge;
 mod pipeline;
 mod polls;

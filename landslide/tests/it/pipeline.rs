@@ -9,8 +9,8 @@ async fn a_vote_through_the_form_and_one_through_the_api_both_appear_in_the_resu
     let nats = Nats::start().await;
     let db = Db::create().await;
     let ingest = support::ingest(&nats, "web01", 0).await;
-    let worker = support::worker(&nats, &db.url);
-    let tally = support::tally(&nats, &db.url).await;
+    let worker = support::worker(&nats, &db);
+    let tally = support::tally(&nats, &db).await;
 
     let browser = support::voter();
     let response = browser
@@ -69,7 +69,7 @@ async fn a_change_of_mind_on_a_node_with_a_slow_clock_still_wins() {
     let db = Db::create().await;
     let fast = support::ingest(&nats, "fast", 0).await;
     let slow = support::ingest(&nats, "slow", -10_000).await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
 
     // One browser: the cookie from the fast node travels to the slow one.
     let browser = support::voter();
@@ -114,7 +114,7 @@ async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
     let nats = Nats::start().await;
     let db = Db::create().await;
     let ingest = support::ingest(&nats, "web01", 0).await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
 
     let send = |client: reqwest::Client| {
         let url = format!("{}/api/votes", ingest.url);
@@ -346,7 +346,7 @@ async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone()
     let nats = Nats::start().await;
     let db = Db::create().await;
     let ingest = support::ingest(&nats, "web01", 0).await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
 
     let client = support::voter();
     let api = format!("{}/api/votes", ingest.url);
@@ -424,7 +424,7 @@ async fn vote_with_cookie(url: &str, cookie: Option<&str>, choice: &str) -> (u16
 async fn a_rotated_secret_keeps_every_voter_and_signs_their_cookie_again() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let new_secret = "a-new-integration-test-secret-of-more-than-32-bytes";
     let secret = |s: &str| landslide_ingest::Secret::new(s).unwrap();
     let before = support::ingest(&nats, "web01", 0).await;
@@ -509,7 +509,7 @@ async fn shutdown_drains_requests_in_flight() {
     }
     stopping.await.unwrap();
 
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,

@@ -48,7 +48,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
     let nats = Nats::start().await;
     let db = Db::create().await;
     // The worker starts first, on the built-in poll: it seeds revision 1.
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     support::wait_for("the polls bucket", Duration::from_secs(15), || async {
         let store = store(&nats).await;
         (!polls::read_all(&store).await.ok()?.is_empty()).then_some(())
@@ -106,7 +106,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
             .map_or(0, |(_, tally, _)| *tally)
     };
     assert_eq!((count("birds"), count("fish")), (1, 1), "{ballots:?}");
-    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db.url)));
+    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db)));
     config.wait = Duration::from_secs(10);
     let report = audit(&config).await.unwrap();
     assert!(report.is_consistent(), "{report}");
@@ -206,7 +206,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     polls::put(&store, &windowed(later, later + chrono::Duration::hours(1)))
         .await
         .unwrap();
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let honest = support::ingest(&nats, "web1", 0).await;
     // A node whose clock is two minutes slow: by its clock the poll is still open after the close.
     let slow = support::ingest(&nats, "web2", -120_000).await;
@@ -251,7 +251,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     refused(&slow.url, "closed at").await;
 
     // Closed by the stream's clock and nothing pending: the result is final.
-    let tally = support::tally(&nats, &db.url).await;
+    let tally = support::tally(&nats, &db).await;
     let results = support::wait_for("the final result", Duration::from_secs(30), || {
         let url = format!("{}/api/results/pets", tally.url);
         async move {
@@ -270,7 +270,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
 
     // The certificate: final, the counts, and a digest anyone can recompute from the export,
     // in which the voter finds their own line by their receipt.
-    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db.url)));
+    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db)));
     config.wait = Duration::from_secs(10);
     let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
     let (report, certificate, csv) = certify(&config, "pets", &key).await.unwrap();
@@ -308,7 +308,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
         total, 1,
         "only the vote inside the window counts: {counts:?}"
     );
-    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db.url)));
+    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db)));
     config.wait = Duration::from_secs(10);
     let report = audit(&config).await.unwrap();
     assert!(report.is_consistent(), "{report}");
@@ -327,9 +327,9 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
 async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let ingest = support::ingest(&nats, "web1", 0).await;
-    let tally = support::tally(&nats, &db.url).await;
+    let tally = support::tally(&nats, &db).await;
     let voter = support::voter();
     let (_, first) = support::vote_api(&voter, &ingest.url, "pets", "cats").await;
     let (_, second) = support::vote_api(&voter, &ingest.url, "pets", "dogs").await;

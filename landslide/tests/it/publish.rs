@@ -36,7 +36,7 @@ async fn concurrent_votes_share_batches_and_each_is_stored_once() {
     let nats = Nats::start().await;
     let db = Db::create().await;
     let ingest = support::ingest(&nats, "web01", 0).await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
 
     let votes = 400;
     // The voters first: building an HTTP client is CPU work (with the workspace's features,
@@ -201,7 +201,7 @@ async fn a_role_connected_to_a_server_older_than_the_minimum_refuses_to_start() 
         .await
         .unwrap();
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let err = worker
         .join()
         .await

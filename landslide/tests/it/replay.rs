@@ -1,6 +1,7 @@
 //! `landslide replay` folds the stream into a database again: one restored from an older dump
 //! (whose votes since the dump the consumer has long acknowledged, so no worker will ever see them
-//! again), and a new, empty one. Audit then passes, and a second replay changes nothing.
+//! again), and a new, empty one (migrated first, by its owner: replay writes as a worker and may
+//! not). Audit then passes, and a second replay changes nothing.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,7 +21,7 @@ async fn audit_of(stack: &Stack, db: &Db) -> AuditReport {
     let mut config = AuditConfig::new(
         stack
             .nats
-            .connections(landslide_nats::User::Audit, Some(&db.url)),
+            .connections(landslide_nats::User::Audit, Some(db)),
     );
     config.connections.topology = stack.topology.clone();
     config.wait = Duration::from_secs(30);
@@ -31,7 +32,7 @@ async fn replay_into(stack: &Stack, db: &Db) -> landslide_dedup_worker::ReplayRe
     let mut config = landslide_dedup_worker::Config::new(
         stack
             .nats
-            .connections(landslide_nats::User::Worker, Some(&db.url)),
+            .connections(landslide_nats::User::Worker, Some(db)),
     );
     config.connections.topology = stack.topology.clone();
     // Several transactions, so that a voter's events fall into different ones.
@@ -90,7 +91,7 @@ fn restore(db: &Db, file: &Path) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_restored_from_an_older_dump_is_made_whole_by_replay() {
     let stack = Stack::start().await;
-    let worker = support::worker(&stack.nats, &stack.db.url);
+    let worker = support::worker(&stack.nats, &stack.db);
     let voters: Vec<Uuid> = (0..VOTERS).map(|_| Uuid::new_v4()).collect();
 
     // Day one: every voter votes; the worker counts it all; last night's backup.
@@ -150,8 +151,26 @@ async fn a_database_restored_from_an_older_dump_is_made_whole_by_replay() {
     assert_eq!(stack.db.tally_and_count("pets").await, tallies);
     assert!(audit_of(&stack, &stack.db).await.is_consistent());
 
-    // A new, empty database is made whole just the same.
+    // A new, empty database is made whole just the same, once `landslide migrate` made its
+    // schema: replay, as the worker's user, may not.
     let empty = Db::create_empty().await;
+    let refused = landslide_dedup_worker::replay(
+        &landslide_dedup_worker::Config::new(
+            stack
+                .nats
+                .connections(landslide_nats::User::Worker, Some(&empty)),
+        ),
+        landslide_dedup_worker::replay::CHUNK,
+    )
+    .await
+    .expect_err("replay needs a migrated database");
+    assert!(
+        format!("{refused:#}").contains("run `landslide migrate`"),
+        "{refused:#}"
+    );
+    landslide_schema::postgres::migrate(&empty.owner())
+        .await
+        .unwrap();
     replay_into(&stack, &empty).await;
     let fresh = audit_of(&stack, &empty).await;
     assert!(fresh.is_consistent(), "{fresh}");

@@ -9,7 +9,7 @@ use crate::support::Db;
 async fn several_processes_migrating_at_once_apply_each_migration_once() {
     let db = Db::create_empty().await;
     let runs = (0..6).map(|_| {
-        let url = db.url.clone();
+        let url = db.owner();
         tokio::spawn(async move { landslide_schema::postgres::migrate(&url).await })
     });
     let applied: Vec<Vec<String>> = futures::future::join_all(runs)

@@ -43,7 +43,7 @@ async fn the_definition_files_create_streams_and_a_consumer_the_roles_accept() {
 
     // The roles find exactly their definitions and start; a vote goes all the way through.
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let ingest = support::ingest(&nats, "web01", 0).await;
     let (status, _) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202);

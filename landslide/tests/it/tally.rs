@@ -193,7 +193,7 @@ impl Tally {
         let mut config = Config::new(
             stack
                 .nats
-                .connections(landslide_nats::User::Tally, Some(&stack.db.url)),
+                .connections(landslide_nats::User::Tally, Some(&stack.db)),
         );
         config.connections.polls = two_polls();
         config.refresh = Duration::from_millis(50);
@@ -478,7 +478,11 @@ async fn a_database_that_cannot_be_reached_stops_startup_naming_database_url() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = Config::new(landslide_config::Connections::new(
         landslide_nats::NatsConfig::anonymous("nats://127.0.0.1:1"),
-        Some("postgres://landslide:secret@127.0.0.1:1/landslide".into()),
+        Some(
+            "postgres://landslide:secret@127.0.0.1:1/landslide"
+                .parse()
+                .unwrap(),
+        ),
     ));
     let (_stop, shutdown) = landslide_config::Shutdown::new();
     let err = landslide_tally::run(config, listener, shutdown)

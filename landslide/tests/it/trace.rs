@@ -51,7 +51,7 @@ async fn a_trace_started_by_a_vote_continues_in_the_workers_batch_span() {
     let nats = Nats::start().await;
     let db = Db::create().await;
     let ingest = support::ingest(&nats, "web01", 0).await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let (status, _) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202);
     support::drained(&nats).await;

@@ -121,7 +121,7 @@ async fn crash_then_recover(fail_point: FailPoint) {
         .collect();
     publish_raw(&nats, events.iter().map(VoteEvent::encode)).await;
 
-    let crashing = support::worker_with(&nats, &db.url, |c| {
+    let crashing = support::worker_with(&nats, &db, |c| {
         c.connections.topology = short_ack_wait();
         c.fail_point = Some(fail_point);
     });
@@ -137,9 +137,7 @@ async fn crash_then_recover(fail_point: FailPoint) {
     }
     assert_eq!(support::pending(&nats).await, Some(50), "nothing was acked");
 
-    let worker = support::worker_with(&nats, &db.url, |c| {
-        c.connections.topology = short_ack_wait()
-    });
+    let worker = support::worker_with(&nats, &db, |c| c.connections.topology = short_ack_wait());
     support::drained(&nats).await;
     assert_eq!(db.tally_and_count("pets").await, model_counts(&events));
     worker.stop().await;
@@ -183,8 +181,8 @@ async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
     for i in (1..payloads.len()).rev() {
         payloads.swap(i, rng.below(i as u64 + 1) as usize);
     }
-    let a = support::worker_with(&nats, &db.url, |c| c.batch_size = 97);
-    let b = support::worker_with(&nats, &db.url, |c| c.batch_size = 13);
+    let a = support::worker_with(&nats, &db, |c| c.batch_size = 97);
+    let b = support::worker_with(&nats, &db, |c| c.batch_size = 13);
     publish_raw(&nats, payloads).await;
     support::drained(&nats).await;
 
@@ -206,7 +204,7 @@ async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
 async fn a_malformed_message_ends_in_the_dead_letter_stream_and_the_worker_goes_on() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let mut unknown_poll = event(2, 10, "cats", 2);
     unknown_poll.poll = PollId::parse("lunch").unwrap();
     let mut unknown_option = event(3, 10, "cats", 3);
@@ -267,7 +265,7 @@ async fn an_incompatible_existing_stream_stops_the_worker_naming_the_difference(
     let mut config = Topology::default().votes_stream_config().unwrap();
     config.discard = jetstream::stream::DiscardPolicy::Old;
     js.create_stream(config).await.unwrap();
-    let err = support::worker(&nats, &db.url)
+    let err = support::worker(&nats, &db)
         .join()
         .await
         .expect_err("the worker refuses the stream");
@@ -286,7 +284,7 @@ async fn an_incompatible_existing_stream_stops_the_worker_naming_the_difference(
 async fn a_worker_whose_database_connection_dies_reconnects_and_loses_nothing() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     publish_raw(&nats, [event(1, 10, "cats", 1).encode()]).await;
     support::drained(&nats).await;
 
@@ -327,8 +325,8 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
     let postgres = landslide_servers::Postgres::start(dir.path())
         .await
         .unwrap();
-    let url = postgres.url("postgres");
-    landslide_schema::postgres::migrate(&url).await.unwrap();
+    let db = Db::create_on(&postgres.url("postgres")).await;
+    let url = db.owner();
     let nats = Nats::start().await;
     let setup = jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
     let js = jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
@@ -340,12 +338,12 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
         .await
         .unwrap();
     let mut config = landslide_dedup_worker::Config::new(
-        nats.connections(landslide_nats::User::Worker, Some(&url)),
+        nats.connections(landslide_nats::User::Worker, Some(&db)),
     );
     config.connections.topology = topology.clone();
     let bound = config.database_bound();
     assert_eq!(bound, Duration::from_secs(4));
-    let worker = support::worker_with(&nats, &url, |c| c.connections.topology = topology.clone());
+    let worker = support::worker_with(&nats, &db, |c| c.connections.topology = topology.clone());
     let ballot = |voter: Uuid| {
         let url = url.clone();
         async move {
@@ -415,7 +413,7 @@ fn now_ms() -> u64 {
 async fn a_vote_stamped_far_ahead_of_the_stream_is_dead_lettered_and_its_voter_still_counts() {
     let nats = Nats::start().await;
     let db = Db::create().await;
-    let worker = support::worker(&nats, &db.url);
+    let worker = support::worker(&nats, &db);
     let now = now_ms();
     let at = |ms: u64| Timestamp::from_millis(ms).0;
     let forged = [
@@ -486,7 +484,7 @@ async fn a_vote_stamped_far_ahead_of_the_stream_is_dead_lettered_and_its_voter_s
     );
 
     let mut audit = landslide_tally::audit::AuditConfig::new(
-        nats.connections(landslide_nats::User::Audit, Some(&db.url)),
+        nats.connections(landslide_nats::User::Audit, Some(&db)),
     );
     audit.wait = Duration::from_secs(30);
     let report = landslide_tally::audit::audit(&audit).await.unwrap();
@@ -508,10 +506,10 @@ async fn a_vote_stamped_far_ahead_of_the_stream_is_dead_lettered_and_its_voter_s
     );
 
     // Replay agrees: folded into a new database, the same ballots, the forged votes left out.
-    let fresh = Db::create_empty().await;
+    let fresh = Db::create().await;
     let replayed = landslide_dedup_worker::replay(
         &landslide_dedup_worker::Config::new(
-            nats.connections(landslide_nats::User::Worker, Some(&fresh.url)),
+            nats.connections(landslide_nats::User::Worker, Some(&fresh)),
         ),
         landslide_dedup_worker::replay::CHUNK,
     )

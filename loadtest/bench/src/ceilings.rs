@@ -245,7 +245,8 @@ pub async fn sql(
     postgres: &Group,
     events: &[VoteEvent],
 ) -> anyhow::Result<Measured> {
-    let mut conn = landslide_schema::postgres::connect(database_url).await?;
+    let url = landslide_schema::postgres::DatabaseUrl::parse(database_url)?;
+    let mut conn = landslide_schema::postgres::connect(&url).await?;
     let meter = CpuMeter::start(vec![("bench", Group::me()), ("postgres", postgres.clone())]);
     let started = Instant::now();
     for batch in events.chunks(1000) {

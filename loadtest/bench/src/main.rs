@@ -259,7 +259,6 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         partitions: false,
     })
     .await?;
-    landslide_schema::postgres::migrate(&env.database_url).await?;
     let nats = Group::of(stack.nats.pid(0));
     let client = landslide_nats::connect(
         env.nats(landslide_nats::User::Admin),

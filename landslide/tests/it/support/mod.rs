@@ -14,6 +14,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::User;
+use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -72,9 +73,10 @@ impl Nats {
         self.server.restart(0).await.expect("restart nats-server");
     }
 
-    /// A role's connection configuration: `user` on this server, the database if given.
-    pub fn connections(&self, user: User, database_url: Option<&str>) -> Connections {
-        connections(&self.server, user, database_url)
+    /// A role's connection configuration: `user` on this server, and on the database if given
+    /// the login role of that user's role (`Db::url_for`).
+    pub fn connections(&self, user: User, db: Option<&Db>) -> Connections {
+        connections(&self.server, user, db)
     }
 
     /// A client as the operator (`admin`), for what tests look at.
@@ -101,14 +103,10 @@ impl std::ops::Deref for Nats {
     }
 }
 
-/// A role's connection configuration: `user` on `nats`, the database if given, the default
-/// names and polls.
-pub fn connections(
-    nats: &landslide_servers::Nats,
-    user: User,
-    database_url: Option<&str>,
-) -> Connections {
-    Connections::new(nats.config(user), database_url.map(Into::into))
+/// A role's connection configuration: `user` on `nats`, on the database if given as the login
+/// role of `user`'s role, the default names and polls.
+pub fn connections(nats: &landslide_servers::Nats, user: User, db: Option<&Db>) -> Connections {
+    Connections::new(nats.config(user), db.map(|db| db.url_for(user)))
 }
 
 /// A client of `nats` as `user`, with that user's permissions.
@@ -146,26 +144,64 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// A database of this test's own, migrated, dropped when the value is dropped.
+/// The login role of the role whose NATS user is `user`: what it connects to the database as,
+/// in every test as in every deployment.
+pub fn login_role(user: User) -> Option<LoginRole> {
+    match user {
+        User::Worker => Some(LoginRole::Worker),
+        User::Tally => Some(LoginRole::Tally),
+        User::Audit => Some(LoginRole::Audit),
+        User::Ingest | User::Admin => None,
+    }
+}
+
+/// A database of this test's own, migrated by its owner (the server's superuser), dropped when
+/// the value is dropped. The roles connect to it as their login roles (`landslide_worker`, …),
+/// which every test shares on the server: created if missing (safely when tests do so at once),
+/// without passwords (the test servers trust loopback), so the grants are what is tested.
 pub struct Db {
+    /// The owner's URL.
     pub url: String,
     name: String,
+    admin: String,
 }
 
 impl Db {
     pub async fn create() -> Self {
-        let db = Self::create_empty().await;
-        landslide_schema::postgres::migrate(&db.url)
+        Self::create_on(&admin_url()).await
+    }
+
+    /// A database of its own on the server of `admin` (a superuser's URL), migrated.
+    pub async fn create_on(admin: &str) -> Self {
+        let db = Self::create_empty_on(admin).await;
+        landslide_schema::postgres::migrate(&db.owner())
             .await
             .expect("migrate test database");
+        db.ensure_login_roles().await;
         db
+    }
+
+    /// The login roles on this database's server, members of their groups (which the
+    /// migrations create: call it after them). Cheap when they are in place already.
+    pub async fn ensure_login_roles(&self) {
+        let mut conn = AsyncPgConnection::establish(&self.admin)
+            .await
+            .expect("connect as the test server's superuser");
+        for role in LoginRole::ALL {
+            landslide_schema::postgres::roles::ensure_login_role(&mut conn, role, None)
+                .await
+                .unwrap_or_else(|e| panic!("set up the login role {role}: {e:#}"));
+        }
     }
 
     /// A database of its own without the migrations applied.
     pub async fn create_empty() -> Self {
-        let admin = admin_url();
+        Self::create_empty_on(&admin_url()).await
+    }
+
+    async fn create_empty_on(admin: &str) -> Self {
         let name = format!("landslide_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = AsyncPgConnection::establish(&admin)
+        let mut conn = AsyncPgConnection::establish(admin)
             .await
             .unwrap_or_else(|e| panic!("connect to {admin} (LANDSLIDE_TEST_DATABASE_URL): {e}"));
         diesel::sql_query(format!("CREATE DATABASE {name}"))
@@ -174,7 +210,28 @@ impl Db {
             .expect("create test database");
         let (base, _) = admin.rsplit_once('/').expect("database url has a path");
         let url = format!("{base}/{name}");
-        Self { url, name }
+        Self {
+            url,
+            name,
+            admin: admin.to_owned(),
+        }
+    }
+
+    /// The owner's URL, parsed.
+    pub fn owner(&self) -> DatabaseUrl {
+        DatabaseUrl::parse(&self.url).expect("the test database's URL")
+    }
+
+    /// This database as `role`.
+    pub fn url_as(&self, role: LoginRole) -> DatabaseUrl {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        DatabaseUrl::parse(&format!("{scheme}://{role}@{host}")).expect("a login role's URL")
+    }
+
+    /// This database as the login role of `user`'s role (the owner for the others).
+    pub fn url_for(&self, user: User) -> DatabaseUrl {
+        login_role(user).map_or_else(|| self.owner(), |role| self.url_as(role))
     }
 
     pub async fn conn(&self) -> AsyncPgConnection {
@@ -229,6 +286,7 @@ impl Db {
 impl Drop for Db {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin = self.admin.clone();
         // Drop runs outside any runtime guarantee: use a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -236,7 +294,7 @@ impl Drop for Db {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                if let Ok(mut conn) = AsyncPgConnection::establish(&admin_url()).await {
+                if let Ok(mut conn) = AsyncPgConnection::establish(&admin).await {
                     let _ =
                         diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                             .execute(&mut conn)
@@ -369,18 +427,17 @@ pub async fn start_ingest(
     Ingest { url, role }
 }
 
-/// A dedup-worker in this process.
-pub fn worker(nats: &landslide_servers::Nats, database_url: &str) -> Role {
-    worker_with(nats, database_url, |_| {})
+/// A dedup-worker in this process, as `landslide_worker`.
+pub fn worker(nats: &landslide_servers::Nats, db: &Db) -> Role {
+    worker_with(nats, db, |_| {})
 }
 
 pub fn worker_with(
     nats: &landslide_servers::Nats,
-    database_url: &str,
+    db: &Db,
     adjust: impl FnOnce(&mut landslide_dedup_worker::Config),
 ) -> Role {
-    let mut config =
-        landslide_dedup_worker::Config::new(connections(nats, User::Worker, Some(database_url)));
+    let mut config = landslide_dedup_worker::Config::new(connections(nats, User::Worker, Some(db)));
     adjust(&mut config);
     Role::spawn(move |shutdown| landslide_dedup_worker::run(config, shutdown))
 }
@@ -436,17 +493,17 @@ pub struct Tally {
     pub role: Role,
 }
 
-pub async fn tally(nats: &landslide_servers::Nats, database_url: &str) -> Tally {
-    tally_with(nats, database_url, |_| {}).await
+/// Tally in this process, as `landslide_tally`.
+pub async fn tally(nats: &landslide_servers::Nats, db: &Db) -> Tally {
+    tally_with(nats, db, |_| {}).await
 }
 
 pub async fn tally_with(
     nats: &landslide_servers::Nats,
-    database_url: &str,
+    db: &Db,
     adjust: impl FnOnce(&mut landslide_tally::Config),
 ) -> Tally {
-    let mut config =
-        landslide_tally::Config::new(connections(nats, User::Tally, Some(database_url)));
+    let mut config = landslide_tally::Config::new(connections(nats, User::Tally, Some(db)));
     config.refresh = Duration::from_millis(50);
     adjust(&mut config);
     // Tally waits for what a worker sets up; a test may run it without one.
