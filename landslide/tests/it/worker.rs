@@ -50,9 +50,19 @@ async fn publish_raw(nats: &Nats, payloads: impl IntoIterator<Item = Vec<u8>>) {
     .await
     .unwrap();
     let js = jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
-    let mut acks = Vec::new();
+    // At most a window of acks outstanding: the server fsyncs each plain publish, so the last of
+    // 5,000 sent at once waited behind all the others and outlived its 5 s ack timeout on a
+    // loaded machine. What is stored is the same.
+    const WINDOW: usize = 256;
+    let mut acks: std::collections::VecDeque<jetstream::context::PublishAckFuture> =
+        std::collections::VecDeque::with_capacity(WINDOW);
     for payload in payloads {
-        acks.push(js.publish("votes.web01", payload.into()).await.unwrap());
+        if acks.len() == WINDOW
+            && let Some(ack) = acks.pop_front()
+        {
+            ack.await.unwrap();
+        }
+        acks.push_back(js.publish("votes.web01", payload.into()).await.unwrap());
     }
     for ack in acks {
         ack.await.unwrap();
