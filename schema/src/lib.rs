@@ -10,13 +10,16 @@
 //! runtime. The single exception is [`postgres`] (feature `postgres`): connecting the way every role
 //! must (with a timeout and an error that names `DATABASE_URL`) and applying the migrations under an
 //! advisory lock. It lives here because the schema, its migrations and the lock that guards them are
-//! one piece of the contract.
+//! one piece of the contract. Feature `openapi` describes the values in the HTTP APIs' OpenAPI
+//! documents, by the same rules as their `parse` (data about data, no behaviour).
 
 pub mod cookie;
 pub mod db;
 pub mod event;
 pub mod ids;
 pub mod merge;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod poll;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -10,6 +10,7 @@ mod chaos;
 mod cli;
 mod clock;
 mod edge;
+mod openapi;
 mod pipeline;
 mod polls;
 mod publish;
