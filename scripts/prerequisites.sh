@@ -118,3 +118,29 @@ ensure_browser() {
     npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >/dev/null
   fi
 }
+
+# schemathesis (PyPI), for scripts/api-fuzz: it and every dependency pinned by version and SHA-256
+# in scripts/api-fuzz.requirements.txt, installed with --require-hashes into a virtualenv of its
+# own (under /usr/local/lib/landslide as root, else the user's cache), named by the file's hash so
+# that a change of the pins installs afresh. No other Python is touched. Exports SCHEMATHESIS.
+ensure_schemathesis() {
+  local requirements=scripts/api-fuzz.requirements.txt root dir sum
+  if [ "$(id -u)" -eq 0 ]; then root=/usr/local/lib/landslide; else root="${XDG_CACHE_HOME:-$HOME/.cache}/landslide"; fi
+  sum=$(sha256sum "$requirements" | cut -c1-16)
+  dir="$root/schemathesis-$sum"
+  # A virtualenv cannot be moved (its scripts name its path), so the marker of a finished
+  # install is written last, and a half-done one is started again.
+  if [ ! -f "$dir/.installed" ]; then
+    command -v python3 >/dev/null || apt_install python3
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+    log "installing schemathesis (pinned with hashes: $requirements) into $dir"
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check --no-input \
+      --require-hashes -r "$requirements"
+    touch "$dir/.installed"
+  fi
+  SCHEMATHESIS="$dir/bin/schemathesis"
+  export SCHEMATHESIS
+  log "schemathesis: $("$SCHEMATHESIS" --version) ($SCHEMATHESIS)"
+}

@@ -10,10 +10,9 @@ use async_nats::jetstream::message::StreamMessage;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRef, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRef, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::Key;
 use chrono::{DateTime, Utc};
@@ -22,8 +21,12 @@ use landslide_schema::cookie::VoterCookie;
 use landslide_schema::poll::{NotCounted, Window};
 use landslide_schema::receipt::Receipt;
 use landslide_schema::{EventId, NodeId, Poll, PollBook, PollId, Timestamp, VoteEvent, VoterId};
+use landslide_telemetry::openapi::ErrorBody;
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::Config;
 use crate::client::{self, Client, ClientIpHeader};
@@ -111,18 +114,74 @@ impl FromRef<AppState> for Key {
     }
 }
 
+/// Every route of the node, each registered with its entry in the OpenAPI document by the same
+/// `routes!` call: a route cannot be served undocumented (`OpenApiRouter::route`, which would
+/// allow it, is refused by clippy.toml).
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(form))
+        .routes(routes!(vote_form))
+        .routes(routes!(vote_api))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(landslide_telemetry::openapi::metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// The node's OpenAPI 3.1 document, generated from [`api`]: what `/api/openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    landslide_telemetry::openapi::finish(
+        api().into_openapi(),
+        "Landslide ingest",
+        env!("CARGO_PKG_VERSION"),
+        "An ingest node: the voting form and the JSON API. A vote is answered 2xx only once \
+         JetStream has stored it on disk. Both vote endpoints share a per-client rate limit (429 \
+         with Retry-After) and set the signed voter cookie.",
+    )
+}
+
+/// The document as served, rendered once.
+static DOCUMENT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| openapi().to_json().unwrap_or_default());
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(form))
-        .route("/vote", post(vote_form))
-        .route("/api/votes", post(vote_api))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(landslide_telemetry::metrics_handler))
+    let (router, _document) = api().split_for_parts();
+    router
         // We buffer bodies ourselves up to MAX_BODY; a larger one is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
+}
+
+/// `GET /api/openapi.json`.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "operations",
+    description = "This document: the node's OpenAPI 3.1 document, generated from its code.",
+    responses(
+        (status = 200, description = "The OpenAPI document", body = Object,
+            content_type = "application/json"),
+    )
+)]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+        .into_response()
+}
+
+/// `GET /healthz`.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    description = "The process is alive.",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")),
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 /// Why a vote was refused. Each maps to one status and a message meant for the voter.
@@ -417,28 +476,73 @@ fn stored_at(message: &StreamMessage) -> Option<DateTime<Utc>> {
     Some(DateTime::from_timestamp_nanos(nanos))
 }
 
-#[derive(Deserialize)]
+/// A vote, as `POST /api/votes` takes it.
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"poll": "pets", "choice": "cats"}))]
 struct ApiVote {
+    /// The poll's id; an unknown one is refused with 422.
     poll: String,
+    /// The option's id; an unknown one is refused with 422.
     choice: String,
 }
 
-#[derive(Serialize)]
+/// The answer to an accepted vote.
+#[derive(Serialize, ToSchema)]
 struct ApiAccepted {
     event_id: EventId,
+    /// The vote's stamp; for a retry with the same `Idempotency-Key`, the stored copy's.
     ts: Timestamp,
+    /// This was a retry of a vote already stored (same `Idempotency-Key`).
     duplicate: bool,
     /// What the voter keeps to check later what became of this vote (`GET /api/receipts/…`
     /// at tally).
+    #[schema(value_type = landslide_schema::receipt::Receipt)]
     receipt: String,
 }
 
-#[derive(Serialize)]
-struct ApiError {
-    error: String,
-}
-
 /// `POST /api/votes`: `{"poll":"pets","choice":"cats"}` → 202 `{"event_id":…,"ts":…}`.
+#[utoipa::path(
+    post,
+    path = "/api/votes",
+    tag = "votes",
+    description = "Casts a vote. Answered 202 only once JetStream has stored it on disk. \
+        With a valid voter cookie the vote is that voter's (their latest vote counts); without \
+        one it is a new voter's, or, with an `Idempotency-Key`, the voter of that key and this \
+        client address.",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]+$", min_length = 1,
+            max_length = 255,
+            description = "Makes a retry the same vote (1 to 255 visible ASCII characters; \
+                at least 16 without the voter cookie: a random value such as a UUID)."),
+        ("landslide_voter" = Option<String>, Cookie,
+            description = "The signed voter cookie of an earlier answer; a forged or tampered \
+                one is ignored (a new voter)."),
+    ),
+    request_body(content = ApiVote, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: stored on disk", body = ApiAccepted,
+            headers(("Set-Cookie" = String, description = "The signed voter cookie"))),
+        (status = 400, description = "Malformed body, or an invalid Idempotency-Key", body = ErrorBody),
+        (status = 403, description = "Sent from another site's page (`Sec-Fetch-Site: \
+            cross-site`, or an `Origin` other than this host), or the poll is not open",
+            body = ErrorBody,
+            headers(("Set-Cookie" = String, description = "Set when the poll is not open"))),
+        (status = 413, description = "Body larger than 4 KiB", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 422, description = "Unknown poll or option", body = ErrorBody),
+        (status = 429, description = "Beyond this client address's rate limit; not stored",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 503, description = "Not stored durably (broker down, no quorum, stream \
+            full), or this node's clock is off from the broker's: retry",
+            body = ErrorBody,
+            headers(
+                ("Retry-After" = u64, description = "Seconds to wait before retrying"),
+                ("Set-Cookie" = String, description = "The voter cookie, its floor raised, \
+                    so that the retry beats this attempt"),
+            )),
+    )
+)]
 async fn vote_api(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -448,9 +552,7 @@ async fn vote_api(
 ) -> Response {
     let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
     let json_error = |err: VoteError, jar: Option<SignedCookieJar>| {
-        let body = axum::Json(ApiError {
-            error: err.to_string(),
-        });
+        let body = axum::Json(ErrorBody::new(err.to_string()));
         let response = (err.status(), jar, body).into_response();
         err.finish(response)
     };
@@ -492,13 +594,53 @@ async fn vote_api(
     }
 }
 
-#[derive(Deserialize)]
+/// A vote, as the form sends it.
+#[derive(Deserialize, ToSchema)]
 struct FormVote {
+    /// The option's id.
     vote: String,
+    /// The poll's id; the default poll when absent.
     poll: Option<String>,
 }
 
 /// `POST /vote`: the form's `vote=<option>` (and `poll=<id>`) → 303 back to the form.
+#[utoipa::path(
+    post,
+    path = "/vote",
+    tag = "votes",
+    description = "The voting form's button: casts a vote and redirects back to the form, \
+        which shows the receipt. Refusals are the form page again, with the message.",
+    params(
+        ("landslide_voter" = Option<String>, Cookie,
+            description = "The signed voter cookie of an earlier answer."),
+    ),
+    request_body(content = FormVote, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Stored on disk; back to the form, with the receipt",
+            headers(
+                ("Location" = String, description = "`/?receipt=…` (or `/?poll=…&receipt=…`)"),
+                ("Set-Cookie" = String, description = "The signed voter cookie"),
+            )),
+        (status = 400, description = "Malformed body", body = String, content_type = "text/html"),
+        (status = 403, description = "Sent from another site's page, or the poll is not open",
+            body = String, content_type = "text/html"),
+        (status = 413, description = "Body larger than 4 KiB", body = String,
+            content_type = "text/html"),
+        (status = 415, description = "Content-Type is not application/x-www-form-urlencoded",
+            body = String, content_type = "text/html"),
+        (status = 422, description = "Unknown poll or option", body = String,
+            content_type = "text/html"),
+        (status = 429, description = "Beyond this client address's rate limit; not stored",
+            body = String, content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 503, description = "Not stored durably, or this node's clock is off: retry",
+            body = String, content_type = "text/html",
+            headers(
+                ("Retry-After" = u64, description = "Seconds to wait before retrying"),
+                ("Set-Cookie" = String, description = "The voter cookie, its floor raised"),
+            )),
+    )
+)]
 async fn vote_form(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -559,11 +701,32 @@ struct VotePage<'a> {
     receipt: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct FormQuery {
+    /// The poll to show; the default poll when absent.
     poll: Option<String>,
     /// The receipt of the vote just cast, shown as its confirmation.
     receipt: Option<String>,
+}
+
+impl FormQuery {
+    /// The first `poll` and `receipt` of a query string. Never fails: an address that repeats
+    /// a field, or holds fields of no meaning here, still shows a form.
+    fn read(query: Option<&str>) -> Self {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
+        let first = |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        Self {
+            poll: first("poll"),
+            receipt: first("receipt"),
+        }
+    }
 }
 
 impl AppState {
@@ -626,13 +789,33 @@ impl AppState {
 }
 
 /// `GET /`: the form for the default poll (or `?poll=<id>`), showing the voter's current choice.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "pages",
+    description = "The voting form of the default poll, or of `poll`, showing the voter's \
+        current choice.",
+    params(
+        FormQuery,
+        ("landslide_voter" = Option<String>, Cookie,
+            description = "The signed voter cookie: the form shows the current choice."),
+    ),
+    responses(
+        (status = 200, description = "The form. A voter cookie that only a previous key \
+            (LANDSLIDE_SECRET_PREVIOUS) verifies comes back in Set-Cookie, signed with the \
+            current key; otherwise no cookie is set.", body = String, content_type = "text/html"),
+        (status = 422, description = "Unknown poll: the default poll's form, with the message",
+            body = String, content_type = "text/html"),
+    )
+)]
 async fn form(
     State(state): State<AppState>,
     jar: SignedCookieJar,
     headers: HeaderMap,
-    Query(query): Query<FormQuery>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
+    let query = FormQuery::read(query.as_deref());
     let book = state.book();
     let polls = book.latest().1;
     let poll = match query.poll.as_deref() {
@@ -657,6 +840,18 @@ async fn form(
 
 /// `GET /readyz`: NATS connected, this node's clock within its bound of the NATS server's, and
 /// the votes stream present.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    description = "Ready to take votes: NATS connected, this node's clock within its bound of \
+        the broker's, the votes stream present.",
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Not ready, and why (with the clock's offset and bound)",
+            body = String, content_type = "text/plain"),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     use async_nats::connection::State as Conn;
     if state.0.client.connection_state() != Conn::Connected {

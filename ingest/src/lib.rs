@@ -22,6 +22,7 @@ mod rate_limit;
 mod voter;
 pub use client::ClientIpHeader;
 pub use clock::{Clock, MaxClockOffset, SystemClock};
+pub use http::openapi;
 pub use rate_limit::RateLimit;
 
 /// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.

@@ -11,13 +11,17 @@
 //! must (TLS as `DATABASE_URL`'s `sslmode` says, with a timeout and an error that names
 //! `DATABASE_URL`), applying the migrations under an advisory lock, checking that they are applied,
 //! and the database users the roles connect as. It lives here because the schema, its migrations,
-//! the rights they grant and the lock that guards them are one piece of the contract.
+//! the rights they grant and the lock that guards them are one piece of the contract. Feature
+//! `openapi` describes the values in the HTTP APIs' OpenAPI documents, by the same rules as their
+//! `parse` (data about data, no behaviour).
 
 pub mod cookie;
 pub mod db;
 pub mod event;
 pub mod ids;
 pub mod merge;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod poll;
 #[cfg(feature = "postgres")]
 pub mod postgres;

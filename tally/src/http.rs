@@ -7,17 +7,20 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
 use futures::{Stream, StreamExt as _};
 use landslide_config::Shutdown;
 use landslide_nats::polls::PollWatch;
 use landslide_schema::Poll;
+use landslide_telemetry::openapi::ErrorBody;
 use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::snapshot::{Results, Snapshot, Status};
 
@@ -40,19 +43,80 @@ impl AppState {
     }
 }
 
+/// Every route of tally, each registered with its entry in the OpenAPI document by the same
+/// `routes!` call: a route cannot be served undocumented (`OpenApiRouter::route`, which would
+/// allow it, is refused by clippy.toml).
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(default_page))
+        .routes(routes!(poll_page))
+        .routes(routes!(api_results))
+        .routes(routes!(events))
+        .routes(routes!(crate::receipts::api))
+        .routes(routes!(crate::receipts::page))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(landslide_telemetry::openapi::metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// Tally's OpenAPI 3.1 document, generated from [`api`]: what `/api/openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    landslide_telemetry::openapi::finish(
+        api().into_openapi(),
+        "Landslide tally",
+        env!("CARGO_PKG_VERSION"),
+        "The results: live pages, the JSON API and its server-sent events, and receipts. \
+         Everything is read from one snapshot, rebuilt every refresh.",
+    )
+}
+
+/// The document as served, rendered once.
+static DOCUMENT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| openapi().to_json().unwrap_or_default());
+
 pub(crate) fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(default_page))
-        .route("/results/{poll}", get(poll_page))
-        .route("/api/results/{poll}", get(api_results))
-        .route("/api/results/{poll}/events", get(events))
-        .route("/api/receipts/{receipt}", get(crate::receipts::api))
-        .route("/receipts/{receipt}", get(crate::receipts::page))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(landslide_telemetry::metrics_handler))
+    let (router, _document) = api().split_for_parts();
+    router
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
+}
+
+/// `GET /api/openapi.json`.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "operations",
+    description = "This document: tally's OpenAPI 3.1 document, generated from its code.",
+    responses(
+        (status = 200, description = "The OpenAPI document", body = Object,
+            content_type = "application/json"),
+    )
+)]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+        .into_response()
+}
+
+/// `GET /healthz`.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    description = "The process is alive.",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")),
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// A poll id from the path. A segment that is not UTF-8 once percent-decoded names no poll
+/// (ids are `[A-Za-z0-9_-]`): it is an unknown poll like any other, not axum's plain-text 400.
+fn poll_id(path: Result<Path<String>, PathRejection>) -> Option<String> {
+    path.ok().map(|Path(poll)| poll)
 }
 
 /// Errors of the JSON API; the body is `{"error": "..."}`.
@@ -75,7 +139,7 @@ impl IntoResponse for ApiError {
             Self::NotReady => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
             Self::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, Some("5")),
         };
-        let body = axum::Json(serde_json::json!({ "error": self.to_string() }));
+        let body = axum::Json(ErrorBody::new(self.to_string()));
         let mut response = (status, body).into_response();
         if let Some(seconds) = retry_after {
             response
@@ -87,10 +151,27 @@ impl IntoResponse for ApiError {
 }
 
 /// `GET /api/results/{poll}`: the poll's latest snapshot as JSON.
+#[utoipa::path(
+    get,
+    path = "/api/results/{poll}",
+    tag = "results",
+    description = "The poll's latest results. `pending` counts accepted votes not yet \
+        committed: when it is 0, `counts` include every vote accepted before `as_of`.",
+    params(("poll" = landslide_schema::PollId, Path, description = "The poll's id")),
+    responses(
+        (status = 200, description = "The results", body = Results,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 404, description = "Unknown poll", body = ErrorBody),
+        (status = 503, description = "No results yet (tally has just started); retry",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
 async fn api_results(
     State(state): State<AppState>,
-    Path(poll): Path<String>,
+    poll: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let poll = poll_id(poll).ok_or(ApiError::UnknownPoll)?;
     let book = state.polls.current();
     let poll = book.latest().1.get(&poll).ok_or(ApiError::UnknownPoll)?;
     let snapshot = state.snapshot().ok_or(ApiError::NotReady)?;
@@ -107,10 +188,28 @@ async fn api_results(
 
 /// `GET /api/results/{poll}/events`: one event per new snapshot, the current one first. Ends when
 /// the server shuts down, so that draining does not wait for viewers to leave.
+#[utoipa::path(
+    get,
+    path = "/api/results/{poll}/events",
+    tag = "results",
+    description = "Server-sent events: one per new snapshot, the current one first, each with \
+        the JSON of `GET /api/results/{poll}` as its data. The stream does not end by itself.",
+    params(("poll" = landslide_schema::PollId, Path, description = "The poll's id")),
+    responses(
+        (status = 200, description = "The live results", body = String,
+            content_type = "text/event-stream"),
+        (status = 404, description = "Unknown poll", body = ErrorBody),
+        (status = 503, description = "Too many live result streams at once; retry, or read \
+            `GET /api/results/{poll}`",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
 async fn events(
     State(state): State<AppState>,
-    Path(poll): Path<String>,
+    poll: Result<Path<String>, PathRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let poll = poll_id(poll).ok_or(ApiError::UnknownPoll)?;
     let poll = state
         .polls
         .current()
@@ -159,6 +258,17 @@ fn snapshots(
 }
 
 /// `GET /readyz`: ready while snapshots keep coming.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    description = "Ready while results keep being refreshed.",
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "No results yet, or refreshes keep failing",
+            body = String, content_type = "text/plain"),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     match state.snapshot() {
         Some(snapshot) if snapshot.taken.elapsed() <= state.stale_after => {
@@ -216,15 +326,36 @@ fn status_line(status: Status, results: Option<&Results>) -> (String, &'static s
 }
 
 /// `GET /`: the default poll's live results.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "pages",
+    description = "The default poll's live results page (updated over server-sent events).",
+    responses((status = 200, description = "The page", body = String, content_type = "text/html")),
+)]
 async fn default_page(State(state): State<AppState>) -> Response {
     let book = state.polls.current();
     page(&state, book.latest().1.default_poll())
 }
 
 /// `GET /results/{poll}`: another poll's live results.
-async fn poll_page(State(state): State<AppState>, Path(poll): Path<String>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/results/{poll}",
+    tag = "pages",
+    description = "A poll's live results page.",
+    params(("poll" = landslide_schema::PollId, Path, description = "The poll's id")),
+    responses(
+        (status = 200, description = "The page", body = String, content_type = "text/html"),
+        (status = 404, description = "Unknown poll", body = String, content_type = "text/html"),
+    )
+)]
+async fn poll_page(
+    State(state): State<AppState>,
+    poll: Result<Path<String>, PathRejection>,
+) -> Response {
     let book = state.polls.current();
-    match book.latest().1.get(&poll) {
+    match poll_id(poll).and_then(|poll| book.latest().1.get(&poll)) {
         Some(poll) => page(&state, poll),
         None => (
             StatusCode::NOT_FOUND,

@@ -18,6 +18,7 @@ mod receipts;
 mod snapshot;
 pub mod status;
 
+pub use http::openapi;
 pub use snapshot::Status;
 
 use std::time::Duration;

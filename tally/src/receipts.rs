@@ -3,6 +3,7 @@
 //! small pool of its own: the results' one query per refresh stays what it was.
 
 use askama::Template;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -12,8 +13,10 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::RunQueryDsl as _;
 use diesel_async::pooled_connection::bb8::Pool;
 use landslide_schema::receipt::{Receipt, Standing};
-use landslide_schema::{EventId, Timestamp};
+use landslide_schema::{Choice, EventId, PollId, Timestamp};
+use landslide_telemetry::openapi::ErrorBody;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::http::AppState;
 use crate::snapshot::Status;
@@ -31,20 +34,36 @@ struct BallotRow {
     choice: String,
 }
 
+/// What became of a receipt's vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ReceiptStatus {
+    /// This vote is the voter's ballot.
+    Counted,
+    /// A later vote of the same voter is (`counted_event_id`).
+    Superseded,
+    /// Not counted yet.
+    Pending,
+    /// The poll is final and the vote is not in its ballots, which the audit reports as a
+    /// difference.
+    NotCounted,
+}
+
 /// The answer about one receipt.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Answer {
+    #[schema(value_type = Receipt)]
     receipt: String,
+    #[schema(value_type = PollId)]
     poll: String,
     event_id: EventId,
-    /// `counted`: this vote is the voter's ballot. `superseded`: a later vote of the same voter
-    /// is (`counted_event_id`). `pending`: not counted yet. `not_counted`: the poll is final and
-    /// the vote is not in its ballots, which the audit reports as a difference.
-    status: &'static str,
+    status: ReceiptStatus,
+    /// The vote that is the voter's ballot, when a later one superseded this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     counted_event_id: Option<EventId>,
     /// The choice the voter's ballot holds now.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Choice>)]
     counted_choice: Option<String>,
     /// The poll's status, as the results say it.
     poll_status: Status,
@@ -74,10 +93,10 @@ pub(crate) async fn answer(state: &AppState, text: &str) -> Result<Answer, (Stat
             .map(|b| (Timestamp::from_i64(b.ts), EventId(b.event_id))),
     );
     let status = match standing {
-        Standing::Counted => "counted",
-        Standing::Superseded => "superseded",
-        Standing::NotYet if results.status == Status::Final => "not_counted",
-        Standing::NotYet => "pending",
+        Standing::Counted => ReceiptStatus::Counted,
+        Standing::Superseded => ReceiptStatus::Superseded,
+        Standing::NotYet if results.status == Status::Final => ReceiptStatus::NotCounted,
+        Standing::NotYet => ReceiptStatus::Pending,
     };
     Ok(Answer {
         receipt: receipt.to_string(),
@@ -108,13 +127,47 @@ async fn read_ballot(
     Ok(rows.into_iter().next())
 }
 
+/// The receipt from the path. A segment that is not UTF-8 once percent-decoded is no receipt:
+/// the same `400` as any other text that is none, not axum's plain-text one.
+async fn from_path(
+    state: &AppState,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Answer, (StatusCode, String)> {
+    match path {
+        Ok(Path(receipt)) => answer(state, &receipt).await,
+        Err(_) => Err((
+            StatusCode::BAD_REQUEST,
+            "a receipt is `<poll>.<voter id>.<event id>.<ts>`".to_owned(),
+        )),
+    }
+}
+
 /// `GET /api/receipts/{receipt}`.
-pub(crate) async fn api(State(state): State<AppState>, Path(receipt): Path<String>) -> Response {
-    match answer(&state, &receipt).await {
+#[utoipa::path(
+    get,
+    path = "/api/receipts/{receipt}",
+    tag = "receipts",
+    description = "What became of the vote a receipt names, read from the voter's ballot.",
+    params(("receipt" = landslide_schema::receipt::Receipt, Path,
+        description = "The receipt of an accepted vote")),
+    responses(
+        (status = 200, description = "Where the vote stands", body = Answer,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "Not a receipt", body = ErrorBody),
+        (status = 404, description = "The receipt's poll does not exist", body = ErrorBody),
+        (status = 503, description = "No results yet, or the ballots cannot be read now; retry",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(crate) async fn api(
+    State(state): State<AppState>,
+    receipt: Result<Path<String>, PathRejection>,
+) -> Response {
+    match from_path(&state, receipt).await {
         Ok(answer) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(answer)).into_response(),
         Err((status, error)) => {
-            let mut response =
-                (status, axum::Json(serde_json::json!({ "error": error }))).into_response();
+            let mut response = (status, axum::Json(ErrorBody::new(error))).into_response();
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 response
                     .headers_mut()
@@ -126,22 +179,45 @@ pub(crate) async fn api(State(state): State<AppState>, Path(receipt): Path<Strin
 }
 
 /// `GET /receipts/{receipt}`: the same, as a small page.
-pub(crate) async fn page(State(state): State<AppState>, Path(receipt): Path<String>) -> Response {
-    let (status, sentence) = match answer(&state, &receipt).await {
+#[utoipa::path(
+    get,
+    path = "/receipts/{receipt}",
+    tag = "pages",
+    description = "What became of the vote a receipt names, as a small page.",
+    params(("receipt" = landslide_schema::receipt::Receipt, Path,
+        description = "The receipt of an accepted vote")),
+    responses(
+        (status = 200, description = "Where the vote stands", body = String,
+            content_type = "text/html"),
+        (status = 400, description = "Not a receipt", body = String, content_type = "text/html"),
+        (status = 404, description = "The receipt's poll does not exist", body = String,
+            content_type = "text/html"),
+        (status = 503, description = "No results yet, or the ballots cannot be read now; retry",
+            body = String, content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(crate) async fn page(
+    State(state): State<AppState>,
+    receipt: Result<Path<String>, PathRejection>,
+) -> Response {
+    let (status, sentence) = match from_path(&state, receipt).await {
         Ok(answer) => (
             StatusCode::OK,
             match answer.status {
-                "counted" => "This vote is the one counted for you.".to_owned(),
-                "superseded" => format!(
+                ReceiptStatus::Counted => "This vote is the one counted for you.".to_owned(),
+                ReceiptStatus::Superseded => format!(
                     "A later vote of yours replaced this one: {} is counted.",
                     answer.counted_choice.unwrap_or_default()
                 ),
-                "pending" => {
+                ReceiptStatus::Pending => {
                     "This vote is accepted and not counted yet; look again in a moment.".to_owned()
                 }
-                _ => "This vote is not among the counted ballots of the final result. \
-                      Please report it."
-                    .to_owned(),
+                ReceiptStatus::NotCounted => {
+                    "This vote is not among the counted ballots of the final result. \
+                     Please report it."
+                        .to_owned()
+                }
             },
         ),
         Err((status, error)) => (status, error),
@@ -151,6 +227,13 @@ pub(crate) async fn page(State(state): State<AppState>, Path(receipt): Path<Stri
         sentence: &sentence,
     };
     match page.render() {
+        // Like the API's: a reader of the page may retry as well as a program.
+        Ok(html) if status == StatusCode::SERVICE_UNAVAILABLE => (
+            status,
+            [(header::RETRY_AFTER, header::HeaderValue::from_static("1"))],
+            Html(html),
+        )
+            .into_response(),
         Ok(html) => (status, Html(html)).into_response(),
         Err(err) => {
             tracing::error!(error = %err, "cannot render the receipt page");

@@ -24,7 +24,7 @@ use crate::counts::{self, OptionCount};
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of `GET /api/results/{poll}` and of each server-sent event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub(crate) struct Results {
     pub poll: PollId,
     pub question: String,
@@ -35,19 +35,24 @@ pub(crate) struct Results {
     /// is 0, the counts include every vote accepted before `as_of`.
     pub pending: u64,
     /// When the snapshot was started, RFC 3339 in UTC.
+    #[schema(format = DateTime)]
     pub as_of: String,
     /// Where the poll is in its life: `not_open`, `open`, `closed` (votes may still be
     /// pending), or `final`: closed by the stream's clock and nothing pending, so the counts are
     /// the result.
     pub status: Status,
+    /// When the poll opens, RFC 3339 in UTC; only for a poll with an opening time.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub opens_at: Option<String>,
+    /// When the poll closes, RFC 3339 in UTC; only for a poll with a closing time.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub closes_at: Option<String>,
 }
 
 /// Where a poll is in its life, as the results say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     NotOpen,

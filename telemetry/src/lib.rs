@@ -1,12 +1,13 @@
 //! Telemetry for every Landslide role: logs and spans through `tracing`, OTLP trace export when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, W3C trace context propagation, and Prometheus metrics served
 //! on each role's own `/metrics`; and the HTTP server of ingest and tally, with its limits
-//! ([`serve`]).
+//! ([`serve`]), and what their OpenAPI documents share ([`openapi`]).
 //!
 //! Each layer has its own filter: `RUST_LOG` governs the log output only, so `RUST_LOG=warn` never
 //! silences the spans that carry `traceparent` from an HTTP request to the database commit.
 //! `LANDSLIDE_TRACE_FILTER` (default `info`) governs which spans are exported.
 
+pub mod openapi;
 pub mod serve;
 
 use std::io::IsTerminal as _;

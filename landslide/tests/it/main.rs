@@ -11,6 +11,7 @@ mod cli;
 mod clock;
 mod database;
 mod edge;
+mod openapi;
 mod pipeline;
 mod polls;
 mod publish;

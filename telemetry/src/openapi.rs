@@ -1,0 +1,98 @@
+//! What the OpenAPI documents of ingest and tally share: the error body, the `/metrics`
+//! operation, and [`finish`], which gives a document what utoipa's annotations cannot say.
+//!
+//! Each role generates its own document from its router (`utoipa_axum::router::OpenApiRouter`,
+//! one `routes!` per path, so a route and its entry are registered by the same call) and serves
+//! it at `/api/openapi.json`: ingest and tally are different hosts behind different names, so
+//! one combined document would describe, on each, operations it does not serve.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa::openapi::response::Response;
+use utoipa::openapi::{Info, OpenApi, RefOr};
+
+/// The body of every JSON error of ingest and tally: a message meant for the person reading it,
+/// stable enough to show, never an internal cause.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+        }
+    }
+}
+
+/// The response headers a client can rely on whenever a response documents them: every
+/// `Retry-After` (only `429` and `503` answers document it, and each of those sets it), and the
+/// `Location` of a redirect. utoipa's header annotation has no `required`, so [`finish`] sets it;
+/// schemathesis' `response_headers_conformance` then fails an answer that leaves one out.
+const ALWAYS_SENT: [&str; 2] = ["Retry-After", "Location"];
+
+/// Completes a generated document: its title, version and description, and `required: true` on
+/// the headers that are always sent ([`ALWAYS_SENT`], and `Set-Cookie` on a `2xx` or `3xx` that
+/// documents it: the vote endpoints set the voter cookie on every success).
+pub fn finish(mut document: OpenApi, title: &str, version: &str, description: &str) -> OpenApi {
+    let mut info = Info::new(title, version);
+    info.description = Some(description.to_owned());
+    document.info = info;
+    for item in document.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+            &mut item.options,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            require_headers(&mut operation.responses.responses);
+        }
+    }
+    document
+}
+
+fn require_headers(responses: &mut BTreeMap<String, RefOr<Response>>) {
+    for (status, response) in responses.iter_mut() {
+        let RefOr::T(response) = response else {
+            continue;
+        };
+        let success = status.starts_with('2') || status.starts_with('3');
+        for (name, header) in &mut response.headers {
+            let RefOr::T(header) = header else {
+                continue;
+            };
+            if ALWAYS_SENT.contains(&name.as_str()) || (success && name == "Set-Cookie") {
+                // The Header Object's `required` field (OpenAPI 3.1, 4.8.21), which utoipa 6's
+                // `Header` lacks; its extensions are serialized flat into the object, so this
+                // writes exactly `"required": true`.
+                header
+                    .extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("required".to_owned(), serde_json::Value::Bool(true));
+            }
+        }
+    }
+}
+
+/// `GET /metrics` of ingest and tally.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    description = "Prometheus metrics of this process, in the Prometheus text format.",
+    responses(
+        (status = 200, description = "The metrics", body = String,
+            content_type = "text/plain; version=0.0.4; charset=utf-8"),
+    )
+)]
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    crate::metrics_handler().await
+}
