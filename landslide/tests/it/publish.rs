@@ -119,10 +119,14 @@ async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored()
     let originals = join_all(keys.iter().map(|k| keyed(support::voter(), k.clone()))).await;
 
     // Each key again, cookie-less as after a lost answer, among 200 fresh votes.
+    // The clients are built first, as in `concurrent_votes_…`: building 200 inside the burst (each
+    // loads the platform's roots) kept connections from sending their headers within the node's
+    // 10 s header timeout on a loaded machine, and the node rightly closed them.
     let retries = join_all(keys.iter().map(|k| keyed(support::voter(), k.clone())));
-    let fresh = join_all((0..200).map(|_| {
+    let voters: Vec<reqwest::Client> = (0..200).map(|_| support::voter()).collect();
+    let fresh = join_all(voters.into_iter().map(|voter| {
         let url = ingest.url.clone();
-        async move { support::vote_api(&support::voter(), &url, "pets", "cats").await }
+        async move { support::vote_api(&voter, &url, "pets", "cats").await }
     }));
     let (retries, fresh) = tokio::join!(retries, fresh);
 
