@@ -2,8 +2,9 @@
 //!
 //! `verify-full` is rustls' own WebPKI verifier over the CA of `sslrootcert`: the chain and the
 //! host name. `verify-ca` (and `require` with `sslrootcert`, as libpq) checks the same chain with
-//! the same function but not the name ([`ChainOnly`]). `prefer` and `require` without a CA accept
-//! any certificate ([`Unchecked`]), as libpq does: the session is encrypted, to whoever answered.
+//! the same function but not the name ([`AnyName`] with roots). `prefer` and `require` without a
+//! CA accept any certificate ([`AnyName`] without), as libpq does: the session is encrypted, to
+//! whoever answered.
 //! In every mode the TLS handshake itself is verified (the server proves it holds the key of the
 //! certificate it sent), and the crypto provider is ring, chosen here rather than taken from the
 //! process (`landslide_nats::install_crypto_provider`), so connecting never depends on a global.
@@ -35,13 +36,14 @@ pub(super) fn client_config(
         (SslMode::VerifyFull, Some(roots)) => builder.with_root_certificates(roots),
         (SslMode::VerifyCa | SslMode::Require, Some(roots)) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                roots: Arc::new(roots),
+            .with_custom_certificate_verifier(Arc::new(AnyName {
+                roots: Some(Arc::new(roots)),
                 algorithms: provider.signature_verification_algorithms,
             })),
         (SslMode::Prefer | SslMode::Require, None) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unchecked {
+            .with_custom_certificate_verifier(Arc::new(AnyName {
+                roots: None,
                 algorithms: provider.signature_verification_algorithms,
             })),
         (mode, _) => return Err(format!("sslmode={mode} cannot be set up with these files")),
@@ -78,16 +80,19 @@ fn read_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// `verify-ca`: the server's certificate must chain to one of `roots`, whatever name it has.
-/// rustls' WebPKI verifier checks the chain first and the name after, with two public functions;
-/// this is the first of them alone.
+/// The verifier of every mode but `verify-full`: with `roots` (`verify-ca`, and `require` with a
+/// CA), the server's certificate must chain to one of them, whatever name it has (rustls' WebPKI
+/// verifier checks the chain first and the name after, with two public functions; this is the
+/// first of them alone). Without (`prefer`, `require` without a CA), any certificate, as libpq
+/// accepts it in these modes. Either way the handshake's signatures are checked, so the session
+/// is encrypted to whoever holds the key of the certificate that was sent.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct AnyName {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for AnyName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -96,57 +101,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `prefer`, and `require` without a CA: any certificate, as libpq accepts it in these modes.
-/// The handshake's signatures are still checked, so the session is encrypted to whoever holds
-/// the key of the certificate that was sent.
-#[derive(Debug)]
-struct Unchecked {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
