@@ -290,7 +290,7 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
         FaultKind::PartitionWorkerFromPostgres => {
             let i = fault.target % stack.roles.workers.len();
             let name = stack.roles.workers[i].process.name().to_owned();
-            let url = stack.roles.workers[i].base_url();
+            let url = stack.roles.workers[i].metrics_url();
             let cuts = [Cut::Both(name.clone(), crate::POSTGRES_HOST.to_owned())];
             let gave_up =
                 partition(stack, &cuts, fault, &url, "landslide_db_timeouts_total").await?;
@@ -302,7 +302,7 @@ pub async fn inject(stack: &mut Stack, fault: &Fault) -> anyhow::Result<String> 
         FaultKind::PartitionIngestFromNats => {
             let i = fault.target % stack.roles.ingest.len();
             let name = stack.roles.ingest[i].process.name().to_owned();
-            let url = stack.roles.ingest[i].base_url();
+            let url = stack.roles.ingest[i].metrics_url();
             let cuts: Vec<Cut> = (0..stack.nats.len())
                 .map(|n| Cut::OneWay(stack.nats.name(n).to_owned(), name.clone()))
                 .collect();
@@ -352,7 +352,8 @@ enum Cut {
 }
 
 /// Makes `cuts` for the fault's downtime, then heals them; returns how much `counter` of the role
-/// at `role_url` grew meanwhile, for the fault's detail (`?` when a reading failed).
+/// whose `/metrics` is at `role_url` grew meanwhile, for the fault's detail (`?` when a reading
+/// failed).
 async fn partition(
     stack: &mut Stack,
     cuts: &[Cut],

@@ -84,6 +84,9 @@ pub struct Role {
     pub process: Process,
     /// The HTTP address of an ingest node or tally, the metrics address of a worker.
     pub addr: SocketAddr,
+    /// Its operations listener (`LANDSLIDE_METRICS_LISTEN`): `/metrics`, as every deployment
+    /// serves it, apart from the pages.
+    pub metrics_addr: SocketAddr,
     health_path: &'static str,
 }
 
@@ -92,15 +95,24 @@ impl Role {
         format!("http://{}", self.addr)
     }
 
-    /// A role of `process`, answering `health_path` at `addr`, started and healthy.
+    /// Where its `/metrics` is.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}", self.metrics_addr)
+    }
+
+    /// A role of `process`, answering `health_path` at `addr`, its metrics at `metrics_addr`,
+    /// started and healthy.
     async fn launch(
         process: Process,
         addr: SocketAddr,
+        metrics_addr: SocketAddr,
         health_path: &'static str,
     ) -> anyhow::Result<Self> {
+        let process = process.env("LANDSLIDE_METRICS_LISTEN", metrics_addr);
         let mut role = Self {
             process,
             addr,
+            metrics_addr,
             health_path,
         };
         role.start().await?;
@@ -166,7 +178,8 @@ impl Roles {
         let tally = env
             .process("tally", "tally", User::Tally, dir)
             .env("LANDSLIDE_LISTEN", addr);
-        let tally = Role::launch(tally, addr, "/readyz").await?;
+        let metrics = env.listen_addr("tally")?;
+        let tally = Role::launch(tally, addr, metrics, "/readyz").await?;
         Ok(Self {
             ingest,
             workers: worker_roles,
@@ -201,17 +214,16 @@ impl Roles {
             // Every voter of the harness and of the benchmark comes from one address (loopback,
             // or the harness's in a network), far beyond one client's rate: no per-client limit.
             .env("LANDSLIDE_RATE_LIMIT", 0);
-        Role::launch(process, addr, "/readyz").await
+        let metrics = env.listen_addr(name)?;
+        Role::launch(process, addr, metrics, "/readyz").await
     }
 
     /// Starts dedup-worker number `n` (its name and log are `worker<n>`).
     pub async fn start_worker(env: &RoleEnv, dir: &Path, n: usize) -> anyhow::Result<Role> {
         let name = format!("worker{n}");
         let addr = env.listen_addr(&name)?;
-        let process = env
-            .process(&name, "dedup-worker", User::Worker, dir)
-            .env("LANDSLIDE_METRICS_LISTEN", addr);
-        Role::launch(process, addr, "/healthz").await
+        let process = env.process(&name, "dedup-worker", User::Worker, dir);
+        Role::launch(process, addr, addr, "/healthz").await
     }
 
     /// `Err` naming every role that is not running (one that exited on its own is a finding).

@@ -7,12 +7,12 @@ use std::time::Duration;
 use askama::Template;
 use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRef, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::{Extension, Router};
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::Key;
 use chrono::{DateTime, Utc};
@@ -21,7 +21,8 @@ use landslide_schema::cookie::VoterCookie;
 use landslide_schema::poll::{NotCounted, Window};
 use landslide_schema::receipt::Receipt;
 use landslide_schema::{EventId, NodeId, Poll, PollBook, PollId, Timestamp, VoteEvent, VoterId};
-use landslide_telemetry::openapi::ErrorBody;
+use landslide_telemetry::openapi::{Document, ErrorBody};
+use landslide_telemetry::serve::MetricsAt;
 use serde::{Deserialize, Serialize};
 use tower_http::trace::TraceLayer;
 use utoipa::{IntoParams, ToSchema};
@@ -117,21 +118,24 @@ impl FromRef<AppState> for Key {
 /// Every route of the node, each registered with its entry in the OpenAPI document by the same
 /// `routes!` call: a route cannot be served undocumented (`OpenApiRouter::route`, which would
 /// allow it, is refused by clippy.toml).
-fn api() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
+fn api(metrics: MetricsAt) -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
         .routes(routes!(form))
         .routes(routes!(vote_form))
         .routes(routes!(vote_api))
-        .routes(routes!(healthz))
+        .routes(routes!(landslide_telemetry::openapi::healthz))
         .routes(routes!(readyz))
-        .routes(routes!(landslide_telemetry::openapi::metrics))
-        .routes(routes!(openapi_json))
+        .routes(routes!(landslide_telemetry::openapi::openapi_json));
+    match metrics {
+        MetricsAt::Public => api.routes(routes!(landslide_telemetry::openapi::metrics)),
+        MetricsAt::Operations => api,
+    }
 }
 
 /// The node's OpenAPI 3.1 document, generated from [`api`]: what `/api/openapi.json` serves.
-pub fn openapi() -> utoipa::openapi::OpenApi {
+pub fn openapi(metrics: MetricsAt) -> utoipa::openapi::OpenApi {
     landslide_telemetry::openapi::finish(
-        api().into_openapi(),
+        api(metrics).into_openapi(),
         "Landslide ingest",
         env!("CARGO_PKG_VERSION"),
         "An ingest node: the voting form and the JSON API. A vote is answered 2xx only once \
@@ -140,48 +144,16 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     )
 }
 
-/// The document as served, rendered once.
-static DOCUMENT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| openapi().to_json().unwrap_or_default());
-
-pub fn router(state: AppState) -> Router {
-    let (router, _document) = api().split_for_parts();
+/// The node's routes (`/metrics` among them only where `metrics` says) and the document that
+/// describes exactly those.
+pub fn router(state: AppState, metrics: MetricsAt) -> Router {
+    let (router, _document) = api(metrics).split_for_parts();
     router
+        .layer(Extension(Document::new(&openapi(metrics))))
         // We buffer bodies ourselves up to MAX_BODY; a larger one is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
-}
-
-/// `GET /api/openapi.json`.
-#[utoipa::path(
-    get,
-    path = "/api/openapi.json",
-    tag = "operations",
-    description = "This document: the node's OpenAPI 3.1 document, generated from its code.",
-    responses(
-        (status = 200, description = "The OpenAPI document", body = Object,
-            content_type = "application/json"),
-    )
-)]
-async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        DOCUMENT.as_str(),
-    )
-        .into_response()
-}
-
-/// `GET /healthz`.
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "operations",
-    description = "The process is alive.",
-    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")),
-)]
-async fn healthz() -> &'static str {
-    "ok\n"
 }
 
 /// Why a vote was refused. Each maps to one status and a message meant for the voter.

@@ -81,6 +81,9 @@ pub struct Config {
     pub results_url: Option<String>,
     /// The HTTP server's header read timeout and connection cap.
     pub http: landslide_telemetry::serve::Limits,
+    /// Whether `/metrics` is served with the form, or only on an operations listener of the
+    /// process's own (`LANDSLIDE_METRICS_LISTEN`).
+    pub metrics: landslide_telemetry::serve::MetricsAt,
     /// Votes per client address on this node (`LANDSLIDE_RATE_LIMIT`, `LANDSLIDE_RATE_BURST`);
     /// `None`: no limit.
     pub rate_limit: Option<RateLimit>,
@@ -105,6 +108,7 @@ impl Config {
             secure_cookie: false,
             results_url: None,
             http: landslide_telemetry::serve::Limits::default(),
+            metrics: landslide_telemetry::serve::MetricsAt::default(),
             rate_limit: Some(RateLimit::DEFAULT),
             client_ip_header: None,
         }
@@ -170,7 +174,7 @@ pub async fn run(
     // Stops with this function, however it returns.
     let _pruner = limiter.as_ref().map(rate_limit::Limiter::spawn_pruner);
     let state = http::AppState::new(&config, polls, client.clone(), js, clock, limiter);
-    let app = http::router(state);
+    let app = http::router(state, config.metrics);
     tracing::info!(
         node = %config.node_id,
         listen = %listener.local_addr()?,

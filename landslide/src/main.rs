@@ -18,6 +18,7 @@ use landslide_nats::auth::{CredentialSettings, Tls};
 use landslide_nats::{Access, NatsConfig, Topology, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_schema::{NodeId, Polls};
+use landslide_telemetry::serve::MetricsAt;
 
 mod local;
 
@@ -302,6 +303,10 @@ struct HttpArgs {
     /// HTTP connections served at once; more wait in the kernel's accept queue.
     #[arg(long, env = "LANDSLIDE_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
+    /// Serve /metrics (and /healthz) on this address only, not on the public listener, which then
+    /// answers /metrics with 404. Unset: /metrics is served on the public listener.
+    #[arg(long, env = "LANDSLIDE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl HttpArgs {
@@ -309,6 +314,14 @@ impl HttpArgs {
         landslide_telemetry::serve::Limits {
             header_read_timeout: Duration::from_millis(self.header_timeout_ms.max(100)),
             max_connections: self.max_connections.max(1),
+        }
+    }
+
+    /// Where `/metrics` is served.
+    fn metrics(&self) -> MetricsAt {
+        match self.metrics_listen {
+            Some(_) => MetricsAt::Operations,
+            None => MetricsAt::Public,
         }
     }
 }
@@ -437,6 +450,7 @@ impl IngestArgs {
         config.secure_cookie = self.secure_cookie;
         config.results_url = self.results_url.clone();
         config.http = self.http.limits();
+        config.metrics = self.http.metrics();
         (config.rate_limit, config.client_ip_header) = self.limits.settings()?;
         Ok(config)
     }
@@ -448,13 +462,36 @@ struct DatabaseArgs {
     /// verify-full), sslrootcert, sslcert and sslkey. Required.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// The database user to connect as, instead of DATABASE_URL's: each deployed role's own
+    /// login role, while the URL that a host's roles share names only the server.
+    #[arg(long, env = "DATABASE_USER")]
+    database_user: Option<String>,
+    /// A file whose first line is the database password, instead of DATABASE_URL's (systemd
+    /// hands a unit its own with LoadCredential).
+    #[arg(long, env = "DATABASE_PASSWORD_FILE")]
+    database_password_file: Option<PathBuf>,
 }
 
 impl DatabaseArgs {
-    /// The URL, parsed (its TLS files read), or an error that names DATABASE_URL.
+    /// The URL, parsed (its TLS files read), with DATABASE_USER and DATABASE_PASSWORD_FILE in
+    /// place of its own login if set, or an error that names the variable at fault.
     fn url(&self) -> anyhow::Result<DatabaseUrl> {
-        let url = required(&self.database_url, "--database-url", "DATABASE_URL")?;
-        Ok(DatabaseUrl::parse(url)?)
+        let url = DatabaseUrl::parse(required(
+            &self.database_url,
+            "--database-url",
+            "DATABASE_URL",
+        )?)?;
+        let user = self
+            .database_user
+            .as_deref()
+            .filter(|u| !u.trim().is_empty());
+        let password = self
+            .database_password_file
+            .as_deref()
+            .map(landslide_schema::postgres::roles::read_password_file)
+            .transpose()
+            .context("in DATABASE_PASSWORD_FILE")?;
+        Ok(url.with_login(user, password.as_deref())?)
     }
 }
 
@@ -527,6 +564,7 @@ impl TallyArgs {
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
         config.http = self.http.limits();
+        config.metrics = self.http.metrics();
         Ok(config)
     }
 }
@@ -599,6 +637,10 @@ struct UpArgs {
     /// Address of tally (the results).
     #[arg(long, default_value = "127.0.0.1:8081")]
     tally_listen: SocketAddr,
+    /// Address of the three roles' /metrics (and /healthz), as every deployment serves them: on
+    /// a listener of their own, not beside the pages.
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    metrics_listen: SocketAddr,
     /// Port of the nats-server that `up` starts (unless NATS_URL is set).
     #[arg(long, default_value_t = local::LocalPorts::default().nats)]
     nats_port: u16,
@@ -655,18 +697,30 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let config = args.config()?;
             let listener = bind(args.listen).await?;
             args.shared.check_sync().await;
-            landslide_ingest::run(config, listener, Shutdown::on_signal())
-                .await
-                .map(|()| std::process::ExitCode::SUCCESS)
+            with_operations(args.http.metrics_listen, |shutdown| {
+                landslide_ingest::run(config, listener, shutdown)
+            })
+            .await
+            .map(|()| std::process::ExitCode::SUCCESS)
         }
-        Command::DedupWorker(args) => worker(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::DedupWorker(args) => {
+            let config = args.config()?;
+            args.shared.check_sync().await;
+            with_operations(Some(args.metrics_listen), |shutdown| {
+                landslide_dedup_worker::run(config, shutdown)
+            })
+            .await
+            .map(|()| std::process::ExitCode::SUCCESS)
+        }
         Command::Tally(args) => {
             let config = args.config()?;
             let listener = bind(args.listen).await?;
             args.shared.check_sync().await;
-            landslide_tally::run(config, listener, Shutdown::on_signal())
-                .await
-                .map(|()| std::process::ExitCode::SUCCESS)
+            with_operations(args.http.metrics_listen, |shutdown| {
+                landslide_tally::run(config, listener, shutdown)
+            })
+            .await
+            .map(|()| std::process::ExitCode::SUCCESS)
         }
         Command::Audit(args) => audit(args).await,
         Command::Replay(args) => replay(args).await,
@@ -705,25 +759,25 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
-    let listener = bind(args.metrics_listen).await?;
-    args.shared.check_sync().await;
+/// Runs a role until SIGINT or SIGTERM, with an operations listener (`/metrics`, `/healthz`) at
+/// `metrics_listen` beside it, if given. The listener is bound first, so an address in use fails
+/// before the role starts.
+async fn with_operations<F>(
+    metrics_listen: Option<SocketAddr>,
+    role: impl FnOnce(Shutdown) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
     let shutdown = Shutdown::on_signal();
-    let metrics = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(landslide_telemetry::metrics_handler),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    let metrics = tokio::spawn(
-        axum::serve(listener, metrics)
-            .with_graceful_shutdown(shutdown.clone().wait())
-            .into_future(),
-    );
-    let result = landslide_dedup_worker::run(config, shutdown).await;
-    metrics.abort();
-    result
+    match metrics_listen {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            let operations = shutdown.clone().wait();
+            landslide_telemetry::serve::with_operations(listener, operations, role(shutdown)).await
+        }
+        None => role(shutdown).await,
+    }
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -882,9 +936,12 @@ async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let polls = Shared::polls_file(args.polls.as_deref())?;
     let limits = args.limits.settings()?;
-    // Bind both addresses before starting any server, so a port in use fails at once.
-    let ingest_listener = bind(args.ingest_listen).await?;
-    let tally_listener = bind(args.tally_listen).await?;
+    // Bind every address before starting any server, so a port in use fails at once.
+    let listeners = Listeners {
+        ingest: bind(args.ingest_listen).await?,
+        tally: bind(args.tally_listen).await?,
+        operations: bind(args.metrics_listen).await?,
+    };
     let mut local = local::LocalConfig::new(&args.data_dir);
     local.nats = non_empty_env("NATS_URL").map(given_nats).transpose()?;
     local.database_url = non_empty_env("DATABASE_URL")
@@ -900,7 +957,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         if args.polls.is_some() {
             make_current(&stack.nats_config(User::Admin), &polls).await?;
         }
-        run_roles(&stack, polls, limits, ingest_listener, tally_listener).await
+        run_roles(&stack, polls, limits, listeners).await
     }
     .await;
     let stopped = stack.stop().await;
@@ -945,13 +1002,25 @@ async fn make_current(nats: &NatsConfig, polls: &Polls) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `up` serves on.
+struct Listeners {
+    ingest: tokio::net::TcpListener,
+    tally: tokio::net::TcpListener,
+    /// `/metrics` of all three roles (one registry per process).
+    operations: tokio::net::TcpListener,
+}
+
 async fn run_roles(
     stack: &local::LocalStack,
     polls: Polls,
     (rate_limit, client_ip_header): ClientLimits,
-    ingest_listener: tokio::net::TcpListener,
-    tally_listener: tokio::net::TcpListener,
+    listeners: Listeners,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        ingest: ingest_listener,
+        tally: tally_listener,
+        operations,
+    } = listeners;
     // As the schema's owner, before any role starts: the roles' users may not migrate. Our own
     // PostgreSQL is migrated already; a given DATABASE_URL is its owner's.
     landslide_schema::postgres::migrate(&stack.database_url).await?;
@@ -970,13 +1039,20 @@ async fn run_roles(
         landslide_ingest::Config::new(node_id, connections(User::Ingest, None), secret);
     (ingest.rate_limit, ingest.client_ip_header) = (rate_limit, client_ip_header);
     ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
+    ingest.metrics = MetricsAt::Operations;
     let worker =
         landslide_dedup_worker::Config::new(connections(User::Worker, Some(LoginRole::Worker)));
-    let tally = landslide_tally::Config::new(connections(User::Tally, Some(LoginRole::Tally)));
+    let mut tally = landslide_tally::Config::new(connections(User::Tally, Some(LoginRole::Tally)));
+    tally.metrics = MetricsAt::Operations;
 
     let vote_url = format!("http://{}/", ingest_listener.local_addr()?);
     let results_url = format!("http://{}/", tally_listener.local_addr()?);
+    let metrics_url = format!("http://{}/metrics", operations.local_addr()?);
     let (stop, shutdown) = Shutdown::new();
+    let operations = tokio::spawn(landslide_telemetry::serve::serve_operations(
+        operations,
+        shutdown.clone().wait(),
+    ));
     // The worker first: it creates the streams and the consumer that the others look up.
     let mut worker = tokio::spawn(landslide_dedup_worker::run(worker, shutdown.clone()));
     let mut ingest = tokio::spawn(landslide_ingest::run(
@@ -990,7 +1066,8 @@ async fn run_roles(
         shutdown.clone(),
     ));
     println!(
-        "Landslide is up.\n  vote:    {vote_url}\n  results: {results_url}\nPress Ctrl-C to stop."
+        "Landslide is up.\n  vote:    {vote_url}\n  results: {results_url}\n  metrics: \
+         {metrics_url}\nPress Ctrl-C to stop."
     );
 
     // Run until Ctrl-C, or until a role fails; then stop the others and wait for all three.
@@ -1018,6 +1095,7 @@ async fn run_roles(
             failure.get_or_insert(err);
         }
     }
+    operations.abort();
     match failure {
         Some(err) => Err(err),
         None => {

@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
-use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
+use axum::{Extension, Router};
 use futures::{Stream, StreamExt as _};
 use landslide_config::Shutdown;
 use landslide_nats::polls::PollWatch;
 use landslide_schema::Poll;
-use landslide_telemetry::openapi::ErrorBody;
+use landslide_telemetry::openapi::{Document, ErrorBody};
+use landslide_telemetry::serve::MetricsAt;
 use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
 use utoipa_axum::router::OpenApiRouter;
@@ -46,24 +47,27 @@ impl AppState {
 /// Every route of tally, each registered with its entry in the OpenAPI document by the same
 /// `routes!` call: a route cannot be served undocumented (`OpenApiRouter::route`, which would
 /// allow it, is refused by clippy.toml).
-fn api() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
+fn api(metrics: MetricsAt) -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
         .routes(routes!(default_page))
         .routes(routes!(poll_page))
         .routes(routes!(api_results))
         .routes(routes!(events))
         .routes(routes!(crate::receipts::api))
         .routes(routes!(crate::receipts::page))
-        .routes(routes!(healthz))
+        .routes(routes!(landslide_telemetry::openapi::healthz))
         .routes(routes!(readyz))
-        .routes(routes!(landslide_telemetry::openapi::metrics))
-        .routes(routes!(openapi_json))
+        .routes(routes!(landslide_telemetry::openapi::openapi_json));
+    match metrics {
+        MetricsAt::Public => api.routes(routes!(landslide_telemetry::openapi::metrics)),
+        MetricsAt::Operations => api,
+    }
 }
 
 /// Tally's OpenAPI 3.1 document, generated from [`api`]: what `/api/openapi.json` serves.
-pub fn openapi() -> utoipa::openapi::OpenApi {
+pub fn openapi(metrics: MetricsAt) -> utoipa::openapi::OpenApi {
     landslide_telemetry::openapi::finish(
-        api().into_openapi(),
+        api(metrics).into_openapi(),
         "Landslide tally",
         env!("CARGO_PKG_VERSION"),
         "The results: live pages, the JSON API and its server-sent events, and receipts. \
@@ -71,46 +75,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     )
 }
 
-/// The document as served, rendered once.
-static DOCUMENT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| openapi().to_json().unwrap_or_default());
-
-pub(crate) fn router(state: AppState) -> Router {
-    let (router, _document) = api().split_for_parts();
+/// Tally's routes (`/metrics` among them only where `metrics` says) and the document that
+/// describes exactly those.
+pub(crate) fn router(state: AppState, metrics: MetricsAt) -> Router {
+    let (router, _document) = api(metrics).split_for_parts();
     router
+        .layer(Extension(Document::new(&openapi(metrics))))
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
-}
-
-/// `GET /api/openapi.json`.
-#[utoipa::path(
-    get,
-    path = "/api/openapi.json",
-    tag = "operations",
-    description = "This document: tally's OpenAPI 3.1 document, generated from its code.",
-    responses(
-        (status = 200, description = "The OpenAPI document", body = Object,
-            content_type = "application/json"),
-    )
-)]
-async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        DOCUMENT.as_str(),
-    )
-        .into_response()
-}
-
-/// `GET /healthz`.
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "operations",
-    description = "The process is alive.",
-    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")),
-)]
-async fn healthz() -> &'static str {
-    "ok"
 }
 
 /// A poll id from the path. A segment that is not UTF-8 once percent-decoded names no poll

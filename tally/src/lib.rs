@@ -43,6 +43,9 @@ pub struct Config {
     pub max_event_streams: usize,
     /// The HTTP server's header read timeout and connection cap.
     pub http: landslide_telemetry::serve::Limits,
+    /// Whether `/metrics` is served with the results, or only on an operations listener of the
+    /// process's own (`LANDSLIDE_METRICS_LISTEN`).
+    pub metrics: landslide_telemetry::serve::MetricsAt,
 }
 
 /// The default cap on live result streams: well under the 65,536 file descriptors tally's systemd
@@ -57,6 +60,7 @@ impl Config {
             refresh: Duration::from_millis(500),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             http: landslide_telemetry::serve::Limits::default(),
+            metrics: landslide_telemetry::serve::MetricsAt::default(),
         }
     }
 }
@@ -104,14 +108,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         .build(manager)
         .await
         .context("cannot set up the database pool for receipts (DATABASE_URL)")?;
-    let app = http::router(http::AppState {
-        polls,
-        db,
-        event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
-        snapshots: snapshots_rx,
-        shutdown: shutdown.clone(),
-        stale_after: (config.refresh * 5).max(Duration::from_secs(5)),
-    });
+    let app = http::router(
+        http::AppState {
+            polls,
+            db,
+            event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.max_event_streams,
+            )),
+            snapshots: snapshots_rx,
+            shutdown: shutdown.clone(),
+            stale_after: (config.refresh * 5).max(Duration::from_secs(5)),
+        },
+        config.metrics,
+    );
     tracing::info!(
         listen = %listener.local_addr().context("the listener has no local address")?,
         "tally serving results"

@@ -1,16 +1,20 @@
-//! What the OpenAPI documents of ingest and tally share: the error body, the `/metrics`
-//! operation, and [`finish`], which gives a document what utoipa's annotations cannot say.
+//! What the OpenAPI documents of ingest and tally share: the error body, the operations both
+//! serve (`/healthz`, `/metrics`, `/api/openapi.json`), and [`finish`], which gives a document
+//! what utoipa's annotations cannot say.
 //!
 //! Each role generates its own document from its router (`utoipa_axum::router::OpenApiRouter`,
 //! one `routes!` per path, so a route and its entry are registered by the same call) and serves
 //! it at `/api/openapi.json`: ingest and tally are different hosts behind different names, so
 //! one combined document would describe, on each, operations it does not serve.
 
-use std::collections::BTreeMap;
-
+use axum::Extension;
+use axum::body::Bytes;
+use axum::http::header;
+use axum::response::IntoResponse;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use utoipa::ToSchema;
-use utoipa::openapi::response::Response;
+use utoipa::openapi::response::Response as DocumentedResponse;
 use utoipa::openapi::{Info, OpenApi, RefOr};
 
 /// The body of every JSON error of ingest and tally: a message meant for the person reading it,
@@ -59,7 +63,7 @@ pub fn finish(mut document: OpenApi, title: &str, version: &str, description: &s
     document
 }
 
-fn require_headers(responses: &mut BTreeMap<String, RefOr<Response>>) {
+fn require_headers(responses: &mut BTreeMap<String, RefOr<DocumentedResponse>>) {
     for (status, response) in responses.iter_mut() {
         let RefOr::T(response) = response else {
             continue;
@@ -82,7 +86,50 @@ fn require_headers(responses: &mut BTreeMap<String, RefOr<Response>>) {
     }
 }
 
-/// `GET /metrics` of ingest and tally.
+/// `GET /healthz` of ingest and tally, and of every operations listener
+/// ([`crate::serve::operations`]).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    description = "The process is alive.",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")),
+)]
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// A role's OpenAPI document, rendered once, as `/api/openapi.json` serves it (a clone is a
+/// reference count).
+#[derive(Debug, Clone)]
+pub struct Document(Bytes);
+
+impl Document {
+    /// `document`, rendered as JSON.
+    pub fn new(document: &OpenApi) -> Self {
+        Self(Bytes::from(document.to_json().unwrap_or_default()))
+    }
+}
+
+/// `GET /api/openapi.json` of ingest and tally: the [`Document`] that the router carries as an
+/// extension, so that each role serves the document of the routes it was built with.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "operations",
+    description = "This document: the role's OpenAPI 3.1 document, generated from its code.",
+    responses(
+        (status = 200, description = "The OpenAPI document", body = Object,
+            content_type = "application/json"),
+    )
+)]
+pub async fn openapi_json(
+    Extension(Document(document)): Extension<Document>,
+) -> axum::response::Response {
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
+}
+
+/// `GET /metrics` of ingest and tally, where it is served with their pages ([`MetricsAt::Public`](crate::serve::MetricsAt::Public)).
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -93,6 +140,6 @@ fn require_headers(responses: &mut BTreeMap<String, RefOr<Response>>) {
             content_type = "text/plain; version=0.0.4; charset=utf-8"),
     )
 )]
-pub async fn metrics() -> impl axum::response::IntoResponse {
+pub async fn metrics() -> impl IntoResponse {
     crate::metrics_handler().await
 }

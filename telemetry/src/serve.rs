@@ -100,3 +100,53 @@ pub async fn serve(
     graceful.shutdown().await;
     Ok(())
 }
+
+/// Where a role serves `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MetricsAt {
+    /// With its pages, on the listener the voters reach (the design's interface, and the default
+    /// of a role run as a library).
+    #[default]
+    Public,
+    /// Only on an operations listener of its own ([`serve_operations`]), which only the scraper
+    /// reaches: what faces the internet answers `/metrics` with 404. Every deployment, `up` and
+    /// the tests run the roles so (`LANDSLIDE_METRICS_LISTEN`).
+    Operations,
+}
+
+/// The limits of an operations listener: a scraper and a health check, not a crowd.
+const OPERATIONS_LIMITS: Limits = Limits {
+    header_read_timeout: Duration::from_secs(10),
+    max_connections: 64,
+};
+
+/// The routes of an operations listener: `/metrics` (the process's registry, so one listener
+/// serves every role of a process) and `/healthz`.
+pub fn operations() -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(crate::metrics_handler))
+        .route("/healthz", axum::routing::get(crate::openapi::healthz))
+}
+
+/// Serves [`operations`] on `listener` until `shutdown` completes, with the same server and the
+/// same header timeout as the public one, and a small connection cap.
+pub async fn serve_operations(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    crate::prometheus();
+    serve(listener, operations(), OPERATIONS_LIMITS, shutdown).await
+}
+
+/// Runs `role` with [`operations`] served on `listener` beside it, until `role` ends: the
+/// listener stops with it, whether `shutdown` asked it to or it failed by itself.
+pub async fn with_operations<T>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    role: impl Future<Output = T>,
+) -> T {
+    let operations = tokio::spawn(serve_operations(listener, shutdown));
+    let result = role.await;
+    operations.abort();
+    result
+}

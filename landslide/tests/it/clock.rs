@@ -91,7 +91,7 @@ async fn a_node_whose_clock_is_off_beyond_its_bound_is_not_ready_and_takes_no_vo
         0,
         "a vote was stamped by a bad clock"
     );
-    let page = support::metrics_page(&ahead.url).await;
+    let page = support::metrics_page(&ahead.metrics_url).await;
     assert_eq!(
         support::metric(
             &page,
@@ -182,7 +182,7 @@ async fn a_cookie_floor_far_ahead_of_the_node_clock_is_not_followed_and_the_vote
         second["ts"].as_u64().unwrap() > first_ts.0,
         "{first} then {second}"
     );
-    let page = support::metrics_page(&ingest.url).await;
+    let page = support::metrics_page(&ingest.metrics_url).await;
     assert_eq!(
         support::metric(&page, "landslide_cookie_floors_refused_total"),
         1.0,

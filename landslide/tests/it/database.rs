@@ -4,6 +4,7 @@
 //! user may do what its role does and nothing more; the roles that may not migrate refuse a
 //! schema older than their binary, naming `landslide migrate`.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -290,10 +291,12 @@ async fn the_roles_refuse_a_database_that_is_not_migrated_naming_landslide_migra
     assert!(err.contains("run `landslide migrate`"), "{err}");
 }
 
-fn landslide(args: &[&str], database_url: &str) -> (bool, String) {
+/// Runs `landslide <args>` with `DATABASE_URL` and `env`: whether it succeeded, and what it said.
+fn landslide(args: &[&str], database_url: &str, env: &[(&str, &OsStr)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_landslide"))
         .args(args)
         .env("DATABASE_URL", database_url)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -313,11 +316,11 @@ async fn migrate_and_db_users_set_a_database_up_as_a_deployment_does() {
     let owner = server.pg.url("postgres");
     assert!(owner.contains("sslmode=verify-full"), "{owner}");
 
-    let (ok, said) = landslide(&["migrate"], &owner);
+    let (ok, said) = landslide(&["migrate"], &owner, &[]);
     assert!(ok, "{said}");
     assert!(said.contains("applied 2 migration(s)"), "{said}");
     assert!(!said.contains("owner-password"), "{said}");
-    let (ok, said) = landslide(&["migrate"], &owner);
+    let (ok, said) = landslide(&["migrate"], &owner, &[]);
     assert!(ok && said.contains("is current"), "{said}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -329,7 +332,7 @@ async fn migrate_and_db_users_set_a_database_up_as_a_deployment_does() {
         args.push(file.to_string_lossy().into_owned());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, said) = landslide(&args, &owner);
+    let (ok, said) = landslide(&args, &owner, &[]);
     assert!(ok, "{said}");
     assert!(
         said.contains("landslide_worker (member of landslide_write): created, made a member of landslide_write, password set"),
@@ -357,4 +360,33 @@ async fn migrate_and_db_users_set_a_database_up_as_a_deployment_does() {
         let err = refused(&wrong).await;
         assert!(err.contains("password authentication failed"), "{err}");
     }
+
+    // As the units run them: one URL naming only the server, and each role's user and password
+    // file apart (DATABASE_USER, DATABASE_PASSWORD_FILE). `migrate` logs in, and then, as a role
+    // that may only read, is refused the migrations table it would create.
+    let shared = server.pg.url_as("nobody", None, "postgres");
+    let as_role = |user: &str, password_file: &Path| {
+        let env = [
+            ("DATABASE_USER", OsStr::new(user)),
+            ("DATABASE_PASSWORD_FILE", password_file.as_os_str()),
+        ];
+        landslide(&["migrate"], &shared, &env)
+    };
+    let tally_file = dir.path().join("tally");
+    let (ok, said) = as_role("landslide_tally", &tally_file);
+    assert!(
+        !ok && said.contains("permission denied for schema public"),
+        "{said}"
+    );
+    let (ok, said) = as_role("landslide_worker", &tally_file);
+    assert!(
+        !ok && said.contains("password authentication failed"),
+        "{said}"
+    );
+    assert!(!said.contains("tally-password"), "{said}");
+    let (ok, said) = landslide(&["migrate"], &shared, &[]);
+    assert!(
+        !ok && said.contains("nobody") && said.contains("password missing"),
+        "the shared URL alone logs in as nobody: {said}"
+    );
 }

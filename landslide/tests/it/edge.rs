@@ -303,7 +303,7 @@ async fn votes_beyond_a_clients_burst_get_429_with_retry_after_and_are_not_store
 
     // Only the accepted votes are in the stream; the refusals are counted.
     assert_eq!(stored_votes(&nats).await, 4);
-    let page = support::metrics_page(&ingest.url).await;
+    let page = support::metrics_page(&ingest.metrics_url).await;
     assert_eq!(
         support::metric(&page, "landslide_ingest_rate_limited_total"),
         2.0

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use landslide_telemetry::serve::MetricsAt;
+
 use crate::support::{self, Db, Nats, wait_for};
 
 /// The media type of a `Content-Type` value, without its parameters.
@@ -118,8 +120,16 @@ async fn every_documented_operation_is_served_as_documented() {
     let receipt = vote["receipt"].as_str().expect("a receipt").to_owned();
 
     let roles = [
-        ("ingest", &ingest.url, landslide_ingest::openapi()),
-        ("tally", &tally.url, landslide_tally::openapi()),
+        (
+            "ingest",
+            &ingest.url,
+            landslide_ingest::openapi(MetricsAt::Operations),
+        ),
+        (
+            "tally",
+            &tally.url,
+            landslide_tally::openapi(MetricsAt::Operations),
+        ),
     ];
     for (role, base, generated) in roles {
         let served = json(&format!("{base}/api/openapi.json")).await;
@@ -131,14 +141,14 @@ async fn every_documented_operation_is_served_as_documented() {
         assert_eq!(served["openapi"], "3.1.0", "{role}");
         let sent = every_operation(base, &served, &receipt).await;
         // The document lists itself and each role's own pages and APIs.
-        for operation in [
-            "GET /api/openapi.json",
-            "GET /",
-            "GET /healthz",
-            "GET /metrics",
-        ] {
+        for operation in ["GET /api/openapi.json", "GET /", "GET /healthz"] {
             assert!(sent.iter().any(|s| s == operation), "{role}: {operation}");
         }
+        // `/metrics` is on the operations listener, as in every deployment: neither served nor
+        // documented where the voters reach.
+        assert!(served["paths"].get("/metrics").is_none(), "{role}");
+        let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
+        assert_eq!(metrics.status(), 404, "{role} serves /metrics publicly");
         let expected: &[&str] = match role {
             "ingest" => &["POST /vote", "POST /api/votes", "GET /readyz"],
             _ => &[
@@ -215,5 +225,35 @@ async fn the_form_shows_for_an_address_that_repeats_a_field() {
         .await
         .unwrap();
     assert_eq!(response.status(), 422, "the first value counts");
+    ingest.role.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_an_operations_listener_serves_and_documents_metrics_with_its_pages() {
+    let nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats.server, "public-metrics", |config| {
+        config.metrics = MetricsAt::Public;
+    })
+    .await;
+    let served = json(&format!("{}/api/openapi.json", ingest.url)).await;
+    assert_eq!(
+        served,
+        serde_json::to_value(landslide_ingest::openapi(MetricsAt::Public)).unwrap()
+    );
+    assert!(served["paths"]["/metrics"]["get"].is_object(), "{served:#}");
+    let metrics = reqwest::get(format!("{}/metrics", ingest.url))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert_eq!(
+        metrics.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(
+        landslide_tally::openapi(MetricsAt::Public)
+            .paths
+            .paths
+            .contains_key("/metrics")
+    );
     ingest.role.stop().await;
 }

@@ -318,7 +318,7 @@ async fn bad_input_gets_its_status_and_a_message() {
             "the error page shows the form again"
         );
     }
-    let metrics = reqwest::get(format!("{}/metrics", ingest.url))
+    let metrics = reqwest::get(format!("{}/metrics", ingest.metrics_url))
         .await
         .unwrap()
         .text()

@@ -57,7 +57,7 @@ async fn concurrent_votes_share_batches_and_each_is_stored_once() {
     }
 
     // Fewer publishes than votes: the votes went out together.
-    let page = support::metrics_page(&ingest.url).await;
+    let page = support::metrics_page(&ingest.metrics_url).await;
     let batches = support::metric(&page, "landslide_publish_batch_size_count");
     let batched = support::metric(&page, "landslide_publish_batch_size_sum");
     assert_eq!(batched, f64::from(votes), "every vote was in a batch");
@@ -140,7 +140,7 @@ async fn a_keyed_retry_among_other_votes_is_one_copy_and_the_others_are_stored()
         assert_eq!(*status, 202, "{body}");
     }
     // The path under test was taken: some batch held a retry beside other votes and was refused.
-    let page = support::metrics_page(&ingest.url).await;
+    let page = support::metrics_page(&ingest.metrics_url).await;
     assert!(
         support::metric(&page, "landslide_publish_batch_splits_total") >= 1.0,
         "no batch was refused for a duplicate"

@@ -16,7 +16,7 @@ use landslide_tally::Config;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::{Db, Nats, wait_for};
+use crate::support::{self, Db, Nats, wait_for};
 
 // ---- What both the tally and the audit tests stand on. ----
 
@@ -178,32 +178,21 @@ fn two_polls() -> Polls {
     .unwrap()
 }
 
-/// A running tally role on port 0.
+/// A running tally role on port 0 ([`support::tally_with`]), serving [`two_polls`], ready.
 struct Tally {
-    base: String,
+    role: support::Tally,
     http: reqwest::Client,
-    stop: Option<landslide_config::Trigger>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Tally {
     async fn start(stack: &Stack) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let mut config = Config::new(
-            stack
-                .nats
-                .connections(landslide_nats::User::Tally, Some(&stack.db)),
-        );
-        config.connections.polls = two_polls();
-        config.refresh = Duration::from_millis(50);
-        let (stop, shutdown) = landslide_config::Shutdown::new();
-        let task = tokio::spawn(landslide_tally::run(config, listener, shutdown));
+        let role = support::tally_with(&stack.nats, &stack.db, |config| {
+            config.connections.polls = two_polls();
+        })
+        .await;
         let tally = Self {
-            base,
+            role,
             http: reqwest::Client::new(),
-            stop: Some(stop),
-            task,
         };
         wait_for("the first snapshot", Duration::from_secs(15), || async {
             let response = tally.get("/readyz").await.ok()?;
@@ -214,7 +203,10 @@ impl Tally {
     }
 
     async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
-        self.http.get(format!("{}{path}", self.base)).send().await
+        self.http
+            .get(format!("{}{path}", self.role.url))
+            .send()
+            .await
     }
 
     async fn results(&self, poll: &str) -> Value {
@@ -232,12 +224,8 @@ impl Tally {
         .await
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
-        self.stop.take().unwrap().stop();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("tally stops within 10 s")
-            .expect("tally task did not panic")
+    async fn stop(self) {
+        self.role.role.stop().await;
     }
 }
 
@@ -340,7 +328,7 @@ async fn results_show_every_option_with_total_pending_and_as_of() {
             r["as_of"].as_str().unwrap() > as_of.as_str()
         })
         .await;
-    tally.stop().await.unwrap();
+    tally.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -375,7 +363,7 @@ async fn pending_counts_unacked_votes_and_drops_to_zero_once_they_are_committed(
         .await;
     assert_eq!(results["counts"], json!({"cats": 1, "dogs": 1}));
     assert_eq!(results["total"], 2);
-    tally.stop().await.unwrap();
+    tally.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -393,7 +381,7 @@ async fn an_unknown_poll_is_a_404_with_a_json_error() {
         assert_eq!(body["error"], "unknown poll", "{path}");
     }
     assert_eq!(tally.get("/results/nope").await.unwrap().status(), 404);
-    tally.stop().await.unwrap();
+    tally.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -409,7 +397,7 @@ async fn the_event_stream_delivers_an_update_after_the_tallies_change() {
     let update = events.next_where(|e| e["total"] == 2).await;
     assert_eq!(update["counts"], json!({"cats": 1, "dogs": 1}));
     assert_eq!(update["poll"], "pets");
-    tally.stop().await.unwrap();
+    tally.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -439,7 +427,7 @@ async fn the_page_shows_the_question_and_every_option_escaped() {
         "{lunch}"
     );
     assert!(!lunch.contains("<or>"));
-    tally.stop().await.unwrap();
+    tally.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -448,14 +436,18 @@ async fn health_readiness_and_metrics_are_served() {
     let tally = Tally::start(&stack).await;
     assert_eq!(tally.get("/healthz").await.unwrap().status(), 200);
     assert_eq!(tally.get("/readyz").await.unwrap().status(), 200);
+    // As every deployment runs it: /metrics on the operations listener only.
+    assert_eq!(tally.get("/metrics").await.unwrap().status(), 404);
+    let healthz = format!("{}/healthz", tally.role.metrics_url);
+    assert_eq!(reqwest::get(&healthz).await.unwrap().status(), 200);
     wait_for("refresh metrics", Duration::from_secs(10), || async {
-        let text = tally.get("/metrics").await.ok()?.text().await.ok()?;
+        let text = support::metrics_page(&tally.role.metrics_url).await;
         (text.contains("landslide_tally_refresh_seconds_bucket")
             && text.contains("landslide_tally_pending"))
         .then_some(())
     })
     .await;
-    tally.stop().await.unwrap();
+    tally.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -465,7 +457,7 @@ async fn shutdown_ends_open_event_streams_so_the_server_drains() {
     let mut events = Events::open(&tally, "pets").await;
     events.next_where(|_| true).await;
 
-    tally.stop().await.unwrap();
+    tally.stop().await;
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         while events.next().await.is_some() {}
     })

@@ -9,10 +9,11 @@ struct Up {
     child: Child,
     vote: String,
     results: String,
+    metrics: String,
 }
 
-fn start(data_dir: &std::path::Path, ports: [u16; 4]) -> Up {
-    let [ingest, tally, nats, postgres] = ports;
+fn start(data_dir: &std::path::Path, ports: [u16; 5]) -> Up {
+    let [ingest, tally, nats, postgres, metrics] = ports;
     let child = Command::new(env!("CARGO_BIN_EXE_landslide"))
         .arg("up")
         .arg("--data-dir")
@@ -21,6 +22,7 @@ fn start(data_dir: &std::path::Path, ports: [u16; 4]) -> Up {
         .args(["--tally-listen", &format!("127.0.0.1:{tally}")])
         .args(["--nats-port", &nats.to_string()])
         .args(["--postgres-port", &postgres.to_string()])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
         .env_remove("NATS_URL")
         .env_remove("DATABASE_URL")
         .env_remove("LANDSLIDE_SECRET")
@@ -33,6 +35,7 @@ fn start(data_dir: &std::path::Path, ports: [u16; 4]) -> Up {
         child,
         vote: format!("http://127.0.0.1:{ingest}"),
         results: format!("http://127.0.0.1:{tally}"),
+        metrics: format!("http://127.0.0.1:{metrics}"),
     }
 }
 
@@ -65,12 +68,7 @@ async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let ports = [
-        support::free_port(),
-        support::free_port(),
-        support::free_port(),
-        support::free_port(),
-    ];
+    let ports = std::array::from_fn(|_| support::free_port());
     let up = start(data.path(), ports);
     let ready = format!("{}/readyz", up.vote);
     support::wait_for("the ingest node", Duration::from_secs(120), || {
@@ -92,11 +90,27 @@ async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
     assert_eq!(status, 202);
     let results = support::settled_results(&up.results, "pets", 1).await;
     assert_eq!(results["counts"]["dogs"], 1, "{results}");
+    // The three roles' metrics on their own listener, as in every deployment; not beside the pages.
+    let metrics = support::metrics_page(&up.metrics).await;
+    for role in [
+        "landslide_votes_accepted_total",
+        "landslide_votes_committed_total",
+        "landslide_tally_pending",
+    ] {
+        assert!(metrics.contains(role), "{role} missing:\n{metrics}");
+    }
+    for public in [&up.vote, &up.results] {
+        let status = reqwest::get(format!("{public}/metrics"))
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 404, "{public} serves /metrics");
+    }
 
     let (status, stdout) = up.interrupt();
     assert!(status.success(), "up exits cleanly: {status}\n{stdout}");
     assert!(
-        stdout.contains("vote:") && stdout.contains("results:"),
+        stdout.contains("vote:") && stdout.contains("results:") && stdout.contains("metrics:"),
         "{stdout}"
     );
     assert!(stdout.contains("stopped cleanly"), "{stdout}");

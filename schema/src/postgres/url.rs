@@ -258,6 +258,47 @@ impl DatabaseUrl {
         self.config.get_dbname()
     }
 
+    /// The same server and settings, connecting as `user` and with `password` where given instead
+    /// of the URL's own: how a deployed role takes its own login role, and its password from a
+    /// file systemd hands it (`DATABASE_USER`, `DATABASE_PASSWORD_FILE`), while the URL that every
+    /// role of a host shares names only the server.
+    pub fn with_login(
+        &self,
+        user: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Self, InvalidDatabaseUrl> {
+        // `parse` checked the scheme.
+        let scheme_end = self.url.find("://").map_or(0, |i| i + 3);
+        let (scheme, rest) = self.url.split_at(scheme_end);
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+            None => (None, authority),
+        };
+        let (old_user, old_password) = match userinfo.map(|u| u.split_once(':')) {
+            Some(Some((user, password))) => (Some(user.to_owned()), Some(password.to_owned())),
+            Some(None) => (userinfo.map(str::to_owned), None),
+            None => (None, None),
+        };
+        let user = user.map(encode_userinfo).or(old_user);
+        let password = password.map(encode_userinfo).or(old_password);
+        let userinfo = match (user, password) {
+            (Some(user), Some(password)) => format!("{user}:{password}@"),
+            (Some(user), None) => format!("{user}@"),
+            (None, None) => String::new(),
+            (None, Some(_)) => {
+                return Err(InvalidDatabaseUrl {
+                    url: super::redact(&self.url),
+                    problem: "a password is given but no user: name one in the URL or in \
+                              DATABASE_USER"
+                        .to_owned(),
+                });
+            }
+        };
+        Self::parse(&format!("{scheme}{userinfo}{hosts}{tail}"))
+    }
+
     pub(super) fn config(&self) -> &tokio_postgres::Config {
         &self.config
     }
@@ -316,9 +357,19 @@ fn percent_decode(value: &str) -> Option<String> {
 /// `value` with every byte but RFC 3986's unreserved characters and `/` percent-encoded: for
 /// putting a file path into a URL's parameter (`sslrootcert=`).
 pub fn percent_encode(value: &str) -> String {
+    encode(value, b"-._~/")
+}
+
+/// `value` with every byte but RFC 3986's unreserved characters percent-encoded: a user or a
+/// password in a URL's userinfo.
+fn encode_userinfo(value: &str) -> String {
+    encode(value, b"-._~")
+}
+
+fn encode(value: &str, kept: &[u8]) -> String {
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+        if byte.is_ascii_alphanumeric() || kept.contains(&byte) {
             out.push(char::from(byte));
         } else {
             out.push_str(&format!("%{byte:02X}"));
@@ -406,6 +457,40 @@ mod tests {
             assert!(message.starts_with("DATABASE_URL "), "{url}: {message}");
             assert!(message.contains(expected), "{url}: {message}");
         }
+    }
+
+    #[test]
+    fn a_login_given_apart_replaces_the_urls_and_keeps_everything_else() {
+        let shared = DatabaseUrl::parse(
+            "postgres://landslide@db.internal:5433/landslide?sslmode=require&application_name=x",
+        )
+        .unwrap();
+        let own = shared
+            .with_login(Some("landslide_worker"), Some("p@ss:w/rd?&"))
+            .unwrap();
+        assert_eq!(
+            own.expose(),
+            "postgres://landslide_worker:p%40ss%3Aw%2Frd%3F%26@db.internal:5433/landslide?\
+             sslmode=require&application_name=x"
+        );
+        assert_eq!(own.user(), Some("landslide_worker"));
+        assert_eq!(own.config().get_password(), Some("p@ss:w/rd?&".as_bytes()));
+        assert_eq!(own.ssl_mode(), SslMode::Require);
+        assert!(!format!("{own} {own:?}").contains("p%40ss"));
+        // Only the password: the URL's user keeps it.
+        let url = DatabaseUrl::parse("postgres://u:old@h/db").unwrap();
+        assert_eq!(
+            url.with_login(None, Some("new")).unwrap().expose(),
+            "postgres://u:new@h/db"
+        );
+        assert_eq!(url.with_login(None, None).unwrap(), url);
+        let anonymous = DatabaseUrl::parse("postgres://h/db").unwrap();
+        let err = anonymous
+            .with_login(None, Some("pw"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no user"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::User;
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
+use landslide_telemetry::serve::{MetricsAt, with_operations};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -324,6 +325,21 @@ impl Role {
         }
     }
 
+    /// A role with its operations listener (`/metrics`, `/healthz`) on `operations` beside it, as
+    /// the binary runs one with `LANDSLIDE_METRICS_LISTEN`.
+    fn spawn_with_operations<F>(
+        operations: tokio::net::TcpListener,
+        run: impl FnOnce(Shutdown) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        Self::spawn(move |shutdown| {
+            let stop = shutdown.clone().wait();
+            with_operations(operations, stop, run(shutdown))
+        })
+    }
+
     /// Signals shutdown and waits for a clean exit.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -361,9 +377,12 @@ impl Role {
 
 pub const SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
 
-/// An ingest node on an ephemeral port.
+/// An ingest node on an ephemeral port, with its `/metrics` on an operations listener of its own,
+/// as every deployment runs it.
 pub struct Ingest {
     pub url: String,
+    /// Its operations listener: `/metrics` and `/healthz`.
+    pub metrics_url: String,
     pub role: Role,
 }
 
@@ -417,14 +436,28 @@ pub async fn start_ingest(
         connections(nats, User::Ingest, None),
         landslide_ingest::Secret::new(SECRET).expect("secret"),
     );
+    config.metrics = MetricsAt::Operations;
     adjust(&mut config);
     set_up(nats, &config.connections.polls).await;
+    let (listener, url) = listen("ingest").await;
+    let (operations, metrics_url) = listen("ingest's operations").await;
+    let role = Role::spawn_with_operations(operations, move |shutdown| {
+        landslide_ingest::run(config, listener, shutdown)
+    });
+    Ingest {
+        url,
+        metrics_url,
+        role,
+    }
+}
+
+/// A listener on an ephemeral loopback port, and its base URL.
+async fn listen(what: &str) -> (tokio::net::TcpListener, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("bind ingest");
+        .unwrap_or_else(|err| panic!("bind {what}: {err}"));
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let role = Role::spawn(move |shutdown| landslide_ingest::run(config, listener, shutdown));
-    Ingest { url, role }
+    (listener, url)
 }
 
 /// A dedup-worker in this process, as `landslide_worker`.
@@ -487,9 +520,12 @@ pub async fn drained(nats: &landslide_servers::Nats) {
     .await;
 }
 
-/// The tally role on an ephemeral port, after what a worker sets up.
+/// The tally role on an ephemeral port, after what a worker sets up, with its `/metrics` on an
+/// operations listener of its own.
 pub struct Tally {
     pub url: String,
+    /// Its operations listener: `/metrics` and `/healthz`.
+    pub metrics_url: String,
     pub role: Role,
 }
 
@@ -505,15 +541,20 @@ pub async fn tally_with(
 ) -> Tally {
     let mut config = landslide_tally::Config::new(connections(nats, User::Tally, Some(db)));
     config.refresh = Duration::from_millis(50);
+    config.metrics = MetricsAt::Operations;
     adjust(&mut config);
     // Tally waits for what a worker sets up; a test may run it without one.
     set_up(nats, &config.connections.polls).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind tally");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let role = Role::spawn(move |shutdown| landslide_tally::run(config, listener, shutdown));
-    Tally { url, role }
+    let (listener, url) = listen("tally").await;
+    let (operations, metrics_url) = listen("tally's operations").await;
+    let role = Role::spawn_with_operations(operations, move |shutdown| {
+        landslide_tally::run(config, listener, shutdown)
+    });
+    Tally {
+        url,
+        metrics_url,
+        role,
+    }
 }
 
 impl Tally {
@@ -538,7 +579,7 @@ pub async fn settled_results(tally_url: &str, poll: &str, total: u64) -> serde_j
     .await
 }
 
-/// A role's `/metrics` page.
+/// The `/metrics` page of a role's operations listener (`Ingest::metrics_url`).
 pub async fn metrics_page(base_url: &str) -> String {
     let response = reqwest::get(format!("{base_url}/metrics")).await.unwrap();
     response.text().await.unwrap()
