@@ -205,6 +205,26 @@ impl DatabaseUrl {
         };
         let mut config =
             tokio_postgres::Config::from_str(&rest).map_err(|e| invalid(super::error_chain(&e)))?;
+        // PostgreSQL offers no TLS on a Unix socket (the server's own kernel carries the bytes, and
+        // peer authentication names the process): a socket URL of `prefer` means no TLS, and one
+        // that demands TLS could never connect, so it is refused now rather than at every attempt.
+        // Found by `landslide db-users` over the socket in scripts/install: the TLS connector
+        // needs a host name, and a socket has none ("invalid dns name").
+        let sockets_only = !config.get_hosts().is_empty()
+            && config
+                .get_hosts()
+                .iter()
+                .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)));
+        let ssl_mode = match ssl_mode {
+            SslMode::Prefer if sockets_only => SslMode::Disable,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull if sockets_only => {
+                return Err(invalid(format!(
+                    "sslmode={ssl_mode} with a Unix socket, where PostgreSQL offers no TLS: \
+                     connect over TCP, or leave sslmode out"
+                )));
+            }
+            mode => mode,
+        };
         config.ssl_mode(match ssl_mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -457,6 +477,16 @@ mod tests {
             assert!(message.starts_with("DATABASE_URL "), "{url}: {message}");
             assert!(message.contains(expected), "{url}: {message}");
         }
+    }
+
+    #[test]
+    fn a_unix_socket_gets_no_tls_and_a_url_that_demands_it_there_is_refused() {
+        let socket =
+            DatabaseUrl::parse("postgres://postgres@%2Fvar%2Frun%2Fpostgresql/db").unwrap();
+        assert_eq!(socket.ssl_mode(), SslMode::Disable);
+        assert!(socket.tls().is_none());
+        let message = problem("postgres://postgres@%2Frun%2Fpostgresql/db?sslmode=require");
+        assert!(message.contains("Unix socket"), "{message}");
     }
 
     #[test]
