@@ -206,12 +206,10 @@ pub async fn wait_drained(
         if !dead.is_empty() {
             return Ok(Drain::RoleDied(dead));
         }
-        let info = async {
-            let stream = js.get_stream_no_info(&topology.votes_stream).await.ok()?;
-            stream.consumer_info(&topology.consumer).await.ok()
-        };
-        if let Some(info) = info.await {
-            last_pending = landslide_nats::pending(&info);
+        let backlog =
+            landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await;
+        if let Ok(backlog) = backlog {
+            last_pending = backlog.pending;
             if last_pending == 0 {
                 return Ok(Drain::Done(started.elapsed()));
             }

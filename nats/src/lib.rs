@@ -415,12 +415,60 @@ fn server_ts(raw: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
         .map(|t| t.with_timezone(&chrono::Utc))
 }
 
-/// Votes accepted and not yet counted, by a consumer's info: messages not yet delivered plus
-/// those delivered and not acknowledged (a worker acks only after its commit). The one figure that
-/// tally shows as `pending`, audit waits to see at 0, and the harness and the tests drain to 0.
-pub fn pending(info: &jetstream::consumer::Info) -> u64 {
+/// Votes accepted and not yet counted: messages not yet delivered plus those delivered and not
+/// acknowledged (a worker acks only after its commit). The one figure that tally shows as
+/// `pending`, audit waits to see at 0, and the harness and the tests drain to 0; [`backlog`]
+/// reads what it needs.
+///
+/// `stream_last_seq` is the stream's last sequence, read *after* `info`. nats-server acknowledges
+/// a publish before it tells the consumers that the message is there (stream.go,
+/// `processJetStreamMsgWithBatch`: the ack is sent, then the message goes on `sigq`, which
+/// `signalConsumersLoop` hands to the consumers on another goroutine), so a consumer's info read
+/// just after an ack may leave the message out of `num_pending`. CI caught a test that drained to
+/// 0 while its vote was neither delivered nor counted. Every message beyond the last one delivered
+/// is pending: the consumer takes every subject of the stream, and no vote is ever deleted.
+pub fn pending(info: &jetstream::consumer::Info, stream_last_seq: u64) -> u64 {
     let unacked = u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX);
-    info.num_pending.saturating_add(unacked)
+    let undelivered = stream_last_seq.saturating_sub(info.delivered.stream_sequence);
+    info.num_pending.max(undelivered).saturating_add(unacked)
+}
+
+/// The workers' consumer as [`pending`] needs it read.
+#[derive(Debug, Clone)]
+pub struct Backlog {
+    /// The consumer's info.
+    pub info: consumer::Info,
+    /// The server's clock when it answered (see [`consumer_info_at`]).
+    pub server_now: Option<chrono::DateTime<chrono::Utc>>,
+    /// Accepted votes not yet committed, by [`pending`]: every vote acknowledged before the
+    /// consumer's info was read is in it until a worker has committed it.
+    pub pending: u64,
+}
+
+/// Reads the consumer's info, then the stream's last sequence, in that order: a vote stored
+/// before the first answer is then either counted by the consumer or beyond its last delivery,
+/// hence pending. (A vote stored between the two answers counts as pending too: it is.)
+pub async fn backlog(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> anyhow::Result<Backlog> {
+    let (info, server_now) = consumer_info_at(js, stream, consumer).await?;
+    let raw: Value = js
+        .request(format!("STREAM.INFO.{stream}"), &serde_json::json!({}))
+        .await
+        .with_context(|| format!("cannot read the info of stream {stream}"))?;
+    if let Some(error) = raw.get("error") {
+        anyhow::bail!("JetStream refused the info of stream {stream}: {error}");
+    }
+    let last_seq = raw["state"]["last_seq"]
+        .as_u64()
+        .with_context(|| format!("the info of stream {stream} has no state.last_seq"))?;
+    Ok(Backlog {
+        pending: pending(&info, last_seq),
+        info,
+        server_now,
+    })
 }
 
 /// Ensures the votes stream (ingest nodes need only this one, [`Access::ReadOnly`]).
@@ -868,6 +916,44 @@ pub fn stored_at(info: &jetstream::message::Info<'_>) -> chrono::DateTime<chrono
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A consumer info as nats-server answers it, with the counts given.
+    fn info(num_pending: u64, delivered: u64, ack_pending: usize) -> consumer::Info {
+        serde_json::from_value(serde_json::json!({
+            "stream_name": "VOTES",
+            "name": "dedup-worker",
+            "created": "2026-12-02T00:00:00Z",
+            "config": {
+                "durable_name": "dedup-worker",
+                "deliver_policy": "all",
+                "ack_policy": "explicit",
+                "replay_policy": "instant",
+            },
+            "delivered": { "consumer_seq": delivered, "stream_seq": delivered },
+            "ack_floor": { "consumer_seq": 0, "stream_seq": 0 },
+            "num_ack_pending": ack_pending,
+            "num_redelivered": 0,
+            "num_waiting": 0,
+            "num_pending": num_pending,
+            "cluster": null,
+            "push_bound": false,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_vote_the_consumer_has_not_been_told_of_yet_is_pending() {
+        // Acknowledged, stored as the 4th message, and not yet signalled to the consumer, which
+        // delivered 3 and still reports nothing pending: the vote is pending all the same.
+        assert_eq!(pending(&info(0, 3, 0), 4), 1);
+        // Once told, the count is the consumer's own, not twice.
+        assert_eq!(pending(&info(1, 3, 0), 4), 1);
+        // Delivered and not acknowledged: pending until a worker commits them.
+        assert_eq!(pending(&info(0, 4, 2), 4), 2);
+        assert_eq!(pending(&info(0, 4, 0), 4), 0);
+        // A stream read before the consumer (the wrong order) cannot make it negative.
+        assert_eq!(pending(&info(0, 5, 0), 4), 0);
+    }
 
     #[test]
     fn the_files_are_valid_definitions() {

@@ -383,10 +383,12 @@ async fn wait_until_drained(
 ) -> anyhow::Result<(u64, Option<DateTime<Utc>>)> {
     let deadline = Instant::now() + wait;
     loop {
-        let (info, server_now) =
-            landslide_nats::consumer_info_at(js, &topology.votes_stream, &topology.consumer)
-                .await?;
-        if landslide_nats::pending(&info) == 0 {
+        let landslide_nats::Backlog {
+            info,
+            server_now,
+            pending,
+        } = landslide_nats::backlog(js, &topology.votes_stream, &topology.consumer).await?;
+        if pending == 0 {
             return Ok((info.delivered.stream_sequence, server_now));
         }
         if Instant::now() >= deadline {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer, consumer::PullConsumer};
+use async_nats::jetstream::{self, consumer::PullConsumer};
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
 use landslide_config::Shutdown;
@@ -228,11 +228,14 @@ impl Refresher {
         // or was acked, hence committed, before the counts are read. So pending == 0 proves the
         // counts complete. The other order could show 0 pending with a vote missing from the
         // counts.
-        let (info, stream_now) = self
-            .consumer_info()
+        let landslide_nats::Backlog {
+            pending,
+            server_now: stream_now,
+            ..
+        } = self
+            .backlog()
             .await
             .context("cannot read the consumer's pending count")?;
-        let pending = landslide_nats::pending(&info);
 
         let conn = match &mut self.conn {
             Some(conn) => conn,
@@ -261,9 +264,9 @@ impl Refresher {
     }
 
     /// The consumer's info and the server's clock when it answered.
-    async fn consumer_info(&self) -> anyhow::Result<(consumer::Info, Option<DateTime<Utc>>)> {
+    async fn backlog(&self) -> anyhow::Result<landslide_nats::Backlog> {
         let cached = self.consumer.cached_info();
-        landslide_nats::consumer_info_at(&self.js, &cached.stream_name, &cached.name).await
+        landslide_nats::backlog(&self.js, &cached.stream_name, &cached.name).await
     }
 }
 

@@ -64,9 +64,11 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         landslide_nats::connect(&connections.nats, User::Audit, "landslide-status").await?;
     let js = jetstream::new(client);
     let topology = &connections.topology;
-    let (consumer, server_now) =
-        landslide_nats::consumer_info_at(&js, &topology.votes_stream, &topology.consumer).await?;
-    let pending = landslide_nats::pending(&consumer);
+    let landslide_nats::Backlog {
+        info: consumer,
+        server_now,
+        pending,
+    } = landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let book = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let (revision, definitions) = book.latest();

@@ -502,14 +502,15 @@ pub async fn vote_api(
     (status, body)
 }
 
-/// Consumer pending + unacked of the workers' consumer (default topology); `None` until a worker
-/// has created the consumer.
+/// The workers' consumer's pending votes (`landslide_nats::backlog`, default topology); `None`
+/// until a worker has created the consumer.
 pub async fn pending(nats: &landslide_servers::Nats) -> Option<u64> {
     let js = async_nats::jetstream::new(client_as(nats, User::Admin).await);
     let topology = landslide_nats::Topology::default();
-    let stream = js.get_stream(&topology.votes_stream).await.ok()?;
-    let info = stream.consumer_info(&topology.consumer).await.ok()?;
-    Some(landslide_nats::pending(&info))
+    landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer)
+        .await
+        .ok()
+        .map(|backlog| backlog.pending)
 }
 
 /// Waits until the workers' consumer exists and has nothing pending.
