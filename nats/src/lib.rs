@@ -397,6 +397,11 @@ pub async fn stream_clock(
     js: &jetstream::Context,
     stream: &str,
 ) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    Ok(server_ts(&stream_info_raw(js, stream).await?))
+}
+
+/// A stream's info as the server sent it (async-nats' typed info leaves out the response's `ts`).
+async fn stream_info_raw(js: &jetstream::Context, stream: &str) -> anyhow::Result<Value> {
     let raw: Value = js
         .request(format!("STREAM.INFO.{stream}"), &serde_json::json!({}))
         .await
@@ -404,7 +409,7 @@ pub async fn stream_clock(
     if let Some(error) = raw.get("error") {
         anyhow::bail!("JetStream refused the info of stream {stream}: {error}");
     }
-    Ok(server_ts(&raw))
+    Ok(raw)
 }
 
 /// The `ts` of a JetStream API response: the answering server's clock.
@@ -454,13 +459,7 @@ pub async fn backlog(
     consumer: &str,
 ) -> anyhow::Result<Backlog> {
     let (info, server_now) = consumer_info_at(js, stream, consumer).await?;
-    let raw: Value = js
-        .request(format!("STREAM.INFO.{stream}"), &serde_json::json!({}))
-        .await
-        .with_context(|| format!("cannot read the info of stream {stream}"))?;
-    if let Some(error) = raw.get("error") {
-        anyhow::bail!("JetStream refused the info of stream {stream}: {error}");
-    }
+    let raw = stream_info_raw(js, stream).await?;
     let last_seq = raw["state"]["last_seq"]
         .as_u64()
         .with_context(|| format!("the info of stream {stream} has no state.last_seq"))?;
