@@ -123,19 +123,19 @@ fn api(metrics: MetricsAt) -> OpenApiRouter<AppState> {
         .routes(routes!(form))
         .routes(routes!(vote_form))
         .routes(routes!(vote_api))
-        .routes(routes!(landslide_telemetry::openapi::healthz))
-        .routes(routes!(readyz))
-        .routes(routes!(landslide_telemetry::openapi::openapi_json));
-    match metrics {
-        MetricsAt::Public => api.routes(routes!(landslide_telemetry::openapi::metrics)),
-        MetricsAt::Operations => api,
-    }
+        .routes(routes!(readyz));
+    landslide_telemetry::openapi::operations_routes(api, metrics)
 }
 
 /// The node's OpenAPI 3.1 document, generated from [`api`]: what `/api/openapi.json` serves.
 pub fn openapi(metrics: MetricsAt) -> utoipa::openapi::OpenApi {
+    describe(api(metrics).into_openapi())
+}
+
+/// A document of [`api`]'s routes, completed with what the annotations cannot say.
+fn describe(document: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     landslide_telemetry::openapi::finish(
-        api(metrics).into_openapi(),
+        document,
         "Landslide ingest",
         env!("CARGO_PKG_VERSION"),
         "An ingest node: the voting form and the JSON API. A vote is answered 2xx only once \
@@ -147,9 +147,9 @@ pub fn openapi(metrics: MetricsAt) -> utoipa::openapi::OpenApi {
 /// The node's routes (`/metrics` among them only where `metrics` says) and the document that
 /// describes exactly those.
 pub fn router(state: AppState, metrics: MetricsAt) -> Router {
-    let (router, _document) = api(metrics).split_for_parts();
+    let (router, document) = api(metrics).split_for_parts();
     router
-        .layer(Extension(Document::new(&openapi(metrics))))
+        .layer(Extension(Document::new(&describe(document))))
         // We buffer bodies ourselves up to MAX_BODY; a larger one is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))

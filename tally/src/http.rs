@@ -55,19 +55,19 @@ fn api(metrics: MetricsAt) -> OpenApiRouter<AppState> {
         .routes(routes!(events))
         .routes(routes!(crate::receipts::api))
         .routes(routes!(crate::receipts::page))
-        .routes(routes!(landslide_telemetry::openapi::healthz))
-        .routes(routes!(readyz))
-        .routes(routes!(landslide_telemetry::openapi::openapi_json));
-    match metrics {
-        MetricsAt::Public => api.routes(routes!(landslide_telemetry::openapi::metrics)),
-        MetricsAt::Operations => api,
-    }
+        .routes(routes!(readyz));
+    landslide_telemetry::openapi::operations_routes(api, metrics)
 }
 
 /// Tally's OpenAPI 3.1 document, generated from [`api`]: what `/api/openapi.json` serves.
 pub fn openapi(metrics: MetricsAt) -> utoipa::openapi::OpenApi {
+    describe(api(metrics).into_openapi())
+}
+
+/// A document of [`api`]'s routes, completed with what the annotations cannot say.
+fn describe(document: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     landslide_telemetry::openapi::finish(
-        api(metrics).into_openapi(),
+        document,
         "Landslide tally",
         env!("CARGO_PKG_VERSION"),
         "The results: live pages, the JSON API and its server-sent events, and receipts. \
@@ -78,9 +78,9 @@ pub fn openapi(metrics: MetricsAt) -> utoipa::openapi::OpenApi {
 /// Tally's routes (`/metrics` among them only where `metrics` says) and the document that
 /// describes exactly those.
 pub(crate) fn router(state: AppState, metrics: MetricsAt) -> Router {
-    let (router, _document) = api(metrics).split_for_parts();
+    let (router, document) = api(metrics).split_for_parts();
     router
-        .layer(Extension(Document::new(&openapi(metrics))))
+        .layer(Extension(Document::new(&describe(document))))
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
         .with_state(state)
 }

@@ -16,6 +16,10 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 use utoipa::openapi::response::Response as DocumentedResponse;
 use utoipa::openapi::{Info, OpenApi, RefOr};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::serve::MetricsAt;
 
 /// The body of every JSON error of ingest and tally: a message meant for the person reading it,
 /// stable enough to show, never an internal cause.
@@ -97,6 +101,19 @@ fn require_headers(responses: &mut BTreeMap<String, RefOr<DocumentedResponse>>) 
 )]
 pub async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// `api` with the operations both roles serve beside their pages, each registered with its
+/// entry: `/healthz`, `/api/openapi.json`, and `/metrics` unless the operations listener serves it.
+pub fn operations_routes<S>(api: OpenApiRouter<S>, metrics: MetricsAt) -> OpenApiRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let api = api.routes(routes!(healthz)).routes(routes!(openapi_json));
+    match metrics {
+        MetricsAt::Public => api.routes(routes!(self::metrics)),
+        MetricsAt::Operations => api,
+    }
 }
 
 /// A role's OpenAPI document, rendered once, as `/api/openapi.json` serves it (a clone is a
