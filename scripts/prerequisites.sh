@@ -5,6 +5,11 @@
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# A TCP port on loopback that was free a moment ago.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
