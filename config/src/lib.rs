@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use landslide_nats::{NatsConfig, Topology};
 use landslide_schema::Polls;
 use landslide_schema::postgres::DatabaseUrl;
+use landslide_telemetry::readiness::Condition;
 use tokio::sync::watch;
 
 /// How a role reaches NATS and PostgreSQL, and the names and polls of the deployment.
@@ -93,6 +94,35 @@ impl Shutdown {
         // An error means the trigger is gone: that asks for shutdown too.
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// A role's startup: `work`, given a readiness condition of `role` that is not ready until
+    /// `work` returns (`/readyz` of the operations listener says what it waits for), unless
+    /// shutdown is asked for first (`None`, logged). Every wait inside `work` may last as long as
+    /// a broker or a database is away ([`landslide_telemetry::patience`]).
+    pub async fn starting<T>(
+        &self,
+        role: &'static str,
+        work: impl AsyncFnOnce(&Condition) -> anyhow::Result<T>,
+    ) -> Option<anyhow::Result<T>> {
+        let startup = landslide_telemetry::readiness::condition(role, "startup", "starting");
+        let started = self.unless(work(&startup)).await;
+        if started.is_none() {
+            tracing::info!(role, "shutdown asked for while starting; stopped");
+        }
+        started
+    }
+
+    /// Runs `work` unless shutdown is asked for first: `None` then, and `work` is dropped. For
+    /// the waits of a role's startup, which last as long as a broker or a database is away, and
+    /// must never outlast a SIGTERM. Never use it on a database transaction: dropping one midway
+    /// does not roll it back (design section 5).
+    pub async fn unless<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self.clone().wait() => None,
+            out = work => Some(out),
+        }
+    }
 }
 
 impl IntoFuture for Shutdown {
@@ -149,6 +179,10 @@ mod tests {
         trigger.stop();
         assert!(other.is_requested());
         shutdown.wait().await;
+        let (trigger, shutdown) = Shutdown::new();
+        assert_eq!(shutdown.unless(async { 1 }).await, Some(1));
+        trigger.stop();
+        assert_eq!(shutdown.unless(std::future::pending::<()>()).await, None);
         let (trigger, shutdown) = Shutdown::new();
         drop(trigger);
         assert!(shutdown.is_requested());

@@ -1,5 +1,6 @@
 //! The dedup-worker: drains the votes stream through the shared durable pull consumer, keeps one
-//! ballot per voter with latest-`(ts, event id)`-wins, and keeps the exact tally, in PostgreSQL.
+//! ballot per voter, the vote latest by the merge rule (`landslide_schema::merge`), and keeps the
+//! exact tally, in PostgreSQL.
 //!
 //! Any number of workers share the consumer. Each batch of up to `batch_size` messages (or what
 //! arrives within `batch_wait`) is decoded, deduplicated per voter, sorted, and written in one
@@ -19,12 +20,13 @@ use futures::{FutureExt as _, StreamExt as _};
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::polls::PollWatch;
 use landslide_nats::{Access, HeaderExtractor, User};
+use landslide_schema::merge::StoredVote;
 use landslide_schema::poll::Unjudged;
-use landslide_schema::postgres::DatabaseUrl;
+use landslide_schema::postgres::{DatabaseUrl, SchemaNotCurrent};
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
-use landslide_schema::{PollBook, Revision, VoteEvent, merge};
+use landslide_schema::{DecodeError, PollBook, Revision, VoteEvent, merge};
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -110,28 +112,60 @@ pub struct FailPointReached(pub FailPoint);
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // Install the metrics recorder before the first batch is counted.
     landslide_telemetry::prometheus();
-    // A database that is restarting ("the database system is shutting down", found by the
-    // reliability harness) is waited for, like JetStream below, rather than exited on. A schema
-    // older than this binary is not: the worker's user may not migrate it (`landslide migrate`
-    // does, as the owner), and the votes wait in the stream, unacknowledged, until it is.
     let connections = &config.connections;
     let url = connections.database()?;
-    let mut db = landslide_nats::retry_startup("connect to PostgreSQL", || connect_db(url)).await?;
-    landslide_schema::postgres::check_schema(&mut db)
-        .await
-        .with_context(|| format!("the database at {url} (DATABASE_URL) is not ready"))?;
-    let client = landslide_nats::connect_patiently(
-        &connections.nats,
-        User::Worker,
-        "landslide-dedup-worker",
-    )
-    .await?;
-    let js = jetstream::new(client.clone());
     let topology = &connections.topology;
-    let consumer = landslide_nats::retry_startup("ensure the streams and the consumer", || {
-        landslide_nats::ensure_consumer(&js, topology, Access::SetUp)
-    })
-    .await?;
+    // Every wait is for as long as it takes, not ready meanwhile, and given up only on shutdown:
+    // a worker that exited during a long outage would count nothing until something restarted
+    // it. A schema older than this binary is not waited for: the worker's user may not migrate
+    // it (`landslide migrate` does, as the owner), and the votes wait in the stream,
+    // unacknowledged, until it is.
+    let started = shutdown
+        .starting("dedup-worker", async |startup| {
+            let db = landslide_telemetry::patience::patiently(
+                "connect to PostgreSQL",
+                startup,
+                |e| e.downcast_ref::<SchemaNotCurrent>().is_some(),
+                || async {
+                    let mut db = connect_db(url).await?;
+                    landslide_schema::postgres::check_schema(&mut db)
+                        .await
+                        .with_context(|| {
+                            format!("the database at {url} (DATABASE_URL) is not ready")
+                        })?;
+                    anyhow::Ok(db)
+                },
+            )
+            .await?;
+            let client = landslide_nats::connect_patiently(
+                &connections.nats,
+                User::Worker,
+                "landslide-dedup-worker",
+                startup,
+            )
+            .await?;
+            let js = jetstream::new(client.clone());
+            let consumer = landslide_nats::retry_startup(
+                "ensure the streams and the consumer",
+                startup,
+                || landslide_nats::ensure_consumer(&js, topology, Access::SetUp),
+            )
+            .await?;
+            let polls = landslide_nats::polls::watch_patiently(
+                &js,
+                topology,
+                &connections.polls,
+                Access::SetUp,
+                startup,
+            )
+            .await?;
+            anyhow::Ok((db, client, js, consumer, polls))
+        })
+        .await;
+    let Some(started) = started else {
+        return Ok(());
+    };
+    let (db, client, js, consumer, polls) = started?;
     tracing::info!(
         consumer = %topology.consumer,
         stream = %topology.votes_stream,
@@ -139,10 +173,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shard = config.shard,
         "dedup-worker draining"
     );
-    let polls = landslide_nats::retry_startup("read the poll definitions", || {
-        landslide_nats::polls::watch(&js, topology, &connections.polls, Access::SetUp)
-    })
-    .await?;
     let mut worker = Worker {
         db: Some(db),
         polls,
@@ -189,12 +219,16 @@ struct Worker {
 
 /// What to do with one message after decoding.
 enum Verdict {
-    Vote(VoteEvent),
+    Vote(StoredVote),
     /// A dead letter: why (its `Landslide-Reason`), and the kind, for the metric's label.
     Dead(String, &'static str),
     /// The event names a poll revision this worker has not seen (yet): a configuration alarm.
     /// Naked, never judged by another revision and never dead-lettered.
     Wait(Revision),
+    /// The event is of a wire version newer than this worker reads: an ingest node of a later
+    /// release accepted it, during a rolling upgrade that reached ingest before the workers.
+    /// Naked until a worker of that release takes it; never dead-lettered.
+    Newer(u64),
 }
 
 /// How long a vote of an unseen poll revision waits before it is delivered again.
@@ -285,11 +319,26 @@ impl Worker {
         let mut votes = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut unseen = Vec::new();
+        let mut newer = Vec::new();
         for (message, verdict) in batch {
             match verdict {
-                Verdict::Vote(event) => votes.push((event, message)),
+                Verdict::Vote(vote) => votes.push((vote, message)),
                 Verdict::Dead(reason, kind) => dead.push((message, reason, kind)),
                 Verdict::Wait(revision) => unseen.push((message, revision)),
+                Verdict::Newer(version) => newer.push((message, version)),
+            }
+        }
+        if let Some((_, version)) = newer.as_slice().first() {
+            metrics::counter!("landslide_newer_wire_version_total").increment(newer.len() as u64);
+            tracing::error!(
+                votes = newer.len(),
+                wire.version = version,
+                "votes of a newer wire version than this worker reads; they wait in the stream                  until a worker of the release that wrote them takes them (upgrade the workers                  before the ingest nodes)"
+            );
+            for (message, _) in newer {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(UNSEEN_REVISION_DELAY)))
+                    .await;
             }
         }
         if let Some((_, revision)) = unseen.as_slice().first() {
@@ -314,7 +363,7 @@ impl Worker {
             return Ok(());
         }
 
-        let ballots = merge::latest_per_voter(votes.iter().map(|(event, _)| event.clone()));
+        let ballots = merge::latest_per_voter(votes.iter().map(|(vote, _)| vote.clone()));
         tracing::Span::current().record("batch.ballots", ballots.len());
         let upsert = UpsertBatch::new(ballots.values(), self.config.shard);
         let started = Instant::now();
@@ -468,6 +517,7 @@ impl Worker {
 fn verdict(polls: &PollBook, message: &Message) -> Verdict {
     let event = match VoteEvent::decode(&message.payload) {
         Ok(event) => event,
+        Err(DecodeError::NewerVersion(version)) => return Verdict::Newer(version),
         Err(err) => return Verdict::Dead(err.to_string(), "undecodable"),
     };
     // Every message JetStream delivers has its metadata; without it the window cannot be
@@ -476,8 +526,9 @@ fn verdict(polls: &PollBook, message: &Message) -> Verdict {
         tracing::error!("a delivered message has no JetStream metadata; it waits");
         return Verdict::Wait(event.rev.unwrap_or(Revision(0)));
     };
-    match polls.judge_event(&event, landslide_nats::stored_at(&info)) {
-        Ok(_) => Verdict::Vote(event),
+    let stored_at = landslide_nats::stored_at(&info);
+    match polls.judge_event(&event, stored_at) {
+        Ok(_) => Verdict::Vote(StoredVote::new(event, stored_at)),
         Err(Unjudged::NotCounted(not_counted)) => {
             Verdict::Dead(not_counted.to_string(), not_counted.label())
         }

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use diesel_async::AsyncConnection as _;
 use landslide_nats::{Access, User};
+use landslide_schema::merge::StoredVote;
 use landslide_schema::poll::Unjudged;
 use landslide_schema::{VoteEvent, merge};
 
@@ -98,12 +99,20 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
     while let Some(stored) = reader.next().await? {
         report.events_read += 1;
         let sequence = stored.sequence;
-        let Ok(event) = VoteEvent::decode(&stored.message.payload) else {
-            report.not_counted += 1;
-            continue;
+        let event = match VoteEvent::decode(&stored.message.payload) {
+            Ok(event) => event,
+            // Accepted by an ingest node of a later release: only that release can replay it.
+            Err(err) if err.is_newer() => {
+                return Err(anyhow::anyhow!(err))
+                    .with_context(|| format!("cannot replay stream sequence {sequence}"));
+            }
+            Err(_) => {
+                report.not_counted += 1;
+                continue;
+            }
         };
         match polls.judge_event(&event, stored.stored_at) {
-            Ok(_) => chunk.push(event),
+            Ok(_) => chunk.push(StoredVote::new(event, stored.stored_at)),
             Err(Unjudged::NotCounted(_) | Unjudged::StampAhead(_)) => report.not_counted += 1,
             // Accepted by an ingest node under a revision the bucket lacks: skipping it would
             // drop an accepted vote, so the replay stops and says so.
@@ -129,7 +138,7 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
 /// events it folded, and leaves `events` empty.
 async fn commit(
     conn: &mut diesel_async::AsyncPgConnection,
-    events: &mut Vec<VoteEvent>,
+    events: &mut Vec<StoredVote>,
     shard: i16,
 ) -> anyhow::Result<u64> {
     let folded = events.len() as u64;

@@ -360,6 +360,15 @@ impl AppState {
             );
             cookie.last_ts = Timestamp(0);
         }
+        // What this vote knew, which orders it first among its voter's votes
+        // (`landslide_schema::merge`): the stamp of the voter's last answered vote. A floor
+        // that was refused came from a node far ahead, whose votes are dead letters: this vote
+        // then follows every honest vote stamped before its own stamp.
+        let after = match floor {
+            Some(_) if stamped.floor_refused => Timestamp(stamped.ts.0.saturating_sub(1)),
+            Some(floor) => floor,
+            None => Timestamp(0),
+        };
         let event = VoteEvent {
             event_id,
             poll: poll.id.clone(),
@@ -368,6 +377,7 @@ impl AppState {
             ts: stamped.ts,
             node: self.0.node.clone(),
             rev: Some(revision),
+            after: Some(after),
         };
         let published = self
             .0

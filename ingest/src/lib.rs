@@ -144,21 +144,36 @@ pub async fn run(
     landslide_telemetry::prometheus();
     let connections = &config.connections;
     let topology = &connections.topology;
-    let client = landslide_nats::connect_patiently(
-        &connections.nats,
-        User::Ingest,
-        &format!("landslide-ingest-{}", config.node_id),
-    )
-    .await?;
-    let js = publish::jetstream_context(client.clone(), &config);
-    landslide_nats::retry_startup("find the votes stream", || {
-        landslide_nats::ensure_votes_stream(&js, topology, Access::ReadOnly)
-    })
-    .await?;
-    let polls = landslide_nats::retry_startup("read the poll definitions", || {
-        landslide_nats::polls::watch(&js, topology, &connections.polls, Access::ReadOnly)
-    })
-    .await?;
+    // Waited for as long as it takes, not ready meanwhile, and given up only on shutdown.
+    let started = shutdown
+        .starting("ingest", async |startup| {
+            let client = landslide_nats::connect_patiently(
+                &connections.nats,
+                User::Ingest,
+                &format!("landslide-ingest-{}", config.node_id),
+                startup,
+            )
+            .await?;
+            let js = publish::jetstream_context(client.clone(), &config);
+            landslide_nats::retry_startup("find the votes stream", startup, || {
+                landslide_nats::ensure_votes_stream(&js, topology, Access::ReadOnly)
+            })
+            .await?;
+            let polls = landslide_nats::polls::watch_patiently(
+                &js,
+                topology,
+                &connections.polls,
+                Access::ReadOnly,
+                startup,
+            )
+            .await?;
+            anyhow::Ok((client, js, polls))
+        })
+        .await;
+    let Some(started) = started else {
+        return Ok(());
+    };
+    let (client, js, polls) = started?;
     let clock = Arc::new(clock::ClockCheck::new(
         config.clock.clone(),
         config.max_clock_offset,

@@ -552,48 +552,30 @@ pub async fn ensure_consumer(
         .map_err(|e| anyhow::anyhow!("cannot open consumer {name}: {e}"))
 }
 
-/// How long [`retry_startup`] keeps trying before it gives up.
-pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
-
-/// Runs `step` (ensuring the streams and the consumer, say) until it succeeds, for up to
-/// [`STARTUP_PATIENCE`]. While a cluster elects leaders or lacks quorum, JetStream answers
-/// "temporarily unavailable" or not at all for a few seconds; a role that exited then would turn
-/// a short outage into a crash loop. An [`Incompatible`] definition is permanent: it is returned at
-/// once. Each failure is logged, and the pause between tries grows to 5 s.
-pub async fn retry_startup<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+/// Runs `step` (ensuring the streams and the consumer, say) until it succeeds, for as long as it
+/// takes ([`landslide_telemetry::patience::patiently`]): while a cluster elects leaders, lacks
+/// quorum or restarts after a power cut, JetStream answers "temporarily unavailable" or not at
+/// all, and a role that exited then would turn an outage into a crash. Meanwhile `condition` is
+/// not ready and names the error. An [`Incompatible`] definition, a server [`TooOld`] and
+/// [`Refused`] credentials are permanent: returned at once.
+pub async fn retry_startup<T, F, Fut>(
+    what: &str,
+    condition: &landslide_telemetry::readiness::Condition,
+    step: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
-    let mut pause = Duration::from_millis(200);
-    loop {
-        match step().await {
-            Ok(value) => return Ok(value),
-            Err(err)
-                if err.downcast_ref::<Incompatible>().is_some()
-                    || err.downcast_ref::<TooOld>().is_some()
-                    || err.downcast_ref::<Refused>().is_some() =>
-            {
-                return Err(err);
-            }
-            Err(err) if tokio::time::Instant::now() + pause > deadline => {
-                return Err(err.context(format!(
-                    "gave up trying to {what} after {}s",
-                    STARTUP_PATIENCE.as_secs()
-                )));
-            }
-            Err(err) => {
-                tracing::warn!(
-                    error = %format!("{err:#}"),
-                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
-                    "cannot {what} yet; retrying"
-                );
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    landslide_telemetry::patience::patiently(what, condition, is_permanent, step).await
+}
+
+/// Whether retrying cannot cure `err`: a definition that differs from its file, a server too old,
+/// credentials refused.
+pub fn is_permanent(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<Incompatible>().is_some()
+        || err.downcast_ref::<TooOld>().is_some()
+        || err.downcast_ref::<Refused>().is_some()
 }
 
 /// Parses `NATS_URL`: one URL or several separated by commas (a cluster).
@@ -622,16 +604,17 @@ pub async fn connect(
 }
 
 /// [`connect`] for a role starting up: an invalid `NATS_URL` fails at once, but a server that is
-/// down or restarting is waited for, like JetStream in [`retry_startup`]. The reliability harness
-/// found a worker restarted just as nats-server was killed exiting instead. Refused credentials
-/// are not waited for.
+/// down or restarting is waited for, like JetStream in [`retry_startup`], with `condition` not
+/// ready meanwhile. The reliability harness found a worker restarted just as nats-server was
+/// killed exiting instead. Refused credentials are not waited for.
 pub async fn connect_patiently(
     config: &NatsConfig,
     user: User,
     client_name: &str,
+    condition: &landslide_telemetry::readiness::Condition,
 ) -> anyhow::Result<async_nats::Client> {
     let addrs = server_addrs(&config.urls)?;
-    retry_startup("connect to NATS", || {
+    retry_startup("connect to NATS", condition, || {
         connect_to(addrs.clone(), config, user, client_name)
     })
     .await

@@ -205,6 +205,21 @@ pub async fn watch(
     Ok(PollWatch { rx })
 }
 
+/// [`watch`] for a role starting up: retried for as long as the bucket cannot be read
+/// ([`crate::retry_startup`]), with `condition` not ready meanwhile.
+pub async fn watch_patiently(
+    js: &jetstream::Context,
+    topology: &Topology,
+    seed: &Polls,
+    access: Access,
+    condition: &landslide_telemetry::readiness::Condition,
+) -> anyhow::Result<PollWatch> {
+    crate::retry_startup("read the poll definitions", condition, || {
+        watch(js, topology, seed, access)
+    })
+    .await
+}
+
 /// How often a role reads the whole bucket besides watching it.
 const RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -1,7 +1,8 @@
 //! The PostgreSQL schema: diesel table definitions and the embedded migrations that create them.
 //!
 //! Invariants the writers keep (checked by `landslide audit`):
-//! - `ballots` holds, per (poll, voter), the committed event with the greatest `(ts, event_id)`;
+//! - `ballots` holds, per (poll, voter), the committed event with the greatest
+//!   `(after_ts, stored_ns, ts, event_id)` (`crate::merge`);
 //! - for every (poll, option), `sum(tallies.votes)` over its shards equals the number of ballots
 //!   with that choice.
 
@@ -19,6 +20,10 @@ diesel::table! {
         prev_choice -> Nullable<Text>,
         ts -> BigInt,
         event_id -> Uuid,
+        /// What the vote knew: the stamp of the voter's last answered vote.
+        after_ts -> BigInt,
+        /// When the stream stored it, in nanoseconds since the Unix epoch.
+        stored_ns -> BigInt,
     }
 }
 

@@ -1,25 +1,32 @@
 //! The vote event on the wire: versioned JSON, readable in `nats stream view`.
 //!
-//! Version 2 is an object with exactly these fields, in this order when we write it:
+//! Version 3 is an object with exactly these fields, in this order when we write it:
 //!
 //! ```json
-//! {"v":2,"event_id":"…","poll":"pets","voter":"…","choice":"cats","ts":116…,"node":"web01","rev":3}
+//! {"v":3,"event_id":"…","poll":"pets","voter":"…","choice":"cats","ts":116…,"node":"web01","rev":3,"after":116…}
 //! ```
 //!
 //! `rev` is the revision of the poll definitions the ingest node accepted the vote under
-//! ([`crate::poll::Revision`]). Version 1 is the same without `rev`: still read (such an event is
-//! judged by the latest revision), and written for an event that names no revision.
+//! ([`crate::poll::Revision`]). `after` is the stamp of the voter's last vote whose answer
+//! reached them (the floor their cookie carried; 0 for a voter without one), always below `ts`:
+//! the merge rule orders a voter's votes by it first ([`crate::merge`]). Version 2 is the same
+//! without `after`, and version 1 without `rev` either: both still read, never written by an
+//! ingest node of this release; such an event orders as if `after` were its own `ts` (the rule of
+//! the releases that wrote them), and a version 1 event is judged by the latest revision.
 //!
 //! Decoding rejects any other version, a missing field, and an identifier the newtypes refuse;
 //! unknown extra fields are ignored so that a later minor addition does not dead-letter votes.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::poll::Revision;
 use crate::{Choice, EventId, NodeId, PollId, Timestamp, VoterId};
 
-/// The wire version this build writes for an event that names its revision.
-pub const WIRE_VERSION: u32 = 2;
+/// The wire version this build writes for an event that names its revision and what it follows.
+pub const WIRE_VERSION: u32 = 3;
+/// The version without `after`, still read (and written for an event without one).
+pub const WIRE_VERSION_2: u32 = 2;
 /// The version without a revision, still read.
 pub const WIRE_VERSION_1: u32 = 1;
 
@@ -35,6 +42,9 @@ pub struct VoteEvent {
     /// The revision of the poll definitions the vote was accepted under; `None` for an event of
     /// wire version 1.
     pub rev: Option<Revision>,
+    /// The stamp of the voter's last vote whose answer reached them, which this vote follows
+    /// (0: none); always below `ts`. `None` for an event of wire version 1 or 2.
+    pub after: Option<Timestamp>,
 }
 
 /// Why bytes are not a vote event. The message is meant for a dead-letter reason header.
@@ -42,6 +52,10 @@ pub struct VoteEvent {
 pub enum DecodeError {
     #[error("unsupported vote event version {0}")]
     UnsupportedVersion(u64),
+    /// A version newer than this build writes: an ingest node of a later release made it, and
+    /// only a later release can judge it. Never a dead letter (see [`DecodeError::is_newer`]).
+    #[error("vote event version {0} is newer than this release reads (version {WIRE_VERSION})")]
+    NewerVersion(u64),
     #[error("malformed vote event: {0}")]
     Malformed(String),
 }
@@ -58,9 +72,12 @@ struct Wire<'a> {
     ts: Timestamp,
     #[serde(borrow)]
     node: std::borrow::Cow<'a, str>,
-    /// Required in version 2, absent in version 1.
+    /// Required from version 2, absent in version 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rev: Option<Revision>,
+    /// Required in version 3, absent before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    after: Option<Timestamp>,
 }
 
 #[derive(Deserialize)]
@@ -69,19 +86,35 @@ struct VersionProbe {
 }
 
 impl VoteEvent {
-    /// The order of one voter's events: the later `(ts, event id)` is the voter's choice.
-    pub fn order_key(&self) -> (Timestamp, EventId) {
-        (self.ts, self.event_id)
+    /// Where this event, stored by the stream at `stored_at`, stands in its voter's order
+    /// ([`crate::merge`]): the greatest key is the voter's ballot.
+    ///
+    /// An event of wire version 1 or 2 (no `after`) orders as the releases that wrote it ordered
+    /// it, by `(ts, event id)`: its key is `(ts, 0, ts, event id)`, whenever it was stored. A later
+    /// event that knew it (`after` ≥ its `ts`) still beats it.
+    pub fn order_key(&self, stored_at: DateTime<Utc>) -> OrderKey {
+        let (after, stored_ns) = match self.after {
+            Some(after) => (after, stored_at.timestamp_nanos_opt().unwrap_or(i64::MAX)),
+            None => (self.ts, 0),
+        };
+        OrderKey {
+            after,
+            stored_ns,
+            ts: self.ts,
+            event_id: self.event_id,
+        }
     }
 
-    /// The event's JSON encoding: version [`WIRE_VERSION`], or 1 when it names no revision.
+    /// The event's JSON encoding: version [`WIRE_VERSION`]; 2 when it has no `after`, 1 when it
+    /// names no revision either (an event without a revision is written without `after`).
     pub fn encode(&self) -> Vec<u8> {
+        let (v, after) = match (self.rev, self.after) {
+            (Some(_), Some(after)) => (WIRE_VERSION, Some(after)),
+            (Some(_), None) => (WIRE_VERSION_2, None),
+            (None, _) => (WIRE_VERSION_1, None),
+        };
         let wire = Wire {
-            v: if self.rev.is_some() {
-                WIRE_VERSION
-            } else {
-                WIRE_VERSION_1
-            },
+            v,
             event_id: self.event_id,
             poll: self.poll.as_str().into(),
             voter: self.voter,
@@ -89,6 +122,7 @@ impl VoteEvent {
             ts: self.ts,
             node: self.node.as_str().into(),
             rev: self.rev,
+            after,
         };
         // Serializing a struct of strings, UUIDs and integers into a Vec cannot fail.
         serde_json::to_vec(&wire).unwrap_or_default()
@@ -97,14 +131,26 @@ impl VoteEvent {
     /// Decodes an event; never panics, whatever the bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         match serde_json::from_slice::<Wire<'_>>(bytes) {
-            Ok(wire) if wire.v == WIRE_VERSION || wire.v == WIRE_VERSION_1 => {
+            Ok(wire) if KNOWN_VERSIONS.contains(&wire.v) => {
                 let rev = match (wire.v, wire.rev) {
-                    (WIRE_VERSION, None) => {
-                        return Err(malformed("version 2 without the field `rev`"));
-                    }
                     // A version 1 event never had one: a stray field is ignored like any other.
                     (WIRE_VERSION_1, _) => None,
+                    (v, None) => {
+                        return Err(malformed(format!("version {v} without the field `rev`")));
+                    }
                     (_, rev) => rev,
+                };
+                let after = match (wire.v, wire.after) {
+                    (WIRE_VERSION, None) => {
+                        return Err(malformed("version 3 without the field `after`"));
+                    }
+                    // No ingest node follows a stamp it does not beat.
+                    (WIRE_VERSION, Some(after)) if after >= wire.ts => {
+                        return Err(malformed("`after` is not below `ts`"));
+                    }
+                    (WIRE_VERSION, after) => after,
+                    // Older versions never had one: a stray field is ignored.
+                    _ => None,
                 };
                 Ok(Self {
                     event_id: wire.event_id,
@@ -114,20 +160,54 @@ impl VoteEvent {
                     ts: wire.ts,
                     node: NodeId::parse(wire.node).map_err(malformed)?,
                     rev,
+                    after,
                 })
             }
-            Ok(wire) => Err(DecodeError::UnsupportedVersion(wire.v.into())),
+            Ok(wire) => Err(unsupported(wire.v.into())),
             // A later version may have another shape: name the version rather than the shape.
             Err(err) => match serde_json::from_slice::<VersionProbe>(bytes) {
-                Ok(probe)
-                    if probe.v != u64::from(WIRE_VERSION)
-                        && probe.v != u64::from(WIRE_VERSION_1) =>
-                {
-                    Err(DecodeError::UnsupportedVersion(probe.v))
+                Ok(probe) if !KNOWN_VERSIONS.iter().any(|v| u64::from(*v) == probe.v) => {
+                    Err(unsupported(probe.v))
                 }
                 _ => Err(malformed(err)),
             },
         }
+    }
+}
+
+/// Every version this build reads.
+const KNOWN_VERSIONS: [u32; 3] = [WIRE_VERSION_1, WIRE_VERSION_2, WIRE_VERSION];
+
+/// The order of one voter's events (design rule 2, [`crate::merge`]): the greatest is the voter's
+/// ballot. Compared field by field, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OrderKey {
+    /// What the vote knew: the stamp of the voter's last answered vote. A vote made after an
+    /// answer beats the answered vote, whatever either node's clock said.
+    pub after: Timestamp,
+    /// When the stream stored it (nanoseconds since the Unix epoch, by the stream leader's
+    /// clock): between votes that knew the same, the later accepted wins.
+    pub stored_ns: i64,
+    /// The ingest node's stamp, then the event id: ties only.
+    pub ts: Timestamp,
+    pub event_id: EventId,
+}
+
+impl DecodeError {
+    /// Whether a later release can read the event: during a rolling upgrade, ingest nodes of the
+    /// new release write a version the old workers do not know. Such an event was accepted, so
+    /// it must wait for a worker that reads it, never go to the dead letters.
+    pub fn is_newer(&self) -> bool {
+        matches!(self, Self::NewerVersion(_))
+    }
+}
+
+/// The error for version `v`, which this build does not read.
+fn unsupported(v: u64) -> DecodeError {
+    if v > u64::from(WIRE_VERSION) {
+        DecodeError::NewerVersion(v)
+    } else {
+        DecodeError::UnsupportedVersion(v)
     }
 }
 
@@ -151,6 +231,7 @@ mod tests {
             ts: Timestamp(116_257_832_304_214_017),
             node: NodeId::parse("web01").unwrap(),
             rev: None,
+            after: None,
         }
     }
 
@@ -161,13 +242,22 @@ mod tests {
         }
     }
 
+    fn example_v3() -> VoteEvent {
+        VoteEvent {
+            after: Some(Timestamp(116_257_832_204_214_017)),
+            ..example_v2()
+        }
+    }
+
     const GOLDEN: &str = r#"{"v":1,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01"}"#;
     const GOLDEN_V2: &str = r#"{"v":2,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01","rev":3}"#;
+    const GOLDEN_V3: &str = r#"{"v":3,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01","rev":3,"after":116257832204214017}"#;
 
     #[test]
     fn encoding_is_stable_to_the_byte() {
         assert_eq!(String::from_utf8(example().encode()).unwrap(), GOLDEN);
         assert_eq!(String::from_utf8(example_v2().encode()).unwrap(), GOLDEN_V2);
+        assert_eq!(String::from_utf8(example_v3().encode()).unwrap(), GOLDEN_V3);
     }
 
     #[test]
@@ -177,6 +267,42 @@ mod tests {
             VoteEvent::decode(GOLDEN_V2.as_bytes()).unwrap(),
             example_v2()
         );
+        assert_eq!(
+            VoteEvent::decode(GOLDEN_V3.as_bytes()).unwrap(),
+            example_v3()
+        );
+    }
+
+    #[test]
+    fn version_3_needs_an_after_below_its_stamp_and_older_versions_order_by_their_stamp() {
+        let no_after = GOLDEN_V3.replace(r#","after":116257832204214017"#, "");
+        assert!(matches!(
+            VoteEvent::decode(no_after.as_bytes()),
+            Err(DecodeError::Malformed(_))
+        ));
+        for not_below in ["116257832304214017", "116257832304214018"] {
+            let bad = GOLDEN_V3.replace("116257832204214017", not_below);
+            assert!(
+                matches!(
+                    VoteEvent::decode(bad.as_bytes()),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+        let v2_with_after = GOLDEN_V2.replace(r#""rev":3"#, r#""rev":3,"after":1"#);
+        assert_eq!(
+            VoteEvent::decode(v2_with_after.as_bytes()).unwrap(),
+            example_v2()
+        );
+        let stored = chrono::DateTime::from_timestamp_nanos(7);
+        assert_eq!(example_v2().order_key(stored).after, example_v2().ts);
+        assert_eq!(example_v2().order_key(stored).stored_ns, 0);
+        assert_eq!(
+            example_v3().order_key(stored).after,
+            example_v3().after.unwrap()
+        );
+        assert_eq!(example_v3().order_key(stored).stored_ns, 7);
     }
 
     #[test]
@@ -203,16 +329,19 @@ mod tests {
 
     #[test]
     fn another_version_is_named() {
-        let v3 = r#"{"v":3,"something":"else"}"#;
+        let v4 = r#"{"v":4,"something":"else"}"#;
         assert_eq!(
-            VoteEvent::decode(v3.as_bytes()),
-            Err(DecodeError::UnsupportedVersion(3))
+            VoteEvent::decode(v4.as_bytes()),
+            Err(DecodeError::NewerVersion(4))
         );
-        let v3_same_shape = GOLDEN_V2.replace(r#""v":2"#, r#""v":3"#);
-        assert_eq!(
-            VoteEvent::decode(v3_same_shape.as_bytes()),
-            Err(DecodeError::UnsupportedVersion(3))
-        );
+        let v4_same_shape = GOLDEN_V3.replace(r#""v":3"#, r#""v":4"#);
+        let newer = VoteEvent::decode(v4_same_shape.as_bytes()).unwrap_err();
+        assert_eq!(newer, DecodeError::NewerVersion(4));
+        assert!(newer.is_newer());
+        let v0 = GOLDEN.replace(r#""v":1"#, r#""v":0"#);
+        let older = VoteEvent::decode(v0.as_bytes()).unwrap_err();
+        assert_eq!(older, DecodeError::UnsupportedVersion(0));
+        assert!(!older.is_newer());
     }
 
     #[test]
@@ -245,6 +374,7 @@ mod tests {
         fn events_round_trip(
             event_id in any::<u128>(), voter in any::<u128>(), ts in any::<u64>(),
             poll in token(), choice in token(), node in token(), rev in any::<Option<u64>>(),
+            after in any::<Option<u64>>(),
         ) {
             let event = VoteEvent {
                 event_id: EventId(Uuid::from_u128(event_id)),
@@ -254,6 +384,8 @@ mod tests {
                 ts: Timestamp(ts),
                 node: NodeId::parse(node).unwrap(),
                 rev: rev.map(Revision),
+                // Only an event with a revision has one, and it lies below the stamp.
+                after: after.filter(|_| rev.is_some()).map(|a| Timestamp(a.min(ts.saturating_sub(1)))).filter(|a| *a < Timestamp(ts)),
             };
             prop_assert_eq!(VoteEvent::decode(&event.encode()), Ok(event));
         }

@@ -527,6 +527,7 @@ mod tests {
             ts: crate::Timestamp(1),
             node: crate::NodeId::parse("web1").unwrap(),
             rev,
+            after: None,
         };
         assert_eq!(
             book.judge_event(&birds(Some(Revision(2))), now()),
@@ -557,6 +558,7 @@ mod tests {
             ts: crate::Timestamp::from_millis(ms),
             node: crate::NodeId::parse("web1").unwrap(),
             rev,
+            after: None,
         };
         let tolerance = u64::try_from(crate::ts::MAX_TS_AHEAD.as_millis()).unwrap();
         assert!(

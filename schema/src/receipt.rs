@@ -34,12 +34,19 @@ pub enum Standing {
 }
 
 impl Receipt {
-    /// Where the vote stands against the voter's ballot, if any: `(ts, event id)` of the
-    /// ballot's event, compared by the merge rule.
+    /// Where the vote stands against the voter's ballot, if any: `(after, event id)` of the
+    /// ballot's event.
+    ///
+    /// A receipt exists because the vote's answer reached the voter, and that answer's cookie
+    /// carried its stamp: every later vote of the voter knew it (`after` ≥ the receipt's `ts`),
+    /// and beats it by the merge rule (`crate::merge`). A ballot that did not know it is an
+    /// earlier vote, or one sent before this answer arrived (two tabs at once): the receipt
+    /// then says "not yet", since it cannot tell, without the vote's stored time, whether this
+    /// vote is still to be counted or lost that race.
     pub fn standing(&self, ballot: Option<(Timestamp, EventId)>) -> Standing {
         match ballot {
-            Some(ballot) if ballot == (self.ts, self.event_id) => Standing::Counted,
-            Some(ballot) if ballot > (self.ts, self.event_id) => Standing::Superseded,
+            Some((_, event_id)) if event_id == self.event_id => Standing::Counted,
+            Some((after, _)) if after >= self.ts => Standing::Superseded,
             _ => Standing::NotYet,
         }
     }
@@ -136,9 +143,13 @@ mod tests {
     #[test]
     fn a_ballot_says_whether_the_vote_counts_was_replaced_or_is_still_to_come() {
         let r = receipt();
-        let later = (Timestamp(r.ts.0 + 1), EventId(Uuid::from_u128(1)));
+        // Ballots as `(after, event id)`: a later vote knew this one's stamp.
+        let later = (r.ts, EventId(Uuid::from_u128(1)));
         let earlier = (Timestamp(r.ts.0 - 1), EventId(Uuid::from_u128(u128::MAX)));
-        assert_eq!(r.standing(Some((r.ts, r.event_id))), Standing::Counted);
+        assert_eq!(
+            r.standing(Some((Timestamp(r.ts.0 - 5), r.event_id))),
+            Standing::Counted
+        );
         assert_eq!(r.standing(Some(later)), Standing::Superseded);
         assert_eq!(r.standing(Some(earlier)), Standing::NotYet);
         assert_eq!(r.standing(None), Standing::NotYet);

@@ -23,6 +23,7 @@ use futures::StreamExt as _;
 use landslide_config::Connections;
 use landslide_nats::{Access, Topology, User};
 use landslide_schema::db::ballots;
+use landslide_schema::merge::OrderKey;
 use landslide_schema::poll::Unjudged;
 use landslide_schema::{Choice, EventId, PollBook, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
@@ -52,20 +53,20 @@ impl AuditConfig {
     }
 }
 
-/// A ballot's content: the choice and the event that set it.
+/// A ballot's content: the choice and the order key of the event that set it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ballot {
     pub choice: String,
-    pub ts: Timestamp,
-    pub event_id: EventId,
+    pub key: OrderKey,
 }
 
 impl fmt::Display for Ballot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = &self.key;
         write!(
             f,
-            "{} (ts {}, event {})",
-            self.choice, self.ts, self.event_id
+            "{} (event {}, after {}, stored {} ns, ts {})",
+            self.choice, key.event_id, key.after, key.stored_ns, key.ts
         )
     }
 }
@@ -124,6 +125,9 @@ pub struct AuditReport {
     /// Vote events naming a poll revision that the polls bucket does not hold: accepted by an
     /// ingest node, yet no worker can judge them. Any makes the audit fail.
     pub unknown_revision: u64,
+    /// Vote events of a wire version newer than this release reads: accepted by an ingest node
+    /// of a later release, which must audit them. Any makes the audit fail.
+    pub newer_version: u64,
     /// The stream sequences read, first to last (0 and 0 for an empty stream).
     pub first_sequence: u64,
     pub last_sequence: u64,
@@ -147,6 +151,7 @@ impl AuditReport {
     /// True when the database holds exactly what the stream says.
     pub fn is_consistent(&self) -> bool {
         self.unknown_revision == 0
+            && self.newer_version == 0
             && self.missing_ballots.is_empty()
             && self.unexpected_ballots.is_empty()
             && self.wrong_ballots.is_empty()
@@ -182,6 +187,13 @@ impl fmt::Display for AuditReport {
                 " (differs from the messages not counted)"
             }
         )?;
+        if self.newer_version > 0 {
+            writeln!(
+                f,
+                "{} vote events are of a newer wire version than this release reads: audit                  with the release that wrote them",
+                self.newer_version
+            )?;
+        }
         if self.unknown_revision > 0 {
             writeln!(
                 f,
@@ -244,15 +256,17 @@ fn list<T>(
     Ok(())
 }
 
-/// The stream folded with design rules 2 and 3: per (poll, voter), the greatest `(ts, event id)`.
+/// The stream folded with design rules 2 and 3: per (poll, voter), the greatest order key
+/// (`landslide_schema::merge`).
 #[derive(Debug, Default)]
 struct Fold {
-    latest: HashMap<(PollId, VoterId), (Timestamp, EventId, Choice)>,
+    latest: HashMap<(PollId, VoterId), (OrderKey, Choice)>,
     events_read: u64,
     undecodable: u64,
     unknown_poll_or_option: u64,
     stamped_ahead: u64,
     unknown_revision: u64,
+    newer_version: u64,
     first_sequence: u64,
     last_sequence: u64,
 }
@@ -260,9 +274,16 @@ struct Fold {
 impl Fold {
     fn add(&mut self, payload: &[u8], stored_at: DateTime<Utc>, polls: &PollBook) {
         self.events_read += 1;
-        let Ok(event) = VoteEvent::decode(payload) else {
-            self.undecodable += 1;
-            return;
+        let event = match VoteEvent::decode(payload) {
+            Ok(event) => event,
+            Err(err) if err.is_newer() => {
+                self.newer_version += 1;
+                return;
+            }
+            Err(_) => {
+                self.undecodable += 1;
+                return;
+            }
         };
         match polls.judge_event(&event, stored_at) {
             Ok(_) => {}
@@ -281,16 +302,14 @@ impl Fold {
         }
         // The merge rule of `landslide_schema::merge`, over a leaner entry than a whole event:
         // an audit of millions of voters keeps one of these per voter.
-        let (ts, event_id) = event.order_key();
-        let candidate = (ts, event_id, event.choice);
+        let key = event.order_key(stored_at);
         match self.latest.entry((event.poll, event.voter)) {
             Entry::Vacant(entry) => {
-                entry.insert(candidate);
+                entry.insert((key, event.choice));
             }
             Entry::Occupied(mut entry) => {
-                let (kept_ts, kept_id, _) = entry.get();
-                if (ts, event_id) > (*kept_ts, *kept_id) {
-                    entry.insert(candidate);
+                if key > entry.get().0 {
+                    entry.insert((key, event.choice));
                 }
             }
         }
@@ -306,7 +325,7 @@ impl Fold {
                     .map(|o| ((poll.id.to_string(), o.id.to_string()), 0))
             })
             .collect();
-        for ((poll, _), (_, _, choice)) in &self.latest {
+        for ((poll, _), (_, choice)) in &self.latest {
             *counts
                 .entry((poll.to_string(), choice.to_string()))
                 .or_default() += 1;
@@ -355,6 +374,7 @@ pub(crate) async fn audit_with_polls(
         unknown_poll_or_option: fold.unknown_poll_or_option,
         stamped_ahead: fold.stamped_ahead,
         unknown_revision: fold.unknown_revision,
+        newer_version: fold.newer_version,
         first_sequence: fold.first_sequence,
         last_sequence: fold.last_sequence,
         server_now,
@@ -427,7 +447,7 @@ async fn read_stream(
 /// voters without a ballot.
 async fn compare_ballots(
     conn: &mut diesel_async::AsyncPgConnection,
-    mut latest: HashMap<(PollId, VoterId), (Timestamp, EventId, Choice)>,
+    mut latest: HashMap<(PollId, VoterId), (OrderKey, Choice)>,
     report: &mut AuditReport,
 ) -> anyhow::Result<()> {
     let mut rows = ballots::table
@@ -437,18 +457,25 @@ async fn compare_ballots(
             ballots::choice,
             ballots::ts,
             ballots::event_id,
+            ballots::after_ts,
+            ballots::stored_ns,
         ))
-        .load_stream::<(String, Uuid, String, i64, Uuid)>(conn)
+        .load_stream::<(String, Uuid, String, i64, Uuid, i64, i64)>(conn)
         .await
         .context("cannot read the ballots")?;
     while let Some(row) = rows.next().await {
-        let (poll, voter, choice, ts, event_id) = row.context("cannot read the ballots")?;
+        let (poll, voter, choice, ts, event_id, after, stored_ns) =
+            row.context("cannot read the ballots")?;
         report.ballots += 1;
         let voter = VoterId(voter);
         let found = Ballot {
             choice,
-            ts: Timestamp::from_i64(ts),
-            event_id: EventId(event_id),
+            key: OrderKey {
+                after: Timestamp::from_i64(after),
+                stored_ns,
+                ts: Timestamp::from_i64(ts),
+                event_id: EventId(event_id),
+            },
         };
         let held = PollId::parse(poll.as_str())
             .ok()
@@ -457,11 +484,10 @@ async fn compare_ballots(
             None => report
                 .unexpected_ballots
                 .push(UnexpectedBallot { poll, voter, found }),
-            Some(((poll, _), (ts, event_id, choice))) => {
+            Some(((poll, _), (key, choice))) => {
                 let expected = Ballot {
                     choice: choice.to_string(),
-                    ts,
-                    event_id,
+                    key,
                 };
                 if expected != found {
                     report.wrong_ballots.push(WrongBallot {
@@ -476,13 +502,12 @@ async fn compare_ballots(
     }
     report.missing_ballots = latest
         .into_iter()
-        .map(|((poll, voter), (ts, event_id, choice))| MissingBallot {
+        .map(|((poll, voter), (key, choice))| MissingBallot {
             poll,
             voter,
             expected: Ballot {
                 choice: choice.to_string(),
-                ts,
-                event_id,
+                key,
             },
         })
         .collect();
@@ -547,6 +572,7 @@ mod tests {
             ts: Timestamp(ts),
             node: NodeId::parse("n1").unwrap(),
             rev: None,
+            after: None,
         }
         .encode()
     }
@@ -575,7 +601,7 @@ mod tests {
                 PollId::parse("pets").unwrap(),
                 VoterId(Uuid::from_u128(voter)),
             )]
-                .2
+                .1
                 .to_string()
         };
         assert_eq!(choice(1), "dogs");

@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::{Access, User};
+use landslide_schema::postgres::SchemaNotCurrent;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -68,33 +69,57 @@ impl Config {
 /// Runs the tally role on `listener` until `shutdown` completes, then stops accepting, ends the
 /// live event streams and waits for the requests in flight.
 ///
-/// Fails before serving anything when PostgreSQL or NATS cannot be reached, when the database's
-/// schema is older than this binary, or when the stream or consumer exists with an incompatible
-/// definition.
+/// Waits, not ready, while PostgreSQL, NATS or JetStream cannot be reached; fails before serving
+/// anything when the database's schema is older than this binary, or when the stream or consumer
+/// exists with an incompatible definition.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     // Installs the metrics recorder now, so that the first refreshes are recorded too.
     landslide_telemetry::prometheus();
     let connections = &config.connections;
     let database = connections.database()?;
-    // Checked first, with its own message: bb8 and friends report bad credentials as a timeout.
-    // Tally reads only, and may not migrate: a schema older than this binary stops it, naming
-    // `landslide migrate`.
-    let conn = landslide_schema::postgres::connect_current(database).await?;
-    let client =
-        landslide_nats::connect_patiently(&connections.nats, User::Tally, "landslide-tally")
-            .await?;
-    let js = async_nats::jetstream::new(client);
     let topology = &connections.topology;
-    // Waited for rather than skipped: without the consumer, `pending` would mean nothing.
-    let consumer = landslide_nats::retry_startup("find the streams and the consumer", || {
-        landslide_nats::ensure_consumer(&js, topology, Access::ReadOnly)
-    })
-    .await?;
-
-    let polls = landslide_nats::retry_startup("read the poll definitions", || {
-        landslide_nats::polls::watch(&js, topology, &connections.polls, Access::ReadOnly)
-    })
-    .await?;
+    // Every wait is for as long as it takes, not ready meanwhile, and given up only on shutdown.
+    let started = shutdown
+        .starting("tally", async |startup| {
+            // Connected directly first, with its own message: bb8 and friends report bad
+            // credentials as a timeout. Tally reads only, and may not migrate: a schema older
+            // than this binary stops it, naming `landslide migrate`.
+            let conn = landslide_telemetry::patience::patiently(
+                "connect to PostgreSQL",
+                startup,
+                |e| e.downcast_ref::<SchemaNotCurrent>().is_some(),
+                || landslide_schema::postgres::connect_current(database),
+            )
+            .await?;
+            let client = landslide_nats::connect_patiently(
+                &connections.nats,
+                User::Tally,
+                "landslide-tally",
+                startup,
+            )
+            .await?;
+            let js = async_nats::jetstream::new(client);
+            // Waited for rather than skipped: without the consumer, `pending` would mean nothing.
+            let consumer =
+                landslide_nats::retry_startup("find the streams and the consumer", startup, || {
+                    landslide_nats::ensure_consumer(&js, topology, Access::ReadOnly)
+                })
+                .await?;
+            let polls = landslide_nats::polls::watch_patiently(
+                &js,
+                topology,
+                &connections.polls,
+                Access::ReadOnly,
+                startup,
+            )
+            .await?;
+            anyhow::Ok((conn, js, consumer, polls))
+        })
+        .await;
+    let Some(started) = started else {
+        return Ok(());
+    };
+    let (conn, js, consumer, polls) = started?;
 
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
     let refresher = snapshot::Refresher::new(js, consumer, conn, database.clone(), polls.clone());

@@ -27,7 +27,7 @@ pub(crate) const POOL_SIZE: u32 = 4;
 #[derive(QueryableByName)]
 struct BallotRow {
     #[diesel(sql_type = BigInt)]
-    ts: i64,
+    after_ts: i64,
     #[diesel(sql_type = SqlUuid)]
     event_id: uuid::Uuid,
     #[diesel(sql_type = Text)]
@@ -90,7 +90,7 @@ pub(crate) async fn answer(state: &AppState, text: &str) -> Result<Answer, (Stat
     let standing = receipt.standing(
         ballot
             .as_ref()
-            .map(|b| (Timestamp::from_i64(b.ts), EventId(b.event_id))),
+            .map(|b| (Timestamp::from_i64(b.after_ts), EventId(b.event_id))),
     );
     let status = match standing {
         Standing::Counted => ReceiptStatus::Counted,
@@ -118,7 +118,7 @@ async fn read_ballot(
 ) -> anyhow::Result<Option<BallotRow>> {
     let mut conn = db.get().await?;
     let rows: Vec<BallotRow> = diesel::sql_query(
-        "SELECT ts, event_id, choice FROM ballots WHERE poll = $1 AND voter = $2",
+        "SELECT after_ts, event_id, choice FROM ballots WHERE poll = $1 AND voter = $2",
     )
     .bind::<Text, _>(receipt.poll.as_str())
     .bind::<SqlUuid, _>(receipt.voter.0)

@@ -8,6 +8,8 @@
 //! `LANDSLIDE_TRACE_FILTER` (default `info`) governs which spans are exported.
 
 pub mod openapi;
+pub mod patience;
+pub mod readiness;
 pub mod serve;
 
 use std::io::IsTerminal as _;

@@ -121,11 +121,13 @@ const OPERATIONS_LIMITS: Limits = Limits {
 };
 
 /// The routes of an operations listener: `/metrics` (the process's registry, so one listener
-/// serves every role of a process) and `/healthz`.
+/// serves every role of a process), `/healthz`, and `/readyz` (every role of the process ready:
+/// [`crate::readiness`]).
 pub fn operations() -> Router {
     Router::new()
         .route("/metrics", axum::routing::get(crate::metrics_handler))
         .route("/healthz", axum::routing::get(crate::openapi::healthz))
+        .route("/readyz", axum::routing::get(crate::readiness::readyz))
 }
 
 /// Serves [`operations`] on `listener` until `shutdown` completes, with the same server and the

@@ -122,7 +122,7 @@ async fn audit_names_a_voter_whose_ballot_is_missing_or_unexpected() {
         .await
         .unwrap();
     diesel::sql_query(
-        "INSERT INTO ballots (poll, voter, choice, ts, event_id) VALUES ('pets', $1, 'dogs', 1, $2)",
+        "INSERT INTO ballots (poll, voter, choice, ts, event_id, after_ts, stored_ns) VALUES ('pets', $1, 'dogs', 1, $2, 0, 0)",
     )
     .bind::<SqlUuid, _>(stranger)
     .bind::<SqlUuid, _>(Uuid::new_v4())

@@ -130,11 +130,9 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
             &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
             "2 replicas cannot survive",
         ),
-        (
-            &["tally", "--listen", "127.0.0.1:0"],
-            &[("DATABASE_URL", "postgres://x:secret-pw@127.0.0.1:1/x")],
-            "cannot connect to PostgreSQL at postgres://x:***@127.0.0.1:1/x (DATABASE_URL)",
-        ),
+        // A database that cannot be reached is no setting to fix: the roles wait for it, not
+        // ready, and say why without the password
+        // (`tally::a_database_that_cannot_be_reached_keeps_tally_not_ready_naming_database_url`).
     ];
     for (args, env, needle) in cases {
         let (ok, stderr) = landslide(args, env);

@@ -109,6 +109,42 @@ async fn without_the_cookie_the_slow_node_would_lose_the_change_of_mind() {
     slow.role.stop().await;
 }
 
+/// The case the reliability harness found (shared/research/cluster-power-cut-2026-12-06.md): a
+/// voter votes cats through node b, then dogs through node a, which stores the vote but whose
+/// answer never reaches the voter (the node died before it answered, or the answer was lost, so
+/// the cookie never learns that vote's stamp), then cats again through b, whose clock is behind
+/// a's. Every vote is stored; the last is cats. By the stamps alone, dogs won: for every voter,
+/// with b 10 s behind and with b 1 s behind, inside the default 2 s bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_of_mind_after_a_lost_answer_beats_the_lost_vote_of_a_node_whose_clock_is_ahead() {
+    const VOTERS: usize = 5;
+    for behind_ms in [10_000, 1_000] {
+        let nats = Nats::start().await;
+        let db = Db::create().await;
+        let a = support::ingest(&nats, "a", 0).await;
+        let b = support::ingest(&nats, "b", -behind_ms).await;
+        let worker = support::worker(&nats, &db);
+        for _ in 0..VOTERS {
+            let (status, cookie) = vote_with_cookie(&b.url, None, "cats").await;
+            assert_eq!(status, 202);
+            let cookie = cookie.expect("the first answer sets the voter cookie");
+            let (status, _lost) = vote_with_cookie(&a.url, Some(&cookie), "dogs").await;
+            assert_eq!(status, 202, "stored, though its answer is dropped");
+            let (status, _) = vote_with_cookie(&b.url, Some(&cookie), "cats").await;
+            assert_eq!(status, 202);
+        }
+        support::drained(&nats).await;
+        assert_eq!(
+            db.tally_and_count("pets").await,
+            [("cats".to_owned(), VOTERS as i64, VOTERS as i64)],
+            "b {behind_ms} ms behind a: the lost vote won"
+        );
+        worker.stop().await;
+        a.role.stop().await;
+        b.role.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
     let nats = Nats::start().await;

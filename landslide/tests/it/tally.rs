@@ -135,6 +135,7 @@ pub(crate) fn vote_in(poll: &str, voter: Uuid, choice: &str, ts: u64) -> VoteEve
         ts: Timestamp(ts),
         node: NodeId::parse("test").unwrap(),
         rev: None,
+        after: None,
     }
 }
 
@@ -148,7 +149,8 @@ pub(crate) async fn commit_like_a_worker(db: &Db, events: &[VoteEvent]) {
     let mut conn = db.conn().await;
     for (i, event) in events.iter().enumerate() {
         let shard = i16::try_from(i % 2).unwrap();
-        landslide_dedup_worker::UpsertBatch::new([event].into_iter(), shard)
+        let vote = landslide_schema::merge::StoredVote::new(event.clone(), chrono::Utc::now());
+        landslide_dedup_worker::UpsertBatch::new([&vote].into_iter(), shard)
             .execute(&mut conn)
             .await
             .expect("upsert ballot and tally");
@@ -465,8 +467,11 @@ async fn shutdown_ends_open_event_streams_so_the_server_drains() {
     assert!(ended.is_ok(), "the event stream outlived the server");
 }
 
+/// A database that cannot be reached is waited for (a restart, a failover), not exited on: tally
+/// is not ready meanwhile, and says why, naming `DATABASE_URL` without its password. Shutdown
+/// still ends the wait.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_database_that_cannot_be_reached_stops_startup_naming_database_url() {
+async fn a_database_that_cannot_be_reached_keeps_tally_not_ready_naming_database_url() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = Config::new(landslide_config::Connections::new(
         landslide_nats::NatsConfig::anonymous("nats://127.0.0.1:1"),
@@ -476,14 +481,32 @@ async fn a_database_that_cannot_be_reached_stops_startup_naming_database_url() {
                 .unwrap(),
         ),
     ));
-    let (_stop, shutdown) = landslide_config::Shutdown::new();
-    let err = landslide_tally::run(config, listener, shutdown)
-        .await
-        .expect_err("startup must fail");
-    let message = format!("{err:#}");
+    let (stop, shutdown) = landslide_config::Shutdown::new();
+    let tally = tokio::spawn(landslide_tally::run(config, listener, shutdown));
+    let unmet = support::wait_for(
+        "tally to say why it is not ready",
+        Duration::from_secs(30),
+        || async {
+            landslide_telemetry::readiness::report()
+                .err()
+                .filter(|unmet| {
+                    unmet
+                        .iter()
+                        .any(|l| l.contains("cannot connect to PostgreSQL yet"))
+                })
+        },
+    )
+    .await;
+    let message = unmet.join("\n");
     assert!(message.contains("DATABASE_URL"), "{message}");
     assert!(
         !message.contains("secret"),
         "the password leaked: {message}"
     );
+    assert!(!tally.is_finished(), "tally gave up: {message}");
+    stop.stop();
+    tally
+        .await
+        .unwrap()
+        .expect("a shutdown while starting is a clean stop");
 }

@@ -36,6 +36,7 @@ fn event(voter: u128, ts: u64, choice: &str, id: u128) -> VoteEvent {
         ts: Timestamp(ts),
         node: NodeId::parse("web01").unwrap(),
         rev: None,
+        after: None,
     }
 }
 
@@ -97,11 +98,21 @@ async fn dead_letters(nats: &Nats, n: usize) -> Vec<jetstream::Message> {
     dead
 }
 
+/// The latest of `events` per voter. They are of wire version 1, which orders by `(ts, event
+/// id)` alone: when the stream stored them does not matter.
+fn latest_per_voter(events: &[VoteEvent]) -> BTreeMap<merge::BallotKey, merge::StoredVote> {
+    merge::latest_per_voter(
+        events
+            .iter()
+            .map(|e| merge::StoredVote::new(e.clone(), chrono::DateTime::UNIX_EPOCH)),
+    )
+}
+
 /// The expected (option → count) of the latest event per voter.
 fn model_counts(events: &[VoteEvent]) -> Vec<(String, i64, i64)> {
     let mut counts = BTreeMap::<String, i64>::new();
-    for ballot in merge::latest_per_voter(events.iter().cloned()).values() {
-        *counts.entry(ballot.choice.to_string()).or_default() += 1;
+    for ballot in latest_per_voter(events).values() {
+        *counts.entry(ballot.event.choice.to_string()).or_default() += 1;
     }
     counts
         .into_iter()
@@ -196,10 +207,14 @@ async fn two_workers_keep_every_ballot_latest_and_every_tally_exact() {
     publish_raw(&nats, payloads).await;
     support::drained(&nats).await;
 
-    let expected = merge::latest_per_voter(events.iter().cloned());
+    let expected = latest_per_voter(&events);
     for ((poll, voter), latest) in &expected {
         let ballot = db.ballot(poll.as_str(), voter.0).await.expect("ballot");
-        assert_eq!(ballot, as_ballot(latest), "voter {voter} (seed {seed})");
+        assert_eq!(
+            ballot,
+            as_ballot(&latest.event),
+            "voter {voter} (seed {seed})"
+        );
     }
     assert_eq!(
         db.tally_and_count("pets").await,
@@ -540,5 +555,139 @@ async fn a_vote_stamped_far_ahead_of_the_stream_is_dead_lettered_and_its_voter_s
         fresh.tally_and_count("pets").await,
         db.tally_and_count("pets").await
     );
+    worker.stop().await;
+}
+
+/// `GET /readyz` of an operations listener: the status and the body, or `None` while it does not
+/// answer.
+async fn operations_readyz(addr: std::net::SocketAddr) -> Option<(u16, String)> {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}/readyz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// The reliability harness found a worker that gave up: restarted during a leader election, it
+/// was stopped (SIGSTOP, the power-loss fault) for longer than its 60 s startup deadline, and
+/// exited at its first failed try once resumed. Here a worker waits for a nats-server that is
+/// down, is stopped for longer than that deadline, is resumed while the server is still down,
+/// and must still be running, not ready, and then drain once the server is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stopped_in_its_startup_wait_for_over_a_minute_drains_once_resumed() {
+    let mut nats = Nats::start().await;
+    let db = Db::create().await;
+    support::set_up(&nats, &landslide_schema::Polls::default()).await;
+    nats.kill().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let operations = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    let mut worker = landslide_servers::Process::new(
+        "worker",
+        env!("CARGO_BIN_EXE_landslide"),
+        dir.path().join("worker.log"),
+    )
+    .arg("dedup-worker")
+    .env(
+        "DATABASE_URL",
+        db.url_for(landslide_nats::User::Worker).expose(),
+    )
+    .env("LANDSLIDE_METRICS_LISTEN", operations)
+    .env("RUST_LOG", "info,async_nats=warn");
+    for (var, value) in nats.config(landslide_nats::User::Worker).env() {
+        worker = worker.env(var, value);
+    }
+    worker.start().unwrap();
+    let log = dir.path().join("worker.log");
+    let (status, body) = support::wait_for(
+        "the worker to say it is not ready, waiting for NATS",
+        Duration::from_secs(30),
+        || async {
+            operations_readyz(operations)
+                .await
+                .filter(|(_, body)| body.contains("cannot connect to NATS yet"))
+        },
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+
+    worker.pause().unwrap();
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    worker.resume().unwrap();
+    // Resumed with the server still down: each try fails, as the one that ended the harness's
+    // worker did. It must keep waiting.
+    let tries_before = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("cannot connect to NATS yet")
+        .count();
+    support::wait_for(
+        "a failed try after the resume",
+        Duration::from_secs(30),
+        || async {
+            let tries = std::fs::read_to_string(&log)
+                .ok()?
+                .matches("cannot connect to NATS yet")
+                .count();
+            (tries > tries_before).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    worker
+        .check_running()
+        .expect("the worker gave up waiting for NATS");
+    assert_eq!(operations_readyz(operations).await.map(|r| r.0), Some(503));
+
+    nats.restart().await;
+    support::wait_for(
+        "the worker to be ready",
+        Duration::from_secs(60),
+        || async {
+            operations_readyz(operations)
+                .await
+                .filter(|(status, _)| *status == 200)
+        },
+    )
+    .await;
+    let vote = event(1, Timestamp::from_millis(1_000).0, "dogs", 1);
+    publish_raw(&nats, [vote.encode()]).await;
+    let ballot = support::wait_for("the vote's ballot", Duration::from_secs(30), || {
+        db.ballot("pets", vote.voter.0)
+    })
+    .await;
+    assert_eq!(ballot, as_ballot(&vote));
+    worker.terminate(Duration::from_secs(10)).await.unwrap();
+}
+
+/// A rolling upgrade that reaches the ingest nodes before the workers: a vote of a wire version
+/// newer than the worker reads was accepted, so it waits in the stream (naked, counted as
+/// pending, an alarm raised) for a worker that reads it; it is never a dead letter.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_of_a_newer_wire_version_waits_for_a_worker_that_reads_it_and_is_never_dead_lettered()
+ {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats, &db);
+    let newer = String::from_utf8(event(1, 5, "cats", 1).encode())
+        .unwrap()
+        .replace(r#""v":1"#, r#""v":9"#);
+    let current = event(2, 5, "dogs", 2);
+    publish_raw(&nats, [newer.into_bytes(), current.encode()]).await;
+    support::wait_for("the current vote's ballot", Duration::from_secs(30), || {
+        db.ballot("pets", current.voter.0)
+    })
+    .await;
+    support::wait_for("the alarm", Duration::from_secs(30), || async {
+        let page = landslide_telemetry::prometheus().render();
+        (landslide_telemetry::metric_value(&page, "landslide_newer_wire_version_total") >= 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(nats.messages("VOTES_DLQ").await, 0, "dead-lettered");
+    assert_eq!(support::pending(&nats).await, Some(1), "no longer pending");
+    assert_eq!(db.ballot("pets", Uuid::from_u128(1)).await, None);
     worker.stop().await;
 }

@@ -71,6 +71,7 @@ pub fn events(n: usize, seed: u64) -> anyhow::Result<Vec<VoteEvent>> {
             ts: Timestamp(now.0 + i as u64),
             node: node.clone(),
             rev: None,
+            after: None,
         })
         .collect())
 }
@@ -247,9 +248,15 @@ pub async fn sql(
 ) -> anyhow::Result<Measured> {
     let url = landslide_schema::postgres::DatabaseUrl::parse(database_url)?;
     let mut conn = landslide_schema::postgres::connect(&url).await?;
+    // As the stream stored them, outside the measured time.
+    let stored_at = chrono::Utc::now();
+    let votes: Vec<_> = events
+        .iter()
+        .map(|e| landslide_schema::merge::StoredVote::new(e.clone(), stored_at))
+        .collect();
     let meter = CpuMeter::start(vec![("bench", Group::me()), ("postgres", postgres.clone())]);
     let started = Instant::now();
-    for batch in events.chunks(1000) {
+    for batch in votes.chunks(1000) {
         landslide_dedup_worker::UpsertBatch::new(batch.iter(), 0)
             .execute(&mut conn)
             .await
