@@ -19,9 +19,12 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use futures::{FutureExt as _, StreamExt as _};
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::polls::PollWatch;
+use landslide_nats::rollback;
 use landslide_nats::{Access, HeaderExtractor, User};
+use landslide_schema::mark::Mark;
 use landslide_schema::merge::StoredVote;
 use landslide_schema::poll::Unjudged;
+use landslide_schema::postgres::marks;
 use landslide_schema::postgres::{DatabaseUrl, SchemaNotCurrent};
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
@@ -175,6 +178,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     );
     let mut worker = Worker {
         db: Some(db),
+        client: client.clone(),
         polls,
         js,
         config,
@@ -210,11 +214,23 @@ async fn connect_db(url: &DatabaseUrl) -> anyhow::Result<AsyncPgConnection> {
 struct Worker {
     /// `None` after a connection error, until reconnected.
     db: Option<AsyncPgConnection>,
+    /// The NATS client, whose connection count tells when it reconnected.
+    client: async_nats::Client,
     polls: PollWatch,
     js: jetstream::Context,
     config: Config,
     /// Consecutive failed batches: the nak delay and reconnect backoff grow with it.
     db_failures: u32,
+}
+
+/// What a check of the stream against the workers' mark found.
+enum Checked {
+    /// The stream holds what the workers committed.
+    Fine,
+    /// It went backwards, and this worker restarted the consumer: pull from this one.
+    Restarted(Box<jetstream::consumer::PullConsumer>),
+    /// The check could not be made.
+    Failed,
 }
 
 /// What to do with one message after decoding.
@@ -231,6 +247,10 @@ enum Verdict {
     Newer(u64),
 }
 
+/// How often a worker compares the stream with the workers' mark (`landslide_nats::rollback`),
+/// between batches: a stream info, a consumer info and one message read.
+const STREAM_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// How long a vote of an unseen poll revision waits before it is delivered again.
 const UNSEEN_REVISION_DELAY: Duration = Duration::from_secs(2);
 
@@ -240,53 +260,221 @@ impl Worker {
         consumer: jetstream::consumer::PullConsumer,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.config.batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .context("cannot start pulling from the consumer")?;
-        let mut inbox = Inbox {
-            messages,
-            polls: self.polls.clone(),
-            batch: Vec::with_capacity(self.config.batch_size),
-            first_at: None,
-            max: self.config.batch_size,
-            wait: self.config.batch_wait,
-            ended: false,
-        };
         let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            // Shutdown is only heeded between batches: a batch in hand is always finished.
-            if inbox.batch.is_empty() {
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    () = inbox.wait_for_first() => {}
+        let stream_ok = landslide_telemetry::readiness::condition(
+            "dedup-worker",
+            "stream",
+            "not checked against the workers' mark yet",
+        );
+        let mut consumer = consumer;
+        'consumer: loop {
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.config.batch_size)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+                .context("cannot start pulling from the consumer")?;
+            let mut inbox = Inbox {
+                messages,
+                polls: self.polls.clone(),
+                batch: Vec::with_capacity(self.config.batch_size),
+                first_at: None,
+                max: self.config.batch_size,
+                wait: self.config.batch_wait,
+                ended: false,
+            };
+            // At once, then every `STREAM_CHECK_EVERY` between batches, and before the first batch
+            // after every (re)connection to NATS: a stream goes backwards only across a restart
+            // of its servers, and the first batch after it may already come from beyond the
+            // reused sequences, which would raise the mark past them and hide the rollback.
+            let mut next_check = tokio::time::Instant::now();
+            let client = self.client.clone();
+            let connects = || landslide_nats::connects(&client);
+            let mut checked_connects = 0;
+            loop {
+                let seen_connects = connects();
+                let reconnected = seen_connects != checked_connects;
+                if reconnected || tokio::time::Instant::now() >= next_check {
+                    next_check = tokio::time::Instant::now() + STREAM_CHECK_EVERY;
+                    match self.check_stream(&stream_ok).await {
+                        Checked::Fine => checked_connects = seen_connects,
+                        Checked::Restarted(restarted) => {
+                            inbox.give_back().await;
+                            consumer = *restarted;
+                            continue 'consumer;
+                        }
+                        // Not checked since a reconnection: nothing is counted until it is.
+                        Checked::Failed if reconnected => {
+                            inbox.give_back().await;
+                            next_check = tokio::time::Instant::now() + Duration::from_secs(1);
+                        }
+                        Checked::Failed => {}
+                    }
                 }
-            } else if futures::poll!(&mut shutdown).is_ready() {
-                break;
+                // Shutdown is only heeded between batches: a batch in hand is always finished.
+                if inbox.batch.is_empty() {
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => {
+                            // Messages already delivered to us, pulled ahead or buffered, go
+                            // back at once rather than after the ack wait.
+                            inbox.give_back().await;
+                            break 'consumer;
+                        }
+                        () = inbox.wait_for_first() => {}
+                        () = tokio::time::sleep_until(next_check) => continue,
+                    }
+                    // The first message since a reconnection waits for the check above.
+                    if connects() != checked_connects {
+                        continue;
+                    }
+                } else if futures::poll!(&mut shutdown).is_ready() {
+                    inbox.give_back().await;
+                    break 'consumer;
+                }
+                inbox.fill().await;
+                if inbox.ended && inbox.batch.is_empty() {
+                    // The consumer was deleted (a worker restarted it after a rollback of the
+                    // stream, or someone removed it): open it again, creating it if it is gone.
+                    tracing::warn!(
+                        "the consumer's message stream ended; opening the consumer again"
+                    );
+                    let topology = &self.config.connections.topology;
+                    let js = &self.js;
+                    consumer = landslide_nats::retry_startup(
+                        "open the consumer again",
+                        &stream_ok,
+                        || landslide_nats::ensure_consumer(js, topology, Access::SetUp),
+                    )
+                    .await?;
+                    next_check = tokio::time::Instant::now();
+                    continue 'consumer;
+                }
+                let batch = inbox.take();
+                self.process(batch, &mut inbox).await?;
             }
-            inbox.fill().await;
-            anyhow::ensure!(
-                !(inbox.ended && inbox.batch.is_empty()),
-                "the consumer's message stream ended"
-            );
-            let batch = inbox.take();
-            self.process(batch, &mut inbox).await?;
-        }
-        // Messages already delivered to us, pulled ahead or buffered, go back at once rather
-        // than after the ack wait.
-        for (message, _) in inbox.batch.drain(..) {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
-        while let Some(Some(Ok(message))) = inbox.messages.next().now_or_never() {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
         }
         tracing::info!("dedup-worker stopped");
         Ok(())
+    }
+
+    /// Compares the stream with the workers' mark (`landslide_nats::rollback`); when it went
+    /// backwards, raises the alarm and restarts the consumer from before anything it stored
+    /// since. Returns the restarted consumer, if this worker restarted it. A check that cannot
+    /// be made is retried at the next one, the alarm left as it was.
+    async fn check_stream(
+        &mut self,
+        stream_ok: &landslide_telemetry::readiness::Condition,
+    ) -> Checked {
+        match self.check_and_recover(stream_ok).await {
+            Ok(Some(restarted)) => Checked::Restarted(Box::new(restarted)),
+            Ok(None) => Checked::Fine,
+            Err(err) => {
+                let error = format!("{err:#}");
+                tracing::warn!(
+                    error,
+                    "cannot check the stream against the workers' mark; trying again"
+                );
+                stream_ok.not_ready(format!(
+                    "cannot check the stream against the workers' mark: {error}"
+                ));
+                Checked::Failed
+            }
+        }
+    }
+
+    async fn check_and_recover(
+        &mut self,
+        stream_ok: &landslide_telemetry::readiness::Condition,
+    ) -> anyhow::Result<Option<jetstream::consumer::PullConsumer>> {
+        let topology = self.config.connections.topology.clone();
+        let js = self.js.clone();
+        let conn = self.connection().await?;
+        let mark = marks::read_mark(conn, &topology.votes_stream)
+            .await
+            .context("cannot read the workers' mark")?;
+        let observed = rollback::observe(&js, &topology, mark.as_ref()).await?;
+        tracing::debug!(
+            ?mark,
+            ?observed,
+            "checked the stream against the workers' mark"
+        );
+        let Some(regression) = rollback::judge(mark.as_ref(), &observed) else {
+            stream_ok.ready();
+            metrics::gauge!("landslide_stream_went_backwards").set(0.0);
+            return Ok(None);
+        };
+        metrics::gauge!("landslide_stream_went_backwards").set(1.0);
+        metrics::counter!("landslide_stream_rollbacks_total").increment(1);
+        tracing::error!(
+            stream = %topology.votes_stream,
+            %regression,
+            "the votes stream went backwards: accepted votes may be lost from it, and its \
+             consumer would skip the sequences it reuses; restarting the consumer from before \
+             anything stored since"
+        );
+        stream_ok.not_ready(format!("the votes stream went backwards: {regression}"));
+        let restarted = conn
+            .transaction::<_, anyhow::Error, _>(async |conn| {
+                // One worker at a time; the others find the mark rebased and the stream fine.
+                marks::lock_for_rollback(conn).await?;
+                let mark = marks::read_mark(conn, &topology.votes_stream).await?;
+                let observed = rollback::observe(&js, &topology, mark.as_ref()).await?;
+                let Some(regression) = rollback::judge(mark.as_ref(), &observed) else {
+                    return Ok(None);
+                };
+                let unacked = rollback::message_at(&js, &topology, observed.ack_floor + 1)
+                    .await?
+                    .map(|(_, stored_at)| stored_at);
+                let from = rollback::restart_time(mark.as_ref(), unacked);
+                let rebased = match rollback::message_at(&js, &topology, observed.last).await? {
+                    Some((event_id, stored_at)) if observed.last > 0 => Some(Mark {
+                        sequence: observed.last,
+                        event_id,
+                        stored_at,
+                    }),
+                    _ => None,
+                };
+                let consumer = rollback::restart_consumer(&js, &topology, from).await?;
+                marks::record_rollback(
+                    conn,
+                    &marks::Rollback {
+                        stream: topology.votes_stream.clone(),
+                        detected_at: chrono::Utc::now(),
+                        reason: regression.to_string(),
+                        mark_sequence: mark.map_or(0, |m| m.sequence),
+                        mark_event_id: mark.and_then(|m| m.event_id),
+                        stream_last: observed.last,
+                        consumer_delivered: observed.delivered,
+                        restarted_from: from,
+                    },
+                    rebased.as_ref(),
+                )
+                .await?;
+                tracing::warn!(
+                    stream = %topology.votes_stream,
+                    restarted_from = %from,
+                    "restarted the workers' consumer: every message stored since is counted again"
+                );
+                Ok(Some(consumer))
+            })
+            .await?;
+        stream_ok.ready();
+        metrics::gauge!("landslide_stream_went_backwards").set(0.0);
+        Ok(restarted)
+    }
+
+    /// The worker's database connection, connected again if it was lost.
+    async fn connection(&mut self) -> anyhow::Result<&mut AsyncPgConnection> {
+        if self.db.is_none() {
+            self.db = Some(connect_db(self.config.connections.database()?).await?);
+            tracing::info!("reconnected to PostgreSQL");
+        }
+        self.db
+            .as_mut()
+            .context("no database connection right after connecting")
     }
 
     /// Handles one batch: dead letters out, votes committed, then every message acked.
@@ -366,9 +554,29 @@ impl Worker {
         let ballots = merge::latest_per_voter(votes.iter().map(|(vote, _)| vote.clone()));
         tracing::Span::current().record("batch.ballots", ballots.len());
         let upsert = UpsertBatch::new(ballots.values(), self.config.shard);
+        // The batch's highest stream sequence, raised in the same transaction: what the workers
+        // have committed of the stream, which a stream that went backwards falls below.
+        let mark = votes
+            .iter()
+            .filter_map(|(vote, message)| {
+                let sequence = message.info().ok()?.stream_sequence;
+                Some(Mark {
+                    sequence,
+                    event_id: Some(vote.event.event_id),
+                    stored_at: vote.stored_at,
+                })
+            })
+            .max_by_key(|mark| mark.sequence)
+            .map(|mark| {
+                marks::RaiseMark::new(
+                    &self.config.connections.topology.votes_stream,
+                    self.config.shard,
+                    &mark,
+                )
+            });
         let started = Instant::now();
         // The next batch is pulled and decoded while PostgreSQL works on this one.
-        match inbox.pull_during(self.commit(&upsert)).await {
+        match inbox.pull_during(self.commit(&upsert, mark.as_ref())).await {
             Ok(()) => {
                 self.db_failures = 0;
                 metrics::histogram!("landslide_commit_seconds")
@@ -410,7 +618,11 @@ impl Worker {
     }
 
     /// Writes one batch in one transaction, retrying deadlocks and serialization failures.
-    async fn commit(&mut self, upsert: &UpsertBatch) -> anyhow::Result<()> {
+    async fn commit(
+        &mut self,
+        upsert: &UpsertBatch,
+        mark: Option<&marks::RaiseMark>,
+    ) -> anyhow::Result<()> {
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
             if self.db.is_none() {
@@ -424,6 +636,9 @@ impl Worker {
             let bound = self.config.database_bound();
             let transaction = conn.transaction::<_, TxError, _>(async |conn| {
                 upsert.execute(conn).await?;
+                if let Some(mark) = mark {
+                    mark.clone().execute(conn).await?;
+                }
                 if fail_point == Some(FailPoint::BeforeCommit) {
                     return Err(TxError::FailPoint);
                 }
@@ -576,6 +791,18 @@ impl Inbox {
                 // A lasting failure must not turn into a busy loop of warnings.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+    }
+
+    /// Gives every message in hand back to the consumer at once (naked), rather than after the
+    /// ack wait: what was gathered for the next batch, and what the client pulled ahead.
+    async fn give_back(&mut self) {
+        self.first_at = None;
+        for (message, _) in self.batch.drain(..) {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+        while let Some(Some(Ok(message))) = self.messages.next().now_or_never() {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
         }
     }
 

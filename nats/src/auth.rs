@@ -126,6 +126,12 @@ impl User {
                     api(&format!("STREAM.UPDATE.{dlq}")),
                     api(&format!("STREAM.CREATE.{kv}")),
                     api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                    // The message at the workers' mark, read from the stream's leader: has the
+                    // stream gone backwards (`rollback`)?
+                    api(&format!("STREAM.MSG.GET.{votes}")),
+                    // Restarting the durable consumer from before a rollback of the stream
+                    // (`rollback::restart_consumer`): only this durable, by its name.
+                    api(&format!("CONSUMER.DELETE.{votes}.{consumer}")),
                     // The durable consumer, and replay's ordered one (which is never deleted by
                     // subject: that would allow deleting the durable one too; the server
                     // removes it once idle).
@@ -145,6 +151,8 @@ impl User {
                 vec![
                     api(&format!("STREAM.INFO.{votes}")),
                     api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                    // The message at the workers' mark (`rollback`).
+                    api(&format!("STREAM.MSG.GET.{votes}")),
                 ],
                 read_polls,
             ]
@@ -154,6 +162,8 @@ impl User {
                     api(&format!("STREAM.INFO.{votes}")),
                     api(&format!("STREAM.INFO.{dlq}")),
                     api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                    // The message at the workers' mark (`rollback`).
+                    api(&format!("STREAM.MSG.GET.{votes}")),
                     api(&format!("CONSUMER.CREATE.{votes}")),
                     api(&format!("CONSUMER.CREATE.{votes}.>")),
                     api(&format!("CONSUMER.CREATE.{dlq}")),
@@ -521,11 +531,16 @@ mod tests {
                     subscribe: Rule::Only(subscribe),
                 } => {
                     for subject in &publish {
+                        // The workers own their durable consumer, and restart it by name after
+                        // the stream went backwards (`rollback`); no one else may delete a
+                        // consumer of the votes stream, and no one any other way.
+                        let own_consumer = user == User::Worker
+                            && subject == "$JS.API.CONSUMER.DELETE.VOTES.dedup-worker";
                         assert!(
                             !subject.contains("STREAM.DELETE")
                                 && !subject.contains("PURGE")
                                 && !subject.contains("MSG.DELETE")
-                                && !subject.contains("CONSUMER.DELETE.VOTES"),
+                                && (own_consumer || !subject.contains("CONSUMER.DELETE.VOTES")),
                             "{user} may publish {subject}"
                         );
                     }

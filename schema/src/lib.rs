@@ -19,6 +19,7 @@ pub mod cookie;
 pub mod db;
 pub mod event;
 pub mod ids;
+pub mod mark;
 pub mod merge;
 #[cfg(feature = "openapi")]
 mod openapi;

@@ -22,6 +22,7 @@ use diesel_migrations::MigrationHarness;
 
 use crate::db::MIGRATIONS;
 
+pub mod marks;
 pub mod roles;
 mod tls;
 mod url;

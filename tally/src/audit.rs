@@ -21,10 +21,11 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
 use landslide_config::Connections;
-use landslide_nats::{Access, Topology, User};
+use landslide_nats::{Access, Topology, User, rollback};
 use landslide_schema::db::ballots;
 use landslide_schema::merge::OrderKey;
 use landslide_schema::poll::Unjudged;
+use landslide_schema::postgres::marks;
 use landslide_schema::{Choice, EventId, PollBook, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
@@ -51,6 +52,14 @@ impl AuditConfig {
             wait: Duration::from_secs(60),
         }
     }
+}
+
+/// A sequence that held one event when the workers committed it, and holds another (or none) now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReusedSequence {
+    pub sequence: u64,
+    pub committed: EventId,
+    pub found: Option<EventId>,
 }
 
 /// A ballot's content: the choice and the order key of the event that set it.
@@ -128,6 +137,17 @@ pub struct AuditReport {
     /// Vote events of a wire version newer than this release reads: accepted by an ingest node
     /// of a later release, which must audit them. Any makes the audit fail.
     pub newer_version: u64,
+    /// Sequences missing from the stream, as (first, last) ranges. Nothing is ever deleted
+    /// from it, so any is a sign that it went backwards, or lost messages; any fails the audit.
+    pub holes: Vec<(u64, u64)>,
+    /// How the stream went backwards, while the workers have not taken up what it stored since.
+    pub regression: Option<String>,
+    /// Every rollback of the stream the workers recorded: accepted votes may be missing from the
+    /// stream (their ballots then show as unexpected).
+    pub rollbacks: Vec<marks::Rollback>,
+    /// Sequences a recorded rollback marked that now hold another event: the stream used them
+    /// again.
+    pub reused: Vec<ReusedSequence>,
     /// The stream sequences read, first to last (0 and 0 for an empty stream).
     pub first_sequence: u64,
     pub last_sequence: u64,
@@ -152,6 +172,8 @@ impl AuditReport {
     pub fn is_consistent(&self) -> bool {
         self.unknown_revision == 0
             && self.newer_version == 0
+            && self.holes.is_empty()
+            && self.regression.is_none()
             && self.missing_ballots.is_empty()
             && self.unexpected_ballots.is_empty()
             && self.wrong_ballots.is_empty()
@@ -187,6 +209,43 @@ impl fmt::Display for AuditReport {
                 " (differs from the messages not counted)"
             }
         )?;
+        if let Some(regression) = &self.regression {
+            writeln!(
+                f,
+                "the votes stream went backwards and the workers have not yet taken up what it \
+                 stored since: {regression}"
+            )?;
+        }
+        for r in &self.rollbacks {
+            writeln!(
+                f,
+                "rollback recorded {}: {} (committed up to sequence {}, the stream ended at {}); \
+                 votes stored from {} on were counted again, votes the stream lost show as \
+                 unexpected ballots",
+                r.detected_at.to_rfc3339(),
+                r.reason,
+                r.mark_sequence,
+                r.stream_last,
+                r.restarted_from.to_rfc3339()
+            )?;
+        }
+        for reused in &self.reused {
+            match reused.found {
+                Some(found) => writeln!(
+                    f,
+                    "sequence {} was used again: committed event {}, the stream holds {found}",
+                    reused.sequence, reused.committed
+                )?,
+                None => writeln!(
+                    f,
+                    "sequence {} held committed event {}, and holds no vote now",
+                    reused.sequence, reused.committed
+                )?,
+            }
+        }
+        list(f, "holes in the stream", &self.holes, |f, (first, last)| {
+            write!(f, "sequences {first} to {last} are missing")
+        })?;
         if self.newer_version > 0 {
             writeln!(
                 f,
@@ -267,6 +326,10 @@ struct Fold {
     stamped_ahead: u64,
     unknown_revision: u64,
     newer_version: u64,
+    /// Gaps in the sequences read, first to last missing.
+    holes: Vec<(u64, u64)>,
+    /// The event at each sequence a recorded rollback marked: `None` for no vote there.
+    at_marks: BTreeMap<u64, Option<EventId>>,
     first_sequence: u64,
     last_sequence: u64,
 }
@@ -357,9 +420,34 @@ pub(crate) async fn audit_with_polls(
         .with_context(|| format!("cannot open the votes stream {}", topology.votes_stream))?;
 
     let (last, server_now) = wait_until_drained(&js, topology, config.wait).await?;
+    // Has the stream gone backwards (`landslide_nats::rollback`)? Then what it holds now is not
+    // all that was accepted, and the recorded rollbacks say where to look.
+    let mark = marks::read_mark(&mut conn, &topology.votes_stream)
+        .await
+        .context("cannot read the workers' mark")?;
+    let regression = rollback::judge(
+        mark.as_ref(),
+        &rollback::observe(&js, topology, mark.as_ref()).await?,
+    );
+    let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
+        .await
+        .context("cannot read the recorded rollbacks")?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let polls = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
-    let fold = read_stream(&stream, last, &polls).await?;
+    let marked: Vec<u64> = rollbacks.iter().map(|r| r.mark_sequence).collect();
+    let fold = read_stream(&stream, last, &polls, &marked).await?;
+    let reused = rollbacks
+        .iter()
+        .filter_map(|r| {
+            let committed = r.mark_event_id?;
+            let found = fold.at_marks.get(&r.mark_sequence).copied().flatten();
+            (found != Some(committed)).then_some(ReusedSequence {
+                sequence: r.mark_sequence,
+                committed,
+                found,
+            })
+        })
+        .collect();
     let dead_letters = js
         .get_stream(&topology.dlq_stream)
         .await
@@ -380,6 +468,10 @@ pub(crate) async fn audit_with_polls(
         server_now,
         dead_letters,
         voters: fold.latest.len() as u64,
+        holes: fold.holes.clone(),
+        regression: regression.map(|r| r.to_string()),
+        rollbacks,
+        reused,
         ..AuditReport::default()
     };
     let expected = fold.expected_counts(polls.latest().1);
@@ -407,6 +499,7 @@ async fn wait_until_drained(
             info,
             server_now,
             pending,
+            ..
         } = landslide_nats::backlog(js, &topology.votes_stream, &topology.consumer).await?;
         if pending == 0 {
             return Ok((info.delivered.stream_sequence, server_now));
@@ -425,19 +518,34 @@ async fn wait_until_drained(
     }
 }
 
-/// Folds messages 1..=`last` of the stream.
+/// Folds messages 1..=`last` of the stream, noting its holes and the events at `marked`
+/// sequences.
 async fn read_stream(
     stream: &jetstream::stream::Stream,
     last: u64,
     polls: &PollBook,
+    marked: &[u64],
 ) -> anyhow::Result<Fold> {
     let mut fold = Fold::default();
+    for sequence in marked {
+        fold.at_marks.insert(*sequence, None);
+    }
     let mut reader = landslide_nats::StreamReader::open(stream, last, "landslide audit").await?;
     while let Some(stored) = reader.next().await? {
+        // Nothing is ever deleted from the votes stream: a sequence that is not there is a hole.
+        let expected = fold.last_sequence + 1;
+        if stored.sequence > expected {
+            fold.holes.push((expected, stored.sequence - 1));
+        }
         if fold.first_sequence == 0 {
             fold.first_sequence = stored.sequence;
         }
         fold.last_sequence = stored.sequence;
+        if let Some(at) = fold.at_marks.get_mut(&stored.sequence) {
+            *at = VoteEvent::decode(&stored.message.payload)
+                .ok()
+                .map(|e| e.event_id);
+        }
         fold.add(&stored.message.payload, stored.stored_at, polls);
     }
     Ok(fold)

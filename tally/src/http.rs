@@ -148,12 +148,13 @@ async fn api_results(
     let poll = book.latest().1.get(&poll).ok_or(ApiError::UnknownPoll)?;
     let snapshot = state.snapshot().ok_or(ApiError::NotReady)?;
     let results = snapshot.polls.get(&poll.id).ok_or(ApiError::NotReady)?;
+    let (_, json) = results.served(snapshot.taken.elapsed(), state.stale_after);
     Ok((
         [
             (header::CONTENT_TYPE, "application/json"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        results.json.clone(),
+        json.into_owned(),
     )
         .into_response())
 }
@@ -277,6 +278,25 @@ struct ResultsPage<'a> {
     status: String,
     /// `final` once the result is final, for the page's style and script.
     status_key: &'static str,
+    /// Why these results may be incomplete, when they may: a stream that went backwards, or
+    /// results that could not be refreshed.
+    warning: Option<String>,
+}
+
+/// What the page says above the results when they may be incomplete.
+fn warning(results: &Results) -> Option<String> {
+    match (&results.rollback, results.stale_for_ms) {
+        (Some(rollback), _) => Some(format!(
+            "The votes stream went backwards ({rollback}); these results are not final until \
+             the workers have counted what it stored since."
+        )),
+        (None, Some(ms)) => Some(format!(
+            "These results could not be refreshed for {} s: they may be missing votes counted \
+             since.",
+            ms / 1000
+        )),
+        (None, None) => None,
+    }
 }
 
 /// The line of the results page that says where the poll is, from its snapshot's status.
@@ -339,10 +359,11 @@ async fn poll_page(
 
 fn page(state: &AppState, poll: &Poll) -> Response {
     let snapshot = state.snapshot();
-    let results = snapshot
-        .as_ref()
-        .and_then(|s| s.polls.get(&poll.id))
-        .map(|p| &p.results);
+    let served = snapshot.as_ref().and_then(|s| {
+        let p = s.polls.get(&poll.id)?;
+        Some(p.served(s.taken.elapsed(), state.stale_after).0)
+    });
+    let results = served.as_deref();
     let total = results.map_or(0, |r| r.total);
     let options = poll
         .options
@@ -376,6 +397,7 @@ fn page(state: &AppState, poll: &Poll) -> Response {
         as_of: results.map_or("", |r| &r.as_of),
         status,
         status_key,
+        warning: results.and_then(warning),
     };
     match page.render() {
         Ok(html) => Html(html).into_response(),

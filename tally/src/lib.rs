@@ -122,7 +122,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let (conn, js, consumer, polls) = started?;
 
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
-    let refresher = snapshot::Refresher::new(js, consumer, conn, database.clone(), polls.clone());
+    let refresher = snapshot::Refresher::new(
+        js,
+        consumer,
+        conn,
+        database.clone(),
+        polls.clone(),
+        topology.clone(),
+    );
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown.clone()));
 
     // Its connections are made as DATABASE_URL says, TLS included.

@@ -1,6 +1,7 @@
 //! The results of every poll at one instant, rebuilt by one background task and shared through a
 //! `watch` channel, so that viewers never cost a database query each.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +12,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
 use landslide_config::Shutdown;
 use landslide_nats::polls::PollWatch;
+use landslide_nats::rollback;
 use landslide_schema::poll::Window;
-use landslide_schema::postgres::DatabaseUrl;
+use landslide_schema::postgres::{DatabaseUrl, marks};
 use landslide_schema::{Choice, Poll, PollId, Polls};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -49,6 +51,14 @@ pub(crate) struct Results {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     pub closes_at: Option<String>,
+    /// Only when the votes stream went backwards and the workers have not yet taken up what it
+    /// stored since: what was found. `pending` is then at least 1 and the poll never final.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
+    /// Only when these results could not be refreshed for longer than the refresh should take:
+    /// their age in milliseconds. The poll is then never final (`closed` at most).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_for_ms: Option<u64>,
 }
 
 /// Where a poll is in its life, as the results say.
@@ -80,11 +90,40 @@ impl Status {
     }
 }
 
+/// The pending count to show: a stream that went backwards (`rollback`, until the workers have
+/// restarted their consumer) may hide votes the consumer skips, so it is never 0 then.
+pub(crate) fn pending_despite(pending: u64, rollback: Option<&str>) -> u64 {
+    if rollback.is_some() {
+        pending.max(1)
+    } else {
+        pending
+    }
+}
+
 /// One poll's results, with the JSON rendered once for every viewer.
 #[derive(Debug)]
 pub(crate) struct PollSnapshot {
     pub results: Results,
     pub json: String,
+}
+
+impl PollSnapshot {
+    /// The results as served `age` after the snapshot was taken: as built while fresh; once
+    /// older than `stale_after` (refreshes fail), marked stale with their age, and never final,
+    /// since votes committed since may be missing. The JSON is rendered again only then.
+    pub fn served(&self, age: Duration, stale_after: Duration) -> (Cow<'_, Results>, Cow<'_, str>) {
+        if age <= stale_after {
+            return (Cow::Borrowed(&self.results), Cow::Borrowed(&self.json));
+        }
+        let mut results = self.results.clone();
+        results.stale_for_ms = Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+        if results.status == Status::Final {
+            results.status = Status::Closed;
+        }
+        // Serializing strings and integers cannot fail.
+        let json = serde_json::to_string(&results).unwrap_or_default();
+        (Cow::Owned(results), Cow::Owned(json))
+    }
 }
 
 /// The results of every poll at one instant.
@@ -104,7 +143,9 @@ impl Snapshot {
         sums: &[OptionCount],
         as_of: DateTime<Utc>,
         stream_now: Option<DateTime<Utc>>,
+        rollback: Option<&str>,
     ) -> Self {
+        let pending = pending_despite(pending, rollback);
         let at = as_of;
         let as_of = as_of.to_rfc3339_opts(SecondsFormat::Millis, true);
         let rfc3339 = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
@@ -133,6 +174,8 @@ impl Snapshot {
                     status: Status::of(poll, at, stream_now, pending),
                     opens_at: poll.opens_at.map(rfc3339),
                     closes_at: poll.closes_at.map(rfc3339),
+                    rollback: rollback.map(str::to_owned),
+                    stale_for_ms: None,
                 };
                 // Serializing strings and integers cannot fail.
                 let json = serde_json::to_string(&results).unwrap_or_default();
@@ -156,6 +199,7 @@ pub(crate) struct Refresher {
     conn: Option<AsyncPgConnection>,
     database_url: DatabaseUrl,
     polls: PollWatch,
+    topology: landslide_nats::Topology,
 }
 
 impl Refresher {
@@ -165,6 +209,7 @@ impl Refresher {
         conn: AsyncPgConnection,
         database_url: DatabaseUrl,
         polls: PollWatch,
+        topology: landslide_nats::Topology,
     ) -> Self {
         Self {
             js,
@@ -172,6 +217,7 @@ impl Refresher {
             conn: Some(conn),
             database_url,
             polls,
+            topology,
         }
     }
 
@@ -228,14 +274,11 @@ impl Refresher {
         // or was acked, hence committed, before the counts are read. So pending == 0 proves the
         // counts complete. The other order could show 0 pending with a vote missing from the
         // counts.
-        let landslide_nats::Backlog {
-            pending,
-            server_now: stream_now,
-            ..
-        } = self
+        let backlog = self
             .backlog()
             .await
             .context("cannot read the consumer's pending count")?;
+        let (pending, stream_now) = (backlog.pending, backlog.server_now);
 
         let conn = match &mut self.conn {
             Some(conn) => conn,
@@ -243,6 +286,24 @@ impl Refresher {
                 .conn
                 .insert(landslide_schema::postgres::connect(&self.database_url).await?),
         };
+        // Has the stream gone backwards since the workers committed their mark
+        // (`landslide_nats::rollback`)? Until the workers have restarted their consumer, votes it
+        // would skip are hidden from `pending`.
+        let stream = &backlog.info.stream_name;
+        let mark = match marks::read_mark(conn, stream).await {
+            Ok(mark) => mark,
+            Err(err) => {
+                self.conn = None;
+                return Err(err).context("cannot read the workers' mark");
+            }
+        };
+        let observed = rollback::observe_with(&self.js, &self.topology, &backlog, mark.as_ref())
+            .await
+            .context("cannot read the vote at the workers' mark")?;
+        let regression = rollback::judge(mark.as_ref(), &observed);
+        if let Some(regression) = &regression {
+            tracing::error!(%regression, "the votes stream went backwards; results are not final until the workers take up what it stored since");
+        }
         // Dropping a plain read mid-flight is harmless, but leaves the connection in an unknown
         // state: it is replaced after any failure.
         let sums = match tokio::time::timeout(QUERY_TIMEOUT, counts::tally_sums(conn)).await {
@@ -257,10 +318,16 @@ impl Refresher {
             }
         };
         let book = self.polls.current();
-        Ok((
-            Snapshot::build(book.latest().1, pending, &sums, as_of, stream_now),
+        let rollback = regression.map(|r| r.to_string());
+        let snapshot = Snapshot::build(
+            book.latest().1,
             pending,
-        ))
+            &sums,
+            as_of,
+            stream_now,
+            rollback.as_deref(),
+        );
+        Ok((snapshot, pending_despite(pending, rollback.as_deref())))
     }
 
     /// The consumer's info and the server's clock when it answered.
@@ -310,7 +377,7 @@ mod tests {
             row("other", "cats", 100),
         ];
         let as_of = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
-        let snapshot = Snapshot::build(&polls, 2, &sums, as_of, Some(as_of));
+        let snapshot = Snapshot::build(&polls, 2, &sums, as_of, Some(as_of), None);
 
         let pets: serde_json::Value =
             serde_json::from_str(&snapshot.polls[&PollId::parse("pets").unwrap()].json).unwrap();
@@ -325,6 +392,35 @@ mod tests {
         let lunch = &snapshot.polls[&PollId::parse("lunch").unwrap()].results;
         assert_eq!(lunch.total, 0);
         assert_eq!(lunch.counts.values().copied().collect::<Vec<_>>(), [0, 0]);
+    }
+
+    /// Results that could not be refreshed say how old they are and are never final; a stream
+    /// that went backwards keeps something pending and says so.
+    #[test]
+    fn stale_results_and_a_rollback_never_read_as_final() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let closed = Poll {
+            closes_at: Some(at("2026-12-06T20:00:00Z")),
+            ..Polls::pets().default_poll().clone()
+        };
+        let polls = Polls::new(PollId::parse("pets").unwrap(), vec![closed]).unwrap();
+        let after = at("2026-12-06T21:00:00Z");
+        let pets = PollId::parse("pets").unwrap();
+        let snapshot = Snapshot::build(&polls, 0, &[], after, Some(after), None);
+        let fresh = &snapshot.polls[&pets];
+        assert_eq!(fresh.results.status, Status::Final);
+        let (served, json) = fresh.served(Duration::from_secs(1), Duration::from_secs(5));
+        assert_eq!((served.status, served.stale_for_ms), (Status::Final, None));
+        assert!(!json.contains("stale_for_ms"));
+        let (served, json) = fresh.served(Duration::from_secs(30), Duration::from_secs(5));
+        assert_eq!(served.status, Status::Closed);
+        assert_eq!(served.stale_for_ms, Some(30_000));
+        assert!(json.contains(r#""stale_for_ms":30000"#), "{json}");
+
+        let snapshot = Snapshot::build(&polls, 0, &[], after, Some(after), Some("went back"));
+        let results = &snapshot.polls[&pets].results;
+        assert_eq!((results.pending, results.status), (1, Status::Closed));
+        assert_eq!(results.rollback.as_deref(), Some("went back"));
     }
 
     #[test]

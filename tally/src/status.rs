@@ -7,12 +7,13 @@ use std::fmt;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use chrono::{DateTime, Utc};
-use landslide_nats::{Access, User};
+use landslide_nats::{Access, User, rollback};
 use landslide_schema::Revision;
+use landslide_schema::postgres::marks;
 
 use crate::audit::AuditConfig;
 use crate::counts;
-use crate::snapshot::{Snapshot, Status};
+use crate::snapshot::{Snapshot, Status, pending_despite};
 
 /// One poll, as the results show it.
 #[derive(Debug, Clone)]
@@ -55,6 +56,11 @@ pub struct DeploymentStatus {
     pub votes: StreamStatus,
     pub dead_letters: StreamStatus,
     pub server_now: Option<DateTime<Utc>>,
+    /// How the votes stream went backwards, while the workers have not taken up what it stored
+    /// since (`landslide_nats::rollback`).
+    pub regression: Option<String>,
+    /// Every rollback of the votes stream the workers recorded.
+    pub rollbacks: Vec<marks::Rollback>,
 }
 
 /// Reads the deployment's state; read-only, like tally.
@@ -64,21 +70,39 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         landslide_nats::connect(&connections.nats, User::Audit, "landslide-status").await?;
     let js = jetstream::new(client);
     let topology = &connections.topology;
-    let landslide_nats::Backlog {
-        info: consumer,
-        server_now,
-        pending,
-    } = landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await?;
+    let backlog = landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let book = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let (revision, definitions) = book.latest();
 
     let mut conn = landslide_schema::postgres::connect_current(connections.database()?).await?;
+    let mark = marks::read_mark(&mut conn, &topology.votes_stream)
+        .await
+        .context("cannot read the workers' mark")?;
+    let observed = rollback::observe_with(&js, topology, &backlog, mark.as_ref()).await?;
+    let regression = rollback::judge(mark.as_ref(), &observed).map(|r| r.to_string());
+    let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
+        .await
+        .context("cannot read the recorded rollbacks")?;
     let sums = counts::tally_sums(&mut conn)
         .await
         .context("cannot read the tallies")?;
+    let landslide_nats::Backlog {
+        info: consumer,
+        server_now,
+        pending,
+        ..
+    } = backlog;
     // The same snapshot the results are built from: its counts and its status.
-    let snapshot = Snapshot::build(definitions, pending, &sums, Utc::now(), server_now);
+    let snapshot = Snapshot::build(
+        definitions,
+        pending,
+        &sums,
+        Utc::now(),
+        server_now,
+        regression.as_deref(),
+    );
+    let pending = pending_despite(pending, regression.as_deref());
     let polls = definitions
         .iter()
         .filter_map(|poll| {
@@ -113,6 +137,8 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         votes: stream_status(&js, &topology.votes_stream).await?,
         dead_letters: stream_status(&js, &topology.dlq_stream).await?,
         server_now,
+        regression,
+        rollbacks,
     })
 }
 
@@ -217,6 +243,28 @@ impl fmt::Display for DeploymentStatus {
         )?;
         writeln!(f, "{}", self.votes)?;
         writeln!(f, "{}", self.dead_letters)?;
+        if let Some(regression) = &self.regression {
+            writeln!(
+                f,
+                "ALARM: the votes stream went backwards and the workers have not yet taken up \
+                 what it stored since: {regression}"
+            )?;
+        }
+        for r in &self.rollbacks {
+            writeln!(
+                f,
+                "rollback of {} found {}: {}; the workers had committed up to sequence {}, the \
+                 stream ended at {}, the consumer had delivered {}; every message stored from {} \
+                 on was counted again",
+                r.stream,
+                r.detected_at.to_rfc3339(),
+                r.reason,
+                r.mark_sequence,
+                r.stream_last,
+                r.consumer_delivered,
+                r.restarted_from.to_rfc3339()
+            )?;
+        }
         match self.server_now {
             Some(now) => write!(f, "as of {} (the NATS server's clock)", now.to_rfc3339()),
             None => write!(f, "as of now (the NATS server sent no clock)"),

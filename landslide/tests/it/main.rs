@@ -16,6 +16,7 @@ mod pipeline;
 mod polls;
 mod publish;
 mod replay;
+mod rollback;
 mod schema;
 mod streams;
 mod support;

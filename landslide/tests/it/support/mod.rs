@@ -118,12 +118,20 @@ pub async fn client_as(nats: &landslide_servers::Nats, user: User) -> async_nats
 /// What a worker sets up when it starts (the streams, the consumer, the polls bucket seeded with
 /// `polls`), as the worker user: for tests that run ingest without a worker.
 pub async fn set_up(nats: &landslide_servers::Nats, polls: &landslide_schema::Polls) {
+    set_up_topology(nats, &landslide_nats::Topology::default(), polls).await;
+}
+
+/// [`set_up`] with `topology`'s names and replicas.
+pub async fn set_up_topology(
+    nats: &landslide_servers::Nats,
+    topology: &landslide_nats::Topology,
+    polls: &landslide_schema::Polls,
+) {
     let js = async_nats::jetstream::new(client_as(nats, User::Worker).await);
-    let topology = landslide_nats::Topology::default();
-    landslide_nats::ensure_consumer(&js, &topology, landslide_nats::Access::SetUp)
+    landslide_nats::ensure_consumer(&js, topology, landslide_nats::Access::SetUp)
         .await
         .expect("set up the streams and the consumer");
-    let store = landslide_nats::polls::ensure_bucket(&js, &topology, landslide_nats::Access::SetUp)
+    let store = landslide_nats::polls::ensure_bucket(&js, topology, landslide_nats::Access::SetUp)
         .await
         .expect("set up the polls bucket");
     landslide_nats::polls::load(&store, polls, landslide_nats::Access::SetUp)
@@ -545,7 +553,12 @@ pub async fn tally_with(
     config.metrics = MetricsAt::Operations;
     adjust(&mut config);
     // Tally waits for what a worker sets up; a test may run it without one.
-    set_up(nats, &config.connections.polls).await;
+    set_up_topology(
+        nats,
+        &config.connections.topology,
+        &config.connections.polls,
+    )
+    .await;
     let (listener, url) = listen("tally").await;
     let (operations, metrics_url) = listen("tally's operations").await;
     let role = Role::spawn_with_operations(operations, move |shutdown| {

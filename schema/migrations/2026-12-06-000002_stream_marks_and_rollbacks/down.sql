@@ -1,0 +1,2 @@
+DROP TABLE stream_rollbacks;
+DROP TABLE stream_marks;
