@@ -109,14 +109,16 @@ pub(crate) struct PollSnapshot {
 
 impl PollSnapshot {
     /// The results as served `age` after the snapshot was taken: as built while fresh; once
-    /// older than `stale_after` (refreshes fail), marked stale with their age, and never final,
-    /// since votes committed since may be missing. The JSON is rendered again only then.
+    /// older than `stale_after` (refreshes fail), marked stale with their age, never final and
+    /// never with nothing pending, since votes may have come and been committed since. The JSON is rendered again only then.
     pub fn served(&self, age: Duration, stale_after: Duration) -> (Cow<'_, Results>, Cow<'_, str>) {
         if age <= stale_after {
             return (Cow::Borrowed(&self.results), Cow::Borrowed(&self.json));
         }
         let mut results = self.results.clone();
         results.stale_for_ms = Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+        // What is pending now is unknown: never 0.
+        results.pending = results.pending.max(1);
         if results.status == Status::Final {
             results.status = Status::Closed;
         }
@@ -413,7 +415,7 @@ mod tests {
         assert_eq!((served.status, served.stale_for_ms), (Status::Final, None));
         assert!(!json.contains("stale_for_ms"));
         let (served, json) = fresh.served(Duration::from_secs(30), Duration::from_secs(5));
-        assert_eq!(served.status, Status::Closed);
+        assert_eq!((served.status, served.pending), (Status::Closed, 1));
         assert_eq!(served.stale_for_ms, Some(30_000));
         assert!(json.contains(r#""stale_for_ms":30000"#), "{json}");
 
