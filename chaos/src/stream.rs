@@ -1,0 +1,461 @@
+//! What the votes stream holds, read as the operator's `admin` user: where the workers' consumer
+//! stands against the stream's end (checked around every nats-server restart, so that a stream
+//! that went backwards is flagged when it happens), and where the votes of the voters a failed
+//! run names are, so that the report tells a vote NATS lost ("not in the stream") from one the
+//! pipeline lost ("in the stream at seq N"). When the stream cannot be read, the stores that the
+//! nats-servers keep on disk are read instead.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use landslide_nats::{NatsConfig, Topology, User};
+use landslide_schema::{Timestamp, VoteEvent};
+use uuid::Uuid;
+
+use crate::check::Suspect;
+use crate::workload::VoterOutcome;
+
+/// The stream's range and the workers' consumer's position, read one right after the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The last stream sequence the consumer delivered.
+    pub delivered: u64,
+    /// Every sequence up to this one is acknowledged.
+    pub ack_floor: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stream {}..{}, consumer delivered {} (ack floor {})",
+            self.first_seq, self.last_seq, self.delivered, self.ack_floor
+        )
+    }
+}
+
+async fn admin(nats: &NatsConfig, name: &str) -> anyhow::Result<async_nats::jetstream::Context> {
+    let client = landslide_nats::connect(nats, User::Admin, name).await?;
+    Ok(async_nats::jetstream::new(client))
+}
+
+/// Reads the stream's info, then the consumer's, within a few seconds.
+pub async fn position(nats: &NatsConfig) -> anyhow::Result<Position> {
+    let read = async {
+        let js = admin(nats, "landslide-chaos-position").await?;
+        let topology = Topology::default();
+        let mut stream = js
+            .get_stream(&topology.votes_stream)
+            .await
+            .context("cannot open the votes stream")?;
+        let state = stream.info().await?.state.clone();
+        let consumer = stream
+            .consumer_info(&topology.consumer)
+            .await
+            .context("cannot read the workers' consumer")?;
+        anyhow::Ok(Position {
+            first_seq: state.first_sequence,
+            last_seq: state.last_sequence,
+            delivered: consumer.delivered.stream_sequence,
+            ack_floor: consumer.ack_floor.stream_sequence,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
+}
+
+/// [`position`] once the stream and the consumer answer again (after a restart the cluster
+/// elects their leaders first), or the last error after `patience`.
+pub async fn position_after_restart(
+    nats: &NatsConfig,
+    patience: Duration,
+) -> anyhow::Result<Position> {
+    let started = Instant::now();
+    loop {
+        match position(nats).await {
+            Ok(position) => return Ok(position),
+            Err(e) if started.elapsed() > patience => {
+                return Err(e.context(format!("still after {} s", patience.as_secs())));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// The stream before and after a fault that restarted nats-servers.
+#[derive(Debug, Clone)]
+pub struct RestartCheck {
+    /// `None` when the stream did not answer before the fault.
+    pub before: Option<Position>,
+    /// `Err` when it did not answer within its patience after the fault.
+    pub after: Result<Position, String>,
+}
+
+impl RestartCheck {
+    /// Why the stream went backwards, if it did: its last sequence below the one seen before the
+    /// fault (votes stored then are gone, or their sequences will be reused), or below what the
+    /// consumer had delivered (a replicated consumer does not rewind: it would skip the reused
+    /// sequences without a word, nats-server consumer.go `reconcileStateWithStream`).
+    pub fn regression(&self) -> Option<String> {
+        let after = self.after.as_ref().ok()?;
+        let mut why = Vec::new();
+        if let Some(before) = &self.before
+            && after.last_seq < before.last_seq
+        {
+            why.push(format!(
+                "its last sequence went from {} before the fault to {}",
+                before.last_seq, after.last_seq
+            ));
+        }
+        if after.delivered > after.last_seq {
+            why.push(format!(
+                "the consumer has delivered up to {}, beyond its last sequence {}",
+                after.delivered, after.last_seq
+            ));
+        }
+        (!why.is_empty()).then(|| format!("the votes stream went backwards: {}", why.join("; ")))
+    }
+}
+
+impl std::fmt::Display for RestartCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.before {
+            Some(before) => write!(f, "before: {before}; ")?,
+            None => write!(f, "before: no answer; ")?,
+        }
+        match &self.after {
+            Ok(after) => write!(f, "after: {after}"),
+            Err(e) => write!(f, "after: no answer ({e})"),
+        }
+    }
+}
+
+/// One vote of a named voter, as NATS holds it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub seq: u64,
+    /// When the stream stored it (the leader's clock).
+    pub stored_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub event: VoteEvent,
+}
+
+/// Where the lookups read.
+#[derive(Debug, Clone)]
+pub enum Holder {
+    /// The stream, as the servers serve it, with the consumer's position then.
+    Stream(Option<Position>),
+    /// One node's store on disk (the stream could not be read).
+    Store(String),
+}
+
+/// Every message of `voters` in the votes stream, in stream order.
+pub async fn find_in_stream(
+    nats: &NatsConfig,
+    voters: &HashSet<Uuid>,
+) -> anyhow::Result<Vec<Found>> {
+    let js = admin(nats, "landslide-chaos-lookup").await?;
+    let topology = Topology::default();
+    let mut stream = js
+        .get_stream(&topology.votes_stream)
+        .await
+        .context("cannot open the votes stream")?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut reader =
+        landslide_nats::StreamReader::open(&stream, last, "landslide-chaos lookup").await?;
+    let mut found = Vec::new();
+    while let Some(stored) = reader.next().await? {
+        if let Ok(event) = VoteEvent::decode(&stored.message.payload)
+            && voters.contains(&event.voter.0)
+        {
+            found.push(Found {
+                seq: stored.sequence,
+                stored_at: Some(stored.stored_at),
+                event,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Every message of `voters` in a node's store (`<store>/jetstream/$G/streams/VOTES/msgs/*.blk`),
+/// in sequence order; erased and deleted records left out.
+pub fn find_in_store(store: &Path, voters: &HashSet<Uuid>) -> anyhow::Result<Vec<Found>> {
+    let dir = store
+        .join("jetstream/$G/streams")
+        .join(Topology::default().votes_stream)
+        .join("msgs");
+    let mut blocks: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "blk"))
+        .collect();
+    blocks.sort();
+    let mut found = Vec::new();
+    for block in blocks {
+        let bytes =
+            std::fs::read(&block).with_context(|| format!("cannot read {}", block.display()))?;
+        for record in block_records(&bytes) {
+            if let Ok(event) = VoteEvent::decode(record.payload)
+                && voters.contains(&event.voter.0)
+            {
+                found.push(Found {
+                    seq: record.seq,
+                    stored_at: Some(chrono::DateTime::from_timestamp_nanos(record.ts)),
+                    event,
+                });
+            }
+        }
+    }
+    found.sort_by_key(|f| f.seq);
+    Ok(found)
+}
+
+/// One message record of a message block.
+#[derive(Debug, PartialEq, Eq)]
+struct Record<'a> {
+    seq: u64,
+    /// Nanoseconds since the Unix epoch.
+    ts: i64,
+    payload: &'a [u8],
+}
+
+/// The live records of a nats-server message block, as its filestore writes them (filestore.go,
+/// `writeMsgRecord`; little-endian): total length (4 bytes, its high bit set when headers
+/// follow), sequence (8; bit 63 marks an erased or deleted record, bit 62 a tombstone),
+/// timestamp (8), subject length (2), subject, then with headers their length (4) and the
+/// headers, the payload, and an 8-byte hash. Reading stops at the first record that does not fit
+/// (a tail cut by a power loss).
+fn block_records(bytes: &[u8]) -> Vec<Record<'_>> {
+    const HEADERS: u32 = 1 << 31;
+    const DELETED: u64 = 1 << 63 | 1 << 62;
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut records = Vec::new();
+    let mut at = 0;
+    while let Some(head) = u32_at(at) {
+        let len = (head & !HEADERS) as usize;
+        let Some(end) = at
+            .checked_add(len)
+            .filter(|&e| len >= 30 && e <= bytes.len())
+        else {
+            break;
+        };
+        let record = (|| {
+            let seq = u64_at(at + 4)?;
+            let ts = u64_at(at + 12)? as i64;
+            let subject_len = usize::from(u16::from_le_bytes(
+                bytes.get(at + 20..at + 22)?.try_into().ok()?,
+            ));
+            let mut body = at + 22 + subject_len;
+            if head & HEADERS != 0 {
+                body += 4 + u32_at(body)? as usize;
+            }
+            let payload = bytes.get(body..end.checked_sub(8)?)?;
+            Some((seq, ts, payload))
+        })();
+        if let Some((seq, ts, payload)) = record
+            && seq & DELETED == 0
+        {
+            records.push(Record { seq, ts, payload });
+        }
+        at = end;
+    }
+    records
+}
+
+/// A stamp as `HH:MM:SS.mmm#counter` (UTC): its milliseconds are the stamping node's clock.
+pub fn stamp(ts: Timestamp) -> String {
+    let millis = i64::try_from(ts.millis()).unwrap_or(i64::MAX);
+    let time = chrono::DateTime::from_timestamp_millis(millis)
+        .map_or_else(|| "?".to_owned(), |t| t.format("%H:%M:%S%.3f").to_string());
+    format!("{time}#{}", ts.counter())
+}
+
+/// For each suspect, every vote of its voter that `holder` holds, with its sequence, stamp,
+/// ingest node and whether the voter received its answer, then whether the voter's latest
+/// accepted vote is there. Returns the lines and how many suspects' latest accepted votes are
+/// missing.
+pub fn explain(
+    suspects: &[Suspect],
+    outcomes: &[VoterOutcome],
+    holder: &Holder,
+    found: &[Found],
+) -> (Vec<String>, usize) {
+    let answered: HashMap<Uuid, HashSet<Uuid>> = outcomes
+        .iter()
+        .filter_map(|o| {
+            let events = o.accepted.iter().map(|a| a.event_id).collect();
+            Some((o.voter?, events))
+        })
+        .collect();
+    let mut by_voter = BTreeMap::<Uuid, Vec<&Found>>::new();
+    for f in found {
+        by_voter.entry(f.event.voter.0).or_default().push(f);
+    }
+    let place = match holder {
+        Holder::Stream(_) => "the stream".to_owned(),
+        Holder::Store(node) => format!("{node}'s store"),
+    };
+    let mut lines = Vec::new();
+    let mut missing = 0;
+    for suspect in suspects {
+        let votes = by_voter.get(&suspect.voter).map_or(&[][..], Vec::as_slice);
+        let told = answered.get(&suspect.voter);
+        lines.push(format!(
+            "  {} voter {}: {} vote(s) in {place}",
+            suspect.kind,
+            suspect.voter,
+            votes.len()
+        ));
+        for f in votes {
+            let id = f.event.event_id.0;
+            let mut marks = Vec::new();
+            if Some(id) == suspect.ballot {
+                marks.push("its ballot");
+            }
+            if id == suspect.latest {
+                marks.push("latest accepted");
+            }
+            let answer = if told.is_some_and(|t| t.contains(&id)) {
+                "answered"
+            } else {
+                "answer NOT received"
+            };
+            lines.push(format!(
+                "      seq {:>7}  event {id}  {:<4}  stamp {}  via {:<8}  stored {}  {answer}{}",
+                f.seq,
+                f.event.choice,
+                stamp(f.event.ts),
+                f.event.node,
+                f.stored_at
+                    .map_or("?".to_owned(), |t| t.format("%H:%M:%S%.3f").to_string()),
+                if marks.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", marks.join(", "))
+                }
+            ));
+        }
+        let held: HashSet<Uuid> = votes.iter().map(|f| f.event.event_id.0).collect();
+        let absent: Vec<String> = told
+            .into_iter()
+            .flatten()
+            .filter(|id| !held.contains(id))
+            .map(Uuid::to_string)
+            .collect();
+        if held.contains(&suspect.latest) {
+            lines.push(format!(
+                "      → its latest accepted vote is in {place}: not a NATS loss"
+            ));
+        } else {
+            missing += 1;
+            lines.push(format!(
+                "      → accepted but NOT in {place}: {}",
+                absent.join(", ")
+            ));
+        }
+    }
+    (lines, missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as nats-server's filestore writes it.
+    fn record(seq: u64, subject: &str, headers: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.extend_from_slice(&1_700_000_000_000_000_000i64.to_le_bytes());
+        body.extend_from_slice(&(subject.len() as u16).to_le_bytes());
+        body.extend_from_slice(subject.as_bytes());
+        if let Some(headers) = headers {
+            body.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+            body.extend_from_slice(headers);
+        }
+        body.extend_from_slice(payload);
+        body.extend_from_slice(&[0xAB; 8]);
+        let mut len = (body.len() + 4) as u32;
+        if headers.is_some() {
+            len |= 1 << 31;
+        }
+        [len.to_le_bytes().to_vec(), body].concat()
+    }
+
+    #[test]
+    fn a_message_block_yields_its_live_records_and_stops_at_a_torn_tail() {
+        let block = [
+            record(
+                1,
+                "votes.web1",
+                Some(b"NATS/1.0\r\nNats-Msg-Id: a\r\n\r\n"),
+                b"first",
+            ),
+            record(2 | 1 << 63, "votes.web1", None, b"erased"),
+            record(3, "votes.web2", None, b"third"),
+            record(4, "votes.web2", None, b"torn")[..20].to_vec(),
+        ]
+        .concat();
+        let records = block_records(&block);
+        let seen: Vec<(u64, &[u8])> = records.iter().map(|r| (r.seq, r.payload)).collect();
+        assert_eq!(seen, [(1, &b"first"[..]), (3, &b"third"[..])]);
+        assert_eq!(records[0].ts, 1_700_000_000_000_000_000);
+    }
+
+    fn at(last_seq: u64, delivered: u64) -> Position {
+        Position {
+            first_seq: 1,
+            last_seq,
+            delivered,
+            ack_floor: delivered,
+        }
+    }
+
+    #[test]
+    fn a_stream_that_kept_growing_under_its_consumer_did_not_go_backwards() {
+        let check = RestartCheck {
+            before: Some(at(1_200, 1_100)),
+            after: Ok(at(1_290, 1_250)),
+        };
+        assert_eq!(check.regression(), None);
+    }
+
+    #[test]
+    fn a_stream_shorter_than_before_the_fault_or_than_its_consumer_went_backwards() {
+        let shorter = RestartCheck {
+            before: Some(at(1_200, 1_100)),
+            after: Ok(at(700, 650)),
+        };
+        assert!(
+            shorter
+                .regression()
+                .unwrap()
+                .contains("from 1200 before the fault to 700")
+        );
+        let overtaken = RestartCheck {
+            before: None,
+            after: Ok(at(700, 1_100)),
+        };
+        assert!(
+            overtaken
+                .regression()
+                .unwrap()
+                .contains("delivered up to 1100")
+        );
+    }
+
+    #[test]
+    fn a_stamp_reads_as_the_stamping_clock_and_its_counter() {
+        let ts = Timestamp::from_millis(1_764_994_448_549).next().next();
+        assert_eq!(stamp(ts), "04:14:08.549#2");
+    }
+}
