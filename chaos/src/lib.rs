@@ -423,8 +423,12 @@ async fn drain(
                 return Ok(());
             }
             check::Drain::Pending(pending) => {
+                let pending = match pending {
+                    u64::MAX => "the backlog could not be read".to_owned(),
+                    n => format!("{n} messages pending"),
+                };
                 report.failures.push(format!(
-                    "the workers did not drain the stream within {}s: {pending} messages pending",
+                    "the workers did not drain the stream within {}s: {pending}",
                     timeout.as_secs()
                 ));
                 return Ok(());
@@ -490,10 +494,14 @@ async fn run_faults(
         // After every nats-server restart: did the stream keep what it had, and is the
         // workers' consumer still within it?
         if fault.kind.restarts_nats() {
-            let after = stream::position_after_restart(admin, Duration::from_secs(60)).await;
+            // 30 s: after every restart the servers answered JetStream already
+            // (`Nats::restart` waits for it); the stream's leader is elected within seconds.
+            let asked = Instant::now();
+            let after = stream::position_after_restart(admin, Duration::from_secs(30)).await;
             record.stream = Some(stream::RestartCheck {
                 before,
                 after: after.map_err(|e| format!("{e:#}")),
+                waited: asked.elapsed(),
             });
         }
         // A role that died of the fault without being its target is a finding too; it is

@@ -94,6 +94,8 @@ pub struct RestartCheck {
     pub before: Option<Position>,
     /// `Err` when it did not answer within its patience after the fault.
     pub after: Result<Position, String>,
+    /// How long after the fault it answered (or stopped being asked).
+    pub waited: Duration,
 }
 
 impl RestartCheck {
@@ -102,7 +104,12 @@ impl RestartCheck {
     /// consumer had delivered (a replicated consumer does not rewind: it would skip the reused
     /// sequences without a word, nats-server consumer.go `reconcileStateWithStream`).
     pub fn regression(&self) -> Option<String> {
-        let after = self.after.as_ref().ok()?;
+        // A stream gone after a restart is the strongest regression: the lazy-sync control's
+        // power cut leaves none ("stream not found").
+        let after = match &self.after {
+            Ok(after) => after,
+            Err(e) => return Some(format!("the votes stream does not answer: {e}")),
+        };
         let mut why = Vec::new();
         if let Some(before) = &self.before
             && after.last_seq < before.last_seq
@@ -128,9 +135,10 @@ impl std::fmt::Display for RestartCheck {
             Some(before) => write!(f, "before: {before}; ")?,
             None => write!(f, "before: no answer; ")?,
         }
+        let waited = self.waited.as_secs_f64();
         match &self.after {
-            Ok(after) => write!(f, "after: {after}"),
-            Err(e) => write!(f, "after: no answer ({e})"),
+            Ok(after) => write!(f, "after ({waited:.1} s later): {after}"),
+            Err(e) => write!(f, "after: no answer in {waited:.1} s ({e})"),
         }
     }
 }
@@ -425,6 +433,7 @@ mod tests {
         let check = RestartCheck {
             before: Some(at(1_200, 1_100)),
             after: Ok(at(1_290, 1_250)),
+            waited: Duration::ZERO,
         };
         assert_eq!(check.regression(), None);
     }
@@ -434,6 +443,7 @@ mod tests {
         let shorter = RestartCheck {
             before: Some(at(1_200, 1_100)),
             after: Ok(at(700, 650)),
+            waited: Duration::ZERO,
         };
         assert!(
             shorter
@@ -444,6 +454,7 @@ mod tests {
         let overtaken = RestartCheck {
             before: None,
             after: Ok(at(700, 1_100)),
+            waited: Duration::ZERO,
         };
         assert!(
             overtaken
@@ -451,6 +462,12 @@ mod tests {
                 .unwrap()
                 .contains("delivered up to 1100")
         );
+        let gone = RestartCheck {
+            before: Some(at(1_200, 1_100)),
+            after: Err("stream not found".to_owned()),
+            waited: Duration::from_secs(30),
+        };
+        assert!(gone.regression().unwrap().contains("does not answer"));
     }
 
     #[test]
