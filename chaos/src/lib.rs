@@ -471,7 +471,7 @@ async fn run_faults(
         }
         allowed.send_replace(schedule.get(j + 1).map_or(voters, |f| f.at_voter));
         let before = if fault.kind.restarts_nats() {
-            stream::position(admin).await.ok()
+            stream::before_fault(admin).await
         } else {
             None
         };
@@ -496,13 +496,8 @@ async fn run_faults(
         if fault.kind.restarts_nats() {
             // 30 s: after every restart the servers answered JetStream already
             // (`Nats::restart` waits for it); the stream's leader is elected within seconds.
-            let asked = Instant::now();
-            let after = stream::position_after_restart(admin, Duration::from_secs(30)).await;
-            record.stream = Some(stream::RestartCheck {
-                before,
-                after: after.map_err(|e| format!("{e:#}")),
-                waited: asked.elapsed(),
-            });
+            let check = stream::after_restart(admin, before, Duration::from_secs(30)).await;
+            record.stream = Some(check);
         }
         // A role that died of the fault without being its target is a finding too; it is
         // started again so that the run goes on.
