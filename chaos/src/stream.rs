@@ -133,7 +133,7 @@ pub async fn after_restart(
         before,
         after: Err("not read".to_owned()),
         caught_up: None,
-        last_id_after: None,
+        last_id_after: Ok(None),
         waited: Duration::ZERO,
     };
     let mut target = check.before.as_ref().map_or(0, |b| b.position.last_seq);
@@ -161,11 +161,22 @@ pub async fn after_restart(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Read again until it answers: right after an election a request can meet no responder
+    // (a first run read "holds nothing" that way).
     if let Some(before) = &check.before {
-        check.last_id_after = msg_id_at(nats, before.position.last_seq)
-            .await
-            .ok()
-            .flatten();
+        loop {
+            match msg_id_at(nats, before.position.last_seq).await {
+                Ok(id) => {
+                    check.last_id_after = Ok(id);
+                    break;
+                }
+                Err(e) => check.last_id_after = Err(format!("{e:#}")),
+            }
+            if started.elapsed() > patience {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     check
 }
@@ -180,8 +191,9 @@ pub struct RestartCheck {
     /// How long after the fault the stream's last sequence was back at what it had before and
     /// what the consumer had delivered; `None` if it never was within the patience.
     pub caught_up: Option<Duration>,
-    /// The message id at the sequence that was last before the fault, read once caught up.
-    pub last_id_after: Option<String>,
+    /// The message id at the sequence that was last before the fault, read once caught up;
+    /// `Err` when it could not be read within the patience (not taken for a regression).
+    pub last_id_after: Result<Option<String>, String>,
     /// How long after the fault the first answer came.
     pub waited: Duration,
 }
@@ -210,12 +222,12 @@ impl RestartCheck {
         }
         let before = self.before.as_ref()?;
         match (&before.last_id, &self.last_id_after) {
-            (Some(was), Some(is)) if was != is => Some(format!(
+            (Some(was), Ok(Some(is))) if was != is => Some(format!(
                 "the votes stream went backwards: sequence {} held {was} before the fault and \
                  holds {is} now",
                 before.position.last_seq
             )),
-            (Some(was), None) => Some(format!(
+            (Some(was), Ok(None)) => Some(format!(
                 "the votes stream went backwards: sequence {} held {was} before the fault and \
                  holds nothing now",
                 before.position.last_seq
@@ -237,9 +249,15 @@ impl std::fmt::Display for RestartCheck {
             Err(e) => return write!(f, "after: no answer in {waited:.1} s ({e})"),
         }
         match self.caught_up {
-            Some(t) if t > self.waited => write!(f, "; caught up {:.1} s later", t.as_secs_f64()),
-            Some(_) => Ok(()),
-            None => write!(f, "; never caught up"),
+            Some(t) if t > self.waited => {
+                write!(f, "; caught up {:.1} s later", t.as_secs_f64())?;
+            }
+            Some(_) => {}
+            None => write!(f, "; never caught up")?,
+        }
+        match &self.last_id_after {
+            Err(e) => write!(f, "; the message at the old end could not be read ({e})"),
+            Ok(_) => Ok(()),
         }
     }
 }
@@ -541,7 +559,7 @@ mod tests {
             before,
             after: Ok(after),
             caught_up: caught_up.then_some(Duration::from_millis(300)),
-            last_id_after: Some(id.to_owned()),
+            last_id_after: Ok(Some(id.to_owned())),
             waited: Duration::ZERO,
         }
     }
