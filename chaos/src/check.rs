@@ -82,6 +82,34 @@ pub struct Verdict {
     /// the orphans.
     pub expected: BTreeMap<String, i64>,
     pub examples: Vec<String>,
+    /// The lost and misordered voters the examples name, for the lookup in the stream.
+    pub suspects: Vec<Suspect>,
+}
+
+/// A voter whose ballot is missing or is not its latest accepted vote.
+#[derive(Debug, Clone)]
+pub struct Suspect {
+    pub kind: SuspectKind,
+    pub voter: Uuid,
+    /// The event its ballot holds, if it has one.
+    pub ballot: Option<Uuid>,
+    /// Its latest accepted vote.
+    pub latest: Uuid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuspectKind {
+    Lost,
+    Misordered,
+}
+
+impl std::fmt::Display for SuspectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Lost => "lost:",
+            Self::Misordered => "misordered:",
+        })
+    }
 }
 
 pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
@@ -97,6 +125,16 @@ pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
             verdict.examples.push(text);
         }
     };
+    let suspect = |verdict: &mut Verdict, kind, voter, ballot: Option<&Ballot>, latest| {
+        if verdict.suspects.len() < EXAMPLES * 4 {
+            verdict.suspects.push(Suspect {
+                kind,
+                voter,
+                ballot: ballot.map(|b| b.event_id),
+                latest,
+            });
+        }
+    };
     for outcome in outcomes {
         let (Some(voter), Some(last)) = (outcome.voter, outcome.last()) else {
             continue;
@@ -106,6 +144,7 @@ pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
         match by_voter.get(&voter) {
             None => {
                 verdict.lost += 1;
+                suspect(&mut verdict, SuspectKind::Lost, voter, None, last.event_id);
                 example(
                     &mut verdict,
                     format!("lost: voter {voter}, latest vote {}", last.event_id),
@@ -113,6 +152,8 @@ pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
             }
             Some(ballot) if ballot.choice != last.choice => {
                 verdict.misordered += 1;
+                let kind = SuspectKind::Misordered;
+                suspect(&mut verdict, kind, voter, Some(ballot), last.event_id);
                 example(
                     &mut verdict,
                     format!(
@@ -125,6 +166,8 @@ pub fn compare(outcomes: &[VoterOutcome], ballots: &[Ballot]) -> Verdict {
             // sent a vote whose event id it never learnt.
             Some(ballot) if ballot.event_id != last.event_id && !outcome.ambiguous => {
                 verdict.misordered += 1;
+                let kind = SuspectKind::Misordered;
+                suspect(&mut verdict, kind, voter, Some(ballot), last.event_id);
                 example(
                     &mut verdict,
                     format!(
@@ -184,16 +227,16 @@ pub enum Drain {
     Done(Duration),
     /// Still this many messages pending at the timeout.
     Pending(u64),
-    /// A role exited on its own while we waited.
-    RoleDied(Vec<String>),
+    /// A role exited on its own while we waited: the caller starts it again, or stops waiting.
+    RoleDied,
 }
 
-/// Waits until the consumer has nothing pending or unacked, checking with `dead_roles` that no
+/// Waits until the consumer has nothing pending or unacked, checking with `role_died` that no
 /// role has died meanwhile (a dead worker would make the wait pointless).
 pub async fn wait_drained(
     nats: &landslide_nats::NatsConfig,
     timeout: Duration,
-    mut dead_roles: impl FnMut() -> Vec<String>,
+    mut role_died: impl FnMut() -> bool,
 ) -> anyhow::Result<Drain> {
     let client =
         landslide_nats::connect(nats, landslide_nats::User::Admin, "landslide-chaos-drain").await?;
@@ -202,9 +245,8 @@ pub async fn wait_drained(
     let started = Instant::now();
     let mut last_pending = u64::MAX;
     while started.elapsed() < timeout {
-        let dead = dead_roles();
-        if !dead.is_empty() {
-            return Ok(Drain::RoleDied(dead));
+        if role_died() {
+            return Ok(Drain::RoleDied);
         }
         let backlog =
             landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await;

@@ -89,6 +89,15 @@ impl FaultKind {
         )
     }
 
+    /// Whether the fault restarts nats-servers or moves the stream's leadership: after it the
+    /// harness checks that the stream did not go backwards.
+    pub fn restarts_nats(self) -> bool {
+        matches!(
+            self,
+            Self::KillNats | Self::KillLeaderThenQuorum | Self::PowerLoss | Self::PartitionLeader
+        )
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Self::KillWorker => "SIGKILL worker",
@@ -128,6 +137,8 @@ pub struct FaultRecord {
     pub took: Duration,
     pub detail: String,
     pub error: Option<String>,
+    /// The votes stream before and after a fault that restarted nats-servers.
+    pub stream: Option<crate::stream::RestartCheck>,
 }
 
 /// Every fault of `kinds` `rounds` times (worker kills, if among them, twice as often), in a
@@ -174,6 +185,59 @@ pub fn schedule(
             }
         })
         .collect()
+}
+
+/// Moves each power loss right after restarts: the kill of nats-server (or of the stream's
+/// leader and then quorum), then a worker kill, then the power loss, in consecutive slots of the
+/// schedule (about 2.5 s apart in the short form). The order of the other faults, every fault's
+/// downtime and target and the slots' points in the load stay as drawn. The shape of the finding
+/// in RELIABILITY.md: a power cut soon after a restart.
+pub fn power_cut_after_restart(schedule: &mut [Fault]) {
+    let slots: Vec<usize> = schedule.iter().map(|f| f.at_voter).collect();
+    let mut kinds: Vec<FaultKind> = schedule.iter().map(|f| f.kind).collect();
+    let mut from = 0;
+    while let Some(cut) = kinds[from..]
+        .iter()
+        .position(|&k| k == FaultKind::PowerLoss)
+        .map(|i| i + from)
+    {
+        // The restarts taken are the nearest unclaimed ones; with none left, the cut stays.
+        let restart = |kind: FaultKind, kinds: &[FaultKind]| {
+            kinds[from..]
+                .iter()
+                .position(|&k| k == kind)
+                .map(|i| i + from)
+        };
+        let nats = restart(FaultKind::KillLeaderThenQuorum, &kinds)
+            .or_else(|| restart(FaultKind::KillNats, &kinds));
+        let mut group = Vec::new();
+        group.extend(nats);
+        group.extend(restart(FaultKind::KillWorker, &kinds));
+        group.push(cut);
+        // Take the group out and put it back in order, starting at its first slot.
+        let start = *group.iter().min().unwrap_or(&cut);
+        let mut rest: Vec<FaultKind> = kinds
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i >= start && !group.contains(i))
+            .map(|(_, &k)| k)
+            .collect();
+        let mut ordered: Vec<FaultKind> = group.iter().map(|&i| kinds[i]).collect();
+        ordered.append(&mut rest);
+        kinds.splice(start.., ordered);
+        from = start + group.len();
+    }
+    // The faults keep their own downtimes and targets: reorder the faults, keep the slots.
+    let mut pool: Vec<Fault> = schedule.to_vec();
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let j = pool
+            .iter()
+            .position(|f| f.kind == kind)
+            .unwrap_or_else(|| unreachable!("the kinds are the schedule's own"));
+        let mut fault = pool.remove(j);
+        fault.at_voter = slots[i];
+        schedule[i] = fault;
+    }
 }
 
 /// SIGKILL of the fault's target among `roles`, its downtime, then the same role started again.
@@ -386,4 +450,41 @@ async fn metric(role_url: &str, name: &str) -> Option<f64> {
         .await
         .ok()?;
     Some(landslide_telemetry::metric_value(&page, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng as _;
+
+    use super::*;
+
+    #[test]
+    fn a_power_cut_after_restarts_follows_a_nats_kill_and_a_worker_kill_in_the_next_slots() {
+        for seed in 0..50 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let kinds = FaultKind::for_layout(NatsLayout::Cluster);
+            let drawn = schedule(&mut rng, &kinds, (0.05, 0.85), 2, 1_000);
+            let mut moved = drawn.clone();
+            power_cut_after_restart(&mut moved);
+
+            let slots = |s: &[Fault]| s.iter().map(|f| f.at_voter).collect::<Vec<_>>();
+            assert_eq!(slots(&moved), slots(&drawn), "the slots stay (seed {seed})");
+            let mut before: Vec<_> = drawn.iter().map(|f| (f.kind, f.down)).collect();
+            let mut after: Vec<_> = moved.iter().map(|f| (f.kind, f.down)).collect();
+            before.sort();
+            after.sort();
+            assert_eq!(before, after, "the same faults (seed {seed})");
+            for (i, fault) in moved.iter().enumerate() {
+                if fault.kind == FaultKind::PowerLoss {
+                    assert!(i >= 2, "seed {seed}: {moved:?}");
+                    assert_eq!(moved[i - 1].kind, FaultKind::KillWorker, "seed {seed}");
+                    assert_eq!(
+                        moved[i - 2].kind,
+                        FaultKind::KillLeaderThenQuorum,
+                        "seed {seed}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -23,13 +23,14 @@ pub mod check;
 pub mod faults;
 pub mod report;
 pub mod roles;
+pub mod stream;
 pub mod workload;
 
-pub use landslide_servers::NatsLayout;
+pub use landslide_servers::{NatsLayout, Sync};
 pub use report::Report;
 
 use faults::{Fault, FaultKind, FaultRecord};
-use landslide_servers::{Nats, NatsSpec, Network, Place, Postgres, Sync};
+use landslide_servers::{Nats, NatsSpec, Network, Place, Postgres};
 
 /// PostgreSQL's host in a stack with a network.
 pub const POSTGRES_HOST: &str = "pg";
@@ -69,9 +70,22 @@ pub struct Scenario {
     pub drain_timeout: Duration,
     /// How long a voter retries one vote before it gives up (a finding).
     pub give_up: Duration,
+    /// Each power loss right after restarts: the schedule puts the nats-server kill fault, then
+    /// a worker kill, then the power loss in consecutive slots (the shape of the finding
+    /// "a power cut soon after a restart lost accepted votes").
+    pub power_cut_after_restart: bool,
+    /// nats-server logs at debug level (RAFT snapshots, truncations, catch-ups): what made the
+    /// power-cut study's runs readable. The harness's servers only, never a deployment's.
+    pub nats_debug: bool,
+    /// The test that replays this scenario with `LANDSLIDE_SEED`, for the report's replay line
+    /// (`chaos::cluster_faults`); `None` outside the tests.
+    pub test: Option<String>,
 }
 
 impl Scenario {
+    /// The ingest clocks' largest offset: the first two nodes are this far apart either way.
+    pub const DEFAULT_MAX_SKEW_MS: i64 = 10_000;
+
     /// The short form that CI runs: a few thousand votes, every fault kind once.
     pub fn short(layout: NatsLayout, seed: u64, landslide: impl Into<PathBuf>) -> Self {
         Self {
@@ -84,7 +98,7 @@ impl Scenario {
             workers: 2,
             fault_rounds: 1,
             poison: 10,
-            max_skew_ms: 10_000,
+            max_skew_ms: Self::DEFAULT_MAX_SKEW_MS,
             ack_wait: Duration::from_secs(3),
             landslide: landslide.into(),
             sync: Sync::Always,
@@ -92,7 +106,61 @@ impl Scenario {
             fault_window: (0.05, 0.85),
             drain_timeout: Duration::from_secs(300),
             give_up: Duration::from_secs(180),
+            power_cut_after_restart: false,
+            nats_debug: true,
+            test: None,
         }
+    }
+
+    /// The commands that replay this scenario's plan and schedule: the test (with
+    /// `LANDSLIDE_SEED`), when a test ran it, and `scripts/chaos` with every option that fixes
+    /// the plan. A replay repeats the schedule, not the thread timings.
+    pub fn replay(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(test) = &self.test {
+            lines.push(format!(
+                "LANDSLIDE_SEED={} cargo nextest run -E 'test(/^{test}/)'",
+                self.seed
+            ));
+        }
+        let layout = match self.layout {
+            NatsLayout::Single => "single",
+            NatsLayout::Cluster => "cluster",
+        };
+        let mut line = format!(
+            "scripts/chaos --seed {} --nats {layout} --voters {} --max-votes {} --concurrency {} \
+             --ingest-nodes {} --workers {} --fault-rounds {} --poison {} --ack-wait-ms {} \
+             --max-skew-ms {} --fault-window {},{} --drain-timeout-secs {} --give-up-secs {}",
+            self.seed,
+            self.voters,
+            self.max_votes,
+            self.concurrency,
+            self.ingest_nodes,
+            self.workers,
+            self.fault_rounds,
+            self.poison,
+            self.ack_wait.as_millis(),
+            self.max_skew_ms,
+            self.fault_window.0,
+            self.fault_window.1,
+            self.drain_timeout.as_secs(),
+            self.give_up.as_secs(),
+        );
+        if self.faults != FaultKind::for_layout(self.layout) {
+            for kind in &self.faults {
+                if let Some(value) = clap::ValueEnum::to_possible_value(kind) {
+                    line.push_str(&format!(" --fault {}", value.get_name()));
+                }
+            }
+        }
+        if self.sync == Sync::Lazy {
+            line.push_str(" --lazy-sync");
+        }
+        if self.power_cut_after_restart {
+            line.push_str(" --power-cut-after-restart");
+        }
+        lines.push(line);
+        lines
     }
 }
 
@@ -139,6 +207,8 @@ pub struct StackConfig {
     /// namespace), for the partition faults. Tally and the harness stay outside, where no cut
     /// reaches them.
     pub partitions: bool,
+    /// nats-server logs at debug level ([`Scenario::nats_debug`]).
+    pub nats_debug: bool,
 }
 
 impl Stack {
@@ -171,6 +241,7 @@ impl Stack {
         let spec = NatsSpec {
             sync: config.sync,
             power_loss: config.power_loss,
+            debug: config.nats_debug,
             names: Some(nats_hosts.clone()),
             places: Some(nats_hosts.iter().map(|h| place(h)).collect()),
             ..NatsSpec::new(config.layout)
@@ -234,13 +305,16 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         scenario.max_votes,
         scenario.ingest_nodes,
     );
-    let schedule = faults::schedule(
+    let mut schedule = faults::schedule(
         &mut rng,
         &scenario.faults,
         scenario.fault_window,
         scenario.fault_rounds,
         scenario.voters,
     );
+    if scenario.power_cut_after_restart {
+        faults::power_cut_after_restart(&mut schedule);
+    }
     let poison = workload::poison(&mut rng, scenario.poison);
     let secret: String = (0..48)
         .map(|_| char::from(rng.random_range(b'a'..=b'z')))
@@ -258,6 +332,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         sync: scenario.sync,
         power_loss: scenario.faults.contains(&FaultKind::PowerLoss),
         partitions: scenario.faults.iter().any(|f| f.is_partition()),
+        nats_debug: scenario.nats_debug,
     })
     .await?;
     let mut driver = Driver::new(
@@ -279,6 +354,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     };
     let faults = run_faults(
         &mut stack,
+        &env,
         &schedule,
         &driver.counters,
         &allowed_tx,
@@ -291,7 +367,8 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         &driver.counters,
         scenario,
     );
-    let ((outcomes, load_time), fault_records, injected) = tokio::join!(load, faults, injected);
+    let ((outcomes, load_time), (fault_records, deaths), injected) =
+        tokio::join!(load, faults, injected);
     tracing::info!(
         ?load_time,
         "load finished; waiting for the workers to drain"
@@ -300,27 +377,23 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     let mut report = Report::new(scenario, &plan, &driver.counters, load_time);
     report.clock_offsets = clock_offsets;
     report.faults = fault_records;
+    report.deaths = deaths;
+    report.replay = scenario.replay();
     if let Err(e) = injected {
         report.failures.push(format!("{e:#}"));
     }
-    report.failures.extend(stack.roles.check_running());
+    let after_load = stack.roles.restart_dead("after the load").await;
+    report.deaths.extend(after_load);
     if let Err(e) = stack.nats.check_running() {
         report.failures.push(format!("{e:#}"));
     }
-    let drain = check::wait_drained(
-        env.nats(landslide_nats::User::Admin),
-        scenario.drain_timeout,
-        || stack.roles.check_running(),
-    );
-    match drain.await? {
-        check::Drain::Done(took) => report.drain_time = Some(took),
-        check::Drain::Pending(pending) => report.failures.push(format!(
-            "the workers did not drain the stream within {}s: {pending} messages pending",
-            scenario.drain_timeout.as_secs()
-        )),
-        check::Drain::RoleDied(dead) => report.failures.extend(dead),
-    }
+    drain(&mut report, &mut stack, &env, scenario.drain_timeout).await?;
     check_outcome(&mut report, &stack, &env, &outcomes, &poison).await?;
+    // A role that died while the outcome was checked is a finding too.
+    for death in stack.roles.restart_dead("after the drain").await {
+        report.failures.push(death.to_string());
+        report.deaths.push(death);
+    }
 
     if !report.passed() {
         report.logs = Some(dir.keep());
@@ -328,23 +401,80 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// Waits for the workers to drain the stream. A role that dies meanwhile is started again and
+/// the wait goes on, so that what it left undrained is counted after all; when it cannot be
+/// started again, the wait stops, and the votes not counted are "not drained", never "lost".
+async fn drain(
+    report: &mut Report,
+    stack: &mut Stack,
+    env: &RoleEnv,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let roles = &mut stack.roles;
+        let wait = check::wait_drained(env.nats(landslide_nats::User::Admin), left, || {
+            roles.any_exited()
+        });
+        match wait.await? {
+            check::Drain::Done(_) => {
+                report.drain_time = Some(started.elapsed());
+                return Ok(());
+            }
+            check::Drain::Pending(pending) => {
+                let pending = match pending {
+                    u64::MAX => "the backlog could not be read".to_owned(),
+                    n => format!("{n} messages pending"),
+                };
+                report.failures.push(format!(
+                    "the workers did not drain the stream within {}s: {pending}",
+                    timeout.as_secs()
+                ));
+                return Ok(());
+            }
+            check::Drain::RoleDied => {
+                let deaths = stack.roles.restart_dead("while the workers drained").await;
+                let gone: Vec<String> = deaths
+                    .iter()
+                    .filter(|d| d.restarted.is_err())
+                    .map(|d| format!("{} exited ({})", d.name, d.status))
+                    .collect();
+                report.deaths.extend(deaths);
+                if !gone.is_empty() {
+                    report.not_drained_because = Some(gone.join(", "));
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// Injects each fault once the load reaches its point, and holds the load back from the next
 /// fault's point until this one is over, so that every fault happens under load.
 async fn run_faults(
     stack: &mut Stack,
+    env: &RoleEnv,
     schedule: &[Fault],
     counters: &Counters,
     allowed: &watch::Sender<usize>,
     voters: usize,
     started: Instant,
-) -> Vec<FaultRecord> {
+) -> (Vec<FaultRecord>, Vec<roles::RoleDeath>) {
     let mut records = Vec::new();
+    let mut deaths = Vec::new();
+    let admin = env.nats(landslide_nats::User::Admin);
     allowed.send_replace(schedule.first().map_or(voters, |f| f.at_voter));
     for (j, fault) in schedule.iter().enumerate() {
         while counters.voters_started.load(Ordering::Relaxed) < fault.at_voter {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         allowed.send_replace(schedule.get(j + 1).map_or(voters, |f| f.at_voter));
+        let before = if fault.kind.restarts_nats() {
+            stream::before_fault(admin).await
+        } else {
+            None
+        };
         let at = started.elapsed();
         tracing::info!(fault = fault.kind.label(), "injecting");
         let result = faults::inject(stack, fault).await;
@@ -355,21 +485,37 @@ async fn run_faults(
             took: started.elapsed() - at,
             detail: String::new(),
             error: None,
+            stream: None,
         };
         match result {
             Ok(detail) => record.detail = detail,
             Err(e) => record.error = Some(format!("{e:#}")),
         }
-        // A role that died of the fault without being its target is a finding too.
-        let crashed = stack.roles.check_running();
-        if !crashed.is_empty() && record.error.is_none() {
-            record.error = Some(crashed.join("; "));
+        // After every nats-server restart: did the stream keep what it had, and is the
+        // workers' consumer still within it?
+        if fault.kind.restarts_nats() {
+            // 30 s: after every restart the servers answered JetStream already
+            // (`Nats::restart` waits for it); the stream's leader is elected within seconds.
+            let check = stream::after_restart(admin, before, Duration::from_secs(30)).await;
+            record.stream = Some(check);
         }
+        // A role that died of the fault without being its target is a finding too; it is
+        // started again so that the run goes on.
+        let phase = format!("during the fault \"{}\"", fault.kind.label());
+        let crashed = stack.roles.restart_dead(&phase).await;
+        if !crashed.is_empty() && record.error.is_none() {
+            let names: Vec<String> = crashed
+                .iter()
+                .map(|d| format!("{} exited ({})", d.name, d.status))
+                .collect();
+            record.error = Some(names.join("; "));
+        }
+        deaths.extend(crashed);
         tracing::info!(fault = fault.kind.label(), detail = %record.detail, error = ?record.error, "fault over");
         records.push(record);
     }
     allowed.send_replace(voters);
-    records
+    (records, deaths)
 }
 
 /// Publishes the malformed messages straight into the stream, spread over the load, each
@@ -464,13 +610,34 @@ async fn check_outcome(
         ));
     }
     report.ballots = stored.ballots.len();
-    report.lost = verdict.lost;
     report.doubled = verdict.doubled;
-    report.misordered = verdict.misordered;
     report.phantom = verdict.phantom;
     report.orphaned = verdict.orphaned;
     report.expected = verdict.expected;
-    report.failures.extend(verdict.examples);
+    match &report.not_drained_because {
+        // The drain stopped because a role died: what is not counted is not drained, and the
+        // lookup below says whether it is in the stream.
+        Some(why) => {
+            report.not_drained = verdict.lost + verdict.misordered;
+            report.failures.extend(
+                verdict
+                    .examples
+                    .iter()
+                    .map(|e| format!("not drained ({why}): {e}")),
+            );
+        }
+        None => {
+            report.lost = verdict.lost;
+            report.misordered = verdict.misordered;
+            report.failures.extend(verdict.examples);
+        }
+    }
+    if !verdict.suspects.is_empty() {
+        look_up(report, stack, env, outcomes, &verdict.suspects).await;
+    }
+    for death in &report.deaths {
+        report.failures.push(death.to_string());
+    }
 
     // A stream that is gone (a power cut of a server that did not fsync) is a finding.
     let dead = match check::dead_letters(env.nats(landslide_nats::User::Admin)).await {
@@ -526,6 +693,79 @@ async fn check_outcome(
                 .failures
                 .push(format!("fault {}: {error}", record.kind.label()));
         }
+        if let Some(regression) = record.stream.as_ref().and_then(|s| s.regression()) {
+            report.regressions += 1;
+            report.failures.push(format!(
+                "after the fault {} at {:.1} s: {regression}",
+                record.kind.label(),
+                record.started.as_secs_f64()
+            ));
+        }
     }
     Ok(())
+}
+
+/// Looks up every vote of the lost and misordered voters in the stream (or, when it cannot be
+/// read, in each node's store on disk), so that the report says whether NATS holds them.
+async fn look_up(
+    report: &mut Report,
+    stack: &Stack,
+    env: &RoleEnv,
+    outcomes: &[workload::VoterOutcome],
+    suspects: &[check::Suspect],
+) {
+    let admin = env.nats(landslide_nats::User::Admin);
+    let voters = suspects.iter().map(|s| s.voter).collect();
+    let read = tokio::time::timeout(
+        Duration::from_secs(120),
+        stream::find_in_stream(admin, &voters),
+    )
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("reading took over 120 s")));
+    let named = suspects.len();
+    match read {
+        Ok(found) => {
+            let position = stream::position(admin).await.ok();
+            report.lookups.push(format!(
+                "the named voters' votes in the stream ({}):",
+                position.map_or("position unknown".to_owned(), |p| p.to_string())
+            ));
+            let holder = stream::Holder::Stream(position);
+            let (lines, missing) = stream::explain(suspects, outcomes, &holder, &found);
+            report.lookups.extend(lines);
+            report.failures.push(if missing == 0 {
+                format!(
+                    "all {named} named voters' latest accepted votes are in the stream: \
+                     NATS has them, the pipeline did not count them"
+                )
+            } else {
+                format!(
+                    "{missing} of {named} named voters' latest accepted votes are NOT in the \
+                     stream: lost by NATS"
+                )
+            });
+        }
+        Err(e) => {
+            report.lookups.push(format!(
+                "the stream cannot be read ({e:#}); the nats-servers' stores on disk instead:"
+            ));
+            for node in 0..stack.nats.len() {
+                let name = stack.nats.name(node).to_owned();
+                match stream::find_in_store(stack.nats.store_dir(node), &voters) {
+                    Ok(found) => {
+                        let holder = stream::Holder::Store(name.clone());
+                        let (lines, missing) = stream::explain(suspects, outcomes, &holder, &found);
+                        report.lookups.extend(lines);
+                        report.failures.push(format!(
+                            "{missing} of {named} named voters' latest accepted votes are not \
+                             in {name}'s store"
+                        ));
+                    }
+                    Err(e) => report
+                        .lookups
+                        .push(format!("  {name}'s store cannot be read: {e:#}")),
+                }
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::faults::{FaultKind, FaultRecord};
+use crate::roles::RoleDeath;
 use crate::workload::{Counters, Plan};
 use crate::{NatsLayout, Scenario};
 
@@ -46,6 +47,20 @@ pub struct Report {
     pub dead_letters: usize,
     pub audit: String,
     pub audit_passed: bool,
+    /// Roles that exited on their own, each a finding of its own.
+    pub deaths: Vec<RoleDeath>,
+    /// Why the drain stopped before the stream was drained: the roles that died and could not
+    /// be started again.
+    pub not_drained_because: Option<String>,
+    /// Voters without their latest accepted vote counted when the drain had stopped for
+    /// `not_drained_because`: neither lost nor misordered, for nothing says so yet.
+    pub not_drained: usize,
+    /// Faults after which the votes stream had gone backwards.
+    pub regressions: usize,
+    /// Where each lost or misordered voter's votes are in the stream (or the stores).
+    pub lookups: Vec<String>,
+    /// The commands that replay the run's schedule.
+    pub replay: Vec<String>,
     pub failures: Vec<String>,
     /// The run's folder (server and role logs), kept when the run failed.
     pub logs: Option<PathBuf>,
@@ -91,6 +106,12 @@ impl Report {
             dead_letters: 0,
             audit: String::new(),
             audit_passed: false,
+            deaths: Vec::new(),
+            not_drained_because: None,
+            not_drained: 0,
+            regressions: 0,
+            lookups: Vec::new(),
+            replay: Vec::new(),
             failures: Vec::new(),
             logs: None,
         }
@@ -130,20 +151,88 @@ impl Report {
                     .map(|e| format!(" ERROR: {e}"))
                     .unwrap_or_default()
             );
+            if let Some(stream) = &f.stream {
+                let _ = writeln!(out, "{:>23}votes stream {stream}", "");
+            }
         }
         for sample in &self.unanswered_samples {
             let _ = writeln!(out, "  unanswered, maybe sent: {sample}");
         }
         if !self.passed() {
-            let _ = writeln!(out, "FAILED; replay with --seed {}:", self.seed);
+            let _ = writeln!(out, "FAILED (seed {}):", self.seed);
             for failure in &self.failures {
                 let _ = writeln!(out, "  - {failure}");
             }
+            for line in &self.lookups {
+                let _ = writeln!(out, "  {line}");
+            }
             if let Some(logs) = &self.logs {
-                let _ = writeln!(out, "  logs kept in {}", logs.display());
+                let _ = writeln!(
+                    out,
+                    "  logs kept in {} (every server's and role's log)",
+                    logs.display()
+                );
+            }
+            for (i, line) in self.replay.iter().enumerate() {
+                let lead = if i == 0 { "replay:" } else { "    or:" };
+                let _ = writeln!(out, "  {lead} {line}");
             }
         }
         out
+    }
+
+    /// One line: the seed, the verdict and the figures that decide it.
+    pub fn line(&self) -> String {
+        let power: Vec<String> = self
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::PowerLoss)
+            .map(|f| format!("{:.1} s", f.took.as_secs_f64()))
+            .collect();
+        let mut counted = BTreeMap::<String, usize>::new();
+        for d in &self.deaths {
+            *counted
+                .entry(format!("{} exited ({})", d.name, d.status))
+                .or_default() += 1;
+        }
+        let deaths: Vec<String> = counted
+            .into_iter()
+            .map(|(death, n)| {
+                if n == 1 {
+                    death
+                } else {
+                    format!("{death} {n} times")
+                }
+            })
+            .collect();
+        format!(
+            "seed {:>6}  {:<19}  {}  lost {}  misordered {}  doubled {}  not drained {}  \
+             regressions {}  power loss took {}  drained {}{}{}",
+            self.seed,
+            self.layout.to_string(),
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.lost,
+            self.misordered,
+            self.doubled,
+            self.not_drained,
+            self.regressions,
+            if power.is_empty() {
+                "-".to_owned()
+            } else {
+                power.join(", ")
+            },
+            self.drain_time
+                .map_or("NOT".to_owned(), |d| format!("in {:.1} s", d.as_secs_f64())),
+            if deaths.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", deaths.join(", "))
+            },
+            self.logs
+                .as_ref()
+                .map(|l| format!("  logs {}", l.display()))
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -222,6 +311,18 @@ pub fn table(reports: &[Report]) -> String {
         ("lost".into(), Box::new(move |r| count(r.lost))),
         ("doubled".into(), Box::new(move |r| count(r.doubled))),
         ("misordered".into(), Box::new(move |r| count(r.misordered))),
+        (
+            "not drained (a role died)".into(),
+            Box::new(move |r| count(r.not_drained)),
+        ),
+        (
+            "roles that exited on their own".into(),
+            Box::new(move |r| count(r.deaths.len())),
+        ),
+        (
+            "stream went backwards after a restart".into(),
+            Box::new(move |r| count(r.regressions)),
+        ),
         (
             "phantom ballots".into(),
             Box::new(move |r| count(r.phantom)),

@@ -75,6 +75,35 @@ impl RoleEnv {
     }
 }
 
+/// How many times [`Roles::restart_dead`] starts one role again.
+pub const MAX_RESTARTS: usize = 3;
+
+/// A role that exited on its own: a verdict of its own in the report.
+#[derive(Debug, Clone)]
+pub struct RoleDeath {
+    /// `worker2`, `web1`, `tally`.
+    pub name: String,
+    /// `exit status: 1`, `signal: 6 (SIGABRT)`.
+    pub status: String,
+    /// When the harness noticed it: after which fault, or while draining.
+    pub phase: String,
+    /// The role's log, in the run's folder.
+    pub log: PathBuf,
+    /// Whether it was started again (and became healthy), or why not.
+    pub restarted: Result<(), String>,
+}
+
+impl std::fmt::Display for RoleDeath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} exited ({}) {}; ", self.name, self.status, self.phase)?;
+        match &self.restarted {
+            Ok(()) => write!(f, "started again")?,
+            Err(e) => write!(f, "not started again: {e}")?,
+        }
+        write!(f, "; its log: {}", self.log.display())
+    }
+}
+
 /// How far beyond its deliberate skew an ingest node's clock may stray: the default bound.
 const CLOCK_BOUND_SLACK_MS: u64 = 2_000;
 
@@ -88,6 +117,8 @@ pub struct Role {
     /// serves it, apart from the pages.
     pub metrics_addr: SocketAddr,
     health_path: &'static str,
+    /// How many times [`Roles::restart_dead`] started it again.
+    restarts: usize,
 }
 
 impl Role {
@@ -114,6 +145,7 @@ impl Role {
             addr,
             metrics_addr,
             health_path,
+            restarts: 0,
         };
         role.start().await?;
         Ok(role)
@@ -224,6 +256,46 @@ impl Roles {
         let addr = env.listen_addr(&name)?;
         let process = env.process(&name, "dedup-worker", User::Worker, dir);
         Role::launch(process, addr, addr, "/healthz").await
+    }
+
+    /// Every role that exited on its own since the last call, each started again (up to
+    /// [`MAX_RESTARTS`] times per role), so that the run goes on and the drain shows what the
+    /// dead role left behind. A death is a finding of its own, never a reason to call the votes
+    /// it had not drained lost.
+    pub async fn restart_dead(&mut self, phase: &str) -> Vec<RoleDeath> {
+        let mut deaths = Vec::new();
+        for role in self
+            .ingest
+            .iter_mut()
+            .chain(self.workers.iter_mut())
+            .chain(std::iter::once(&mut self.tally))
+        {
+            let Some(status) = role.process.exited() else {
+                continue;
+            };
+            let mut death = RoleDeath {
+                name: role.process.name().to_owned(),
+                status: status.to_string(),
+                phase: phase.to_owned(),
+                log: role.process.log().to_path_buf(),
+                restarted: Err(format!("restarted {MAX_RESTARTS} times already")),
+            };
+            if role.restarts < MAX_RESTARTS {
+                role.restarts += 1;
+                death.restarted = role.start().await.map_err(|e| format!("{e:#}"));
+            }
+            deaths.push(death);
+        }
+        deaths
+    }
+
+    /// Whether a role has exited on its own ([`Roles::restart_dead`] starts it again).
+    pub fn any_exited(&mut self) -> bool {
+        self.ingest
+            .iter_mut()
+            .chain(self.workers.iter_mut())
+            .chain(std::iter::once(&mut self.tally))
+            .any(|role| role.process.has_exited())
     }
 
     /// `Err` naming every role that is not running (one that exited on its own is a finding).

@@ -103,6 +103,10 @@ pub struct NatsSpec {
     /// Put each server in a process group of its own, so that Ctrl-C in a terminal reaches only
     /// the parent, which stops the server after the roles that use it (`landslide up`).
     pub own_process_group: bool,
+    /// `debug: true`: the RAFT snapshots, truncations and catch-ups in each node's log, for the
+    /// reliability harness's runs to be read afterwards. No deployment sets it (a test checks
+    /// the shipped configs).
+    pub debug: bool,
 }
 
 impl NatsSpec {
@@ -117,6 +121,7 @@ impl NatsSpec {
             power_loss: false,
             places: None,
             own_process_group: false,
+            debug: false,
         }
     }
 }
@@ -327,6 +332,7 @@ impl Nats {
                 Settings {
                     sync: spec.sync,
                     batch_limits,
+                    debug: spec.debug,
                 },
                 &route_addrs,
                 security,
@@ -630,6 +636,8 @@ struct Settings {
     sync: Sync,
     /// `limits.batch` (nats-server 2.12 and later): room for every node's open batches.
     batch_limits: bool,
+    /// Debug logging ([`NatsSpec::debug`]).
+    debug: bool,
 }
 
 /// Where one node listens.
@@ -683,6 +691,9 @@ fn config_text(
         cert = security.cert.cert,
         key = security.cert.key,
     );
+    if settings.debug {
+        text.push_str("debug: true\n");
+    }
     text.push_str(&landslide_nats::auth::authorization(
         &Topology::default(),
         |user| format!("{:?}", security.password(user)),
@@ -738,6 +749,7 @@ mod tests {
         Settings {
             sync,
             batch_limits: true,
+            debug: false,
         }
     }
 
@@ -770,6 +782,7 @@ mod tests {
             &security(),
         );
         assert!(always.contains("sync_interval: always"), "{always}");
+        assert!(!always.contains("debug"), "{always}");
         assert!(!always.contains("cluster"), "{always}");
         assert!(always.contains("password: \"pw-ingest\""), "{always}");
         assert!(
@@ -795,6 +808,23 @@ mod tests {
         assert!(lazy.contains("listen: 10.200.7.3:4222"), "{lazy}");
     }
 
+    #[test]
+    fn a_node_logs_at_debug_level_only_when_asked() {
+        let files = NodeFiles::new(Path::new("/tmp/x"), "nats-n1");
+        let listen = Listen {
+            addr: Ipv4Addr::LOCALHOST,
+            port: 4222,
+            monitor_port: 8222,
+            cluster_port: 6222,
+        };
+        let debug = Settings {
+            debug: true,
+            ..settings(Sync::Always)
+        };
+        let text = config_text("n1", listen, &files, debug, &[], &security());
+        assert!(text.lines().any(|l| l == "debug: true"), "{text}");
+    }
+
     /// The shipped configs promise the same: no deployment acks from the page cache, and none
     /// lets anyone in without a user of `auth.conf` and TLS.
     #[test]
@@ -811,6 +841,11 @@ mod tests {
                 assert!(
                     text.lines().any(|l| l.trim() == "sync_interval: always"),
                     "{} does not fsync before it acks",
+                    path.display()
+                );
+                assert!(
+                    !text.lines().any(|l| l.trim().starts_with("debug")),
+                    "{} logs at debug level: the harness's servers do, no deployment",
                     path.display()
                 );
                 for line in ["include auth.conf", "tls {"] {

@@ -156,6 +156,28 @@ impl Process {
         Ok(())
     }
 
+    /// The status of a process that exited on its own since it was started, once: it then
+    /// counts as stopped, and [`Process::start`] may run it again. `None` while it runs, and for
+    /// a process that was never started or that we stopped.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Whether the process exited on its own, without reaping it: [`Process::exited`] still
+    /// returns its status. (tokio's `try_wait` keeps a status once it has seen it.)
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+
+    /// The file its output is appended to.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
     fn take_child(&mut self) -> anyhow::Result<Child> {
         self.check_running()?;
         self.child

@@ -2,7 +2,8 @@
 //! binary as separate processes under a seeded load, with every fault kind injected, checked
 //! against the harness's model of what each voter was told. The long form is `scripts/chaos`.
 //!
-//! `LANDSLIDE_SEED=<n>` replays a seed's schedule in every test here.
+//! `LANDSLIDE_SEED=<n>` replays a seed's schedule in every test here; a failed run's report
+//! prints the exact command, and keeps the run's folder (every server's and role's log).
 
 use std::time::Duration;
 
@@ -22,17 +23,25 @@ fn seed_or(default_seed: u64) -> u64 {
         .unwrap_or(default_seed)
 }
 
+/// The test that replays a layout's seed: the fresh seed's runs are replayed there too.
+fn test_of(layout: NatsLayout) -> &'static str {
+    match layout {
+        NatsLayout::Single => "chaos::single_server_faults",
+        NatsLayout::Cluster => "chaos::cluster_faults",
+    }
+}
+
 async fn run(layout: NatsLayout, default_seed: u64) {
     let seed = seed_or(default_seed);
-    let scenario = Scenario::short(layout, seed, env!("CARGO_BIN_EXE_landslide"));
+    let scenario = Scenario {
+        test: Some(test_of(layout).to_owned()),
+        ..Scenario::short(layout, seed, env!("CARGO_BIN_EXE_landslide"))
+    };
     let report = landslide_chaos::run(&scenario)
         .await
         .expect("the harness could not run");
     eprintln!("{report}");
-    assert!(
-        report.passed(),
-        "{report}\nreplay: LANDSLIDE_SEED={seed} cargo nextest run -E 'test(/^chaos::/)'"
-    );
+    assert!(report.passed(), "{report}");
     for kind in FaultKind::for_layout(layout) {
         assert!(
             report.injected(kind) >= 1,
@@ -68,6 +77,7 @@ async fn with_lazy_sync_a_power_cut_loses_accepted_votes_and_the_harness_finds_t
         drain_timeout: Duration::from_secs(20),
         give_up: Duration::from_secs(10),
         poison: 0,
+        test: Some("chaos::with_lazy_sync".to_owned()),
         ..Scenario::short(NatsLayout::Single, seed, env!("CARGO_BIN_EXE_landslide"))
     };
     let report = landslide_chaos::run(&scenario)

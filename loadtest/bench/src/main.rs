@@ -257,6 +257,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         sync: landslide_servers::Sync::Always,
         power_loss: false,
         partitions: false,
+        // Debug logging would cost the server time that the figures must not include.
+        nats_debug: false,
     })
     .await?;
     let nats = Group::of(stack.nats.pid(0));
@@ -484,17 +486,22 @@ async fn wait_drained_by(
     let drained = landslide_chaos::check::wait_drained(
         env.nats(landslide_nats::User::Admin),
         timeout,
-        || {
-            workers
-                .iter_mut()
-                .filter_map(|r| r.process.check_running().err())
-                .map(|e| format!("{e:#}"))
-                .collect()
-        },
+        || workers.iter_mut().any(|r| r.process.has_exited()),
     )
     .await?;
     match drained {
         landslide_chaos::check::Drain::Done(_) => Ok(()),
+        landslide_chaos::check::Drain::RoleDied => {
+            let dead: Vec<String> = workers
+                .iter_mut()
+                .filter_map(|r| r.process.check_running().err())
+                .map(|e| format!("{e:#}"))
+                .collect();
+            anyhow::bail!(
+                "a worker died before the stream was drained: {}",
+                dead.join("; ")
+            )
+        }
         other => anyhow::bail!("the workers did not drain the stream: {other:?}"),
     }
 }
