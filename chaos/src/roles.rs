@@ -202,6 +202,11 @@ impl Roles {
         for i in 0..workers {
             worker_roles.push(Self::start_worker(env, dir, i + 1).await?);
         }
+        if workers == 0 {
+            // The others wait for what a worker sets up (the benchmark starts its workers
+            // later): set it up as a worker would.
+            set_up_as_a_worker(env).await?;
+        }
         let mut ingest = Vec::new();
         for (i, offset) in clock_offsets.iter().enumerate() {
             ingest.push(Self::start_ingest(env, dir, &format!("web{}", i + 1), *offset).await?);
@@ -308,4 +313,27 @@ impl Roles {
             .map(|e| format!("{e:#}"))
             .collect()
     }
+}
+
+/// What a dedup-worker sets up when it starts, as the workers' user: the streams, the consumer,
+/// and the polls bucket seeded with the default poll.
+async fn set_up_as_a_worker(env: &RoleEnv) -> anyhow::Result<()> {
+    let client =
+        landslide_nats::connect(env.nats(User::Worker), User::Worker, "landslide-harness").await?;
+    let js = async_nats::jetstream::new(client);
+    let topology = landslide_nats::Topology {
+        replicas: env.replicas,
+        ack_wait: Some(env.ack_wait),
+        ..landslide_nats::Topology::default()
+    };
+    landslide_nats::ensure_consumer(&js, &topology, landslide_nats::Access::SetUp).await?;
+    let store =
+        landslide_nats::polls::ensure_bucket(&js, &topology, landslide_nats::Access::SetUp).await?;
+    landslide_nats::polls::load(
+        &store,
+        &landslide_schema::Polls::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await?;
+    Ok(())
 }

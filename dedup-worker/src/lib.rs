@@ -305,10 +305,12 @@ impl Worker {
                             consumer = *restarted;
                             continue 'consumer;
                         }
-                        // Not checked since a reconnection: nothing is counted until it is.
+                        // Not checked since a reconnection: nothing is counted until it is. The
+                        // pause keeps a check that fails at once from spinning.
                         Checked::Failed if reconnected => {
                             inbox.give_back().await;
-                            next_check = tokio::time::Instant::now() + Duration::from_secs(1);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
                         }
                         Checked::Failed => {}
                     }
@@ -343,13 +345,15 @@ impl Worker {
                     );
                     let topology = &self.config.connections.topology;
                     let js = &self.js;
-                    consumer = landslide_nats::retry_startup(
+                    let reopen = landslide_nats::retry_startup(
                         "open the consumer again",
                         &stream_ok,
                         || landslide_nats::ensure_consumer(js, topology, Access::SetUp),
-                    )
-                    .await?;
-                    next_check = tokio::time::Instant::now();
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => break 'consumer,
+                        reopened = reopen => consumer = reopened?,
+                    }
                     continue 'consumer;
                 }
                 let batch = inbox.take();

@@ -14,6 +14,7 @@ mod edge;
 mod openapi;
 mod pipeline;
 mod polls;
+mod power_cut;
 mod publish;
 mod replay;
 mod rollback;
