@@ -269,6 +269,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     let js = async_nats::jetstream::new(client.clone());
+    // Only ingest's user may publish a vote, the operator included (`User::admin_denied`): the
+    // pre-filled streams are published as ingest, or nothing answers and every batch times out.
+    let ingest_client = landslide_nats::connect(
+        env.nats(landslide_nats::User::Ingest),
+        landslide_nats::User::Ingest,
+        "landslide-bench-fill",
+    )
+    .await?;
     // A second nats-server with the server's default lazy sync: what fsync before ack costs.
     let lazy = landslide_servers::Nats::start_with(
         &landslide_servers::NatsSpec {
@@ -306,7 +314,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     for (round, workers) in [(2u64, 1usize), (3, 2)] {
         tracing::info!(workers, "pre-filling VOTES, then draining it");
         let events = ceilings::events(args.events, round)?;
-        ceilings::fill(&client, "votes.bench", "VOTES", &events, 1000, 2).await?;
+        ceilings::fill(&ingest_client, "votes.bench", "VOTES", &events, 1000, 2).await?;
         let mut roles = Vec::new();
         let meter_start = Instant::now();
         for n in 0..workers {
