@@ -302,17 +302,6 @@ impl Roles {
             .chain(std::iter::once(&mut self.tally))
             .any(|role| role.process.has_exited())
     }
-
-    /// `Err` naming every role that is not running (one that exited on its own is a finding).
-    pub fn check_running(&mut self) -> Vec<String> {
-        self.ingest
-            .iter_mut()
-            .chain(self.workers.iter_mut())
-            .chain(std::iter::once(&mut self.tally))
-            .filter_map(|role| role.process.check_running().err())
-            .map(|e| format!("{e:#}"))
-            .collect()
-    }
 }
 
 /// What a dedup-worker sets up when it starts, as the workers' user: the streams, the consumer,

@@ -141,6 +141,27 @@ impl Trigger {
     }
 }
 
+/// A role's database connection at startup: `connect` (which checks the schema against this
+/// binary, `landslide_schema::postgres::check_schema`) retried for as long as PostgreSQL is away
+/// (`landslide_telemetry::patience`), with `startup` not ready meanwhile. A schema older than the
+/// binary is not waited for: the role's user may not migrate it (`landslide migrate` does).
+pub async fn database_patiently<T, F, Fut>(startup: &Condition, connect: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    landslide_telemetry::patience::patiently(
+        "connect to PostgreSQL",
+        startup,
+        |e| {
+            e.downcast_ref::<landslide_schema::postgres::SchemaNotCurrent>()
+                .is_some()
+        },
+        connect,
+    )
+    .await
+}
+
 /// Completes on SIGINT or SIGTERM. A signal that cannot be listened for is logged and never
 /// completes (the other may still).
 async fn signal() {

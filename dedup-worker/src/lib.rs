@@ -24,8 +24,8 @@ use landslide_nats::{Access, HeaderExtractor, User};
 use landslide_schema::mark::Mark;
 use landslide_schema::merge::StoredVote;
 use landslide_schema::poll::Unjudged;
+use landslide_schema::postgres::DatabaseUrl;
 use landslide_schema::postgres::marks;
-use landslide_schema::postgres::{DatabaseUrl, SchemaNotCurrent};
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
@@ -125,20 +125,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // unacknowledged, until it is.
     let started = shutdown
         .starting("dedup-worker", async |startup| {
-            let db = landslide_telemetry::patience::patiently(
-                "connect to PostgreSQL",
-                startup,
-                |e| e.downcast_ref::<SchemaNotCurrent>().is_some(),
-                || async {
-                    let mut db = connect_db(url).await?;
-                    landslide_schema::postgres::check_schema(&mut db)
-                        .await
-                        .with_context(|| {
-                            format!("the database at {url} (DATABASE_URL) is not ready")
-                        })?;
-                    anyhow::Ok(db)
-                },
-            )
+            let db = landslide_config::database_patiently(startup, || async {
+                let mut db = connect_db(url).await?;
+                landslide_schema::postgres::check_schema(&mut db)
+                    .await
+                    .with_context(|| {
+                        format!("the database at {url} (DATABASE_URL) is not ready")
+                    })?;
+                anyhow::Ok(db)
+            })
             .await?;
             let client = landslide_nats::connect_patiently(
                 &connections.nats,
@@ -629,15 +624,9 @@ impl Worker {
     ) -> anyhow::Result<()> {
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
-            if self.db.is_none() {
-                self.db = Some(connect_db(self.config.connections.database()?).await?);
-                tracing::info!("reconnected to PostgreSQL");
-            }
-            let Some(conn) = self.db.as_mut() else {
-                unreachable!("connected just above");
-            };
             let fail_point = self.config.fail_point;
             let bound = self.config.database_bound();
+            let conn = self.connection().await?;
             let transaction = conn.transaction::<_, TxError, _>(async |conn| {
                 upsert.execute(conn).await?;
                 if let Some(mark) = mark {

@@ -26,7 +26,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::{Access, User};
-use landslide_schema::postgres::SchemaNotCurrent;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -84,12 +83,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             // Connected directly first, with its own message: bb8 and friends report bad
             // credentials as a timeout. Tally reads only, and may not migrate: a schema older
             // than this binary stops it, naming `landslide migrate`.
-            let conn = landslide_telemetry::patience::patiently(
-                "connect to PostgreSQL",
-                startup,
-                |e| e.downcast_ref::<SchemaNotCurrent>().is_some(),
-                || landslide_schema::postgres::connect_current(database),
-            )
+            let conn = landslide_config::database_patiently(startup, || {
+                landslide_schema::postgres::connect_current(database)
+            })
             .await?;
             let client = landslide_nats::connect_patiently(
                 &connections.nats,
