@@ -8,6 +8,8 @@
 //! ```text
 //! <data_dir>/lock          held (flock) while a LocalStack runs: one `up` per folder
 //! <data_dir>/secret        the generated LANDSLIDE_SECRET, mode 0600
+//! <data_dir>/env           how to reach the servers, as each user (URLs, CA, passwords), mode
+//!                          0600: what the operator's commands read with `--up <data_dir>`
 //! <data_dir>/nats/         JetStream storage          <data_dir>/nats.log, nats.pid
 //! <data_dir>/nats-tls/     the local CA (ca.pem), nats-server's and PostgreSQL's certificates,
 //!                          the NATS users' passwords
@@ -131,6 +133,8 @@ pub struct LocalStack {
     role_urls: HashMap<LoginRole, DatabaseUrl>,
     /// The cookie-signing secret: the caller's, or the one kept in `<data_dir>/secret`.
     pub secret: String,
+    /// The data folder, absolute once we keep anything there.
+    data_dir: PathBuf,
     nats: Option<Nats>,
     postgres: Option<Postgres>,
     /// The open, flock-ed `<data_dir>/lock`: closing it (when the stack is dropped) releases it.
@@ -229,10 +233,60 @@ impl LocalStack {
             database_url,
             role_urls,
             secret,
+            data_dir,
             nats,
             postgres,
             _lock: lock,
         })
+    }
+
+    /// Writes `<data_dir>/env` (mode 0600, replaced whole): the servers' URLs, the CA and every
+    /// user's credentials, as [`UpEnv`] reads them back and as a shell sources them. Returns its
+    /// path.
+    pub fn write_env(&self) -> anyhow::Result<PathBuf> {
+        let nats = self.nats_config(User::Admin);
+        let mut text = format!(
+            "# Written by `landslide up`: how to reach the servers it runs, as each user. Keep it\n\
+             # private (mode 0600). `landslide status|audit|export|polls|replay --up {dir}` read it\n\
+             # and connect as the command's own user. In a shell, for the nats CLI and psql:\n\
+             #   set -a; . {dir}/env; set +a\n\
+             #   nats --user audit --password \"$LANDSLIDE_NATS_AUDIT_PASSWORD\" stream info VOTES\n\
+             #   psql \"$LANDSLIDE_DATABASE_URL_AUDIT\"\n",
+            dir = self.data_dir.display()
+        );
+        let mut line = |var: &str, value: &str| -> anyhow::Result<()> {
+            anyhow::ensure!(
+                !value.contains(['\'', '\n']),
+                "cannot write {var} to the env file: its value holds a quote or a newline"
+            );
+            text.push_str(&format!("{var}='{value}'\n"));
+            Ok(())
+        };
+        line("NATS_URL", &nats.urls)?;
+        if let Some(tls) = &nats.tls {
+            line("NATS_CA", &tls.ca.display().to_string())?;
+        }
+        for user in User::ALL {
+            match self.nats_config(user).credentials {
+                landslide_nats::Credentials::UserPassword { password, .. } => {
+                    line(&user.password_var(), password.expose())?;
+                }
+                other => bail!("{user} connects with {other:?}, which the env file cannot hold"),
+            }
+        }
+        line(&database_var(None), self.database_url.expose())?;
+        for role in LoginRole::ALL {
+            line(&database_var(Some(role)), self.database_url(role).expose())?;
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        let path = self.data_dir.join(ENV_FILE);
+        // Written beside, then renamed over: a reader never sees half a file.
+        let partial = self.data_dir.join(format!("{ENV_FILE}.partial"));
+        landslide_servers::write_private(&partial, text.as_bytes())?;
+        std::fs::rename(&partial, &path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
     }
 
     /// Stops the servers this stack started: nats-server with SIGTERM (SIGKILL after a grace
@@ -276,6 +330,84 @@ impl LocalStack {
         if let Some(mut pg) = self.postgres.take() {
             pg.forget();
         }
+    }
+}
+
+/// The file in the data folder that holds how to reach up's servers ([`LocalStack::write_env`]).
+pub const ENV_FILE: &str = "env";
+
+/// The variable of the env file that holds the database URL of `role` (`None`: the owner's).
+fn database_var(role: Option<LoginRole>) -> String {
+    match role {
+        None => "LANDSLIDE_DATABASE_URL_OWNER".to_owned(),
+        Some(role) => format!(
+            "LANDSLIDE_DATABASE_URL_{}",
+            role.name()
+                .trim_start_matches("landslide_")
+                .to_ascii_uppercase()
+        ),
+    }
+}
+
+/// The settings a running `landslide up` wrote to `<data_dir>/env`, read back: what an operator's
+/// command (`--up <data_dir>`) connects with, as its own user. Not `Debug`: it holds passwords.
+pub struct UpEnv {
+    path: PathBuf,
+    vars: HashMap<String, String>,
+}
+
+impl UpEnv {
+    /// Reads `<data_dir>/env`; fails, with advice, when `up` has not written one there.
+    pub fn read(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join(ENV_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {}: is `landslide up --data-dir {}` running (it writes the file at \
+                 start)?",
+                path.display(),
+                data_dir.display()
+            )
+        })?;
+        let vars = text
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .map(|line| {
+                let (var, value) = line
+                    .split_once('=')
+                    .with_context(|| format!("{}: not VAR='value': {line}", path.display()))?;
+                let value = value
+                    .strip_prefix('\'')
+                    .and_then(|v| v.strip_suffix('\''))
+                    .unwrap_or(value);
+                Ok((var.to_owned(), value.to_owned()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { path, vars })
+    }
+
+    fn var(&self, var: &str) -> anyhow::Result<&str> {
+        self.vars
+            .get(var)
+            .map(String::as_str)
+            .with_context(|| format!("{} has no {var}", self.path.display()))
+    }
+
+    /// How `user` connects to up's NATS.
+    pub fn nats_config(&self, user: User) -> anyhow::Result<NatsConfig> {
+        let ca = self.vars.get("NATS_CA").map(PathBuf::from);
+        Ok(NatsConfig::user(
+            self.var("NATS_URL")?,
+            user.name(),
+            self.var(&user.password_var())?,
+            ca,
+        ))
+    }
+
+    /// How `role` (`None`: the schema's owner) connects to up's database.
+    pub fn database_url(&self, role: Option<LoginRole>) -> anyhow::Result<DatabaseUrl> {
+        let var = database_var(role);
+        DatabaseUrl::parse(self.var(&var)?)
+            .with_context(|| format!("{var} of {}", self.path.display()))
     }
 }
 

@@ -158,6 +158,11 @@ struct Shared {
     nats_url: String,
     #[command(flatten)]
     nats_auth: NatsAuthArgs,
+    /// The data folder of a running `landslide up`: connect to its servers, as this command's
+    /// own user, with the settings `up` wrote to <DIR>/env, instead of NATS_URL, the NATS
+    /// credentials, NATS_CA and DATABASE_URL.
+    #[arg(long, env = "LANDSLIDE_UP", value_name = "DIR")]
+    up: Option<PathBuf>,
     /// A TOML file defining the polls (default: the built-in "pets" poll).
     #[arg(long, env = "LANDSLIDE_POLLS")]
     polls: Option<PathBuf>,
@@ -233,17 +238,38 @@ impl NatsAuthArgs {
 }
 
 impl Shared {
-    /// The one connection configuration of every role: NATS (credentials and TLS), the
-    /// database if the role has one, the names and the polls.
-    fn connections(&self, db: Option<&DatabaseArgs>) -> anyhow::Result<Connections> {
+    /// The one connection configuration of every role, which connects as `user` (and to the
+    /// database, if it has one, as `role`): NATS (credentials and TLS), the database, the names
+    /// and the polls.
+    fn connections(
+        &self,
+        user: User,
+        db: Option<(&DatabaseArgs, LoginRole)>,
+    ) -> anyhow::Result<Connections> {
         let database = match db {
-            Some(db) => Some(db.url()?),
+            Some((db, role)) => Some(self.database(db, role)?),
             None => None,
         };
-        let mut connections = Connections::new(self.nats_auth.config(&self.nats_url)?, database);
+        let mut connections = Connections::new(self.nats(user)?, database);
         connections.topology = self.topology();
         connections.polls = self.polls()?;
         Ok(connections)
+    }
+
+    /// How `user` connects to NATS: as `--up`'s env file says, or as the flags do.
+    fn nats(&self, user: User) -> anyhow::Result<NatsConfig> {
+        match &self.up {
+            Some(dir) => local::UpEnv::read(dir)?.nats_config(user),
+            None => self.nats_auth.config(&self.nats_url),
+        }
+    }
+
+    /// How `role` connects to the database: as `--up`'s env file says, or as `db` does.
+    fn database(&self, db: &DatabaseArgs, role: LoginRole) -> anyhow::Result<DatabaseUrl> {
+        match &self.up {
+            Some(dir) => local::UpEnv::read(dir)?.database_url(Some(role)),
+            None => db.url(),
+        }
     }
 
     /// Says loudly if a server in `--nats-monitor-url` acks before it fsyncs (a client connection
@@ -436,8 +462,11 @@ impl IngestArgs {
                 landslide_ingest::Secret::new(old.as_str()).context("in LANDSLIDE_SECRET_PREVIOUS")
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut config =
-            landslide_ingest::Config::new(node_id, self.shared.connections(None)?, secret);
+        let mut config = landslide_ingest::Config::new(
+            node_id,
+            self.shared.connections(User::Ingest, None)?,
+            secret,
+        );
         config.previous_secrets = previous_secrets;
         config.clock = Arc::new(landslide_ingest::SystemClock {
             offset_ms: self.clock_offset_ms,
@@ -531,8 +560,10 @@ impl WorkerArgs {
             (1..=1000).contains(&self.batch_size),
             "--batch-size (LANDSLIDE_BATCH_SIZE) must be between 1 and 1000, the consumer's max_batch"
         );
-        let mut config =
-            landslide_dedup_worker::Config::new(self.shared.connections(Some(&self.db))?);
+        let mut config = landslide_dedup_worker::Config::new(
+            self.shared
+                .connections(User::Worker, Some((&self.db, LoginRole::Worker)))?,
+        );
         config.batch_size = self.batch_size;
         config.batch_wait = Duration::from_millis(self.batch_wait_ms);
         Ok(config)
@@ -560,7 +591,10 @@ struct TallyArgs {
 
 impl TallyArgs {
     fn config(&self) -> anyhow::Result<landslide_tally::Config> {
-        let mut config = landslide_tally::Config::new(self.shared.connections(Some(&self.db))?);
+        let mut config = landslide_tally::Config::new(
+            self.shared
+                .connections(User::Tally, Some((&self.db, LoginRole::Tally)))?,
+        );
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
         config.http = self.http.limits();
@@ -599,7 +633,9 @@ struct ExportArgs {
 impl AuditArgs {
     fn config(&self) -> anyhow::Result<landslide_tally::audit::AuditConfig> {
         Ok(landslide_tally::audit::AuditConfig {
-            connections: self.shared.connections(Some(&self.db))?,
+            connections: self
+                .shared
+                .connections(User::Audit, Some((&self.db, LoginRole::Audit)))?,
             wait: Duration::from_secs(self.wait_secs),
         })
     }
@@ -801,7 +837,10 @@ async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
-    let config = landslide_tally::audit::AuditConfig::new(args.shared.connections(Some(&args.db))?);
+    let config = landslide_tally::audit::AuditConfig::new(
+        args.shared
+            .connections(User::Audit, Some((&args.db, LoginRole::Audit)))?,
+    );
     println!("{}", landslide_tally::status::status(&config).await?);
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -834,7 +873,10 @@ async fn export(args: ExportArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {
-    let config = landslide_dedup_worker::Config::new(args.shared.connections(Some(&args.db))?);
+    let config = landslide_dedup_worker::Config::new(
+        args.shared
+            .connections(User::Worker, Some((&args.db, LoginRole::Worker)))?,
+    );
     let chunk = landslide_dedup_worker::replay::CHUNK;
     let report = landslide_dedup_worker::replay(&config, chunk).await?;
     println!("{report}");
@@ -896,7 +938,7 @@ async fn db_users(args: DbUsersArgs) -> anyhow::Result<std::process::ExitCode> {
 
 async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
     use landslide_nats::polls;
-    let nats = args.shared.nats_auth.config(&args.shared.nats_url)?;
+    let nats = args.shared.nats(User::Admin)?;
     let client = landslide_nats::connect(&nats, User::Admin, "landslide-polls").await?;
     let js = async_nats::jetstream::new(client);
     let store = polls::ensure_bucket(&js, &args.shared.topology(), Access::SetUp).await?;
@@ -954,10 +996,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let stack = local::LocalStack::start(local).await?;
     let result = async {
+        stack.write_env()?;
         if args.polls.is_some() {
             make_current(&stack.nats_config(User::Admin), &polls).await?;
         }
-        run_roles(&stack, polls, limits, listeners).await
+        run_roles(&stack, polls, limits, listeners, &args.data_dir).await
     }
     .await;
     let stopped = stack.stop().await;
@@ -1015,6 +1058,7 @@ async fn run_roles(
     polls: Polls,
     (rate_limit, client_ip_header): ClientLimits,
     listeners: Listeners,
+    data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let Listeners {
         ingest: ingest_listener,
@@ -1067,7 +1111,10 @@ async fn run_roles(
     ));
     println!(
         "Landslide is up.\n  vote:    {vote_url}\n  results: {results_url}\n  metrics: \
-         {metrics_url}\nPress Ctrl-C to stop."
+         {metrics_url}\n  operate: landslide status --up {dir} (and audit, export, polls, \
+         replay; settings in {dir}/{env})\nPress Ctrl-C to stop.",
+        dir = data_dir.display(),
+        env = local::ENV_FILE,
     );
 
     // Run until Ctrl-C, or until a role fails; then stop the others and wait for all three.

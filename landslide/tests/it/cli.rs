@@ -31,6 +31,11 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
     let long_secret = "x".repeat(40);
     let cases: &[Case] = &[
         (
+            &["status", "--up", "/nonexistent/landslide"],
+            &[],
+            "is `landslide up --data-dir /nonexistent/landslide` running",
+        ),
+        (
             &["ingest", "--node-id", "web01"],
             &[],
             "LANDSLIDE_SECRET is not set",

@@ -107,6 +107,8 @@ async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
         assert_eq!(status, 404, "{public} serves /metrics");
     }
 
+    operate_with_only_the_env_file(data.path());
+
     let (status, stdout) = up.interrupt();
     assert!(status.success(), "up exits cleanly: {status}\n{stdout}");
     assert!(
@@ -114,6 +116,10 @@ async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
         "{stdout}"
     );
     assert!(stdout.contains("stopped cleanly"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("landslide status --up {}", data.path().display())),
+        "up says how to operate it: {stdout}"
+    );
 
     let again = start(data.path(), ports);
     let results = support::settled_results(&again.results, "pets", 1).await;
@@ -123,4 +129,59 @@ async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
     );
     let (status, _) = again.interrupt();
     assert!(status.success());
+}
+
+/// The operator's commands against a running `up`, given nothing but its folder (`--up`): no
+/// NATS URL, credentials, CA or database URL from anywhere else; each connects as its own user.
+fn operate_with_only_the_env_file(data_dir: &std::path::Path) {
+    let env = data_dir.join("env");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&env).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{} is private", env.display());
+    let out = tempfile::tempdir().unwrap();
+    let export_out = out.path().join("export");
+    let export_out = export_out.to_str().unwrap();
+    let commands: [(&[&str], &str); 6] = [
+        (&["status"], "pets"),
+        (&["audit"], "CONSISTENT"),
+        (&["polls", "show"], "dogs"),
+        (&["replay"], ""),
+        (&["audit", "--poll", "pets"], "CONSISTENT"),
+        (
+            &["export", "--poll", "pets", "--out", export_out],
+            "wrote ballots.csv",
+        ),
+    ];
+    for (args, expect) in commands {
+        let output = Command::new(env!("CARGO_BIN_EXE_landslide"))
+            // `--up` right after the command, where `polls` takes it too.
+            .arg(args[0])
+            .arg("--up")
+            .arg(data_dir)
+            .args(&args[1..])
+            .env_remove("NATS_URL")
+            .env_remove("NATS_CA")
+            .env_remove("DATABASE_URL")
+            .env_remove("LANDSLIDE_DATABASE_URL")
+            .env(
+                "LANDSLIDE_EXPORT_KEY",
+                "an export key of at least thirty-two bytes",
+            )
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains(expect),
+            "landslide {args:?} --up: {}\n{stdout}\n{stderr}",
+            output.status
+        );
+    }
+    let ballots = std::fs::read_to_string(out.path().join("export/ballots.csv")).unwrap();
+    assert_eq!(
+        ballots.lines().count(),
+        2,
+        "a header and the one ballot: {ballots}"
+    );
 }
