@@ -305,8 +305,8 @@ impl Roles {
 }
 
 /// What a dedup-worker sets up when it starts, as the workers' user: the streams, the consumer,
-/// and the polls bucket seeded with the default poll.
-async fn set_up_as_a_worker(env: &RoleEnv) -> anyhow::Result<()> {
+/// and the polls bucket seeded with the default poll. Ingest waits for it, not ready meanwhile.
+pub async fn set_up_as_a_worker(env: &RoleEnv) -> anyhow::Result<()> {
     let client =
         landslide_nats::connect(env.nats(User::Worker), User::Worker, "landslide-harness").await?;
     let js = async_nats::jetstream::new(client);

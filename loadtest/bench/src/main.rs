@@ -381,6 +381,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!("ingest at saturation, against the lazy nats-server");
+    // No worker runs against it: set it up as one would, or ingest waits for the polls bucket
+    // and is never ready.
+    landslide_chaos::roles::set_up_as_a_worker(&lazy_env).await?;
     let mut lazy_ingest = Roles::start_ingest(&lazy_env, dir.path(), "weblazy", 0).await?;
     let lazy_target = load::Target::vote(lazy_ingest.addr);
     load::warm_up(&lazy_target, args.connections, None).await?;
