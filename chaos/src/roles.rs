@@ -38,13 +38,8 @@ impl RoleEnv {
 
     /// The database URL of a role whose NATS user is `user`: its own login role.
     pub fn database_url_for(&self, user: User) -> &str {
-        let role = match user {
-            User::Worker => Some(LoginRole::Worker),
-            User::Tally => Some(LoginRole::Tally),
-            User::Audit => Some(LoginRole::Audit),
-            User::Ingest | User::Admin => None,
-        };
-        role.and_then(|role| self.role_urls.get(&role))
+        landslide_servers::login_role(user)
+            .and_then(|role| self.role_urls.get(&role))
             .map_or(self.database_url.as_str(), String::as_str)
     }
 

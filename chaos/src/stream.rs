@@ -293,7 +293,8 @@ pub async fn find_in_stream(
         .context("cannot open the votes stream")?;
     let last = stream.info().await?.state.last_sequence;
     let mut reader =
-        landslide_nats::StreamReader::open(&stream, last, "landslide-chaos lookup").await?;
+        landslide_nats::StreamReader::open(&stream, last, User::Admin, "landslide-chaos lookup")
+            .await?;
     let mut found = Vec::new();
     while let Some(stored) = reader.next().await? {
         if let Ok(event) = VoteEvent::decode(&stored.message.payload)

@@ -178,6 +178,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         js,
         config,
         db_failures: 0,
+        good_floor: None,
     };
     let result = worker.drain(consumer, shutdown.wait()).await;
     // Acks are plain publishes: flush them before the connection goes away. Bounded: with the
@@ -216,6 +217,9 @@ struct Worker {
     config: Config,
     /// Consecutive failed batches: the nak delay and reconnect backoff grow with it.
     db_failures: u32,
+    /// The consumer's ack floor when a check last found it as defined: every message up to it
+    /// was committed, so a consumer changed since is taken up from the next one.
+    good_floor: Option<u64>,
 }
 
 /// What a check of the stream against the workers' mark found.
@@ -242,8 +246,9 @@ enum Verdict {
     Newer(u64),
 }
 
-/// How often a worker compares the stream with the workers' mark (`landslide_nats::rollback`),
-/// between batches: a stream info, a consumer info and one message read.
+/// How often a worker compares the stream with the workers' mark (`landslide_nats::rollback`)
+/// and the live consumer with its definition (`landslide_nats::consumer_drift`), between
+/// batches: a stream info, a consumer info and one message read.
 const STREAM_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a vote of an unseen poll revision waits before it is delivered again.
@@ -361,8 +366,10 @@ impl Worker {
 
     /// Compares the stream with the workers' mark (`landslide_nats::rollback`); when it went
     /// backwards, raises the alarm and restarts the consumer from before anything it stored
-    /// since. Returns the restarted consumer, if this worker restarted it. A check that cannot
-    /// be made is retried at the next one, the alarm left as it was.
+    /// since. Compares the live consumer with its definition too: one that someone changed or
+    /// deleted is made again ([`Worker::restore_consumer`]). Returns the restarted consumer, if
+    /// this worker restarted it. A check that cannot be made is retried at the next one, the
+    /// alarm left as it was.
     async fn check_stream(
         &mut self,
         stream_ok: &landslide_telemetry::readiness::Condition,
@@ -394,7 +401,26 @@ impl Worker {
         let mark = marks::read_mark(conn, &topology.votes_stream)
             .await
             .context("cannot read the workers' mark")?;
-        let observed = rollback::observe(&js, &topology, mark.as_ref()).await?;
+        let backlog =
+            match landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await {
+                Ok(backlog) => backlog,
+                Err(err)
+                    if err
+                        .downcast_ref::<landslide_nats::ConsumerMissing>()
+                        .is_some() =>
+                {
+                    let reason = format!("{err:#}");
+                    return self.restore_consumer(stream_ok, &reason).await;
+                }
+                Err(err) => return Err(err),
+            };
+        let drift = landslide_nats::consumer_drift(&topology, &backlog.info.config)?;
+        if !drift.is_empty() {
+            let reason = landslide_nats::describe_drift(&drift);
+            return self.restore_consumer(stream_ok, &reason).await;
+        }
+        metrics::gauge!("landslide_consumer_drift").set(0.0);
+        let observed = rollback::observe_with(&js, &topology, &backlog, mark.as_ref()).await?;
         tracing::debug!(
             ?mark,
             ?observed,
@@ -403,6 +429,7 @@ impl Worker {
         let Some(regression) = rollback::judge(mark.as_ref(), &observed) else {
             stream_ok.ready();
             metrics::gauge!("landslide_stream_went_backwards").set(0.0);
+            self.good_floor = Some(observed.ack_floor);
             return Ok(None);
         };
         metrics::gauge!("landslide_stream_went_backwards").set(1.0);
@@ -460,9 +487,70 @@ impl Worker {
                 Ok(Some(consumer))
             })
             .await?;
+        // The ack floor of the consumer before the rollback says nothing of the one after it.
+        self.good_floor = None;
         stream_ok.ready();
         metrics::gauge!("landslide_stream_went_backwards").set(0.0);
         Ok(restarted)
+    }
+
+    /// Puts the workers' consumer back to its definition after someone changed or deleted it
+    /// (`reason`): a changed one may have skipped messages (a `filter_subject`) or dropped them
+    /// (`max_deliver`), so it is made again from before the first message not acknowledged when
+    /// this worker last found it as defined, or a margin before the mark ([`rollback::restart_time`]);
+    /// from the stream's start when this worker never found it as defined. Folding a vote twice
+    /// changes nothing. One worker at a time (the rollback lock); the others find it mended.
+    async fn restore_consumer(
+        &mut self,
+        stream_ok: &landslide_telemetry::readiness::Condition,
+        reason: &str,
+    ) -> anyhow::Result<Option<jetstream::consumer::PullConsumer>> {
+        metrics::gauge!("landslide_consumer_drift").set(1.0);
+        metrics::counter!("landslide_consumer_drift_total").increment(1);
+        tracing::error!(
+            consumer = %self.config.connections.topology.consumer,
+            reason,
+            "the workers' consumer is not as defined: accepted votes may be skipped or dropped; \
+             making it again from before anything not yet committed"
+        );
+        stream_ok.not_ready(reason.to_owned());
+        let topology = self.config.connections.topology.clone();
+        let js = self.js.clone();
+        let good_floor = self.good_floor.take();
+        let conn = self.connection().await?;
+        let restored = conn
+            .transaction::<_, anyhow::Error, _>(async |conn| {
+                marks::lock_for_rollback(conn).await?;
+                let backlog =
+                    landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await;
+                if let Ok(backlog) = &backlog
+                    && landslide_nats::consumer_drift(&topology, &backlog.info.config)?.is_empty()
+                {
+                    // Another worker mended it meanwhile.
+                    return Ok(None);
+                }
+                let from = match good_floor {
+                    Some(floor) => {
+                        let mark = marks::read_mark(conn, &topology.votes_stream).await?;
+                        let unacked = rollback::message_at(&js, &topology, floor + 1)
+                            .await?
+                            .map(|(_, stored_at)| stored_at);
+                        rollback::restart_time(mark.as_ref(), unacked)
+                    }
+                    None => rollback::restart_time(None, None),
+                };
+                let consumer = rollback::restart_consumer(&js, &topology, from).await?;
+                tracing::warn!(
+                    consumer = %topology.consumer,
+                    restarted_from = %from,
+                    "made the workers' consumer again: every message stored since is counted again"
+                );
+                Ok(Some(consumer))
+            })
+            .await?;
+        stream_ok.ready();
+        metrics::gauge!("landslide_consumer_drift").set(0.0);
+        Ok(restored)
     }
 
     /// The worker's database connection, connected again if it was lost.

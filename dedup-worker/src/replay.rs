@@ -93,7 +93,8 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
     let shard = crate::random_shard();
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::SetUp).await?;
     let polls = landslide_nats::polls::load(&store, &connections.polls, Access::SetUp).await?;
-    let mut reader = landslide_nats::StreamReader::open(&stream, last, "landslide replay").await?;
+    let mut reader =
+        landslide_nats::StreamReader::open(&stream, last, User::Worker, "landslide replay").await?;
     let chunk_size = chunk.max(1);
     let mut chunk = Vec::with_capacity(chunk_size.min(100_000));
     while let Some(stored) = reader.next().await? {

@@ -378,6 +378,7 @@ impl AppState {
             node: self.0.node.clone(),
             rev: Some(revision),
             after: Some(after),
+            rev_hash: book.hash(revision),
         };
         let published = self
             .0

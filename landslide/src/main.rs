@@ -246,28 +246,39 @@ impl Shared {
         user: User,
         db: Option<(&DatabaseArgs, LoginRole)>,
     ) -> anyhow::Result<Connections> {
+        let up = self.up_env()?;
         let database = match db {
-            Some((db, role)) => Some(self.database(db, role)?),
+            Some((db, role)) => Some(self.database(up.as_ref(), db, role)?),
             None => None,
         };
-        let mut connections = Connections::new(self.nats(user)?, database);
+        let mut connections = Connections::new(self.nats(up.as_ref(), user)?, database);
         connections.topology = self.topology();
         connections.polls = self.polls()?;
         Ok(connections)
     }
 
+    /// `--up`'s env file, read once per command, when `--up` is set.
+    fn up_env(&self) -> anyhow::Result<Option<local::UpEnv>> {
+        self.up.as_deref().map(local::UpEnv::read).transpose()
+    }
+
     /// How `user` connects to NATS: as `--up`'s env file says, or as the flags do.
-    fn nats(&self, user: User) -> anyhow::Result<NatsConfig> {
-        match &self.up {
-            Some(dir) => local::UpEnv::read(dir)?.nats_config(user),
+    fn nats(&self, up: Option<&local::UpEnv>, user: User) -> anyhow::Result<NatsConfig> {
+        match up {
+            Some(env) => env.nats_config(user),
             None => self.nats_auth.config(&self.nats_url),
         }
     }
 
     /// How `role` connects to the database: as `--up`'s env file says, or as `db` does.
-    fn database(&self, db: &DatabaseArgs, role: LoginRole) -> anyhow::Result<DatabaseUrl> {
-        match &self.up {
-            Some(dir) => local::UpEnv::read(dir)?.database_url(Some(role)),
+    fn database(
+        &self,
+        up: Option<&local::UpEnv>,
+        db: &DatabaseArgs,
+        role: LoginRole,
+    ) -> anyhow::Result<DatabaseUrl> {
+        match up {
+            Some(env) => env.database_url(Some(role)),
             None => db.url(),
         }
     }
@@ -938,8 +949,14 @@ async fn db_users(args: DbUsersArgs) -> anyhow::Result<std::process::ExitCode> {
 
 async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
     use landslide_nats::polls;
-    let nats = args.shared.nats(User::Admin)?;
-    let client = landslide_nats::connect(&nats, User::Admin, "landslide-polls").await?;
+    let up = args.shared.up_env()?;
+    // The polls' owner, or the operator if NATS_USER names them (the user decides the inbox).
+    let user = match (&up, args.shared.nats_auth.nats_user.as_deref()) {
+        (None, Some("admin")) => User::Admin,
+        _ => User::Polls,
+    };
+    let nats = args.shared.nats(up.as_ref(), user)?;
+    let client = landslide_nats::connect(&nats, user, "landslide-polls").await?;
     let js = async_nats::jetstream::new(client);
     let store = polls::ensure_bucket(&js, &args.shared.topology(), Access::SetUp).await?;
     match args.action {
@@ -955,8 +972,11 @@ async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
             );
         }
         PollsAction::Show { revision } => {
-            let revisions = polls::read_all(&store).await?;
-            let Some(latest) = revisions.last().map(|(r, _, _)| *r) else {
+            let contents = polls::read_all(&store).await?;
+            for stray in &contents.strays {
+                eprintln!("ALARM: {} of the polls bucket: {}", stray.key, stray.why);
+            }
+            let Some(latest) = contents.latest().map(|stored| stored.revision) else {
                 println!(
                     "# the polls bucket is empty: roles seed it from LANDSLIDE_POLLS, or with the \
                      built-in poll, when they start\n{}",
@@ -965,11 +985,15 @@ async fn polls(args: PollsArgs) -> anyhow::Result<std::process::ExitCode> {
                 return Ok(std::process::ExitCode::SUCCESS);
             };
             let wanted = revision.map_or(latest, landslide_schema::Revision);
-            let (_, text, _) = revisions
+            let stored = contents
+                .revisions
                 .iter()
-                .find(|(r, _, _)| *r == wanted)
+                .find(|stored| stored.revision == wanted)
                 .with_context(|| format!("there is no revision {wanted} (latest: {latest})"))?;
-            println!("# revision {wanted} of {latest}\n{}", text.trim_end());
+            println!(
+                "# revision {wanted} of {latest}\n{}",
+                stored.text.trim_end()
+            );
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -998,7 +1022,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let result = async {
         stack.write_env()?;
         if args.polls.is_some() {
-            make_current(&stack.nats_config(User::Admin), &polls).await?;
+            make_current(&stack.nats_config(User::Polls), &polls).await?;
         }
         run_roles(&stack, polls, limits, listeners, &args.data_dir).await
     }
@@ -1035,11 +1059,11 @@ fn given_nats(url: String) -> anyhow::Result<local::NatsUsers> {
 /// that: `up` with a file means "these polls", even when the data folder has others.
 async fn make_current(nats: &NatsConfig, polls: &Polls) -> anyhow::Result<()> {
     use landslide_nats::polls;
-    let client = landslide_nats::connect(nats, User::Admin, "landslide-up").await?;
+    let client = landslide_nats::connect(nats, User::Polls, "landslide-up").await?;
     let js = async_nats::jetstream::new(client);
     let store = polls::ensure_bucket(&js, &Topology::default(), Access::SetUp).await?;
-    let latest = polls::read_all(&store).await?.pop();
-    if latest.is_none_or(|(_, _, current)| &current != polls) {
+    let latest = polls::read_all(&store).await?.revisions.pop();
+    if latest.is_none_or(|current| &current.polls != polls) {
         polls::put(&store, &polls.to_toml()).await?;
     }
     Ok(())

@@ -3,9 +3,12 @@
 //! Every deployment has one NATS user per role, each allowed only the subjects its role uses
 //! ([`User::permissions`]): ingest publishes votes and reads the stream's and the polls' state;
 //! workers consume, ack, dead-letter and set the streams up; tally reads the consumer's state and
-//! the polls; audit reads everything and writes nothing; `admin` is the operator's. No user may
-//! purge or delete the votes stream or its messages (and the stream itself denies both). Replies
-//! come on an inbox of the role's own (`_INBOX_<user>.`), so no role reads another's answers.
+//! the polls; audit reads everything and writes nothing; `polls` (the polls' owner) writes new
+//! revisions of the poll definitions; `admin` is the operator's. No user may purge or delete the
+//! votes stream or its messages (and the stream itself denies both), nor change a revision of
+//! the poll definitions (the bucket refuses a second write of a key, `polls.rs`), and only the
+//! workers may create, pull from, ack on or delete their durable consumer. Replies come on an
+//! inbox of the role's own (`_INBOX_<user>.`), so no role reads another's answers.
 //!
 //! [`authorization`] writes these users as a nats-server `authorization` block: `nats/auth.conf`
 //! is its output for the default names (a unit test keeps the file and the code the same), and the
@@ -28,16 +31,20 @@ pub enum User {
     Tally,
     /// `landslide audit`, `export` and `status`: read only.
     Audit,
-    /// The operator: `landslide polls put`, the `nats` CLI. Everything but what the streams deny.
+    /// The polls' owner: `landslide polls put`. Writes new revisions of the poll definitions,
+    /// and reads; nothing else.
+    Polls,
+    /// The operator: the `nats` CLI. Everything but what [`User::admin_denied`] lists.
     Admin,
 }
 
 impl User {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Ingest,
         Self::Worker,
         Self::Tally,
         Self::Audit,
+        Self::Polls,
         Self::Admin,
     ];
 
@@ -48,6 +55,7 @@ impl User {
             Self::Worker => "worker",
             Self::Tally => "tally",
             Self::Audit => "audit",
+            Self::Polls => "polls",
             Self::Admin => "admin",
         }
     }
@@ -69,6 +77,12 @@ impl User {
     /// The subjects this user may publish and subscribe to, for `topology`'s names. Everything
     /// else is refused; for [`User::Admin`], who may use every subject but a few, the refused
     /// ones are [`User::admin_denied`].
+    ///
+    /// Subject permissions match whole tokens, so a consumer name cannot be limited to a prefix:
+    /// audit may create and read consumers of any name (its readers name theirs `audit_…`,
+    /// [`crate::StreamReader`]) but the workers' durable one ([`User::durable_denied`]), and never
+    /// by the unnamed `CONSUMER.CREATE.<stream>`, whose request body may name any consumer and
+    /// would update an existing one (nats-server `jsConsumerCreateRequest`, legacy ephemeral).
     ///
     /// Each entry is what a call of async-nats 0.51 sends (read in its source, and checked by the
     /// integration tests, where every role runs with these permissions): `get_stream` is
@@ -95,11 +109,12 @@ impl User {
             format!("$JS.FC.{kv}.>"),
         ];
         let inbox = vec![format!("{}.>", self.inbox_prefix())];
+        let mut denied = Vec::new();
         let publish = match self {
             Self::Admin => {
                 return Permissions {
-                    publish: Rule::AllBut(Self::admin_denied(t)),
-                    subscribe: Rule::AllBut(Vec::new()),
+                    publish: Rule::all_but(Self::admin_denied(t)),
+                    subscribe: Rule::all_but(Vec::new()),
                 };
             }
             Self::Ingest => [
@@ -141,8 +156,9 @@ impl User {
                     format!("$JS.ACK.{votes}.{consumer}.>"),
                     format!("$JS.FC.{votes}.>"),
                     format!("{}.*", t.dlq_prefix),
-                    // Seeding the bucket with revision 1 when it is empty.
-                    format!("$KV.{}.>", t.polls_bucket),
+                    // Seeding an empty bucket with revision 1, and only that: the bucket refuses
+                    // it once rev.1 exists.
+                    format!("$KV.{}.rev.1", t.polls_bucket),
                 ],
                 read_polls,
             ]
@@ -157,28 +173,70 @@ impl User {
                 read_polls,
             ]
             .concat(),
-            Self::Audit => [
+            Self::Audit => {
+                denied = Self::durable_denied(t);
+                [
+                    vec![
+                        api(&format!("STREAM.INFO.{votes}")),
+                        api(&format!("STREAM.INFO.{dlq}")),
+                        api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                        // The message at the workers' mark (`rollback`).
+                        api(&format!("STREAM.MSG.GET.{votes}")),
+                        // Named consumers only (see above), the workers' excepted.
+                        api(&format!("CONSUMER.CREATE.{votes}.*")),
+                        api(&format!("CONSUMER.CREATE.{votes}.*.>")),
+                        api(&format!("CONSUMER.CREATE.{dlq}.*")),
+                        api(&format!("CONSUMER.CREATE.{dlq}.*.>")),
+                        api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
+                        api(&format!("CONSUMER.MSG.NEXT.{dlq}.*")),
+                    ],
+                    read_polls,
+                ]
+                .concat()
+            }
+            Self::Polls => [
                 vec![
-                    api(&format!("STREAM.INFO.{votes}")),
-                    api(&format!("STREAM.INFO.{dlq}")),
-                    api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
-                    // The message at the workers' mark (`rollback`).
-                    api(&format!("STREAM.MSG.GET.{votes}")),
-                    api(&format!("CONSUMER.CREATE.{votes}")),
-                    api(&format!("CONSUMER.CREATE.{votes}.>")),
-                    api(&format!("CONSUMER.CREATE.{dlq}")),
-                    api(&format!("CONSUMER.CREATE.{dlq}.>")),
-                    api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
-                    api(&format!("CONSUMER.MSG.NEXT.{dlq}.*")),
+                    // Creating the bucket, sealed, if no worker has yet (`polls::ensure_bucket`),
+                    // which reads the account's limits.
+                    api("INFO"),
+                    api(&format!("STREAM.CREATE.{kv}")),
+                    // A new revision: a create, which the bucket refuses on a key that exists.
+                    format!("$KV.{}.rev.*", t.polls_bucket),
                 ],
                 read_polls,
             ]
             .concat(),
         };
         Permissions {
-            publish: Rule::Only(publish),
-            subscribe: Rule::Only(inbox),
+            publish: Rule {
+                allow: publish,
+                deny: denied,
+            },
+            subscribe: Rule::only(inbox),
         }
+    }
+
+    /// What only the workers may do to their durable consumer: create or update it (by its name,
+    /// or by the unnamed create whose body may name it), pull from it, ack on it, pause or delete
+    /// it. With a pull and `max_deliver=1` the audit user once took ten accepted votes from the
+    /// workers, which then never counted them; with a `filter_subject`, a whole node's votes.
+    pub fn durable_denied(t: &Topology) -> Vec<String> {
+        let votes = &t.votes_stream;
+        let consumer = &t.consumer;
+        let mut denied = vec![format!("$JS.API.CONSUMER.CREATE.{votes}")];
+        for api in [
+            "CONSUMER.CREATE",
+            "CONSUMER.DURABLE.CREATE",
+            "CONSUMER.DELETE",
+            "CONSUMER.MSG.NEXT",
+            "CONSUMER.PAUSE",
+            "CONSUMER.UNPIN",
+        ] {
+            denied.push(format!("$JS.API.{api}.{votes}.{consumer}"));
+        }
+        denied.push(format!("$JS.API.CONSUMER.CREATE.{votes}.{consumer}.>"));
+        denied.push(format!("$JS.ACK.{votes}.{consumer}.>"));
+        denied
     }
 
     /// What not even the operator may publish: a vote (only ingest makes votes), and deleting or
@@ -186,10 +244,14 @@ impl User {
     /// (the streams deny message deletes and purges themselves; deleting a whole stream only a
     /// server config change allows). Nor updating them: a lower `max_msgs`, `max_bytes` or
     /// `max_age` drops the oldest votes at once, a purge by another name (found by trying it).
-    /// The workers' user keeps the update, to bring the definitions of `nats/` in place.
+    /// The workers' user keeps the update, to bring the definitions of `nats/` in place. The
+    /// polls bucket's stream alike, which nobody may update: an update could take its refusal
+    /// of a second write of a key away (`polls::bucket_config`). And the workers' durable
+    /// consumer ([`User::durable_denied`]).
     pub fn admin_denied(t: &Topology) -> Vec<String> {
         let mut denied = vec![format!("{}.*", t.votes_prefix)];
-        for stream in [&t.votes_stream, &t.dlq_stream] {
+        let kv = format!("KV_{}", t.polls_bucket);
+        for stream in [&t.votes_stream, &t.dlq_stream, &kv] {
             for api in [
                 "STREAM.DELETE",
                 "STREAM.PURGE",
@@ -199,6 +261,7 @@ impl User {
                 denied.push(format!("$JS.API.{api}.{stream}"));
             }
         }
+        denied.extend(Self::durable_denied(t));
         denied
     }
 }
@@ -216,16 +279,30 @@ pub struct Permissions {
     pub subscribe: Rule,
 }
 
-/// Subjects allowed.
+/// Subjects allowed: those `allow` matches and `deny` does not (nats-server: deny wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rule {
-    /// These and nothing else.
-    Only(Vec<String>),
-    /// Everything but these.
-    AllBut(Vec<String>),
+pub struct Rule {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 impl Rule {
+    /// These and nothing else.
+    pub fn only(allow: Vec<String>) -> Self {
+        Self {
+            allow,
+            deny: Vec::new(),
+        }
+    }
+
+    /// Everything but these.
+    pub fn all_but(deny: Vec<String>) -> Self {
+        Self {
+            allow: vec![">".to_owned()],
+            deny,
+        }
+    }
+
     /// The rule as nats-server's config writes it.
     fn conf(&self) -> String {
         let list = |items: &[String]| {
@@ -235,11 +312,14 @@ impl Rule {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        match self {
-            Self::Only(subjects) => format!("{{ allow: [{}] }}", list(subjects)),
-            Self::AllBut(subjects) => {
-                format!("{{ allow: [\">\"], deny: [{}] }}", list(subjects))
-            }
+        if self.deny.is_empty() {
+            format!("{{ allow: [{}] }}", list(&self.allow))
+        } else {
+            format!(
+                "{{ allow: [{}], deny: [{}] }}",
+                list(&self.allow),
+                list(&self.deny)
+            )
         }
     }
 }
@@ -524,47 +604,67 @@ mod tests {
     #[test]
     fn no_role_may_purge_or_delete_and_only_ingest_may_vote() {
         let t = Topology::default();
+        let durable = User::durable_denied(&t);
         for user in User::ALL {
-            match user.permissions(&t) {
-                Permissions {
-                    publish: Rule::Only(publish),
-                    subscribe: Rule::Only(subscribe),
-                } => {
-                    for subject in &publish {
-                        // The workers own their durable consumer, and restart it by name after
-                        // the stream went backwards (`rollback`); no one else may delete a
-                        // consumer of the votes stream, and no one any other way.
-                        let own_consumer = user == User::Worker
-                            && subject == "$JS.API.CONSUMER.DELETE.VOTES.dedup-worker";
-                        assert!(
-                            !subject.contains("STREAM.DELETE")
-                                && !subject.contains("PURGE")
-                                && !subject.contains("MSG.DELETE")
-                                && (own_consumer || !subject.contains("CONSUMER.DELETE.VOTES")),
-                            "{user} may publish {subject}"
-                        );
-                    }
-                    let votes = publish.contains(&"votes.*".to_owned());
-                    assert_eq!(votes, user == User::Ingest, "{user} and votes.*");
-                    assert_eq!(subscribe, [format!("_INBOX_{user}.>")]);
+            let Permissions { publish, subscribe } = user.permissions(&t);
+            if user == User::Admin {
+                assert_eq!(publish.allow, [">"]);
+                for subject in [
+                    "votes.*",
+                    "$JS.API.STREAM.PURGE.VOTES",
+                    "$JS.API.STREAM.DELETE.VOTES",
+                    "$JS.API.STREAM.MSG.DELETE.VOTES",
+                    "$JS.API.STREAM.UPDATE.VOTES",
+                    "$JS.API.STREAM.PURGE.KV_LANDSLIDE_POLLS",
+                    "$JS.API.STREAM.DELETE.KV_LANDSLIDE_POLLS",
+                    "$JS.API.STREAM.MSG.DELETE.KV_LANDSLIDE_POLLS",
+                    "$JS.API.STREAM.UPDATE.KV_LANDSLIDE_POLLS",
+                ] {
+                    assert!(
+                        publish.deny.contains(&subject.to_owned()),
+                        "admin and {subject}"
+                    );
                 }
-                Permissions {
-                    publish: Rule::AllBut(denied),
-                    ..
-                } => {
-                    assert_eq!(user, User::Admin);
-                    for subject in [
-                        "votes.*",
-                        "$JS.API.STREAM.PURGE.VOTES",
-                        "$JS.API.STREAM.DELETE.VOTES",
-                        "$JS.API.STREAM.MSG.DELETE.VOTES",
-                        "$JS.API.STREAM.UPDATE.VOTES",
-                    ] {
-                        assert!(denied.contains(&subject.to_owned()), "admin and {subject}");
-                    }
-                }
-                other => panic!("{user}: {other:?}"),
+                assert!(durable.iter().all(|d| publish.deny.contains(d)));
+                continue;
             }
+            for subject in &publish.allow {
+                // The workers own their durable consumer, and restart it by name after the
+                // stream went backwards (`rollback`); no one else may delete a consumer of the
+                // votes stream, and no one any other way.
+                let own_consumer =
+                    user == User::Worker && subject == "$JS.API.CONSUMER.DELETE.VOTES.dedup-worker";
+                assert!(
+                    !subject.contains("STREAM.DELETE")
+                        && !subject.contains("PURGE")
+                        && !subject.contains("MSG.DELETE")
+                        && !subject.contains("STREAM.UPDATE.KV_")
+                        && (own_consumer || !subject.contains("CONSUMER.DELETE.VOTES")),
+                    "{user} may publish {subject}"
+                );
+                // Revisions of the poll definitions: the owner's, and the workers' seed.
+                if subject.starts_with("$KV.LANDSLIDE_POLLS.") {
+                    match user {
+                        User::Polls => assert_eq!(subject, "$KV.LANDSLIDE_POLLS.rev.*"),
+                        User::Worker => assert_eq!(subject, "$KV.LANDSLIDE_POLLS.rev.1"),
+                        _ => panic!("{user} may publish {subject}"),
+                    }
+                }
+                // The workers' durable consumer: only the workers may reach it, and audit only
+                // by a name that the deny list can refuse.
+                if user != User::Worker {
+                    assert!(!subject.contains("$JS.ACK.VOTES"), "{user}: {subject}");
+                    assert_ne!(subject, "$JS.API.CONSUMER.CREATE.VOTES", "{user}");
+                    if subject.contains("CONSUMER.CREATE.VOTES")
+                        || subject.contains("CONSUMER.MSG.NEXT.VOTES")
+                    {
+                        assert!(durable.iter().all(|d| publish.deny.contains(d)), "{user}");
+                    }
+                }
+            }
+            let votes = publish.allow.contains(&"votes.*".to_owned());
+            assert_eq!(votes, user == User::Ingest, "{user} and votes.*");
+            assert_eq!(subscribe, Rule::only(vec![format!("_INBOX_{user}.>")]));
         }
     }
 

@@ -250,16 +250,58 @@ fn differences(file: &Value, expected: &Value, found: &Value) -> Vec<Difference>
     fields
         .keys()
         .filter(|field| field.as_str() != "description")
-        .filter_map(|field| {
-            let e = expected.get(field).cloned().unwrap_or(Value::Null);
-            let f = found.get(field).cloned().unwrap_or(Value::Null);
-            (!same(&e, &f)).then(|| Difference {
-                field: field.clone(),
-                expected: e,
-                found: f,
-            })
-        })
+        .filter_map(|field| difference(field, expected, found))
         .collect()
+}
+
+/// `field` of `expected` and of `found`, if they differ ([`same`]).
+fn difference(field: &str, expected: &Value, found: &Value) -> Option<Difference> {
+    let e = expected.get(field).cloned().unwrap_or(Value::Null);
+    let f = found.get(field).cloned().unwrap_or(Value::Null);
+    (!same(&e, &f)).then(|| Difference {
+        field: field.to_owned(),
+        expected: e,
+        found: f,
+    })
+}
+
+/// How the workers' live consumer differs from its definition, over the whole configuration
+/// (every field either side sets, not only those of the file): someone changed it, or made it
+/// again otherwise. Left out: what the server fills in (`name`, its `_nats.*` metadata), the
+/// description, and a restart from a moment in time (`deliver_policy: by_start_time` with its
+/// `opt_start_time`), which the workers make after a rollback or a drift. The workers check
+/// this between batches and put the definition back; tally says no result is final meanwhile.
+pub fn consumer_drift(
+    topology: &Topology,
+    found: &consumer::Config,
+) -> anyhow::Result<Vec<Difference>> {
+    let expected = serde_json::to_value(topology.consumer_config()?)?;
+    let found = serde_json::to_value(found)?;
+    let (Some(e), Some(f)) = (expected.as_object(), found.as_object()) else {
+        anyhow::bail!("a consumer definition is not a JSON object");
+    };
+    let restarted = f.get("deliver_policy").and_then(Value::as_str) == Some("by_start_time");
+    let fields: std::collections::BTreeSet<&String> = e.keys().chain(f.keys()).collect();
+    Ok(fields
+        .into_iter()
+        .filter(|field| {
+            let managed = matches!(
+                field.as_str(),
+                "name" | "description" | "metadata" | "opt_start_time"
+            );
+            let restart = restarted && field.as_str() == "deliver_policy";
+            !(managed || restart)
+        })
+        .filter_map(|field| difference(field, &expected, &found))
+        .collect())
+}
+
+/// [`consumer_drift`] as one line, for logs, `/readyz` and the results.
+pub fn describe_drift(differences: &[Difference]) -> String {
+    format!(
+        "the workers' consumer differs from its definition: {}",
+        describe(differences)
+    )
 }
 
 /// Equality that treats a field the serializer skipped (its default) like the default itself.
@@ -382,11 +424,26 @@ pub async fn consumer_info_at(
         .await
         .with_context(|| format!("cannot read consumer {consumer} of {stream}"))?;
     if let Some(error) = raw.get("error") {
+        if error["err_code"].as_u64() == Some(jetstream::ErrorCode::CONSUMER_NOT_FOUND.0) {
+            return Err(ConsumerMissing {
+                stream: stream.to_owned(),
+                consumer: consumer.to_owned(),
+            }
+            .into());
+        }
         anyhow::bail!("JetStream refused the info of consumer {consumer} of {stream}: {error}");
     }
     let at = server_ts(&raw);
     let info = serde_json::from_value(raw).context("the consumer info has an unexpected shape")?;
     Ok((info, at))
+}
+
+/// A consumer that does not exist: deleted, by someone or by a restart under way.
+#[derive(Debug, thiserror::Error)]
+#[error("consumer {consumer} of {stream} does not exist")]
+pub struct ConsumerMissing {
+    pub stream: String,
+    pub consumer: String,
 }
 
 /// The clock of the server that stores the stream's messages, as it answers the stream's info:
@@ -850,14 +907,18 @@ impl StreamReader {
     /// How long a read may stall before the reader gives up.
     pub const STALL: Duration = Duration::from_secs(30);
 
-    /// A reader of messages 1..=`last`; `description` names the consumer (`landslide audit`).
+    /// A reader of messages 1..=`last` for `user`, whose name begins the consumer's
+    /// (`audit_<random>`): a named create, the only kind the audit user may make
+    /// ([`User::permissions`]). `description` describes it (`landslide audit`).
     pub async fn open(
         stream: &jetstream::stream::Stream,
         last: u64,
+        user: User,
         description: &str,
     ) -> anyhow::Result<Self> {
         let reader = stream
             .create_consumer(consumer::pull::OrderedConfig {
+                name: Some(format!("{user}_{}", uuid::Uuid::new_v4().simple())),
                 deliver_policy: consumer::DeliverPolicy::All,
                 description: Some(description.to_owned()),
                 ..Default::default()

@@ -1,18 +1,27 @@
 //! The poll definitions of a deployment, in one JetStream key-value bucket that every role reads.
 //!
-//! Each revision is its own key, `rev.1`, `rev.2`, …, holding the polls file's TOML as written:
-//! immutable once created (`create` fails on a key that exists, so two operators putting at once
-//! get two revisions, never one overwritten), and kept for good (history 1 per key is enough, since
-//! no key is written twice). `nats kv get LANDSLIDE_POLLS rev.3` shows one. Roles watch the bucket
-//! and read it whole every few seconds, so they see a new revision within moments, without a
-//! restart ([`watch`]).
+//! Each revision is its own key, `rev.1`, `rev.2`, …, holding the polls file's TOML as written.
+//! A revision is written once, and the broker itself sees to it ([`bucket_config`]): the bucket's
+//! stream keeps one message per key and refuses a second (`discard: new` per subject), allows no
+//! delete, purge or rollup, and only the polls' owner (`landslide polls put`, as the `polls` or
+//! `admin` user) may write a new key; the workers may only seed `rev.1` of an empty bucket
+//! (`auth.rs`). `nats kv get LANDSLIDE_POLLS rev.3` shows one. Roles watch the bucket and read it
+//! whole every few seconds, so they see a new revision within moments, without a restart
+//! ([`watch`]).
+//!
+//! What the broker should make impossible is still watched for, since a bucket made by an older
+//! release or by hand may not be sealed: a known revision whose text changes, a key that is not a
+//! valid revision, a bucket that would take a second write. Each is an alarm ([`alarm`]: the log,
+//! `landslide_poll_definition_alarms_total`, `landslide status`), and none stops a role: it keeps
+//! the text it read first and skips a key it cannot read.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, kv, stream};
 use futures::StreamExt as _;
-use landslide_schema::poll::{PollBook, Polls, Revision};
+use landslide_schema::poll::{PollBook, Polls, Revision, RevisionHash};
 use tokio::sync::watch;
 
 use crate::{Access, NotSetUp, Topology};
@@ -27,90 +36,259 @@ fn revision_of(key: &str) -> Option<Revision> {
     key.strip_prefix("rev.")?.parse().ok().map(Revision)
 }
 
-/// Opens the polls bucket; with [`Access::SetUp`], creates it (with the topology's replicas)
-/// if it is missing.
+/// The largest revision text the bucket takes.
+const MAX_TEXT: i32 = 1 << 20;
+
+/// The bucket's stream, sealed: one message per key, a second refused (`discard: new` with
+/// `discard_new_per_subject`, nats-server 2.9.1 and later; a key-value `create` and a plain
+/// publish alike), no delete, purge or rollup. async-nats' `create_key_value` allows rollups and
+/// purges, so the stream is made here with the fields it would set otherwise. nats-server lets
+/// no update take `deny_delete` or `deny_purge` back, and refuses rollups beside `deny_purge`
+/// (`server/stream.go`); nobody may update the stream (`auth.rs`).
+pub fn bucket_config(topology: &Topology) -> stream::Config {
+    let bucket = &topology.polls_bucket;
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(
+            "Landslide's poll definitions: one revision per key, written once".to_owned(),
+        ),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        deny_delete: true,
+        deny_purge: true,
+        allow_rollup: false,
+        allow_direct: true,
+        max_message_size: MAX_TEXT,
+        storage: stream::StorageType::File,
+        num_replicas: topology.replicas,
+        ..Default::default()
+    }
+}
+
+/// What of [`bucket_config`]'s seal a bucket's stream lacks: empty when no key can be written
+/// twice, deleted or purged.
+pub fn unsealed(config: &stream::Config) -> Vec<&'static str> {
+    let mut lacks = Vec::new();
+    if !(config.discard == stream::DiscardPolicy::New
+        && config.discard_new_per_subject
+        && config.max_messages_per_subject == 1)
+    {
+        lacks.push(
+            "a second write of a key is not refused (discard new per subject, one message per key)",
+        );
+    }
+    if !config.deny_delete {
+        lacks.push("keys may be deleted");
+    }
+    if !config.deny_purge || config.allow_rollup {
+        lacks.push("the bucket may be purged or rolled up");
+    }
+    lacks
+}
+
+/// Reports something the sealed bucket should have made impossible: an error in the log and
+/// `landslide_poll_definition_alarms_total{kind}`. The role goes on with what it read first.
+fn alarm(kind: &'static str, what: &str) {
+    metrics::counter!("landslide_poll_definition_alarms_total", "kind" => kind).increment(1);
+    tracing::error!(kind, "poll definitions: {what}");
+}
+
+/// Opens the polls bucket; with [`Access::SetUp`], creates it sealed ([`bucket_config`], with
+/// the topology's replicas) if it is missing. A bucket that is not sealed is an alarm.
 pub async fn ensure_bucket(
     js: &jetstream::Context,
     topology: &Topology,
     access: Access,
 ) -> anyhow::Result<kv::Store> {
     let bucket = &topology.polls_bucket;
-    match js.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
+    let store = match js.get_key_value(bucket).await {
+        Ok(store) => store,
         Err(err)
             if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket
                 && access == Access::ReadOnly =>
         {
-            Err(NotSetUp {
+            return Err(NotSetUp {
                 what: format!("the polls bucket {bucket}"),
             }
-            .into())
+            .into());
         }
         Err(err) if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
-            let config = kv::Config {
-                bucket: bucket.clone(),
-                description: "Landslide's poll definitions, one immutable revision per key"
-                    .to_owned(),
-                history: 1,
-                num_replicas: topology.replicas,
-                storage: jetstream::stream::StorageType::File,
-                max_value_size: 1 << 20,
-                ..Default::default()
-            };
-            js.create_key_value(config)
-                .await
-                .with_context(|| format!("cannot create the polls bucket {bucket}"))
+            let created = js.create_stream(bucket_config(topology)).await;
+            match js.get_key_value(bucket).await {
+                Ok(store) => store,
+                // Not made by us, nor (at the same moment) by another role.
+                Err(_) => {
+                    return Err(match created {
+                        Err(err) => anyhow::Error::new(err),
+                        Ok(_) => anyhow::anyhow!("it was made but cannot be opened"),
+                    })
+                    .with_context(|| format!("cannot create the polls bucket {bucket}"));
+                }
+            }
         }
-        Err(err) => Err(err).with_context(|| format!("cannot open the polls bucket {bucket}")),
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot open the polls bucket {bucket}"));
+        }
+    };
+    for lack in unsealed(&store.stream.cached_info().config) {
+        alarm(
+            "unsealed",
+            &format!(
+                "the polls bucket {bucket} is not sealed: {lack}. It was made by hand or by an \
+                 older release; make it again (README, \"Who may do what on the broker\")"
+            ),
+        );
+    }
+    Ok(store)
+}
+
+/// A key of the bucket that is not a valid revision: an alarm, never a reason to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray {
+    pub key: String,
+    pub why: String,
+}
+
+/// One revision as the bucket holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub revision: Revision,
+    /// The polls file as written.
+    pub text: String,
+    pub polls: Polls,
+    /// The bucket stream's sequence of the message that holds it.
+    pub sequence: u64,
+}
+
+/// What the bucket holds.
+#[derive(Debug, Clone, Default)]
+pub struct Contents {
+    /// Every valid revision, oldest first.
+    pub revisions: Vec<Stored>,
+    /// Every key that is not a valid revision, and what the bucket's order says was rewritten.
+    pub strays: Vec<Stray>,
+}
+
+impl Contents {
+    /// The newest revision, if any.
+    pub fn latest(&self) -> Option<&Stored> {
+        self.revisions.last()
     }
 }
 
-/// The revisions in the bucket, oldest first, by their keys alone.
-async fn revisions(store: &kv::Store) -> anyhow::Result<Vec<Revision>> {
+/// The revisions in the bucket, oldest first, by their keys alone; and the keys that name none.
+async fn keys(store: &kv::Store) -> anyhow::Result<(Vec<Revision>, Vec<Stray>)> {
     let mut keys = store.keys().await.context("cannot list the polls bucket")?;
     let mut revisions = Vec::new();
+    let mut strays = Vec::new();
     while let Some(key) = keys.next().await {
         let key = key.context("cannot list the polls bucket")?;
-        revisions.extend(revision_of(&key));
+        match revision_of(&key) {
+            Some(revision) => revisions.push(revision),
+            None => strays.push(Stray {
+                why: "not a revision's key (rev.<number>)".to_owned(),
+                key,
+            }),
+        }
     }
     revisions.sort_unstable();
-    Ok(revisions)
+    Ok((revisions, strays))
 }
 
-/// One revision's text and polls; `None` when its key holds no value.
-async fn fetch(store: &kv::Store, revision: Revision) -> anyhow::Result<Option<(String, Polls)>> {
+/// One revision, `Ok(None)` when its key holds no value, `Ok(Some(Err))` when the value is not a
+/// valid polls file; `Err` only when the bucket cannot be read.
+async fn fetch(
+    store: &kv::Store,
+    revision: Revision,
+) -> anyhow::Result<Option<Result<Stored, Stray>>> {
     let key = key(revision);
-    let Some(value) = store
-        .get(&key)
+    let Some(entry) = store
+        .entry(&key)
         .await
         .with_context(|| format!("cannot read {key} of the polls bucket"))?
     else {
         return Ok(None);
     };
-    let text = String::from_utf8(value.to_vec())
-        .with_context(|| format!("{key} of the polls bucket is not UTF-8"))?;
-    let polls = Polls::from_toml(&text)
-        .with_context(|| format!("{key} of the polls bucket is not a valid polls file"))?;
-    Ok(Some((text, polls)))
+    if entry.operation != kv::Operation::Put {
+        return Ok(Some(Err(Stray {
+            key,
+            why: "deleted".to_owned(),
+        })));
+    }
+    Ok(Some(parse(revision, &entry.value, entry.revision)))
 }
 
-/// Every revision in the bucket, with its text, oldest first.
-pub async fn read_all(store: &kv::Store) -> anyhow::Result<Vec<(Revision, String, Polls)>> {
-    let mut all = Vec::new();
-    for revision in revisions(store).await? {
-        if let Some((text, polls)) = fetch(store, revision).await? {
-            all.push((revision, text, polls));
+/// A revision's value, checked.
+fn parse(revision: Revision, value: &[u8], sequence: u64) -> Result<Stored, Stray> {
+    let stray = |why: String| Stray {
+        key: key(revision),
+        why,
+    };
+    let text = std::str::from_utf8(value).map_err(|_| stray("not UTF-8".to_owned()))?;
+    let polls =
+        Polls::from_toml(text).map_err(|err| stray(format!("not a valid polls file: {err}")))?;
+    Ok(Stored {
+        revision,
+        text: text.to_owned(),
+        polls,
+        sequence,
+    })
+}
+
+/// Every revision in the bucket with its text, oldest first, and every key that is not a valid
+/// revision. Revisions are written in order, each once, so a revision stored after a later one
+/// was written again: that is reported too.
+pub async fn read_all(store: &kv::Store) -> anyhow::Result<Contents> {
+    let (revisions, mut strays) = keys(store).await?;
+    let mut contents = Contents::default();
+    for revision in revisions {
+        match fetch(store, revision).await? {
+            Some(Ok(stored)) => contents.revisions.push(stored),
+            Some(Err(stray)) => strays.push(stray),
+            None => {}
         }
     }
-    Ok(all)
+    for pair in contents.revisions.windows(2) {
+        if pair[0].sequence > pair[1].sequence {
+            strays.push(Stray {
+                key: key(pair[0].revision),
+                why: format!(
+                    "written after rev.{}: rewritten since it was first written",
+                    pair[1].revision
+                ),
+            });
+        }
+    }
+    contents.strays = strays;
+    Ok(contents)
+}
+
+/// What should not be so of the bucket, as `landslide status` reports it: what its seal lacks,
+/// and every key that is not a valid revision (or was rewritten).
+pub async fn findings(store: &kv::Store) -> anyhow::Result<Vec<String>> {
+    let mut found: Vec<String> = unsealed(&store.stream.cached_info().config)
+        .into_iter()
+        .map(|lack| format!("the polls bucket is not sealed: {lack}"))
+        .collect();
+    found.extend(
+        read_all(store)
+            .await?
+            .strays
+            .iter()
+            .map(|stray| format!("{} of the polls bucket: {}", stray.key, stray.why)),
+    );
+    Ok(found)
 }
 
 /// Writes `text` (a polls file, checked first) as the next revision and returns its number.
 pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
     Polls::from_toml(text).context("refusing an invalid polls file")?;
     for _ in 0..10 {
-        let next = revisions(store)
+        let next = keys(store)
             .await?
+            .0
             .last()
             .map_or(Revision(1), |r| Revision(r.0 + 1));
         match store.create(key(next), text.to_owned().into()).await {
@@ -126,35 +304,50 @@ pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
     anyhow::bail!("the polls bucket kept changing under us; try again")
 }
 
-/// The book of every revision; with [`Access::SetUp`], seeding the bucket with `seed` (as
+/// The book of every valid revision; with [`Access::SetUp`], seeding the bucket with `seed` (as
 /// revision 1) when it holds none. A `seed` that differs from the latest revision is not
 /// written: the bucket is the one place of truth, changed with `landslide polls put`
-/// ([`watch`], for the roles, says so).
+/// ([`watch`], for the roles, says so). A key that is not a valid revision is an alarm, and
+/// skipped.
 pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Result<PollBook> {
-    let mut revisions = read_all(store).await?;
-    if revisions.is_empty() && access == Access::ReadOnly {
+    let mut contents = read_all(store).await?;
+    if contents.revisions.is_empty() && access == Access::ReadOnly {
         return Err(NotSetUp {
             what: "a revision of the poll definitions".to_owned(),
         }
         .into());
     }
-    if revisions.is_empty() {
+    if contents.revisions.is_empty() {
         match store.create(key(Revision(1)), seed.to_toml().into()).await {
             Ok(_) => tracing::info!("seeded the polls bucket with revision 1"),
             // Another role seeded it at the same moment.
             Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(err) => return Err(err).context("cannot seed the polls bucket"),
         }
-        revisions = read_all(store).await?;
+        contents = read_all(store).await?;
+    }
+    for stray in &contents.strays {
+        alarm(
+            "stray_key",
+            &format!(
+                "{} of the polls bucket is skipped: {}",
+                stray.key, stray.why
+            ),
+        );
     }
     let mut book: Option<PollBook> = None;
-    for (revision, _, polls) in revisions {
-        match &mut book {
-            None => book = Some(PollBook::new(revision, polls)),
-            Some(book) => book.insert(revision, polls),
-        }
+    for stored in contents.revisions {
+        let hash = RevisionHash::of(&stored.text);
+        let book = match &mut book {
+            None => book.insert(PollBook::new(stored.revision, stored.polls)),
+            Some(book) => {
+                book.insert(stored.revision, stored.polls);
+                book
+            }
+        };
+        book.set_hash(stored.revision, hash);
     }
-    book.context("the polls bucket is empty after seeding it")
+    book.context("the polls bucket holds no valid revision (rev.1 is not a valid polls file)")
 }
 
 /// The poll definitions a role works by, kept current by a task that watches the bucket.
@@ -231,11 +424,15 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
     let mut resync = tokio::time::interval(RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watching = true;
+    let mut keeper = Keeper {
+        tx,
+        reported: HashSet::new(),
+    };
     loop {
         tokio::select! {
-            () = tx.closed() => return,
+            () = keeper.tx.closed() => return,
             entry = updates.next(), if watching => match entry {
-                Some(Ok(entry)) => added(&tx, &entry),
+                Some(Ok(entry)) => keeper.added(&entry),
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "watching the polls bucket failed; watching again");
                     watching = false;
@@ -243,7 +440,7 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
                 None => watching = false,
             },
             _ = resync.tick() => {
-                if let Err(err) = add_missing(&store, &tx).await {
+                if let Err(err) = keeper.add_missing(&store).await {
                     tracing::warn!(error = format!("{err:#}"), "cannot read the polls bucket");
                 }
                 if !watching {
@@ -260,49 +457,96 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
     }
 }
 
-/// Reads the revisions the book lacks and adds them.
-async fn add_missing(store: &kv::Store, tx: &watch::Sender<Arc<PollBook>>) -> anyhow::Result<()> {
-    let book = tx.borrow().clone();
-    for revision in revisions(store).await? {
-        if book.get(revision).is_none()
-            && let Some((_, polls)) = fetch(store, revision).await?
-        {
-            add(tx, revision, polls);
-        }
-    }
-    Ok(())
+/// The book's sender, and the alarms already raised: each once, not on every read.
+struct Keeper {
+    tx: watch::Sender<Arc<PollBook>>,
+    reported: HashSet<String>,
 }
 
-/// Adds the revision a watched entry holds, if it is a valid one.
-fn added(tx: &watch::Sender<Arc<PollBook>>, entry: &kv::Entry) {
-    let Some(revision) = revision_of(&entry.key) else {
-        return;
-    };
-    if entry.operation != kv::Operation::Put {
-        return;
-    }
-    let polls = std::str::from_utf8(&entry.value)
-        .ok()
-        .and_then(|text| Polls::from_toml(text).ok());
-    match polls {
-        Some(polls) => add(tx, revision, polls),
-        None => tracing::error!(
-            %revision,
-            "a revision in the polls bucket is not a valid polls file; ignored"
-        ),
-    }
-}
-
-/// Adds a revision to the book unless it holds it already.
-fn add(tx: &watch::Sender<Arc<PollBook>>, revision: Revision, polls: Polls) {
-    tx.send_if_modified(|book| {
-        if book.get(revision) == Some(&polls) {
-            return false;
+impl Keeper {
+    /// Reads the revisions the book lacks and adds them.
+    async fn add_missing(&mut self, store: &kv::Store) -> anyhow::Result<()> {
+        let book = self.tx.borrow().clone();
+        for revision in keys(store).await?.0 {
+            if book.get(revision).is_none() {
+                match fetch(store, revision).await? {
+                    Some(Ok(stored)) => self.add(stored),
+                    Some(Err(stray)) => self.skipped(&stray),
+                    None => {}
+                }
+            }
         }
-        let mut next = PollBook::clone(book);
-        next.insert(revision, polls);
-        *book = Arc::new(next);
-        tracing::info!(%revision, "picked up a new revision of the poll definitions");
-        true
-    });
+        Ok(())
+    }
+
+    /// Adds the revision a watched entry holds, if it is a valid one.
+    fn added(&mut self, entry: &kv::Entry) {
+        let Some(revision) = revision_of(&entry.key) else {
+            self.skipped(&Stray {
+                key: entry.key.clone(),
+                why: "not a revision's key (rev.<number>)".to_owned(),
+            });
+            return;
+        };
+        if entry.operation != kv::Operation::Put {
+            self.once(
+                "rewritten",
+                format!("rev.{revision} was deleted; keeping the text first read"),
+            );
+            return;
+        }
+        match parse(revision, &entry.value, entry.revision) {
+            Ok(stored) => self.add(stored),
+            Err(stray) => self.skipped(&stray),
+        }
+    }
+
+    fn skipped(&mut self, stray: &Stray) {
+        self.once(
+            "stray_key",
+            format!(
+                "{} of the polls bucket is skipped: {}",
+                stray.key, stray.why
+            ),
+        );
+    }
+
+    /// Adds a revision to the book unless it holds it already; another text under a known
+    /// revision is an alarm, and the book keeps the text it read first.
+    fn add(&mut self, stored: Stored) {
+        let revision = stored.revision;
+        let hash = RevisionHash::of(&stored.text);
+        let mut rewritten = false;
+        self.tx.send_if_modified(|book| match book.get(revision) {
+            Some(known) => {
+                rewritten = *known != stored.polls || book.hash(revision) != Some(hash);
+                false
+            }
+            None => {
+                let mut next = PollBook::clone(book);
+                next.insert(revision, stored.polls);
+                next.set_hash(revision, hash);
+                *book = Arc::new(next);
+                tracing::info!(%revision, "picked up a new revision of the poll definitions");
+                true
+            }
+        });
+        if rewritten {
+            self.once(
+                "rewritten",
+                format!(
+                    "rev.{revision} of the polls bucket changed since this process read it; \
+                     keeping the text first read"
+                ),
+            );
+        }
+    }
+
+    /// [`alarm`], unless this very alarm was raised before.
+    fn once(&mut self, kind: &'static str, what: String) {
+        if !self.reported.contains(&what) {
+            alarm(kind, &what);
+            self.reported.insert(what);
+        }
+    }
 }

@@ -1,17 +1,19 @@
 //! The vote event on the wire: versioned JSON, readable in `nats stream view`.
 //!
-//! Version 3 is an object with exactly these fields, in this order when we write it:
+//! Version 4 is an object with exactly these fields, in this order when we write it:
 //!
 //! ```json
-//! {"v":3,"event_id":"…","poll":"pets","voter":"…","choice":"cats","ts":116…,"node":"web01","rev":3,"after":116…}
+//! {"v":4,"event_id":"…","poll":"pets","voter":"…","choice":"cats","ts":116…,"node":"web01","rev":3,"after":116…,"rev_hash":"9f86…"}
 //! ```
 //!
 //! `rev` is the revision of the poll definitions the ingest node accepted the vote under
-//! ([`crate::poll::Revision`]). `after` is the stamp of the voter's last vote whose answer
-//! reached them (the floor their cookie carried; 0 for a voter without one), always below `ts`:
-//! the merge rule orders a voter's votes by it first ([`crate::merge`]). Version 2 is the same
-//! without `after`, and version 1 without `rev` either: both still read, never written by an
-//! ingest node of this release; such an event orders as if `after` were its own `ts` (the rule of
+//! ([`crate::poll::Revision`]), and `rev_hash` the SHA-256 of that revision's text as the node
+//! read it ([`crate::poll::RevisionHash`]): every role judges the vote by that exact text. `after`
+//! is the stamp of the voter's last vote whose answer reached them (the floor their cookie
+//! carried; 0 for a voter without one), always below `ts`: the merge rule orders a voter's votes
+//! by it first ([`crate::merge`]). Version 3 is the same without `rev_hash`, version 2 without
+//! `after` either, and version 1 without `rev`: all still read, never written by an ingest node
+//! of this release. An event without `after` orders as if `after` were its own `ts` (the rule of
 //! the releases that wrote them), and a version 1 event is judged by the latest revision.
 //!
 //! Decoding rejects any other version, a missing field, and an identifier the newtypes refuse;
@@ -20,11 +22,14 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::poll::Revision;
+use crate::poll::{Revision, RevisionHash};
 use crate::{Choice, EventId, NodeId, PollId, Timestamp, VoterId};
 
-/// The wire version this build writes for an event that names its revision and what it follows.
-pub const WIRE_VERSION: u32 = 3;
+/// The wire version this build writes for an event that names its revision (by number and hash)
+/// and what it follows.
+pub const WIRE_VERSION: u32 = 4;
+/// The version without `rev_hash`, still read.
+pub const WIRE_VERSION_3: u32 = 3;
 /// The version without `after`, still read (and written for an event without one).
 pub const WIRE_VERSION_2: u32 = 2;
 /// The version without a revision, still read.
@@ -45,6 +50,9 @@ pub struct VoteEvent {
     /// The stamp of the voter's last vote whose answer reached them, which this vote follows
     /// (0: none); always below `ts`. `None` for an event of wire version 1 or 2.
     pub after: Option<Timestamp>,
+    /// The hash of the text of revision `rev` that the ingest node accepted the vote under.
+    /// `None` for an event of wire version 1 to 3.
+    pub rev_hash: Option<RevisionHash>,
 }
 
 /// Why bytes are not a vote event. The message is meant for a dead-letter reason header.
@@ -75,9 +83,12 @@ struct Wire<'a> {
     /// Required from version 2, absent in version 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rev: Option<Revision>,
-    /// Required in version 3, absent before.
+    /// Required from version 3, absent before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     after: Option<Timestamp>,
+    /// Required in version 4, absent before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rev_hash: Option<RevisionHash>,
 }
 
 #[derive(Deserialize)]
@@ -105,13 +116,15 @@ impl VoteEvent {
         }
     }
 
-    /// The event's JSON encoding: version [`WIRE_VERSION`]; 2 when it has no `after`, 1 when it
-    /// names no revision either (an event without a revision is written without `after`).
+    /// The event's JSON encoding: version [`WIRE_VERSION`]; 3 when it has no `rev_hash`, 2 when
+    /// it has no `after` either, 1 when it names no revision (each older version is written
+    /// without the fields it lacks).
     pub fn encode(&self) -> Vec<u8> {
-        let (v, after) = match (self.rev, self.after) {
-            (Some(_), Some(after)) => (WIRE_VERSION, Some(after)),
-            (Some(_), None) => (WIRE_VERSION_2, None),
-            (None, _) => (WIRE_VERSION_1, None),
+        let (v, after, rev_hash) = match (self.rev, self.after, self.rev_hash) {
+            (Some(_), Some(after), Some(hash)) => (WIRE_VERSION, Some(after), Some(hash)),
+            (Some(_), Some(after), None) => (WIRE_VERSION_3, Some(after), None),
+            (Some(_), None, _) => (WIRE_VERSION_2, None, None),
+            (None, _, _) => (WIRE_VERSION_1, None, None),
         };
         let wire = Wire {
             v,
@@ -123,6 +136,7 @@ impl VoteEvent {
             node: self.node.as_str().into(),
             rev: self.rev,
             after,
+            rev_hash,
         };
         // Serializing a struct of strings, UUIDs and integers into a Vec cannot fail.
         serde_json::to_vec(&wire).unwrap_or_default()
@@ -141,14 +155,22 @@ impl VoteEvent {
                     (_, rev) => rev,
                 };
                 let after = match (wire.v, wire.after) {
-                    (WIRE_VERSION, None) => {
-                        return Err(malformed("version 3 without the field `after`"));
+                    // Older versions never had one: a stray field is ignored.
+                    (WIRE_VERSION_1 | WIRE_VERSION_2, _) => None,
+                    (v, None) => {
+                        return Err(malformed(format!("version {v} without the field `after`")));
                     }
                     // No ingest node follows a stamp it does not beat.
-                    (WIRE_VERSION, Some(after)) if after >= wire.ts => {
+                    (_, Some(after)) if after >= wire.ts => {
                         return Err(malformed("`after` is not below `ts`"));
                     }
-                    (WIRE_VERSION, after) => after,
+                    (_, after) => after,
+                };
+                let rev_hash = match (wire.v, wire.rev_hash) {
+                    (WIRE_VERSION, None) => {
+                        return Err(malformed("version 4 without the field `rev_hash`"));
+                    }
+                    (WIRE_VERSION, hash) => hash,
                     // Older versions never had one: a stray field is ignored.
                     _ => None,
                 };
@@ -161,6 +183,7 @@ impl VoteEvent {
                     node: NodeId::parse(wire.node).map_err(malformed)?,
                     rev,
                     after,
+                    rev_hash,
                 })
             }
             Ok(wire) => Err(unsupported(wire.v.into())),
@@ -176,7 +199,7 @@ impl VoteEvent {
 }
 
 /// Every version this build reads.
-const KNOWN_VERSIONS: [u32; 3] = [WIRE_VERSION_1, WIRE_VERSION_2, WIRE_VERSION];
+const KNOWN_VERSIONS: [u32; 4] = [WIRE_VERSION_1, WIRE_VERSION_2, WIRE_VERSION_3, WIRE_VERSION];
 
 /// The order of one voter's events (design rule 2, [`crate::merge`]): the greatest is the voter's
 /// ballot. Compared field by field, in this order.
@@ -232,6 +255,7 @@ mod tests {
             node: NodeId::parse("web01").unwrap(),
             rev: None,
             after: None,
+            rev_hash: None,
         }
     }
 
@@ -249,15 +273,31 @@ mod tests {
         }
     }
 
+    fn example_v4() -> VoteEvent {
+        VoteEvent {
+            rev_hash: Some(RevisionHash::of("[[poll]]\n")),
+            ..example_v3()
+        }
+    }
+
     const GOLDEN: &str = r#"{"v":1,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01"}"#;
     const GOLDEN_V2: &str = r#"{"v":2,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01","rev":3}"#;
     const GOLDEN_V3: &str = r#"{"v":3,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01","rev":3,"after":116257832204214017}"#;
+    const GOLDEN_V4: &str = r#"{"v":4,"event_id":"6f1c2a8e-0d4b-4b8a-9a57-3c1de0f0a001","poll":"pets","voter":"0b7e3d52-41c6-4f0e-8d2a-5e9f61c7b002","choice":"cats","ts":116257832304214017,"node":"web01","rev":3,"after":116257832204214017,"rev_hash":"REVHASH"}"#;
+
+    fn golden_v4() -> String {
+        GOLDEN_V4.replace("REVHASH", &RevisionHash::of("[[poll]]\n").to_string())
+    }
 
     #[test]
     fn encoding_is_stable_to_the_byte() {
         assert_eq!(String::from_utf8(example().encode()).unwrap(), GOLDEN);
         assert_eq!(String::from_utf8(example_v2().encode()).unwrap(), GOLDEN_V2);
         assert_eq!(String::from_utf8(example_v3().encode()).unwrap(), GOLDEN_V3);
+        assert_eq!(
+            String::from_utf8(example_v4().encode()).unwrap(),
+            golden_v4()
+        );
     }
 
     #[test]
@@ -269,6 +309,31 @@ mod tests {
         );
         assert_eq!(
             VoteEvent::decode(GOLDEN_V3.as_bytes()).unwrap(),
+            example_v3()
+        );
+        assert_eq!(
+            VoteEvent::decode(golden_v4().as_bytes()).unwrap(),
+            example_v4()
+        );
+    }
+
+    #[test]
+    fn version_4_needs_the_hash_of_its_revisions_text() {
+        let hash = RevisionHash::of("[[poll]]\n").to_string();
+        assert_eq!(hash.len(), 64);
+        let no_hash = golden_v4().replace(&format!(r#","rev_hash":"{hash}""#), "");
+        assert!(matches!(
+            VoteEvent::decode(no_hash.as_bytes()),
+            Err(DecodeError::Malformed(_))
+        ));
+        for bad in ["abc", &hash.to_uppercase(), &format!("{}g", &hash[..63])] {
+            let bad = golden_v4().replace(&hash, bad);
+            assert!(VoteEvent::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let v3_with_hash =
+            GOLDEN_V3.replace(r#""rev":3,"#, &format!(r#""rev":3,"rev_hash":"{hash}","#));
+        assert_eq!(
+            VoteEvent::decode(v3_with_hash.as_bytes()).unwrap(),
             example_v3()
         );
     }
@@ -329,14 +394,14 @@ mod tests {
 
     #[test]
     fn another_version_is_named() {
-        let v4 = r#"{"v":4,"something":"else"}"#;
+        let v5 = r#"{"v":5,"something":"else"}"#;
         assert_eq!(
-            VoteEvent::decode(v4.as_bytes()),
-            Err(DecodeError::NewerVersion(4))
+            VoteEvent::decode(v5.as_bytes()),
+            Err(DecodeError::NewerVersion(5))
         );
-        let v4_same_shape = GOLDEN_V3.replace(r#""v":3"#, r#""v":4"#);
-        let newer = VoteEvent::decode(v4_same_shape.as_bytes()).unwrap_err();
-        assert_eq!(newer, DecodeError::NewerVersion(4));
+        let v5_same_shape = golden_v4().replace(r#""v":4"#, r#""v":5"#);
+        let newer = VoteEvent::decode(v5_same_shape.as_bytes()).unwrap_err();
+        assert_eq!(newer, DecodeError::NewerVersion(5));
         assert!(newer.is_newer());
         let v0 = GOLDEN.replace(r#""v":1"#, r#""v":0"#);
         let older = VoteEvent::decode(v0.as_bytes()).unwrap_err();
@@ -374,7 +439,7 @@ mod tests {
         fn events_round_trip(
             event_id in any::<u128>(), voter in any::<u128>(), ts in any::<u64>(),
             poll in token(), choice in token(), node in token(), rev in any::<Option<u64>>(),
-            after in any::<Option<u64>>(),
+            after in any::<Option<u64>>(), hash in any::<Option<[u8; 8]>>(),
         ) {
             let event = VoteEvent {
                 event_id: EventId(Uuid::from_u128(event_id)),
@@ -386,6 +451,14 @@ mod tests {
                 rev: rev.map(Revision),
                 // Only an event with a revision has one, and it lies below the stamp.
                 after: after.filter(|_| rev.is_some()).map(|a| Timestamp(a.min(ts.saturating_sub(1)))).filter(|a| *a < Timestamp(ts)),
+                rev_hash: None,
+            };
+            // Only an event with `after` has a hash of its revision's text.
+            let event = VoteEvent {
+                rev_hash: hash
+                    .filter(|_| event.after.is_some())
+                    .map(|h| RevisionHash::of(&format!("{h:?}"))),
+                ..event
             };
             prop_assert_eq!(VoteEvent::decode(&event.encode()), Ok(event));
         }

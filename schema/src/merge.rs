@@ -104,6 +104,7 @@ mod tests {
                 node: NodeId::parse("n").unwrap(),
                 rev: Some(crate::Revision(1)),
                 after: Some(Timestamp(after)),
+                rev_hash: None,
             },
             DateTime::from_timestamp_nanos(stored),
         )

@@ -139,11 +139,73 @@ impl std::fmt::Display for Revision {
     }
 }
 
+/// The SHA-256 of a revision's text as the polls bucket holds it (its UTF-8 bytes), written as
+/// 64 lowercase hex digits. An event names its revision by number and by this hash
+/// ([`VoteEvent::rev_hash`]), so a vote is judged by the exact text it was accepted under, or not
+/// at all: a role whose text of that revision differs waits, as for a revision it has not seen.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RevisionHash([u8; 32]);
+
+impl RevisionHash {
+    /// The hash of `text`, a revision as written.
+    pub fn of(text: &str) -> Self {
+        use sha2::Digest as _;
+        Self(sha2::Sha256::digest(text.as_bytes()).into())
+    }
+}
+
+impl std::fmt::Display for RevisionHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for RevisionHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RevisionHash({self})")
+    }
+}
+
+impl From<RevisionHash> for String {
+    fn from(hash: RevisionHash) -> Self {
+        hash.to_string()
+    }
+}
+
+impl TryFrom<String> for RevisionHash {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let invalid = || format!("a revision hash is 64 lowercase hex digits, not {text:?}");
+        if text.len() != 64 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(invalid());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
 /// Every revision of the poll definitions that a role has seen, the latest being what ingest
-/// accepts votes by.
+/// accepts votes by, with the hash of each one's text where the role read the text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollBook {
     revisions: BTreeMap<Revision, Polls>,
+    hashes: BTreeMap<Revision, RevisionHash>,
+}
+
+/// What [`PollBook::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The revision was new, and is in the book now.
+    New,
+    /// The book held the revision with the same polls already.
+    Known,
+    /// The book holds the revision with other polls, and kept them.
+    Differs,
 }
 
 /// Why an event cannot be judged, or does not count.
@@ -157,8 +219,12 @@ pub enum Unjudged {
     #[error(transparent)]
     StampAhead(#[from] StampAhead),
     /// A configuration alarm, never a dead letter: the event names a revision this role has not
-    /// seen (yet). It must wait, not be judged by another revision.
-    #[error("the vote names poll definition revision {0}, which this process has not seen")]
+    /// seen (yet), or a text of it (by hash) other than the one this role read. It must wait,
+    /// not be judged by another revision or another text.
+    #[error(
+        "the vote names poll definition revision {0} (with the hash of its text), which this \
+         process has not seen"
+    )]
     UnknownRevision(Revision),
 }
 
@@ -167,12 +233,35 @@ impl PollBook {
     pub fn new(revision: Revision, polls: Polls) -> Self {
         Self {
             revisions: BTreeMap::from([(revision, polls)]),
+            hashes: BTreeMap::new(),
         }
     }
 
-    /// Adds a revision; one already known is replaced (revisions never change, so it is the same).
-    pub fn insert(&mut self, revision: Revision, polls: Polls) {
-        self.revisions.insert(revision, polls);
+    /// Records the hash of a revision's text, as first read; a later one is ignored, like a
+    /// second text of a known revision ([`PollBook::insert`]).
+    pub fn set_hash(&mut self, revision: Revision, hash: RevisionHash) {
+        self.hashes.entry(revision).or_insert(hash);
+    }
+
+    /// The hash of a revision's text, if this book read the text.
+    pub fn hash(&self, revision: Revision) -> Option<RevisionHash> {
+        self.hashes.get(&revision).copied()
+    }
+
+    /// Adds a revision unless the book holds it already. A known revision is never replaced:
+    /// revisions are written once (the polls bucket refuses a second write of a key), so another
+    /// text under a known number is a rewrite that the book must not adopt, only report.
+    pub fn insert(&mut self, revision: Revision, polls: Polls) -> Inserted {
+        match self.revisions.entry(revision) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(polls);
+                Inserted::New
+            }
+            std::collections::btree_map::Entry::Occupied(known) if *known.get() == polls => {
+                Inserted::Known
+            }
+            std::collections::btree_map::Entry::Occupied(_) => Inserted::Differs,
+        }
     }
 
     /// The newest revision, by which ingest accepts votes.
@@ -209,9 +298,15 @@ impl PollBook {
         judge_stamp(event.ts, stored_at)?;
         let polls = match event.rev {
             None => self.latest().1,
-            Some(revision) => self
-                .get(revision)
-                .ok_or(Unjudged::UnknownRevision(revision))?,
+            Some(revision) => {
+                let other_text = matches!(
+                    (event.rev_hash, self.hash(revision)),
+                    (Some(named), Some(read)) if named != read
+                );
+                self.get(revision)
+                    .filter(|_| !other_text)
+                    .ok_or(Unjudged::UnknownRevision(revision))?
+            }
         };
         let poll = polls.judge_event(event)?;
         poll.judge_time(stored_at)?;
@@ -528,6 +623,7 @@ mod tests {
             node: crate::NodeId::parse("web1").unwrap(),
             rev,
             after: None,
+            rev_hash: None,
         };
         assert_eq!(
             book.judge_event(&birds(Some(Revision(2))), now()),
@@ -537,7 +633,27 @@ mod tests {
             book.judge_event(&birds(Some(Revision(1))), now()),
             Err(Unjudged::NotCounted(NotCounted::UnknownOption { .. }))
         ));
-        book.insert(Revision(2), lunch);
+        assert_eq!(book.insert(Revision(2), lunch.clone()), Inserted::New);
+        assert_eq!(book.insert(Revision(2), lunch.clone()), Inserted::Known);
+        // A rewrite of a known revision is reported and never adopted.
+        assert_eq!(book.insert(Revision(1), lunch.clone()), Inserted::Differs);
+        assert_eq!(book.get(Revision(1)), Some(&Polls::default()));
+        // An event names the text too: another text of a known revision is not this one.
+        book.set_hash(Revision(1), RevisionHash::of("the text read"));
+        let named = |hash: Option<&str>| VoteEvent {
+            choice: Choice::parse("cats").unwrap(),
+            rev_hash: hash.map(RevisionHash::of),
+            ..birds(Some(Revision(1)))
+        };
+        assert!(
+            book.judge_event(&named(Some("the text read")), now())
+                .is_ok()
+        );
+        assert!(book.judge_event(&named(None), now()).is_ok());
+        assert_eq!(
+            book.judge_event(&named(Some("a rewrite")), now()),
+            Err(Unjudged::UnknownRevision(Revision(1)))
+        );
         assert_eq!(book.latest().0, Revision(2));
         assert!(book.judge_event(&birds(Some(Revision(2))), now()).is_ok());
         // Revision 1 still judges the votes accepted under it.
@@ -559,6 +675,7 @@ mod tests {
             node: crate::NodeId::parse("web1").unwrap(),
             rev,
             after: None,
+            rev_hash: None,
         };
         let tolerance = u64::try_from(crate::ts::MAX_TS_AHEAD.as_millis()).unwrap();
         assert!(

@@ -225,6 +225,19 @@ pub fn nats_server_missing() -> String {
     )
 }
 
+/// The database login role of the role that connects to NATS as `user`, if it has one: in
+/// every test, chaos run and local stack alike.
+pub fn login_role(user: landslide_nats::User) -> Option<landslide_schema::postgres::LoginRole> {
+    use landslide_nats::User;
+    use landslide_schema::postgres::LoginRole;
+    match user {
+        User::Worker => Some(LoginRole::Worker),
+        User::Tally => Some(LoginRole::Tally),
+        User::Audit => Some(LoginRole::Audit),
+        User::Ingest | User::Polls | User::Admin => None,
+    }
+}
+
 /// Whether we run as root (PostgreSQL then runs as the `postgres` user).
 pub fn running_as_root() -> bool {
     nix::unistd::Uid::effective().is_root()

@@ -530,7 +530,8 @@ async fn read_stream(
     for sequence in marked {
         fold.at_marks.insert(*sequence, None);
     }
-    let mut reader = landslide_nats::StreamReader::open(stream, last, "landslide audit").await?;
+    let mut reader =
+        landslide_nats::StreamReader::open(stream, last, User::Audit, "landslide audit").await?;
     while let Some(stored) = reader.next().await? {
         // Nothing is ever deleted from the votes stream: a sequence that is not there is a hole.
         let expected = fold.last_sequence + 1;
@@ -681,6 +682,7 @@ mod tests {
             node: NodeId::parse("n1").unwrap(),
             rev: None,
             after: None,
+            rev_hash: None,
         }
         .encode()
     }

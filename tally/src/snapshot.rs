@@ -52,7 +52,9 @@ pub(crate) struct Results {
     #[schema(format = DateTime)]
     pub closes_at: Option<String>,
     /// Only when the votes stream went backwards and the workers have not yet taken up what it
-    /// stored since: what was found. `pending` is then at least 1 and the poll never final.
+    /// stored since, or when the workers' consumer differs from its definition (it could skip
+    /// or drop votes) and the workers have not yet made it again: what was found. `pending` is
+    /// then at least 1 and the poll never final.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback: Option<String>,
     /// Only when these results could not be refreshed for longer than the refresh should take:
@@ -320,7 +322,18 @@ impl Refresher {
             }
         };
         let book = self.polls.current();
-        let rollback = regression.map(|r| r.to_string());
+        // A consumer someone changed may skip votes that `pending` would never show: the workers
+        // make it again within moments, and nothing is final meanwhile.
+        let drift = landslide_nats::consumer_drift(&self.topology, &backlog.info.config)?;
+        if !drift.is_empty() {
+            tracing::error!(
+                drift = landslide_nats::describe_drift(&drift),
+                "results are not final until the workers put their consumer back"
+            );
+        }
+        let rollback = regression
+            .map(|r| r.to_string())
+            .or_else(|| (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift)));
         let snapshot = Snapshot::build(
             book.latest().1,
             pending,

@@ -61,6 +61,12 @@ pub struct DeploymentStatus {
     pub regression: Option<String>,
     /// Every rollback of the votes stream the workers recorded.
     pub rollbacks: Vec<marks::Rollback>,
+    /// How the workers' consumer differs from its definition, until the workers make it again
+    /// (`landslide_nats::consumer_drift`).
+    pub drift: Option<String>,
+    /// What should not be so of the polls bucket (`landslide_nats::polls::findings`): a seal
+    /// it lacks, a key that is not a valid revision.
+    pub poll_findings: Vec<String>,
 }
 
 /// Reads the deployment's state; read-only, like tally.
@@ -73,6 +79,7 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
     let backlog = landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let book = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
+    let poll_findings = landslide_nats::polls::findings(&store).await?;
     let (revision, definitions) = book.latest();
 
     let mut conn = landslide_schema::postgres::connect_current(connections.database()?).await?;
@@ -81,6 +88,10 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         .context("cannot read the workers' mark")?;
     let observed = rollback::observe_with(&js, topology, &backlog, mark.as_ref()).await?;
     let regression = rollback::judge(mark.as_ref(), &observed).map(|r| r.to_string());
+    let drift = landslide_nats::consumer_drift(topology, &backlog.info.config)?;
+    let drift = (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift));
+    // Either keeps every poll from being final, as in tally.
+    let hold = regression.as_deref().or(drift.as_deref());
     let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
         .await
         .context("cannot read the recorded rollbacks")?;
@@ -94,15 +105,8 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         ..
     } = backlog;
     // The same snapshot the results are built from: its counts and its status.
-    let snapshot = Snapshot::build(
-        definitions,
-        pending,
-        &sums,
-        Utc::now(),
-        server_now,
-        regression.as_deref(),
-    );
-    let pending = pending_despite(pending, regression.as_deref());
+    let snapshot = Snapshot::build(definitions, pending, &sums, Utc::now(), server_now, hold);
+    let pending = pending_despite(pending, hold);
     let polls = definitions
         .iter()
         .filter_map(|poll| {
@@ -139,6 +143,8 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         server_now,
         regression,
         rollbacks,
+        drift,
+        poll_findings,
     })
 }
 
@@ -249,6 +255,15 @@ impl fmt::Display for DeploymentStatus {
                 "ALARM: the votes stream went backwards and the workers have not yet taken up \
                  what it stored since: {regression}"
             )?;
+        }
+        if let Some(drift) = &self.drift {
+            writeln!(
+                f,
+                "ALARM: {drift}; the workers make it again from before anything not yet committed"
+            )?;
+        }
+        for finding in &self.poll_findings {
+            writeln!(f, "ALARM: {finding}")?;
         }
         for r in &self.rollbacks {
             writeln!(

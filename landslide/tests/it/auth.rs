@@ -8,11 +8,11 @@ use std::time::Duration;
 use async_nats::jetstream;
 use landslide_nats::{Credentials, NatsConfig, User};
 
-use crate::support::{self, Nats};
+use crate::support::{self, Nats, within};
 
 /// Publishes one message as `user` and says whether JetStream stored it (a refused publish is
 /// never answered, so the ack times out).
-async fn stores(nats: &Nats, user: User, subject: &str) -> bool {
+pub(crate) async fn stores(nats: &Nats, user: User, subject: &str) -> bool {
     let js = jetstream::new(nats.client_as(user).await);
     let ack = async { js.publish(subject.to_owned(), "x".into()).await?.await };
     matches!(
@@ -53,25 +53,9 @@ async fn only_ingest_may_publish_votes_and_nobody_may_purge_or_delete_them() {
     let nats = &Nats::start().await;
     support::set_up(nats, &landslide_schema::Polls::default()).await;
     let votes = "votes.web1";
-    let checks = [
-        User::Ingest,
-        User::Worker,
-        User::Tally,
-        User::Audit,
-        User::Admin,
-    ]
-    .map(|user| async move { (user, stores(nats, user, votes).await) });
+    let checks = User::ALL.map(|user| async move { (user, stores(nats, user, votes).await) });
     let stored: Vec<(User, bool)> = futures::future::join_all(checks).await;
-    assert_eq!(
-        stored,
-        [
-            (User::Ingest, true),
-            (User::Worker, false),
-            (User::Tally, false),
-            (User::Audit, false),
-            (User::Admin, false),
-        ]
-    );
+    assert_eq!(stored, User::ALL.map(|user| (user, user == User::Ingest)));
     // Dead letters are the workers' alone.
     assert!(stores(nats, User::Worker, "dlq.votes.web1").await);
     assert!(!stores(nats, User::Ingest, "dlq.votes.web1").await);
@@ -148,4 +132,91 @@ async fn nobody_but_the_workers_may_change_the_votes_stream_and_its_limits_stay(
         after.state
     );
     assert_eq!(after.config.max_messages, before.config.max_messages);
+}
+
+/// Found by trying it as the audit user, which could create and pull from any consumer of the
+/// votes stream: setting `max_deliver=1` on the workers' durable consumer and pulling took ten
+/// accepted votes that were then never counted, and a `filter_subject` skipped a node's votes
+/// for good, with `pending: 0` both times.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_workers_may_touch_their_durable_consumer() {
+    let nats = &Nats::start().await;
+    support::set_up(nats, &landslide_schema::Polls::default()).await;
+    for _ in 0..3 {
+        assert!(stores(nats, User::Ingest, "votes.web1").await);
+    }
+    let before = consumer_info(nats).await;
+    let config = &before.config;
+    let others = User::ALL.into_iter().filter(|user| *user != User::Worker);
+    let attempts = others.map(|user| async move {
+        let client = nats.client_as(user).await;
+        let js = jetstream::new(client.clone());
+        let drain = jetstream::consumer::pull::Config {
+            durable_name: Some("dedup-worker".to_owned()),
+            max_deliver: 1,
+            filter_subject: "votes.web2".to_owned(),
+            ..jetstream::consumer::FromConsumer::try_from_consumer_config(config.clone())
+                .expect("a pull consumer")
+        };
+        let mut done = Vec::new();
+        // Updating it by its name.
+        if matches!(
+            within(js.create_consumer_on_stream(drain.clone(), "VOTES")).await,
+            Some(Ok(_))
+        ) {
+            done.push("updated it by name");
+        }
+        // Updating it by the unnamed create, whose body names it.
+        let body = serde_json::json!({
+            "stream_name": "VOTES",
+            "config": { "name": "dedup-worker", "max_deliver": 1, "ack_policy": "explicit",
+                        "filter_subject": "votes.web2" },
+        });
+        let unnamed = client.request("$JS.API.CONSUMER.CREATE.VOTES", body.to_string().into());
+        if let Some(Ok(reply)) = within(unnamed).await
+            && !String::from_utf8_lossy(&reply.payload).contains("\"error\"")
+        {
+            done.push("updated it by the unnamed create");
+        }
+        // Pulling from it.
+        let pull = client.request(
+            "$JS.API.CONSUMER.MSG.NEXT.VOTES.dedup-worker",
+            r#"{"batch":10,"no_wait":true}"#.into(),
+        );
+        if let Some(Ok(reply)) = within(pull).await
+            && !reply.payload.is_empty()
+        {
+            done.push("pulled from it");
+        }
+        if matches!(
+            within(js.delete_consumer_from_stream("dedup-worker", "VOTES")).await,
+            Some(Ok(_))
+        ) {
+            done.push("deleted it");
+        }
+        (user, done)
+    });
+    for (user, done) in futures::future::join_all(attempts).await {
+        assert!(done.is_empty(), "{user} {done:?} the workers' consumer");
+    }
+    let after = consumer_info(nats).await;
+    assert_eq!(
+        serde_json::to_value(&after.config).unwrap(),
+        serde_json::to_value(&before.config).unwrap()
+    );
+    assert_eq!(after.num_pending, 3, "{after:?}");
+    assert_eq!(after.delivered.stream_sequence, 0, "{after:?}");
+}
+
+/// The workers' consumer as audit sees it.
+async fn consumer_info(nats: &Nats) -> jetstream::consumer::Info {
+    let js = jetstream::new(nats.client_as(User::Audit).await);
+    let stream = js
+        .get_stream_no_info("VOTES")
+        .await
+        .expect("audit opens VOTES");
+    stream
+        .consumer_info("dedup-worker")
+        .await
+        .expect("audit reads the workers' consumer")
 }

@@ -7,14 +7,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use landslide_nats::polls;
-use landslide_schema::{Polls, Revision, VoteEvent};
+use landslide_nats::{User, polls};
+use landslide_schema::{Polls, Revision, RevisionHash, VoteEvent};
 use landslide_tally::audit::{AuditConfig, audit};
 use landslide_tally::certificate::{ExportKey, certify};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-use crate::support::{self, Db, Nats};
+use crate::support::{self, Db, Nats, within};
 use crate::tally::vote;
 
 const BIRDS: &str = r#"
@@ -39,6 +39,19 @@ async fn store(nats: &Nats) -> async_nats::jetstream::kv::Store {
     .unwrap()
 }
 
+/// The poll definitions as a worker starting with the built-in poll reads and watches them.
+async fn worker_watch(nats: &Nats) -> anyhow::Result<polls::PollWatch> {
+    let js = async_nats::jetstream::new(nats.client_as(User::Worker).await);
+    let topology = landslide_nats::Topology::default();
+    polls::watch(
+        &js,
+        &topology,
+        &Polls::default(),
+        landslide_nats::Access::SetUp,
+    )
+    .await
+}
+
 async fn dead_letters(nats: &Nats) -> u64 {
     nats.messages("VOTES_DLQ").await
 }
@@ -51,7 +64,7 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
     let worker = support::worker(&nats, &db);
     support::wait_for("the polls bucket", Duration::from_secs(15), || async {
         let store = store(&nats).await;
-        (!polls::read_all(&store).await.ok()?.is_empty()).then_some(())
+        (!polls::read_all(&store).await.ok()?.revisions.is_empty()).then_some(())
     })
     .await;
     // An ingest node started with another polls file: the bucket wins, so the node refuses
@@ -74,6 +87,19 @@ async fn every_role_judges_a_vote_by_the_revision_it_was_accepted_under() {
         }
     })
     .await;
+    // It names revision 2 by number and by the hash of the text the owner wrote.
+    let stored = nats
+        .js()
+        .await
+        .get_stream("VOTES")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("votes.web1")
+        .await
+        .unwrap();
+    let accepted = VoteEvent::decode(&stored.payload).unwrap();
+    assert_eq!(accepted.rev, Some(Revision(2)));
+    assert_eq!(accepted.rev_hash, Some(RevisionHash::of(BIRDS)));
 
     // A vote naming a revision nobody has written yet waits (nak), and is never dead-lettered;
     // once the revision exists, it counts.
@@ -126,7 +152,7 @@ async fn polls_put_refuses_an_invalid_file_and_never_overwrites_a_revision() {
         "",
     );
     assert!(polls::put(&store, &one_option).await.is_err());
-    assert!(polls::read_all(&store).await.unwrap().is_empty());
+    assert!(polls::read_all(&store).await.unwrap().revisions.is_empty());
     // Two writers at once get two revisions.
     let (a, b) = tokio::join!(polls::put(&store, BIRDS), polls::put(&store, BIRDS));
     let mut revisions = [a.unwrap(), b.unwrap()];
@@ -142,19 +168,144 @@ async fn polls_put_refuses_an_invalid_file_and_never_overwrites_a_revision() {
     );
 }
 
+/// Found by trying it: a plain publish to `$KV.LANDSLIDE_POLLS.rev.78` as `admin` (or as
+/// `worker`, which could publish to every key) replaced a revision under which three votes had
+/// been accepted; the workers then dead-lettered them, and audit, judging by the rewrite, passed.
+/// The bucket kept no history and allowed purges and rollups.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_user_may_rewrite_delete_or_purge_a_revision() {
+    let nats = &Nats::start().await;
+    support::set_up(nats, &Polls::default()).await;
+    let attempts = User::ALL.map(|user| async move {
+        let js = async_nats::jetstream::new(nats.client_as(user).await);
+        let store = js.get_key_value("LANDSLIDE_POLLS").await.unwrap();
+        let stream = "KV_LANDSLIDE_POLLS";
+        let unsealed = async_nats::jetstream::stream::Config {
+            discard_new_per_subject: false,
+            ..polls::bucket_config(&landslide_nats::Topology::default())
+        };
+        // Every attempt at once: each refused one waits out its timeout.
+        let (published, put, deleted, purged, purged_bucket, updated, deleted_bucket) = tokio::join!(
+            crate::auth::stores(nats, user, "$KV.LANDSLIDE_POLLS.rev.1"),
+            within(store.put("rev.1", BIRDS.into())),
+            within(store.delete("rev.1")),
+            within(store.purge("rev.1")),
+            within(async { js.get_stream_no_info(stream).await.ok()?.purge().await.ok() }),
+            within(js.update_stream(unsealed)),
+            within(js.delete_stream(stream)),
+        );
+        let done: Vec<&str> = [
+            (published, "published over it"),
+            (matches!(put, Some(Ok(_))), "put over it"),
+            (matches!(deleted, Some(Ok(()))), "deleted it"),
+            (matches!(purged, Some(Ok(()))), "purged it"),
+            (matches!(purged_bucket, Some(Some(_))), "purged the bucket"),
+            (matches!(updated, Some(Ok(_))), "unsealed the bucket"),
+            (matches!(deleted_bucket, Some(Ok(_))), "deleted the bucket"),
+        ]
+        .into_iter()
+        .filter_map(|(done, what)| done.then_some(what))
+        .collect();
+        (user, done)
+    });
+    for (user, done) in futures::future::join_all(attempts).await {
+        assert!(done.is_empty(), "{user} {done:?} revision 1");
+    }
+    let store = store(nats).await;
+    let contents = polls::read_all(&store).await.unwrap();
+    assert_eq!(contents.revisions.len(), 1, "{contents:?}");
+    assert_eq!(contents.revisions[0].polls, Polls::default());
+    assert!(contents.strays.is_empty(), "{contents:?}");
+    assert!(polls::findings(&store).await.unwrap().is_empty());
+
+    // A new revision: the polls' owner and the operator may write one, nobody else.
+    let created = User::ALL
+        .into_iter()
+        .enumerate()
+        .map(|(i, user)| async move {
+            let key = format!("$KV.LANDSLIDE_POLLS.rev.{}", 10 + i);
+            (user, crate::auth::stores(nats, user, &key).await)
+        });
+    let created: Vec<(User, bool)> = futures::future::join_all(created).await;
+    assert_eq!(
+        created,
+        User::ALL.map(|user| (user, matches!(user, User::Polls | User::Admin)))
+    );
+}
+
+/// A bucket made before it was sealed (as async-nats' `create_key_value` makes one) lets the
+/// operator rewrite a revision: every role keeps the text it read first, says so, and starts
+/// beside a key it cannot read, which once stopped every role from starting.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_keeps_the_revision_it_read_first_and_starts_beside_a_stray_key() {
+    let nats = &Nats::start().await;
+    let admin = async_nats::jetstream::new(nats.client().await);
+    let unsealed = admin
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "LANDSLIDE_POLLS".to_owned(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    unsealed
+        .create("rev.1", Polls::default().to_toml().into())
+        .await
+        .unwrap();
+    // Keys no revision can be read from: one not a polls file, one not a revision's key.
+    unsealed
+        .create("rev.2", "not = [toml".into())
+        .await
+        .unwrap();
+    unsealed.create("notes", "hello".into()).await.unwrap();
+
+    let watch = worker_watch(nats)
+        .await
+        .expect("a stray key does not stop a role");
+    assert_eq!(watch.current().latest().0, Revision(1));
+
+    let owner = async_nats::jetstream::new(nats.client_as(User::Polls).await);
+    let store = owner.get_key_value("LANDSLIDE_POLLS").await.unwrap();
+    let newest = |revision| {
+        let watch = watch.clone();
+        async move { (watch.current().latest().0 == revision).then_some(()) }
+    };
+    assert_eq!(polls::put(&store, BIRDS).await.unwrap(), Revision(3));
+    support::wait_for("revision 3", Duration::from_secs(30), || {
+        newest(Revision(3))
+    })
+    .await;
+    // The rewrite, then one more revision: once the role has that, it has seen the rewrite.
+    unsealed.put("rev.1", BIRDS.into()).await.unwrap();
+    assert_eq!(polls::put(&store, BIRDS).await.unwrap(), Revision(4));
+    support::wait_for("revision 4", Duration::from_secs(30), || {
+        newest(Revision(4))
+    })
+    .await;
+    assert_eq!(
+        watch.current().get(Revision(1)),
+        Some(&Polls::default()),
+        "the role adopted a rewritten revision"
+    );
+
+    let findings = polls::findings(&store).await.unwrap();
+    for expected in [
+        "the polls bucket is not sealed",
+        "rev.1 of the polls bucket: written after rev.3",
+        "rev.2 of the polls bucket: not a valid polls file",
+        "notes of the polls bucket: not a revision's key",
+    ] {
+        assert!(
+            findings.iter().any(|f| f.starts_with(expected)),
+            "{expected:?} not in {findings:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_role_sees_a_new_revision_after_nats_server_restarted() {
     let mut nats = Nats::start().await;
-    let js = async_nats::jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
-    let topology = landslide_nats::Topology::default();
-    let watch = polls::watch(
-        &js,
-        &topology,
-        &Polls::default(),
-        landslide_nats::Access::SetUp,
-    )
-    .await
-    .unwrap();
+    let watch = worker_watch(&nats).await.unwrap();
     assert_eq!(watch.current().latest().0, Revision(1));
 
     nats.kill().await;

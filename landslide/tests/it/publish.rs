@@ -6,26 +6,23 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::join_all;
-use landslide_nats::{ServerVersion, Topology};
+use landslide_nats::{ServerVersion, Topology, User};
 use landslide_schema::VoteEvent;
 
 use crate::support::{self, Db, Nats};
 
 /// Every vote in the stream, by event id: how many copies.
 async fn stored_events(nats: &Nats) -> HashMap<String, usize> {
-    use futures::StreamExt as _;
     let js = async_nats::jetstream::new(nats.client().await);
     let stream = js.get_stream("VOTES").await.unwrap();
-    let total = stream.get_info().await.unwrap().state.messages;
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    // A named consumer: the unnamed create is refused to all but the workers (`auth::`).
+    let mut reader = landslide_nats::StreamReader::open(&stream, last, User::Admin, "test")
         .await
         .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
     let mut copies = HashMap::new();
-    for _ in 0..total {
-        let message = messages.next().await.unwrap().unwrap();
-        let event = VoteEvent::decode(&message.payload).unwrap();
+    while let Some(stored) = reader.next().await.unwrap() {
+        let event = VoteEvent::decode(&stored.message.payload).unwrap();
         *copies.entry(event.event_id.to_string()).or_default() += 1;
     }
     copies

@@ -26,6 +26,7 @@ fn votes(first: u128, count: u128) -> Vec<VoteEvent> {
             node: NodeId::parse("web01").unwrap(),
             rev: Some(Revision(1)),
             after: Some(Timestamp(0)),
+            rev_hash: None,
         })
         .collect()
 }

@@ -1,7 +1,7 @@
 //! The definitions in `nats/` are usable as they are: sent raw to the JetStream API, as
 //! `nats stream add --config` and `nats consumer add --config` do, and then accepted by the roles.
 
-use landslide_nats::{CONSUMER_JSON, DLQ_STREAM_JSON, VOTES_STREAM_JSON};
+use landslide_nats::{CONSUMER_JSON, DLQ_STREAM_JSON, User, VOTES_STREAM_JSON};
 
 use crate::support::{self, Db, Nats};
 
@@ -31,11 +31,12 @@ async fn the_definition_files_create_streams_and_a_consumer_the_roles_accept() {
         DLQ_STREAM_JSON.into(),
     )
     .await;
+    // The workers' consumer, as the workers' user: nobody else may create it (`auth::`).
     let consumer: serde_json::Value = serde_json::from_str(CONSUMER_JSON).unwrap();
     let request = serde_json::json!({ "stream_name": "VOTES", "config": consumer });
     let created = api(
-        &client,
-        "$JS.API.CONSUMER.DURABLE.CREATE.VOTES.dedup-worker".into(),
+        &nats.client_as(User::Worker).await,
+        "$JS.API.CONSUMER.CREATE.VOTES.dedup-worker".into(),
         request.to_string(),
     )
     .await;

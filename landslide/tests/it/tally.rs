@@ -136,6 +136,7 @@ pub(crate) fn vote_in(poll: &str, voter: Uuid, choice: &str, ts: u64) -> VoteEve
         node: NodeId::parse("test").unwrap(),
         rev: None,
         after: None,
+        rev_hash: None,
     }
 }
 

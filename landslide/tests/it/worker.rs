@@ -37,6 +37,7 @@ fn event(voter: u128, ts: u64, choice: &str, id: u128) -> VoteEvent {
         node: NodeId::parse("web01").unwrap(),
         rev: None,
         after: None,
+        rev_hash: None,
     }
 }
 
@@ -689,5 +690,62 @@ async fn a_vote_of_a_newer_wire_version_waits_for_a_worker_that_reads_it_and_is_
     assert_eq!(nats.messages("VOTES_DLQ").await, 0, "dead-lettered");
     assert_eq!(support::pending(&nats).await, Some(1), "no longer pending");
     assert_eq!(db.ballot("pets", Uuid::from_u128(1)).await, None);
+    worker.stop().await;
+}
+
+/// Found by trying it as the audit user, which may no longer: a `filter_subject` on the workers'
+/// consumer skipped a node's votes for good with `pending: 0`, and a deleted consumer was never
+/// made again. Only the workers' own user may change it now (`auth::`); changed anyway (a leaked
+/// worker credential, the server's own admin), the workers put it back within moments and take
+/// up what it skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_or_deleted_consumer_is_made_again_and_skips_no_vote() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let worker = support::worker(&nats, &db);
+    let counted = |n: i64| {
+        let db = &db;
+        move || async move {
+            let rows = db.tally_and_count("pets").await;
+            (rows.iter().map(|(_, _, ballots)| ballots).sum::<i64>() == n).then_some(())
+        }
+    };
+    let votes = |range: std::ops::Range<u128>| range.map(|i| event(i, 1, "cats", i).encode());
+    publish_raw(&nats, votes(0..5)).await;
+    support::wait_for("5 ballots", Duration::from_secs(60), counted(5)).await;
+
+    // Changed: another node's votes only, each delivered once.
+    let js = jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
+    let stream = js.get_stream_no_info("VOTES").await.unwrap();
+    let info = stream.consumer_info("dedup-worker").await.unwrap();
+    let mut changed: jetstream::consumer::pull::Config =
+        jetstream::consumer::FromConsumer::try_from_consumer_config(info.config).unwrap();
+    changed.filter_subject = "votes.web02".to_owned();
+    changed.max_deliver = 1;
+    js.create_consumer_on_stream(changed, "VOTES")
+        .await
+        .unwrap();
+    publish_raw(&nats, votes(5..10)).await;
+    support::wait_for("10 ballots", Duration::from_secs(60), counted(10)).await;
+    let topology = Topology::default();
+    support::wait_for(
+        "the consumer as defined",
+        Duration::from_secs(30),
+        || async {
+            let info = stream.consumer_info("dedup-worker").await.ok()?;
+            landslide_nats::consumer_drift(&topology, &info.config)
+                .ok()?
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Deleted: made again, and what was stored meanwhile is counted.
+    js.delete_consumer_from_stream("dedup-worker", "VOTES")
+        .await
+        .unwrap();
+    publish_raw(&nats, votes(10..15)).await;
+    support::wait_for("15 ballots", Duration::from_secs(60), counted(15)).await;
     worker.stop().await;
 }

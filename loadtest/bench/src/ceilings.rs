@@ -72,6 +72,7 @@ pub fn events(n: usize, seed: u64) -> anyhow::Result<Vec<VoteEvent>> {
             node: node.clone(),
             rev: None,
             after: None,
+            rev_hash: None,
         })
         .collect())
 }

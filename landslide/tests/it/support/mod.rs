@@ -22,6 +22,11 @@ pub fn free_port() -> u16 {
     landslide_servers::free_port().expect("bind an ephemeral port")
 }
 
+/// `f`'s output, unless it takes more than 5 s: a request the broker refuses is never answered.
+pub async fn within<F: std::future::Future>(f: F) -> Option<F::Output> {
+    tokio::time::timeout(Duration::from_secs(5), f).await.ok()
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
@@ -153,17 +158,6 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// The login role of the role whose NATS user is `user`: what it connects to the database as,
-/// in every test as in every deployment.
-pub fn login_role(user: User) -> Option<LoginRole> {
-    match user {
-        User::Worker => Some(LoginRole::Worker),
-        User::Tally => Some(LoginRole::Tally),
-        User::Audit => Some(LoginRole::Audit),
-        User::Ingest | User::Admin => None,
-    }
-}
-
 /// A database of this test's own, migrated by its owner (the server's superuser), dropped when
 /// the value is dropped. The roles connect to it as their login roles (`landslide_worker`, …),
 /// which every test shares on the server: created if missing (safely when tests do so at once),
@@ -240,7 +234,7 @@ impl Db {
 
     /// This database as the login role of `user`'s role (the owner for the others).
     pub fn url_for(&self, user: User) -> DatabaseUrl {
-        login_role(user).map_or_else(|| self.owner(), |role| self.url_as(role))
+        landslide_servers::login_role(user).map_or_else(|| self.owner(), |role| self.url_as(role))
     }
 
     pub async fn conn(&self) -> AsyncPgConnection {
