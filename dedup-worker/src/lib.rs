@@ -29,7 +29,7 @@ use landslide_schema::postgres::marks;
 use landslide_schema::subject::{
     DLQ_REASON_HEADER, DLQ_STREAM_SEQ_HEADER, DLQ_SUBJECT_HEADER, dlq_subject,
 };
-use landslide_schema::{DecodeError, PollBook, Revision, VoteEvent, merge};
+use landslide_schema::{DecodeError, PollBook, Revision, RevisionHash, VoteEvent, merge};
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -55,6 +55,9 @@ pub struct Config {
     pub shard: i16,
     /// Test-only: stop dead at this point of the first batch, as a crash would.
     pub fail_point: Option<FailPoint>,
+    /// How long an event naming a revision the polls bucket lacks waits before it is a dead
+    /// letter ([`landslide_schema::UNKNOWN_REVISION_BOUND`], which tests shorten).
+    pub unknown_revision_bound: Duration,
 }
 
 /// Where a test makes the worker stop as if killed: nothing after that point happens.
@@ -90,6 +93,7 @@ impl Config {
             batch_wait: Duration::from_millis(20),
             shard: random_shard(),
             fail_point: None,
+            unknown_revision_bound: landslide_schema::UNKNOWN_REVISION_BOUND,
         }
     }
 }
@@ -237,9 +241,11 @@ enum Verdict {
     Vote(StoredVote),
     /// A dead letter: why (its `Landslide-Reason`), and the kind, for the metric's label.
     Dead(String, &'static str),
-    /// The event names a poll revision this worker has not seen (yet): a configuration alarm.
-    /// Naked, never judged by another revision and never dead-lettered.
-    Wait(Revision),
+    /// The event names a poll revision (or a text of it) this worker has not seen (yet): a
+    /// configuration alarm. Naked, never judged by another revision; a dead letter only once
+    /// the bucket itself still lacks it [`Config::unknown_revision_bound`] after the stream
+    /// stored it.
+    Wait(Unseen),
     /// The event is of a wire version newer than this worker reads: an ingest node of a later
     /// release accepted it, during a rolling upgrade that reached ingest before the workers.
     /// Naked until a worker of that release takes it; never dead-lettered.
@@ -599,7 +605,7 @@ impl Worker {
             match verdict {
                 Verdict::Vote(vote) => votes.push((vote, message)),
                 Verdict::Dead(reason, kind) => dead.push((message, reason, kind)),
-                Verdict::Wait(revision) => unseen.push((message, revision)),
+                Verdict::Wait(unseen_vote) => unseen.push((message, unseen_vote)),
                 Verdict::Newer(version) => newer.push((message, version)),
             }
         }
@@ -616,15 +622,33 @@ impl Worker {
                     .await;
             }
         }
-        if let Some((_, revision)) = unseen.as_slice().first() {
+        if let Some((_, first)) = unseen.as_slice().first() {
             metrics::counter!("landslide_unseen_revision_total").increment(unseen.len() as u64);
             tracing::error!(
                 votes = unseen.len(),
-                %revision,
-                "votes name a poll revision this worker has not seen; they wait in the stream \
-                 (is the polls bucket reachable, or was a revision written elsewhere?)"
+                revision = %first.revision,
+                "votes name a poll revision (or a text of it) this worker has not seen; they wait \
+                 in the stream (is the polls bucket reachable, or was a revision written \
+                 elsewhere?)"
             );
-            for (message, _) in unseen {
+            let now = chrono::Utc::now();
+            for (message, unseen) in unseen {
+                let bound = self.config.unknown_revision_bound;
+                if unseen.waited_out(bound, now)
+                    && matches!(
+                        self.polls.lacks(unseen.revision, unseen.hash).await,
+                        Ok(true)
+                    )
+                {
+                    let reason = format!(
+                        "{}; the polls bucket still lacks it {} s after the stream stored the \
+                         vote, so no honest ingest node accepted it",
+                        Unjudged::UnknownRevision(unseen.revision),
+                        bound.as_secs()
+                    );
+                    dead.push((message, reason, "unknown_revision"));
+                    continue;
+                }
                 let _ = message
                     .ack_with(AckKind::Nak(Some(UNSEEN_REVISION_DELAY)))
                     .await;
@@ -820,7 +844,7 @@ fn verdict(polls: &PollBook, message: &Message) -> Verdict {
     // judged, so the vote waits rather than being judged by a guess.
     let Ok(info) = message.info() else {
         tracing::error!("a delivered message has no JetStream metadata; it waits");
-        return Verdict::Wait(event.rev.unwrap_or(Revision(0)));
+        return Verdict::Wait(Unseen::of(&event, None));
     };
     let stored_at = landslide_nats::stored_at(&info);
     match polls.judge_event(&event, stored_at) {
@@ -829,7 +853,32 @@ fn verdict(polls: &PollBook, message: &Message) -> Verdict {
             Verdict::Dead(not_counted.to_string(), not_counted.label())
         }
         Err(Unjudged::StampAhead(ahead)) => Verdict::Dead(ahead.to_string(), "stamp_ahead"),
-        Err(Unjudged::UnknownRevision(revision)) => Verdict::Wait(revision),
+        Err(Unjudged::UnknownRevision(_)) => Verdict::Wait(Unseen::of(&event, Some(stored_at))),
+    }
+}
+
+/// A vote whose revision (or text of it) the worker has not seen.
+#[derive(Debug, Clone, Copy)]
+struct Unseen {
+    revision: Revision,
+    hash: Option<RevisionHash>,
+    /// When the stream stored it, if the message said.
+    stored_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Unseen {
+    fn of(event: &VoteEvent, stored_at: Option<chrono::DateTime<chrono::Utc>>) -> Self {
+        Self {
+            revision: event.rev.unwrap_or(Revision(0)),
+            hash: event.rev_hash,
+            stored_at,
+        }
+    }
+
+    /// Whether it has waited out `bound` by `now`.
+    fn waited_out(&self, bound: Duration, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.stored_at
+            .is_some_and(|stored_at| landslide_schema::poll::waited_out(stored_at, now, bound))
     }
 }
 

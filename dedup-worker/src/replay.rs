@@ -115,6 +115,17 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
         match polls.judge_event(&event, stored.stored_at) {
             Ok(_) => chunk.push(StoredVote::new(event, stored.stored_at)),
             Err(Unjudged::NotCounted(_) | Unjudged::StampAhead(_)) => report.not_counted += 1,
+            // The bucket, read at the start, still lacks it beyond the bound: a dead letter, as
+            // the workers judged it.
+            Err(Unjudged::UnknownRevision(_))
+                if landslide_schema::poll::waited_out(
+                    stored.stored_at,
+                    chrono::Utc::now(),
+                    config.unknown_revision_bound,
+                ) =>
+            {
+                report.not_counted += 1;
+            }
             // Accepted by an ingest node under a revision the bucket lacks: skipping it would
             // drop an accepted vote, so the replay stops and says so.
             Err(unjudged @ Unjudged::UnknownRevision(_)) => {

@@ -643,11 +643,12 @@ struct ExportArgs {
 
 impl AuditArgs {
     fn config(&self) -> anyhow::Result<landslide_tally::audit::AuditConfig> {
+        let connections = self
+            .shared
+            .connections(User::Audit, Some((&self.db, LoginRole::Audit)))?;
         Ok(landslide_tally::audit::AuditConfig {
-            connections: self
-                .shared
-                .connections(User::Audit, Some((&self.db, LoginRole::Audit)))?,
             wait: Duration::from_secs(self.wait_secs),
+            ..landslide_tally::audit::AuditConfig::new(connections)
         })
     }
 

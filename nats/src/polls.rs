@@ -354,9 +354,24 @@ pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Re
 #[derive(Debug, Clone)]
 pub struct PollWatch {
     rx: watch::Receiver<Arc<PollBook>>,
+    store: kv::Store,
 }
 
 impl PollWatch {
+    /// Whether the bucket itself, read now, lacks `revision` with the text `hash` names (any
+    /// text when `None`): the key is missing, deleted or not a valid revision, or holds another
+    /// text. An error when the bucket cannot be read: then nothing can be said.
+    pub async fn lacks(
+        &self,
+        revision: Revision,
+        hash: Option<RevisionHash>,
+    ) -> anyhow::Result<bool> {
+        Ok(match fetch(&self.store, revision).await? {
+            Some(Ok(stored)) => hash.is_some_and(|hash| hash != RevisionHash::of(&stored.text)),
+            Some(Err(_)) | None => true,
+        })
+    }
+
     /// The book as of now.
     pub fn current(&self) -> Arc<PollBook> {
         self.rx.borrow().clone()
@@ -394,8 +409,8 @@ pub async fn watch(
         );
     }
     let (tx, rx) = watch::channel(Arc::new(book));
-    tokio::spawn(keep_current(store, updates, tx));
-    Ok(PollWatch { rx })
+    tokio::spawn(keep_current(store.clone(), updates, tx));
+    Ok(PollWatch { rx, store })
 }
 
 /// [`watch`] for a role starting up: retried for as long as the bucket cannot be read

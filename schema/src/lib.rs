@@ -32,5 +32,5 @@ pub mod ts;
 
 pub use event::{DecodeError, VoteEvent};
 pub use ids::{Choice, EventId, InvalidId, NodeId, PollId, VoterId};
-pub use poll::{Poll, PollBook, PollOption, Polls, Revision, RevisionHash};
+pub use poll::{Poll, PollBook, PollOption, Polls, Revision, RevisionHash, UNKNOWN_REVISION_BOUND};
 pub use ts::{MAX_TS_AHEAD, Timestamp};

@@ -197,6 +197,24 @@ pub struct PollBook {
     hashes: BTreeMap<Revision, RevisionHash>,
 }
 
+/// How long after the stream stored an event naming a revision (with its text's hash) that the
+/// polls bucket lacks the event waits before it is a dead letter. No honest ingest node accepts
+/// a vote under a revision it has not read from the bucket, and every role reads a new revision
+/// within seconds, while a revision once written is never removed: such an event could not have
+/// been accepted by an honest node. Waiting for ever instead let one forged event keep every
+/// result from becoming final (`pending` never 0), and 20,000 of them stop all counting.
+pub const UNKNOWN_REVISION_BOUND: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Whether an event the stream stored at `stored_at` has waited out `bound`
+/// ([`UNKNOWN_REVISION_BOUND`]) by `now`: the one rule of the workers, audit and replay.
+pub fn waited_out(
+    stored_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    bound: std::time::Duration,
+) -> bool {
+    now - stored_at > chrono::Duration::from_std(bound).unwrap_or(chrono::Duration::MAX)
+}
+
 /// What [`PollBook::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {

@@ -42,6 +42,9 @@ pub struct AuditConfig {
     pub connections: Connections,
     /// How long to wait for the workers to drain the consumer before giving up.
     pub wait: Duration,
+    /// The workers' bound for an event naming a revision the bucket lacks
+    /// ([`landslide_schema::UNKNOWN_REVISION_BOUND`], which tests shorten for both).
+    pub unknown_revision_bound: Duration,
 }
 
 impl AuditConfig {
@@ -50,6 +53,7 @@ impl AuditConfig {
         Self {
             connections,
             wait: Duration::from_secs(60),
+            unknown_revision_bound: landslide_schema::UNKNOWN_REVISION_BOUND,
         }
     }
 }
@@ -131,9 +135,13 @@ pub struct AuditReport {
     /// Vote events stamped further ahead of when the stream stored them than an ingest node may
     /// stamp (`landslide_schema::ts::judge_stamp`): no ingest node made them.
     pub stamped_ahead: u64,
-    /// Vote events naming a poll revision that the polls bucket does not hold: accepted by an
-    /// ingest node, yet no worker can judge them. Any makes the audit fail.
+    /// Vote events naming a poll revision (or a text of it) that the polls bucket does not
+    /// hold, stored less than [`landslide_schema::UNKNOWN_REVISION_BOUND`] before the audit:
+    /// no worker can judge them yet. Any makes the audit fail.
     pub unknown_revision: u64,
+    /// Vote events naming a revision the bucket still lacks beyond that bound: no honest ingest
+    /// node accepted them, and the workers dead-letter them (reason `unknown_revision`).
+    pub unknown_revision_dead: u64,
     /// Vote events of a wire version newer than this release reads: accepted by an ingest node
     /// of a later release, which must audit them. Any makes the audit fail.
     pub newer_version: u64,
@@ -182,7 +190,10 @@ impl AuditReport {
 
     /// Messages that a correct worker dead-letters.
     pub fn dead_letters_expected(&self) -> u64 {
-        self.undecodable + self.unknown_poll_or_option + self.stamped_ahead
+        self.undecodable
+            + self.unknown_poll_or_option
+            + self.stamped_ahead
+            + self.unknown_revision_dead
     }
 }
 
@@ -197,11 +208,13 @@ impl fmt::Display for AuditReport {
         writeln!(
             f,
             "events read: {}; not counted: {} undecodable, {} refused by their poll definitions, \
-             {} stamped ahead of the stream; dead letters stored: {}{}",
+             {} stamped ahead of the stream, {} naming a revision the polls bucket lacks; dead \
+             letters stored: {}{}",
             self.events_read,
             self.undecodable,
             self.unknown_poll_or_option,
             self.stamped_ahead,
+            self.unknown_revision_dead,
             self.dead_letters,
             if self.dead_letters == self.dead_letters_expected() {
                 ""
@@ -325,6 +338,7 @@ struct Fold {
     unknown_poll_or_option: u64,
     stamped_ahead: u64,
     unknown_revision: u64,
+    unknown_revision_dead: u64,
     newer_version: u64,
     /// Gaps in the sequences read, first to last missing.
     holes: Vec<(u64, u64)>,
@@ -332,6 +346,10 @@ struct Fold {
     at_marks: BTreeMap<u64, Option<EventId>>,
     first_sequence: u64,
     last_sequence: u64,
+    /// The time the fold judges by, and the bound: an event naming a revision the bucket lacks
+    /// is a dead letter once it was stored longer ago than the bound.
+    now: DateTime<Utc>,
+    bound: Duration,
 }
 
 impl Fold {
@@ -359,7 +377,11 @@ impl Fold {
                 return;
             }
             Err(Unjudged::UnknownRevision(_)) => {
-                self.unknown_revision += 1;
+                if landslide_schema::poll::waited_out(stored_at, self.now, self.bound) {
+                    self.unknown_revision_dead += 1;
+                } else {
+                    self.unknown_revision += 1;
+                }
                 return;
             }
         }
@@ -435,7 +457,12 @@ pub(crate) async fn audit_with_polls(
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let polls = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let marked: Vec<u64> = rollbacks.iter().map(|r| r.mark_sequence).collect();
-    let fold = read_stream(&stream, last, &polls, &marked).await?;
+    let fold = Fold {
+        now: server_now.unwrap_or_else(Utc::now),
+        bound: config.unknown_revision_bound,
+        ..Fold::default()
+    };
+    let fold = read_stream(&stream, last, &polls, &marked, fold).await?;
     let reused = rollbacks
         .iter()
         .filter_map(|r| {
@@ -462,6 +489,7 @@ pub(crate) async fn audit_with_polls(
         unknown_poll_or_option: fold.unknown_poll_or_option,
         stamped_ahead: fold.stamped_ahead,
         unknown_revision: fold.unknown_revision,
+        unknown_revision_dead: fold.unknown_revision_dead,
         newer_version: fold.newer_version,
         first_sequence: fold.first_sequence,
         last_sequence: fold.last_sequence,
@@ -518,15 +546,15 @@ async fn wait_until_drained(
     }
 }
 
-/// Folds messages 1..=`last` of the stream, noting its holes and the events at `marked`
-/// sequences.
+/// Folds messages 1..=`last` of the stream into `fold`, noting its holes and the events at
+/// `marked` sequences.
 async fn read_stream(
     stream: &jetstream::stream::Stream,
     last: u64,
     polls: &PollBook,
     marked: &[u64],
+    mut fold: Fold,
 ) -> anyhow::Result<Fold> {
-    let mut fold = Fold::default();
     for sequence in marked {
         fold.at_marks.insert(*sequence, None);
     }

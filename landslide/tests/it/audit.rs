@@ -215,7 +215,7 @@ async fn audit_reports_undecodable_messages_next_to_the_dead_letters() {
     assert!(
         text.contains(
             "1 undecodable, 2 refused by their poll definitions, 0 stamped ahead of the \
-             stream; dead letters stored: 3\n"
+             stream, 0 naming a revision the polls bucket lacks; dead letters stored: 3\n"
         ),
         "{text}"
     );

@@ -7,7 +7,9 @@ use async_nats::jetstream;
 use futures::StreamExt as _;
 use landslide_dedup_worker::FailPoint;
 use landslide_nats::Topology;
-use landslide_schema::{Choice, EventId, NodeId, PollId, Timestamp, VoteEvent, VoterId, merge};
+use landslide_schema::{
+    Choice, EventId, NodeId, PollId, Revision, RevisionHash, Timestamp, VoteEvent, VoterId, merge,
+};
 use uuid::Uuid;
 
 use crate::support::{self, Db, Nats};
@@ -747,5 +749,59 @@ async fn a_changed_or_deleted_consumer_is_made_again_and_skips_no_vote() {
         .unwrap();
     publish_raw(&nats, votes(10..15)).await;
     support::wait_for("15 ballots", Duration::from_secs(60), counted(15)).await;
+    worker.stop().await;
+}
+
+/// Found by trying it: one event naming a revision that does not exist was naked every 2 s for
+/// ever, so `pending` stayed at 1, tally never said `final` and audit refused to run; 20,000 of
+/// them stop all counting (`max_ack_pending`). Now it waits out a bound (5 minutes; 2 s here),
+/// the bucket is read once more, and it is a dead letter, which audit counts as one. An event
+/// naming a known revision under a text it never had is the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_naming_a_revision_that_never_comes_is_a_dead_letter_after_the_bound() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let bound = Duration::from_secs(2);
+    let worker = support::worker_with(&nats, &db, |c| c.unknown_revision_bound = bound);
+    let named = |revision: u64, hash: Option<&str>, voter: u128| VoteEvent {
+        rev: Some(Revision(revision)),
+        after: Some(Timestamp(0)),
+        rev_hash: hash.map(RevisionHash::of),
+        ..event(voter, 10, "dogs", voter)
+    };
+    publish_raw(
+        &nats,
+        [
+            named(99, None, 1).encode(),
+            named(1, Some("a text revision 1 never had"), 2).encode(),
+            event(3, 10, "cats", 3).encode(),
+        ],
+    )
+    .await;
+    support::drained(&nats).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1)]
+    );
+    for message in dead_letters(&nats, 2).await {
+        let headers = message.headers.clone().unwrap();
+        let reason = headers.get("Landslide-Reason").unwrap().as_str().to_owned();
+        assert!(
+            reason.contains("the polls bucket still lacks it 2 s after"),
+            "{reason}"
+        );
+    }
+    let mut config = landslide_tally::audit::AuditConfig::new(
+        nats.connections(landslide_nats::User::Audit, Some(&db)),
+    );
+    config.unknown_revision_bound = bound;
+    let report = landslide_tally::audit::audit(&config).await.unwrap();
+    assert!(report.is_consistent(), "{report}");
+    assert_eq!(report.unknown_revision_dead, 2, "{report}");
+    assert_eq!(
+        report.dead_letters,
+        report.dead_letters_expected(),
+        "{report}"
+    );
     worker.stop().await;
 }
