@@ -1,6 +1,12 @@
 //! `GET /api/receipts/{receipt}` and `GET /receipts/{receipt}`: what became of one vote, from the
 //! receipt its voter got ([`Receipt`]). One indexed read of the voter's ballot per request, on a
 //! small pool of its own: the results' one query per refresh stays what it was.
+//!
+//! The answer is about the receipt's vote and nothing later: counted (with its own choice),
+//! superseded, pending or not counted. It never names the choice or the event of a later vote of
+//! the same voter: a receipt once answered `"superseded", "counted_choice": "dogs"` with the
+//! later event's id, which told anyone holding it the voter's current choice and found the
+//! voter's line in the published ballots.
 
 use askama::Template;
 use axum::extract::rejection::PathRejection;
@@ -40,7 +46,7 @@ struct BallotRow {
 pub(crate) enum ReceiptStatus {
     /// This vote is the voter's ballot.
     Counted,
-    /// A later vote of the same voter is (`counted_event_id`).
+    /// A later vote of the same voter is (which one, and its choice, are not said).
     Superseded,
     /// Not counted yet.
     Pending,
@@ -58,10 +64,8 @@ pub(crate) struct Answer {
     poll: String,
     event_id: EventId,
     status: ReceiptStatus,
-    /// The vote that is the voter's ballot, when a later one superseded this one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    counted_event_id: Option<EventId>,
-    /// The choice the voter's ballot holds now.
+    /// This vote's choice, when it is the one counted (the ballot holds it); never a later
+    /// vote's.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Choice>)]
     counted_choice: Option<String>,
@@ -103,11 +107,9 @@ pub(crate) async fn answer(state: &AppState, text: &str) -> Result<Answer, (Stat
         poll: receipt.poll.to_string(),
         event_id: receipt.event_id,
         status,
-        counted_event_id: ballot
-            .as_ref()
-            .filter(|_| standing == Standing::Superseded)
-            .map(|b| EventId(b.event_id)),
-        counted_choice: ballot.map(|b| b.choice),
+        counted_choice: ballot
+            .filter(|_| standing == Standing::Counted)
+            .map(|b| b.choice),
         poll_status: results.status,
     })
 }
@@ -206,10 +208,9 @@ pub(crate) async fn page(
             StatusCode::OK,
             match answer.status {
                 ReceiptStatus::Counted => "This vote is the one counted for you.".to_owned(),
-                ReceiptStatus::Superseded => format!(
-                    "A later vote of yours replaced this one: {} is counted.",
-                    answer.counted_choice.unwrap_or_default()
-                ),
+                ReceiptStatus::Superseded => {
+                    "A later vote of yours replaced this one; that one is counted.".to_owned()
+                }
                 ReceiptStatus::Pending => {
                     "This vote is accepted and not counted yet; look again in a moment.".to_owned()
                 }
