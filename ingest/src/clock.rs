@@ -95,6 +95,13 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 /// little, and the last good comparison stands.
 const MAX_SAMPLE_RTT: Duration = Duration::from_secs(1);
 
+/// How long the last good comparison stands when no new one succeeds (NATS unreachable, every
+/// round trip too slow): fifteen samples. Beyond it the node refuses votes until it compares
+/// again. A comparison that failed was once kept for good, and a clock that drifted or was
+/// stepped meanwhile in a way the monotonic clock hides (a VM paused and resumed) stamped votes
+/// by a comparison hours old.
+pub const MAX_SAMPLE_AGE: Duration = Duration::from_secs(30);
+
 /// One comparison of the node's clock with the server's.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -140,6 +147,8 @@ impl Sample {
 pub enum ClockVerdict {
     /// Not compared with the server's yet: no vote until it is.
     Unmeasured,
+    /// The last comparison is older than [`MAX_SAMPLE_AGE`]: no vote until a new one.
+    Stale { age_ms: u64 },
     /// Within the bound, even allowing for the uncertainty of the comparison.
     Within { offset_ms: i64 },
     /// Off by more than the bound, or not provably within it.
@@ -158,6 +167,12 @@ impl ClockVerdict {
         let Some(sample) = sample else {
             return Self::Unmeasured;
         };
+        let age = mono.saturating_duration_since(sample.mono);
+        if age > MAX_SAMPLE_AGE {
+            return Self::Stale {
+                age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+            };
+        }
         let offset_ms = sample.offset_now(wall_ms, mono);
         let bound_ms = bound.millis();
         if offset_ms
@@ -186,6 +201,13 @@ impl std::fmt::Display for ClockVerdict {
             Self::Unmeasured => f.write_str(
                 "this node has not compared its clock with the NATS server's yet; votes are \
                  refused until it has",
+            ),
+            Self::Stale { age_ms } => write!(
+                f,
+                "this node last compared its clock with the NATS server's {} s ago (the \
+                 comparisons since failed or took too long); votes are refused until it \
+                 compares again",
+                age_ms / 1000
             ),
             Self::Within { offset_ms } => write!(
                 f,
@@ -399,5 +421,20 @@ mod tests {
                 bound_ms: 2_000
             }
         );
+    }
+
+    #[test]
+    fn a_comparison_too_old_stamps_nothing() {
+        let sent = Instant::now();
+        let sample = Sample::new(SERVER_MS as u64, sent, sent, SERVER_MS);
+        let at = |age: Duration| {
+            let wall = sample.wall_ms + u64::try_from(age.as_millis()).unwrap();
+            ClockVerdict::judge(Some(&sample), wall, sent + age, bound(2_000))
+        };
+        assert!(at(MAX_SAMPLE_AGE).is_within());
+        let stale = at(MAX_SAMPLE_AGE + Duration::from_secs(1));
+        assert_eq!(stale, ClockVerdict::Stale { age_ms: 31_000 });
+        assert!(!stale.is_within());
+        assert!(stale.to_string().contains("31 s ago"), "{stale}");
     }
 }

@@ -410,9 +410,9 @@ fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
-/// A consumer's info and the server's clock when it answered: the response's `ts`, which
-/// async-nats' typed info leaves out. The clock that decides whether a poll has closed (the
-/// stream's), read in the same answer as the pending count: `None` from a server that sends none.
+/// A consumer's info and the clock of the server that answered (the consumer's leader): the
+/// response's `ts`, which async-nats' typed info leaves out; `None` from a server that sends none.
+/// Not the clock a poll's close is judged by: that is the stream leader's ([`Backlog::server_now`]).
 pub async fn consumer_info_at(
     js: &jetstream::Context,
     stream: &str,
@@ -510,7 +510,11 @@ pub fn pending(info: &jetstream::consumer::Info, stream_last_seq: u64) -> u64 {
 pub struct Backlog {
     /// The consumer's info.
     pub info: consumer::Info,
-    /// The server's clock when it answered (see [`consumer_info_at`]).
+    /// The stream leader's clock when it answered the stream's info, after the consumer's
+    /// ([`stream_clock`]): the clock that stamps every vote's stored time, by which each vote is
+    /// judged inside or outside its poll's window. A poll is final by this clock: every vote
+    /// stored before it answered is in `pending` until committed. (It was the consumer leader's,
+    /// another server of a cluster, whose clock nobody compared with the stream leader's.)
     pub server_now: Option<chrono::DateTime<chrono::Utc>>,
     /// Accepted votes not yet committed, by [`pending`]: every vote acknowledged before the
     /// consumer's info was read is in it until a worker has committed it.
@@ -527,8 +531,9 @@ pub async fn backlog(
     stream: &str,
     consumer: &str,
 ) -> anyhow::Result<Backlog> {
-    let (info, server_now) = consumer_info_at(js, stream, consumer).await?;
+    let (info, _) = consumer_info_at(js, stream, consumer).await?;
     let raw = stream_info_raw(js, stream).await?;
+    let server_now = server_ts(&raw);
     let last_seq = raw["state"]["last_seq"]
         .as_u64()
         .with_context(|| format!("the info of stream {stream} has no state.last_seq"))?;
