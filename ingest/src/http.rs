@@ -601,8 +601,9 @@ struct FormVote {
     responses(
         (status = 303, description = "Stored on disk; back to the form, with the receipt",
             headers(
-                ("Location" = String, description = "`/?receipt=…` (or `/?poll=…&receipt=…`)"),
-                ("Set-Cookie" = String, description = "The signed voter cookie"),
+                ("Location" = String, description = "`/` (or `/?poll=…`)"),
+                ("Set-Cookie" = String, description = "The signed voter cookie, and the \
+                    receipt's, which the form reads once"),
             )),
         (status = 400, description = "Malformed body", body = String, content_type = "text/html"),
         (status = 403, description = "Sent from another site's page, or the poll is not open",
@@ -645,13 +646,16 @@ async fn vote_form(
     let poll = vote.poll.unwrap_or_else(|| default.to_string());
     let (jar, result) = state.cast(jar, &poll, &vote.vote, None, client).await;
     match result {
-        // The receipt travels in the address of the confirmation: the form shows it.
-        Ok(accepted) if poll == default.as_str() => {
-            let to = format!("/?receipt={}", accepted.receipt);
-            (jar, Redirect::to(&to)).into_response()
-        }
+        // The receipt travels to the confirmation in a cookie read once, never in its address,
+        // which access logs keep (`voter::RECEIPT_COOKIE_NAME`).
         Ok(accepted) => {
-            let to = format!("/?poll={poll}&receipt={}", accepted.receipt);
+            let jar =
+                voter::write_receipt(jar, accepted.receipt.to_string(), state.0.secure_cookie);
+            let to = if poll == default.as_str() {
+                "/".to_owned()
+            } else {
+                format!("/?poll={poll}")
+            };
             (jar, Redirect::to(&to)).into_response()
         }
         Err(err) => {
@@ -811,9 +815,12 @@ async fn form(
             }
         },
     };
-    // Only a well-formed receipt of this poll is shown; anything else in the address is not.
+    // The receipt of the vote just cast through the form, from its cookie (or, as links of
+    // earlier releases have it, the address). Only a well-formed receipt of this poll is shown.
+    let (jar, flashed) = voter::take_receipt(jar, state.0.secure_cookie);
     let receipt = query
         .receipt
+        .or(flashed)
         .as_deref()
         .and_then(|r| r.parse::<Receipt>().ok());
     // The jar goes back too: a cookie of a previous key comes back signed with the current one.

@@ -178,6 +178,46 @@ pub fn write(jar: SignedCookieJar, payload: &VoterCookie, secure: bool) -> Signe
     }
 }
 
+/// The cookie that carries the receipt of a vote cast through the form to the page the answer
+/// redirects to: one minute, signed like the voter cookie, read once. The receipt used to travel
+/// in the redirect's address (`/?receipt=…`), which every access log on the way keeps, and a
+/// receipt tells whoever holds it what became of the vote.
+pub const RECEIPT_COOKIE_NAME: &str = "landslide_receipt";
+/// Its name with `LANDSLIDE_SECURE_COOKIE`.
+pub const SECURE_RECEIPT_COOKIE_NAME: &str = "__Host-landslide_receipt";
+
+fn receipt_cookie_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_RECEIPT_COOKIE_NAME
+    } else {
+        RECEIPT_COOKIE_NAME
+    }
+}
+
+/// The jar with the receipt cookie set to `receipt`.
+pub fn write_receipt(jar: SignedCookieJar, receipt: String, secure: bool) -> SignedCookieJar {
+    jar.add(
+        Cookie::build((receipt_cookie_name(secure), receipt))
+            .path("/")
+            .http_only(true)
+            .secure(secure)
+            .same_site(SameSite::Strict)
+            .max_age(cookie::time::Duration::minutes(1)),
+    )
+}
+
+/// The receipt the cookie carries, if any, and the jar without it: shown once.
+pub fn take_receipt(jar: SignedCookieJar, secure: bool) -> (SignedCookieJar, Option<String>) {
+    let name = receipt_cookie_name(secure);
+    match jar.get(name) {
+        Some(cookie) => {
+            let receipt = cookie.value().to_owned();
+            (jar.remove(Cookie::build(name).path("/")), Some(receipt))
+        }
+        None => (jar, None),
+    }
+}
+
 /// Checks an `Idempotency-Key` header value: 1 to 255 visible ASCII characters, and at least
 /// [`MIN_COOKIELESS_KEY_LEN`] when the request carries no valid voter cookie (`with_cookie`).
 pub fn check_idempotency_key(key: &str, with_cookie: bool) -> Result<(), String> {
