@@ -108,6 +108,13 @@ impl User {
             api(&format!("DIRECT.GET.{kv}.>")),
             format!("$JS.FC.{kv}.>"),
         ];
+        // Reading the votes stream through consumers of one's own (`StreamReader`): named creates
+        // only (see above), never the workers' durable one (`durable_denied`).
+        let read_votes = vec![
+            api(&format!("CONSUMER.CREATE.{votes}.*")),
+            api(&format!("CONSUMER.CREATE.{votes}.*.>")),
+            api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
+        ];
         let inbox = vec![format!("{}.>", self.inbox_prefix())];
         let mut denied = Vec::new();
         let publish = match self {
@@ -163,16 +170,21 @@ impl User {
                 read_polls,
             ]
             .concat(),
-            Self::Tally => [
-                vec![
-                    api(&format!("STREAM.INFO.{votes}")),
-                    api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
-                    // The message at the workers' mark (`rollback`).
-                    api(&format!("STREAM.MSG.GET.{votes}")),
-                ],
-                read_polls,
-            ]
-            .concat(),
+            Self::Tally => {
+                denied = Self::durable_denied(t);
+                [
+                    vec![
+                        api(&format!("STREAM.INFO.{votes}")),
+                        api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                        // The message at the workers' mark (`rollback`).
+                        api(&format!("STREAM.MSG.GET.{votes}")),
+                    ],
+                    // The votes not yet counted, read for their polls (`pending_by_poll`).
+                    read_votes,
+                    read_polls,
+                ]
+                .concat()
+            }
             Self::Audit => {
                 denied = Self::durable_denied(t);
                 [
@@ -183,13 +195,11 @@ impl User {
                         // The message at the workers' mark (`rollback`).
                         api(&format!("STREAM.MSG.GET.{votes}")),
                         // Named consumers only (see above), the workers' excepted.
-                        api(&format!("CONSUMER.CREATE.{votes}.*")),
-                        api(&format!("CONSUMER.CREATE.{votes}.*.>")),
                         api(&format!("CONSUMER.CREATE.{dlq}.*")),
                         api(&format!("CONSUMER.CREATE.{dlq}.*.>")),
-                        api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
                         api(&format!("CONSUMER.MSG.NEXT.{dlq}.*")),
                     ],
+                    read_votes,
                     read_polls,
                 ]
                 .concat()

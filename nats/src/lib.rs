@@ -921,7 +921,7 @@ impl StreamReader {
     pub const STALL: Duration = Duration::from_secs(30);
 
     /// A reader of messages 1..=`last` for `user`, whose name begins the consumer's
-    /// (`audit_<random>`): a named create, the only kind the audit user may make
+    /// (`audit_<random>`): a named create, the only kind the audit and tally users may make
     /// ([`User::permissions`]). `description` describes it (`landslide audit`).
     pub async fn open(
         stream: &jetstream::stream::Stream,
@@ -929,10 +929,23 @@ impl StreamReader {
         user: User,
         description: &str,
     ) -> anyhow::Result<Self> {
+        Self::open_from(stream, 1, last, user, description).await
+    }
+
+    /// [`StreamReader::open`] for messages `first..=last`.
+    pub async fn open_from(
+        stream: &jetstream::stream::Stream,
+        first: u64,
+        last: u64,
+        user: User,
+        description: &str,
+    ) -> anyhow::Result<Self> {
         let reader = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 name: Some(format!("{user}_{}", uuid::Uuid::new_v4().simple())),
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: first.max(1),
+                },
                 description: Some(description.to_owned()),
                 ..Default::default()
             })
@@ -946,14 +959,14 @@ impl StreamReader {
             messages,
             stream: stream.clone(),
             last,
-            done: last == 0,
+            done: last < first.max(1),
         })
     }
 
     /// The stream's last sequence, as its leader says (only the leader answers a stream's info).
-    async fn leader_last(&self) -> anyhow::Result<u64> {
-        Ok(self
-            .stream
+    /// Of the stream alone, not of the reader, whose ordered consumer is `Send` but not `Sync`.
+    async fn leader_last(stream: &jetstream::stream::Stream) -> anyhow::Result<u64> {
+        Ok(stream
             .get_info()
             .await
             .context("cannot read the votes stream's state")?
@@ -982,8 +995,8 @@ impl StreamReader {
         // `pending == 0` short of `last`: nothing after it on the replica that serves the reader,
         // which may lag; done only if the leader holds nothing after it either (`last` itself
         // was removed, or the stream went backwards, which audit reports on its own).
-        self.done =
-            sequence >= last || (info.pending == 0 && self.leader_last().await? <= sequence);
+        self.done = sequence >= last
+            || (info.pending == 0 && Self::leader_last(&self.stream).await? <= sequence);
         Ok(Some(Stored {
             sequence,
             stored_at,

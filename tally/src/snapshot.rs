@@ -33,8 +33,10 @@ pub(crate) struct Results {
     /// Every option of the poll, 0 when it has no votes yet.
     pub counts: BTreeMap<Choice, i64>,
     pub total: i64,
-    /// Votes accepted but not yet committed: the consumer's pending plus unacked messages. When it
-    /// is 0, the counts include every vote accepted before `as_of`.
+    /// Votes accepted but not yet committed: the consumer's pending plus unacked messages; once
+    /// the poll has closed, this poll's own (the messages beyond the workers' ack floor, read for
+    /// their poll). When it is 0, the counts include every vote of the poll accepted before
+    /// `as_of`.
     pub pending: u64,
     /// When the snapshot was started, RFC 3339 in UTC.
     #[schema(format = DateTime)]
@@ -92,6 +94,86 @@ impl Status {
     }
 }
 
+/// Accepted votes not yet counted: in all, and per poll when the messages beyond the workers' ack
+/// floor were read ([`pending_by_poll`]). Without the second, one poll still taking votes, or one
+/// vote waiting for its revision, kept every other poll from being final.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Pending {
+    pub all: u64,
+    pub by_poll: Option<HashMap<PollId, u64>>,
+}
+
+impl Pending {
+    /// Every poll's, nothing read per poll.
+    #[cfg(test)]
+    pub fn all(all: u64) -> Self {
+        Self { all, by_poll: None }
+    }
+
+    /// `poll`'s pending votes: its own when they were read, every poll's otherwise.
+    pub fn of(&self, poll: &PollId) -> u64 {
+        match &self.by_poll {
+            Some(by_poll) => by_poll.get(poll).copied().unwrap_or(0),
+            None => self.all,
+        }
+    }
+}
+
+/// The most messages beyond the workers' ack floor that [`pending_by_poll`] reads: beyond it, the
+/// workers are far behind and no poll's pending can be told apart (every poll's counts).
+const PER_POLL_READ_LIMIT: u64 = 10_000;
+
+/// The votes not yet counted of each poll, once some poll has closed while votes are pending: the
+/// messages beyond the workers' ack floor (every message up to it is committed or a dead letter),
+/// read for their poll. Some of them may be acked already: a poll's figure can only be too high,
+/// never too low. `None` when there are more than [`PER_POLL_READ_LIMIT`], or one names a poll
+/// that cannot be read (a newer wire version).
+pub(crate) async fn pending_by_poll(
+    js: &jetstream::Context,
+    topology: &landslide_nats::Topology,
+    backlog: &landslide_nats::Backlog,
+) -> anyhow::Result<Option<HashMap<PollId, u64>>> {
+    let first = backlog.info.ack_floor.stream_sequence + 1;
+    let last = backlog.stream_last;
+    if last < first {
+        return Ok(Some(HashMap::new()));
+    }
+    if last - first >= PER_POLL_READ_LIMIT {
+        return Ok(None);
+    }
+    let stream = js
+        .get_stream(&topology.votes_stream)
+        .await
+        .context("cannot open the votes stream")?;
+    let mut reader = landslide_nats::StreamReader::open_from(
+        &stream,
+        first,
+        last,
+        landslide_nats::User::Tally,
+        "landslide tally: the polls of the votes not yet counted",
+    )
+    .await?;
+    let mut by_poll: HashMap<PollId, u64> = HashMap::new();
+    while let Some(stored) = reader.next().await? {
+        match landslide_schema::VoteEvent::decode(&stored.message.payload) {
+            Ok(event) => *by_poll.entry(event.poll).or_default() += 1,
+            Err(err) if err.is_newer() => return Ok(None),
+            // A dead letter: no poll's.
+            Err(_) => {}
+        }
+    }
+    Ok(Some(by_poll))
+}
+
+/// Whether any of `polls` has closed by `stream_now`, the clock that decides it.
+pub(crate) fn any_closed(polls: &Polls, stream_now: Option<DateTime<Utc>>) -> bool {
+    stream_now.is_some_and(|now| {
+        polls
+            .iter()
+            .any(|poll| matches!(poll.window_at(now), Window::Closed))
+    })
+}
+
 /// The pending count to show: a stream that went backwards (`rollback`, until the workers have
 /// restarted their consumer) may hide votes the consumer skips, so it is never 0 then.
 pub(crate) fn pending_despite(pending: u64, rollback: Option<&str>) -> u64 {
@@ -143,13 +225,12 @@ impl Snapshot {
     /// left out here (the audit reports them).
     pub fn build(
         polls: &Polls,
-        pending: u64,
+        pending: &Pending,
         sums: &[OptionCount],
         as_of: DateTime<Utc>,
         stream_now: Option<DateTime<Utc>>,
         rollback: Option<&str>,
     ) -> Self {
-        let pending = pending_despite(pending, rollback);
         let at = as_of;
         let as_of = as_of.to_rfc3339_opts(SecondsFormat::Millis, true);
         let rfc3339 = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
@@ -168,6 +249,7 @@ impl Snapshot {
                         (option.id.clone(), votes.get(&key).copied().unwrap_or(0))
                     })
                     .collect();
+                let pending = pending_despite(pending.of(&poll.id), rollback);
                 let results = Results {
                     poll: poll.id.clone(),
                     question: poll.question.clone(),
@@ -283,6 +365,26 @@ impl Refresher {
             .await
             .context("cannot read the consumer's pending count")?;
         let (pending, stream_now) = (backlog.pending, backlog.server_now);
+        // Each poll's own pending votes, once one has closed (before the counts, too): another
+        // poll still taking votes then keeps it from being final no longer.
+        let by_poll = if pending > 0 && any_closed(self.polls.current().latest().1, stream_now) {
+            pending_by_poll(&self.js, &self.topology, &backlog)
+                .await
+                .unwrap_or_else(|err| {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "cannot read the polls of the votes not yet counted; every poll waits \
+                         for all of them"
+                    );
+                    None
+                })
+        } else {
+            None
+        };
+        let per_poll = Pending {
+            all: pending,
+            by_poll,
+        };
 
         let conn = match &mut self.conn {
             Some(conn) => conn,
@@ -336,7 +438,7 @@ impl Refresher {
             .or_else(|| (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift)));
         let snapshot = Snapshot::build(
             book.latest().1,
-            pending,
+            &per_poll,
             &sums,
             as_of,
             stream_now,
@@ -392,7 +494,7 @@ mod tests {
             row("other", "cats", 100),
         ];
         let as_of = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
-        let snapshot = Snapshot::build(&polls, 2, &sums, as_of, Some(as_of), None);
+        let snapshot = Snapshot::build(&polls, &Pending::all(2), &sums, as_of, Some(as_of), None);
 
         let pets: serde_json::Value =
             serde_json::from_str(&snapshot.polls[&PollId::parse("pets").unwrap()].json).unwrap();
@@ -421,7 +523,7 @@ mod tests {
         let polls = Polls::new(PollId::parse("pets").unwrap(), vec![closed]).unwrap();
         let after = at("2026-12-06T21:00:00Z");
         let pets = PollId::parse("pets").unwrap();
-        let snapshot = Snapshot::build(&polls, 0, &[], after, Some(after), None);
+        let snapshot = Snapshot::build(&polls, &Pending::all(0), &[], after, Some(after), None);
         let fresh = &snapshot.polls[&pets];
         assert_eq!(fresh.results.status, Status::Final);
         let (served, json) = fresh.served(Duration::from_secs(1), Duration::from_secs(5));
@@ -432,7 +534,14 @@ mod tests {
         assert_eq!(served.stale_for_ms, Some(30_000));
         assert!(json.contains(r#""stale_for_ms":30000"#), "{json}");
 
-        let snapshot = Snapshot::build(&polls, 0, &[], after, Some(after), Some("went back"));
+        let snapshot = Snapshot::build(
+            &polls,
+            &Pending::all(0),
+            &[],
+            after,
+            Some(after),
+            Some("went back"),
+        );
         let results = &snapshot.polls[&pets].results;
         assert_eq!((results.pending, results.status), (1, Status::Closed));
         assert_eq!(results.rollback.as_deref(), Some("went back"));

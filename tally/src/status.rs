@@ -13,7 +13,7 @@ use landslide_schema::postgres::marks;
 
 use crate::audit::AuditConfig;
 use crate::counts;
-use crate::snapshot::{Snapshot, Status, pending_despite};
+use crate::snapshot::{Pending, Snapshot, Status, any_closed, pending_by_poll, pending_despite};
 
 /// One poll, as the results show it.
 #[derive(Debug, Clone)]
@@ -95,6 +95,16 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
     let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
         .await
         .context("cannot read the recorded rollbacks")?;
+    // Each poll's own pending votes, as tally reads them (before the counts).
+    let by_poll = if backlog.pending > 0 && any_closed(definitions, backlog.server_now) {
+        pending_by_poll(&js, topology, &backlog).await?
+    } else {
+        None
+    };
+    let per_poll = Pending {
+        all: backlog.pending,
+        by_poll,
+    };
     let sums = counts::tally_sums(&mut conn)
         .await
         .context("cannot read the tallies")?;
@@ -105,7 +115,7 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         ..
     } = backlog;
     // The same snapshot the results are built from: its counts and its status.
-    let snapshot = Snapshot::build(definitions, pending, &sums, Utc::now(), server_now, hold);
+    let snapshot = Snapshot::build(definitions, &per_poll, &sums, Utc::now(), server_now, hold);
     let pending = pending_despite(pending, hold);
     let polls = definitions
         .iter()

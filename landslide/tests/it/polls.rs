@@ -527,3 +527,69 @@ async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it
     ingest.role.stop().await;
     tally.role.stop().await;
 }
+
+/// Found by trying it: `pending` was one figure for every poll, so a poll still taking votes (or
+/// one vote waiting for its revision) kept every other poll from being final. Now, once a poll
+/// has closed, tally reads the polls of the votes not yet counted, and a closed poll with none of
+/// its own pending is final whatever the others do.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_poll_is_final_while_another_still_takes_votes() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let store = store(&nats).await;
+    let millis =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let closes_at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let two_polls = format!(
+        "{BIRDS}\n[[poll]]\nid = \"lunch\"\nquestion = \"Pizza or pasta?\"\n\
+         options = [{{ id = \"pizza\", label = \"Pizza\" }}, {{ id = \"pasta\", label = \"Pasta\" }}]\n\
+         opens_at = \"{}\"\ncloses_at = \"{}\"\n",
+        millis(chrono::Utc::now() - chrono::Duration::hours(1)),
+        millis(closes_at)
+    );
+    polls::put(&store, &two_polls).await.unwrap();
+    let worker = support::worker(&nats, &db);
+    let ingest = support::ingest(&nats, "web1", 0).await;
+    let (status, body) = support::vote_api(&support::voter(), &ingest.url, "lunch", "pizza").await;
+    assert_eq!(status, 202, "{body}");
+    support::drained(&nats).await;
+    let wait = (closes_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(200)).await;
+
+    // No worker: the open poll's votes stay pending.
+    worker.stop().await;
+    for _ in 0..3 {
+        let (status, body) =
+            support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let tally = support::tally(&nats, &db).await;
+    let results = |poll: &'static str| {
+        let url = format!("{}/api/results/{poll}", tally.url);
+        async move {
+            reqwest::get(&url)
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+    let lunch = support::wait_for("lunch to be final", Duration::from_secs(30), || async {
+        let body = results("lunch").await?;
+        (body["status"] == "final").then_some(body)
+    })
+    .await;
+    assert_eq!(
+        (lunch["total"].as_i64(), lunch["pending"].as_u64()),
+        (Some(1), Some(0)),
+        "{lunch}"
+    );
+    let pets = results("pets").await.unwrap();
+    assert_eq!(pets["status"], "open", "{pets}");
+    assert_eq!(pets["pending"], 3, "{pets}");
+    tally.role.stop().await;
+    ingest.role.stop().await;
+}
