@@ -8,7 +8,7 @@
 //! Never change a definition silently: an existing stream or consumer that differs from its file in
 //! any field the file sets stops the role with a message naming each difference.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, stream};
@@ -521,6 +521,71 @@ pub struct Backlog {
     pub pending: u64,
     /// The stream's last sequence, read after the consumer's info.
     pub stream_last: u64,
+    /// How far the stream leader's clock was ahead of the consumer leader's (two servers of a
+    /// cluster, or the same one), from the two answers and this process's monotonic clock:
+    /// `None` when either answer had no time.
+    pub skew: Option<ClockSkew>,
+}
+
+/// The difference between two servers' clocks, measured through their answers to requests sent
+/// one after the other: each server read its clock somewhere within its request's round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockSkew {
+    /// The second server's clock less the first's, at the same instant, in milliseconds.
+    pub millis: i64,
+    /// How far the true difference may lie from `millis` either way: half of both round trips.
+    pub uncertainty_millis: u64,
+}
+
+/// The skew between nats-servers beyond which tally and `status` raise an alarm: half the grace
+/// a poll waits after its close before it is final (`landslide_tally`'s `CLOSE_GRACE`).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
+
+impl ClockSkew {
+    /// From a first answer with clock `first` to a request sent at `sent_first` and answered at
+    /// `got_first` (this process's monotonic clock), and a second likewise.
+    fn measure(
+        (first, sent_first, got_first): (chrono::DateTime<chrono::Utc>, Instant, Instant),
+        (second, sent_second, got_second): (chrono::DateTime<chrono::Utc>, Instant, Instant),
+    ) -> Self {
+        let mid = |sent: Instant, got: Instant| sent + got.saturating_duration_since(sent) / 2;
+        let between =
+            mid(sent_second, got_second).saturating_duration_since(mid(sent_first, got_first));
+        let half = |sent: Instant, got: Instant| got.saturating_duration_since(sent) / 2;
+        let clocks = (second - first).num_milliseconds();
+        Self {
+            millis: clocks - i64::try_from(between.as_millis()).unwrap_or(i64::MAX),
+            uncertainty_millis: u64::try_from(
+                (half(sent_first, got_first) + half(sent_second, got_second)).as_millis(),
+            )
+            .unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Whether the two clocks surely differ by more than `bound`.
+    pub fn beyond(&self, bound: Duration) -> bool {
+        let bound = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        self.millis
+            .unsigned_abs()
+            .saturating_sub(self.uncertainty_millis)
+            > bound
+    }
+}
+
+impl std::fmt::Display for ClockSkew {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the votes stream leader's clock is {} ms {} the workers' consumer leader's (± {} ms)",
+            self.millis.unsigned_abs(),
+            if self.millis >= 0 {
+                "ahead of"
+            } else {
+                "behind"
+            },
+            self.uncertainty_millis
+        )
+    }
 }
 
 /// Reads the consumer's info, then the stream's last sequence, in that order: a vote stored
@@ -531,9 +596,20 @@ pub async fn backlog(
     stream: &str,
     consumer: &str,
 ) -> anyhow::Result<Backlog> {
-    let (info, _) = consumer_info_at(js, stream, consumer).await?;
+    let sent_consumer = Instant::now();
+    let (info, consumer_now) = consumer_info_at(js, stream, consumer).await?;
+    let got_consumer = Instant::now();
     let raw = stream_info_raw(js, stream).await?;
+    let got_stream = Instant::now();
     let server_now = server_ts(&raw);
+    let skew = consumer_now
+        .zip(server_now)
+        .map(|(consumer_now, stream_now)| {
+            ClockSkew::measure(
+                (consumer_now, sent_consumer, got_consumer),
+                (stream_now, got_consumer, got_stream),
+            )
+        });
     let last_seq = raw["state"]["last_seq"]
         .as_u64()
         .with_context(|| format!("the info of stream {stream} has no state.last_seq"))?;
@@ -542,6 +618,7 @@ pub async fn backlog(
         stream_last: last_seq,
         info,
         server_now,
+        skew,
     })
 }
 
@@ -1024,6 +1101,34 @@ pub fn stored_at(info: &jetstream::message::Info<'_>) -> chrono::DateTime<chrono
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_skew_of_two_servers_allows_for_both_round_trips() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        // The first answered 20 ms after it was asked, the second asked then and answered 40 ms
+        // later: their readings lie 30 ms apart by our clock, theirs 1,530 ms apart.
+        let skew = ClockSkew::measure(
+            (at("2026-12-06T20:00:00.000Z"), t0, t0 + ms(20)),
+            (at("2026-12-06T20:00:01.530Z"), t0 + ms(20), t0 + ms(60)),
+        );
+        assert_eq!(
+            skew,
+            ClockSkew {
+                millis: 1_500,
+                uncertainty_millis: 30
+            }
+        );
+        assert!(skew.beyond(MAX_CLOCK_SKEW));
+        assert!(!skew.beyond(Duration::from_millis(1_470)));
+        assert!(skew.to_string().contains("1500 ms ahead of"), "{skew}");
+        let same = ClockSkew::measure(
+            (at("2026-12-06T20:00:00.000Z"), t0, t0 + ms(2)),
+            (at("2026-12-06T20:00:00.004Z"), t0 + ms(2), t0 + ms(6)),
+        );
+        assert!(!same.beyond(MAX_CLOCK_SKEW), "{same}");
+    }
 
     /// A consumer info as nats-server answers it, with the counts given.
     fn info(num_pending: u64, delivered: u64, ack_pending: usize) -> consumer::Info {

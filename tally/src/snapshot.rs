@@ -75,20 +75,33 @@ pub enum Status {
     Final,
 }
 
+/// How long after its close by the stream leader's clock a poll is final at the earliest (with
+/// nothing of it pending): the stream's leader can change, and a new leader whose clock is behind
+/// the old one's would store a vote with a time before the close after the old leader's clock had
+/// passed it. Tally and status alarm when the servers they read differ by more than
+/// [`landslide_nats::MAX_CLOCK_SKEW`], half of this.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 impl Status {
     /// The status at `now`, with `pending` votes not yet counted. `stream_now` is the NATS
     /// server's clock, which decides which votes count; without it the poll is never final
-    /// (tally's own clock cannot prove that no vote stored before the close is still to come).
+    /// (tally's own clock cannot prove that no vote stored before the close is still to come),
+    /// nor before [`CLOSE_GRACE`] has passed since the close by that clock.
     pub fn of(
         poll: &Poll,
         now: DateTime<Utc>,
         stream_now: Option<DateTime<Utc>>,
         pending: u64,
     ) -> Self {
+        let grace = chrono::Duration::from_std(CLOSE_GRACE).unwrap_or_default();
+        let past_grace = |stream_now: DateTime<Utc>| {
+            poll.closes_at
+                .is_none_or(|closes_at| stream_now >= closes_at + grace)
+        };
         match poll.window_at(stream_now.unwrap_or(now)) {
             Window::NotOpenYet => Self::NotOpen,
             Window::Open => Self::Open,
-            Window::Closed if pending == 0 && stream_now.is_some() => Self::Final,
+            Window::Closed if pending == 0 && stream_now.is_some_and(past_grace) => Self::Final,
             Window::Closed => Self::Closed,
         }
     }
@@ -433,9 +446,30 @@ impl Refresher {
                 "results are not final until the workers put their consumer back"
             );
         }
+        // Two servers whose clocks differ by more than the bound: a change of the stream's
+        // leader could store a vote before the close after the close was passed.
+        let skew = backlog
+            .skew
+            .filter(|skew| skew.beyond(landslide_nats::MAX_CLOCK_SKEW));
+        if let Some(measured) = backlog.skew {
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!("landslide_nats_clock_skew_seconds")
+                .set(measured.millis as f64 / 1000.0);
+        }
+        if let Some(skew) = skew {
+            tracing::error!(%skew, "the nats-servers' clocks differ; results are not final meanwhile");
+        }
         let rollback = regression
             .map(|r| r.to_string())
-            .or_else(|| (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift)));
+            .or_else(|| (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift)))
+            .or_else(|| {
+                skew.map(|skew| {
+                    format!(
+                        "{skew}, more than the {} ms allowed",
+                        landslide_nats::MAX_CLOCK_SKEW.as_millis()
+                    )
+                })
+            });
         let snapshot = Snapshot::build(
             book.latest().1,
             &per_poll,
@@ -523,6 +557,10 @@ mod tests {
         let polls = Polls::new(PollId::parse("pets").unwrap(), vec![closed]).unwrap();
         let after = at("2026-12-06T21:00:00Z");
         let pets = PollId::parse("pets").unwrap();
+        // Closed by the stream's clock, but within the grace: not final yet.
+        let just = at("2026-12-06T20:00:01Z");
+        let snapshot = Snapshot::build(&polls, &Pending::all(0), &[], just, Some(just), None);
+        assert_eq!(snapshot.polls[&pets].results.status, Status::Closed);
         let snapshot = Snapshot::build(&polls, &Pending::all(0), &[], after, Some(after), None);
         let fresh = &snapshot.polls[&pets];
         assert_eq!(fresh.results.status, Status::Final);
@@ -557,11 +595,14 @@ mod tests {
         };
         let before = at("2026-12-06T17:00:00Z");
         let during = at("2026-12-06T19:00:00Z");
-        let after = at("2026-12-06T20:00:01Z");
+        let after = at("2026-12-06T20:00:03Z");
         assert_eq!(Status::of(&poll, before, Some(before), 0), Status::NotOpen);
         assert_eq!(Status::of(&poll, during, Some(during), 0), Status::Open);
         assert_eq!(Status::of(&poll, after, Some(after), 3), Status::Closed);
         assert_eq!(Status::of(&poll, after, Some(after), 0), Status::Final);
+        // Within `CLOSE_GRACE` of the close: a new stream leader's clock may still be before it.
+        let just = at("2026-12-06T20:00:01Z");
+        assert_eq!(Status::of(&poll, just, Some(just), 0), Status::Closed);
         // Tally's clock past the close proves nothing while the stream's is not.
         assert_eq!(Status::of(&poll, after, Some(during), 0), Status::Open);
         assert_eq!(Status::of(&poll, after, None, 0), Status::Closed);

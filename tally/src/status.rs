@@ -64,6 +64,8 @@ pub struct DeploymentStatus {
     /// How the workers' consumer differs from its definition, until the workers make it again
     /// (`landslide_nats::consumer_drift`).
     pub drift: Option<String>,
+    /// How far the nats-servers' clocks differ, when beyond `landslide_nats::MAX_CLOCK_SKEW`.
+    pub skew: Option<String>,
     /// What should not be so of the polls bucket (`landslide_nats::polls::findings`): a seal
     /// it lacks, a key that is not a valid revision.
     pub poll_findings: Vec<String>,
@@ -90,8 +92,20 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
     let regression = rollback::judge(mark.as_ref(), &observed).map(|r| r.to_string());
     let drift = landslide_nats::consumer_drift(topology, &backlog.info.config)?;
     let drift = (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift));
-    // Either keeps every poll from being final, as in tally.
-    let hold = regression.as_deref().or(drift.as_deref());
+    let skew = backlog
+        .skew
+        .filter(|skew| skew.beyond(landslide_nats::MAX_CLOCK_SKEW))
+        .map(|skew| {
+            format!(
+                "{skew}, more than the {} ms allowed",
+                landslide_nats::MAX_CLOCK_SKEW.as_millis()
+            )
+        });
+    // Any keeps every poll from being final, as in tally.
+    let hold = regression
+        .as_deref()
+        .or(drift.as_deref())
+        .or(skew.as_deref());
     let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
         .await
         .context("cannot read the recorded rollbacks")?;
@@ -154,6 +168,7 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         regression,
         rollbacks,
         drift,
+        skew,
         poll_findings,
     })
 }
@@ -265,6 +280,9 @@ impl fmt::Display for DeploymentStatus {
                 "ALARM: the votes stream went backwards and the workers have not yet taken up \
                  what it stored since: {regression}"
             )?;
+        }
+        if let Some(skew) = &self.skew {
+            writeln!(f, "ALARM: {skew}; no poll is final meanwhile")?;
         }
         if let Some(drift) = &self.drift {
             writeln!(
