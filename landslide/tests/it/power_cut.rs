@@ -73,14 +73,41 @@ async fn publish(nats: &Nats, first: u64, count: u64) -> Vec<Bytes> {
 }
 
 /// Every message of the stream by sequence, from 1 to its last, as the leader answers; `None`
-/// where a sequence holds nothing.
-async fn read_back(nats: &Nats) -> (stream::State, Vec<Option<Bytes>>) {
+/// where a sequence holds nothing. `None` in all when the stream itself is gone: the cluster
+/// answers, but not for it, for 20 s. With the lazy default sync the cut once took the stream's
+/// very definition (the cluster's metadata is not fsynced either), and the control stopped on
+/// "stream not found" instead of counting everything in it lost (CI's second of ten runs,
+/// 2026-12-06).
+async fn read_back(nats: &Nats) -> Option<(stream::State, Vec<Option<Bytes>>)> {
     let js = jetstream::new(nats.client(User::Admin).await.unwrap());
-    let mut stream = support::wait_for("the stream to answer", Duration::from_secs(60), || async {
-        js.get_stream(STREAM).await.ok()
-    })
-    .await;
-    let state = stream.info().await.unwrap().state.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut gone_since = None;
+    let (stream, state) = loop {
+        // "stream not found" comes from either request (the info, once, after the handle).
+        let gone = match js.get_stream(STREAM).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => {
+                    let state = info.state.clone();
+                    break (stream, state);
+                }
+                Err(err) => err.to_string().contains("stream not found"),
+            },
+            Err(err) => err.to_string().contains("stream not found"),
+        };
+        if gone {
+            let since = *gone_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(20) {
+                return None;
+            }
+        } else {
+            gone_since = None;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream did not answer within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let mut messages = Vec::new();
     for sequence in 1..=state.last_sequence {
         messages.push(
@@ -91,14 +118,17 @@ async fn read_back(nats: &Nats) -> (stream::State, Vec<Option<Bytes>>) {
                 .map(|m| m.payload),
         );
     }
-    (state, messages)
+    Some((state, messages))
 }
 
 /// A follower is away while the leader takes messages and snapshots (a step-down makes the new
 /// leader snapshot), comes back and catches up, and the power goes on all three at once right
-/// after. Returns the acknowledged payloads, what the stream holds afterwards, and what the
-/// disks lost.
-async fn cut_after_a_catch_up(sync: Sync) -> (Vec<Bytes>, stream::State, Vec<Option<Bytes>>, u64) {
+/// after. Returns the acknowledged payloads, what the stream holds afterwards (`None` when it is
+/// gone), and what the disks lost.
+#[allow(clippy::type_complexity)]
+async fn cut_after_a_catch_up(
+    sync: Sync,
+) -> (Vec<Bytes>, Option<(stream::State, Vec<Option<Bytes>>)>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = cluster(dir.path(), sync).await;
     let mut acked = publish(&nats, 0, 200).await;
@@ -119,14 +149,14 @@ async fn cut_after_a_catch_up(sync: Sync) -> (Vec<Bytes>, stream::State, Vec<Opt
     let cut = nats.power_cut(&[0, 1, 2]).await.unwrap();
     let lost: u64 = cut.iter().map(|c| c.bytes).sum();
     nats.restart_all(&[0, 1, 2]).await.unwrap();
-    let (state, messages) = read_back(&nats).await;
-    (acked, state, messages, lost)
+    (acked, read_back(&nats).await, lost)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_cut_right_after_a_follower_caught_up_keeps_every_acknowledged_message_without_a_hole()
  {
-    let (acked, state, messages, lost) = cut_after_a_catch_up(Sync::Always).await;
+    let (acked, read, lost) = cut_after_a_catch_up(Sync::Always).await;
+    let (state, messages) = read.expect("the stream itself is gone after the cut");
     eprintln!("the disks lost {lost} unsynced bytes; the stream holds {state:?}");
     assert_eq!(state.first_sequence, 1, "a missing prefix (F3): {state:?}");
     let holes: Vec<usize> = (0..messages.len())
@@ -151,7 +181,9 @@ async fn a_cluster_cut_right_after_a_follower_caught_up_keeps_every_acknowledged
 /// and the check above finds them. Without it, a pass could come from a cut that drops nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_lazy_sync_the_same_cut_loses_acknowledged_messages_and_the_check_finds_them() {
-    let (acked, _, messages, lost) = cut_after_a_catch_up(Sync::Lazy).await;
+    let (acked, read, lost) = cut_after_a_catch_up(Sync::Lazy).await;
+    // A stream gone whole lost every message in it.
+    let messages = read.map(|(_, messages)| messages).unwrap_or_default();
     let held: std::collections::HashSet<&Bytes> = messages.iter().flatten().collect();
     let missing = acked.iter().filter(|p| !held.contains(p)).count();
     assert!(
