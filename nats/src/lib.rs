@@ -974,12 +974,16 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 /// of its active peers at random (`createGroupForConsumer`), a follower perhaps, which may lag
 /// behind the leader: its `pending` can read 0 while the leader holds more. The reader once
 /// stopped there, and an audit of a cluster just healed from a partition read 1,722 of some 2,600
-/// votes and called 308 correct ballots unexpected (chaos, seed 12488292929069060123). Before it
-/// stops short of `last` it asks the stream's leader.
+/// votes and called 308 correct ballots unexpected (chaos, seed 12488292929069060123). Waiting
+/// for that replica instead stalled another audit for good (seed 2). So when the replica has
+/// nothing more short of `last`, the reader reads the rest from the stream's leader, one message
+/// at a time (`STREAM.MSG.GET`, which only the leader answers): usually the few the replica lags.
 pub struct StreamReader {
     messages: consumer::pull::Ordered,
     stream: jetstream::stream::Stream,
     last: u64,
+    /// The next sequence to read from the leader, once the replica has run dry short of `last`.
+    from_leader: Option<u64>,
     done: bool,
 }
 
@@ -1036,6 +1040,7 @@ impl StreamReader {
             messages,
             stream: stream.clone(),
             last,
+            from_leader: None,
             done: last < first.max(1),
         })
     }
@@ -1058,6 +1063,9 @@ impl StreamReader {
         if self.done {
             return Ok(None);
         }
+        if let Some(next) = self.from_leader {
+            return self.next_from_leader(next).await;
+        }
         let last = self.last;
         let message = tokio::time::timeout(Self::STALL, self.messages.next())
             .await
@@ -1069,16 +1077,64 @@ impl StreamReader {
             .map_err(|e| anyhow::anyhow!("a message of the votes stream has no metadata: {e}"))?;
         let sequence = info.stream_sequence;
         let stored_at = stored_at(&info);
-        // `pending == 0` short of `last`: nothing after it on the replica that serves the reader,
-        // which may lag; done only if the leader holds nothing after it either (`last` itself
-        // was removed, or the stream went backwards, which audit reports on its own).
-        self.done = sequence >= last
-            || (info.pending == 0 && Self::leader_last(&self.stream).await? <= sequence);
+        if sequence >= last {
+            self.done = true;
+        } else if info.pending == 0 {
+            // Nothing after it on the replica that serves the reader, which may lag: the rest,
+            // if the leader holds any (none when `last` itself was removed, or the stream went
+            // backwards, which audit reports on its own), comes from the leader.
+            if Self::leader_last(&self.stream).await? > sequence {
+                self.from_leader = Some(sequence + 1);
+            } else {
+                self.done = true;
+            }
+        }
         Ok(Some(Stored {
             sequence,
             stored_at,
             message: message.message,
         }))
+    }
+
+    /// The first message from sequence `next` on, read from the leader; `None` past `last` or
+    /// the leader's last sequence. A sequence that holds nothing is skipped, as the ordered
+    /// consumer skips it (audit notes the gap).
+    async fn next_from_leader(&mut self, mut next: u64) -> anyhow::Result<Option<Stored>> {
+        let end = self.last.min(Self::leader_last(&self.stream).await?);
+        while next <= end {
+            match self.stream.get_raw_message(next).await {
+                Ok(raw) => {
+                    self.from_leader = Some(next + 1);
+                    self.done = next >= end;
+                    let nanos = i64::try_from(raw.time.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+                    return Ok(Some(Stored {
+                        sequence: raw.sequence,
+                        stored_at: chrono::DateTime::from_timestamp_nanos(nanos),
+                        message: async_nats::Message {
+                            length: raw.payload.len(),
+                            subject: raw.subject,
+                            reply: None,
+                            payload: raw.payload,
+                            headers: Some(raw.headers),
+                            status: None,
+                            description: None,
+                        },
+                    }));
+                }
+                Err(err)
+                    if err.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                {
+                    next += 1;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("cannot read sequence {next} of the votes stream from its leader")
+                    });
+                }
+            }
+        }
+        self.done = true;
+        Ok(None)
     }
 }
 

@@ -133,15 +133,23 @@ pub async fn set_up_topology(
     polls: &landslide_schema::Polls,
 ) {
     let js = async_nats::jetstream::new(client_as(nats, User::Worker).await);
-    landslide_nats::ensure_consumer(&js, topology, landslide_nats::Access::SetUp)
-        .await
-        .expect("set up the streams and the consumer");
-    let store = landslide_nats::polls::ensure_bucket(&js, topology, landslide_nats::Access::SetUp)
-        .await
-        .expect("set up the polls bucket");
-    landslide_nats::polls::load(&store, polls, landslide_nats::Access::SetUp)
-        .await
-        .expect("seed the polls bucket");
+    // As patiently as a worker sets them up (`retry_startup`): a JetStream API request to a
+    // cluster just started timed out once under CI's load ("cannot look up stream VOTES_DLQ").
+    let waiting = landslide_telemetry::readiness::condition("test", "set-up", "setting up");
+    landslide_nats::retry_startup("set up the streams and the consumer", &waiting, || {
+        landslide_nats::ensure_consumer(&js, topology, landslide_nats::Access::SetUp)
+    })
+    .await
+    .expect("set up the streams and the consumer");
+    landslide_nats::polls::watch_patiently(
+        &js,
+        topology,
+        polls,
+        landslide_nats::Access::SetUp,
+        &waiting,
+    )
+    .await
+    .expect("set up and seed the polls bucket");
 }
 
 impl Nats {
