@@ -55,9 +55,17 @@ enum Command {
     Replay(ReplayArgs),
     /// The poll definitions every role reads, one revision each, in the polls bucket.
     Polls(PollsArgs),
-    /// Audit, then write one poll's certified ballots (ballots.csv) and certificate
-    /// (certificate.json) to a folder; exit 1 unless the audit is consistent.
+    /// Audit, then write one poll's published record to a folder: its event log, ballots,
+    /// revisions and certificate, signed with the owner's key; exit 1 unless the audit is
+    /// consistent.
     Export(ExportArgs),
+    /// Check a poll's published record (from `export`) with no server and no secret: the owner's
+    /// signature, the event log, and the ballots and counts folded again from the events; with
+    /// --receipt, what became of that vote. Exit 1 if anything does not hold.
+    Verify(VerifyArgs),
+    /// Make a poll owner's signing key: writes the private key to a new file (owner-only) and
+    /// prints the public key to put in the poll's definition (owner_key) before it opens.
+    Keygen(KeygenArgs),
     /// Print each poll's state and counts, the pending votes, and the state of the streams and
     /// the workers' consumer (what `nats stream info` and `nats consumer info` would show).
     Status(StatusArgs),
@@ -636,7 +644,32 @@ struct AuditArgs {
 struct ExportArgs {
     #[command(flatten)]
     audit: AuditArgs,
-    /// Where to write ballots.csv and certificate.json (created if missing).
+    /// Where to write the record (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// The file of the poll owner's signing key (from `landslide keygen`); required when the
+    /// poll names an owner key, whose private half it must be.
+    #[arg(long, env = "LANDSLIDE_SIGNING_KEY_FILE")]
+    signing_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The record's folder, as `export` wrote it.
+    dir: PathBuf,
+    /// A vote's receipt: says whether that vote is in the record and whether it is the one
+    /// counted.
+    #[arg(long)]
+    receipt: Option<String>,
+    /// The owner key the poll's owner published (ed25519:…): refuse a record signed by any
+    /// other.
+    #[arg(long)]
+    owner_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Where to write the private key; refused if the file exists.
     #[arg(long)]
     out: PathBuf,
 }
@@ -733,6 +766,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Replay(_) => "landslide-replay",
         Command::Polls(_) => "landslide-polls",
         Command::Export(_) => "landslide-export",
+        Command::Verify(_) => "landslide-verify",
+        Command::Keygen(_) => "landslide-keygen",
         Command::Status(_) => "landslide-status",
         Command::Certs(_) => "landslide-certs",
         Command::Migrate(_) => "landslide-migrate",
@@ -774,6 +809,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Replay(args) => replay(args).await,
         Command::Polls(args) => polls(args).await,
         Command::Export(args) => export(args).await,
+        Command::Verify(args) => verify(&args),
+        Command::Keygen(args) => keygen(&args),
         Command::Status(args) => status(args).await,
         Command::Certs(args) => certs(&args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Migrate(args) => migrate(args).await,
@@ -832,8 +869,8 @@ async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
     let config = args.config()?;
     let report = if args.poll.is_some() {
         let (poll, key) = args.certified()?;
-        let (report, certificate, _) =
-            landslide_tally::certificate::certify(&config, poll, &key).await?;
+        let (report, certificate) =
+            landslide_tally::certificate::certify(&config, poll, &key, None).await?;
         println!("{report}\n{certificate}");
         report
     } else {
@@ -858,30 +895,108 @@ async fn status(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn export(args: ExportArgs) -> anyhow::Result<std::process::ExitCode> {
+    use landslide_schema::record::OwnerSigningKey;
     let config = args.audit.config()?;
     let (poll, key) = args.audit.certified()?;
-    let (report, certificate, csv) =
-        landslide_tally::certificate::certify(&config, poll, &key).await?;
-    let out = &args.out;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let write = |name: &str, bytes: &[u8]| {
-        let path = out.join(name);
-        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    let signing = args
+        .signing_key
+        .as_deref()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+            OwnerSigningKey::from_file_text(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        })
+        .transpose()?;
+    let export = landslide_tally::certificate::Export {
+        out: &args.out,
+        signing: signing.as_ref(),
     };
-    write("ballots.csv", csv.as_bytes())?;
-    write(
-        "certificate.json",
-        format!("{}\n", serde_json::to_string_pretty(&certificate)?).as_bytes(),
-    )?;
+    let (report, certificate) =
+        landslide_tally::certificate::certify(&config, poll, &key, Some(export)).await?;
+    let signed = if signing.is_some() {
+        "signed"
+    } else {
+        "UNSIGNED (the poll names no owner key; landslide verify refuses it)"
+    };
     println!(
-        "{report}\n{certificate}\nwrote ballots.csv and certificate.json to {}",
-        out.display()
+        "{report}\n{certificate}\nwrote the record of poll {poll} to {}: events.csv, \
+         ballots.csv, revisions/, certificate.json; {signed}",
+        args.out.display()
     );
     Ok(if report.is_consistent() {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+fn verify(args: &VerifyArgs) -> anyhow::Result<std::process::ExitCode> {
+    use landslide_schema::record::{self, OwnerKey};
+    let receipt = args
+        .receipt
+        .as_deref()
+        .map(|r| r.parse::<landslide_schema::receipt::Receipt>())
+        .transpose()?;
+    let expected = args
+        .owner_key
+        .clone()
+        .map(OwnerKey::try_from)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--owner-key: {e}"))?;
+    let files = landslide_tally::certificate::read_record(&args.dir)?;
+    let verified = match record::check(&files, receipt.as_ref()) {
+        Ok(verified) => verified,
+        Err(refused) => {
+            println!("record in {}: REFUSED: {refused}", args.dir.display());
+            return Ok(std::process::ExitCode::FAILURE);
+        }
+    };
+    if let Some(expected) = expected.filter(|k| *k != verified.owner_key) {
+        println!(
+            "record in {}: REFUSED: signed by {}, not by the published owner key {expected}",
+            args.dir.display(),
+            verified.owner_key
+        );
+        return Ok(std::process::ExitCode::FAILURE);
+    }
+    println!("{verified}");
+    let receipt_fine = matches!(
+        verified.receipt,
+        None | Some(
+            record::ReceiptFinding::Counted { .. }
+                | record::ReceiptFinding::Superseded { .. }
+                | record::ReceiptFinding::NotCounted { .. }
+        )
+    );
+    Ok(if receipt_fine {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+fn keygen(args: &KeygenArgs) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // rand's thread generator: a CSPRNG seeded from the operating system.
+    let key = landslide_schema::record::OwnerSigningKey::from_seed(rand::random());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&args.out)
+        .with_context(|| format!("cannot create {} (it must not exist)", args.out.display()))?;
+    file.write_all(key.to_file_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!(
+        "wrote the private key to {} (keep it where only the poll's owner can read it)\n\
+         put this line in the poll's definition before it opens:\nowner_key = \"{}\"",
+        args.out.display(),
+        key.public()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<std::process::ExitCode> {

@@ -104,16 +104,7 @@ impl VoteEvent {
     /// it, by `(ts, event id)`: its key is `(ts, 0, ts, event id)`, whenever it was stored. A later
     /// event that knew it (`after` ≥ its `ts`) still beats it.
     pub fn order_key(&self, stored_at: DateTime<Utc>) -> OrderKey {
-        let (after, stored_ns) = match self.after {
-            Some(after) => (after, stored_at.timestamp_nanos_opt().unwrap_or(i64::MAX)),
-            None => (self.ts, 0),
-        };
-        OrderKey {
-            after,
-            stored_ns,
-            ts: self.ts,
-            event_id: self.event_id,
-        }
+        OrderKey::of(self.after, self.ts, self.event_id, stored_at)
     }
 
     /// The event's JSON encoding: version [`WIRE_VERSION`]; 3 when it has no `rev_hash`, 2 when
@@ -214,6 +205,28 @@ pub struct OrderKey {
     /// The ingest node's stamp, then the event id: ties only.
     pub ts: Timestamp,
     pub event_id: EventId,
+}
+
+impl OrderKey {
+    /// The key of an event that knew `after` (`None` for wire versions 1 and 2), stamped `ts`,
+    /// stored at `stored_at`: see [`VoteEvent::order_key`].
+    pub fn of(
+        after: Option<Timestamp>,
+        ts: Timestamp,
+        event_id: EventId,
+        stored_at: DateTime<Utc>,
+    ) -> Self {
+        let (after, stored_ns) = match after {
+            Some(after) => (after, stored_at.timestamp_nanos_opt().unwrap_or(i64::MAX)),
+            None => (ts, 0),
+        };
+        Self {
+            after,
+            stored_ns,
+            ts,
+            event_id,
+        }
+    }
 }
 
 impl DecodeError {

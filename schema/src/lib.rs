@@ -18,6 +18,7 @@
 pub mod cookie;
 pub mod db;
 pub mod event;
+mod hex;
 pub mod ids;
 pub mod mark;
 pub mod merge;
@@ -27,6 +28,7 @@ pub mod poll;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod receipt;
+pub mod record;
 pub mod subject;
 pub mod ts;
 

@@ -51,6 +51,11 @@ pub struct Poll {
         deserialize_with = "rfc3339"
     )]
     pub closes_at: Option<DateTime<Utc>>,
+    /// The public key of the poll's owner (`"ed25519:<64 hex digits>"`, from `landslide
+    /// keygen`), published with the poll before it opens: `landslide verify` accepts the poll's
+    /// record ([`crate::record`]) only if this key signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_key: Option<crate::record::OwnerKey>,
 }
 
 /// A moment in a polls file: TOML's own offset date-time (`closes_at = 2026-12-06T20:00:00Z`)
@@ -157,7 +162,7 @@ impl RevisionHash {
 
 impl std::fmt::Display for RevisionHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(&crate::hex::encode(&self.0))
     }
 }
 
@@ -177,15 +182,9 @@ impl TryFrom<String> for RevisionHash {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, Self::Error> {
-        let invalid = || format!("a revision hash is 64 lowercase hex digits, not {text:?}");
-        if text.len() != 64 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(invalid());
-        }
-        let mut bytes = [0u8; 32];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
-        }
-        Ok(Self(bytes))
+        crate::hex::decode(&text)
+            .map(Self)
+            .ok_or_else(|| format!("a revision hash is 64 lowercase hex digits, not {text:?}"))
     }
 }
 
@@ -311,14 +310,20 @@ impl PollBook {
         event: &VoteEvent,
         stored_at: DateTime<Utc>,
     ) -> Result<&Poll, Unjudged> {
+        self.judge(&event.terms(), stored_at)
+    }
+
+    /// [`PollBook::judge_event`] of what it judges an event by: the same rule for an event read
+    /// from the stream and for a line of a poll's published record ([`crate::record`]).
+    pub fn judge(&self, terms: &Terms<'_>, stored_at: DateTime<Utc>) -> Result<&Poll, Unjudged> {
         // First: the stamp needs no poll definition, so an event no node could have stamped is a
         // dead letter even when it names a revision nobody has (it would wait for ever).
-        judge_stamp(event.ts, stored_at)?;
-        let polls = match event.rev {
+        judge_stamp(terms.ts, stored_at)?;
+        let polls = match terms.rev {
             None => self.latest().1,
             Some(revision) => {
                 let other_text = matches!(
-                    (event.rev_hash, self.hash(revision)),
+                    (terms.rev_hash, self.hash(revision)),
                     (Some(named), Some(read)) if named != read
                 );
                 self.get(revision)
@@ -326,9 +331,33 @@ impl PollBook {
                     .ok_or(Unjudged::UnknownRevision(revision))?
             }
         };
-        let poll = polls.judge_event(event)?;
+        let (poll, _) = polls.judge(terms.poll.as_str(), terms.choice.as_str())?;
         poll.judge_time(stored_at)?;
         Ok(poll)
+    }
+}
+
+/// What a vote is judged by ([`PollBook::judge`]): its poll and option, its stamp, and the
+/// revision (number and hash of its text) it was accepted under. Not its voter.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms<'a> {
+    pub poll: &'a PollId,
+    pub choice: &'a Choice,
+    pub ts: crate::Timestamp,
+    pub rev: Option<Revision>,
+    pub rev_hash: Option<RevisionHash>,
+}
+
+impl VoteEvent {
+    /// What this event is judged by.
+    pub fn terms(&self) -> Terms<'_> {
+        Terms {
+            poll: &self.poll,
+            choice: &self.choice,
+            ts: self.ts,
+            rev: self.rev,
+            rev_hash: self.rev_hash,
+        }
     }
 }
 
@@ -471,6 +500,7 @@ impl Polls {
             ],
             opens_at: None,
             closes_at: None,
+            owner_key: None,
         };
         let mut polls = BTreeMap::new();
         polls.insert(pets.clone(), poll);
@@ -487,7 +517,7 @@ impl Polls {
 
     /// Whether a vote for `option` in poll `poll` counts: the poll's definition when it does,
     /// why not when it does not. Takes text, so that ingest judges what a voter sent with the
-    /// same rule the workers and audit apply to a decoded event ([`Polls::judge_event`]).
+    /// same rule the workers and audit apply to a decoded event ([`PollBook::judge`]).
     pub fn judge(&self, poll: &str, option: &str) -> Result<(&Poll, Choice), NotCounted> {
         let found = self
             .get(poll)
@@ -499,13 +529,6 @@ impl Polls {
                 option: option.to_owned(),
             }),
         }
-    }
-
-    /// [`Polls::judge`] of an event's poll and option (not its time: see
-    /// [`PollBook::judge_event`]).
-    pub fn judge_event(&self, event: &VoteEvent) -> Result<&Poll, NotCounted> {
-        self.judge(event.poll.as_str(), event.choice.as_str())
-            .map(|(poll, _)| poll)
     }
 
     pub fn get(&self, id: &str) -> Option<&Poll> {

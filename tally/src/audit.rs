@@ -29,6 +29,7 @@ use landslide_schema::postgres::marks;
 use landslide_schema::{Choice, EventId, PollBook, PollId, Polls, Timestamp, VoteEvent, VoterId};
 use uuid::Uuid;
 
+use crate::certificate::EventLog;
 use crate::counts::{self, OptionCount};
 
 /// How many differences of each kind [`AuditReport`]'s `Display` prints.
@@ -353,28 +354,34 @@ struct Fold {
 }
 
 impl Fold {
-    fn add(&mut self, payload: &[u8], stored_at: DateTime<Utc>, polls: &PollBook) {
+    /// Judges and folds one message; the event it holds, if it is one (counted or not).
+    fn add(
+        &mut self,
+        payload: &[u8],
+        stored_at: DateTime<Utc>,
+        polls: &PollBook,
+    ) -> Option<VoteEvent> {
         self.events_read += 1;
         let event = match VoteEvent::decode(payload) {
             Ok(event) => event,
             Err(err) if err.is_newer() => {
                 self.newer_version += 1;
-                return;
+                return None;
             }
             Err(_) => {
                 self.undecodable += 1;
-                return;
+                return None;
             }
         };
-        match polls.judge_event(&event, stored_at) {
-            Ok(_) => {}
+        let counted = match polls.judge_event(&event, stored_at) {
+            Ok(_) => true,
             Err(Unjudged::NotCounted(_)) => {
                 self.unknown_poll_or_option += 1;
-                return;
+                false
             }
             Err(Unjudged::StampAhead(_)) => {
                 self.stamped_ahead += 1;
-                return;
+                false
             }
             Err(Unjudged::UnknownRevision(_)) => {
                 if landslide_schema::poll::waited_out(stored_at, self.now, self.bound) {
@@ -382,22 +389,26 @@ impl Fold {
                 } else {
                     self.unknown_revision += 1;
                 }
-                return;
+                false
             }
+        };
+        if !counted {
+            return Some(event);
         }
         // The merge rule of `landslide_schema::merge`, over a leaner entry than a whole event:
         // an audit of millions of voters keeps one of these per voter.
         let key = event.order_key(stored_at);
-        match self.latest.entry((event.poll, event.voter)) {
+        match self.latest.entry((event.poll.clone(), event.voter)) {
             Entry::Vacant(entry) => {
-                entry.insert((key, event.choice));
+                entry.insert((key, event.choice.clone()));
             }
             Entry::Occupied(mut entry) => {
                 if key > entry.get().0 {
-                    entry.insert((key, event.choice));
+                    entry.insert((key, event.choice.clone()));
                 }
             }
         }
+        Some(event)
     }
 
     /// Voters per (poll, option), with every option of every poll present.
@@ -424,12 +435,16 @@ impl Fold {
 /// Errors (rather than reporting) when NATS or PostgreSQL cannot be read, or when the consumer
 /// still has pending or unacked votes after `config.wait`.
 pub async fn audit(config: &AuditConfig) -> anyhow::Result<AuditReport> {
-    audit_with_polls(config).await.map(|(report, _)| report)
+    audit_with_polls(config, None)
+        .await
+        .map(|(report, _)| report)
 }
 
-/// [`audit`], with the poll definitions it judged the stream by (for the certificate).
+/// [`audit`], with the poll definitions it judged the stream by, and writing the events of one
+/// poll to `log` as it reads them (for the certificate and the record).
 pub(crate) async fn audit_with_polls(
     config: &AuditConfig,
+    log: Option<&mut EventLog>,
 ) -> anyhow::Result<(AuditReport, PollBook)> {
     let connections = &config.connections;
     let mut conn = landslide_schema::postgres::connect_current(connections.database()?).await?;
@@ -462,7 +477,7 @@ pub(crate) async fn audit_with_polls(
         bound: config.unknown_revision_bound,
         ..Fold::default()
     };
-    let fold = read_stream(&stream, last, &polls, &marked, fold).await?;
+    let fold = read_stream(&stream, last, &polls, &marked, fold, log).await?;
     let reused = rollbacks
         .iter()
         .filter_map(|r| {
@@ -547,13 +562,14 @@ async fn wait_until_drained(
 }
 
 /// Folds messages 1..=`last` of the stream into `fold`, noting its holes and the events at
-/// `marked` sequences.
+/// `marked` sequences; and writes the events of the log's poll to `log`.
 async fn read_stream(
     stream: &jetstream::stream::Stream,
     last: u64,
     polls: &PollBook,
     marked: &[u64],
     mut fold: Fold,
+    mut log: Option<&mut EventLog>,
 ) -> anyhow::Result<Fold> {
     for sequence in marked {
         fold.at_marks.insert(*sequence, None);
@@ -575,7 +591,10 @@ async fn read_stream(
                 .ok()
                 .map(|e| e.event_id);
         }
-        fold.add(&stored.message.payload, stored.stored_at, polls);
+        let event = fold.add(&stored.message.payload, stored.stored_at, polls);
+        if let (Some(log), Some(event)) = (log.as_deref_mut(), event) {
+            log.push(stored.sequence, stored.stored_at, &event)?;
+        }
     }
     Ok(fold)
 }

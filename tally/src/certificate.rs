@@ -1,31 +1,39 @@
-//! The certified result of one poll: `landslide audit --poll ID` prints it, and `landslide export
-//! --poll ID --out DIR` writes it as `certificate.json` beside the ballots it certifies,
-//! `ballots.csv`.
+//! The certified result of one poll: `landslide audit --poll ID` prints its certificate, and
+//! `landslide export --poll ID --out DIR` writes its published record, signed by the poll's
+//! owner: the event log, the ballots, the revisions and the certificate that binds them, in the
+//! format that [`landslide_schema::record`] documents and `landslide verify` checks.
 //!
-//! # What anyone can recompute from the export
+//! The event log is written as the audit reads the stream (one line per event of the poll,
+//! never all in memory); the ballots are read from PostgreSQL, so that `verify`, folding the
+//! log, checks what the workers committed, not a second copy of the audit's own fold.
 //!
-//! `ballots.csv` is one header line, `voter,choice,event_id,ts`, then one line per ballot, sorted
-//! by `voter`, each ending in `\n`, nothing quoted (every field is an identifier, a UUID or a
-//! number). `voter` is a pseudonym: the hex HMAC-SHA256, keyed with `LANDSLIDE_EXPORT_KEY`, of
-//! `landslide-export-v1`, the poll id, a `\0` and the voter id's 16 bytes; the key stays with the
-//! poll's owner, so the file names no voter, and the same voter gets the same pseudonym in every
-//! export made with that key. `event_id` is the vote's receipt: a voter finds their own line by
-//! it. The certificate's `digest` is `sha256:` and the hex SHA-256 of the file's bytes, so
-//! `sha256sum ballots.csv` checks it, and counting the lines per choice checks `counts`.
+//! Pseudonyms: the hex HMAC-SHA256, keyed with `LANDSLIDE_EXPORT_KEY`, of `landslide-export-v1`,
+//! the poll id, a `\0` and the voter id's 16 bytes. The key stays with the poll's owner, so the
+//! files name no voter, and the same voter gets the same pseudonym in every export made with
+//! that key.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write as _};
+use std::path::Path;
 
 use anyhow::Context as _;
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl as _;
 use hmac::{Hmac, Mac as _};
+use landslide_nats::{Access, User, polls};
 use landslide_schema::poll::Window;
-use landslide_schema::{Choice, PollId};
-use serde::Serialize;
-use sha2::{Digest as _, Sha256};
+use landslide_schema::record::{
+    self, BALLOTS_FILE, CERTIFICATE_FILE, Certificate, Chain, EVENTS_FILE, EVENTS_HEADER,
+    OwnerSigningKey, Pseudonym, REVISIONS_DIR, RecordFiles, RecordedEvent, SIGNATURE_FILE,
+};
+use landslide_schema::{
+    Choice, EventId, PollBook, PollId, Revision, RevisionHash, Timestamp, VoteEvent,
+};
+use sha2::Sha256;
 
 use crate::audit::{AuditConfig, AuditReport, audit_with_polls};
 
@@ -55,7 +63,7 @@ impl ExportKey {
     }
 
     /// The pseudonym of `voter` in poll `poll`.
-    fn pseudonym(&self, poll: &PollId, voter: uuid::Uuid) -> String {
+    fn pseudonym(&self, poll: &PollId, voter: uuid::Uuid) -> Pseudonym {
         // Any key length is valid for HMAC.
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
@@ -63,61 +71,7 @@ impl ExportKey {
         mac.update(poll.as_str().as_bytes());
         mac.update(b"\0");
         mac.update(voter.as_bytes());
-        format!("{:x}", mac.finalize().into_bytes())
-    }
-}
-
-/// What is certified about one poll.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Certificate {
-    pub poll: PollId,
-    pub question: String,
-    /// `final`: closed by the NATS server's clock, nothing pending, and the audit consistent.
-    /// Otherwise why not: `open`, `not_open`, `inconsistent`.
-    pub status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub closes_at: Option<String>,
-    /// Ballots per option, every option present.
-    pub counts: BTreeMap<String, i64>,
-    pub ballots: u64,
-    /// Messages of the votes stream read by the audit (every poll's), and their sequences.
-    pub events_read: u64,
-    pub stream: String,
-    pub first_sequence: u64,
-    pub last_sequence: u64,
-    /// Messages in the dead-letter stream (every poll's): none of them is a vote an ingest node
-    /// accepted, or the audit would not be consistent.
-    pub dead_letters: u64,
-    /// `sha256:` and the hex SHA-256 of `ballots.csv` (see the module documentation).
-    pub digest: String,
-    pub audited_at: String,
-}
-
-impl fmt::Display for Certificate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "certificate of poll {} ({}): {}",
-            self.poll, self.question, self.status
-        )?;
-        if let Some(closes) = &self.closes_at {
-            writeln!(f, "closed at: {closes}")?;
-        }
-        for (option, count) in &self.counts {
-            writeln!(f, "  {option}: {count}")?;
-        }
-        writeln!(f, "ballots: {}", self.ballots)?;
-        writeln!(
-            f,
-            "events read: {} (stream {}, sequences {} to {}); dead letters: {}",
-            self.events_read,
-            self.stream,
-            self.first_sequence,
-            self.last_sequence,
-            self.dead_letters
-        )?;
-        writeln!(f, "digest of ballots.csv: {}", self.digest)?;
-        write!(f, "audited at: {}", self.audited_at)
+        Pseudonym::from_mac(&mac.finalize().into_bytes().into())
     }
 }
 
@@ -133,20 +87,111 @@ struct Row {
     ts: i64,
 }
 
-/// Audits the whole stream and database, then certifies poll `poll`: the audit's report, the
-/// certificate, and the `ballots.csv` it certifies.
+/// Where and how to write a poll's record.
+#[derive(Debug, Clone, Copy)]
+pub struct Export<'a> {
+    /// The folder (created if missing).
+    pub out: &'a Path,
+    /// The owner's key, required when the poll names an owner key (it must be that key's).
+    pub signing: Option<&'a OwnerSigningKey>,
+}
+
+/// The events of one poll as the audit reads them: chained, and written to `events.csv` when
+/// exporting.
+pub(crate) struct EventLog {
+    poll: PollId,
+    key: ExportKey,
+    chain: Chain,
+    out: Option<BufWriter<File>>,
+}
+
+impl EventLog {
+    /// Adds `event` if it is of this log's poll.
+    pub(crate) fn push(
+        &mut self,
+        sequence: u64,
+        stored_at: DateTime<Utc>,
+        event: &VoteEvent,
+    ) -> anyhow::Result<()> {
+        if event.poll != self.poll {
+            return Ok(());
+        }
+        let line = RecordedEvent {
+            sequence,
+            stored_ns: stored_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
+            voter: self.key.pseudonym(&self.poll, event.voter.0),
+            choice: event.choice.clone(),
+            ts: event.ts,
+            after: event.after,
+            rev: event.rev,
+            rev_hash: event.rev_hash,
+            event_id: event.event_id,
+        }
+        .line();
+        self.chain.push(&line);
+        if let Some(out) = &mut self.out {
+            out.write_all(line.as_bytes())
+                .with_context(|| format!("cannot write {EVENTS_FILE}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Audits the whole stream and database, then certifies poll `poll`: the audit's report and the
+/// certificate; with `export`, writes the poll's record too (and signs it).
 pub async fn certify(
     config: &AuditConfig,
     poll: &str,
     key: &ExportKey,
-) -> anyhow::Result<(AuditReport, Certificate, String)> {
-    let (report, book) = audit_with_polls(config).await?;
+    export: Option<Export<'_>>,
+) -> anyhow::Result<(AuditReport, Certificate)> {
+    let poll_id = PollId::parse(poll).with_context(|| format!("{poll:?} is no poll id"))?;
+    let mut log = EventLog {
+        poll: poll_id.clone(),
+        key: key.clone(),
+        chain: Chain::start(&poll_id),
+        out: None,
+    };
+    if let Some(export) = export {
+        let dir = export.out.join(REVISIONS_DIR);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = export.out.join(EVENTS_FILE);
+        let file =
+            File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut out = BufWriter::new(file);
+        writeln!(out, "{EVENTS_HEADER}").with_context(|| format!("cannot write {EVENTS_FILE}"))?;
+        log.out = Some(out);
+    }
+    let (report, book) = audit_with_polls(config, Some(&mut log)).await?;
+    if let Some(mut out) = log.out.take() {
+        out.flush()
+            .with_context(|| format!("cannot write {EVENTS_FILE}"))?;
+    }
     let definition = book
         .latest()
         .1
         .get(poll)
         .with_context(|| format!("there is no poll {poll:?} in the latest poll definitions"))?
         .clone();
+    let owner_key = record::owner_key(&book, &poll_id)?.map(|(key, _)| key);
+    if let Some(export) = export {
+        match (owner_key, export.signing) {
+            (Some(named), Some(signing)) if signing.public() != named => anyhow::bail!(
+                "the signing key is not the owner key that poll {poll} names ({named}): the \
+                 record would not verify"
+            ),
+            (Some(named), None) => anyhow::bail!(
+                "poll {poll} names owner key {named}: sign its record with that key's file \
+                 (--signing-key or LANDSLIDE_SIGNING_KEY_FILE)"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "poll {poll} names no owner key, so a signature would prove nothing: put \
+                 owner_key in its definition (landslide polls put) before it opens"
+            ),
+            _ => {}
+        }
+    }
 
     let mut conn =
         landslide_schema::postgres::connect_current(config.connections.database()?).await?;
@@ -170,12 +215,22 @@ pub async fn certify(
         })?;
         *counts.entry(choice.to_string()).or_default() += 1;
         let voter = key.pseudonym(&definition.id, row.voter);
-        lines.push(format!("{voter},{choice},{},{}\n", row.event_id, row.ts));
+        lines.push(record::ballot_line(
+            &voter,
+            &choice,
+            EventId(row.event_id),
+            Timestamp::from_i64(row.ts),
+        ));
     }
-    lines.sort_unstable();
-    let mut csv = String::from("voter,choice,event_id,ts\n");
-    csv.extend(lines);
-    let digest = format!("sha256:{:x}", Sha256::digest(csv.as_bytes()));
+    let ballots = record::ballots_file(lines);
+
+    let mut revisions = BTreeMap::new();
+    for (revision, _) in book.revisions() {
+        let hash = book
+            .hash(revision)
+            .with_context(|| format!("the text of revision {revision} was not read"))?;
+        revisions.insert(revision, hash);
+    }
 
     let closed = report
         .server_now
@@ -187,24 +242,115 @@ pub async fn certify(
         _ => "open",
     };
     let certificate = Certificate {
+        format: record::FORMAT.to_owned(),
         poll: definition.id.clone(),
         question: definition.question.clone(),
-        status,
+        status: status.to_owned(),
         closes_at: definition
             .closes_at
             .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
         counts,
         ballots: rows.len() as u64,
+        digest: record::digest(ballots.as_bytes()),
+        events: log.chain.lines(),
+        event_log_head: log.chain.head(),
+        revisions,
+        owner_key,
         events_read: report.events_read,
         stream: config.connections.topology.votes_stream.clone(),
         first_sequence: report.first_sequence,
         last_sequence: report.last_sequence,
         dead_letters: report.dead_letters,
-        digest,
         audited_at: report
             .server_now
             .unwrap_or_else(Utc::now)
             .to_rfc3339_opts(SecondsFormat::Millis, true),
     };
-    Ok((report, certificate, csv))
+    if let Some(export) = export {
+        write_record(config, &book, &certificate, &ballots, export).await?;
+    }
+    Ok((report, certificate))
+}
+
+/// Writes the rest of the record beside `events.csv`: the revision texts (as the bucket holds
+/// them, each checked against the hash the audit judged by), the ballots, the certificate and
+/// its signature.
+async fn write_record(
+    config: &AuditConfig,
+    book: &PollBook,
+    certificate: &Certificate,
+    ballots: &str,
+    export: Export<'_>,
+) -> anyhow::Result<()> {
+    let write = |name: &str, bytes: &[u8]| {
+        let path = export.out.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    };
+    let client =
+        landslide_nats::connect(&config.connections.nats, User::Audit, "landslide-export").await?;
+    let js = async_nats::jetstream::new(client);
+    let store = polls::ensure_bucket(&js, &config.connections.topology, Access::ReadOnly).await?;
+    let stored = polls::read_all(&store).await?;
+    for (revision, _) in book.revisions() {
+        let text = stored
+            .revisions
+            .iter()
+            .find(|s| {
+                s.revision == revision && book.hash(revision) == Some(RevisionHash::of(&s.text))
+            })
+            .with_context(|| {
+                format!(
+                    "the polls bucket no longer holds the text of revision {revision} that the \
+                     audit judged by"
+                )
+            })?;
+        write(
+            &format!("{REVISIONS_DIR}/{}", record::revision_file(revision)),
+            text.text.as_bytes(),
+        )?;
+    }
+    write(BALLOTS_FILE, ballots.as_bytes())?;
+    let json = format!("{}\n", serde_json::to_string_pretty(certificate)?);
+    write(CERTIFICATE_FILE, json.as_bytes())?;
+    if let Some(signing) = export.signing {
+        write(SIGNATURE_FILE, signing.sign(json.as_bytes()).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Reads the record in `dir`, as [`certify`] writes it, for [`record::check`].
+pub fn read_record(dir: &Path) -> anyhow::Result<RecordFiles> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let text =
+        |name: &str| String::from_utf8(read(name)?).with_context(|| format!("{name} is not UTF-8"));
+    let signature = match std::fs::read_to_string(dir.join(SIGNATURE_FILE)) {
+        Ok(signature) => Some(signature),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(err).with_context(|| format!("cannot read {SIGNATURE_FILE}")),
+    };
+    let mut revisions = BTreeMap::new();
+    let folder = dir.join(REVISIONS_DIR);
+    for entry in
+        std::fs::read_dir(&folder).with_context(|| format!("cannot read {}", folder.display()))?
+    {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        let revision = name
+            .strip_suffix(".toml")
+            .and_then(|n| n.parse::<u64>().ok())
+            .map(Revision)
+            .filter(|r| record::revision_file(*r) == name)
+            .with_context(|| format!("{REVISIONS_DIR}/{name} is not a revision's file"))?;
+        revisions.insert(revision, text(&format!("{REVISIONS_DIR}/{name}"))?);
+    }
+    Ok(RecordFiles {
+        certificate: read(CERTIFICATE_FILE)?,
+        signature,
+        events: text(EVENTS_FILE)?,
+        ballots: text(BALLOTS_FILE)?,
+        revisions,
+    })
 }

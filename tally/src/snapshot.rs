@@ -515,6 +515,7 @@ mod tests {
                 .to_vec(),
             opens_at: None,
             closes_at: None,
+            owner_key: None,
         };
         let polls = Polls::new(
             PollId::parse("pets").unwrap(),

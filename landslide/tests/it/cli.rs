@@ -100,6 +100,28 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
             ],
             "LANDSLIDE_EXPORT_KEY must be at least 32 bytes",
         ),
+        (
+            &["export", "--poll", "pets", "--out", "/nonexistent"],
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
+                (
+                    "LANDSLIDE_EXPORT_KEY",
+                    "an export key of at least thirty-two bytes",
+                ),
+                ("LANDSLIDE_SIGNING_KEY_FILE", "/nonexistent/owner.key"),
+            ],
+            "cannot read the signing key /nonexistent/owner.key",
+        ),
+        (
+            &["verify", "/nonexistent"],
+            &[],
+            "cannot read /nonexistent/",
+        ),
+        (
+            &["keygen", "--out", "/nonexistent/owner.key"],
+            &[],
+            "cannot create /nonexistent/owner.key",
+        ),
         (&["status"], &[], "DATABASE_URL is not set"),
         (&["migrate"], &[], "DATABASE_URL is not set"),
         (&["db-users"], &[], "DATABASE_URL is not set"),

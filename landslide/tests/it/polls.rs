@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use landslide_nats::{User, polls};
+use landslide_schema::record::OwnerSigningKey;
 use landslide_schema::{Polls, Revision, RevisionHash, VoteEvent};
 use landslide_tally::audit::{AuditConfig, audit};
-use landslide_tally::certificate::{ExportKey, certify};
+use landslide_tally::certificate::{Export, ExportKey, certify};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
@@ -331,7 +332,74 @@ async fn form(ingest: &str) -> String {
     reqwest::get(ingest).await.unwrap().text().await.unwrap()
 }
 
-/// The pets poll with a window, as a polls file.
+/// The owner of the windowed poll: their key signs its record.
+fn owner() -> OwnerSigningKey {
+    OwnerSigningKey::from_seed([7; 32])
+}
+
+/// `landslide verify DIR ARGS…`: whether it passed, and what it printed.
+fn verify(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_landslide"))
+        .arg("verify")
+        .arg(dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// One line of each published file edited, in a copy of the record: `verify` refuses every copy.
+fn every_edited_file_is_refused(record: &std::path::Path) {
+    let edits: [(&str, &str, &str); 6] = [
+        ("events.csv", ",dogs,", ",cats,"),
+        ("ballots.csv", ",dogs,", ",cats,"),
+        ("certificate.json", "\"dogs\": 1", "\"dogs\": 2"),
+        ("revisions/1.toml", "Cats or dogs?", "Cats or dogs!"),
+        ("revisions/2.toml", "Cats or dogs?", "Cats or dogs!"),
+        ("certificate.sig", "ed25519:", "ed25519:0"),
+    ];
+    for (file, from, to) in edits {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::create_dir(copy.path().join("revisions")).unwrap();
+        for name in [
+            "events.csv",
+            "ballots.csv",
+            "certificate.json",
+            "certificate.sig",
+            "revisions/1.toml",
+            "revisions/2.toml",
+        ] {
+            std::fs::copy(record.join(name), copy.path().join(name)).unwrap();
+        }
+        let path = copy.path().join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} lacks {from:?}: {text}");
+        let signature = file == "certificate.sig";
+        // The signature: one hex digit more would not parse; one changed digit is the edit.
+        let edited = if signature {
+            let mut digits: Vec<char> = text.trim_end().chars().collect();
+            let last = digits.len() - 1;
+            digits[last] = if digits[last] == '0' { '1' } else { '0' };
+            format!("{}\n", digits.into_iter().collect::<String>())
+        } else {
+            text.replacen(from, to, 1)
+        };
+        std::fs::write(&path, edited).unwrap();
+        let (ok, out) = verify(copy.path(), &[]);
+        assert!(
+            !ok && out.contains("REFUSED"),
+            "an edited {file} verified:\n{out}"
+        );
+    }
+}
+
+/// The pets poll with a window, as a polls file, owned by [`owner`].
 fn windowed(
     opens_at: chrono::DateTime<chrono::Utc>,
     closes_at: chrono::DateTime<chrono::Utc>,
@@ -341,9 +409,10 @@ fn windowed(
     format!(
         "[[poll]]\nid = \"pets\"\nquestion = \"Cats or dogs?\"\n\
          options = [{{ id = \"cats\", label = \"Cats\" }}, {{ id = \"dogs\", label = \"Dogs\" }}]\n\
-         opens_at = \"{}\"\ncloses_at = \"{}\"\n",
+         opens_at = \"{}\"\ncloses_at = \"{}\"\nowner_key = \"{}\"\n",
         poll(opens_at),
-        poll(closes_at)
+        poll(closes_at),
+        owner().public()
     )
 }
 
@@ -381,10 +450,14 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
         let url = honest.url.clone();
         async move {
             let (status, body) = support::vote_api(&early, &url, "pets", "dogs").await;
-            (status == 202).then(|| body["event_id"].as_str().unwrap().to_owned())
+            (status == 202).then(|| {
+                let field = |name: &str| body[name].as_str().unwrap().to_owned();
+                (field("event_id"), field("receipt"))
+            })
         }
     })
     .await;
+    let (event_id, receipt) = receipt;
     let wait = (closes_at - chrono::Utc::now())
         .to_std()
         .unwrap_or_default();
@@ -419,12 +492,17 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     assert!(page.contains("100.0%"), "{page}");
     tally.role.stop().await;
 
-    // The certificate: final, the counts, and a digest anyone can recompute from the export,
-    // in which the voter finds their own line by their receipt.
+    // The record: final, the counts, signed by the owner; `landslide verify` recomputes it from
+    // the folder alone, finds the voter's vote by their receipt, and refuses any edited file.
     let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db)));
     config.wait = Duration::from_secs(10);
     let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
-    let (report, certificate, csv) = certify(&config, "pets", &key).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let export = Export {
+        out: out.path(),
+        signing: Some(&owner()),
+    };
+    let (report, certificate) = certify(&config, "pets", &key, Some(export)).await.unwrap();
     assert!(report.is_consistent(), "{report}");
     assert_eq!(certificate.status, "final", "{certificate}");
     assert_eq!(
@@ -433,15 +511,36 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     );
     assert_eq!((certificate.ballots, certificate.events_read), (1, 2));
     assert_eq!(
+        certificate.events, 2,
+        "both events of the poll are in the log"
+    );
+    assert_eq!(
         (certificate.first_sequence, certificate.last_sequence),
         (1, 2)
     );
+    let csv = std::fs::read_to_string(out.path().join("ballots.csv")).unwrap();
     let digest = format!("sha256:{:x}", Sha256::digest(csv.as_bytes()));
     assert_eq!(certificate.digest, digest);
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "voter,choice,event_id,ts");
     assert_eq!(lines.len(), 2, "{csv}");
-    assert!(lines[1].contains(&format!(",dogs,{receipt},")), "{csv}");
+    assert!(lines[1].contains(&format!(",dogs,{event_id},")), "{csv}");
+    let (ok, text) = verify(out.path(), &["--receipt", &receipt]);
+    assert!(ok, "{text}");
+    assert!(text.contains("VERIFIED"), "{text}");
+    assert!(text.contains("counts: cats 0, dogs 1"), "{text}");
+    assert!(text.contains("not counted: 1 (closed 1)"), "{text}");
+    assert!(
+        text.contains("receipt: in the record (sequence 1): counted"),
+        "{text}"
+    );
+    let other = landslide_schema::record::OwnerSigningKey::from_seed([9; 32]).public();
+    let (ok, text) = verify(out.path(), &["--owner-key", &other.to_string()]);
+    assert!(
+        !ok && text.contains("not by the published owner key"),
+        "{text}"
+    );
+    every_edited_file_is_refused(out.path());
 
     // What an operator without the nats CLI sees.
     let status = landslide_tally::status::status(&config).await.unwrap();

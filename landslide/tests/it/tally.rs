@@ -173,6 +173,7 @@ fn two_polls() -> Polls {
             .to_vec(),
         opens_at: None,
         closes_at: None,
+        owner_key: None,
     };
     Polls::new(
         PollId::parse("pets").unwrap(),

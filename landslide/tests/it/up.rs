@@ -149,7 +149,7 @@ fn operate_with_only_the_env_file(data_dir: &std::path::Path) {
         (&["audit", "--poll", "pets"], "CONSISTENT"),
         (
             &["export", "--poll", "pets", "--out", export_out],
-            "wrote ballots.csv",
+            "wrote the record of poll pets",
         ),
     ];
     for (args, expect) in commands {
@@ -183,5 +183,16 @@ fn operate_with_only_the_env_file(data_dir: &std::path::Path) {
         ballots.lines().count(),
         2,
         "a header and the one ballot: {ballots}"
+    );
+    // `up`'s seeded poll names no owner key: its record is unsigned, and proves nothing to a
+    // stranger, so `verify` refuses it.
+    let output = Command::new(env!("CARGO_BIN_EXE_landslide"))
+        .args(["verify", export_out])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success() && stdout.contains("REFUSED") && stdout.contains("owner key"),
+        "{stdout}"
     );
 }
