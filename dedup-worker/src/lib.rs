@@ -384,6 +384,13 @@ impl Worker {
             Ok(Some(restarted)) => Checked::Restarted(Box::new(restarted)),
             Ok(None) => Checked::Fine,
             Err(err) => {
+                // The next check connects again. A check that failed on a connection PostgreSQL
+                // had closed (a restart) kept failing on it for good, and the worker counted
+                // nothing more: after a reconnection to NATS no batch runs before a check passes,
+                // and only a batch used to drop a broken connection (found by a fresh chaos seed,
+                // a power cut of PostgreSQL: "cannot read the workers' mark: connection closed"
+                // for minutes). A new connection per failed check, at most one a second, is cheap.
+                self.db = None;
                 let error = format!("{err:#}");
                 tracing::warn!(
                     error,
