@@ -116,8 +116,33 @@ impl Place {
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, below the kernel's ephemeral range where there is room.
+///
+/// Servers are stopped and started again on the same ports (restarts, power cuts). A port from
+/// the ephemeral range (what binding port 0 gives) is also what the kernel hands every outgoing
+/// connection as its local port: while a server was down, a client connection of another test
+/// took its monitoring port once, and the restart failed ("address already in use", one run of
+/// ten). Below the range only another such pick can take it, one chance in thousands.
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 20_000;
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = u64::from(ephemeral_low - LOWEST);
+        for _ in 0..64 {
+            // A random pick: std's per-process random hasher keys, no generator needed.
+            let mut hasher = std::hash::RandomState::new().build_hasher();
+            hasher.write_u64(u64::from(std::process::id()));
+            let offset = u16::try_from(hasher.finish() % span).unwrap_or(0);
+            let port = LOWEST + offset;
+            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
