@@ -60,6 +60,10 @@ impl RoleEnv {
         for (var, value) in self.nats(user).env() {
             process = process.env(var, value);
         }
+        if matches!(role, "ingest" | "tally") {
+            // The receipt key that ingest and tally share, distinct from the cookie secret.
+            process = process.env("LANDSLIDE_RECEIPT_KEY", format!("receipts-{}", self.secret));
+        }
         process
             .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
             .env("LANDSLIDE_ACK_WAIT_MS", self.ack_wait.as_millis())

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use landslide_nats::polls::PollWatch;
 use landslide_schema::cookie::VoterCookie;
 use landslide_schema::poll::{NotCounted, Window};
-use landslide_schema::receipt::Receipt;
+use landslide_schema::receipt::{Receipt, ReceiptKey};
 use landslide_schema::{EventId, NodeId, Poll, PollBook, PollId, Timestamp, VoteEvent, VoterId};
 use landslide_telemetry::openapi::{Document, ErrorBody};
 use landslide_telemetry::serve::MetricsAt;
@@ -56,6 +56,7 @@ struct Inner {
     /// Whether `hlc`'s clock is close enough to the NATS server's to stamp votes.
     clock: Arc<ClockCheck>,
     keys: Keys,
+    receipts: ReceiptKey,
     secure_cookie: bool,
     results_url: Option<String>,
     client: async_nats::Client,
@@ -84,6 +85,7 @@ impl AppState {
             ),
             clock,
             keys: Keys::new(&config.secret, &config.previous_secrets),
+            receipts: config.receipt_key.clone(),
             secure_cookie: config.secure_cookie,
             results_url: config.results_url.clone(),
             client,
@@ -569,7 +571,7 @@ async fn vote_api(
                 event_id: accepted.event_id,
                 ts: accepted.ts,
                 duplicate: accepted.duplicate,
-                receipt: accepted.receipt.to_string(),
+                receipt: state.0.receipts.issue(&accepted.receipt),
             }),
         )
             .into_response(),
@@ -649,8 +651,11 @@ async fn vote_form(
         // The receipt travels to the confirmation in a cookie read once, never in its address,
         // which access logs keep (`voter::RECEIPT_COOKIE_NAME`).
         Ok(accepted) => {
-            let jar =
-                voter::write_receipt(jar, accepted.receipt.to_string(), state.0.secure_cookie);
+            let jar = voter::write_receipt(
+                jar,
+                state.0.receipts.issue(&accepted.receipt),
+                state.0.secure_cookie,
+            );
             let to = if poll == default.as_str() {
                 "/".to_owned()
             } else {
@@ -753,7 +758,7 @@ impl AppState {
             results_url: self.0.results_url.as_deref(),
             receipt: receipt
                 .filter(|r| r.poll == poll.id)
-                .map(ToString::to_string),
+                .map(|r| self.0.receipts.issue(r)),
         };
         // The template is checked at compile time and only formats strings: rendering cannot fail
         // short of running out of memory.
@@ -816,13 +821,14 @@ async fn form(
         },
     };
     // The receipt of the vote just cast through the form, from its cookie (or, as links of
-    // earlier releases have it, the address). Only a well-formed receipt of this poll is shown.
+    // earlier releases have it, the address). Only a receipt this site issued, of this poll, is
+    // shown.
     let (jar, flashed) = voter::take_receipt(jar, state.0.secure_cookie);
     let receipt = query
         .receipt
         .or(flashed)
         .as_deref()
-        .and_then(|r| r.parse::<Receipt>().ok());
+        .and_then(|r| state.0.receipts.open(r).ok());
     // The jar goes back too: a cookie of a previous key comes back signed with the current one.
     let page = state.page(&jar, poll, None, receipt.as_ref());
     (jar, page).into_response()

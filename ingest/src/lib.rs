@@ -23,6 +23,7 @@ mod voter;
 pub use client::ClientIpHeader;
 pub use clock::{Clock, MaxClockOffset, SystemClock};
 pub use http::openapi;
+pub use landslide_schema::receipt::ReceiptKey;
 pub use rate_limit::RateLimit;
 
 /// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.
@@ -62,6 +63,9 @@ pub struct Config {
     /// polls bucket or creates a stream: it waits for a worker to have set them up.
     pub connections: Connections,
     pub secret: Secret,
+    /// The key that authenticates the receipts this node issues (`LANDSLIDE_RECEIPT_KEY`, the
+    /// same as tally's).
+    pub receipt_key: ReceiptKey,
     /// Keys that signed cookies before `secret` (`LANDSLIDE_SECRET_PREVIOUS`, newest first):
     /// they verify, never sign.
     pub previous_secrets: Vec<Secret>,
@@ -93,12 +97,18 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for everything but the identity, the broker and the key.
-    pub fn new(node_id: NodeId, connections: Connections, secret: Secret) -> Self {
+    /// Defaults for everything but the identity, the broker and the keys.
+    pub fn new(
+        node_id: NodeId,
+        connections: Connections,
+        secret: Secret,
+        receipt_key: ReceiptKey,
+    ) -> Self {
         Self {
             node_id,
             connections,
             secret,
+            receipt_key,
             previous_secrets: Vec::new(),
             clock: Arc::new(SystemClock::default()),
             max_clock_offset: MaxClockOffset::DEFAULT,

@@ -1,13 +1,16 @@
 //! The local infrastructure behind `landslide up`: a nats-server with JetStream and a PostgreSQL
-//! cluster of our own under one data folder, plus the cookie-signing secret kept there.
+//! cluster of our own under one data folder, plus the cookie-signing secret and the receipt key
+//! kept there.
 //!
-//! Whatever the caller already has (`NATS_URL`, `DATABASE_URL`, `LANDSLIDE_SECRET`) is used as is,
+//! Whatever the caller already has (`NATS_URL`, `DATABASE_URL`, `LANDSLIDE_SECRET`,
+//! `LANDSLIDE_RECEIPT_KEY`) is used as is,
 //! and only the rest is started. Everything lives under the data folder, so a second `up` on the
 //! same folder finds the votes of the first:
 //!
 //! ```text
 //! <data_dir>/lock          held (flock) while a LocalStack runs: one `up` per folder
 //! <data_dir>/secret        the generated LANDSLIDE_SECRET, mode 0600
+//! <data_dir>/receipt-key   the generated LANDSLIDE_RECEIPT_KEY, mode 0600
 //! <data_dir>/env           how to reach the servers, as each user (URLs, CA, passwords), mode
 //!                          0600: what the operator's commands read with `--up <data_dir>`
 //! <data_dir>/nats/         JetStream storage          <data_dir>/nats.log, nats.pid
@@ -87,6 +90,8 @@ pub struct LocalConfig {
     pub database_url: Option<DatabaseUrl>,
     /// The cookie-signing secret (`LANDSLIDE_SECRET`) instead of the one kept in the data folder.
     pub secret: Option<String>,
+    /// The receipt key (`LANDSLIDE_RECEIPT_KEY`) instead of the one kept in the data folder.
+    pub receipt_key: Option<String>,
     /// Ports for the servers we start.
     pub ports: LocalPorts,
 }
@@ -99,6 +104,7 @@ impl LocalConfig {
             nats: None,
             database_url: None,
             secret: None,
+            receipt_key: None,
             ports: LocalPorts::default(),
         }
     }
@@ -112,6 +118,10 @@ impl fmt::Debug for LocalConfig {
             .field("nats", &self.nats)
             .field("database_url", &self.database_url)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "receipt_key",
+                &self.receipt_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("ports", &self.ports)
             .finish()
     }
@@ -133,6 +143,8 @@ pub struct LocalStack {
     role_urls: HashMap<LoginRole, DatabaseUrl>,
     /// The cookie-signing secret: the caller's, or the one kept in `<data_dir>/secret`.
     pub secret: String,
+    /// The receipt key: the caller's, or the one kept in `<data_dir>/receipt-key`.
+    pub receipt_key: String,
     /// The data folder, absolute once we keep anything there.
     data_dir: PathBuf,
     nats: Option<Nats>,
@@ -196,7 +208,8 @@ impl LocalStack {
 
         let needs_dir = matches!(nats, Server::Start(_))
             || matches!(postgres, Server::Start(_))
-            || config.secret.is_none();
+            || config.secret.is_none()
+            || config.receipt_key.is_none();
         let (data_dir, lock) = if needs_dir {
             let (dir, lock) = open_data_dir(&config.data_dir)?;
             (dir, Some(lock))
@@ -207,6 +220,10 @@ impl LocalStack {
         let secret = match config.secret {
             Some(secret) => secret,
             None => load_or_create_secret(&data_dir.join("secret"))?,
+        };
+        let receipt_key = match config.receipt_key {
+            Some(key) => key,
+            None => load_or_create_secret(&data_dir.join("receipt-key"))?,
         };
 
         // nats-server first: it makes the local CA (or finds it), which then signs PostgreSQL's
@@ -233,6 +250,7 @@ impl LocalStack {
             database_url,
             role_urls,
             secret,
+            receipt_key,
             data_dir,
             nats,
             postgres,
@@ -566,7 +584,7 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<String> {
             file.write_all(secret.as_bytes())
                 .and_then(|()| file.sync_all())
                 .with_context(|| format!("cannot write the secret to {}", path.display()))?;
-            tracing::info!(path = %path.display(), "generated LANDSLIDE_SECRET");
+            tracing::info!(path = %path.display(), "generated a secret");
             Ok(secret)
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -930,6 +948,7 @@ mod tests {
             nats: Some(given("nats://elsewhere:4222")),
             database_url: Some(DatabaseUrl::parse("postgres://u@elsewhere/db").expect("a URL")),
             secret: Some("s".repeat(40)),
+            receipt_key: Some("r".repeat(40)),
             ..config(&dir.path().join("never-created"), free_ports())
         })
         .await
@@ -938,10 +957,12 @@ mod tests {
         assert_eq!(stack.database_url.expose(), "postgres://u@elsewhere/db");
         assert_eq!(stack.database_url(LoginRole::Tally), stack.database_url);
         assert_eq!(stack.secret, "s".repeat(40));
+        assert_eq!(stack.receipt_key, "r".repeat(40));
         assert!(!dir.path().join("never-created").exists());
+        let debug = format!("{stack:?}");
         assert!(
-            !format!("{stack:?}").contains("ssss"),
-            "Debug hides the secret"
+            !debug.contains("ssss") && !debug.contains("rrrr"),
+            "Debug hides the secrets"
         );
         stack.stop().await.expect("stop");
     }

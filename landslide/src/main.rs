@@ -17,6 +17,7 @@ use landslide_config::{Connections, Shutdown};
 use landslide_nats::auth::{CredentialSettings, Tls};
 use landslide_nats::{Access, NatsConfig, Topology, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
+use landslide_schema::receipt::ReceiptKey;
 use landslide_schema::{NodeId, Polls};
 use landslide_telemetry::serve::MetricsAt;
 
@@ -485,6 +486,7 @@ impl IngestArgs {
             node_id,
             self.shared.connections(User::Ingest, None)?,
             secret,
+            receipt_key()?,
         );
         config.previous_secrets = previous_secrets;
         config.clock = Arc::new(landslide_ingest::SystemClock {
@@ -544,6 +546,16 @@ impl DatabaseArgs {
 }
 
 /// A setting without a default, or an error naming both ways to give it.
+/// The receipt key of ingest and tally, from `LANDSLIDE_RECEIPT_KEY` only: no flag, so that it
+/// never shows in the process list.
+fn receipt_key() -> anyhow::Result<ReceiptKey> {
+    let key = non_empty_env("LANDSLIDE_RECEIPT_KEY").context(
+        "LANDSLIDE_RECEIPT_KEY is not set: at least 32 bytes, the same for ingest and tally (it \
+         authenticates receipts)",
+    )?;
+    ReceiptKey::new(key).map_err(|e| anyhow::anyhow!(e))
+}
+
 fn required<'a>(value: &'a Option<String>, flag: &str, var: &str) -> anyhow::Result<&'a str> {
     value
         .as_deref()
@@ -613,6 +625,7 @@ impl TallyArgs {
         let mut config = landslide_tally::Config::new(
             self.shared
                 .connections(User::Tally, Some((&self.db, LoginRole::Tally)))?,
+            receipt_key()?,
         );
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
@@ -936,7 +949,7 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<std::process::ExitCode> {
     let receipt = args
         .receipt
         .as_deref()
-        .map(|r| r.parse::<landslide_schema::receipt::Receipt>())
+        .map(landslide_schema::receipt::Receipt::read_unauthenticated)
         .transpose()?;
     let expected = args
         .owner_key
@@ -1130,6 +1143,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .map(|url| DatabaseUrl::parse(&url))
         .transpose()?;
     local.secret = non_empty_env("LANDSLIDE_SECRET");
+    local.receipt_key = non_empty_env("LANDSLIDE_RECEIPT_KEY");
     local.ports = local::LocalPorts {
         nats: args.nats_port,
         postgres: args.postgres_port,
@@ -1210,6 +1224,8 @@ async fn run_roles(
     landslide_schema::postgres::migrate(&stack.database_url).await?;
     let node_id = NodeId::parse("local").context("the local node id is valid")?;
     let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
+    let receipt_key =
+        ReceiptKey::new(stack.receipt_key.as_bytes()).map_err(|e| anyhow::anyhow!(e))?;
     // One connection configuration, each role with its own NATS user and database user.
     let connections = |user: User, database: Option<LoginRole>| {
         let mut connections = Connections::new(
@@ -1219,14 +1235,21 @@ async fn run_roles(
         connections.polls = polls.clone();
         connections
     };
-    let mut ingest =
-        landslide_ingest::Config::new(node_id, connections(User::Ingest, None), secret);
+    let mut ingest = landslide_ingest::Config::new(
+        node_id,
+        connections(User::Ingest, None),
+        secret,
+        receipt_key.clone(),
+    );
     (ingest.rate_limit, ingest.client_ip_header) = (rate_limit, client_ip_header);
     ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
     ingest.metrics = MetricsAt::Operations;
     let worker =
         landslide_dedup_worker::Config::new(connections(User::Worker, Some(LoginRole::Worker)));
-    let mut tally = landslide_tally::Config::new(connections(User::Tally, Some(LoginRole::Tally)));
+    let mut tally = landslide_tally::Config::new(
+        connections(User::Tally, Some(LoginRole::Tally)),
+        receipt_key,
+    );
     tally.metrics = MetricsAt::Operations;
 
     let vote_url = format!("http://{}/", ingest_listener.local_addr()?);

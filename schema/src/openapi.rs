@@ -90,10 +90,11 @@ impl PartialSchema for Receipt {
         ObjectBuilder::new()
             .schema_type(Type::String)
             .pattern(Some(
-                "^[A-Za-z0-9_-]{1,64}\\.[0-9a-f]{32}\\.[0-9a-f]{32}\\.[0-9]+$",
+                "^[A-Za-z0-9_-]{1,64}\\.[0-9a-f]{32}\\.[0-9a-f]{32}\\.[0-9]+\\.[0-9a-f]{32}$",
             ))
             .description(Some(
-                "A vote's receipt: `<poll>.<voter id>.<event id>.<ts>`, the ids as 32 hex digits.",
+                "A vote's receipt: `<poll>.<voter id>.<event id>.<ts>.<tag>`, the ids and the tag \
+                 (which proves that this site issued it) as 32 hex digits.",
             ))
             .into()
     }
@@ -109,8 +110,8 @@ mod tests {
     use super::*;
     use crate::VoterId;
 
-    /// The receipt's pattern, checked by hand on what `Display` writes (the crate has no regex
-    /// engine, and needs none for this).
+    /// The receipt's pattern, checked by hand on what [`crate::receipt::ReceiptKey::issue`]
+    /// writes (the crate has no regex engine, and needs none for this).
     #[test]
     fn a_receipt_is_written_as_its_schema_says() {
         let receipt = Receipt {
@@ -119,11 +120,12 @@ mod tests {
             event_id: EventId::new_random(),
             ts: Timestamp(123_456),
         };
-        let text = receipt.to_string();
+        let key = crate::receipt::ReceiptKey::new([7; 32]).unwrap();
+        let text = key.issue(&receipt);
         let parts: Vec<&str> = text.split('.').collect();
-        assert_eq!(parts.len(), 4);
+        assert_eq!(parts.len(), 5);
         assert_eq!(parts[0], "pets");
-        for id in &parts[1..3] {
+        for id in [parts[1], parts[2], parts[4]] {
             assert_eq!(id.len(), 32);
             assert!(
                 id.bytes()

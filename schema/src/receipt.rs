@@ -1,15 +1,20 @@
 //! The receipt of a vote: what the answer to a vote carries, so that its voter can later check
-//! that this vote is the one counted, or which later vote of theirs replaced it.
+//! that this vote is the one counted, or was replaced by a later vote of theirs.
 //!
 //! It names the vote (its event id), whose it is (poll and voter) and where it stands in the
-//! voter's order (its stamp): `pets.<voter, 32 hex digits>.<event id, 32 hex digits>.<ts>`. With
-//! these, the voter's ballot alone says what became of the vote; no index of every event is
-//! needed. Whoever holds a receipt can see what that voter's ballot holds now, so it is the
-//! voter's to keep, like the cookie. It lets nobody vote: a vote needs the signed cookie.
+//! voter's order (its stamp), and proves that an ingest node issued it:
+//! `pets.<voter, 32 hex digits>.<event id, 32 hex digits>.<ts>.<tag, 32 hex digits>`. The tag is
+//! the first 16 bytes of the HMAC-SHA256, keyed with `LANDSLIDE_RECEIPT_KEY` (which ingest and
+//! tally share, and nothing else holds), of `landslide-receipt-v1`, a 0 byte and the text before
+//! the tag ([`ReceiptKey`]). Tally answers only receipts whose tag holds, so a made-up receipt,
+//! or one of another voter's ballot with an event of one's own, gets `404` and learns nothing.
+//! With the receipt's fields, the voter's ballot alone says what became of the vote; no index of
+//! every event is needed. It lets nobody vote: a vote needs the signed cookie.
 
 use std::fmt;
-use std::str::FromStr;
 
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::{EventId, PollId, Timestamp, VoterId};
@@ -67,14 +72,92 @@ impl fmt::Display for Receipt {
 
 /// Why text is not a receipt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a receipt: expected <poll>.<voter>.<event id>.<ts>")]
+#[error("not a receipt: expected <poll>.<voter>.<event id>.<ts>.<tag>")]
 pub struct NotAReceipt;
 
-impl FromStr for Receipt {
-    type Err = NotAReceipt;
+/// Why a receipt is not answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    /// Not a receipt's form: `400`.
+    #[error(transparent)]
+    Malformed(#[from] NotAReceipt),
+    /// Well formed, but no ingest node of this site issued it (its tag does not hold): `404`.
+    #[error("no such receipt: this site did not issue it")]
+    NotIssued,
+}
+
+/// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY`): at least 32 bytes, held by
+/// ingest, which issues receipts, and tally, which answers them. Never logged.
+#[derive(Clone)]
+pub struct ReceiptKey(Vec<u8>);
+
+impl fmt::Debug for ReceiptKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReceiptKey(***)")
+    }
+}
+
+impl ReceiptKey {
+    pub const MIN_LEN: usize = 32;
+    /// Bytes of the tag: 128 bits, beyond any guessing by requests.
+    const TAG_BYTES: usize = 16;
+
+    pub fn new(key: impl Into<Vec<u8>>) -> Result<Self, String> {
+        let key = key.into();
+        if key.len() < Self::MIN_LEN {
+            return Err(format!(
+                "LANDSLIDE_RECEIPT_KEY must be at least {} bytes long (it authenticates receipts; \
+                 ingest and tally share it)",
+                Self::MIN_LEN
+            ));
+        }
+        Ok(Self(key))
+    }
+
+    fn mac(&self, body: &str) -> Hmac<Sha256> {
+        // Any key length is valid for HMAC.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"landslide-receipt-v1\0");
+        mac.update(body.as_bytes());
+        mac
+    }
+
+    /// The receipt's text, tag included: what the voter gets.
+    pub fn issue(&self, receipt: &Receipt) -> String {
+        let body = receipt.to_string();
+        let tag = self.mac(&body).finalize().into_bytes();
+        format!("{body}.{}", crate::hex::encode(&tag[..Self::TAG_BYTES]))
+    }
+
+    /// The receipt `text` names, if this key issued it (compared in constant time).
+    pub fn open(&self, text: &str) -> Result<Receipt, Unanswered> {
+        let (receipt, body, tag) = Receipt::split(text)?;
+        self.mac(body)
+            .verify_truncated_left(&tag)
+            .map_err(|_| Unanswered::NotIssued)?;
+        Ok(receipt)
+    }
+}
+
+impl Receipt {
+    /// What a receipt's text names, its tag unchecked: for `landslide verify`, which finds the
+    /// vote in a published record and holds no key. Anything that answers with the ballot must
+    /// use [`ReceiptKey::open`].
+    pub fn read_unauthenticated(text: &str) -> Result<Self, NotAReceipt> {
+        Self::split(text).map(|(receipt, _, _)| receipt)
+    }
+
+    /// The receipt, the text its tag covers, and the tag (32 lowercase hex digits in the text),
+    /// not checked against a key.
+    fn split(text: &str) -> Result<(Self, &str, [u8; ReceiptKey::TAG_BYTES]), NotAReceipt> {
+        let (body, tag) = text.rsplit_once('.').ok_or(NotAReceipt)?;
+        let tag = crate::hex::decode(tag).ok_or(NotAReceipt)?;
+        Ok((Self::read_body(body)?, body, tag))
+    }
 
     /// Reads exactly what `Display` writes.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
+    fn read_body(text: &str) -> Result<Self, NotAReceipt> {
         let mut parts = text.split('.');
         let (Some(poll), Some(voter), Some(event), Some(ts), None) = (
             parts.next(),
@@ -126,18 +209,43 @@ mod tests {
             text,
             "pets.0b7e3d5241c64f0e8d2a5e9f61c7b002.6f1c2a8e0d4b4b8a9a573c1de0f0a001.116257832304214017"
         );
-        assert_eq!(text.parse::<Receipt>().unwrap(), receipt());
+        let key = ReceiptKey::new("a receipt key of thirty-two bytes or more").unwrap();
+        let issued = key.issue(&receipt());
+        assert_eq!(issued.len(), text.len() + 33);
+        assert_eq!(key.open(&issued), Ok(receipt()));
+        assert_eq!(Receipt::read_unauthenticated(&issued), Ok(receipt()));
         for bad in [
-            "",
-            "pets",
-            &text.replace("pets", "pe ts"),
-            &text.replace(".1162", ".01162"),
-            &text.replace("0b7e3d52", "0B7E3D52"),
-            &format!("{text}.1"),
-            &text.replace(".116257832304214017", ".-1"),
+            String::new(),
+            "pets".to_owned(),
+            text.clone(),
+            issued.replace("pets", "pe ts"),
+            issued.replace(".1162", ".01162"),
+            issued.replace("0b7e3d52", "0B7E3D52"),
+            format!("{issued}.1"),
+            format!("{issued}0"),
+            issued.replace(".116257832304214017", ".-1"),
         ] {
-            assert_eq!(bad.parse::<Receipt>(), Err(NotAReceipt), "{bad}");
+            assert_eq!(
+                key.open(&bad),
+                Err(Unanswered::Malformed(NotAReceipt)),
+                "{bad}"
+            );
         }
+    }
+
+    #[test]
+    fn only_a_receipt_the_key_issued_is_answered() {
+        let key = ReceiptKey::new("a receipt key of thirty-two bytes or more").unwrap();
+        let other = ReceiptKey::new("another receipt key, also 32 bytes or more").unwrap();
+        let issued = key.issue(&receipt());
+        assert_eq!(other.open(&issued), Err(Unanswered::NotIssued));
+        // Another event (or stamp) of the same voter under the genuine tag.
+        let forged = issued.replace("6f1c2a8e", "6f1c2a8f");
+        assert_eq!(key.open(&forged), Err(Unanswered::NotIssued));
+        let zero_tag = format!("{}.{}", receipt(), "0".repeat(32));
+        assert_eq!(key.open(&zero_tag), Err(Unanswered::NotIssued));
+        assert!(ReceiptKey::new("short").is_err());
+        assert!(!format!("{key:?}").contains("thirty"));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub(crate) struct AppState {
     pub event_streams: Arc<tokio::sync::Semaphore>,
     /// For receipts only (`receipts.rs`).
     pub db: diesel_async::pooled_connection::bb8::Pool<diesel_async::AsyncPgConnection>,
+    /// Answers only the receipts it authenticates (`LANDSLIDE_RECEIPT_KEY`, ingest's).
+    pub receipts: landslide_schema::receipt::ReceiptKey,
 }
 
 impl AppState {

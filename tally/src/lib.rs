@@ -10,6 +10,8 @@
 //! message: it only reads what the dedup-workers committed. [`audit`] reads the whole stream, but
 //! through an ephemeral consumer of its own.
 
+pub use landslide_schema::receipt::ReceiptKey;
+
 pub mod audit;
 pub mod certificate;
 mod counts;
@@ -46,6 +48,9 @@ pub struct Config {
     /// Whether `/metrics` is served with the results, or only on an operations listener of the
     /// process's own (`LANDSLIDE_METRICS_LISTEN`).
     pub metrics: landslide_telemetry::serve::MetricsAt,
+    /// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY`, the same as ingest's): a
+    /// receipt it did not issue is answered `404`.
+    pub receipt_key: ReceiptKey,
 }
 
 /// The default cap on live result streams: well under the 65,536 file descriptors tally's systemd
@@ -54,9 +59,10 @@ pub const DEFAULT_MAX_EVENT_STREAMS: usize = 20_000;
 
 impl Config {
     /// The default topology and polls, refreshed every 500 ms.
-    pub fn new(connections: Connections) -> Self {
+    pub fn new(connections: Connections, receipt_key: ReceiptKey) -> Self {
         Self {
             connections,
+            receipt_key,
             refresh: Duration::from_millis(500),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             http: landslide_telemetry::serve::Limits::default(),
@@ -140,6 +146,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         http::AppState {
             polls,
             db,
+            receipts: config.receipt_key.clone(),
             event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 config.max_event_streams,
             )),

@@ -18,7 +18,7 @@ use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use diesel_async::AsyncPgConnection;
 use diesel_async::RunQueryDsl as _;
 use diesel_async::pooled_connection::bb8::Pool;
-use landslide_schema::receipt::{Receipt, Standing};
+use landslide_schema::receipt::{Receipt, Standing, Unanswered};
 use landslide_schema::{Choice, EventId, PollId, Timestamp};
 use landslide_telemetry::openapi::ErrorBody;
 use serde::Serialize;
@@ -74,8 +74,10 @@ pub(crate) struct Answer {
 }
 
 pub(crate) async fn answer(state: &AppState, text: &str) -> Result<Answer, (StatusCode, String)> {
-    let bad = |message: String| (StatusCode::BAD_REQUEST, message);
-    let receipt: Receipt = text.parse().map_err(|e| bad(format!("{e}")))?;
+    let receipt: Receipt = state.receipts.open(text).map_err(|e| match e {
+        Unanswered::Malformed(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+        Unanswered::NotIssued => (StatusCode::NOT_FOUND, e.to_string()),
+    })?;
     let book = state.polls.current();
     let poll = book.latest().1.get(receipt.poll.as_str()).ok_or_else(|| {
         (
@@ -103,7 +105,7 @@ pub(crate) async fn answer(state: &AppState, text: &str) -> Result<Answer, (Stat
         Standing::NotYet => ReceiptStatus::Pending,
     };
     Ok(Answer {
-        receipt: receipt.to_string(),
+        receipt: text.to_owned(),
         poll: receipt.poll.to_string(),
         event_id: receipt.event_id,
         status,
@@ -139,7 +141,7 @@ async fn from_path(
         Ok(Path(receipt)) => answer(state, &receipt).await,
         Err(_) => Err((
             StatusCode::BAD_REQUEST,
-            "a receipt is `<poll>.<voter id>.<event id>.<ts>`".to_owned(),
+            "a receipt is `<poll>.<voter id>.<event id>.<ts>.<tag>`".to_owned(),
         )),
     }
 }
@@ -156,7 +158,8 @@ async fn from_path(
         (status = 200, description = "Where the vote stands", body = Answer,
             headers(("Cache-Control" = String, description = "`no-store`"))),
         (status = 400, description = "Not a receipt", body = ErrorBody),
-        (status = 404, description = "The receipt's poll does not exist", body = ErrorBody),
+        (status = 404, description = "This site did not issue the receipt, or its poll does \
+            not exist", body = ErrorBody),
         (status = 503, description = "No results yet, or the ballots cannot be read now; retry",
             body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -192,8 +195,8 @@ pub(crate) async fn api(
         (status = 200, description = "Where the vote stands", body = String,
             content_type = "text/html"),
         (status = 400, description = "Not a receipt", body = String, content_type = "text/html"),
-        (status = 404, description = "The receipt's poll does not exist", body = String,
-            content_type = "text/html"),
+        (status = 404, description = "This site did not issue the receipt, or its poll does \
+            not exist", body = String, content_type = "text/html"),
         (status = 503, description = "No results yet, or the ballots cannot be read now; retry",
             body = String, content_type = "text/html",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),

@@ -15,6 +15,11 @@ fn landslide(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     ] {
         command.env_remove(var);
     }
+    // A valid receipt key unless the case sets another.
+    command.env(
+        "LANDSLIDE_RECEIPT_KEY",
+        "a receipt key of thirty-two bytes or more",
+    );
     command.envs(env.iter().copied());
     let output = command.output().unwrap();
     (
@@ -44,6 +49,22 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
             &["ingest"],
             &[("LANDSLIDE_SECRET", &long_secret)],
             "LANDSLIDE_NODE_ID is not set",
+        ),
+        (
+            &["ingest", "--node-id", "web01"],
+            &[
+                ("LANDSLIDE_SECRET", &long_secret),
+                ("LANDSLIDE_RECEIPT_KEY", ""),
+            ],
+            "LANDSLIDE_RECEIPT_KEY is not set",
+        ),
+        (
+            &["tally"],
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
+                ("LANDSLIDE_RECEIPT_KEY", "short"),
+            ],
+            "LANDSLIDE_RECEIPT_KEY must be at least 32 bytes",
         ),
         (
             &["ingest", "--node-id", "web01"],

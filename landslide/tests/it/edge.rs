@@ -331,6 +331,7 @@ impl IngestProcess {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .envs(nats.config(landslide_nats::User::Ingest).env())
             .env("LANDSLIDE_SECRET", support::SECRET)
+            .env("LANDSLIDE_RECEIPT_KEY", support::RECEIPT_KEY)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .spawn()

@@ -621,6 +621,30 @@ async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it
         .await
         .unwrap();
     assert_eq!(garbage.status(), 400);
+    // Receipts this site did not issue learn nothing: one made up for the voter (a receipt once
+    // answered with the voter's current choice for any event id), the counted one with another
+    // stamp, and one without its tag, as receipts were before they were authenticated.
+    let (voter_part, body) = {
+        let parts: Vec<&str> = second.split('.').collect();
+        (parts[1].to_owned(), parts[..4].join("."))
+    };
+    let made_up = format!("pets.{voter_part}.{}.1.{}", "0".repeat(32), "0".repeat(32));
+    let restamped = second.replacen(".1", ".2", 1);
+    for forged in [made_up, restamped] {
+        let response = reqwest::get(format!("{}/api/receipts/{forged}", tally.url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{forged}");
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains("did not issue") && !text.contains("dogs"),
+            "{text}"
+        );
+    }
+    let untagged = reqwest::get(format!("{}/api/receipts/{body}", tally.url))
+        .await
+        .unwrap();
+    assert_eq!(untagged.status(), 400);
 
     worker.stop().await;
     ingest.role.stop().await;

@@ -256,6 +256,7 @@ async fn a_role_says_loudly_when_its_server_acks_before_it_fsyncs() {
         .env("LANDSLIDE_NODE_ID", "web01")
         .env("LANDSLIDE_LISTEN", "127.0.0.1:0")
         .env("LANDSLIDE_SECRET", support::SECRET)
+        .env("LANDSLIDE_RECEIPT_KEY", support::RECEIPT_KEY)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

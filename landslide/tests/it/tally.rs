@@ -475,14 +475,17 @@ async fn shutdown_ends_open_event_streams_so_the_server_drains() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_that_cannot_be_reached_keeps_tally_not_ready_naming_database_url() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = Config::new(landslide_config::Connections::new(
-        landslide_nats::NatsConfig::anonymous("nats://127.0.0.1:1"),
-        Some(
-            "postgres://landslide:secret@127.0.0.1:1/landslide"
-                .parse()
-                .unwrap(),
+    let config = Config::new(
+        landslide_config::Connections::new(
+            landslide_nats::NatsConfig::anonymous("nats://127.0.0.1:1"),
+            Some(
+                "postgres://landslide:secret@127.0.0.1:1/landslide"
+                    .parse()
+                    .unwrap(),
+            ),
         ),
-    ));
+        support::receipt_key(),
+    );
     let (stop, shutdown) = landslide_config::Shutdown::new();
     let tally = tokio::spawn(landslide_tally::run(config, listener, shutdown));
     let unmet = support::wait_for(

@@ -386,6 +386,12 @@ impl Role {
 }
 
 pub const SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+/// The receipt key of the tests' ingest nodes and tallies.
+pub const RECEIPT_KEY: &str = "integration-test-receipt-key-of-32-bytes-or-more";
+
+pub fn receipt_key() -> landslide_schema::receipt::ReceiptKey {
+    landslide_schema::receipt::ReceiptKey::new(RECEIPT_KEY).expect("receipt key")
+}
 
 /// An ingest node on an ephemeral port, with its `/metrics` on an operations listener of its own,
 /// as every deployment runs it.
@@ -445,6 +451,7 @@ pub async fn start_ingest(
         landslide_schema::NodeId::parse(node).expect("node id"),
         connections(nats, User::Ingest, None),
         landslide_ingest::Secret::new(SECRET).expect("secret"),
+        receipt_key(),
     );
     config.metrics = MetricsAt::Operations;
     adjust(&mut config);
@@ -550,7 +557,8 @@ pub async fn tally_with(
     db: &Db,
     adjust: impl FnOnce(&mut landslide_tally::Config),
 ) -> Tally {
-    let mut config = landslide_tally::Config::new(connections(nats, User::Tally, Some(db)));
+    let mut config =
+        landslide_tally::Config::new(connections(nats, User::Tally, Some(db)), receipt_key());
     config.refresh = Duration::from_millis(50);
     config.metrics = MetricsAt::Operations;
     adjust(&mut config);
