@@ -545,7 +545,6 @@ impl DatabaseArgs {
     }
 }
 
-/// A setting without a default, or an error naming both ways to give it.
 /// The receipt key of ingest and tally, from `LANDSLIDE_RECEIPT_KEY` only: no flag, so that it
 /// never shows in the process list.
 fn receipt_key() -> anyhow::Result<ReceiptKey> {
@@ -556,6 +555,7 @@ fn receipt_key() -> anyhow::Result<ReceiptKey> {
     ReceiptKey::new(key).map_err(|e| anyhow::anyhow!(e))
 }
 
+/// A setting without a default, or an error naming both ways to give it.
 fn required<'a>(value: &'a Option<String>, flag: &str, var: &str) -> anyhow::Result<&'a str> {
     value
         .as_deref()

@@ -148,6 +148,40 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// The loopback ports of a stopped server, kept from every other program until it starts again.
+///
+/// A server stopped for a restart (a kill, a power cut) leaves its ports free, and with many
+/// tests at once another one's server took one of them (a cluster node found its route port
+/// answered by a stranger: one run of ten). Each port is held by a socket bound without
+/// `SO_REUSEADDR` and not listening: every other bind fails (nats-server, PostgreSQL and
+/// [`free_port`] all set `SO_REUSEADDR`, which Linux lets share a port only when every socket on
+/// it does), while a connection to it is still refused at once, as with nothing there.
+#[derive(Debug, Default)]
+pub(crate) struct PortHold(Vec<socket2::Socket>);
+
+impl PortHold {
+    /// Holds `ports` on loopback, those it can: one taken already is left as it is.
+    pub(crate) fn hold(ports: &[u16]) -> Self {
+        let held = ports
+            .iter()
+            .filter_map(|&port| {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .ok()?;
+                let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                socket.bind(&addr.into()).ok()?;
+                Some(socket)
+            })
+            .collect();
+        Self(held)
+    }
+
+    /// Lets the ports go, for the server to bind them.
+    pub(crate) fn release(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Fails clearly when `port` on loopback is taken. The check races with other programs, but it
 /// turns the common case (a server already there) into a message that names the port.
 pub fn ensure_port_free(port: u16, what: &str) -> anyhow::Result<()> {
@@ -330,4 +364,23 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(bytes)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_port_is_refused_to_every_bind_and_to_connections_until_released() {
+        let port = free_port().unwrap();
+        let mut held = PortHold::hold(&[port]);
+        // What nats-server, PostgreSQL and `free_port` do: bind with SO_REUSEADDR (std sets it).
+        let err = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AddrInUse);
+        // Nothing listens: a client is refused at once, as with no server there.
+        let err = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+        held.release();
+        assert!(TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok());
+    }
 }

@@ -133,10 +133,23 @@ struct NatsNode {
     port: u16,
     /// The monitoring port (`http:`), for `/varz`.
     monitor_port: u16,
+    cluster_port: u16,
+    /// The ports, held while the server is stopped (loopback only).
+    held: crate::PortHold,
     files: NodeFiles,
     // Before `disk`: fields drop in order, and the server must go before its disk.
     process: Process,
     disk: Option<LazyFs>,
+}
+
+impl NatsNode {
+    /// Keeps the stopped server's ports from other programs until it starts again; a host's
+    /// ports are its own already.
+    fn hold_ports(&mut self) {
+        if !self.place.is_host() {
+            self.held = crate::PortHold::hold(&[self.port, self.monitor_port, self.cluster_port]);
+        }
+    }
 }
 
 /// nats-server processes with JetStream and file storage. Each is killed when this is dropped.
@@ -366,6 +379,8 @@ impl Nats {
                 place: places[i].clone(),
                 port: ports[i],
                 monitor_port,
+                cluster_port: cluster_ports[i],
+                held: crate::PortHold::default(),
                 files,
                 process,
                 disk,
@@ -477,14 +492,18 @@ impl Nats {
 
     /// SIGKILL: no goodbye to clients, no flush.
     pub async fn kill(&mut self, node: usize) -> anyhow::Result<()> {
-        self.nodes[node].process.kill().await
+        self.nodes[node].process.kill().await?;
+        self.nodes[node].hold_ports();
+        Ok(())
     }
 
     /// SIGTERM, which makes nats-server flush JetStream and exit; SIGKILL after `grace`.
     pub async fn terminate(&mut self, node: usize, grace: Duration) -> anyhow::Result<()> {
         // nats-server 2.9 exited with status 1 after a clean SIGTERM shutdown, so the status is
         // not judged; only a server that ignores the signal is an error.
-        self.nodes[node].process.terminate(grace).await.map(drop)
+        self.nodes[node].process.terminate(grace).await?;
+        self.nodes[node].hold_ports();
+        Ok(())
     }
 
     /// The power cut: `nodes` lose power at once. Each is killed (SIGKILL), then its disk throws
@@ -493,6 +512,7 @@ impl Nats {
     pub async fn power_cut(&mut self, nodes: &[usize]) -> anyhow::Result<Vec<CutReport>> {
         for &node in nodes {
             self.nodes[node].process.kill().await?;
+            self.nodes[node].hold_ports();
         }
         let mut reports = Vec::new();
         for &node in nodes {
@@ -512,6 +532,7 @@ impl Nats {
     /// every node needs two of them running before either answers JetStream requests.
     pub async fn restart_all(&mut self, nodes: &[usize]) -> anyhow::Result<()> {
         for &node in nodes {
+            self.nodes[node].held.release();
             self.nodes[node].process.start()?;
         }
         for &node in nodes {
@@ -522,6 +543,7 @@ impl Nats {
 
     /// Starts a stopped node again on the same port and store; waits until it answers.
     pub async fn restart(&mut self, node: usize) -> anyhow::Result<()> {
+        self.nodes[node].held.release();
         self.nodes[node].process.start()?;
         self.wait_ready(node).await
     }

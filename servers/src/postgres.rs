@@ -160,6 +160,8 @@ pub struct Postgres {
     running: bool,
     /// The power-loss disk the cluster lives on, if any. `Drop` stops the server first.
     disk: Option<LazyFs>,
+    /// The port, held while the server is stopped (loopback only).
+    held: crate::PortHold,
 }
 
 impl Postgres {
@@ -252,6 +254,7 @@ impl Postgres {
             run_as,
             running: false,
             disk: None,
+            held: crate::PortHold::default(),
         };
         server.prepare_cluster().await?;
         server.stop_leftover().await?;
@@ -299,6 +302,7 @@ impl Postgres {
 
     /// Starts the server on the existing cluster and waits until it accepts connections.
     pub async fn start_server(&mut self) -> anyhow::Result<()> {
+        self.held.release();
         self.configure_access().await?;
         // No Unix socket: its path must fit in 107 bytes, which a deep data folder breaks, and
         // every client here uses TCP. pg_ctl passes these options through /bin/sh, hence ''.
@@ -360,6 +364,9 @@ impl Postgres {
             }
         }
         self.running = false;
+        if !self.spec.place.is_host() {
+            self.held = crate::PortHold::hold(&[self.spec.port]);
+        }
         Ok(())
     }
 
