@@ -699,6 +699,8 @@ impl Postgres {
             tracing::warn!("stopping the PostgreSQL that an earlier run left on this data folder");
             self.running = true;
             self.stop(PgStop::Fast).await?;
+            // Ours to start on now: not held from ourselves.
+            self.held.release();
         }
         Ok(())
     }
