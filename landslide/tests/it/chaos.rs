@@ -199,14 +199,6 @@ async fn a_vote_is_stored_then_counted(js: &async_nats::jetstream::Context, db: 
 /// down exited on "the database system is shutting down". It now waits for the database.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
-    use diesel::sql_types::Text;
-    use diesel_async::RunQueryDsl as _;
-    #[derive(diesel::QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = Text)]
-        choice: String,
-    }
-
     let dir = tempfile::tempdir().unwrap();
     let mut postgres = landslide_servers::Postgres::start(dir.path())
         .await
@@ -218,7 +210,6 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
         .await
         .unwrap();
     let nats = support::Nats::start().await;
-    let url = db.owner();
     let worker = support::worker_with(&nats, &db, |_| {});
     tokio::time::sleep(Duration::from_secs(2)).await;
     if worker.is_finished() {
@@ -249,17 +240,7 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
         .await
         .unwrap();
     let choice = support::wait_for("the ballot", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let mut conn = landslide_schema::postgres::connect(&url).await.ok()?;
-            let rows: Vec<Row> =
-                diesel::sql_query("SELECT choice FROM ballots WHERE voter = $1::uuid")
-                    .bind::<Text, _>(voter.to_string())
-                    .load(&mut conn)
-                    .await
-                    .ok()?;
-            rows.into_iter().next().map(|r| r.choice)
-        }
+        db.choice_when_reachable(voter)
     })
     .await;
     assert_eq!(choice, "cats");
@@ -274,36 +255,15 @@ async fn a_worker_started_while_postgres_is_down_waits_for_it_then_drains() {
 /// connects again at the next.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_counts_again_after_its_database_and_its_broker_both_restarted() {
-    use diesel::sql_types::Text;
-    use diesel_async::RunQueryDsl as _;
-    #[derive(diesel::QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = Text)]
-        choice: String,
-    }
-
     let dir = tempfile::tempdir().unwrap();
     let mut postgres = landslide_servers::Postgres::start(dir.path())
         .await
         .unwrap();
     let db = support::Db::create_on(&postgres.url("postgres")).await;
-    let url = db.owner();
     let mut nats = support::Nats::start().await;
     let worker = support::worker_with(&nats, &db, |_| {});
     let js = async_nats::jetstream::new(nats.client_as(User::Ingest).await);
-    let ballot = |voter: Uuid| {
-        let url = url.clone();
-        async move {
-            let mut conn = landslide_schema::postgres::connect(&url).await.ok()?;
-            let rows: Vec<Row> =
-                diesel::sql_query("SELECT choice FROM ballots WHERE voter = $1::uuid")
-                    .bind::<Text, _>(voter.to_string())
-                    .load(&mut conn)
-                    .await
-                    .ok()?;
-            rows.into_iter().next().map(|r| r.choice)
-        }
-    };
+    let ballot = |voter: Uuid| db.choice_when_reachable(voter);
     let publish = async |js: &async_nats::jetstream::Context, voter: Uuid, choice, ts| {
         let event = crate::tally::vote(voter, choice, ts);
         support::wait_for("the vote stored", Duration::from_secs(60), || async {

@@ -342,19 +342,11 @@ async fn a_worker_whose_database_connection_dies_reconnects_and_loses_nothing() 
 /// counts the batch once the database answers again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_batch_later() {
-    use diesel_async::RunQueryDsl as _;
-    #[derive(diesel::QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        choice: String,
-    }
-
     let dir = tempfile::tempdir().unwrap();
     let postgres = landslide_servers::Postgres::start(dir.path())
         .await
         .unwrap();
     let db = Db::create_on(&postgres.url("postgres")).await;
-    let url = db.owner();
     let nats = Nats::start().await;
     let setup = jetstream::new(nats.client_as(landslide_nats::User::Worker).await);
     let js = jetstream::new(nats.client_as(landslide_nats::User::Ingest).await);
@@ -372,19 +364,7 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
     let bound = config.database_bound();
     assert_eq!(bound, Duration::from_secs(4));
     let worker = support::worker_with(&nats, &db, |c| c.connections.topology = topology.clone());
-    let ballot = |voter: Uuid| {
-        let url = url.clone();
-        async move {
-            let mut conn = landslide_schema::postgres::connect(&url).await.ok()?;
-            let rows: Vec<Row> =
-                diesel::sql_query("SELECT choice FROM ballots WHERE voter = $1::uuid")
-                    .bind::<diesel::sql_types::Text, _>(voter.to_string())
-                    .load(&mut conn)
-                    .await
-                    .ok()?;
-            rows.into_iter().next().map(|r| r.choice)
-        }
-    };
+    let ballot = |voter: Uuid| db.choice_when_reachable(voter);
     let publish = async |event: VoteEvent| {
         js.publish("votes.web1", event.encode().into())
             .await

@@ -251,6 +251,21 @@ impl Db {
             .expect("connect to test database")
     }
 
+    /// The choice of `voter`'s ballot; `None` while there is none, or while the database cannot
+    /// be reached: for waiting across a restart of PostgreSQL, where [`Db::ballot`] panics.
+    pub async fn choice_when_reachable(&self, voter: uuid::Uuid) -> Option<String> {
+        use landslide_schema::db::ballots::dsl as b;
+        let mut conn = landslide_schema::postgres::connect(&self.owner())
+            .await
+            .ok()?;
+        b::ballots
+            .filter(b::voter.eq(voter))
+            .select(b::choice)
+            .first(&mut conn)
+            .await
+            .ok()
+    }
+
     /// `(choice, ts, event_id)` of one ballot.
     pub async fn ballot(&self, poll: &str, voter: uuid::Uuid) -> Option<(String, i64, uuid::Uuid)> {
         use landslide_schema::db::ballots::dsl as b;
