@@ -250,6 +250,11 @@ enum Verdict {
     /// release accepted it, during a rolling upgrade that reached ingest before the workers.
     /// Naked until a worker of that release takes it; never dead-lettered.
     Newer(u64),
+    /// The vote counts by the latest revision this worker knows, but the worker could not
+    /// confirm for too long that the polls bucket holds no later one, which would have ended
+    /// that revision's life ([`landslide_nats::polls::covers`]). Naked until it can; never
+    /// dead-lettered.
+    Unconfirmed,
 }
 
 /// How often a worker compares the stream with the workers' mark (`landslide_nats::rollback`)
@@ -608,12 +613,28 @@ impl Worker {
         let mut dead = Vec::new();
         let mut unseen = Vec::new();
         let mut newer = Vec::new();
+        let mut unconfirmed = Vec::new();
         for (message, verdict) in batch {
             match verdict {
                 Verdict::Vote(vote) => votes.push((vote, message)),
                 Verdict::Dead(reason, kind) => dead.push((message, reason, kind)),
                 Verdict::Wait(unseen_vote) => unseen.push((message, unseen_vote)),
                 Verdict::Newer(version) => newer.push((message, version)),
+                Verdict::Unconfirmed => unconfirmed.push(message),
+            }
+        }
+        if !unconfirmed.is_empty() {
+            metrics::counter!("landslide_polls_unconfirmed_total")
+                .increment(unconfirmed.len() as u64);
+            tracing::error!(
+                votes = unconfirmed.len(),
+                "the polls bucket could not be read for too long to know that no later revision \
+                 ended the one these votes name; they wait in the stream"
+            );
+            for message in unconfirmed {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(UNSEEN_REVISION_DELAY)))
+                    .await;
             }
         }
         if let Some((_, version)) = newer.as_slice().first() {
@@ -621,7 +642,9 @@ impl Worker {
             tracing::error!(
                 votes = newer.len(),
                 wire.version = version,
-                "votes of a newer wire version than this worker reads; they wait in the stream                  until a worker of the release that wrote them takes them (upgrade the workers                  before the ingest nodes)"
+                "votes of a newer wire version than this worker reads; they wait in the stream \
+                 until a worker of the release that wrote them takes them (upgrade the workers \
+                 before the ingest nodes)"
             );
             for (message, _) in newer {
                 let _ = message
@@ -856,11 +879,8 @@ fn verdict(polls: &PollBook, message: &Message) -> Verdict {
     let stored_at = landslide_nats::stored_at(&info);
     match polls.judge_event(&event, stored_at) {
         Ok(_) => Verdict::Vote(StoredVote::new(event, stored_at)),
-        Err(Unjudged::NotCounted(not_counted)) => {
-            Verdict::Dead(not_counted.to_string(), not_counted.label())
-        }
-        Err(Unjudged::StampAhead(ahead)) => Verdict::Dead(ahead.to_string(), "stamp_ahead"),
         Err(Unjudged::UnknownRevision(_)) => Verdict::Wait(Unseen::of(&event, Some(stored_at))),
+        Err(dead) => Verdict::Dead(dead.to_string(), dead.label().unwrap_or("unjudged")),
     }
 }
 
@@ -908,7 +928,21 @@ impl Inbox {
     fn push(&mut self, next: Option<Result<Message, MessagesError>>) {
         match next {
             Some(Ok(message)) => {
-                let verdict = verdict(&self.polls.current(), &message);
+                let (book, confirmed) = self.polls.confirmed();
+                let verdict = match verdict(&book, &message) {
+                    // Counted by a revision the book knows no successor of, while the book was
+                    // not confirmed recently enough to know there is none.
+                    Verdict::Vote(vote)
+                        if vote.event.rev.is_some_and(|r| book.superseded(r).is_none())
+                            && !landslide_nats::polls::covers(
+                                confirmed,
+                                std::time::Instant::now(),
+                            ) =>
+                    {
+                        Verdict::Unconfirmed
+                    }
+                    verdict => verdict,
+                };
                 self.first_at.get_or_insert_with(tokio::time::Instant::now);
                 self.batch.push((message, verdict));
             }

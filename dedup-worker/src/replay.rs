@@ -114,7 +114,11 @@ pub async fn replay(config: &Config, chunk: usize) -> anyhow::Result<ReplayRepor
         };
         match polls.judge_event(&event, stored.stored_at) {
             Ok(_) => chunk.push(StoredVote::new(event, stored.stored_at)),
-            Err(Unjudged::NotCounted(_) | Unjudged::StampAhead(_)) => report.not_counted += 1,
+            Err(
+                Unjudged::NotCounted(_) | Unjudged::StampAhead(_) | Unjudged::Superseded { .. },
+            ) => {
+                report.not_counted += 1;
+            }
             // The bucket, read at the start, still lacks it beyond the bound: a dead letter, as
             // the workers judged it.
             Err(Unjudged::UnknownRevision(_))

@@ -184,6 +184,11 @@ enum VoteError {
     /// with it might never count. The details are for `/readyz` and the log, not the voter.
     #[error("this node cannot take votes right now; please try again in a moment")]
     ClockOff,
+    /// This node could not confirm for a while that it holds the latest poll definitions (the
+    /// polls bucket cannot be read): a vote stamped with an older revision might never count.
+    /// `/readyz` says so.
+    #[error("this node cannot take votes right now; please try again in a moment")]
+    PollsUnconfirmed,
     /// Stored, but the time the stream stored it (which decides whether it is inside the poll's
     /// window) could not be read: no proof that it counts, so no 2xx.
     #[error("your vote could not be confirmed right now; please try again in a moment")]
@@ -204,7 +209,7 @@ impl VoteError {
                 StatusCode::FORBIDDEN
             }
             Self::NotCounted(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff => {
+            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff | Self::PollsUnconfirmed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -220,6 +225,7 @@ impl VoteError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
             Self::ClockOff => "clock_off",
+            Self::PollsUnconfirmed => "polls_unconfirmed",
         }
     }
 
@@ -231,7 +237,7 @@ impl VoteError {
             tracing::warn!(error = %cause, "vote refused: not stored");
         }
         let retry_after = match self {
-            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff => {
+            Self::Unavailable(_) | Self::Unconfirmed | Self::ClockOff | Self::PollsUnconfirmed => {
                 Some(u64::from(RETRY_AFTER_SECS))
             }
             Self::RateLimited { retry_after } => {
@@ -319,7 +325,7 @@ impl AppState {
         idempotency_key: Option<&str>,
         client: Client,
     ) -> (SignedCookieJar, Result<Accepted, VoteError>) {
-        let book = self.book();
+        let (book, confirmed) = self.0.polls.confirmed();
         let (revision, polls) = book.latest();
         let (poll, choice) = match polls.judge(poll, choice) {
             Ok(judged) => judged,
@@ -330,9 +336,14 @@ impl AppState {
         if !self.0.clock.verdict().is_within() {
             return (jar, Err(VoteError::ClockOff));
         }
+        // A revision this node has not read may have ended the life of the one it would stamp
+        // (`landslide_schema::poll::REVISION_OVERLAP`): the vote might never count.
+        if confirmed.elapsed() > landslide_nats::polls::CONFIRMED_FOR_VOTES {
+            return (jar, Err(VoteError::PollsUnconfirmed));
+        }
         // Outside the window by this node's clock: refused before anything is stored. Inside it,
         // the stream's clock has the last word (below).
-        if let Err(err) = poll.judge_time(self.now()) {
+        if let Err(err) = book.judge_time(revision, poll, self.now()) {
             return (jar, Err(err.into()));
         }
         let known = voter::read(&jar);
@@ -389,6 +400,16 @@ impl AppState {
             .await;
         let result = match published {
             Err(err) => Err(VoteError::Unavailable(err)),
+            // Stored so late that a revision this node never read may have ended the life of
+            // the one it stamped before the stream stored the vote: no proof that it counts.
+            Ok(_) if !landslide_nats::polls::covers(confirmed, std::time::Instant::now()) => {
+                tracing::warn!(
+                    vote.event_id = %event_id,
+                    "a vote was stored too long after this node last confirmed its poll \
+                     definitions; answered 503, the voter retries"
+                );
+                Err(VoteError::Unconfirmed)
+            }
             Ok(stored) => {
                 let windowed = poll.opens_at.is_some() || poll.closes_at.is_some();
                 // The stored copy, read back once when it tells what this node cannot: when the
@@ -403,7 +424,9 @@ impl AppState {
                 // stays in the stream, not counted, like any vote the voter was refused.
                 let counts = match (windowed, copy.as_ref().map(stored_at)) {
                     (false, _) => Ok(()),
-                    (true, Some(Some(at))) => poll.judge_time(at).map_err(VoteError::from),
+                    (true, Some(Some(at))) => {
+                        book.judge_time(revision, poll, at).map_err(VoteError::from)
+                    }
                     (true, _) => Err(VoteError::Unconfirmed),
                 };
                 counts.map(|()| {
@@ -519,7 +542,8 @@ struct ApiAccepted {
             body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 503, description = "Not stored durably (broker down, no quorum, stream \
-            full), or this node's clock is off from the broker's: retry",
+            full), this node's clock is off from the broker's, or this node cannot confirm \
+            that it holds the latest poll definitions: retry",
             body = ErrorBody,
             headers(
                 ("Retry-After" = u64, description = "Seconds to wait before retrying"),
@@ -619,7 +643,8 @@ struct FormVote {
         (status = 429, description = "Beyond this client address's rate limit; not stored",
             body = String, content_type = "text/html",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 503, description = "Not stored durably, or this node's clock is off: retry",
+        (status = 503, description = "Not stored durably, this node's clock is off, or its \
+            poll definitions are not confirmed current: retry",
             body = String, content_type = "text/html",
             headers(
                 ("Retry-After" = u64, description = "Seconds to wait before retrying"),
@@ -735,7 +760,8 @@ impl AppState {
             .as_deref()
             .and_then(|id| poll.options.iter().find(|o| o.id.as_str() == id))
             .map(|o| o.label.as_str());
-        let closed = match poll.window_at(self.now()) {
+        let book = self.book();
+        let closed = match book.window_under(book.latest().0, poll, self.now()) {
             Window::Open => None,
             Window::NotOpenYet => Some(format!(
                 "This poll is not open yet. It opens at {}.",
@@ -834,14 +860,15 @@ async fn form(
     (jar, page).into_response()
 }
 
-/// `GET /readyz`: NATS connected, this node's clock within its bound of the NATS server's, and
-/// the votes stream present.
+/// `GET /readyz`: NATS connected, this node's clock within its bound of the NATS server's, the
+/// poll definitions confirmed current, and the votes stream present.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     description = "Ready to take votes: NATS connected, this node's clock within its bound of \
-        the broker's, the votes stream present.",
+        the broker's, the poll definitions confirmed current within 5 s, the votes stream \
+        present.",
     responses(
         (status = 200, description = "Ready", body = String, content_type = "text/plain"),
         (status = 503, description = "Not ready, and why (with the clock's offset and bound)",
@@ -856,6 +883,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let clock = state.0.clock.verdict();
     if !clock.is_within() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{clock}\n")).into_response();
+    }
+    let (_, confirmed) = state.0.polls.confirmed();
+    if confirmed.elapsed() > landslide_nats::polls::CONFIRMED_FOR_VOTES {
+        let why = format!(
+            "the poll definitions were last confirmed current {} s ago (the polls bucket cannot \
+             be read); votes wait until they are\n",
+            confirmed.elapsed().as_secs()
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
     let publisher = &state.0.publisher;
     let lookup = publisher.jetstream().get_stream(publisher.stream_name());

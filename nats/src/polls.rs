@@ -16,12 +16,14 @@
 //! the text it read first and skips a key it cannot read.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
+use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
-use landslide_schema::poll::{PollBook, Polls, Revision, RevisionHash};
+use landslide_schema::poll::{Inserted, PollBook, Polls, REVISION_OVERLAP, Revision, RevisionHash};
 use tokio::sync::watch;
 
 use crate::{Access, NotSetUp, Topology};
@@ -160,6 +162,31 @@ pub struct Stored {
     pub polls: Polls,
     /// The bucket stream's sequence of the message that holds it.
     pub sequence: u64,
+    /// When the bucket stored it, by its stream leader's clock: the next revision's ends this
+    /// one's life ([`REVISION_OVERLAP`]).
+    pub written: DateTime<Utc>,
+}
+
+impl Stored {
+    /// A book of this revision alone.
+    fn into_book(self) -> PollBook {
+        let (revision, hash, written) = (self.revision, RevisionHash::of(&self.text), self.written);
+        let mut book = PollBook::new(revision, self.polls);
+        book.set_hash(revision, hash);
+        book.set_written(revision, written);
+        book
+    }
+
+    /// Adds this revision to `book` with its hash and write time, unless the book holds it.
+    fn add_to(self, book: &mut PollBook) -> Inserted {
+        let (revision, hash, written) = (self.revision, RevisionHash::of(&self.text), self.written);
+        let inserted = book.insert(revision, self.polls);
+        if inserted == Inserted::New {
+            book.set_hash(revision, hash);
+            book.set_written(revision, written);
+        }
+        inserted
+    }
 }
 
 /// What the bucket holds.
@@ -217,23 +244,25 @@ async fn fetch(
             why: "deleted".to_owned(),
         })));
     }
-    Ok(Some(parse(revision, &entry.value, entry.revision)))
+    Ok(Some(parse(revision, &entry)))
 }
 
-/// A revision's value, checked.
-fn parse(revision: Revision, value: &[u8], sequence: u64) -> Result<Stored, Stray> {
+/// A revision's entry, checked.
+fn parse(revision: Revision, entry: &kv::Entry) -> Result<Stored, Stray> {
     let stray = |why: String| Stray {
         key: key(revision),
         why,
     };
-    let text = std::str::from_utf8(value).map_err(|_| stray("not UTF-8".to_owned()))?;
+    let text = std::str::from_utf8(&entry.value).map_err(|_| stray("not UTF-8".to_owned()))?;
     let polls =
         Polls::from_toml(text).map_err(|err| stray(format!("not a valid polls file: {err}")))?;
+    let nanos = i64::try_from(entry.created.unix_timestamp_nanos()).unwrap_or(i64::MAX);
     Ok(Stored {
         revision,
         text: text.to_owned(),
         polls,
-        sequence,
+        sequence: entry.revision,
+        written: DateTime::from_timestamp_nanos(nanos),
     })
 }
 
@@ -337,15 +366,12 @@ pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Re
     }
     let mut book: Option<PollBook> = None;
     for stored in contents.revisions {
-        let hash = RevisionHash::of(&stored.text);
-        let book = match &mut book {
-            None => book.insert(PollBook::new(stored.revision, stored.polls)),
+        match &mut book {
+            None => book = Some(stored.into_book()),
             Some(book) => {
-                book.insert(stored.revision, stored.polls);
-                book
+                stored.add_to(book);
             }
-        };
-        book.set_hash(stored.revision, hash);
+        }
     }
     book.context("the polls bucket holds no valid revision (rev.1 is not a valid polls file)")
 }
@@ -355,6 +381,24 @@ pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Re
 pub struct PollWatch {
     rx: watch::Receiver<Arc<PollBook>>,
     store: kv::Store,
+    /// When the book was last known to hold every revision in the bucket: the moment before the
+    /// last check that found nothing the book lacks ([`Keeper::confirm`]).
+    confirmed: Arc<Mutex<Instant>>,
+}
+
+/// How recently an ingest node must have confirmed that its book holds every revision in the
+/// bucket to take a vote: five of the checks a role makes ([`CONFIRM_EVERY`]). With
+/// [`REVISION_OVERLAP`] of 15 s, a vote then has 9 s or more from its judging to its ack
+/// ([`covers`]).
+pub const CONFIRMED_FOR_VOTES: Duration = Duration::from_secs(5);
+
+/// Whether a book confirmed complete at `confirmed` still judges a vote the stream stored before
+/// `at` (both this process's instants) as every role will: a revision the book lacks was written
+/// after `confirmed`, so it ends the life of the book's latest only [`REVISION_OVERLAP`] later,
+/// less what the bucket's and the votes stream's leaders' clocks may differ
+/// ([`crate::MAX_CLOCK_SKEW`], alarmed on beyond it).
+pub fn covers(confirmed: Instant, at: Instant) -> bool {
+    at.saturating_duration_since(confirmed) + crate::MAX_CLOCK_SKEW < REVISION_OVERLAP
 }
 
 impl PollWatch {
@@ -377,6 +421,13 @@ impl PollWatch {
         self.rx.borrow().clone()
     }
 
+    /// The book as of now, and a moment by which it held every revision in the bucket.
+    pub fn confirmed(&self) -> (Arc<PollBook>, Instant) {
+        // The instant first: the book, read after, holds at least what was confirmed then.
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        (self.current(), confirmed)
+    }
+
     /// Waits until the book changes (the sender never goes away while its task watches).
     pub async fn changed(&mut self) -> bool {
         self.rx.changed().await.is_ok()
@@ -384,8 +435,8 @@ impl PollWatch {
 }
 
 /// Loads the book (with [`Access::SetUp`], seeding the bucket if it is empty) and keeps it
-/// current for as long as anyone holds it: a task watches the bucket and reads it whole every
-/// [`RESYNC`].
+/// current for as long as anyone holds it: a task watches the bucket and confirms every
+/// [`CONFIRM_EVERY`] that the book lacks nothing the bucket holds.
 pub async fn watch(
     js: &jetstream::Context,
     topology: &Topology,
@@ -398,6 +449,7 @@ pub async fn watch(
         .watch_all()
         .await
         .context("cannot watch the polls bucket")?;
+    let asked = Instant::now();
     let book = load(&store, seed, access).await?;
     let (latest, polls) = book.latest();
     if polls != seed {
@@ -409,8 +461,13 @@ pub async fn watch(
         );
     }
     let (tx, rx) = watch::channel(Arc::new(book));
-    tokio::spawn(keep_current(store.clone(), updates, tx));
-    Ok(PollWatch { rx, store })
+    let confirmed = Arc::new(Mutex::new(asked));
+    tokio::spawn(keep_current(store.clone(), updates, tx, confirmed.clone()));
+    Ok(PollWatch {
+        rx,
+        store,
+        confirmed,
+    })
 }
 
 /// [`watch`] for a role starting up: retried for as long as the bucket cannot be read
@@ -428,20 +485,31 @@ pub async fn watch_patiently(
     .await
 }
 
-/// How often a role reads the whole bucket besides watching it.
-const RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a role confirms that its book lacks nothing the bucket holds, besides watching it:
+/// one stream info each time, and a listing of the bucket's keys when the bucket holds a message
+/// the last listing did not see.
+const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 
-/// Adds every revision the watch yields to the book, and every revision a listing of the
-/// bucket's keys finds every [`RESYNC`] that the book lacks (only those are read): async-nats' watch (an ordered push consumer) was seen to stay
-/// silent after the server restarted, where the read finds the new revision. When the watch fails
-/// or ends it is made again. Ends when nobody holds the book any more.
-async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sender<Arc<PollBook>>) {
-    let mut resync = tokio::time::interval(RESYNC);
+/// Adds every revision the watch yields to the book, and every revision it lacks that a listing
+/// of the bucket's keys finds ([`Keeper::confirm`], every [`CONFIRM_EVERY`]; only those are
+/// read): async-nats' watch (an ordered push consumer) was seen to stay silent after the server
+/// restarted, where the listing finds the new revision. Each confirmation moves `confirmed` to
+/// the moment it began. When the watch fails or ends it is made again. Ends when nobody holds
+/// the book any more.
+async fn keep_current(
+    store: kv::Store,
+    mut updates: kv::Watch,
+    tx: watch::Sender<Arc<PollBook>>,
+    confirmed: Arc<Mutex<Instant>>,
+) {
+    let mut resync = tokio::time::interval(CONFIRM_EVERY);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watching = true;
+    let mut failing = false;
     let mut keeper = Keeper {
         tx,
         reported: HashSet::new(),
+        listed_through: 0,
     };
     loop {
         tokio::select! {
@@ -455,8 +523,20 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
                 None => watching = false,
             },
             _ = resync.tick() => {
-                if let Err(err) = keeper.add_missing(&store).await {
-                    tracing::warn!(error = format!("{err:#}"), "cannot read the polls bucket");
+                let asked = Instant::now();
+                match keeper.confirm(&store).await {
+                    Ok(()) => {
+                        *confirmed.lock().unwrap_or_else(|e| e.into_inner()) = asked;
+                        if std::mem::take(&mut failing) {
+                            tracing::info!("the polls bucket can be read again");
+                        }
+                    }
+                    // Once per outage, not every second.
+                    Err(err) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = format!("{err:#}"), "cannot read the polls bucket");
+                    }
+                    Err(_) => {}
                 }
                 if !watching {
                     match store.watch_all().await {
@@ -476,9 +556,29 @@ async fn keep_current(store: kv::Store, mut updates: kv::Watch, tx: watch::Sende
 struct Keeper {
     tx: watch::Sender<Arc<PollBook>>,
     reported: HashSet<String>,
+    /// The bucket stream's last sequence before the last listing of its keys that succeeded.
+    listed_through: u64,
 }
 
 impl Keeper {
+    /// Makes sure the book holds every valid revision the bucket held at some moment after this
+    /// began: the bucket's last sequence, and when the last listing did not see it, a listing
+    /// (with [`Keeper::add_missing`]).
+    async fn confirm(&mut self, store: &kv::Store) -> anyhow::Result<()> {
+        let last = store
+            .stream
+            .get_info()
+            .await
+            .context("cannot read the state of the polls bucket")?
+            .state
+            .last_sequence;
+        if last > self.listed_through {
+            self.add_missing(store).await?;
+            self.listed_through = last;
+        }
+        Ok(())
+    }
+
     /// Reads the revisions the book lacks and adds them.
     async fn add_missing(&mut self, store: &kv::Store) -> anyhow::Result<()> {
         let book = self.tx.borrow().clone();
@@ -510,7 +610,7 @@ impl Keeper {
             );
             return;
         }
-        match parse(revision, &entry.value, entry.revision) {
+        match parse(revision, entry) {
             Ok(stored) => self.add(stored),
             Err(stray) => self.skipped(&stray),
         }
@@ -539,8 +639,7 @@ impl Keeper {
             }
             None => {
                 let mut next = PollBook::clone(book);
-                next.insert(revision, stored.polls);
-                next.set_hash(revision, hash);
+                stored.add_to(&mut next);
                 *book = Arc::new(next);
                 tracing::info!(%revision, "picked up a new revision of the poll definitions");
                 true

@@ -189,12 +189,36 @@ impl TryFrom<String> for RevisionHash {
 }
 
 /// Every revision of the poll definitions that a role has seen, the latest being what ingest
-/// accepts votes by, with the hash of each one's text where the role read the text.
+/// accepts votes by, with the hash of each one's text and the time the polls bucket stored it,
+/// where the role read them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollBook {
     revisions: BTreeMap<Revision, Polls>,
     hashes: BTreeMap<Revision, RevisionHash>,
+    written: BTreeMap<Revision, DateTime<Utc>>,
 }
+
+/// How long a revision stays live once the next one is written (by the time the polls bucket
+/// stored each, the clock of its stream's leader): a vote accepted under it and stored later
+/// than that is a dead letter ([`Unjudged::Superseded`]). Every role reads a new revision within
+/// seconds, and an ingest node takes no vote while it cannot confirm that it holds the latest
+/// (`landslide_nats::polls`), nor answers one whose answer came too late to be sure: no honest
+/// node's accepted vote is refused by this. It is what lets a poll's close be judged at all
+/// ([`PollBook::closes_for_good`]): without a bound, a node that had not seen that revision 2
+/// moved the close earlier could store votes under revision 1 that count, after `final`.
+///
+/// Its length trades how long after a revision is written a poll's close may still move (the
+/// poll is final only once every revision's votes have stopped) against how long an ingest node
+/// may wait for an ack before it answers 503 instead (`landslide_nats::polls::covers`).
+pub const REVISION_OVERLAP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How long after its last close by the stream leader's clock ([`PollBook::closes_for_good`]) a
+/// poll is final at the earliest (with nothing of it pending): the stream's leader can change,
+/// and a new leader whose clock is behind the old one's would store a vote with a time before
+/// the close after the old leader's clock had passed it. Tally and `landslide status` alarm
+/// when the servers they read differ by more than half of this (`landslide_nats`'
+/// `MAX_CLOCK_SKEW`).
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long after the stream stored an event naming a revision (with its text's hash) that the
 /// polls bucket lacks the event waits before it is a dead letter. No honest ingest node accepts
@@ -243,7 +267,36 @@ pub enum Unjudged {
          process has not seen"
     )]
     UnknownRevision(Revision),
+    /// A dead letter: stored when the revision it names had been superseded for longer than
+    /// [`REVISION_OVERLAP`]; no honest node accepted it.
+    #[error(
+        "the vote names poll definition revision {revision}, which revision {by} superseded; \
+         votes under it count only when stored before {}",
+        live_until.to_rfc3339()
+    )]
+    Superseded {
+        revision: Revision,
+        by: Revision,
+        live_until: DateTime<Utc>,
+    },
 }
+
+impl Unjudged {
+    /// The reason, as the dead letters' metric and the published record name it; `None` for an
+    /// event that waits.
+    pub fn label(&self) -> Option<&'static str> {
+        match self {
+            Self::NotCounted(why) => Some(why.label()),
+            Self::StampAhead(_) => Some("stamp_ahead"),
+            Self::Superseded { .. } => Some("superseded"),
+            Self::UnknownRevision(_) => None,
+        }
+    }
+}
+
+/// When votes of one poll are stored and count under one revision: from its opening to the
+/// earlier of its close and the end of the revision's life; `None` where unbounded.
+type Span = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
 impl PollBook {
     /// A book of one revision.
@@ -251,7 +304,151 @@ impl PollBook {
         Self {
             revisions: BTreeMap::from([(revision, polls)]),
             hashes: BTreeMap::new(),
+            written: BTreeMap::new(),
         }
+    }
+
+    /// Records when the polls bucket stored a revision, as first read.
+    pub fn set_written(&mut self, revision: Revision, at: DateTime<Utc>) {
+        self.written.entry(revision).or_insert(at);
+    }
+
+    /// When the polls bucket stored a revision, if this book read it.
+    pub fn written(&self, revision: Revision) -> Option<DateTime<Utc>> {
+        self.written.get(&revision).copied()
+    }
+
+    /// The revision after `revision` in this book and the moment votes under `revision` stop
+    /// counting: [`REVISION_OVERLAP`] after the next was written. `None` for the latest (and
+    /// where the next one's write time is unknown: a book built without them).
+    pub fn superseded(&self, revision: Revision) -> Option<(Revision, DateTime<Utc>)> {
+        use std::ops::Bound;
+        let (next, _) = self
+            .revisions
+            .range((Bound::Excluded(revision), Bound::Unbounded))
+            .next()?;
+        let overlap = chrono::Duration::from_std(REVISION_OVERLAP).unwrap_or_default();
+        Some((*next, self.written(*next)? + overlap))
+    }
+
+    /// Each revision that defines `poll`, oldest first, with when votes of the poll stored under
+    /// it count ([`Span`]: from its opening to the earlier of its close and the end of the
+    /// revision's life); or, for a revision written once the poll was over by the revisions
+    /// before it ([`PollBook::is_over`] at its write time), the moment it was over: a poll once
+    /// over stays over, and such a revision counts none of its votes. Without that rule the
+    /// polls' owner could reopen a poll whose result was final.
+    fn lives<'a>(
+        &'a self,
+        poll: &'a PollId,
+    ) -> impl Iterator<Item = (Revision, Result<Span, DateTime<Utc>>)> + 'a {
+        let grace = chrono::Duration::from_std(CLOSE_GRACE).unwrap_or_default();
+        // The latest end of the spans so far: `None` before the first, `Some(None)` unbounded.
+        let mut ends: Option<Option<DateTime<Utc>>> = None;
+        self.revisions.iter().filter_map(move |(revision, polls)| {
+            let definition = polls.get(poll.as_str())?;
+            if let (Some(Some(over)), Some(written)) = (ends, self.written(*revision))
+                && written >= over + grace
+            {
+                return Some((*revision, Err(over)));
+            }
+            let live = self.superseded(*revision).map(|(_, until)| until);
+            let end = match (definition.closes_at, live) {
+                (Some(closes), Some(live)) => Some(closes.min(live)),
+                (closes, live) => closes.or(live),
+            };
+            let empty = matches!((definition.opens_at, end), (Some(s), Some(e)) if e <= s);
+            if !empty {
+                ends = Some(match (ends, end) {
+                    (None, end) => end,
+                    (Some(Some(a)), Some(b)) => Some(a.max(b)),
+                    (Some(None), _) | (_, None) => None,
+                });
+            }
+            Some((*revision, Ok((definition.opens_at, end))))
+        })
+    }
+
+    /// When votes of `poll` can be stored and count: one span per revision that counts any.
+    fn spans<'a>(&'a self, poll: &'a PollId) -> impl Iterator<Item = Span> + 'a {
+        self.lives(poll).filter_map(|(_, span)| {
+            span.ok()
+                .filter(|span| !matches!(span, (Some(s), Some(e)) if e <= s))
+        })
+    }
+
+    /// Whether a vote for `poll` (as `revision` defines it) stored at `t` counts by its window:
+    /// [`Poll::judge_time`], and closed whatever the time when `revision` came after the poll
+    /// was over ([`PollBook::lives`]). Ingest checks this before it answers a vote.
+    pub fn judge_time(
+        &self,
+        revision: Revision,
+        poll: &Poll,
+        t: DateTime<Utc>,
+    ) -> Result<(), NotCounted> {
+        let late = self
+            .lives(&poll.id)
+            .find(|(r, _)| *r == revision)
+            .and_then(|(_, life)| life.err());
+        match late {
+            Some(over) => Err(NotCounted::Closed {
+                poll: poll.id.clone(),
+                closes_at: over,
+            }),
+            None => poll.judge_time(t),
+        }
+    }
+
+    /// Where `poll`, as `revision` defines it, is at `t` for a vote taken under `revision`
+    /// ([`PollBook::judge_time`]): what the voting form shows.
+    pub fn window_under(&self, revision: Revision, poll: &Poll, t: DateTime<Utc>) -> Window {
+        match self.judge_time(revision, poll, t) {
+            Ok(()) => Window::Open,
+            Err(NotCounted::NotOpenYet { .. }) => Window::NotOpenYet,
+            Err(_) => Window::Closed,
+        }
+    }
+
+    /// Where `poll` is at `t` by every revision that defines it, each judging the votes
+    /// accepted under it ([`PollBook::judge`]): open while any revision would count a vote
+    /// stored at `t`, not open yet while one will later, closed otherwise. `None` when no
+    /// revision defines it.
+    pub fn window_of(&self, poll: &PollId, t: DateTime<Utc>) -> Option<Window> {
+        let (mut any, mut later) = (false, false);
+        for (opens, ends) in self.spans(poll) {
+            any = true;
+            if opens.is_some_and(|opens| t < opens) {
+                later = true;
+            } else if ends.is_none_or(|ends| t < ends) {
+                return Some(Window::Open);
+            }
+        }
+        any.then_some(if later {
+            Window::NotOpenYet
+        } else {
+            Window::Closed
+        })
+    }
+
+    /// The moment from which no vote of `poll` that the stream stores can count, by any
+    /// revision: the latest close among every revision that defines it, each cut short by the
+    /// end of that revision's life. `None` while some revision leaves the poll open for good
+    /// (or none defines it).
+    pub fn closes_for_good(&self, poll: &PollId) -> Option<DateTime<Utc>> {
+        let mut last: Option<DateTime<Utc>> = None;
+        for (_, ends) in self.spans(poll) {
+            let ends = ends?;
+            last = Some(last.map_or(ends, |last| last.max(ends)));
+        }
+        last
+    }
+
+    /// Whether `poll` is over by `stream_now`, the stream leader's clock: past
+    /// [`PollBook::closes_for_good`] by [`CLOSE_GRACE`]. Its result is final once nothing of it
+    /// is pending.
+    pub fn is_over(&self, poll: &PollId, stream_now: DateTime<Utc>) -> bool {
+        let grace = chrono::Duration::from_std(CLOSE_GRACE).unwrap_or_default();
+        self.closes_for_good(poll)
+            .is_some_and(|closes| stream_now >= closes + grace)
     }
 
     /// Records the hash of a revision's text, as first read; a later one is ignored, like a
@@ -302,8 +499,9 @@ impl PollBook {
     /// Whether an event that the stream stored at `stored_at` counts: its stamp no further ahead
     /// of `stored_at` than an ingest node may stamp ([`judge_stamp`]), its poll and option by the
     /// revision it names ([`VoteEvent::rev`]; an event of wire version 1 names none and is
-    /// judged by the latest, as before revisions existed), and `stored_at` within the poll's
-    /// window ([`Poll::judge_time`]). The workers, audit and replay all judge by this, so they
+    /// judged by the latest, as before revisions existed), that revision still live at
+    /// `stored_at` ([`PollBook::superseded`]), and `stored_at` within the poll's window
+    /// ([`Poll::judge_time`]). The workers, audit and replay all judge by this, so they
     /// agree on every event.
     pub fn judge_event(
         &self,
@@ -319,20 +517,31 @@ impl PollBook {
         // First: the stamp needs no poll definition, so an event no node could have stamped is a
         // dead letter even when it names a revision nobody has (it would wait for ever).
         judge_stamp(terms.ts, stored_at)?;
-        let polls = match terms.rev {
-            None => self.latest().1,
+        let (revision, polls) = match terms.rev {
+            None => self.latest(),
             Some(revision) => {
                 let other_text = matches!(
                     (terms.rev_hash, self.hash(revision)),
                     (Some(named), Some(read)) if named != read
                 );
-                self.get(revision)
+                let polls = self
+                    .get(revision)
                     .filter(|_| !other_text)
-                    .ok_or(Unjudged::UnknownRevision(revision))?
+                    .ok_or(Unjudged::UnknownRevision(revision))?;
+                if let Some((by, live_until)) = self.superseded(revision)
+                    && stored_at >= live_until
+                {
+                    return Err(Unjudged::Superseded {
+                        revision,
+                        by,
+                        live_until,
+                    });
+                }
+                (revision, polls)
             }
         };
         let (poll, _) = polls.judge(terms.poll.as_str(), terms.choice.as_str())?;
-        poll.judge_time(stored_at)?;
+        self.judge_time(revision, poll, stored_at)?;
         Ok(poll)
     }
 }
@@ -701,6 +910,153 @@ mod tests {
         assert!(book.judge_event(&birds(Some(Revision(1))), now()).is_err());
         // Wire version 1 names no revision: the latest judges it.
         assert!(book.judge_event(&birds(None), now()).is_ok());
+    }
+
+    /// A vote for cats in poll `pets`, accepted under `revision`.
+    fn cats_under(revision: Revision) -> VoteEvent {
+        VoteEvent {
+            event_id: crate::EventId(uuid::Uuid::from_u128(1)),
+            poll: PollId::parse("pets").unwrap(),
+            voter: crate::VoterId(uuid::Uuid::from_u128(2)),
+            choice: Choice::parse("cats").unwrap(),
+            ts: crate::Timestamp::from_millis(1),
+            node: crate::NodeId::parse("web1").unwrap(),
+            rev: Some(revision),
+            after: None,
+            rev_hash: None,
+        }
+    }
+
+    /// Poll `pets` closing at `closes`, as a revision's polls.
+    fn closing(closes: &str) -> Polls {
+        Polls::from_toml(&format!(
+            "[[poll]]\nid = \"pets\"\nquestion = \"Cats or dogs?\"\n\
+             options = [{{ id = \"cats\", label = \"Cats\" }}, {{ id = \"dogs\", label = \"Dogs\" }}]\n\
+             closes_at = \"{closes}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_revision_decides_its_own_votes_until_a_moment_after_the_next_is_written() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let pets = PollId::parse("pets").unwrap();
+        // Revision 1 closes at 21:00; revision 2, written at 19:00, moves the close to 20:00.
+        let mut book = PollBook::new(Revision(1), closing("2026-12-06T21:00:00Z"));
+        book.set_written(Revision(1), at("2026-12-06T12:00:00Z"));
+        assert_eq!(book.superseded(Revision(1)), None);
+        assert_eq!(
+            book.closes_for_good(&pets),
+            Some(at("2026-12-06T21:00:00Z"))
+        );
+        book.insert(Revision(2), closing("2026-12-06T20:00:00Z"));
+        book.set_written(Revision(2), at("2026-12-06T19:00:00Z"));
+        let live_until = at("2026-12-06T19:00:15Z");
+        assert_eq!(
+            book.superseded(Revision(1)),
+            Some((Revision(2), live_until))
+        );
+        let vote = |rev: u64| cats_under(Revision(rev));
+        let before_limit = live_until - chrono::Duration::milliseconds(1);
+        assert!(book.judge_event(&vote(1), before_limit).is_ok());
+        let late = book.judge_event(&vote(1), live_until).unwrap_err();
+        assert_eq!(late.label(), Some("superseded"));
+        assert!(late.to_string().contains("revision 2 superseded"), "{late}");
+        // The latest lives on; each revision's close still applies to its own votes.
+        assert!(
+            book.judge_event(&vote(2), at("2026-12-06T19:30:00Z"))
+                .is_ok()
+        );
+        assert!(
+            book.judge_event(&vote(2), at("2026-12-06T20:00:00Z"))
+                .is_err()
+        );
+        // The poll is closed for good by 20:00: revision 1's votes stopped at 19:00:15.
+        assert_eq!(
+            book.closes_for_good(&pets),
+            Some(at("2026-12-06T20:00:00Z"))
+        );
+        assert_eq!(
+            book.window_of(&pets, at("2026-12-06T19:59:59Z")),
+            Some(Window::Open)
+        );
+        assert_eq!(
+            book.window_of(&pets, at("2026-12-06T20:00:00Z")),
+            Some(Window::Closed)
+        );
+        assert!(!book.is_over(&pets, at("2026-12-06T20:00:01Z")));
+        assert!(book.is_over(&pets, at("2026-12-06T20:00:02Z")));
+
+        // The other way round: revision 2, written at 20:59:50, moves the close from 21:00 to
+        // 20:30. Revision 1 still counts votes until 21:00, the end of its life being later.
+        let mut book = PollBook::new(Revision(1), closing("2026-12-06T21:00:00Z"));
+        book.insert(Revision(2), closing("2026-12-06T20:30:00Z"));
+        book.set_written(Revision(2), at("2026-12-06T20:59:50Z"));
+        assert_eq!(
+            book.window_of(&pets, at("2026-12-06T20:45:00Z")),
+            Some(Window::Open)
+        );
+        assert_eq!(
+            book.closes_for_good(&pets),
+            Some(at("2026-12-06T21:00:00Z"))
+        );
+        // Its write time unknown (a book built without them), revision 1 never ends.
+        let mut unknown = PollBook::new(Revision(1), Polls::default());
+        unknown.insert(Revision(2), closing("2026-12-06T20:30:00Z"));
+        assert_eq!(unknown.superseded(Revision(1)), None);
+        assert_eq!(unknown.closes_for_good(&pets), None);
+        assert_eq!(
+            unknown.window_of(&PollId::parse("lunch").unwrap(), now()),
+            None
+        );
+    }
+
+    #[test]
+    fn a_poll_once_over_stays_over_whatever_a_later_revision_says() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let pets = PollId::parse("pets").unwrap();
+        let reopened = |written: &str| {
+            let mut book = PollBook::new(Revision(1), closing("2026-12-06T20:00:00Z"));
+            book.set_written(Revision(1), at("2026-12-06T12:00:00Z"));
+            book.insert(Revision(2), closing("2026-12-06T22:00:00Z"));
+            book.set_written(Revision(2), at(written));
+            book
+        };
+        let vote = cats_under(Revision(2));
+        let late = at("2026-12-06T21:30:00Z");
+        // Written at 21:00, when the poll had been over (closed at 20:00, plus the grace) for an
+        // hour: it reopens nothing.
+        let book = reopened("2026-12-06T21:00:00Z");
+        let closed = NotCounted::Closed {
+            poll: pets.clone(),
+            closes_at: at("2026-12-06T20:00:00Z"),
+        };
+        assert_eq!(
+            book.judge_event(&vote, late),
+            Err(Unjudged::NotCounted(closed))
+        );
+        let definition = book.latest().1.default_poll();
+        assert_eq!(
+            book.window_under(Revision(2), definition, late),
+            Window::Closed
+        );
+        assert_eq!(book.window_of(&pets, late), Some(Window::Closed));
+        assert_eq!(
+            book.closes_for_good(&pets),
+            Some(at("2026-12-06T20:00:00Z"))
+        );
+        assert!(book.is_over(&pets, late));
+        // Written within the grace, before the poll was over: it moves the close to 22:00.
+        let book = reopened("2026-12-06T20:00:01Z");
+        assert!(book.judge_event(&vote, late).is_ok());
+        assert_eq!(
+            book.window_under(Revision(2), definition, late),
+            Window::Open
+        );
+        assert_eq!(
+            book.closes_for_good(&pets),
+            Some(at("2026-12-06T22:00:00Z"))
+        );
     }
 
     #[test]

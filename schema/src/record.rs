@@ -37,8 +37,9 @@
 //!    Compare it with the key the owner published before the poll opened: a record that verifies
 //!    under a key nobody published proves nothing.
 //! 2. **The signature** of `certificate.json`'s bytes under that key (strict verification).
-//! 3. **The revisions**: the SHA-256 of each file is the certificate's `revisions` entry, the
-//!    same set of numbers, 1 to N.
+//! 3. **The revisions**: the SHA-256 of each file is the `hash` of the certificate's `revisions`
+//!    entry, the same set of numbers, 1 to N. Each entry's `written_ns` is when the polls bucket
+//!    stored that revision (nanoseconds since the Unix epoch, by its stream leader's clock).
 //! 4. **The event log**: `h₀ = SHA-256("landslide-record-v1" ‖ 0x00 ‖ poll id)`, then for every
 //!    line after the header, `\n` included, `h = SHA-256(h ‖ line)`: the last `h` is
 //!    `event_log_head` (`sha256:` and hex), the number of lines is `events`, and the sequences
@@ -46,8 +47,15 @@
 //!    in parts can be checked to extend an earlier part.
 //! 5. **The judge** ([`crate::PollBook::judge`]), for each event: its stamp's milliseconds at most
 //!    five minutes ([`crate::MAX_TS_AHEAD`]) after `stored_ns`; the revision it names with that
-//!    hash among the record's (none named: the latest), or it is not counted; the poll and the
-//!    option defined in that revision; `stored_ns` inside that revision's window of the poll
+//!    hash among the record's (none named: the latest), or it is not counted; that revision
+//!    still live: when a later revision exists, `stored_ns` before the next one's `written_ns`
+//!    plus 15 seconds ([`crate::poll::REVISION_OVERLAP`]); the poll and the option defined in
+//!    that revision; that revision not written once the poll was over: of the revisions that
+//!    define the poll, in order, each counts votes from its `opens_at` to the earlier of its
+//!    `closes_at` and its end of life (either may be absent: unbounded), and one whose
+//!    `written_ns` is at or after the latest end among the earlier ones (all bounded, empty
+//!    spans left out) plus 2 seconds ([`crate::poll::CLOSE_GRACE`]) counts none and is left out
+//!    of the later ones' check too; `stored_ns` inside that revision's window of the poll
 //!    (`opens_at` ≤ t < `closes_at`). A counted vote under a revision whose definition of the
 //!    poll names no owner key (or another) refuses the whole record.
 //! 6. **The merge** ([`crate::merge`]): per voter, the counted event with the greatest
@@ -370,7 +378,8 @@ pub struct Certificate {
     pub format: String,
     pub poll: PollId,
     pub question: String,
-    /// `final`: closed by the NATS server's clock, nothing pending, and the audit consistent.
+    /// `final`: past the poll's last close over all its revisions by the NATS server's clock
+    /// ([`PollBook::is_over`]), nothing pending, and the audit consistent.
     /// Otherwise why not: `open`, `not_open`, `inconsistent`.
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,8 +392,8 @@ pub struct Certificate {
     /// Lines of `events.csv` (this poll's events), and the head of their [`Chain`].
     pub events: u64,
     pub event_log_head: String,
-    /// The hash of every revision's text, by number.
-    pub revisions: BTreeMap<Revision, RevisionHash>,
+    /// Every revision, by number: the hash of its text and when the polls bucket stored it.
+    pub revisions: BTreeMap<Revision, CertifiedRevision>,
     /// The key that signed `certificate.sig`; none when the poll names no owner key (the record
     /// is then unsigned, and `landslide verify` refuses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -437,6 +446,16 @@ impl fmt::Display for Certificate {
         }
         write!(f, "audited at: {}", self.audited_at)
     }
+}
+
+/// One revision, as the certificate names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertifiedRevision {
+    pub hash: RevisionHash,
+    /// When the polls bucket stored it, nanoseconds since the Unix epoch, by the clock of its
+    /// stream's leader: the next revision's time ends a revision's life
+    /// ([`PollBook::superseded`]).
+    pub written_ns: i64,
 }
 
 /// A published record's files, as read.
@@ -744,11 +763,7 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
 
 /// The reason an event is not counted, as the dead letters name it.
 fn label(why: &Unjudged) -> &'static str {
-    match why {
-        Unjudged::NotCounted(why) => why.label(),
-        Unjudged::StampAhead(_) => "stamped_ahead",
-        Unjudged::UnknownRevision(_) => "unknown_revision",
-    }
+    why.label().unwrap_or("unknown_revision")
 }
 
 /// Step 3: the revision files, each the text the certificate names by hash, 1 to N.
@@ -772,12 +787,16 @@ fn revisions(files: &RecordFiles, certificate: &Certificate) -> Result<PollBook,
     let mut book: Option<PollBook> = None;
     for (revision, text) in &files.revisions {
         let hash = RevisionHash::of(text);
-        if certificate.revisions.get(revision) != Some(&hash) {
+        let Some(certified) = certificate
+            .revisions
+            .get(revision)
+            .filter(|c| c.hash == hash)
+        else {
             return Err(refused(format!(
                 "{REVISIONS_DIR}/{} is not the certified text of revision {revision}",
                 revision_file(*revision)
             )));
-        }
+        };
         let polls = Polls::from_toml(text).map_err(|e| {
             refused(format!(
                 "{REVISIONS_DIR}/{} is not a polls file: {e}",
@@ -792,6 +811,10 @@ fn revisions(files: &RecordFiles, certificate: &Certificate) -> Result<PollBook,
             }
         };
         book.set_hash(*revision, hash);
+        book.set_written(
+            *revision,
+            DateTime::from_timestamp_nanos(certified.written_ns),
+        );
     }
     book.ok_or_else(|| refused(format!("{REVISIONS_DIR}/ holds no revision")))
 }
@@ -900,6 +923,14 @@ mod tests {
         format!("{KEYLESS}owner_key = \"{}\"\n", key.public())
     }
 
+    /// When the bucket stored revision `n` in these records: a second before the first vote.
+    fn written_ns(n: u64) -> i64 {
+        EVENTS_FROM_NS - 1_000_000_000 + i64::try_from(n).unwrap()
+    }
+
+    /// When the stream stored the vote of sequence 0 in these records.
+    const EVENTS_FROM_NS: i64 = 1_765_000_000_000_000_000;
+
     /// A vote of `voter` (one byte of pseudonym) under revision `rev`.
     fn vote(
         sequence: u64,
@@ -911,7 +942,7 @@ mod tests {
     ) -> RecordedEvent {
         RecordedEvent {
             sequence,
-            stored_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence).unwrap(),
+            stored_ns: EVENTS_FROM_NS + i64::try_from(sequence).unwrap(),
             voter: Pseudonym::from_mac(&[voter; 32]),
             choice: Choice::parse(choice).unwrap(),
             ts: Timestamp::from_millis(1_765_000_000_000 - sequence * 10_000),
@@ -960,7 +991,13 @@ mod tests {
             event_log_head: chain.head(),
             revisions: (1..)
                 .zip(revisions)
-                .map(|(n, text)| (Revision(n), RevisionHash::of(text)))
+                .map(|(n, text)| {
+                    let certified = CertifiedRevision {
+                        hash: RevisionHash::of(text),
+                        written_ns: written_ns(n),
+                    };
+                    (Revision(n), certified)
+                })
                 .collect(),
             owner_key: Some(key.public()),
             events_read: events.len() as u64,
@@ -1053,6 +1090,30 @@ mod tests {
         );
         let refused = check(&files, None).unwrap_err().0;
         assert!(refused.contains("not ed25519"), "{refused}");
+    }
+
+    #[test]
+    fn a_vote_under_a_revision_superseded_for_longer_than_the_overlap_is_not_counted() {
+        let key = OwnerSigningKey::from_seed([1; 32]);
+        let (one, two) = (owned(&key), format!("{}# the second\n", owned(&key)));
+        let overlap = i64::try_from(crate::poll::REVISION_OVERLAP.as_nanos()).unwrap();
+        let mut late = vote(2, 2, "dogs", 0, 1, &one);
+        late.stored_ns = written_ns(2) + overlap;
+        let mut last_moment = vote(3, 3, "dogs", 0, 1, &one);
+        last_moment.stored_ns = written_ns(2) + overlap - 1;
+        let events = [vote(1, 1, "cats", 0, 2, &two), late, last_moment];
+        let verified = check(&record(&[&one, &two], &events, &[0, 2], &key), None).unwrap();
+        assert_eq!(verified.not_counted, BTreeMap::from([("superseded", 1)]));
+        // Counting it anyway is refused.
+        let counted = record(&[&one, &two], &events, &[0, 1, 2], &key);
+        assert!(check(&counted, None).unwrap_err().0.contains("ballots.csv"));
+        // So is moving revision 2's write time, which the signature covers.
+        let mut moved = record(&[&one, &two], &events, &[0, 2], &key);
+        let text = String::from_utf8(moved.certificate.clone()).unwrap();
+        moved.certificate = text
+            .replace(&written_ns(2).to_string(), &written_ns(3).to_string())
+            .into_bytes();
+        assert!(check(&moved, None).unwrap_err().0.contains("signature"));
     }
 
     #[test]

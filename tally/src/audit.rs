@@ -130,8 +130,9 @@ pub struct AuditReport {
     pub events_read: u64,
     /// Messages that are not a vote event.
     pub undecodable: u64,
-    /// Vote events their poll revision refuses: an unknown poll or option, or stored outside the
-    /// poll's window. No ingest node answered 2xx for one.
+    /// Vote events their poll revision refuses: an unknown poll or option, stored outside the
+    /// poll's window, or stored when the revision had been superseded for longer than
+    /// [`landslide_schema::poll::REVISION_OVERLAP`]. No ingest node answered 2xx for one.
     pub unknown_poll_or_option: u64,
     /// Vote events stamped further ahead of when the stream stored them than an ingest node may
     /// stamp (`landslide_schema::ts::judge_stamp`): no ingest node made them.
@@ -263,7 +264,8 @@ impl fmt::Display for AuditReport {
         if self.newer_version > 0 {
             writeln!(
                 f,
-                "{} vote events are of a newer wire version than this release reads: audit                  with the release that wrote them",
+                "{} vote events are of a newer wire version than this release reads: audit \
+                 with the release that wrote them",
                 self.newer_version
             )?;
         }
@@ -375,7 +377,7 @@ impl Fold {
         };
         let counted = match polls.judge_event(&event, stored_at) {
             Ok(_) => true,
-            Err(Unjudged::NotCounted(_)) => {
+            Err(Unjudged::NotCounted(_) | Unjudged::Superseded { .. }) => {
                 self.unknown_poll_or_option += 1;
                 false
             }

@@ -27,8 +27,9 @@ use hmac::{Hmac, Mac as _};
 use landslide_nats::{Access, User, polls};
 use landslide_schema::poll::Window;
 use landslide_schema::record::{
-    self, BALLOTS_FILE, CERTIFICATE_FILE, Certificate, Chain, EVENTS_FILE, EVENTS_HEADER,
-    OwnerSigningKey, Pseudonym, REVISIONS_DIR, RecordFiles, RecordedEvent, SIGNATURE_FILE,
+    self, BALLOTS_FILE, CERTIFICATE_FILE, Certificate, CertifiedRevision, Chain, EVENTS_FILE,
+    EVENTS_HEADER, OwnerSigningKey, Pseudonym, REVISIONS_DIR, RecordFiles, RecordedEvent,
+    SIGNATURE_FILE,
 };
 use landslide_schema::{
     Choice, EventId, PollBook, PollId, Revision, RevisionHash, Timestamp, VoteEvent,
@@ -226,19 +227,23 @@ pub async fn certify(
 
     let mut revisions = BTreeMap::new();
     for (revision, _) in book.revisions() {
-        let hash = book
-            .hash(revision)
-            .with_context(|| format!("the text of revision {revision} was not read"))?;
-        revisions.insert(revision, hash);
+        let read = |what| format!("the {what} of revision {revision} was not read");
+        let certified = CertifiedRevision {
+            hash: book.hash(revision).with_context(|| read("text"))?,
+            written_ns: book
+                .written(revision)
+                .and_then(|at| at.timestamp_nanos_opt())
+                .with_context(|| read("write time"))?,
+        };
+        revisions.insert(revision, certified);
     }
 
-    let closed = report
-        .server_now
-        .is_some_and(|now| definition.window_at(now) == Window::Closed);
-    let status = match report.server_now.map(|now| definition.window_at(now)) {
+    // Tally's rule ([`crate::snapshot::Status::of`]), with nothing pending: the audit waited
+    // until the workers had drained.
+    let status = match report.server_now {
         _ if !report.is_consistent() => "inconsistent",
-        Some(Window::NotOpenYet) => "not_open",
-        _ if closed => "final",
+        Some(now) if book.window_of(&poll_id, now) == Some(Window::NotOpenYet) => "not_open",
+        Some(now) if book.is_over(&poll_id, now) => "final",
         _ => "open",
     };
     let certificate = Certificate {

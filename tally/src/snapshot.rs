@@ -15,7 +15,7 @@ use landslide_nats::polls::PollWatch;
 use landslide_nats::rollback;
 use landslide_schema::poll::Window;
 use landslide_schema::postgres::{DatabaseUrl, marks};
-use landslide_schema::{Choice, Poll, PollId, Polls};
+use landslide_schema::{Choice, PollBook, PollId};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -54,9 +54,10 @@ pub(crate) struct Results {
     #[schema(format = DateTime)]
     pub closes_at: Option<String>,
     /// Only when the votes stream went backwards and the workers have not yet taken up what it
-    /// stored since, or when the workers' consumer differs from its definition (it could skip
-    /// or drop votes) and the workers have not yet made it again: what was found. `pending` is
-    /// then at least 1 and the poll never final.
+    /// stored since, when the workers' consumer differs from its definition (it could skip or
+    /// drop votes) and the workers have not yet made it again, when the nats-servers' clocks
+    /// differ too much, or when tally could not confirm its poll definitions current for 5 s:
+    /// what was found. `pending` is then at least 1 and the poll never final.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback: Option<String>,
     /// Only when these results could not be refreshed for longer than the refresh should take:
@@ -75,34 +76,27 @@ pub enum Status {
     Final,
 }
 
-/// How long after its close by the stream leader's clock a poll is final at the earliest (with
-/// nothing of it pending): the stream's leader can change, and a new leader whose clock is behind
-/// the old one's would store a vote with a time before the close after the old leader's clock had
-/// passed it. Tally and status alarm when the servers they read differ by more than
-/// [`landslide_nats::MAX_CLOCK_SKEW`], half of this.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
 impl Status {
-    /// The status at `now`, with `pending` votes not yet counted. `stream_now` is the NATS
-    /// server's clock, which decides which votes count; without it the poll is never final
-    /// (tally's own clock cannot prove that no vote stored before the close is still to come),
-    /// nor before [`CLOSE_GRACE`] has passed since the close by that clock.
+    /// The status of `poll` at `now`, with `pending` votes of it not yet counted, by every
+    /// revision of `book` that defines it, each for the votes accepted under it
+    /// ([`PollBook::window_of`]): the workers' rule. `stream_now` is the NATS server's clock,
+    /// which decides which votes count; without it the poll is never final (tally's own clock
+    /// cannot prove that no vote stored before the close is still to come), nor before
+    /// [`landslide_schema::poll::CLOSE_GRACE`] has passed since its last close by that clock
+    /// ([`PollBook::is_over`]).
     pub fn of(
-        poll: &Poll,
+        book: &PollBook,
+        poll: &PollId,
         now: DateTime<Utc>,
         stream_now: Option<DateTime<Utc>>,
         pending: u64,
     ) -> Self {
-        let grace = chrono::Duration::from_std(CLOSE_GRACE).unwrap_or_default();
-        let past_grace = |stream_now: DateTime<Utc>| {
-            poll.closes_at
-                .is_none_or(|closes_at| stream_now >= closes_at + grace)
-        };
-        match poll.window_at(stream_now.unwrap_or(now)) {
-            Window::NotOpenYet => Self::NotOpen,
-            Window::Open => Self::Open,
-            Window::Closed if pending == 0 && stream_now.is_some_and(past_grace) => Self::Final,
-            Window::Closed => Self::Closed,
+        let over = |stream_now| book.is_over(poll, stream_now);
+        match book.window_of(poll, stream_now.unwrap_or(now)) {
+            Some(Window::NotOpenYet) => Self::NotOpen,
+            Some(Window::Open) | None => Self::Open,
+            Some(Window::Closed) if pending == 0 && stream_now.is_some_and(over) => Self::Final,
+            Some(Window::Closed) => Self::Closed,
         }
     }
 }
@@ -178,12 +172,14 @@ pub(crate) async fn pending_by_poll(
     Ok(Some(by_poll))
 }
 
-/// Whether any of `polls` has closed by `stream_now`, the clock that decides it.
-pub(crate) fn any_closed(polls: &Polls, stream_now: Option<DateTime<Utc>>) -> bool {
+/// Whether any poll of the latest revision has closed by `stream_now`, the clock that decides
+/// it.
+pub(crate) fn any_closed(book: &PollBook, stream_now: Option<DateTime<Utc>>) -> bool {
     stream_now.is_some_and(|now| {
-        polls
+        book.latest()
+            .1
             .iter()
-            .any(|poll| matches!(poll.window_at(now), Window::Closed))
+            .any(|poll| book.window_of(&poll.id, now) == Some(Window::Closed))
     })
 }
 
@@ -234,10 +230,10 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the results of every poll from the tally sums. Rows of unknown polls or options are
-    /// left out here (the audit reports them).
+    /// Builds the results of every poll of the latest revision from the tally sums. Rows of
+    /// unknown polls or options are left out here (the audit reports them).
     pub fn build(
-        polls: &Polls,
+        book: &PollBook,
         pending: &Pending,
         sums: &[OptionCount],
         as_of: DateTime<Utc>,
@@ -251,7 +247,9 @@ impl Snapshot {
             .iter()
             .map(|row| ((row.poll.as_str(), row.option.as_str()), row.votes))
             .collect();
-        let polls = polls
+        let polls = book
+            .latest()
+            .1
             .iter()
             .map(|poll| {
                 let counts: BTreeMap<Choice, i64> = poll
@@ -270,7 +268,7 @@ impl Snapshot {
                     counts,
                     pending,
                     as_of: as_of.clone(),
-                    status: Status::of(poll, at, stream_now, pending),
+                    status: Status::of(book, &poll.id, at, stream_now, pending),
                     opens_at: poll.opens_at.map(rfc3339),
                     closes_at: poll.closes_at.map(rfc3339),
                     rollback: rollback.map(str::to_owned),
@@ -380,7 +378,7 @@ impl Refresher {
         let (pending, stream_now) = (backlog.pending, backlog.server_now);
         // Each poll's own pending votes, once one has closed (before the counts, too): another
         // poll still taking votes then keeps it from being final no longer.
-        let by_poll = if pending > 0 && any_closed(self.polls.current().latest().1, stream_now) {
+        let by_poll = if pending > 0 && any_closed(&self.polls.current(), stream_now) {
             pending_by_poll(&self.js, &self.topology, &backlog)
                 .await
                 .unwrap_or_else(|err| {
@@ -436,7 +434,16 @@ impl Refresher {
                 anyhow::bail!("reading the tallies took longer than {QUERY_TIMEOUT:?}");
             }
         };
-        let book = self.polls.current();
+        let (book, confirmed) = self.polls.confirmed();
+        // A revision this book lacks could move a close: nothing is final on a book that could
+        // not be confirmed current for a while (the polls bucket unreadable).
+        let unconfirmed =
+            (confirmed.elapsed() > landslide_nats::polls::CONFIRMED_FOR_VOTES).then(|| {
+                format!(
+                    "the poll definitions were last confirmed current {} s ago",
+                    confirmed.elapsed().as_secs()
+                )
+            });
         // A consumer someone changed may skip votes that `pending` would never show: the workers
         // make it again within moments, and nothing is final meanwhile.
         let drift = landslide_nats::consumer_drift(&self.topology, &backlog.info.config)?;
@@ -469,9 +476,10 @@ impl Refresher {
                         landslide_nats::MAX_CLOCK_SKEW.as_millis()
                     )
                 })
-            });
+            })
+            .or(unconfirmed);
         let snapshot = Snapshot::build(
-            book.latest().1,
+            &book,
             &per_poll,
             &sums,
             as_of,
@@ -490,9 +498,13 @@ impl Refresher {
 
 #[cfg(test)]
 mod tests {
-    use landslide_schema::{Poll, PollOption};
+    use landslide_schema::{Poll, PollOption, Polls, Revision};
 
     use super::*;
+
+    fn book(polls: Polls) -> PollBook {
+        PollBook::new(Revision(1), polls)
+    }
 
     fn row(poll: &str, option: &str, votes: i64) -> OptionCount {
         OptionCount {
@@ -517,11 +529,13 @@ mod tests {
             closes_at: None,
             owner_key: None,
         };
-        let polls = Polls::new(
-            PollId::parse("pets").unwrap(),
-            vec![Polls::pets().default_poll().clone(), lunch],
-        )
-        .unwrap();
+        let polls = book(
+            Polls::new(
+                PollId::parse("pets").unwrap(),
+                vec![Polls::pets().default_poll().clone(), lunch],
+            )
+            .unwrap(),
+        );
         let sums = [
             row("pets", "cats", 3),
             row("pets", "dogs", 4),
@@ -555,7 +569,7 @@ mod tests {
             closes_at: Some(at("2026-12-06T20:00:00Z")),
             ..Polls::pets().default_poll().clone()
         };
-        let polls = Polls::new(PollId::parse("pets").unwrap(), vec![closed]).unwrap();
+        let polls = book(Polls::new(PollId::parse("pets").unwrap(), vec![closed]).unwrap());
         let after = at("2026-12-06T21:00:00Z");
         let pets = PollId::parse("pets").unwrap();
         // Closed by the stream's clock, but within the grace: not final yet.
@@ -589,23 +603,49 @@ mod tests {
     #[test]
     fn a_poll_is_final_once_the_stream_clock_passed_its_close_and_nothing_is_pending() {
         let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
-        let poll = Poll {
-            opens_at: Some(at("2026-12-06T18:00:00Z")),
-            closes_at: Some(at("2026-12-06T20:00:00Z")),
-            ..Polls::pets().default_poll().clone()
+        let window = |opens: &str, closes: &str| {
+            let poll = Poll {
+                opens_at: Some(at(opens)),
+                closes_at: Some(at(closes)),
+                ..Polls::pets().default_poll().clone()
+            };
+            Polls::new(poll.id.clone(), vec![poll]).unwrap()
         };
+        let pets = PollId::parse("pets").unwrap();
+        let book = book(window("2026-12-06T18:00:00Z", "2026-12-06T20:00:00Z"));
+        let status = |now, stream_now, pending| Status::of(&book, &pets, now, stream_now, pending);
         let before = at("2026-12-06T17:00:00Z");
         let during = at("2026-12-06T19:00:00Z");
         let after = at("2026-12-06T20:00:03Z");
-        assert_eq!(Status::of(&poll, before, Some(before), 0), Status::NotOpen);
-        assert_eq!(Status::of(&poll, during, Some(during), 0), Status::Open);
-        assert_eq!(Status::of(&poll, after, Some(after), 3), Status::Closed);
-        assert_eq!(Status::of(&poll, after, Some(after), 0), Status::Final);
+        assert_eq!(status(before, Some(before), 0), Status::NotOpen);
+        assert_eq!(status(during, Some(during), 0), Status::Open);
+        assert_eq!(status(after, Some(after), 3), Status::Closed);
+        assert_eq!(status(after, Some(after), 0), Status::Final);
         // Within `CLOSE_GRACE` of the close: a new stream leader's clock may still be before it.
         let just = at("2026-12-06T20:00:01Z");
-        assert_eq!(Status::of(&poll, just, Some(just), 0), Status::Closed);
+        assert_eq!(status(just, Some(just), 0), Status::Closed);
         // Tally's clock past the close proves nothing while the stream's is not.
-        assert_eq!(Status::of(&poll, after, Some(during), 0), Status::Open);
-        assert_eq!(Status::of(&poll, after, None, 0), Status::Closed);
+        assert_eq!(status(after, Some(during), 0), Status::Open);
+        assert_eq!(status(after, None, 0), Status::Closed);
+
+        // Revision 2, written at 19:59:50, closes the poll at 19:00 instead. A node that has not
+        // read it yet still takes votes under revision 1 for 15 s, and the workers count them:
+        // the poll is open until 20:00 by revision 1, closed then, final two seconds on.
+        let mut revised = book.clone();
+        revised.insert(
+            Revision(2),
+            window("2026-12-06T18:00:00Z", "2026-12-06T19:00:00Z"),
+        );
+        revised.set_written(Revision(2), at("2026-12-06T19:59:50Z"));
+        let status = |now, pending| Status::of(&revised, &pets, now, Some(now), pending);
+        assert_eq!(status(at("2026-12-06T19:30:00Z"), 0), Status::Open);
+        assert_eq!(status(at("2026-12-06T20:00:00Z"), 0), Status::Closed);
+        assert_eq!(status(after, 0), Status::Final);
+        // Had tally gone by the latest revision alone, it would have said final at 19:00:02,
+        // with votes still to come.
+        assert_eq!(
+            revised.window_of(&pets, at("2026-12-06T19:00:02Z")),
+            Some(Window::Open)
+        );
     }
 }

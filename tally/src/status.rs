@@ -110,7 +110,7 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         .await
         .context("cannot read the recorded rollbacks")?;
     // Each poll's own pending votes, as tally reads them (before the counts).
-    let by_poll = if backlog.pending > 0 && any_closed(definitions, backlog.server_now) {
+    let by_poll = if backlog.pending > 0 && any_closed(&book, backlog.server_now) {
         pending_by_poll(&js, topology, &backlog).await?
     } else {
         None
@@ -129,7 +129,7 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         ..
     } = backlog;
     // The same snapshot the results are built from: its counts and its status.
-    let snapshot = Snapshot::build(definitions, &per_poll, &sums, Utc::now(), server_now, hold);
+    let snapshot = Snapshot::build(&book, &per_poll, &sums, Utc::now(), server_now, hold);
     let pending = pending_despite(pending, hold);
     let polls = definitions
         .iter()

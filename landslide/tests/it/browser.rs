@@ -99,6 +99,14 @@ async fn vote_change_watch_live_results_without_javascript_then_closed_and_final
     )
     .await;
 
+    // Final once no node can still take a vote under revision 1, which left the poll open:
+    // `REVISION_OVERLAP` after revision 2 was written, and the grace after that.
+    support::wait_for("the final result", Duration::from_secs(40), || async {
+        let url = format!("{}/api/results/pets", tally.url);
+        let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+        (body["status"] == "final").then_some(())
+    })
+    .await;
     run_phase("closed", &ingest.url, &tally.url).await;
     worker.stop().await;
     ingest.role.stop().await;

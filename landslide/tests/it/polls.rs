@@ -399,6 +399,28 @@ fn every_edited_file_is_refused(record: &std::path::Path) {
     }
 }
 
+/// `landslide export` of poll `pets`, signed by [`owner`]: the record's folder, the audit and the
+/// certificate.
+async fn export(
+    nats: &Nats,
+    db: &Db,
+) -> (
+    tempfile::TempDir,
+    landslide_tally::audit::AuditReport,
+    landslide_schema::record::Certificate,
+) {
+    let mut config = AuditConfig::new(nats.connections(User::Audit, Some(db)));
+    config.wait = Duration::from_secs(10);
+    let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let export = Export {
+        out: out.path(),
+        signing: Some(&owner()),
+    };
+    let (report, certificate) = certify(&config, "pets", &key, Some(export)).await.unwrap();
+    (out, report, certificate)
+}
+
 /// The pets poll with a window, as a polls file, owned by [`owner`].
 fn windowed(
     opens_at: chrono::DateTime<chrono::Utc>,
@@ -494,15 +516,7 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
 
     // The record: final, the counts, signed by the owner; `landslide verify` recomputes it from
     // the folder alone, finds the voter's vote by their receipt, and refuses any edited file.
-    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db)));
-    config.wait = Duration::from_secs(10);
-    let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let export = Export {
-        out: out.path(),
-        signing: Some(&owner()),
-    };
-    let (report, certificate) = certify(&config, "pets", &key, Some(export)).await.unwrap();
+    let (out, report, certificate) = export(&nats, &db).await;
     assert!(report.is_consistent(), "{report}");
     assert_eq!(certificate.status, "final", "{certificate}");
     assert_eq!(
@@ -543,6 +557,8 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     every_edited_file_is_refused(out.path());
 
     // What an operator without the nats CLI sees.
+    let mut config = AuditConfig::new(nats.connections(User::Audit, Some(&db)));
+    config.wait = Duration::from_secs(10);
     let status = landslide_tally::status::status(&config).await.unwrap();
     let text = status.to_string();
     assert!(text.contains("poll pets (Cats or dogs?): final"), "{text}");
@@ -558,8 +574,6 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
         total, 1,
         "only the vote inside the window counts: {counts:?}"
     );
-    let mut config = AuditConfig::new(nats.connections(landslide_nats::User::Audit, Some(&db)));
-    config.wait = Duration::from_secs(10);
     let report = audit(&config).await.unwrap();
     assert!(report.is_consistent(), "{report}");
     // The slow node's vote is in the stream, refused and not counted.
@@ -714,5 +728,196 @@ async fn a_closed_poll_is_final_while_another_still_takes_votes() {
     assert_eq!(pets["status"], "open", "{pets}");
     assert_eq!(pets["pending"], 3, "{pets}");
     tally.role.stop().await;
+    ingest.role.stop().await;
+}
+
+/// Found in review: tally judged a poll's state by its latest revision's window, while the
+/// workers judge each vote by the revision it names. An owner who moved the close earlier (revision
+/// 2) saw `final` two seconds after the new close, and then a vote that a node still on revision
+/// 1 had taken moments later was counted, after `final`. Now each revision lives
+/// `REVISION_OVERLAP` after the next is written: votes under it stored within that count (and
+/// keep the poll from being final), later ones are dead letters, and the published record
+/// judges them the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poll_is_final_only_once_every_revision_it_was_open_under_has_stopped_counting() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    let store = store(&nats).await;
+    let opened = chrono::Utc::now() - chrono::Duration::hours(1);
+    let first = windowed(opened, opened + chrono::Duration::days(1));
+    polls::put(&store, &first).await.unwrap();
+    let worker = support::worker(&nats, &db);
+    let tally = support::tally(&nats, &db).await;
+    // Revision 2 closes the poll two seconds from now.
+    polls::put(
+        &store,
+        &windowed(opened, chrono::Utc::now() + chrono::Duration::seconds(2)),
+    )
+    .await
+    .unwrap();
+    let written = polls::read_all(&store).await.unwrap().revisions[1].written;
+
+    // Every answer of tally's results API from now on.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let watcher = tokio::spawn({
+        let (seen, url) = (seen.clone(), format!("{}/api/results/pets", tally.url));
+        async move {
+            loop {
+                if let Ok(body) = async { reqwest::get(&url).await?.json().await }.await {
+                    seen.lock().unwrap().push(body);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let js = async_nats::jetstream::new(nats.client_as(User::Ingest).await);
+    let under_first = |choice| VoteEvent {
+        rev: Some(Revision(1)),
+        rev_hash: Some(RevisionHash::of(&first)),
+        ..vote(Uuid::new_v4(), choice, 1_000)
+    };
+    let at = |offset: i64| {
+        let wait = written + chrono::Duration::seconds(offset) - chrono::Utc::now();
+        tokio::time::sleep(wait.to_std().unwrap_or_default())
+    };
+    // Five seconds after revision 2, past its close: a vote a node still on revision 1 took.
+    at(5).await;
+    let in_time = under_first("dogs");
+    js.publish("votes.web9", in_time.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Past revision 1's life: no honest node took this one.
+    at(16).await;
+    js.publish("votes.web9", under_first("cats").encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let results = support::wait_for("the final result", Duration::from_secs(40), || {
+        let seen = seen.clone();
+        async move {
+            let last = seen.lock().unwrap().last().cloned()?;
+            (last["status"] == "final").then_some(last)
+        }
+    })
+    .await;
+    watcher.abort();
+    assert_eq!(results["counts"]["dogs"], 1, "{results}");
+    assert_eq!(results["total"], 1, "{results}");
+    let seen = seen.lock().unwrap().clone();
+    let first_final = seen.iter().position(|r| r["status"] == "final").unwrap();
+    assert!(
+        seen[first_final..].iter().all(|r| r["total"] == 1),
+        "the count changed after it was final: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r["status"] == "open" && r["total"] == 1),
+        "revision 1's vote came while revision 1 still kept the poll open: {seen:?}"
+    );
+    assert_eq!(dead_letters(&nats).await, 1);
+    tally.role.stop().await;
+
+    // The audit and the published record judge both votes alike.
+    let (out, report, certificate) = export(&nats, &db).await;
+    assert!(report.is_consistent(), "{report}");
+    assert_eq!(report.unknown_poll_or_option, 1, "{report}");
+    assert_eq!(certificate.status, "final", "{certificate}");
+    let (ok, text) = verify(out.path(), &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("counts: cats 0, dogs 1"), "{text}");
+    assert!(text.contains("not counted: 1 (superseded 1)"), "{text}");
+    worker.stop().await;
+}
+
+/// An ingest node that cannot confirm that it holds the latest revision (the polls bucket cannot
+/// be read) might stamp votes with a revision whose life has ended: it takes none meanwhile, says
+/// why on `/readyz`, and takes votes again once it can.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ingest_node_that_cannot_read_the_polls_bucket_takes_no_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats =
+        landslide_servers::Nats::start(landslide_servers::NatsLayout::Cluster, dir.path())
+            .await
+            .unwrap();
+    let db = Db::create().await;
+    // The polls bucket on one server, the votes on all three: with that server down, votes can
+    // be stored and the bucket cannot be read.
+    let topology = landslide_nats::Topology {
+        replicas: 3,
+        ..landslide_nats::Topology::default()
+    };
+    let js = async_nats::jetstream::new(nats.client(User::Worker).await.unwrap());
+    let one = landslide_nats::Topology {
+        replicas: 1,
+        ..topology.clone()
+    };
+    let mut bucket = js.create_stream(polls::bucket_config(&one)).await.unwrap();
+    let admin = async_nats::jetstream::new(nats.client(User::Admin).await.unwrap());
+    let store = admin.get_key_value(&topology.polls_bucket).await.unwrap();
+    polls::put(&store, &Polls::default().to_toml())
+        .await
+        .unwrap();
+    let host = bucket
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .unwrap()
+        .leader
+        .unwrap();
+    let host = (0..nats.len()).find(|&n| nats.name(n) == host).unwrap();
+    let worker = support::worker_with(&nats, &db, |c| c.connections.topology = topology.clone());
+    let ingest = support::ingest_with(&nats, "web1", |c| {
+        c.connections.topology = topology.clone();
+    })
+    .await;
+    let voter = support::voter();
+    let (status, body) = support::vote_api(&voter, &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 202, "{body}");
+
+    nats.kill(host).await.unwrap();
+    let readyz = format!("{}/readyz", ingest.url);
+    let why = support::wait_for(
+        "ingest to stop taking votes",
+        Duration::from_secs(30),
+        || {
+            let readyz = readyz.clone();
+            async move {
+                let response = reqwest::get(&readyz).await.ok()?;
+                let text = response.text().await.ok()?;
+                text.contains("poll definitions").then_some(text)
+            }
+        },
+    )
+    .await;
+    assert!(why.contains("confirmed current"), "{why}");
+    let (status, body) = support::vote_api(&voter, &ingest.url, "pets", "dogs").await;
+    assert_eq!(status, 503, "{body}");
+
+    // The bucket back: votes are taken again, and counted.
+    nats.restart(host).await.unwrap();
+    support::wait_for(
+        "ingest to take votes again",
+        Duration::from_secs(60),
+        || {
+            let (voter, url) = (voter.clone(), ingest.url.clone());
+            async move {
+                let (status, _) = support::vote_api(&voter, &url, "pets", "dogs").await;
+                (status == 202).then_some(())
+            }
+        },
+    )
+    .await;
+    support::drained(&nats).await;
+    let ballots = db.tally_and_count("pets").await;
+    assert!(
+        ballots.iter().any(|(o, n, _)| o == "dogs" && *n == 1),
+        "{ballots:?}"
+    );
+    worker.stop().await;
     ingest.role.stop().await;
 }

@@ -444,15 +444,26 @@ pub async fn ingest_with(
     let ingest = start_ingest(nats, node, adjust).await;
     let probe = reqwest::Client::new();
     let ready = format!("{}/readyz", ingest.url);
-    wait_for("ingest to be ready", Duration::from_secs(15), || {
-        let probe = probe.clone();
-        let ready = ready.clone();
-        async move {
+    let last = std::sync::Mutex::new(String::new());
+    let waited = tokio::time::timeout(
+        Duration::from_secs(15),
+        wait_for("ingest to be ready", Duration::from_secs(3600), || async {
             let response = probe.get(&ready).send().await.ok()?;
-            response.status().is_success().then_some(())
-        }
-    })
+            let ok = response.status().is_success();
+            *last.lock().unwrap() = response.text().await.unwrap_or_default();
+            ok.then_some(())
+        }),
+    )
     .await;
+    if waited.is_err() {
+        let said = last.lock().unwrap().clone();
+        let ended = if ingest.role.is_finished() {
+            format!("; the role ended: {:?}", ingest.role.join().await)
+        } else {
+            String::new()
+        };
+        panic!("ingest was not ready within 15 s; /readyz said: {said:?}{ended}");
+    }
     ingest
 }
 
@@ -470,7 +481,12 @@ pub async fn start_ingest(
     );
     config.metrics = MetricsAt::Operations;
     adjust(&mut config);
-    set_up(nats, &config.connections.polls).await;
+    set_up_topology(
+        nats,
+        &config.connections.topology,
+        &config.connections.polls,
+    )
+    .await;
     let (listener, url) = listen("ingest").await;
     let (operations, metrics_url) = listen("ingest's operations").await;
     let role = Role::spawn_with_operations(operations, move |shutdown| {
