@@ -958,7 +958,7 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<std::process::ExitCode> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--owner-key: {e}"))?;
     let files = landslide_tally::certificate::read_record(&args.dir)?;
-    let verified = match record::check(&files, receipt.as_ref()) {
+    let verified = match record::check(files, receipt.as_ref()) {
         Ok(verified) => verified,
         Err(refused) => {
             println!("record in {}: REFUSED: {refused}", args.dir.display());

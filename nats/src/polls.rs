@@ -311,9 +311,29 @@ pub async fn findings(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
-/// Writes `text` (a polls file, checked first) as the next revision and returns its number.
+/// Writes `text` (a polls file, checked first) as the next revision and returns its number. A
+/// file that changes a poll which is over ([`PollBook::is_over`] by this machine's clock) is
+/// refused: the revision would count none of that poll's votes.
 pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
-    Polls::from_toml(text).context("refusing an invalid polls file")?;
+    let polls = Polls::from_toml(text).context("refusing an invalid polls file")?;
+    if let Some(book) = book_of(read_all(store).await?.revisions) {
+        let now = Utc::now();
+        for poll in polls.iter() {
+            let unchanged = book.latest().1.get(poll.id.as_str()) == Some(poll);
+            if let Some(closed) = book.closes_for_good(&poll.id)
+                && !unchanged
+                && book.is_over(&poll.id, now)
+            {
+                anyhow::bail!(
+                    "poll {} is over (it closed at {}): a new revision cannot change it, and \
+                     would count none of its votes. Leave its definition as it is, or give a \
+                     new poll another id",
+                    poll.id,
+                    closed.to_rfc3339()
+                );
+            }
+        }
+    }
     for _ in 0..10 {
         let next = keys(store)
             .await?
@@ -364,8 +384,14 @@ pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Re
             ),
         );
     }
+    book_of(contents.revisions)
+        .context("the polls bucket holds no valid revision (rev.1 is not a valid polls file)")
+}
+
+/// The book of `revisions`, oldest first; `None` when there are none.
+fn book_of(revisions: Vec<Stored>) -> Option<PollBook> {
     let mut book: Option<PollBook> = None;
-    for stored in contents.revisions {
+    for stored in revisions {
         match &mut book {
             None => book = Some(stored.into_book()),
             Some(book) => {
@@ -373,7 +399,7 @@ pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Re
             }
         }
     }
-    book.context("the polls bucket holds no valid revision (rev.1 is not a valid polls file)")
+    book
 }
 
 /// The poll definitions a role works by, kept current by a task that watches the bucket.

@@ -458,15 +458,26 @@ pub struct CertifiedRevision {
     pub written_ns: i64,
 }
 
-/// A published record's files, as read.
-#[derive(Debug, Clone, Default)]
+/// A published record's files, as read: `events.csv` as a reader, since it can be large.
 pub struct RecordFiles {
     pub certificate: Vec<u8>,
     /// `None` when there is no `certificate.sig`.
     pub signature: Option<String>,
-    pub events: String,
+    pub events: Box<dyn std::io::BufRead>,
     pub ballots: String,
     pub revisions: BTreeMap<Revision, String>,
+}
+
+impl fmt::Debug for RecordFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordFiles")
+            .field("certificate", &String::from_utf8_lossy(&self.certificate))
+            .field("signature", &self.signature)
+            .field("events", &"(a reader)")
+            .field("ballots", &self.ballots)
+            .field("revisions", &self.revisions)
+            .finish()
+    }
 }
 
 /// Why a record does not verify.
@@ -589,8 +600,17 @@ impl fmt::Display for Verified {
 }
 
 /// Checks a record, every step of the module's list, and what became of `receipt`'s vote.
-pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified, Refused> {
-    let certificate: Certificate = serde_json::from_slice(&files.certificate)
+/// `events.csv` is read line by line from `files.events`, never whole: a poll of millions of
+/// events needs memory for its ballots only.
+pub fn check(files: RecordFiles, receipt: Option<&Receipt>) -> Result<Verified, Refused> {
+    let RecordFiles {
+        certificate: certificate_bytes,
+        signature,
+        events,
+        ballots,
+        revisions: texts,
+    } = files;
+    let certificate: Certificate = serde_json::from_slice(&certificate_bytes)
         .map_err(|e| refused(format!("{CERTIFICATE_FILE} is not a certificate: {e}")))?;
     if certificate.format != FORMAT {
         return Err(refused(format!(
@@ -598,13 +618,39 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
             certificate.format
         )));
     }
-    let poll = &certificate.poll;
-
     // 3. The revisions, bound by hash; then the book the judge reads.
-    let book = revisions(files, &certificate)?;
-
+    let book = revisions(&texts, &certificate)?;
     // 1, 2. Who signed, and the signature.
-    let (owner_key, key_revision) = owner_key(&book, poll)?.ok_or_else(|| {
+    let (owner_key, key_revision) = signer(
+        &book,
+        &certificate,
+        &certificate_bytes,
+        signature.as_deref(),
+    )?;
+    // 4–6. The event log: chained, in order, judged and folded.
+    let fold = fold(events, &certificate, &book, owner_key, receipt)?;
+    // 7. The result.
+    let receipt = fold.receipt_finding(receipt);
+    result(&certificate, &book, &fold.ballots, &ballots)?;
+    Ok(Verified {
+        certificate,
+        owner_key,
+        key_revision,
+        not_counted: fold.not_counted,
+        receipt,
+    })
+}
+
+/// Steps 1 and 2: the owner key the revisions name for the certificate's poll, the earliest
+/// revision that names it, and its signature of the certificate's bytes.
+fn signer(
+    book: &PollBook,
+    certificate: &Certificate,
+    certificate_bytes: &[u8],
+    signature: Option<&str>,
+) -> Result<(OwnerKey, Revision), Refused> {
+    let poll = &certificate.poll;
+    let (owner_key, key_revision) = owner_key(book, poll)?.ok_or_else(|| {
         refused(format!(
             "no revision of the poll definitions names an owner key for poll {poll}: nothing \
              says who may sign its record"
@@ -618,29 +664,87 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
                 .map_or_else(|| "none".to_owned(), |k| k.to_string())
         )));
     }
-    let signature = files.signature.as_deref().ok_or_else(|| {
+    let signature = signature.ok_or_else(|| {
         refused(format!(
             "there is no {SIGNATURE_FILE}: the record is unsigned"
         ))
     })?;
     owner_key
-        .verify(&files.certificate, signature)
+        .verify(certificate_bytes, signature)
         .map_err(|e| refused(format!("{SIGNATURE_FILE}: {e}")))?;
+    Ok((owner_key, key_revision))
+}
 
-    // 4–6. The event log: chained, in order, judged and folded.
+/// What steps 4 to 6 found in the event log.
+struct Folded {
+    /// Each voter's counted event.
+    ballots: HashMap<Pseudonym, RecordedEvent>,
+    not_counted: BTreeMap<&'static str, u64>,
+    /// The receipt's event: its sequence and how the judge took it; `None` when absent.
+    receipt: Option<(u64, Result<(), &'static str>)>,
+    /// The receipt's event has another stamp or poll than the receipt.
+    receipt_differs: bool,
+}
+
+impl Folded {
+    /// What became of the receipt's vote, by the folded log.
+    fn receipt_finding(&self, receipt: Option<&Receipt>) -> Option<ReceiptFinding> {
+        let receipt = receipt?;
+        Some(match self.receipt {
+            None => ReceiptFinding::Missing,
+            Some((sequence, _)) if self.receipt_differs => ReceiptFinding::Differs { sequence },
+            Some((sequence, Err(reason))) => ReceiptFinding::NotCounted { sequence, reason },
+            Some((sequence, Ok(()))) => {
+                if self
+                    .ballots
+                    .values()
+                    .any(|b| b.event_id == receipt.event_id)
+                {
+                    ReceiptFinding::Counted { sequence }
+                } else {
+                    ReceiptFinding::Superseded { sequence }
+                }
+            }
+        })
+    }
+}
+
+/// Steps 4 to 6: reads `events.csv` line by line, chains every line, checks the order, judges
+/// each event and keeps each voter's greatest counted one.
+fn fold(
+    mut events: impl std::io::BufRead,
+    certificate: &Certificate,
+    book: &PollBook,
+    owner_key: OwnerKey,
+    receipt: Option<&Receipt>,
+) -> Result<Folded, Refused> {
+    let poll = &certificate.poll;
     let mut chain = Chain::start(poll);
-    let mut lines = files.events.split_inclusive('\n');
-    if lines.next() != Some(&format!("{EVENTS_HEADER}\n")) {
+    let mut line = String::new();
+    let mut read = |line: &mut String, at: &dyn Fn() -> String| {
+        line.clear();
+        events
+            .read_line(line)
+            .map_err(|e| refused(format!("{}: cannot be read as UTF-8 text: {e}", at())))
+    };
+    read(&mut line, &|| format!("{EVENTS_FILE} line 1"))?;
+    if line != format!("{EVENTS_HEADER}\n") {
         return Err(refused(format!(
             "{EVENTS_FILE} does not start with the header {EVENTS_HEADER}"
         )));
     }
-    let mut ballots: HashMap<Pseudonym, RecordedEvent> = HashMap::new();
-    let mut not_counted = BTreeMap::new();
-    let mut found = receipt.map(|_| ReceiptFinding::Missing);
+    let mut folded = Folded {
+        ballots: HashMap::new(),
+        not_counted: BTreeMap::new(),
+        receipt: None,
+        receipt_differs: false,
+    };
     let mut previous = None;
-    for (n, line) in lines.enumerate() {
-        let at = || format!("{EVENTS_FILE} line {}", n + 2);
+    for n in 2.. {
+        let at = || format!("{EVENTS_FILE} line {n}");
+        if read(&mut line, &at)? == 0 {
+            break;
+        }
         let text = line
             .strip_suffix('\n')
             .ok_or_else(|| refused(format!("{} does not end in a newline", at())))?;
@@ -658,24 +762,14 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
             )));
         }
         previous = Some(event.sequence);
-        chain.push(line);
+        chain.push(&line);
         let judged = book.judge(&event.terms(poll), event.stored_at());
         if let Some(receipt) = receipt.filter(|r| r.event_id == event.event_id) {
-            found = Some(match &judged {
-                _ if receipt.ts != event.ts || &receipt.poll != poll => ReceiptFinding::Differs {
-                    sequence: event.sequence,
-                },
-                Ok(_) => ReceiptFinding::Superseded {
-                    sequence: event.sequence,
-                },
-                Err(why) => ReceiptFinding::NotCounted {
-                    sequence: event.sequence,
-                    reason: label(why),
-                },
-            });
+            folded.receipt = Some((event.sequence, judged.as_ref().map(|_| ()).map_err(label)));
+            folded.receipt_differs = receipt.ts != event.ts || &receipt.poll != poll;
         }
         match judged {
-            Err(why) => *not_counted.entry(label(&why)).or_default() += 1,
+            Err(why) => *folded.not_counted.entry(label(&why)).or_default() += 1,
             // A vote accepted before the poll named its owner: the owner cannot vouch for it.
             Ok(definition) if definition.owner_key != Some(owner_key) => {
                 return Err(refused(format!(
@@ -684,7 +778,7 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
                     at()
                 )));
             }
-            Ok(_) => match ballots.entry(event.voter.clone()) {
+            Ok(_) => match folded.ballots.entry(event.voter.clone()) {
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     slot.insert(event);
                 }
@@ -706,15 +800,18 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
             certificate.event_log_head
         )));
     }
+    Ok(folded)
+}
 
-    // 7. The result.
-    if let Some(ReceiptFinding::Superseded { sequence }) = found
-        && ballots
-            .values()
-            .any(|b| receipt.is_some_and(|r| r.event_id == b.event_id))
-    {
-        found = Some(ReceiptFinding::Counted { sequence });
-    }
+/// Step 7: the ballots the events fold into are `ballots.csv`, its digest and the counts the
+/// certificate's.
+fn result(
+    certificate: &Certificate,
+    book: &PollBook,
+    ballots: &HashMap<Pseudonym, RecordedEvent>,
+    ballots_csv: &str,
+) -> Result<(), Refused> {
+    let poll = &certificate.poll;
     let options = book
         .latest()
         .1
@@ -731,14 +828,13 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
             ballot_line(&b.voter, &b.choice, b.event_id, b.ts)
         })
         .collect();
-    let recomputed = ballots_file(lines);
-    if recomputed != files.ballots {
+    if ballots_file(lines) != ballots_csv {
         return Err(refused(format!(
             "{BALLOTS_FILE} is not the ballots the events fold into ({} ballots recomputed)",
             ballots.len()
         )));
     }
-    if digest(files.ballots.as_bytes()) != certificate.digest {
+    if digest(ballots_csv.as_bytes()) != certificate.digest {
         return Err(refused(format!(
             "{BALLOTS_FILE} is not the certified one: its digest differs"
         )));
@@ -752,13 +848,7 @@ pub fn check(files: &RecordFiles, receipt: Option<&Receipt>) -> Result<Verified,
             ballots.len()
         )));
     }
-    Ok(Verified {
-        certificate,
-        owner_key,
-        key_revision,
-        not_counted,
-        receipt: found,
-    })
+    Ok(())
 }
 
 /// The reason an event is not counted, as the dead letters name it.
@@ -767,8 +857,11 @@ fn label(why: &Unjudged) -> &'static str {
 }
 
 /// Step 3: the revision files, each the text the certificate names by hash, 1 to N.
-fn revisions(files: &RecordFiles, certificate: &Certificate) -> Result<PollBook, Refused> {
-    let numbers: Vec<Revision> = files.revisions.keys().copied().collect();
+fn revisions(
+    texts: &BTreeMap<Revision, String>,
+    certificate: &Certificate,
+) -> Result<PollBook, Refused> {
+    let numbers: Vec<Revision> = texts.keys().copied().collect();
     let certified: Vec<Revision> = certificate.revisions.keys().copied().collect();
     if numbers != certified {
         return Err(refused(format!(
@@ -785,7 +878,7 @@ fn revisions(files: &RecordFiles, certificate: &Certificate) -> Result<PollBook,
         )));
     }
     let mut book: Option<PollBook> = None;
-    for (revision, text) in &files.revisions {
+    for (revision, text) in texts {
         let hash = RevisionHash::of(text);
         let Some(certified) = certificate
             .revisions
@@ -1011,7 +1104,7 @@ mod tests {
         RecordFiles {
             signature: Some(key.sign(&json)),
             certificate: json,
-            events: log,
+            events: Box::new(std::io::Cursor::new(log.into_bytes())),
             ballots: ballots_csv,
             revisions: (1..)
                 .zip(revisions)
@@ -1033,7 +1126,7 @@ mod tests {
             vote(3, 2, "birds", 0, 1, &text),
         ];
         let files = record(&[&text], &events, &[1], &key);
-        let verified = check(&files, None).unwrap();
+        let verified = check(files, None).unwrap();
         assert_eq!(verified.certificate.counts["dogs"], 1);
         assert_eq!(
             verified.not_counted,
@@ -1042,7 +1135,27 @@ mod tests {
         assert_eq!(verified.key_revision, Revision(1));
         // The earlier vote as the ballot: refused.
         let files = record(&[&text], &events, &[0], &key);
-        assert!(check(&files, None).unwrap_err().0.contains("ballots.csv"));
+        assert!(check(files, None).unwrap_err().0.contains("ballots.csv"));
+        // The log read as a stream: a last line cut short, or bytes that are no text.
+        let log = |files: &mut RecordFiles| {
+            let mut text = String::new();
+            files.events.read_to_string(&mut text).unwrap();
+            text
+        };
+        let mut cut = record(&[&text], &events, &[1], &key);
+        let whole = log(&mut cut);
+        cut.events = Box::new(std::io::Cursor::new(whole.trim_end().to_owned()));
+        let refused = check(cut, None).unwrap_err().0;
+        assert!(
+            refused.contains("line 4 does not end in a newline"),
+            "{refused}"
+        );
+        let mut binary = record(&[&text], &events, &[1], &key);
+        let mut bytes = log(&mut binary).into_bytes();
+        bytes.extend([0xff, b'\n']);
+        binary.events = Box::new(std::io::Cursor::new(bytes));
+        let refused = check(binary, None).unwrap_err().0;
+        assert!(refused.contains("line 5: cannot be read"), "{refused}");
         // Signed by another key than the poll's.
         let files = record(
             &[&text],
@@ -1050,7 +1163,7 @@ mod tests {
             &[1],
             &OwnerSigningKey::from_seed([2; 32]),
         );
-        assert!(check(&files, None).is_err());
+        assert!(check(files, None).is_err());
     }
 
     #[test]
@@ -1067,7 +1180,7 @@ mod tests {
             &[0, 1],
             &key,
         );
-        let refused = check(&files, None).unwrap_err().0;
+        let refused = check(files, None).unwrap_err().0;
         assert!(refused.contains("names no owner key"), "{refused}");
         // Named from revision 2 on, every counted vote under it: verified.
         let files = record(
@@ -1076,7 +1189,7 @@ mod tests {
             &[0],
             &key,
         );
-        assert_eq!(check(&files, None).unwrap().key_revision, Revision(2));
+        assert_eq!(check(files, None).unwrap().key_revision, Revision(2));
         // A later revision that names another owner.
         let other = owned.replace(
             &key.public().to_string(),
@@ -1088,7 +1201,7 @@ mod tests {
             &[0],
             &key,
         );
-        let refused = check(&files, None).unwrap_err().0;
+        let refused = check(files, None).unwrap_err().0;
         assert!(refused.contains("not ed25519"), "{refused}");
     }
 
@@ -1102,18 +1215,18 @@ mod tests {
         let mut last_moment = vote(3, 3, "dogs", 0, 1, &one);
         last_moment.stored_ns = written_ns(2) + overlap - 1;
         let events = [vote(1, 1, "cats", 0, 2, &two), late, last_moment];
-        let verified = check(&record(&[&one, &two], &events, &[0, 2], &key), None).unwrap();
+        let verified = check(record(&[&one, &two], &events, &[0, 2], &key), None).unwrap();
         assert_eq!(verified.not_counted, BTreeMap::from([("superseded", 1)]));
         // Counting it anyway is refused.
         let counted = record(&[&one, &two], &events, &[0, 1, 2], &key);
-        assert!(check(&counted, None).unwrap_err().0.contains("ballots.csv"));
+        assert!(check(counted, None).unwrap_err().0.contains("ballots.csv"));
         // So is moving revision 2's write time, which the signature covers.
         let mut moved = record(&[&one, &two], &events, &[0, 2], &key);
         let text = String::from_utf8(moved.certificate.clone()).unwrap();
         moved.certificate = text
             .replace(&written_ns(2).to_string(), &written_ns(3).to_string())
             .into_bytes();
-        assert!(check(&moved, None).unwrap_err().0.contains("signature"));
+        assert!(check(moved, None).unwrap_err().0.contains("signature"));
     }
 
     #[test]

@@ -147,6 +147,18 @@ pub async fn certify(
     export: Option<Export<'_>>,
 ) -> anyhow::Result<(AuditReport, Certificate)> {
     let poll_id = PollId::parse(poll).with_context(|| format!("{poll:?} is no poll id"))?;
+    // A signing key that cannot sign this poll's record is refused before the audit reads the
+    // whole stream (and again after, by the revisions the audit judged by).
+    if let Some(export) = &export {
+        let client =
+            landslide_nats::connect(&config.connections.nats, User::Audit, "landslide-export")
+                .await?;
+        let js = async_nats::jetstream::new(client);
+        let store =
+            polls::ensure_bucket(&js, &config.connections.topology, Access::ReadOnly).await?;
+        let book = polls::load(&store, &config.connections.polls, Access::ReadOnly).await?;
+        can_sign(&book, &poll_id, export.signing)?;
+    }
     let mut log = EventLog {
         poll: poll_id.clone(),
         key: key.clone(),
@@ -176,22 +188,8 @@ pub async fn certify(
         .with_context(|| format!("there is no poll {poll:?} in the latest poll definitions"))?
         .clone();
     let owner_key = record::owner_key(&book, &poll_id)?.map(|(key, _)| key);
-    if let Some(export) = export {
-        match (owner_key, export.signing) {
-            (Some(named), Some(signing)) if signing.public() != named => anyhow::bail!(
-                "the signing key is not the owner key that poll {poll} names ({named}): the \
-                 record would not verify"
-            ),
-            (Some(named), None) => anyhow::bail!(
-                "poll {poll} names owner key {named}: sign its record with that key's file \
-                 (--signing-key or LANDSLIDE_SIGNING_KEY_FILE)"
-            ),
-            (None, Some(_)) => anyhow::bail!(
-                "poll {poll} names no owner key, so a signature would prove nothing: put \
-                 owner_key in its definition (landslide polls put) before it opens"
-            ),
-            _ => {}
-        }
+    if let Some(export) = &export {
+        can_sign(&book, &poll_id, export.signing)?;
     }
 
     let mut conn =
@@ -277,6 +275,29 @@ pub async fn certify(
     Ok((report, certificate))
 }
 
+/// Whether `signing` (or no key) signs the record of `poll` as `book` says its owner does.
+fn can_sign(
+    book: &PollBook,
+    poll: &PollId,
+    signing: Option<&OwnerSigningKey>,
+) -> anyhow::Result<()> {
+    match (record::owner_key(book, poll)?.map(|(key, _)| key), signing) {
+        (Some(named), Some(signing)) if signing.public() != named => anyhow::bail!(
+            "the signing key is not the owner key that poll {poll} names ({named}): the record \
+             would not verify"
+        ),
+        (Some(named), None) => anyhow::bail!(
+            "poll {poll} names owner key {named}: sign its record with that key's file \
+             (--signing-key or LANDSLIDE_SIGNING_KEY_FILE)"
+        ),
+        (None, Some(_)) => anyhow::bail!(
+            "poll {poll} names no owner key, so a signature would prove nothing: put owner_key \
+             in its definition (landslide polls put) before it opens"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Writes the rest of the record beside `events.csv`: the revision texts (as the bucket holds
 /// them, each checked against the hash the audit judged by), the ballots, the certificate and
 /// its signature.
@@ -354,7 +375,12 @@ pub fn read_record(dir: &Path) -> anyhow::Result<RecordFiles> {
     Ok(RecordFiles {
         certificate: read(CERTIFICATE_FILE)?,
         signature,
-        events: text(EVENTS_FILE)?,
+        events: {
+            let path = dir.join(EVENTS_FILE);
+            let file =
+                File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            Box::new(std::io::BufReader::new(file))
+        },
         ballots: text(BALLOTS_FILE)?,
         revisions,
     })

@@ -169,6 +169,28 @@ async fn polls_put_refuses_an_invalid_file_and_never_overwrites_a_revision() {
     );
 }
 
+/// A poll that is over cannot be changed: the revision would count none of its votes (a poll once
+/// over stays over), so `polls put` says so rather than write it. A revision may carry the poll
+/// along unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn polls_put_refuses_to_change_a_poll_that_is_over() {
+    let nats = Nats::start().await;
+    let store = store(&nats).await;
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let over = windowed(an_hour_ago - chrono::Duration::hours(1), an_hour_ago);
+    assert_eq!(polls::put(&store, &over).await.unwrap(), Revision(1));
+    let reopened = windowed(an_hour_ago, chrono::Utc::now() + chrono::Duration::hours(1));
+    let refused = polls::put(&store, &reopened).await.unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("poll pets is over"),
+        "{refused:#}"
+    );
+    let lunch = "\n[[poll]]\nid = \"lunch\"\nquestion = \"Pizza or pasta?\"\n\
+        options = [{ id = \"pizza\", label = \"Pizza\" }, { id = \"pasta\", label = \"Pasta\" }]\n";
+    let carried = format!("{over}{lunch}");
+    assert_eq!(polls::put(&store, &carried).await.unwrap(), Revision(2));
+}
+
 /// Found by trying it: a plain publish to `$KV.LANDSLIDE_POLLS.rev.78` as `admin` (or as
 /// `worker`, which could publish to every key) replaced a revision under which three votes had
 /// been accepted; the workers then dead-lettered them, and audit, judging by the rewrite, passed.
@@ -559,6 +581,22 @@ async fn a_vote_counts_only_if_the_stream_stored_it_inside_the_window_whatever_t
     // What an operator without the nats CLI sees.
     let mut config = AuditConfig::new(nats.connections(User::Audit, Some(&db)));
     config.wait = Duration::from_secs(10);
+    // A key other than the poll's owner's is refused before the audit reads the stream: nothing
+    // is written.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let wrong = Export {
+        out: elsewhere.path(),
+        signing: Some(&OwnerSigningKey::from_seed([8; 32])),
+    };
+    let key = ExportKey::new("an export key of the poll's owner, 32+ bytes").unwrap();
+    let refused = certify(&config, "pets", &key, Some(wrong))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("not the owner key"),
+        "{refused:#}"
+    );
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     let status = landslide_tally::status::status(&config).await.unwrap();
     let text = status.to_string();
     assert!(text.contains("poll pets (Cats or dogs?): final"), "{text}");
