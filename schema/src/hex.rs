@@ -26,6 +26,25 @@ pub(crate) fn decode<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(bytes)
 }
 
+/// For a value whose one spelling is its `Display` (a hash, a key): `Debug` as `Name(text)`,
+/// and into `String` through it, for `#[serde(try_from = "String", into = "String")]`.
+macro_rules! text_value {
+    ($name:ident) => {
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({self})", stringify!($name))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> Self {
+                value.to_string()
+            }
+        }
+    };
+}
+pub(crate) use text_value;
+
 #[cfg(test)]
 mod tests {
     #[test]

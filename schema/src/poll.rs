@@ -166,17 +166,7 @@ impl std::fmt::Display for RevisionHash {
     }
 }
 
-impl std::fmt::Debug for RevisionHash {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RevisionHash({self})")
-    }
-}
-
-impl From<RevisionHash> for String {
-    fn from(hash: RevisionHash) -> Self {
-        hash.to_string()
-    }
-}
+crate::hex::text_value!(RevisionHash);
 
 impl TryFrom<String> for RevisionHash {
     type Error = String;

@@ -121,17 +121,7 @@ impl fmt::Display for OwnerKey {
     }
 }
 
-impl fmt::Debug for OwnerKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "OwnerKey({self})")
-    }
-}
-
-impl From<OwnerKey> for String {
-    fn from(key: OwnerKey) -> Self {
-        key.to_string()
-    }
-}
+crate::hex::text_value!(OwnerKey);
 
 impl TryFrom<String> for OwnerKey {
     type Error = String;
