@@ -57,7 +57,8 @@ struct Inner {
     clock: Arc<ClockCheck>,
     keys: Keys,
     receipts: ReceiptKey,
-    secure_cookie: bool,
+    /// Which voter cookie is read and written.
+    cookies: voter::CookieRule,
     results_url: Option<String>,
     client: async_nats::Client,
     /// The per-client token bucket of the vote endpoints; `None`: no limit.
@@ -86,7 +87,10 @@ impl AppState {
             clock,
             keys: Keys::new(&config.secret, &config.previous_secrets),
             receipts: config.receipt_key.clone(),
-            secure_cookie: config.secure_cookie,
+            cookies: voter::CookieRule {
+                secure: config.secure_cookie,
+                plain_until: config.plain_cookie_until,
+            },
             results_url: config.results_url.clone(),
             client,
             limiter,
@@ -150,12 +154,14 @@ fn describe(document: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
 /// describes exactly those.
 pub fn router(state: AppState, metrics: MetricsAt) -> Router {
     let (router, document) = api(metrics).split_for_parts();
-    router
+    let https = state.0.cookies.secure;
+    let router = router
         .layer(Extension(Document::new(&describe(document))))
         // We buffer bodies ourselves up to MAX_BODY; a larger one is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state);
+    landslide_telemetry::serve::security_headers(router, https)
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
-        .with_state(state)
 }
 
 /// Why a vote was refused. Each maps to one status and a message meant for the voter.
@@ -170,6 +176,13 @@ enum VoteError {
     /// A browser sent it from another site's page: a hostile page voting in its visitors' name.
     #[error("votes sent from another site's page are refused")]
     CrossSite,
+    /// The request carries two voter cookies of one name ([`voter::Conflict`]).
+    #[error(
+        "your browser sent two voter cookies for this site, and another site may have set one; \
+         your vote was not taken, so that nobody else's cookie can take it. Clear this site's \
+         cookies before you vote again"
+    )]
+    CookieConflict,
     /// Beyond this client address's token bucket. Said so that a voter behind a shared address
     /// (a carrier's NAT, an office) knows it is not their own doing and that a retry will do.
     #[error(
@@ -204,6 +217,7 @@ impl VoteError {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::CrossSite => StatusCode::FORBIDDEN,
+            Self::CookieConflict => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotCounted(NotCounted::NotOpenYet { .. } | NotCounted::Closed { .. }) => {
                 StatusCode::FORBIDDEN
@@ -221,6 +235,7 @@ impl VoteError {
             Self::TooLarge => "too_large",
             Self::Malformed(_) => "malformed",
             Self::CrossSite => "cross_site",
+            Self::CookieConflict => "cookie_conflict",
             Self::NotCounted(not_counted) => not_counted.label(),
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
@@ -320,6 +335,7 @@ impl AppState {
     async fn cast(
         &self,
         jar: SignedCookieJar,
+        known: Option<VoterCookie>,
         poll: &str,
         choice: &str,
         idempotency_key: Option<&str>,
@@ -346,7 +362,6 @@ impl AppState {
         if let Err(err) = book.judge_time(revision, poll, self.now()) {
             return (jar, Err(err.into()));
         }
-        let known = voter::read(&jar);
         let floor = known.as_ref().map(|c| c.last_ts);
         let voter = match (&known, idempotency_key) {
             (Some(cookie), _) => cookie.voter,
@@ -457,7 +472,7 @@ impl AppState {
             }
             Err(_) => cookie.last_ts = cookie.last_ts.max(event.ts),
         }
-        (voter::write(jar, &cookie, self.0.secure_cookie), result)
+        (voter::write(jar, &cookie, self.0.cookies.secure), result)
     }
 
     /// This node's clock, as a moment.
@@ -559,7 +574,7 @@ async fn vote_api(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
+    let (jar, known) = state.0.keys.voter(jar, &headers, state.0.cookies);
     let json_error = |err: VoteError, jar: Option<SignedCookieJar>| {
         let body = axum::Json(ErrorBody::new(err.to_string()));
         let response = (err.status(), jar, body).into_response();
@@ -575,9 +590,12 @@ async fn vote_api(
         Ok(vote) => vote,
         Err(err) => return json_error(err, None),
     };
+    let Ok(known) = known else {
+        return json_error(VoteError::CookieConflict, None);
+    };
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
-        Some(Ok(key)) => match voter::check_idempotency_key(key, voter::read(&jar).is_some()) {
+        Some(Ok(key)) => match voter::check_idempotency_key(key, known.is_some()) {
             Ok(()) => Some(key),
             Err(message) => return json_error(VoteError::Malformed(message), None),
         },
@@ -586,7 +604,9 @@ async fn vote_api(
             return json_error(VoteError::Malformed(message), None);
         }
     };
-    let (jar, result) = state.cast(jar, &vote.poll, &vote.choice, key, client).await;
+    let (jar, result) = state
+        .cast(jar, known, &vote.poll, &vote.choice, key, client)
+        .await;
     match result {
         Ok(accepted) => (
             StatusCode::ACCEPTED,
@@ -659,7 +679,7 @@ async fn vote_form(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
+    let (jar, known) = state.0.keys.voter(jar, &headers, state.0.cookies);
     let default = state.book().latest().1.default_poll().id.clone();
     let client = state.client(&headers, peer);
     let vote: FormVote = match same_site(&headers)
@@ -668,10 +688,15 @@ async fn vote_form(
         .and_then(|bytes| parse_form(&bytes))
     {
         Ok(vote) => vote,
-        Err(err) => return state.form_error(jar, &default, err),
+        Err(err) => return state.form_error(jar, None, &default, err),
+    };
+    let Ok(known) = known else {
+        return state.form_error(jar, None, &default, VoteError::CookieConflict);
     };
     let poll = vote.poll.unwrap_or_else(|| default.to_string());
-    let (jar, result) = state.cast(jar, &poll, &vote.vote, None, client).await;
+    let (jar, result) = state
+        .cast(jar, known.clone(), &poll, &vote.vote, None, client)
+        .await;
     match result {
         // The receipt travels to the confirmation in a cookie read once, never in its address,
         // which access logs keep (`voter::RECEIPT_COOKIE_NAME`).
@@ -679,7 +704,7 @@ async fn vote_form(
             let jar = voter::write_receipt(
                 jar,
                 state.0.receipts.issue(&accepted.receipt),
-                state.0.secure_cookie,
+                state.0.cookies.secure,
             );
             let to = if poll == default.as_str() {
                 "/".to_owned()
@@ -693,7 +718,7 @@ async fn vote_form(
             let shown = PollId::parse(poll)
                 .ok()
                 .filter(|p| book.latest().1.get(p.as_str()).is_some());
-            state.form_error(jar, &shown.unwrap_or(default), err)
+            state.form_error(jar, known.as_ref(), &shown.unwrap_or(default), err)
         }
     }
 }
@@ -749,13 +774,12 @@ impl FormQuery {
 impl AppState {
     fn page(
         &self,
-        jar: &SignedCookieJar,
+        known: Option<&VoterCookie>,
         poll: &Poll,
         error: Option<String>,
         receipt: Option<&Receipt>,
     ) -> Html<String> {
-        let current =
-            voter::read(jar).and_then(|c| c.choices.get(&poll.id).map(|choice| choice.to_string()));
+        let current = known.and_then(|c| c.choices.get(&poll.id).map(|choice| choice.to_string()));
         let current_label = current
             .as_deref()
             .and_then(|id| poll.options.iter().find(|o| o.id.as_str() == id))
@@ -794,13 +818,19 @@ impl AppState {
         )
     }
 
-    fn form_error(&self, jar: SignedCookieJar, poll: &PollId, err: VoteError) -> Response {
+    fn form_error(
+        &self,
+        jar: SignedCookieJar,
+        known: Option<&VoterCookie>,
+        poll: &PollId,
+        err: VoteError,
+    ) -> Response {
         let book = self.book();
         let polls = book.latest().1;
         let poll = polls
             .get(poll.as_str())
             .unwrap_or_else(|| polls.default_poll());
-        let page = self.page(&jar, poll, Some(err.to_string()), None);
+        let page = self.page(known, poll, Some(err.to_string()), None);
         let response = (err.status(), jar, page).into_response();
         err.finish(response)
     }
@@ -832,7 +862,9 @@ async fn form(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let jar = state.0.keys.adopt(jar, &headers, state.0.secure_cookie);
+    let (jar, known) = state.0.keys.voter(jar, &headers, state.0.cookies);
+    // Two voter cookies: the form shows no current choice (a vote would be refused, and says why).
+    let known = known.ok().flatten();
     let query = FormQuery::read(query.as_deref());
     let book = state.book();
     let polls = book.latest().1;
@@ -842,21 +874,21 @@ async fn form(
             Some(poll) => poll,
             None => {
                 let err = NotCounted::UnknownPoll(id.to_owned()).into();
-                return state.form_error(jar, &polls.default_poll().id, err);
+                return state.form_error(jar, known.as_ref(), &polls.default_poll().id, err);
             }
         },
     };
     // The receipt of the vote just cast through the form, from its cookie (or, as links of
     // earlier releases have it, the address). Only a receipt this site issued, of this poll, is
     // shown.
-    let (jar, flashed) = voter::take_receipt(jar, state.0.secure_cookie);
+    let (jar, flashed) = voter::take_receipt(jar, state.0.cookies.secure);
     let receipt = query
         .receipt
         .or(flashed)
         .as_deref()
         .and_then(|r| state.0.receipts.open(r).ok());
     // The jar goes back too: a cookie of a previous key comes back signed with the current one.
-    let page = state.page(&jar, poll, None, receipt.as_ref());
+    let page = state.page(known.as_ref(), poll, None, receipt.as_ref());
     (jar, page).into_response()
 }
 

@@ -79,8 +79,12 @@ pub struct Config {
     pub publish_attempts: u32,
     /// Atomic batches in flight at once; `None`: [`Config::batches_in_flight`]'s choice.
     pub publish_batches: Option<usize>,
-    /// Mark the voter cookie `Secure` (serve over HTTPS, or behind a TLS load balancer).
+    /// Mark the voter cookie `Secure` (serve over HTTPS, or behind a TLS load balancer): it is
+    /// then `__Host-landslide_voter`, the only one read, and the site sends HSTS.
     pub secure_cookie: bool,
+    /// With `secure_cookie`, until when the plain `landslide_voter` is still read where no
+    /// `__Host-` one is present (`voter::CookieRule::plain_until`); never when `None`.
+    pub plain_cookie_until: Option<chrono::DateTime<chrono::Utc>>,
     /// Where the results are (tally's page), for the form's link when a poll is not open.
     pub results_url: Option<String>,
     /// The HTTP server's header read timeout and connection cap.
@@ -116,6 +120,7 @@ impl Config {
             publish_attempts: 3,
             publish_batches: None,
             secure_cookie: false,
+            plain_cookie_until: None,
             results_url: None,
             http: landslide_telemetry::serve::Limits::default(),
             metrics: landslide_telemetry::serve::MetricsAt::default(),

@@ -10,11 +10,12 @@
 //! ballot, and anyone who guessed a client's key could. The price: a cookie-less retry from
 //! another address is another voter (README, "Idempotency-Key").
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum_extra::extract::SignedCookieJar;
 use axum_extra::extract::cookie::{Cookie, Key, SameSite};
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use landslide_schema::cookie::VoterCookie;
+use landslide_schema::cookie::{Binding, VoterCookie};
 use landslide_schema::{Choice, EventId, PollId, VoterId};
 use sha2::Sha256;
 use uuid::Uuid;
@@ -42,7 +43,7 @@ pub const MIN_COOKIELESS_KEY_LEN: usize = 16;
 
 /// Keys derived from `LANDSLIDE_SECRET`: one signs cookies, one derives ids. The keys of
 /// `LANDSLIDE_SECRET_PREVIOUS` only verify: a cookie one of them signed is the same voter, and is
-/// signed again with the current key ([`Keys::adopt`]), so a key is rotated without turning
+/// signed again with the current key ([`Keys::voter`]), so a key is rotated without turning
 /// every voter into a new one (who would then be counted twice).
 #[derive(Clone)]
 pub struct Keys {
@@ -80,28 +81,35 @@ impl Keys {
         }
     }
 
-    /// `jar` (verified with the current key) with the voter cookie of `headers` that a previous
-    /// key signed, signed again with the current one, if the current key verifies none: the
-    /// response then carries it, so the voter moves to the current key on their next request.
-    pub fn adopt(
+    /// The voter cookie of a request ([`read`], `jar` verified with the current key), and `jar`;
+    /// when the current key verifies none, the one a previous key signed, and `jar` with it
+    /// signed again with the current key: the response then carries it, so the voter moves to
+    /// the current key on their next request.
+    pub fn voter(
         &self,
         jar: SignedCookieJar,
         headers: &HeaderMap,
-        secure: bool,
-    ) -> SignedCookieJar {
-        if self.previous.is_empty() || read(&jar).is_some() {
-            return jar;
+        rule: CookieRule,
+    ) -> (SignedCookieJar, Result<Option<VoterCookie>, Conflict>) {
+        match read(&jar, headers, rule) {
+            Ok(None) if !self.previous.is_empty() => {}
+            known => return (jar, known),
         }
-        let older = self
-            .previous
-            .iter()
-            .find_map(|key| read(&SignedCookieJar::from_headers(headers, key.clone())));
+        let older = self.previous.iter().find_map(|key| {
+            read(
+                &SignedCookieJar::from_headers(headers, key.clone()),
+                headers,
+                rule,
+            )
+            .ok()
+            .flatten()
+        });
         match older {
             Some(payload) => {
                 metrics::counter!("landslide_cookies_resigned_total").increment(1);
-                write(jar, &payload, secure)
+                (write(jar, &payload, rule.secure), Ok(Some(payload)))
             }
-            None => jar,
+            None => (jar, Ok(None)),
         }
     }
 
@@ -145,26 +153,88 @@ impl Keys {
     }
 }
 
-/// The voter cookie's payload, if a cookie is present, authentic and well-formed. Both names are
-/// read, so that turning `LANDSLIDE_SECURE_COOKIE` on mid-poll keeps every voter the same voter;
-/// with both present, the one with the later floor wins.
-pub fn read(jar: &SignedCookieJar) -> Option<VoterCookie> {
-    [SECURE_COOKIE_NAME, COOKIE_NAME]
-        .into_iter()
-        .filter_map(|name| jar.get(name))
-        .filter_map(|cookie| VoterCookie::parse(cookie.value()))
-        .max_by_key(|cookie| cookie.last_ts)
+/// Which voter cookie a node reads: the one it writes, and nothing the client could choose.
+///
+/// Found by trying it: nodes read both names and kept the cookie with the later floor, so a
+/// value planted under the plain name (`Domain=` the parent domain, from a sibling subdomain or
+/// any plain-HTTP answer on a hostile network) took the voter over even with `__Host-` cookies
+/// on: the victim's next vote landed on the attacker's voter, and the answer rewrote the
+/// victim's own cookie to the attacker's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CookieRule {
+    /// `LANDSLIDE_SECURE_COOKIE`: only `__Host-landslide_voter` is read and written.
+    pub secure: bool,
+    /// `LANDSLIDE_PLAIN_COOKIE_UNTIL`: with `secure`, until this moment the plain name is still
+    /// read when no `__Host-` cookie is present, so that a site that turned HTTPS cookies on
+    /// during a poll keeps its earlier voters (each is written the `__Host-` cookie with their
+    /// next vote). Set it to the close of the polls that were open at the switch.
+    pub plain_until: Option<DateTime<Utc>>,
+}
+
+/// Two voter cookies of one name in one request: a browser holds two only when another site
+/// (a sibling subdomain, a plain-HTTP answer) planted one beside the site's own, and nothing in
+/// the request tells which is which (the order is the planter's to choose, by path and
+/// creation time). The vote is refused rather than given to either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict;
+
+/// How many cookies called `name` the request carries, verified or not.
+fn count(headers: &HeaderMap, name: &str) -> usize {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter(|pair| pair.split_once('=').is_some_and(|(n, _)| n.trim() == name))
+        .count()
+}
+
+/// The payload of the one cookie called `name`, if present, authentic and written for it.
+fn one(
+    jar: &SignedCookieJar,
+    headers: &HeaderMap,
+    name: &str,
+    binding: Binding,
+) -> Result<Option<VoterCookie>, Conflict> {
+    match count(headers, name) {
+        0 => Ok(None),
+        1 => Ok(jar
+            .get(name)
+            .and_then(|cookie| VoterCookie::parse(cookie.value(), binding))),
+        _ => Err(Conflict),
+    }
+}
+
+/// The voter cookie's payload, by `rule`: the `__Host-` cookie when secure (the plain one only
+/// within the migration window, and never beside a `__Host-` one), the plain one otherwise; a
+/// cookie that does not verify, or was written for the other name, is none (a new voter); two of
+/// the name read are a [`Conflict`].
+pub fn read(
+    jar: &SignedCookieJar,
+    headers: &HeaderMap,
+    rule: CookieRule,
+) -> Result<Option<VoterCookie>, Conflict> {
+    if !rule.secure {
+        return one(jar, headers, COOKIE_NAME, Binding::Plain);
+    }
+    if count(headers, SECURE_COOKIE_NAME) > 0 {
+        return one(jar, headers, SECURE_COOKIE_NAME, Binding::Host);
+    }
+    if rule.plain_until.is_some_and(|until| Utc::now() < until) {
+        return one(jar, headers, COOKIE_NAME, Binding::Plain);
+    }
+    Ok(None)
 }
 
 /// The jar with the voter cookie set to `payload`: under the `__Host-` name when `secure`, which
 /// also expires a cookie left under the plain name.
 pub fn write(jar: SignedCookieJar, payload: &VoterCookie, secure: bool) -> SignedCookieJar {
-    let name = if secure {
-        SECURE_COOKIE_NAME
+    let (name, binding) = if secure {
+        (SECURE_COOKIE_NAME, Binding::Host)
     } else {
-        COOKIE_NAME
+        (COOKIE_NAME, Binding::Plain)
     };
-    let cookie = Cookie::build((name, payload.format()))
+    let cookie = Cookie::build((name, payload.format(binding)))
         .path("/")
         .http_only(true)
         .secure(secure)

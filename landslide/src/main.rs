@@ -339,6 +339,13 @@ fn parse_replicas(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A moment with its offset, such as `2026-12-06T20:00:00Z`.
+fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 date-time with an offset: {e}"))
+}
+
 /// The HTTP server's limits (ingest and tally).
 #[derive(Debug, Args, Clone)]
 struct HttpArgs {
@@ -446,9 +453,14 @@ struct IngestArgs {
     /// R3.
     #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES")]
     publish_batches: Option<usize>,
-    /// Mark the voter cookie Secure (when served over HTTPS).
+    /// Mark the voter cookie Secure (when served over HTTPS): it is then __Host-landslide_voter,
+    /// the only one read, and the site sends HSTS.
     #[arg(long, env = "LANDSLIDE_SECURE_COOKIE")]
     secure_cookie: bool,
+    /// With --secure-cookie, until when (RFC 3339) the plain landslide_voter cookie of voters
+    /// from before the switch is still read, where no __Host- one is present.
+    #[arg(long, env = "LANDSLIDE_PLAIN_COOKIE_UNTIL", value_parser = rfc3339)]
+    plain_cookie_until: Option<chrono::DateTime<chrono::Utc>>,
     /// The results page (tally), linked from the form when a poll is not open yet or closed.
     #[arg(long, env = "LANDSLIDE_RESULTS_URL")]
     results_url: Option<String>,
@@ -498,6 +510,7 @@ impl IngestArgs {
         config.publish_attempts = self.publish_attempts.max(1);
         config.publish_batches = self.publish_batches;
         config.secure_cookie = self.secure_cookie;
+        config.plain_cookie_until = self.plain_cookie_until;
         config.results_url = self.results_url.clone();
         config.http = self.http.limits();
         config.metrics = self.http.metrics();

@@ -2,9 +2,12 @@
 //!
 //! The cookie says who the voter is, the stamp of their last accepted vote (the floor of design rule
 //! 2) and, per poll, their current choice so that the form can show it. Its text is
-//! `1.<voter uuid, 32 hex digits>.<last ts>` followed by `.<poll>~<choice>` per poll: only characters
-//! that need no quoting in a cookie. Signing and verifying are the ingest node's job; this module
-//! only turns the payload into text and back, and refuses anything else without panicking.
+//! `2.<binding>.<voter uuid, 32 hex digits>.<last ts>` followed by `.<poll>~<choice>` per poll:
+//! only characters that need no quoting in a cookie. `<binding>` names the cookie the text was
+//! written for ([`Binding`]): the node signs the value only, so the name travels inside it.
+//! Version 1 (no binding) is still read, under either name, and written again as version 2 with
+//! the next answer. Signing and verifying are the ingest node's job; this module only turns the
+//! payload into text and back, and refuses anything else without panicking.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +18,28 @@ use crate::{Choice, PollId, Timestamp, VoterId};
 /// At most this many polls' choices are kept, so the cookie stays far below browser limits.
 pub const MAX_POLLS: usize = 16;
 
-const VERSION: &str = "1";
+const VERSION: &str = "2";
+/// The version before payloads named their cookie.
+const UNBOUND_VERSION: &str = "1";
+
+/// The cookie a payload was written for: the voter cookie under its `__Host-` name (a site on
+/// HTTPS) or under its plain name. A value written for one is no voter under the other, so a
+/// value taken from one deployment's plain cookie cannot be planted as another's, nor a plain
+/// one passed off as what only the host itself can set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    Host,
+    Plain,
+}
+
+impl Binding {
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Plain => "plain",
+        }
+    }
+}
 
 /// What the voter cookie says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,9 +73,14 @@ impl VoterCookie {
         self.choices.insert(poll, choice);
     }
 
-    /// The cookie text.
-    pub fn format(&self) -> String {
-        let mut out = format!("{VERSION}.{}.{}", self.voter.0.simple(), self.last_ts.0);
+    /// The cookie text, for the cookie `binding` names.
+    pub fn format(&self, binding: Binding) -> String {
+        let mut out = format!(
+            "{VERSION}.{}.{}.{}",
+            binding.tag(),
+            self.voter.0.simple(),
+            self.last_ts.0
+        );
         for (poll, choice) in &self.choices {
             out.push('.');
             out.push_str(poll.as_str());
@@ -61,13 +90,16 @@ impl VoterCookie {
         out
     }
 
-    /// Parses cookie text; `None` for anything that is not exactly what [`format`](Self::format)
-    /// writes (another version, a bad id, too many polls, another spelling of the same cookie), so
-    /// that `format(parse(text)) == text`.
-    pub fn parse(text: &str) -> Option<Self> {
+    /// Parses the text of the cookie `binding` names; `None` for anything that is not exactly
+    /// what [`format`](Self::format) writes for it (another binding, another version, a bad id,
+    /// too many polls, another spelling of the same cookie), so that
+    /// `format(parse(text, b), b) == text`; and version 1, which names no cookie, under either.
+    pub fn parse(text: &str, binding: Binding) -> Option<Self> {
         let mut parts = text.split('.');
-        if parts.next()? != VERSION {
-            return None;
+        match parts.next()? {
+            VERSION if parts.next()? == binding.tag() => {}
+            UNBOUND_VERSION => {}
+            _ => return None,
         }
         // `Uuid::simple` and `u64` formatting: lower-case hex, digits without a sign or zero pad.
         let voter = parts.next()?;
@@ -123,9 +155,25 @@ mod tests {
             Choice::parse("cats").unwrap(),
             Timestamp(99),
         );
-        let text = cookie.format();
-        assert_eq!(text, "1.0000000000000000000000000000002a.99.pets~cats");
-        assert_eq!(VoterCookie::parse(&text), Some(cookie));
+        let text = cookie.format(Binding::Host);
+        assert_eq!(text, "2.host.0000000000000000000000000000002a.99.pets~cats");
+        assert_eq!(
+            VoterCookie::parse(&text, Binding::Host),
+            Some(cookie.clone())
+        );
+        // Written for one name, it is no voter under the other.
+        assert_eq!(VoterCookie::parse(&text, Binding::Plain), None);
+        let plain = cookie.format(Binding::Plain);
+        assert_eq!(
+            VoterCookie::parse(&plain, Binding::Plain),
+            Some(cookie.clone())
+        );
+        assert_eq!(VoterCookie::parse(&plain, Binding::Host), None);
+        // Version 1 named no cookie: read under either, until the next answer rewrites it.
+        let unbound = "1.0000000000000000000000000000002a.99.pets~cats";
+        for binding in [Binding::Host, Binding::Plain] {
+            assert_eq!(VoterCookie::parse(unbound, binding), Some(cookie.clone()));
+        }
     }
 
     #[test]
@@ -148,7 +196,7 @@ mod tests {
             );
         }
         assert_eq!(cookie.choices.len(), MAX_POLLS);
-        assert!(VoterCookie::parse(&cookie.format()).is_some());
+        assert!(VoterCookie::parse(&cookie.format(Binding::Plain), Binding::Plain).is_some());
     }
 
     #[test]
@@ -156,6 +204,9 @@ mod tests {
         for bad in [
             "",
             "2.0000000000000000000000000000002a.99",
+            "3.plain.0000000000000000000000000000002a.99",
+            "2.host.0000000000000000000000000000002a.99",
+            "2.Plain.0000000000000000000000000000002a.99",
             "1.2a.99",
             "1.0000000000000000000000000000002a",
             "1.0000000000000000000000000000002a.-1",
@@ -168,14 +219,18 @@ mod tests {
             "1.0000000000000000000000000000002a.+99",
             "1.0000000000000000000000000000002a.99.pets~cats.lunch~pizza",
         ] {
-            assert_eq!(VoterCookie::parse(bad), None, "{bad:?} parsed");
+            assert_eq!(
+                VoterCookie::parse(bad, Binding::Plain),
+                None,
+                "{bad:?} parsed"
+            );
         }
     }
 
     proptest! {
         #[test]
         fn garbage_never_panics(text in ".{0,200}") {
-            let _ = VoterCookie::parse(&text);
+            let _ = VoterCookie::parse(&text, Binding::Plain);
         }
     }
 }

@@ -81,10 +81,12 @@ fn describe(document: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
 /// describes exactly those.
 pub(crate) fn router(state: AppState, metrics: MetricsAt) -> Router {
     let (router, document) = api(metrics).split_for_parts();
-    router
+    let router = router
         .layer(Extension(Document::new(&describe(document))))
+        .with_state(state);
+    // HSTS is ingest's to send, beside the secure voter cookie (README, "HTTPS").
+    landslide_telemetry::serve::security_headers(router, false)
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
-        .with_state(state)
 }
 
 /// A poll id from the path. A segment that is not UTF-8 once percent-decoded names no poll

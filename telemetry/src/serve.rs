@@ -120,6 +120,42 @@ const OPERATIONS_LIMITS: Limits = Limits {
     max_connections: 64,
 };
 
+/// `router` with the headers every public page and answer carries, each unless the handler set
+/// it: no other site may frame a page (`Content-Security-Policy: frame-ancestors 'none'`, and
+/// `X-Frame-Options: DENY` for browsers that predate it), since a framed form's button press is a
+/// same-origin vote the same-site check cannot refuse; no address leaves in a `Referer`
+/// (`Referrer-Policy: no-referrer`); no answer is sniffed into another type
+/// (`X-Content-Type-Options: nosniff`). With `https` (the site is served over TLS only, as the
+/// `__Host-` cookie requires), `Strict-Transport-Security` for a year, so that a browser never
+/// again sends a plain-HTTP request a network could answer (and plant a cookie in).
+pub fn security_headers(router: Router, https: bool) -> Router {
+    use axum::http::{HeaderName, HeaderValue, header};
+    use tower_http::set_header::SetResponseHeaderLayer;
+    let set = |router: Router, name: HeaderName, value: &'static str| {
+        router.layer(SetResponseHeaderLayer::if_not_present(
+            name,
+            HeaderValue::from_static(value),
+        ))
+    };
+    let router = set(
+        router,
+        header::CONTENT_SECURITY_POLICY,
+        "frame-ancestors 'none'",
+    );
+    let router = set(router, header::X_FRAME_OPTIONS, "DENY");
+    let router = set(router, header::REFERRER_POLICY, "no-referrer");
+    let router = set(router, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    if https {
+        set(
+            router,
+            header::STRICT_TRANSPORT_SECURITY,
+            "max-age=31536000",
+        )
+    } else {
+        router
+    }
+}
+
 /// The routes of an operations listener: `/metrics` (the process's registry, so one listener
 /// serves every role of a process), `/healthz`, and `/readyz` (every role of the process ready:
 /// [`crate::readiness`]).

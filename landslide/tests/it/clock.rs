@@ -131,8 +131,10 @@ async fn a_node_within_its_bound_is_ready_and_takes_votes() {
 fn signed_cookie(voter: &VoterCookie) -> String {
     let key = cookie::Key::derive_from(support::SECRET.as_bytes());
     let mut jar = cookie::CookieJar::new();
-    jar.signed_mut(&key)
-        .add(cookie::Cookie::new("landslide_voter", voter.format()));
+    jar.signed_mut(&key).add(cookie::Cookie::new(
+        "landslide_voter",
+        voter.format(landslide_schema::cookie::Binding::Plain),
+    ));
     jar.get("landslide_voter").unwrap().value().to_owned()
 }
 

@@ -132,18 +132,9 @@ fn pair(cookies: &[String], name: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secure_cookie_uses_the_host_prefix_and_keeps_every_voter_when_turned_on() {
     let nats = Nats::start().await;
-    let plain = support::ingest(&nats, "web1", 0).await;
-    let secure = support::ingest_with(&nats, "web2", |c| c.secure_cookie = true).await;
-    let client = reqwest::Client::new();
-    let vote = |url: &str, cookie: Option<&str>| {
-        let mut request = client
-            .post(format!("{url}/api/votes"))
-            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}));
-        if let Some(cookie) = cookie {
-            request = request.header("cookie", cookie);
-        }
-        request.send()
-    };
+    let nodes = Nodes::start(&nats).await;
+    let (plain, secure) = (&nodes.plain, &nodes.secure);
+    let vote = |url: &str, cookie: Option<&str>| nodes.vote(url, cookie.map(str::to_owned));
 
     let (cookies, voter) = cookies_and_voter(vote(&plain.url, None).await.unwrap()).await;
     let old = pair(&cookies, "landslide_voter");
@@ -166,8 +157,184 @@ async fn a_secure_cookie_uses_the_host_prefix_and_keeps_every_voter_when_turned_
     let new = pair(&cookies, "__Host-landslide_voter");
     let (_, still) = cookies_and_voter(vote(&secure.url, Some(&new)).await.unwrap()).await;
     assert_eq!(still, voter);
+    nodes.stop().await;
+}
+
+/// A node with the plain cookie and one with the secure cookie, turned on mid-poll: the plain
+/// cookie is still read there for an hour, until the polls then open close.
+struct Nodes {
+    plain: support::Ingest,
+    secure: support::Ingest,
+    client: reqwest::Client,
+}
+
+impl Nodes {
+    async fn start(nats: &Nats) -> Self {
+        let plain = support::ingest(nats, "web1", 0).await;
+        let secure = support::ingest_with(nats, "web2", |c| {
+            c.secure_cookie = true;
+            c.plain_cookie_until = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+        })
+        .await;
+        Self {
+            plain,
+            secure,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// A vote for cats through `url`'s API, with `cookie` as the request's `Cookie` header.
+    fn vote(
+        &self,
+        url: &str,
+        cookie: Option<String>,
+    ) -> impl Future<Output = reqwest::Result<reqwest::Response>> + use<> {
+        let mut request = self
+            .client
+            .post(format!("{url}/api/votes"))
+            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send()
+    }
+
+    async fn stop(self) {
+        self.plain.role.stop().await;
+        self.secure.role.stop().await;
+    }
+}
+
+/// Found in review: nodes read both cookie names and kept the one with the later floor, and the
+/// signature covered the value alone. A value an attacker planted beside the victim's own
+/// cookie (under the plain name with `Domain=` the parent domain, from a sibling subdomain or a
+/// plain-HTTP answer on a hostile network) took the victim's next vote and then their cookie.
+/// Each planting leaves the victim's ballot theirs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_voter_cookie_never_takes_a_victims_vote() {
+    let nats = Nats::start().await;
+    let nodes = Nodes::start(&nats).await;
+    let (plain, secure) = (&nodes.plain, &nodes.secure);
+    let vote = |url: &str, cookie: Option<String>| nodes.vote(url, cookie);
+    // The victim's and the attacker's own cookies, from their own votes on each node.
+    let first = |url: String| async move {
+        let (cookies, voter) = cookies_and_voter(vote(&url, None).await.unwrap()).await;
+        (cookies, voter)
+    };
+    let (victim_secure, victim) = first(secure.url.clone()).await;
+    let (attacker_secure, attacker) = first(secure.url.clone()).await;
+    let victim_host = pair(&victim_secure, "__Host-landslide_voter");
+    let attacker_value = pair(&attacker_secure, "__Host-landslide_voter")
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
+
+    // Secure mode: the attacker's value planted under the plain name beside the victim's
+    // `__Host-` cookie, before it and after it. The `__Host-` cookie alone is read.
+    for cookie in [
+        format!("landslide_voter={attacker_value}; {victim_host}"),
+        format!("{victim_host}; landslide_voter={attacker_value}"),
+    ] {
+        let (_, voter) = cookies_and_voter(vote(&secure.url, Some(cookie)).await.unwrap()).await;
+        assert_eq!(
+            voter, victim,
+            "a planted plain cookie took the victim's vote"
+        );
+    }
+    // A first-time voter within the migration window, who holds only the planted value: it was
+    // written for the `__Host-` name, so under the plain one it is no voter at all.
+    let planted = format!("landslide_voter={attacker_value}");
+    let (_, voter) = cookies_and_voter(vote(&secure.url, Some(planted)).await.unwrap()).await;
+    assert_ne!(
+        voter, attacker,
+        "a planted cookie made its holder the attacker's voter"
+    );
+
+    // Plain mode (no HTTPS): two cookies of the one name, in either order. Nothing tells the
+    // victim's from the planted one, so the vote is refused and nothing is stored.
+    let (victim_plain, victim) = first(plain.url.clone()).await;
+    let (attacker_plain, _) = first(plain.url.clone()).await;
+    let (mine, theirs) = (
+        pair(&victim_plain, "landslide_voter"),
+        pair(&attacker_plain, "landslide_voter"),
+    );
+    let before = stored_votes(&nats).await;
+    for cookie in [format!("{mine}; {theirs}"), format!("{theirs}; {mine}")] {
+        let response = vote(&plain.url, Some(cookie)).await.unwrap();
+        assert_eq!(response.status(), 409);
+        assert!(response.headers().get("set-cookie").is_none());
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("two voter cookies"),
+            "{body}"
+        );
+    }
+    assert_eq!(stored_votes(&nats).await, before);
+    let (_, voter) = cookies_and_voter(vote(&plain.url, Some(mine)).await.unwrap()).await;
+    assert_eq!(voter, victim);
+    nodes.stop().await;
+}
+
+/// No other site may frame a page (its buttons could be clicked through a disguise, and the framed
+/// POST is same-origin), nothing is sniffed into another type, no address leaves in a
+/// `Referer`, and a site on HTTPS tells browsers to stay on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_page_refuses_framing_and_sniffing_and_https_sends_hsts() {
+    let nats = Nats::start().await;
+    let db = crate::support::Db::create().await;
+    let plain = support::ingest(&nats, "web1", 0).await;
+    let secure = support::ingest_with(&nats, "web2", |c| c.secure_cookie = true).await;
+    let tally = support::tally(&nats, &db).await;
+    let client = reqwest::Client::new();
+    for (url, hsts) in [
+        (plain.url.clone(), false),
+        (format!("{}/api/openapi.json", plain.url), false),
+        (secure.url.clone(), true),
+        (tally.url.clone(), false),
+        (format!("{}/api/results/pets", tally.url), false),
+    ] {
+        let response = client.get(&url).send().await.unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            header("content-security-policy").as_deref(),
+            Some("frame-ancestors 'none'"),
+            "{url}"
+        );
+        assert_eq!(header("x-frame-options").as_deref(), Some("DENY"), "{url}");
+        assert_eq!(
+            header("x-content-type-options").as_deref(),
+            Some("nosniff"),
+            "{url}"
+        );
+        assert_eq!(
+            header("referrer-policy").as_deref(),
+            Some("no-referrer"),
+            "{url}"
+        );
+        assert_eq!(header("strict-transport-security").is_some(), hsts, "{url}");
+    }
+    // A refusal carries them too.
+    let refused = client
+        .post(format!("{}/api/votes", plain.url))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 415);
+    assert_eq!(refused.headers()["x-frame-options"], "DENY");
     plain.role.stop().await;
     secure.role.stop().await;
+    tally.role.stop().await;
 }
 
 /// Found by trying it: connections that sent half a request line and headers stayed open forever.

@@ -27,7 +27,9 @@ pub async fn within<F: std::future::Future>(f: F) -> Option<F::Output> {
     tokio::time::timeout(Duration::from_secs(5), f).await.ok()
 }
 
-/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`. A check that
+/// hangs (a request to a port something else holds, which never answers) counts against the
+/// same deadline: one once kept a run waiting until nextest's 180 s limit.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -35,7 +37,8 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = check().await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Some(v)) = tokio::time::timeout(left, check()).await {
             return v;
         }
         assert!(
