@@ -176,6 +176,12 @@ enum VoteError {
     /// A browser sent it from another site's page: a hostile page voting in its visitors' name.
     #[error("votes sent from another site's page are refused")]
     CrossSite,
+    /// An `Idempotency-Key` of an earlier vote that a later vote of the voter replaced.
+    #[error(
+        "this Idempotency-Key was used for an earlier vote, which a later vote of yours \
+         replaced; send a new key to vote again"
+    )]
+    KeyReplaced,
     /// The request carries two voter cookies of one name ([`voter::Conflict`]).
     #[error(
         "your browser sent two voter cookies for this site, and another site may have set one; \
@@ -217,7 +223,7 @@ impl VoteError {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::CrossSite => StatusCode::FORBIDDEN,
-            Self::CookieConflict => StatusCode::CONFLICT,
+            Self::CookieConflict | Self::KeyReplaced => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotCounted(NotCounted::NotOpenYet { .. } | NotCounted::Closed { .. }) => {
                 StatusCode::FORBIDDEN
@@ -236,6 +242,7 @@ impl VoteError {
             Self::Malformed(_) => "malformed",
             Self::CrossSite => "cross_site",
             Self::CookieConflict => "cookie_conflict",
+            Self::KeyReplaced => "key_replaced",
             Self::NotCounted(not_counted) => not_counted.label(),
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
@@ -444,23 +451,37 @@ impl AppState {
                     }
                     (true, _) => Err(VoteError::Unconfirmed),
                 };
-                counts.map(|()| {
-                    let kept = copy.and_then(|m| VoteEvent::decode(&m.payload).ok());
-                    let ts = match kept {
-                        Some(kept) if stored.duplicate => kept.ts,
-                        _ => event.ts,
-                    };
-                    Accepted {
+                let kept = copy.and_then(|m| VoteEvent::decode(&m.payload).ok());
+                let ts = match &kept {
+                    Some(kept) if stored.duplicate => kept.ts,
+                    _ => event.ts,
+                };
+                // A retry of a vote that a later answered vote of the voter replaced (the
+                // cookie's floor lies beyond the stored copy's stamp, and it names another
+                // choice): answering `duplicate` would say the ballot is this choice when it is
+                // not. A retry after a lost or ambiguous answer left the floor at most at the
+                // copy's stamp, or the choice as it was, and is answered as before.
+                let replaced = stored.duplicate
+                    && floor.is_some_and(|floor| floor > ts)
+                    && cookie
+                        .choices
+                        .get(&poll.id)
+                        .is_some_and(|current| *current != choice);
+                let counts = counts.and(if replaced {
+                    Err(VoteError::KeyReplaced)
+                } else {
+                    Ok(())
+                });
+                counts.map(|()| Accepted {
+                    event_id,
+                    ts,
+                    duplicate: stored.duplicate,
+                    receipt: Receipt {
+                        poll: poll.id.clone(),
+                        voter,
                         event_id,
                         ts,
-                        duplicate: stored.duplicate,
-                        receipt: Receipt {
-                            poll: poll.id.clone(),
-                            voter,
-                            event_id,
-                            ts,
-                        },
-                    }
+                    },
                 })
             }
         };
@@ -533,10 +554,10 @@ struct ApiAccepted {
         one it is a new voter's, or, with an `Idempotency-Key`, the voter of that key and this \
         client address.",
     params(
-        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]+$", min_length = 1,
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]+$", min_length = 16,
             max_length = 255,
-            description = "Makes a retry the same vote (1 to 255 visible ASCII characters; \
-                at least 16 without the voter cookie: a random value such as a UUID)."),
+            description = "Makes a retry the same vote (16 to 255 visible ASCII characters: a \
+                random value such as a UUID)."),
         ("landslide_voter" = Option<String>, Cookie,
             description = "The signed voter cookie of an earlier answer; a forged or tampered \
                 one is ignored (a new voter)."),
@@ -552,6 +573,9 @@ struct ApiAccepted {
             headers(("Set-Cookie" = String, description = "Set when the poll is not open"))),
         (status = 413, description = "Body larger than 4 KiB", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 409, description = "Two voter cookies (another site planted one), or an \
+            Idempotency-Key of an earlier vote that a later vote replaced; not taken",
+            body = ErrorBody),
         (status = 422, description = "Unknown poll or option", body = ErrorBody),
         (status = 429, description = "Beyond this client address's rate limit; not stored",
             body = ErrorBody,
@@ -595,7 +619,7 @@ async fn vote_api(
     };
     let key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
         None => None,
-        Some(Ok(key)) => match voter::check_idempotency_key(key, known.is_some()) {
+        Some(Ok(key)) => match voter::check_idempotency_key(key) {
             Ok(()) => Some(key),
             Err(message) => return json_error(VoteError::Malformed(message), None),
         },
@@ -658,6 +682,8 @@ struct FormVote {
             content_type = "text/html"),
         (status = 415, description = "Content-Type is not application/x-www-form-urlencoded",
             body = String, content_type = "text/html"),
+        (status = 409, description = "Two voter cookies (another site planted one): not \
+            taken", body = String, content_type = "text/html"),
         (status = 422, description = "Unknown poll or option", body = String,
             content_type = "text/html"),
         (status = 429, description = "Beyond this client address's rate limit; not stored",

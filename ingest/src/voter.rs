@@ -4,8 +4,8 @@
 //! an error (the vote still counts, once) and never another voter (the signature binds the id).
 //!
 //! A key never makes a voter on its own: the voter of a cookie-less request with a key is derived
-//! from the key *and* the client address, and such a key must be long enough to be random
-//! ([`MIN_COOKIELESS_KEY_LEN`]). Found by trying it: two clients that both sent
+//! from the key *and* the client address, and a key must be long enough to be random
+//! ([`MIN_KEY_LEN`]). Found by trying it: two clients that both sent
 //! `Idempotency-Key: 1` without a cookie were one voter, so either could change the other's
 //! ballot, and anyone who guessed a client's key could. The price: a cookie-less retry from
 //! another address is another voter (README, "Idempotency-Key").
@@ -36,10 +36,11 @@ const COOKIE_MAX_AGE_DAYS: i64 = 400;
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
-/// The shortest `Idempotency-Key` of a request without a voter cookie: 16 visible ASCII
-/// characters hold up to 104 bits, room for a random value (a UUID is 36, 122 bits random).
-/// A short key is a counter or a constant, which another client sends too.
-pub const MIN_COOKIELESS_KEY_LEN: usize = 16;
+/// The shortest `Idempotency-Key`: 16 visible ASCII characters hold up to 104 bits, room for a
+/// random value (a UUID is 36, 122 bits random). A short key is a counter or a constant, which
+/// another client sends too, or the same client for another vote. Once allowed with the voter
+/// cookie, where `1` and `2` were used as "the first vote" and "the second".
+pub const MIN_KEY_LEN: usize = 16;
 
 /// Keys derived from `LANDSLIDE_SECRET`: one signs cookies, one derives ids. The keys of
 /// `LANDSLIDE_SECRET_PREVIOUS` only verify: a cookie one of them signed is the same voter, and is
@@ -288,22 +289,16 @@ pub fn take_receipt(jar: SignedCookieJar, secure: bool) -> (SignedCookieJar, Opt
     }
 }
 
-/// Checks an `Idempotency-Key` header value: 1 to 255 visible ASCII characters, and at least
-/// [`MIN_COOKIELESS_KEY_LEN`] when the request carries no valid voter cookie (`with_cookie`).
-pub fn check_idempotency_key(key: &str, with_cookie: bool) -> Result<(), String> {
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+/// Checks an `Idempotency-Key` header value: [`MIN_KEY_LEN`] to 255 visible ASCII characters.
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if key.len() < MIN_KEY_LEN || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(format!(
-            "Idempotency-Key must hold 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+            "Idempotency-Key must hold {MIN_KEY_LEN} to {MAX_IDEMPOTENCY_KEY_LEN} characters: \
+             use a random key, such as a UUID"
         ));
     }
     if !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("Idempotency-Key may only hold visible ASCII characters".to_owned());
-    }
-    if !with_cookie && key.len() < MIN_COOKIELESS_KEY_LEN {
-        return Err(format!(
-            "Idempotency-Key must hold at least {MIN_COOKIELESS_KEY_LEN} characters without the \
-             voter cookie: use a random key, such as a UUID"
-        ));
     }
     Ok(())
 }
@@ -385,18 +380,14 @@ mod tests {
 
     #[test]
     fn idempotency_keys_are_checked() {
-        for with_cookie in [true, false] {
-            assert!(check_idempotency_key("3f2a-retry_1-4b0e9c8e", with_cookie).is_ok());
-            assert!(check_idempotency_key("", with_cookie).is_err());
-            assert!(check_idempotency_key("a b", with_cookie).is_err());
-            assert!(check_idempotency_key(&"k".repeat(256), with_cookie).is_err());
-        }
-        // With the cookie the voter is the cookie's, so any key will do; without it the key
-        // must be long enough to be random.
-        assert!(check_idempotency_key("1", true).is_ok());
-        let short = check_idempotency_key("1", false).unwrap_err();
+        assert!(check_idempotency_key("3f2a-retry_1-4b0e9c8e").is_ok());
+        assert!(check_idempotency_key("").is_err());
+        assert!(check_idempotency_key("a b c d e f g h i j").is_err());
+        assert!(check_idempotency_key(&"k".repeat(256)).is_err());
+        // Long enough to be random, cookie or not.
+        let short = check_idempotency_key("1").unwrap_err();
         assert!(short.contains("UUID"), "{short}");
-        assert!(check_idempotency_key(&"k".repeat(15), false).is_err());
-        assert!(check_idempotency_key(&"k".repeat(16), false).is_ok());
+        assert!(check_idempotency_key(&"k".repeat(15)).is_err());
+        assert!(check_idempotency_key(&"k".repeat(16)).is_ok());
     }
 }

@@ -592,7 +592,7 @@ async fn the_rate_limit_settings_reach_the_node_and_a_rate_of_zero_turns_it_off(
 /// guessed a key could change that voter's ballot. Now the key is salted with the client
 /// address, and without a cookie it must be long enough to be random.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_same_idempotency_key_from_two_addresses_is_two_voters_and_a_short_one_needs_the_cookie()
+async fn the_same_idempotency_key_from_two_addresses_is_two_voters_and_a_short_or_stale_key_is_refused()
  {
     let nats = Nats::start().await;
     let db = crate::support::Db::create().await;
@@ -641,26 +641,91 @@ async fn the_same_idempotency_key_from_two_addresses_is_two_voters_and_a_short_o
     assert_eq!(retry["event_id"], first["event_id"]);
     assert_eq!(voter_of(&retry), voter_of(&first));
 
-    // A short key without the cookie is refused; with a valid cookie any key will do.
+    // A short key is refused, with the cookie or without: it is not random.
     let (status, short) = keyed("203.0.113.3", "1".to_owned()).await;
     assert_eq!(status, 400, "{short}");
     assert!(short["error"].as_str().unwrap().contains("UUID"), "{short}");
     let browser = support::voter();
     let (status, body) = support::vote_api(&browser, &ingest.url, "pets", "dogs").await;
     assert_eq!(status, 202, "{body}");
-    let with_cookie = browser
-        .post(&url)
-        .header("idempotency-key", "1")
-        .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(with_cookie.status(), 202);
+    let with_key = |key: &str, choice: &str| {
+        browser
+            .post(&url)
+            .header("idempotency-key", key)
+            .json(&serde_json::json!({"poll": "pets", "choice": choice}))
+            .send()
+    };
+    assert_eq!(with_key("1", "dogs").await.unwrap().status(), 400);
 
     support::drained(&nats).await;
     assert_eq!(
         db.tally_and_count("pets").await,
         [("cats".to_owned(), 2, 2), ("dogs".to_owned(), 1, 1)]
+    );
+    worker.stop().await;
+    ingest.role.stop().await;
+}
+
+/// Found in review: cats with key 1, dogs with key 2, then cats with key 1 again answered
+/// `202 "duplicate": true` while the ballot stayed dogs. A retry of a vote that a later answered
+/// vote replaced is refused with `409`; a retry after a lost answer is still the same vote.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyed_retry_is_the_same_vote_after_a_lost_answer_and_refused_once_replaced() {
+    let nats = Nats::start().await;
+    let db = crate::support::Db::create().await;
+    let worker = support::worker(&nats, &db);
+    let ingest = support::ingest(&nats, "web1", 0).await;
+    let client = reqwest::Client::new();
+    // A vote with `cookie` as the Cookie header: the answer's cookie and JSON.
+    let vote = |cookie: Option<&str>, key: Option<&str>, choice: &str| {
+        let mut request = client
+            .post(format!("{}/api/votes", ingest.url))
+            .json(&serde_json::json!({"poll": "pets", "choice": choice}));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let cookies: Vec<String> = response
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            let body: serde_json::Value = response.json().await.unwrap();
+            (status, cookies, body)
+        }
+    };
+    let (one, two) = ("first-key-4b0e9c8e-1f2a", "second-key-9d4b-4e8f-a1b2");
+    let (_, cookies, _) = vote(None, None, "dogs").await;
+    let dogs = pair(&cookies, "landslide_voter");
+    // Cats with key 1; its answer is lost, so the browser still holds the dogs cookie. The
+    // retry is the same vote.
+    let (status, _, first) = vote(Some(&dogs), Some(one), "cats").await;
+    assert_eq!(status, 202, "{first}");
+    let (status, cookies, retry) = vote(Some(&dogs), Some(one), "cats").await;
+    assert_eq!(status, 202, "{retry}");
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    assert_eq!(retry["event_id"], first["event_id"]);
+    let cats = pair(&cookies, "landslide_voter");
+    // Dogs with key 2, answered; then key 1 again: refused, nothing stored.
+    let (status, cookies, _) = vote(Some(&cats), Some(two), "dogs").await;
+    assert_eq!(status, 202);
+    let dogs_again = pair(&cookies, "landslide_voter");
+    let (status, _, stale) = vote(Some(&dogs_again), Some(one), "cats").await;
+    assert_eq!(status, 409, "{stale}");
+    assert!(
+        stale["error"].as_str().unwrap().contains("a later vote"),
+        "{stale}"
+    );
+    support::drained(&nats).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("dogs".to_owned(), 1, 1)]
     );
     worker.stop().await;
     ingest.role.stop().await;
