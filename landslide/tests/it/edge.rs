@@ -109,14 +109,19 @@ async fn live_result_streams_beyond_the_cap_get_503_with_retry_after() {
     tally.role.stop().await;
 }
 
-/// The `Set-Cookie` values of a response, and the receipt's voter part of its JSON body.
-async fn cookies_and_voter(response: reqwest::Response) -> (Vec<String>, String) {
-    let cookies = response
+/// The `Set-Cookie` values of a response.
+fn set_cookies(response: &reqwest::Response) -> Vec<String> {
+    response
         .headers()
         .get_all("set-cookie")
         .iter()
         .map(|v| v.to_str().unwrap().to_owned())
-        .collect();
+        .collect()
+}
+
+/// The `Set-Cookie` values of a response, and the receipt's voter part of its JSON body.
+async fn cookies_and_voter(response: reqwest::Response) -> (Vec<String>, String) {
+    let cookies = set_cookies(&response);
     let body: serde_json::Value = response.json().await.unwrap();
     let receipt = body["receipt"].as_str().unwrap();
     (cookies, receipt.split('.').nth(1).unwrap().to_owned())
@@ -690,12 +695,7 @@ async fn a_keyed_retry_is_the_same_vote_after_a_lost_answer_and_refused_once_rep
         async move {
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();
-            let cookies: Vec<String> = response
-                .headers()
-                .get_all("set-cookie")
-                .iter()
-                .map(|v| v.to_str().unwrap().to_owned())
-                .collect();
+            let cookies = set_cookies(&response);
             let body: serde_json::Value = response.json().await.unwrap();
             (status, cookies, body)
         }
