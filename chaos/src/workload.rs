@@ -416,13 +416,13 @@ fn set_cookie(response: &reqwest::Response) -> Option<String> {
 }
 
 /// The voter id inside a signed voter cookie: percent-encoded, a 44-character base64 HMAC tag,
-/// then `1.<voter id as 32 hex digits>.<ts>…`.
+/// then the payload of `landslide_schema::cookie` (the plain name's, which the harness's nodes
+/// write).
 fn voter_in_cookie(value: &str) -> Option<Uuid> {
     let decoded = percent_decode(value)?;
     let payload = decoded.get(44..)?;
-    let mut fields = payload.split('.');
-    (fields.next()? == "1").then_some(())?;
-    Uuid::try_parse(fields.next()?).ok()
+    landslide_schema::cookie::VoterCookie::parse(payload, landslide_schema::cookie::Binding::Plain)
+        .map(|cookie| cookie.voter.0)
 }
 
 fn percent_decode(text: &str) -> Option<String> {

@@ -8,7 +8,6 @@ use askama::Template;
 use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRef, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -57,6 +56,8 @@ struct Inner {
     clock: Arc<ClockCheck>,
     keys: Keys,
     receipts: ReceiptKey,
+    /// How long a vote's body may take to arrive (`Limits::body_read_timeout`).
+    body_read_timeout: Duration,
     /// Which voter cookie is read and written.
     cookies: voter::CookieRule,
     results_url: Option<String>,
@@ -87,6 +88,7 @@ impl AppState {
             clock,
             keys: Keys::new(&config.secret, &config.previous_secrets),
             receipts: config.receipt_key.clone(),
+            body_read_timeout: config.http.body_read_timeout,
             cookies: voter::CookieRule {
                 secure: config.secure_cookie,
                 plain_until: config.plain_cookie_until,
@@ -171,6 +173,10 @@ enum VoteError {
     UnsupportedMediaType { expected: &'static str },
     #[error("the request body is larger than {MAX_BODY} bytes")]
     TooLarge,
+    /// The body did not arrive within `Limits::body_read_timeout` of the headers; the
+    /// connection is closed.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("malformed request: {0}")]
     Malformed(String),
     /// A browser sent it from another site's page: a hostile page voting in its visitors' name.
@@ -221,6 +227,7 @@ impl VoteError {
         match self {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::CrossSite => StatusCode::FORBIDDEN,
             Self::CookieConflict | Self::KeyReplaced => StatusCode::CONFLICT,
@@ -239,6 +246,7 @@ impl VoteError {
         match self {
             Self::UnsupportedMediaType { .. } => "content_type",
             Self::TooLarge => "too_large",
+            Self::BodyTimeout => "body_timeout",
             Self::Malformed(_) => "malformed",
             Self::CrossSite => "cross_site",
             Self::CookieConflict => "cookie_conflict",
@@ -275,6 +283,12 @@ impl VoteError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // The rest of a body that did not arrive in time is not waited for: the connection ends.
+        if matches!(self, Self::BodyTimeout) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -300,11 +314,15 @@ fn same_site(headers: &HeaderMap) -> Result<(), VoteError> {
     Ok(())
 }
 
-/// Checks the media type and buffers the body, in that order, so 415 wins over 413.
-fn body(
+/// Checks the media type, then reads the body whole within `timeout`, in that order, so 415 wins
+/// over 413. The handlers call it after the refusals that need no body (same site, rate limit):
+/// the body was once read before them, and before any deadline but the header's, so a
+/// connection that sent its headers and then no byte stayed open for good.
+async fn body(
     headers: &HeaderMap,
     expected: &'static str,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
+    timeout: Duration,
 ) -> Result<Bytes, VoteError> {
     let media_type = headers
         .get(header::CONTENT_TYPE)
@@ -314,10 +332,18 @@ fn body(
     if media_type.as_deref() != Some(expected) {
         return Err(VoteError::UnsupportedMediaType { expected });
     }
-    body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => VoteError::TooLarge,
-        _ => VoteError::Malformed(rejection.body_text()),
-    })
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Err(_) => Err(VoteError::BodyTimeout),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(err)) => {
+            let err = err.into_inner();
+            if err.is::<http_body_util::LengthLimitError>() {
+                Err(VoteError::TooLarge)
+            } else {
+                Err(VoteError::Malformed(format!("cannot read the body: {err}")))
+            }
+        }
+    }
 }
 
 /// A vote that JetStream stored.
@@ -596,7 +622,7 @@ async fn vote_api(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: SignedCookieJar,
     headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
+    raw: axum::body::Body,
 ) -> Response {
     let (jar, known) = state.0.keys.voter(jar, &headers, state.0.cookies);
     let json_error = |err: VoteError, jar: Option<SignedCookieJar>| {
@@ -605,12 +631,14 @@ async fn vote_api(
         err.finish(response)
     };
     let client = state.client(&headers, peer);
-    let vote: ApiVote = match same_site(&headers)
-        .and_then(|()| state.admit(&client))
-        .and_then(|()| body(&headers, "application/json", raw))
-        .and_then(|bytes| {
-            serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
-        }) {
+    let checked = same_site(&headers).and_then(|()| state.admit(&client));
+    let read = match checked {
+        Ok(()) => body(&headers, "application/json", raw, state.0.body_read_timeout).await,
+        Err(err) => Err(err),
+    };
+    let vote: ApiVote = match read.and_then(|bytes| {
+        serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
+    }) {
         Ok(vote) => vote,
         Err(err) => return json_error(err, None),
     };
@@ -703,16 +731,17 @@ async fn vote_form(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: SignedCookieJar,
     headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
+    raw: axum::body::Body,
 ) -> Response {
     let (jar, known) = state.0.keys.voter(jar, &headers, state.0.cookies);
     let default = state.book().latest().1.default_poll().id.clone();
     let client = state.client(&headers, peer);
-    let vote: FormVote = match same_site(&headers)
-        .and_then(|()| state.admit(&client))
-        .and_then(|()| body(&headers, "application/x-www-form-urlencoded", raw))
-        .and_then(|bytes| parse_form(&bytes))
-    {
+    let form = "application/x-www-form-urlencoded";
+    let read = match same_site(&headers).and_then(|()| state.admit(&client)) {
+        Ok(()) => body(&headers, form, raw, state.0.body_read_timeout).await,
+        Err(err) => Err(err),
+    };
+    let vote: FormVote = match read.and_then(|bytes| parse_form(&bytes)) {
         Ok(vote) => vote,
         Err(err) => return state.form_error(jar, None, &default, err),
     };

@@ -353,6 +353,14 @@ struct HttpArgs {
     /// connection is closed.
     #[arg(long, env = "LANDSLIDE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     header_timeout_ms: u64,
+    /// Milliseconds a client may take to send a vote's body once its headers are in; a slower
+    /// one gets 408 and its connection is closed.
+    #[arg(long, env = "LANDSLIDE_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    body_timeout_ms: u64,
+    /// Milliseconds a shutdown waits for requests in flight before it closes every connection
+    /// still open.
+    #[arg(long, env = "LANDSLIDE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    drain_timeout_ms: u64,
     /// HTTP connections served at once; more wait in the kernel's accept queue.
     #[arg(long, env = "LANDSLIDE_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
@@ -366,7 +374,9 @@ impl HttpArgs {
     fn limits(&self) -> landslide_telemetry::serve::Limits {
         landslide_telemetry::serve::Limits {
             header_read_timeout: Duration::from_millis(self.header_timeout_ms.max(100)),
+            body_read_timeout: Duration::from_millis(self.body_timeout_ms.max(100)),
             max_connections: self.max_connections.max(1),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
         }
     }
 

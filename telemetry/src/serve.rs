@@ -8,7 +8,10 @@
 //! - **Connection cap:** at most [`Limits::max_connections`] at once; beyond it new connections
 //!   wait in the kernel's accept queue instead of taking descriptors the process may not have.
 //! - **Graceful shutdown:** when `shutdown` completes, no new connection is accepted, every request
-//!   in flight is answered, idle keep-alive connections are closed, and then `serve` returns.
+//!   in flight is answered, idle keep-alive connections are closed, and then `serve` returns;
+//!   after [`Limits::drain_timeout`] whatever is still open is closed. Found by trying it: one
+//!   connection that had sent its headers and no body kept `landslide up` from stopping for as
+//!   long as the client liked.
 //! - **The peer address:** every request carries its connection's TCP peer address as
 //!   [`ConnectInfo<SocketAddr>`](axum::extract::ConnectInfo), as `axum::serve` does with
 //!   `into_make_service_with_connect_info`, so a handler may extract it.
@@ -33,17 +36,28 @@ use tower::Layer as _;
 pub struct Limits {
     /// How long a client may take to send a request's line and headers.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's whole body, once its headers are in (the
+    /// handlers that read a body apply it: ingest's vote endpoints).
+    pub body_read_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// How long a shutdown waits for requests in flight and connections to close before it
+    /// closes what is left: a client that sent its headers and then nothing would otherwise
+    /// hold the process up for as long as it likes.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
-    /// 10 s for the headers, which a phone on a poor network sends in well under one; 50,000
-    /// connections, within the 262,144 (ingest) and 65,536 (tally) descriptors the units allow.
+    /// 10 s for the headers and 10 s for a body (at most 4 KiB), which a phone on a poor network
+    /// sends in well under one; 50,000 connections, within the 262,144 (ingest) and 65,536
+    /// (tally) descriptors the units allow; 10 s to drain, within systemd's 90 s stop timeout
+    /// and Compose's 10 s grace beside the publish retries (about 6 s).
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             max_connections: 50_000,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -56,6 +70,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
+    // Turns true when the drain has taken too long: every connection still open closes.
+    let (force, forced) = tokio::sync::watch::channel(false);
     let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -89,15 +105,29 @@ pub async fn serve(
         let app = axum::Extension(ConnectInfo::<SocketAddr>(peer)).layer(app.clone());
         let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
         let connection = graceful.watch(connection);
+        let mut forced = forced.clone();
         tokio::spawn(async move {
             let _place = place;
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(err) = ended {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                },
+                // Dropping the connection closes its socket.
+                _ = forced.wait_for(|forced| *forced) => {}
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_timeout_ms = limits.drain_timeout.as_millis(),
+            "connections still open after the drain timeout are closed"
+        );
+        let _ = force.send(true);
+    }
     Ok(())
 }
 
@@ -117,7 +147,9 @@ pub enum MetricsAt {
 /// The limits of an operations listener: a scraper and a health check, not a crowd.
 const OPERATIONS_LIMITS: Limits = Limits {
     header_read_timeout: Duration::from_secs(10),
+    body_read_timeout: Duration::from_secs(10),
     max_connections: 64,
+    drain_timeout: Duration::from_secs(5),
 };
 
 /// `router` with the headers every public page and answer carries, each unless the handler set

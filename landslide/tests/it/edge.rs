@@ -377,6 +377,97 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
     ingest.role.stop().await;
 }
 
+/// Found in review: only the request head was timed. A connection that sent complete headers
+/// with `Content-Length: 40` and then no body byte was still open after 75 s, and the body was
+/// read before the same-site check and the rate limit. Some tens of thousands of them take a
+/// node off the air. Now the body has its own deadline (408, and the connection ends), and the
+/// refusals that need no body come first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_never_arrives_gets_408_its_connection_closes_and_real_votes_go_on() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats, "web1", |c| {
+        c.http.body_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let addr = ingest.url.trim_start_matches("http://").to_owned();
+    let headers_only = |extra: &str| {
+        format!(
+            "POST /api/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: 40\r\n{extra}\r\n"
+        )
+    };
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(headers_only("").as_bytes()).await.unwrap();
+        slow.push(conn);
+    }
+    // The flood does not keep a voter out.
+    let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 202, "{body}");
+    for mut conn in slow {
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(_))),
+            "a connection whose body never came was still open after 10 s"
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    // A vote sent from another site's page is refused without reading its body: had the node
+    // waited for the body, which never comes, the answer would be 408.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(headers_only("Sec-Fetch-Site: cross-site\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_exact(&mut head),
+    )
+    .await
+    .expect("no answer within 10 s")
+    .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 403");
+    ingest.role.stop().await;
+}
+
+/// Found in review: with one connection that had sent its headers and no body open, Ctrl-C on
+/// `landslide up` stopped the worker and tally and then waited on ingest for as long as the
+/// connection stayed open. A shutdown now closes what is still open after its drain timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_a_hung_client_stops_within_its_drain_timeout() {
+    use tokio::io::AsyncWriteExt as _;
+    let nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats, "web1", |c| {
+        // The body would be waited for longer than `Role::stop` waits (30 s).
+        c.http.body_read_timeout = std::time::Duration::from_secs(600);
+        c.http.drain_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let addr = ingest.url.trim_start_matches("http://").to_owned();
+    let mut hung = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    hung.write_all(
+        format!(
+            "POST /api/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: 40\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Give the node the request head before it is told to stop.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ingest.role.stop().await;
+    drop(hung);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_cap_wait_until_one_is_free() {
     let nats = Nats::start().await;
