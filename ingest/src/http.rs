@@ -253,6 +253,7 @@ impl VoteError {
             Self::KeyReplaced => "key_replaced",
             Self::NotCounted(not_counted) => not_counted.label(),
             Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable(PublishFailed::Deadline(_)) => "deadline",
             Self::Unavailable(_) | Self::Unconfirmed => "unavailable",
             Self::ClockOff => "clock_off",
             Self::PollsUnconfirmed => "polls_unconfirmed",
@@ -482,17 +483,16 @@ impl AppState {
                     Some(kept) if stored.duplicate => kept.ts,
                     _ => event.ts,
                 };
-                // A retry of a vote that a later answered vote of the voter replaced (the
-                // cookie's floor lies beyond the stored copy's stamp, and it names another
-                // choice): answering `duplicate` would say the ballot is this choice when it is
-                // not. A retry after a lost or ambiguous answer left the floor at most at the
-                // copy's stamp, or the choice as it was, and is answered as before.
+                // A retry of a vote that a later answered vote of the voter replaced: the
+                // cookie's choice is another, made by an answered vote stamped after the stored
+                // copy. Answering `duplicate` would say the ballot is this choice when it is not.
+                // Only answered votes set the cookie's choice: a retry after lost or ambiguous
+                // answers (whose stamps raised the floor, not the choice) is the same vote.
                 let replaced = stored.duplicate
-                    && floor.is_some_and(|floor| floor > ts)
-                    && cookie
-                        .choices
-                        .get(&poll.id)
-                        .is_some_and(|current| *current != choice);
+                    && cookie.choices.get(&poll.id).is_some_and(|current| {
+                        *current != choice
+                            && cookie.answered.get(&poll.id).is_some_and(|at| *at > ts)
+                    });
                 let counts = counts.and(if replaced {
                     Err(VoteError::KeyReplaced)
                 } else {

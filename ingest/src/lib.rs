@@ -77,6 +77,9 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Publish attempts (same messages) before answering 503.
     pub publish_attempts: u32,
+    /// The longest a vote waits for its ack, queue included, before it is answered 503
+    /// (`publish::Publisher`): below the load balancer's timeout.
+    pub vote_deadline: Duration,
     /// Atomic batches in flight at once; `None`: [`Config::batches_in_flight`]'s choice.
     pub publish_batches: Option<usize>,
     /// Mark the voter cookie `Secure` (serve over HTTPS, or behind a TLS load balancer): it is
@@ -118,6 +121,7 @@ impl Config {
             max_clock_offset: MaxClockOffset::DEFAULT,
             publish_timeout: Duration::from_secs(2),
             publish_attempts: 3,
+            vote_deadline: Duration::from_secs(10),
             publish_batches: None,
             secure_cookie: false,
             plain_cookie_until: None,

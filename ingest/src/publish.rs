@@ -23,6 +23,14 @@
 //!
 //! So a 2xx always rests on an ack that covers that vote, and a vote that got no ack gets a 503
 //! with `Retry-After`, never silence.
+//!
+//! A vote waits for its ack at most [`Config::vote_deadline`] (10 s), below the load balancers'
+//! timeouts (HAProxy 30 s, the ALB 60 s): past it the voter gets a prompt 503 with the cookie
+//! that makes a retry the same voter, rather than the balancer's 504 without one. A vote whose
+//! handler gave up before its batch was sent is left out of the batch, so it is never stored;
+//! one already sent may still be stored, which is the ambiguity every unanswered vote has (its
+//! retry supersedes it). Found in review: during a broker outage, or with the server's store
+//! full, votes waited in the queue for as long as it took.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +133,8 @@ pub enum PublishFailed {
     NoAck { attempts: u32, last: String },
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error("no JetStream ack within {0:?}")]
+    Deadline(Duration),
 }
 
 /// The most votes in one batch: the server's limit.
@@ -165,6 +175,8 @@ pub struct Publisher {
     js: jetstream::Context,
     stream: String,
     queue: mpsc::Sender<Queued>,
+    /// The longest a vote waits for its ack ([`Config::vote_deadline`]).
+    deadline: Duration,
 }
 
 /// What the committer task needs: where to publish and how patiently.
@@ -202,6 +214,7 @@ impl Publisher {
             js,
             stream: config.connections.topology.votes_stream.clone(),
             queue,
+            deadline: config.vote_deadline,
         }
     }
 
@@ -236,16 +249,20 @@ impl Publisher {
             answer,
         };
         let started = Instant::now();
-        let result = async {
+        let waited = async {
             self.queue
                 .send(queued)
                 .await
                 .map_err(|_| PublishFailed::ShuttingDown)?;
             // A dropped answer means the committer died with the vote: no ack, so no 2xx.
             answered.await.unwrap_or(Err(PublishFailed::ShuttingDown))
-        }
-        .instrument(span)
-        .await;
+        };
+        // Dropping the wait drops the answer's receiver: the committer leaves the vote out of
+        // any batch it has not sent yet.
+        let result = tokio::time::timeout(self.deadline, waited)
+            .instrument(span)
+            .await
+            .unwrap_or(Err(PublishFailed::Deadline(self.deadline)));
         metrics::histogram!("landslide_publish_seconds").record(started.elapsed().as_secs_f64());
         result
     }
@@ -273,6 +290,12 @@ impl Committer {
                     }
                     Err(_) => break,
                 }
+            }
+            // Votes whose handlers gave up (their deadline passed, the client left) were
+            // answered 503 or not at all: never stored.
+            batch.retain(|queued| !queued.answer.is_closed());
+            if batch.is_empty() {
+                continue;
             }
             let committer = self.clone();
             in_flight.spawn(async move {

@@ -459,6 +459,10 @@ struct IngestArgs {
     /// Publish attempts, with the same message id, before answering 503.
     #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = 3)]
     publish_attempts: u32,
+    /// Milliseconds a vote waits for its ack, queue included, before it is answered 503: keep it
+    /// below the load balancer's timeout.
+    #[arg(long, env = "LANDSLIDE_VOTE_DEADLINE_MS", default_value_t = 10_000)]
+    vote_deadline_ms: u64,
     /// Atomic batches of votes in flight at once (group commit); default 1 on an R1 stream, 4 on
     /// R3.
     #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES")]
@@ -518,6 +522,7 @@ impl IngestArgs {
             landslide_ingest::MaxClockOffset::from_millis(self.max_clock_offset_ms)?;
         config.publish_timeout = Duration::from_millis(self.publish_timeout_ms.max(1));
         config.publish_attempts = self.publish_attempts.max(1);
+        config.vote_deadline = Duration::from_millis(self.vote_deadline_ms.max(100));
         config.publish_batches = self.publish_batches;
         config.secure_cookie = self.secure_cookie;
         config.plain_cookie_until = self.plain_cookie_until;

@@ -2,7 +2,8 @@
 //!
 //! The cookie says who the voter is, the stamp of their last accepted vote (the floor of design rule
 //! 2) and, per poll, their current choice so that the form can show it. Its text is
-//! `2.<binding>.<voter uuid, 32 hex digits>.<last ts>` followed by `.<poll>~<choice>` per poll:
+//! `2.<binding>.<voter uuid, 32 hex digits>.<last ts>` followed by `.<poll>~<choice>~<ts>` per
+//! poll, `<ts>` being the stamp of the answered vote that made the choice:
 //! only characters that need no quoting in a cookie. `<binding>` names the cookie the text was
 //! written for ([`Binding`]): the node signs the value only, so the name travels inside it.
 //! Version 1 (no binding) is still read, under either name, and written again as version 2 with
@@ -49,6 +50,10 @@ pub struct VoterCookie {
     pub last_ts: Timestamp,
     /// The voter's current choice per poll, as far as this browser knows.
     pub choices: BTreeMap<PollId, Choice>,
+    /// The stamp of the answered vote that made each poll's choice (0 where a version-1 cookie
+    /// did not say). Unlike `last_ts`, a vote without an answer never raises it: it tells a
+    /// later answered vote from a retried, unanswered one (`Idempotency-Key`).
+    pub answered: BTreeMap<PollId, Timestamp>,
 }
 
 impl VoterCookie {
@@ -58,6 +63,7 @@ impl VoterCookie {
             voter,
             last_ts: Timestamp(0),
             choices: BTreeMap::new(),
+            answered: BTreeMap::new(),
         }
     }
 
@@ -68,8 +74,10 @@ impl VoterCookie {
             // Forget one other poll's choice: only the form's display depends on it.
             if let Some(first) = self.choices.keys().next().cloned() {
                 self.choices.remove(&first);
+                self.answered.remove(&first);
             }
         }
+        self.answered.insert(poll.clone(), ts);
         self.choices.insert(poll, choice);
     }
 
@@ -82,10 +90,8 @@ impl VoterCookie {
             self.last_ts.0
         );
         for (poll, choice) in &self.choices {
-            out.push('.');
-            out.push_str(poll.as_str());
-            out.push('~');
-            out.push_str(choice.as_str());
+            let answered = self.answered.get(poll).copied().unwrap_or(Timestamp(0));
+            out.push_str(&format!(".{poll}~{choice}~{}", answered.0));
         }
         out
     }
@@ -96,11 +102,11 @@ impl VoterCookie {
     /// `format(parse(text, b), b) == text`; and version 1, which names no cookie, under either.
     pub fn parse(text: &str, binding: Binding) -> Option<Self> {
         let mut parts = text.split('.');
-        match parts.next()? {
-            VERSION if parts.next()? == binding.tag() => {}
-            UNBOUND_VERSION => {}
+        let bound = match parts.next()? {
+            VERSION if parts.next()? == binding.tag() => true,
+            UNBOUND_VERSION => false,
             _ => return None,
-        }
+        };
         // `Uuid::simple` and `u64` formatting: lower-case hex, digits without a sign or zero pad.
         let voter = parts.next()?;
         if voter.len() != 32
@@ -111,14 +117,16 @@ impl VoterCookie {
             return None;
         }
         let voter = VoterId(Uuid::try_parse(voter).ok()?);
-        let ts = parts.next()?;
-        if !ts.bytes().all(|b| b.is_ascii_digit()) || (ts.len() > 1 && ts.starts_with('0')) {
-            return None;
-        }
-        let last_ts = Timestamp(ts.parse().ok()?);
+        let last_ts = stamp(parts.next()?)?;
         let mut choices = BTreeMap::new();
+        let mut answered = BTreeMap::new();
         for part in parts {
-            let (poll, choice) = part.split_once('~')?;
+            let (poll, rest) = part.split_once('~')?;
+            let (choice, ts) = match (bound, rest.split_once('~')) {
+                (true, Some((choice, ts))) => (choice, stamp(ts)?),
+                (false, None) => (rest, Timestamp(0)),
+                _ => return None,
+            };
             let poll = PollId::parse(poll).ok()?;
             let choice = Choice::parse(choice).ok()?;
             // `format` writes the polls in order, each once.
@@ -128,6 +136,7 @@ impl VoterCookie {
             {
                 return None;
             }
+            answered.insert(poll.clone(), ts);
             choices.insert(poll, choice);
             if choices.len() > MAX_POLLS {
                 return None;
@@ -137,8 +146,20 @@ impl VoterCookie {
             voter,
             last_ts,
             choices,
+            answered,
         })
     }
+}
+
+/// A stamp as the cookie writes it: decimal digits, without a sign or a zero pad.
+fn stamp(text: &str) -> Option<Timestamp> {
+    if text.is_empty()
+        || !text.bytes().all(|b| b.is_ascii_digit())
+        || (text.len() > 1 && text.starts_with('0'))
+    {
+        return None;
+    }
+    text.parse().ok().map(Timestamp)
 }
 
 #[cfg(test)]
@@ -156,7 +177,10 @@ mod tests {
             Timestamp(99),
         );
         let text = cookie.format(Binding::Host);
-        assert_eq!(text, "2.host.0000000000000000000000000000002a.99.pets~cats");
+        assert_eq!(
+            text,
+            "2.host.0000000000000000000000000000002a.99.pets~cats~99"
+        );
         assert_eq!(
             VoterCookie::parse(&text, Binding::Host),
             Some(cookie.clone())
@@ -169,10 +193,18 @@ mod tests {
             Some(cookie.clone())
         );
         assert_eq!(VoterCookie::parse(&plain, Binding::Host), None);
-        // Version 1 named no cookie: read under either, until the next answer rewrites it.
+        // Version 1 named no cookie, nor when a choice was made: read under either, until the
+        // next answer rewrites it.
         let unbound = "1.0000000000000000000000000000002a.99.pets~cats";
+        let mut unknown_answer = cookie.clone();
+        unknown_answer
+            .answered
+            .insert(PollId::parse("pets").unwrap(), Timestamp(0));
         for binding in [Binding::Host, Binding::Plain] {
-            assert_eq!(VoterCookie::parse(unbound, binding), Some(cookie.clone()));
+            assert_eq!(
+                VoterCookie::parse(unbound, binding),
+                Some(unknown_answer.clone())
+            );
         }
     }
 
@@ -218,6 +250,10 @@ mod tests {
             "1.0000000000000000000000000000002a.099",
             "1.0000000000000000000000000000002a.+99",
             "1.0000000000000000000000000000002a.99.pets~cats.lunch~pizza",
+            "1.0000000000000000000000000000002a.99.pets~cats~5",
+            "2.plain.0000000000000000000000000000002a.99.pets~cats",
+            "2.plain.0000000000000000000000000000002a.99.pets~cats~07",
+            "2.plain.0000000000000000000000000000002a.99.pets~cats~",
         ] {
             assert_eq!(
                 VoterCookie::parse(bad, Binding::Plain),

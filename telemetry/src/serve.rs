@@ -155,8 +155,10 @@ const OPERATIONS_LIMITS: Limits = Limits {
 /// `router` with the headers every public page and answer carries, each unless the handler set
 /// it: no other site may frame a page (`Content-Security-Policy: frame-ancestors 'none'`, and
 /// `X-Frame-Options: DENY` for browsers that predate it), since a framed form's button press is a
-/// same-origin vote the same-site check cannot refuse; no address leaves in a `Referer`
-/// (`Referrer-Policy: no-referrer`); no answer is sniffed into another type
+/// same-origin vote the same-site check cannot refuse; no address leaves for another site in a
+/// `Referer` (`Referrer-Policy: same-origin`: `no-referrer` would also make browsers send
+/// `Origin: null` on the form's own POST, which the same-site check refuses, as the browser test
+/// found); no answer is sniffed into another type
 /// (`X-Content-Type-Options: nosniff`). With `https` (the site is served over TLS only, as the
 /// `__Host-` cookie requires), `Strict-Transport-Security` for a year, so that a browser never
 /// again sends a plain-HTTP request a network could answer (and plant a cookie in).
@@ -175,7 +177,7 @@ pub fn security_headers(router: Router, https: bool) -> Router {
         "frame-ancestors 'none'",
     );
     let router = set(router, header::X_FRAME_OPTIONS, "DENY");
-    let router = set(router, header::REFERRER_POLICY, "no-referrer");
+    let router = set(router, header::REFERRER_POLICY, "same-origin");
     let router = set(router, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     if https {
         set(

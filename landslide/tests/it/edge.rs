@@ -285,8 +285,8 @@ async fn a_planted_voter_cookie_never_takes_a_victims_vote() {
 }
 
 /// No other site may frame a page (its buttons could be clicked through a disguise, and the framed
-/// POST is same-origin), nothing is sniffed into another type, no address leaves in a
-/// `Referer`, and a site on HTTPS tells browsers to stay on it.
+/// POST is same-origin), nothing is sniffed into another type, no address leaves for another
+/// site in a `Referer`, and a site on HTTPS tells browsers to stay on it.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_page_refuses_framing_and_sniffing_and_https_sends_hsts() {
     let nats = Nats::start().await;
@@ -322,7 +322,7 @@ async fn every_page_refuses_framing_and_sniffing_and_https_sends_hsts() {
         );
         assert_eq!(
             header("referrer-policy").as_deref(),
-            Some("no-referrer"),
+            Some("same-origin"),
             "{url}"
         );
         assert_eq!(header("strict-transport-security").is_some(), hsts, "{url}");

@@ -185,6 +185,46 @@ async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
     ingest.role.stop().await;
 }
 
+/// Found in review: a vote waited in ingest's queue, and for its batch's acks, for as long as it
+/// took; behind a load balancer that gives up after 30 s the voter got a 504 without a cookie
+/// while the vote might still be stored, and a first-time voter's retry was a second voter.
+/// Past its deadline the voter gets a prompt 503, `Retry-After` and the cookie.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_waits_no_longer_than_its_deadline_whatever_the_broker_does() {
+    let mut nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats, "web01", |c| {
+        // An ack would be waited for long after a load balancer gave up.
+        c.publish_timeout = Duration::from_secs(20);
+        c.publish_attempts = 3;
+        c.vote_deadline = Duration::from_secs(1);
+    })
+    .await;
+    let browser = support::voter();
+    let (status, _) = support::vote_api(&browser, &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 202);
+
+    nats.kill().await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/votes", ingest.url))
+        .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert!(
+        response.headers().contains_key("set-cookie"),
+        "a first-time voter's retry would be another voter"
+    );
+    let page = support::metrics_page(&ingest.metrics_url).await;
+    assert!(
+        page.contains(r#"landslide_votes_rejected_total{reason="deadline"} 1"#),
+        "{page}"
+    );
+    nats.restart().await;
+    ingest.role.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() {
     let mut nats = Nats::start().await;
