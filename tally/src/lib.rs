@@ -135,7 +135,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown.clone()));
 
     // Its connections are made as DATABASE_URL says, TLS included.
-    let manager = landslide_schema::postgres::pool_manager(database);
+    let manager = landslide_schema::postgres::pool_manager(
+        &database.with_statement_timeout(receipts::STATEMENT_TIMEOUT),
+    );
     let db = diesel_async::pooled_connection::bb8::Pool::builder()
         .max_size(receipts::POOL_SIZE)
         .connection_timeout(Duration::from_secs(5))

@@ -30,6 +30,12 @@ use crate::snapshot::Status;
 /// Connections for receipts (each request holds one for a single indexed read).
 pub(crate) const POOL_SIZE: u32 = 4;
 
+/// How long PostgreSQL runs one receipt lookup before it cancels it (`statement_timeout` on the
+/// pool's connections): the read takes a millisecond, and one held up by a lock on the ballots
+/// would otherwise hold one of [`POOL_SIZE`] connections, and every lookup queued behind it, for
+/// as long as the lock lasts. Found in review: no statement timeout.
+pub(crate) const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(QueryableByName)]
 struct BallotRow {
     #[diesel(sql_type = BigInt)]

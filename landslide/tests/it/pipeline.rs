@@ -191,19 +191,13 @@ async fn a_retry_with_the_same_idempotency_key_is_one_vote() {
 /// Past its deadline the voter gets a prompt 503, `Retry-After` and the cookie.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vote_waits_no_longer_than_its_deadline_whatever_the_broker_does() {
-    let mut nats = Nats::start().await;
-    let ingest = support::ingest_with(&nats, "web01", |c| {
-        // An ack would be waited for long after a load balancer gave up.
+    // An ack would be waited for long after a load balancer gave up.
+    let (mut nats, ingest, _) = broker_gone(|c| {
         c.publish_timeout = Duration::from_secs(20);
         c.publish_attempts = 3;
         c.vote_deadline = Duration::from_secs(1);
     })
     .await;
-    let browser = support::voter();
-    let (status, _) = support::vote_api(&browser, &ingest.url, "pets", "cats").await;
-    assert_eq!(status, 202);
-
-    nats.kill().await;
     let response = reqwest::Client::new()
         .post(format!("{}/api/votes", ingest.url))
         .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
@@ -225,19 +219,27 @@ async fn a_vote_waits_no_longer_than_its_deadline_whatever_the_broker_does() {
     ingest.role.stop().await;
 }
 
+/// A private nats-server and an ingest node set up by `adjust`, a voter who voted once, and then
+/// the server killed.
+async fn broker_gone(
+    adjust: impl FnOnce(&mut landslide_ingest::Config),
+) -> (Nats, support::Ingest, reqwest::Client) {
+    let mut nats = Nats::start().await;
+    let ingest = support::ingest_with(&nats, "web01", adjust).await;
+    let browser = support::voter();
+    let (status, _) = support::vote_api(&browser, &ingest.url, "pets", "cats").await;
+    assert_eq!(status, 202);
+    nats.kill().await;
+    (nats, ingest, browser)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() {
-    let mut nats = Nats::start().await;
-    let ingest = support::ingest_with(&nats, "web01", |c| {
+    let (mut nats, ingest, browser) = broker_gone(|c| {
         c.publish_timeout = Duration::from_millis(300);
         c.publish_attempts = 2;
     })
     .await;
-    let browser = support::voter();
-    let (status, _) = support::vote_api(&browser, &ingest.url, "pets", "cats").await;
-    assert_eq!(status, 202);
-
-    nats.kill().await;
     for _ in 0..3 {
         let response = browser
             .post(format!("{}/api/votes", ingest.url))

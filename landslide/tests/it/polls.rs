@@ -698,6 +698,29 @@ async fn a_receipt_says_whether_its_vote_is_the_one_counted_or_which_replaced_it
         .unwrap();
     assert_eq!(untagged.status(), 400);
 
+    // Found in review: the lookups had no statement timeout, so one held up by a lock on the
+    // ballots held a connection of the four, and queued every lookup behind it, for as long as
+    // the lock lasted. Now PostgreSQL cancels it, and the answer is a prompt 503.
+    let mut locker = db.conn().await;
+    use diesel_async::RunQueryDsl as _;
+    for statement in ["BEGIN", "LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE"] {
+        diesel::sql_query(statement)
+            .execute(&mut locker)
+            .await
+            .unwrap();
+    }
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/receipts/{second}", tally.url))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("an answer while the ballots are locked");
+    assert_eq!(response.status(), 503);
+    diesel::sql_query("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
     worker.stop().await;
     ingest.role.stop().await;
     tally.role.stop().await;

@@ -323,6 +323,20 @@ impl DatabaseUrl {
         &self.config
     }
 
+    /// The same URL, with every statement on its connections cancelled by the server after
+    /// `limit` (PostgreSQL's `statement_timeout`, set at connect): for a pool that answers the
+    /// public, whose queries must never queue up behind a lock for as long as it is held.
+    pub fn with_statement_timeout(&self, limit: std::time::Duration) -> Self {
+        let mut limited = self.clone();
+        let options = format!(
+            "{} -c statement_timeout={}",
+            self.config.get_options().unwrap_or_default(),
+            limit.as_millis()
+        );
+        limited.config.options(options.trim_start());
+        limited
+    }
+
     pub(super) fn tls(&self) -> Option<&rustls::ClientConfig> {
         self.tls.as_deref()
     }
