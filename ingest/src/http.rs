@@ -599,6 +599,8 @@ struct ApiAccepted {
             headers(("Set-Cookie" = String, description = "Set when the poll is not open"))),
         (status = 413, description = "Body larger than 4 KiB", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time; the connection is \
+            closed", body = ErrorBody),
         (status = 409, description = "Two voter cookies (another site planted one), or an \
             Idempotency-Key of an earlier vote that a later vote replaced; not taken",
             body = ErrorBody),
@@ -710,6 +712,8 @@ struct FormVote {
             content_type = "text/html"),
         (status = 415, description = "Content-Type is not application/x-www-form-urlencoded",
             body = String, content_type = "text/html"),
+        (status = 408, description = "The body did not arrive in time; the connection is \
+            closed", body = String, content_type = "text/html"),
         (status = 409, description = "Two voter cookies (another site planted one): not \
             taken", body = String, content_type = "text/html"),
         (status = 422, description = "Unknown poll or option", body = String,
