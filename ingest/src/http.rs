@@ -388,7 +388,7 @@ impl AppState {
         }
         // A revision this node has not read may have ended the life of the one it would stamp
         // (`landslide_schema::poll::REVISION_OVERLAP`): the vote might never count.
-        if confirmed.elapsed() > landslide_nats::polls::CONFIRMED_FOR_VOTES {
+        if landslide_nats::polls::unconfirmed(confirmed).is_some() {
             return (jar, Err(VoteError::PollsUnconfirmed));
         }
         // Outside the window by this node's clock: refused before anything is stored. Inside it,
@@ -976,12 +976,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{clock}\n")).into_response();
     }
     let (_, confirmed) = state.0.polls.confirmed();
-    if confirmed.elapsed() > landslide_nats::polls::CONFIRMED_FOR_VOTES {
-        let why = format!(
-            "the poll definitions were last confirmed current {} s ago (the polls bucket cannot \
-             be read); votes wait until they are\n",
-            confirmed.elapsed().as_secs()
-        );
+    if let Some(stale) = landslide_nats::polls::unconfirmed(confirmed) {
+        let why = format!("{stale} (the polls bucket cannot be read); votes wait until they are\n");
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
     let publisher = &state.0.publisher;

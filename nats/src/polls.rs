@@ -418,6 +418,28 @@ pub struct PollWatch {
 /// ([`covers`]).
 pub const CONFIRMED_FOR_VOTES: Duration = Duration::from_secs(5);
 
+/// How long ago a book was last confirmed complete, when that is longer than
+/// [`CONFIRMED_FOR_VOTES`]: ingest then takes no vote (and is not ready), and tally says no poll
+/// is final. `None` while the book is current.
+pub fn unconfirmed(confirmed: Instant) -> Option<Unconfirmed> {
+    let ago = confirmed.elapsed();
+    (ago > CONFIRMED_FOR_VOTES).then_some(Unconfirmed(ago))
+}
+
+/// A book not confirmed current for the while it holds ([`unconfirmed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unconfirmed(pub Duration);
+
+impl std::fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the poll definitions were last confirmed current {} s ago",
+            self.0.as_secs()
+        )
+    }
+}
+
 /// Whether a book confirmed complete at `confirmed` still judges a vote the stream stored before
 /// `at` (both this process's instants) as every role will: a revision the book lacks was written
 /// after `confirmed`, so it ends the life of the book's latest only [`REVISION_OVERLAP`] later,

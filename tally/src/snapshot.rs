@@ -437,13 +437,7 @@ impl Refresher {
         let (book, confirmed) = self.polls.confirmed();
         // A revision this book lacks could move a close: nothing is final on a book that could
         // not be confirmed current for a while (the polls bucket unreadable).
-        let unconfirmed =
-            (confirmed.elapsed() > landslide_nats::polls::CONFIRMED_FOR_VOTES).then(|| {
-                format!(
-                    "the poll definitions were last confirmed current {} s ago",
-                    confirmed.elapsed().as_secs()
-                )
-            });
+        let unconfirmed = landslide_nats::polls::unconfirmed(confirmed).map(|u| u.to_string());
         // A consumer someone changed may skip votes that `pending` would never show: the workers
         // make it again within moments, and nothing is final meanwhile.
         let drift = landslide_nats::consumer_drift(&self.topology, &backlog.info.config)?;
