@@ -23,7 +23,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
-use landslide_schema::poll::{Inserted, PollBook, Polls, REVISION_OVERLAP, Revision, RevisionHash};
+use landslide_schema::poll::{
+    PollBook, Polls, REVISION_OVERLAP, ReadRevision, Revision, RevisionHash,
+};
 use tokio::sync::watch;
 
 use crate::{Access, NotSetUp, Topology};
@@ -168,24 +170,14 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// A book of this revision alone.
-    fn into_book(self) -> PollBook {
-        let (revision, hash, written) = (self.revision, RevisionHash::of(&self.text), self.written);
-        let mut book = PollBook::new(revision, self.polls);
-        book.set_hash(revision, hash);
-        book.set_written(revision, written);
-        book
-    }
-
-    /// Adds this revision to `book` with its hash and write time, unless the book holds it.
-    fn add_to(self, book: &mut PollBook) -> Inserted {
-        let (revision, hash, written) = (self.revision, RevisionHash::of(&self.text), self.written);
-        let inserted = book.insert(revision, self.polls);
-        if inserted == Inserted::New {
-            book.set_hash(revision, hash);
-            book.set_written(revision, written);
+    /// What a book keeps of it.
+    fn read(self) -> ReadRevision {
+        ReadRevision {
+            hash: RevisionHash::of(&self.text),
+            revision: self.revision,
+            polls: self.polls,
+            written: Some(self.written),
         }
-        inserted
     }
 }
 
@@ -316,7 +308,13 @@ pub async fn findings(store: &kv::Store) -> anyhow::Result<Vec<String>> {
 /// refused: the revision would count none of that poll's votes.
 pub async fn put(store: &kv::Store, text: &str) -> anyhow::Result<Revision> {
     let polls = Polls::from_toml(text).context("refusing an invalid polls file")?;
-    if let Some(book) = book_of(read_all(store).await?.revisions) {
+    if let Some(book) = PollBook::of(
+        read_all(store)
+            .await?
+            .revisions
+            .into_iter()
+            .map(Stored::read),
+    ) {
         let now = Utc::now();
         for poll in polls.iter() {
             let unchanged = book.latest().1.get(poll.id.as_str()) == Some(poll);
@@ -384,22 +382,8 @@ pub async fn load(store: &kv::Store, seed: &Polls, access: Access) -> anyhow::Re
             ),
         );
     }
-    book_of(contents.revisions)
+    PollBook::of(contents.revisions.into_iter().map(Stored::read))
         .context("the polls bucket holds no valid revision (rev.1 is not a valid polls file)")
-}
-
-/// The book of `revisions`, oldest first; `None` when there are none.
-fn book_of(revisions: Vec<Stored>) -> Option<PollBook> {
-    let mut book: Option<PollBook> = None;
-    for stored in revisions {
-        match &mut book {
-            None => book = Some(stored.into_book()),
-            Some(book) => {
-                stored.add_to(book);
-            }
-        }
-    }
-    book
 }
 
 /// The poll definitions a role works by, kept current by a task that watches the bucket.
@@ -687,7 +671,7 @@ impl Keeper {
             }
             None => {
                 let mut next = PollBook::clone(book);
-                stored.add_to(&mut next);
+                next.add(stored.read());
                 *book = Arc::new(next);
                 tracing::info!(%revision, "picked up a new revision of the poll definitions");
                 true

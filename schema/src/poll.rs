@@ -228,6 +228,16 @@ pub fn waited_out(
     now - stored_at > chrono::Duration::from_std(bound).unwrap_or(chrono::Duration::MAX)
 }
 
+/// A revision as a role read it: its polls, the hash of its text, and when the polls bucket
+/// stored it (when that is known).
+#[derive(Debug, Clone)]
+pub struct ReadRevision {
+    pub revision: Revision,
+    pub polls: Polls,
+    pub hash: RevisionHash,
+    pub written: Option<DateTime<Utc>>,
+}
+
 /// What [`PollBook::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
@@ -439,6 +449,33 @@ impl PollBook {
         let grace = chrono::Duration::from_std(CLOSE_GRACE).unwrap_or_default();
         self.closes_for_good(poll)
             .is_some_and(|closes| stream_now >= closes + grace)
+    }
+
+    /// The book of `revisions`; `None` when there are none.
+    pub fn of(revisions: impl IntoIterator<Item = ReadRevision>) -> Option<Self> {
+        let mut book: Option<Self> = None;
+        for read in revisions {
+            let book = book.get_or_insert_with(|| Self {
+                revisions: BTreeMap::new(),
+                hashes: BTreeMap::new(),
+                written: BTreeMap::new(),
+            });
+            book.add(read);
+        }
+        book
+    }
+
+    /// Adds a revision with the hash of its text and its write time, unless the book holds the
+    /// revision already ([`PollBook::insert`]: another text is kept out, and said so).
+    pub fn add(&mut self, read: ReadRevision) -> Inserted {
+        let inserted = self.insert(read.revision, read.polls);
+        if inserted == Inserted::New {
+            self.set_hash(read.revision, read.hash);
+            if let Some(at) = read.written {
+                self.set_written(read.revision, at);
+            }
+        }
+        inserted
     }
 
     /// Records the hash of a revision's text, as first read; a later one is ignored, like a

@@ -77,7 +77,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::merge::OrderKey;
-use crate::poll::{Terms, Unjudged};
+use crate::poll::{ReadRevision, Terms, Unjudged};
 use crate::receipt::Receipt;
 use crate::{Choice, EventId, PollBook, PollId, Polls, Revision, RevisionHash, Timestamp};
 
@@ -867,7 +867,7 @@ fn revisions(
             "the revisions are not 1 to N without a gap: {numbers:?}"
         )));
     }
-    let mut book: Option<PollBook> = None;
+    let mut read = Vec::with_capacity(texts.len());
     for (revision, text) in texts {
         let hash = RevisionHash::of(text);
         let Some(certified) = certificate
@@ -886,20 +886,14 @@ fn revisions(
                 revision_file(*revision)
             ))
         })?;
-        let book = match &mut book {
-            None => book.insert(PollBook::new(*revision, polls)),
-            Some(book) => {
-                book.insert(*revision, polls);
-                book
-            }
-        };
-        book.set_hash(*revision, hash);
-        book.set_written(
-            *revision,
-            DateTime::from_timestamp_nanos(certified.written_ns),
-        );
+        read.push(ReadRevision {
+            revision: *revision,
+            polls,
+            hash,
+            written: Some(DateTime::from_timestamp_nanos(certified.written_ns)),
+        });
     }
-    book.ok_or_else(|| refused(format!("{REVISIONS_DIR}/ holds no revision")))
+    PollBook::of(read).ok_or_else(|| refused(format!("{REVISIONS_DIR}/ holds no revision")))
 }
 
 /// Step 1: the poll's owner key and the earliest revision that names it; `None` when no
