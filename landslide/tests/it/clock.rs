@@ -65,12 +65,7 @@ async fn a_node_whose_clock_is_off_beyond_its_bound_is_not_ready_and_takes_no_vo
         let off = number_after(&body, "this node's clock is ");
         assert!((4_500..=5_500).contains(&off), "{body}");
 
-        let response = support::voter()
-            .post(format!("{}/api/votes", node.url))
-            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}))
-            .send()
-            .await
-            .unwrap();
+        let response = support::post_vote(&support::voter(), &node.url, "pets", "cats").await;
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()["retry-after"], "2");
         let body: serde_json::Value = response.json().await.unwrap();

@@ -165,6 +165,27 @@ async fn a_secure_cookie_uses_the_host_prefix_and_keeps_every_voter_when_turned_
     nodes.stop().await;
 }
 
+/// A vote for `choice` through `url`'s API, with `cookie` as the request's `Cookie` header and
+/// `key` as its `Idempotency-Key`.
+fn vote_request(
+    client: &reqwest::Client,
+    url: &str,
+    choice: &str,
+    cookie: Option<&str>,
+    key: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let mut request = client
+        .post(format!("{url}/api/votes"))
+        .json(&serde_json::json!({"poll": "pets", "choice": choice}));
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request
+}
+
 /// A node with the plain cookie and one with the secure cookie, turned on mid-poll: the plain
 /// cookie is still read there for an hour, until the polls then open close.
 struct Nodes {
@@ -194,14 +215,7 @@ impl Nodes {
         url: &str,
         cookie: Option<String>,
     ) -> impl Future<Output = reqwest::Result<reqwest::Response>> + use<> {
-        let mut request = self
-            .client
-            .post(format!("{url}/api/votes"))
-            .json(&serde_json::json!({"poll": "pets", "choice": "cats"}));
-        if let Some(cookie) = cookie {
-            request = request.header("cookie", cookie);
-        }
-        request.send()
+        vote_request(&self.client, url, "cats", cookie.as_deref(), None).send()
     }
 
     async fn stop(self) {
@@ -377,6 +391,15 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
     ingest.role.stop().await;
 }
 
+/// The head of a vote to `addr` that announces a 40-byte body, with `extra` header lines: sent
+/// alone, a client that never sends the body.
+fn head_without_body(addr: &str, extra: &str) -> String {
+    format!(
+        "POST /api/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 40\r\n{extra}\r\n"
+    )
+}
+
 /// Found in review: only the request head was timed. A connection that sent complete headers
 /// with `Content-Length: 40` and then no body byte was still open after 75 s, and the body was
 /// read before the same-site check and the rate limit. Some tens of thousands of them take a
@@ -391,12 +414,7 @@ async fn a_body_that_never_arrives_gets_408_its_connection_closes_and_real_votes
     })
     .await;
     let addr = ingest.url.trim_start_matches("http://").to_owned();
-    let headers_only = |extra: &str| {
-        format!(
-            "POST /api/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             Content-Length: 40\r\n{extra}\r\n"
-        )
-    };
+    let headers_only = |extra: &str| head_without_body(&addr, extra);
     let mut slow = Vec::new();
     for _ in 0..200 {
         let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -453,15 +471,9 @@ async fn a_node_with_a_hung_client_stops_within_its_drain_timeout() {
     .await;
     let addr = ingest.url.trim_start_matches("http://").to_owned();
     let mut hung = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    hung.write_all(
-        format!(
-            "POST /api/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             Content-Length: 40\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    hung.write_all(head_without_body(&addr, "").as_bytes())
+        .await
+        .unwrap();
     // Give the node the request head before it is told to stop.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     ingest.role.stop().await;
@@ -774,15 +786,7 @@ async fn a_keyed_retry_is_the_same_vote_after_a_lost_answer_and_refused_once_rep
     let client = reqwest::Client::new();
     // A vote with `cookie` as the Cookie header: the answer's cookie and JSON.
     let vote = |cookie: Option<&str>, key: Option<&str>, choice: &str| {
-        let mut request = client
-            .post(format!("{}/api/votes", ingest.url))
-            .json(&serde_json::json!({"poll": "pets", "choice": choice}));
-        if let Some(cookie) = cookie {
-            request = request.header("cookie", cookie);
-        }
-        if let Some(key) = key {
-            request = request.header("idempotency-key", key);
-        }
+        let request = vote_request(&client, &ingest.url, choice, cookie, key);
         async move {
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();

@@ -198,12 +198,7 @@ async fn a_vote_waits_no_longer_than_its_deadline_whatever_the_broker_does() {
         c.vote_deadline = Duration::from_secs(1);
     })
     .await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/votes", ingest.url))
-        .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
-        .send()
-        .await
-        .unwrap();
+    let response = support::post_vote(&reqwest::Client::new(), &ingest.url, "pets", "dogs").await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     assert!(
@@ -241,12 +236,7 @@ async fn with_the_broker_down_ingest_answers_503_and_recovers_when_it_returns() 
     })
     .await;
     for _ in 0..3 {
-        let response = browser
-            .post(format!("{}/api/votes", ingest.url))
-            .json(&serde_json::json!({"poll": "pets", "choice": "dogs"}))
-            .send()
-            .await
-            .unwrap();
+        let response = support::post_vote(&browser, &ingest.url, "pets", "dogs").await;
         assert_eq!(response.status(), 503);
         assert!(response.headers().contains_key("retry-after"));
         let body: serde_json::Value = response.json().await.unwrap();

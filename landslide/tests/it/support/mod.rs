@@ -542,15 +542,25 @@ pub async fn vote_api(
     poll: &str,
     choice: &str,
 ) -> (u16, serde_json::Value) {
-    let response = client
+    let response = post_vote(client, ingest_url, poll, choice).await;
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// `POST /api/votes` of `choice` in `poll` by `client`: the whole response, headers included.
+pub async fn post_vote(
+    client: &reqwest::Client,
+    ingest_url: &str,
+    poll: &str,
+    choice: &str,
+) -> reqwest::Response {
+    client
         .post(format!("{ingest_url}/api/votes"))
         .json(&serde_json::json!({ "poll": poll, "choice": choice }))
         .send()
         .await
-        .expect("send vote");
-    let status = response.status().as_u16();
-    let body = response.json().await.unwrap_or(serde_json::Value::Null);
-    (status, body)
+        .expect("send vote")
 }
 
 /// The workers' consumer's pending votes (`landslide_nats::backlog`, default topology); `None`
