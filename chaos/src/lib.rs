@@ -10,7 +10,7 @@
 //! malformed messages. The interleaving of real processes is not fixed by anything, so a rerun
 //! replays the same schedule, not the same thread timings.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -190,7 +190,7 @@ pub struct StackConfig {
     pub layout: NatsLayout,
     /// The `landslide` binary.
     pub landslide: PathBuf,
-    /// The cookie secret of every ingest node (at least 32 bytes).
+    /// The keys of every ingest node and tally are derived from it (at least 32 bytes).
     pub secret: String,
     /// The consumer's ack_wait.
     pub ack_wait: Duration,
@@ -266,7 +266,7 @@ impl Stack {
             replicas: config.layout.replicas(),
             database_url: postgres.url("postgres"),
             role_urls,
-            secret: config.secret.clone(),
+            keys: write_keys(&config.dir, &config.secret)?,
             ack_wait: config.ack_wait,
         };
         let roles = Roles::start(&env, &config.dir, &config.clock_offsets, config.workers).await?;
@@ -280,6 +280,24 @@ impl Stack {
             env,
         ))
     }
+}
+
+/// Writes ingest's and tally's key files, derived from `secret`, under `dir`; returns their
+/// folder.
+fn write_keys(dir: &Path, secret: &str) -> anyhow::Result<PathBuf> {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).with_context(|| format!("cannot create {}", keys.display()))?;
+    for (name, prefix) in [
+        ("cookie-keys", "cookies"),
+        ("voter-id-key", "voter-ids"),
+        ("receipt-key", "receipts"),
+    ] {
+        landslide_servers::write_private(
+            &keys.join(name),
+            format!("{prefix}-{secret}\n").as_bytes(),
+        )?;
+    }
+    Ok(keys)
 }
 
 /// Runs a scenario and checks the outcome. `Err` only when the harness itself cannot run (a

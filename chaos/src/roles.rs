@@ -22,7 +22,9 @@ pub struct RoleEnv {
     pub database_url: String,
     /// Each role's own database user's URL, as every deployment connects them.
     pub role_urls: std::collections::HashMap<LoginRole, String>,
-    pub secret: String,
+    /// The folder of ingest's and tally's key files (`cookie-keys`, `voter-id-key`,
+    /// `receipt-key`), each role given only its own.
+    pub keys: PathBuf,
     pub ack_wait: Duration,
     /// Where each ingest node and worker runs, by name (`web1`, `worker1`); loopback if absent.
     pub places: BTreeMap<String, Place>,
@@ -61,8 +63,21 @@ impl RoleEnv {
             process = process.env(var, value);
         }
         if matches!(role, "ingest" | "tally") {
-            // The receipt key that ingest and tally share, distinct from the cookie secret.
-            process = process.env("LANDSLIDE_RECEIPT_KEY", format!("receipts-{}", self.secret));
+            process = process.env(
+                "LANDSLIDE_RECEIPT_KEY_FILE",
+                self.keys.join("receipt-key").display(),
+            );
+        }
+        if role == "ingest" {
+            process = process
+                .env(
+                    "LANDSLIDE_COOKIE_KEYS_FILE",
+                    self.keys.join("cookie-keys").display(),
+                )
+                .env(
+                    "LANDSLIDE_VOTER_ID_KEY_FILE",
+                    self.keys.join("voter-id-key").display(),
+                );
         }
         process
             .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
@@ -239,7 +254,6 @@ impl Roles {
             .process(name, "ingest", User::Ingest, dir)
             .env("LANDSLIDE_NODE_ID", name)
             .env("LANDSLIDE_LISTEN", addr)
-            .env("LANDSLIDE_SECRET", &env.secret)
             .env("LANDSLIDE_CLOCK_OFFSET_MS", offset)
             .env(
                 "LANDSLIDE_MAX_CLOCK_OFFSET_MS",

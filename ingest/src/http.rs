@@ -33,7 +33,7 @@ use crate::client::{self, Client, ClientIpHeader};
 use crate::clock::ClockCheck;
 use crate::publish::{Hlc, PublishFailed, Publisher};
 use crate::rate_limit::Limiter;
-use crate::voter::{self, Keys};
+use crate::voter::{self, VoterKeys};
 
 /// The largest request body accepted: a vote is a few dozen bytes.
 pub const MAX_BODY: usize = 4096;
@@ -54,7 +54,7 @@ struct Inner {
     hlc: Hlc,
     /// Whether `hlc`'s clock is close enough to the NATS server's to stamp votes.
     clock: Arc<ClockCheck>,
-    keys: Keys,
+    keys: VoterKeys,
     receipts: ReceiptKey,
     /// How long a vote's body may take to arrive (`Limits::body_read_timeout`).
     body_read_timeout: Duration,
@@ -86,8 +86,8 @@ impl AppState {
                 config.max_clock_offset.max_stamp_ahead_ms(),
             ),
             clock,
-            keys: Keys::new(&config.secret, &config.previous_secrets),
-            receipts: config.receipt_key.clone(),
+            keys: VoterKeys::new(&config.keys.cookies, &config.keys.voter_ids),
+            receipts: config.keys.receipts.clone(),
             body_read_timeout: config.http.body_read_timeout,
             cookies: voter::CookieRule {
                 secure: config.secure_cookie,

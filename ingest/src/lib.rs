@@ -26,7 +26,7 @@ pub use http::openapi;
 pub use landslide_schema::receipt::ReceiptKey;
 pub use rate_limit::RateLimit;
 
-/// The key that signs voter cookies (`LANDSLIDE_SECRET`): at least 32 bytes, never logged.
+/// A key of at least [`Secret::MIN_LEN`] bytes, never logged.
 #[derive(Clone)]
 pub struct Secret(String);
 
@@ -42,7 +42,8 @@ impl Secret {
         let s = s.into();
         anyhow::ensure!(
             s.len() >= Self::MIN_LEN,
-            "LANDSLIDE_SECRET must be at least {} bytes long (it signs voter cookies)",
+            "a key must be at least {} bytes long (48 random bytes in base64 will do: \
+             `head -c 48 /dev/urandom | base64`)",
             Self::MIN_LEN
         );
         Ok(Self(s))
@@ -50,6 +51,60 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// The keys of the voter cookie (`LANDSLIDE_COOKIE_KEYS_FILE`, one per line): the first signs,
+/// every one verifies. A key is rotated in two phases, so that no node ever meets a cookie it
+/// cannot verify (which would make its voter a new one, counted twice): first the new key is
+/// added after the signing one on every node, then it is moved first on every node; the old key
+/// goes once the polls it served have closed (SECURITY.md, "Rotating the cookie keys").
+#[derive(Debug, Clone)]
+pub struct CookieKeys {
+    signing: Secret,
+    verify_only: Vec<Secret>,
+}
+
+impl CookieKeys {
+    pub fn new(signing: Secret, verify_only: Vec<Secret>) -> Self {
+        Self {
+            signing,
+            verify_only,
+        }
+    }
+
+    /// The keys in file order: the first signs. None is an error.
+    pub fn from_lines(keys: impl IntoIterator<Item = Secret>) -> anyhow::Result<Self> {
+        let mut keys = keys.into_iter();
+        let signing = keys
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no cookie key: the first line signs"))?;
+        Ok(Self::new(signing, keys.collect()))
+    }
+
+    pub fn signing(&self) -> &Secret {
+        &self.signing
+    }
+
+    pub fn verify_only(&self) -> &[Secret] {
+        &self.verify_only
+    }
+}
+
+/// The key that the voter and event ids of cookie-less keyed votes derive from
+/// (`LANDSLIDE_VOTER_ID_KEY_FILE`): apart from the cookie keys, so that rotating those never
+/// changes an id. It is the same on every node and is never changed while a poll is open: a
+/// retry across the change would be another voter.
+#[derive(Debug, Clone)]
+pub struct VoterIdKey(pub Secret);
+
+/// The keys an ingest node holds, and no other role but tally's share of `receipts`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub cookies: CookieKeys,
+    pub voter_ids: VoterIdKey,
+    /// The key that authenticates the receipts this node issues (`LANDSLIDE_RECEIPT_KEY_FILE`,
+    /// the same as tally's).
+    pub receipts: ReceiptKey,
 }
 
 /// The longest wait for the NATS client's last flush at shutdown.
@@ -62,13 +117,7 @@ pub struct Config {
     /// The broker (as the `ingest` user), the names and the polls. The node never seeds the
     /// polls bucket or creates a stream: it waits for a worker to have set them up.
     pub connections: Connections,
-    pub secret: Secret,
-    /// The key that authenticates the receipts this node issues (`LANDSLIDE_RECEIPT_KEY`, the
-    /// same as tally's).
-    pub receipt_key: ReceiptKey,
-    /// Keys that signed cookies before `secret` (`LANDSLIDE_SECRET_PREVIOUS`, newest first):
-    /// they verify, never sign.
-    pub previous_secrets: Vec<Secret>,
+    pub keys: Keys,
     /// The wall clock that stamps votes; tests skew it.
     pub clock: Arc<dyn Clock>,
     /// How far `clock` may be from the NATS server's while the node takes votes.
@@ -105,18 +154,11 @@ pub struct Config {
 
 impl Config {
     /// Defaults for everything but the identity, the broker and the keys.
-    pub fn new(
-        node_id: NodeId,
-        connections: Connections,
-        secret: Secret,
-        receipt_key: ReceiptKey,
-    ) -> Self {
+    pub fn new(node_id: NodeId, connections: Connections, keys: Keys) -> Self {
         Self {
             node_id,
             connections,
-            secret,
-            receipt_key,
-            previous_secrets: Vec::new(),
+            keys,
             clock: Arc::new(SystemClock::default()),
             max_clock_offset: MaxClockOffset::DEFAULT,
             publish_timeout: Duration::from_secs(2),

@@ -20,8 +20,8 @@ use landslide_schema::{Choice, EventId, PollId, VoterId};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::Secret;
 use crate::client::Client;
+use crate::{CookieKeys, Secret, VoterIdKey};
 
 /// The voter cookie's name.
 pub const COOKIE_NAME: &str = "landslide_voter";
@@ -42,50 +42,45 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// cookie, where `1` and `2` were used as "the first vote" and "the second".
 pub const MIN_KEY_LEN: usize = 16;
 
-/// Keys derived from `LANDSLIDE_SECRET`: one signs cookies, one derives ids. The keys of
-/// `LANDSLIDE_SECRET_PREVIOUS` only verify: a cookie one of them signed is the same voter, and is
-/// signed again with the current key ([`Keys::voter`]), so a key is rotated without turning
-/// every voter into a new one (who would then be counted twice).
+/// The node's keys of voters: the cookie keys ([`CookieKeys`]: the first signs, every one
+/// verifies) and the voter-id key. A cookie that a verify-only key signed is the same voter, and
+/// is signed again with the signing key ([`VoterKeys::voter`]), so that the old key can go once
+/// the polls it served have closed.
+///
+/// The ids of cookie-less keyed votes derive from a key of their own, which a rotation of the
+/// cookie keys leaves alone: they were once derived from the oldest cookie key listed, so nodes
+/// that listed different keys during a rotation derived different ids for one retry, which then
+/// counted as two voters.
 #[derive(Clone)]
-pub struct Keys {
+pub struct VoterKeys {
     pub cookie: Key,
-    previous: Vec<Key>,
+    verify_only: Vec<Key>,
     ids: Hmac<Sha256>,
 }
 
-impl std::fmt::Debug for Keys {
+impl std::fmt::Debug for VoterKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Keys(***)")
+        f.write_str("VoterKeys(***)")
     }
 }
 
-impl Keys {
-    /// `secret` signs; `previous` (newest first) verify.
-    ///
-    /// The ids of cookie-less keyed requests derive from the oldest secret given, the one the
-    /// poll most likely started with, so that a retry sent across a rotation is still one vote:
-    /// keep that secret listed until the polls it served have closed (SECURITY.md).
-    pub fn new(secret: &Secret, previous: &[Secret]) -> Self {
-        // `Secret` holds at least 32 bytes, the minimum `derive_from` needs, so it cannot panic.
-        let cookie = Key::derive_from(secret.expose().as_bytes());
-        let oldest = previous.last().unwrap_or(secret).expose().as_bytes();
-        let ids = <Hmac<Sha256> as Mac>::new_from_slice(oldest)
+impl VoterKeys {
+    pub fn new(cookies: &CookieKeys, ids: &VoterIdKey) -> Self {
+        // A `Secret` holds at least 32 bytes, the minimum `derive_from` needs, so it cannot panic.
+        let derive = |secret: &Secret| Key::derive_from(secret.expose().as_bytes());
+        let ids = <Hmac<Sha256> as Mac>::new_from_slice(ids.0.expose().as_bytes())
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        let previous = previous
-            .iter()
-            .map(|old| Key::derive_from(old.expose().as_bytes()))
-            .collect();
         Self {
-            cookie,
-            previous,
+            cookie: derive(cookies.signing()),
+            verify_only: cookies.verify_only().iter().map(derive).collect(),
             ids,
         }
     }
 
-    /// The voter cookie of a request ([`read`], `jar` verified with the current key), and `jar`;
-    /// when the current key verifies none, the one a previous key signed, and `jar` with it
-    /// signed again with the current key: the response then carries it, so the voter moves to
-    /// the current key on their next request.
+    /// The voter cookie of a request ([`read`], `jar` verified with the signing key), and `jar`;
+    /// when the signing key verifies none, the one a verify-only key signed, and `jar` with it
+    /// signed again with the signing key: the response then carries it, so the voter moves to
+    /// the signing key on their next request.
     pub fn voter(
         &self,
         jar: SignedCookieJar,
@@ -93,10 +88,10 @@ impl Keys {
         rule: CookieRule,
     ) -> (SignedCookieJar, Result<Option<VoterCookie>, Conflict>) {
         match read(&jar, headers, rule) {
-            Ok(None) if !self.previous.is_empty() => {}
+            Ok(None) if !self.verify_only.is_empty() => {}
             known => return (jar, known),
         }
-        let older = self.previous.iter().find_map(|key| {
+        let other = self.verify_only.iter().find_map(|key| {
             read(
                 &SignedCookieJar::from_headers(headers, key.clone()),
                 headers,
@@ -105,7 +100,7 @@ impl Keys {
             .ok()
             .flatten()
         });
-        match older {
+        match other {
             Some(payload) => {
                 metrics::counter!("landslide_cookies_resigned_total").increment(1);
                 (write(jar, &payload, rule.secure), Ok(Some(payload)))
@@ -307,8 +302,16 @@ pub fn check_idempotency_key(key: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn keys() -> Keys {
-        Keys::new(&Secret::new("x".repeat(32)).unwrap(), &[])
+    fn secret(c: &str) -> Secret {
+        Secret::new(c.repeat(32)).unwrap()
+    }
+
+    fn keys_of(cookies: CookieKeys, ids: &str) -> VoterKeys {
+        VoterKeys::new(&cookies, &VoterIdKey(secret(ids)))
+    }
+
+    fn keys() -> VoterKeys {
+        keys_of(CookieKeys::new(secret("x"), vec![]), "i")
     }
 
     fn client(ip: &str) -> Client {
@@ -350,32 +353,29 @@ mod tests {
     }
 
     #[test]
-    fn ids_depend_on_the_secret() {
-        let other = Keys::new(&Secret::new("y".repeat(32)).unwrap(), &[]);
+    fn ids_depend_on_the_voter_id_key_alone() {
         let here = client("192.0.2.1");
+        let other = keys_of(CookieKeys::new(secret("x"), vec![]), "j");
         assert_ne!(
             keys().voter_for_key("abc", here),
             other.voter_for_key("abc", here)
         );
-    }
-
-    /// A keyed retry sent across a rotation of the secret must stay one voter and one event.
-    #[test]
-    fn after_a_rotation_ids_still_derive_from_the_oldest_secret() {
-        let x = Secret::new("x".repeat(32)).unwrap();
-        let y = Secret::new("y".repeat(32)).unwrap();
-        let rotated = Keys::new(&y, &[x]);
-        let here = client("192.0.2.1");
+        // A keyed retry sent across any step of a cookie-key rotation is one voter and one event.
         let voter = keys().voter_for_key("abc", here);
-        assert_eq!(rotated.voter_for_key("abc", here), voter);
         let (poll, choice) = (
             PollId::parse("pets").unwrap(),
             Choice::parse("cats").unwrap(),
         );
-        assert_eq!(
-            rotated.event_for_key(voter, &poll, &choice, "abc"),
-            keys().event_for_key(voter, &poll, &choice, "abc")
-        );
+        let event = keys().event_for_key(voter, &poll, &choice, "abc");
+        for step in [
+            CookieKeys::new(secret("x"), vec![secret("y")]),
+            CookieKeys::new(secret("y"), vec![secret("x")]),
+            CookieKeys::new(secret("y"), vec![]),
+        ] {
+            let rotated = keys_of(step, "i");
+            assert_eq!(rotated.voter_for_key("abc", here), voter);
+            assert_eq!(rotated.event_for_key(voter, &poll, &choice, "abc"), event);
+        }
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! The local infrastructure behind `landslide up`: a nats-server with JetStream and a PostgreSQL
-//! cluster of our own under one data folder, plus the cookie-signing secret and the receipt key
-//! kept there.
+//! cluster of our own under one data folder, plus the keys of ingest and tally kept there.
 //!
-//! Whatever the caller already has (`NATS_URL`, `DATABASE_URL`, `LANDSLIDE_SECRET`,
-//! `LANDSLIDE_RECEIPT_KEY`) is used as is,
-//! and only the rest is started. Everything lives under the data folder, so a second `up` on the
+//! Whatever the caller already has (`NATS_URL`, `DATABASE_URL`, `LANDSLIDE_COOKIE_KEYS_FILE`,
+//! `LANDSLIDE_VOTER_ID_KEY_FILE`, `LANDSLIDE_RECEIPT_KEY_FILE`) is used as is, and only the
+//! rest is started or generated. Everything lives under the data folder, so a second `up` on the
 //! same folder finds the votes of the first:
 //!
 //! ```text
 //! <data_dir>/lock          held (flock) while a LocalStack runs: one `up` per folder
-//! <data_dir>/secret        the generated LANDSLIDE_SECRET, mode 0600
-//! <data_dir>/receipt-key   the generated LANDSLIDE_RECEIPT_KEY, mode 0600
+//! <data_dir>/cookie-keys   the generated voter-cookie key, mode 0600 (keys.rs); a folder of
+//!                          an earlier release has `secret` instead, which becomes this file
+//!                          and the next one
+//! <data_dir>/voter-id-key  the generated voter-id key, mode 0600
+//! <data_dir>/receipt-key   the generated receipt key, mode 0600
 //! <data_dir>/env           how to reach the servers, as each user (URLs, CA, passwords), mode
 //!                          0600: what the operator's commands read with `--up <data_dir>`
 //! <data_dir>/nats/         JetStream storage          <data_dir>/nats.log, nats.pid
@@ -44,6 +46,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
+use crate::keys::KeyFiles;
 use anyhow::{Context, bail};
 use landslide_nats::{NatsConfig, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
@@ -88,10 +91,8 @@ pub struct LocalConfig {
     /// An existing PostgreSQL database to use (`DATABASE_URL`) instead of starting one: every
     /// role connects with it.
     pub database_url: Option<DatabaseUrl>,
-    /// The cookie-signing secret (`LANDSLIDE_SECRET`) instead of the one kept in the data folder.
-    pub secret: Option<String>,
-    /// The receipt key (`LANDSLIDE_RECEIPT_KEY`) instead of the one kept in the data folder.
-    pub receipt_key: Option<String>,
+    /// Key files to use instead of those kept in the data folder.
+    pub keys: GivenKeys,
     /// Ports for the servers we start.
     pub ports: LocalPorts,
 }
@@ -103,27 +104,23 @@ impl LocalConfig {
             data_dir: data_dir.into(),
             nats: None,
             database_url: None,
-            secret: None,
-            receipt_key: None,
+            keys: GivenKeys::default(),
             ports: LocalPorts::default(),
         }
     }
 }
 
-impl fmt::Debug for LocalConfig {
-    // By hand, so that the secret is never printed.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalConfig")
-            .field("data_dir", &self.data_dir)
-            .field("nats", &self.nats)
-            .field("database_url", &self.database_url)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field(
-                "receipt_key",
-                &self.receipt_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field("ports", &self.ports)
-            .finish()
+/// The key files a caller gives; each one missing is generated in the data folder.
+#[derive(Debug, Clone, Default)]
+pub struct GivenKeys {
+    pub cookies: Option<PathBuf>,
+    pub voter_ids: Option<PathBuf>,
+    pub receipts: Option<PathBuf>,
+}
+
+impl GivenKeys {
+    fn all_given(&self) -> bool {
+        self.cookies.is_some() && self.voter_ids.is_some() && self.receipts.is_some()
     }
 }
 
@@ -141,10 +138,8 @@ pub struct LocalStack {
     pub database_url: DatabaseUrl,
     /// Each login role's URL on our PostgreSQL; empty when the caller gave `DATABASE_URL`.
     role_urls: HashMap<LoginRole, DatabaseUrl>,
-    /// The cookie-signing secret: the caller's, or the one kept in `<data_dir>/secret`.
-    pub secret: String,
-    /// The receipt key: the caller's, or the one kept in `<data_dir>/receipt-key`.
-    pub receipt_key: String,
+    /// The key files of ingest and tally: the caller's, or those kept in the data folder.
+    pub key_files: KeyFiles,
     /// The data folder, absolute once we keep anything there.
     data_dir: PathBuf,
     nats: Option<Nats>,
@@ -154,13 +149,13 @@ pub struct LocalStack {
 }
 
 impl fmt::Debug for LocalStack {
-    // By hand, so that the secret is never printed.
+    // By hand: the servers are shown by whether we own them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalStack")
             .field("nats_users", &self.nats_users)
             .field("database_url", &self.database_url)
             .field("role_urls", &self.role_urls)
-            .field("secret", &"<redacted>")
+            .field("key_files", &self.key_files)
             .field("owns_nats", &self.nats.is_some())
             .field("owns_postgres", &self.postgres.is_some())
             .finish()
@@ -208,8 +203,7 @@ impl LocalStack {
 
         let needs_dir = matches!(nats, Server::Start(_))
             || matches!(postgres, Server::Start(_))
-            || config.secret.is_none()
-            || config.receipt_key.is_none();
+            || !config.keys.all_given();
         let (data_dir, lock) = if needs_dir {
             let (dir, lock) = open_data_dir(&config.data_dir)?;
             (dir, Some(lock))
@@ -217,14 +211,7 @@ impl LocalStack {
             (config.data_dir.clone(), None)
         };
 
-        let secret = match config.secret {
-            Some(secret) => secret,
-            None => load_or_create_secret(&data_dir.join("secret"))?,
-        };
-        let receipt_key = match config.receipt_key {
-            Some(key) => key,
-            None => load_or_create_secret(&data_dir.join("receipt-key"))?,
-        };
+        let key_files = key_files(config.keys, &data_dir)?;
 
         // nats-server first: it makes the local CA (or finds it), which then signs PostgreSQL's
         // certificate. It is our child and dies with us if PostgreSQL fails to start.
@@ -249,8 +236,7 @@ impl LocalStack {
             nats_users,
             database_url,
             role_urls,
-            secret,
-            receipt_key,
+            key_files,
             data_dir,
             nats,
             postgres,
@@ -567,8 +553,37 @@ fn open_data_dir(dir: &Path) -> anyhow::Result<(PathBuf, File)> {
     }
 }
 
-/// Reads the secret kept at `path`, or generates one there (readable by us only).
-fn load_or_create_secret(path: &Path) -> anyhow::Result<String> {
+/// The key files: those given, and for the rest the ones kept in `data_dir`, generated where
+/// missing. A folder of an earlier release kept one secret, which both signed cookies and derived
+/// the ids of keyed votes: it becomes both files, so that its voters stay who they were.
+fn key_files(given: GivenKeys, data_dir: &Path) -> anyhow::Result<KeyFiles> {
+    let kept = |name: &str| data_dir.join(name);
+    let earlier = kept("secret");
+    if earlier.exists() {
+        let secret = std::fs::read(&earlier)
+            .with_context(|| format!("cannot read {}", earlier.display()))?;
+        for name in ["cookie-keys", "voter-id-key"] {
+            if !kept(name).exists() {
+                landslide_servers::write_private(&kept(name), &secret)?;
+            }
+        }
+        std::fs::remove_file(&earlier)
+            .with_context(|| format!("cannot remove {}", earlier.display()))?;
+        tracing::info!(path = %earlier.display(), "the secret of an earlier release now signs cookies and derives voter ids");
+    }
+    let or_kept = |given: Option<PathBuf>, name: &str| match given {
+        Some(path) => Ok(path),
+        None => ensure_key(&kept(name)).map(|()| kept(name)),
+    };
+    Ok(KeyFiles {
+        cookies: or_kept(given.cookies, "cookie-keys")?,
+        voter_ids: or_kept(given.voter_ids, "voter-id-key")?,
+        receipts: or_kept(given.receipts, "receipt-key")?,
+    })
+}
+
+/// Generates a key at `path` (readable by us only) unless one is there.
+fn ensure_key(path: &Path) -> anyhow::Result<()> {
     match OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -577,34 +592,24 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<String> {
     {
         Ok(mut file) => {
             // 96 hex digits from three v4 UUIDs: 366 bits from the OS's secure random source
-            // (uuid uses getrandom), more than the 32 bytes ingest requires.
-            let secret: String = (0..3)
+            // (uuid uses getrandom), more than the 32 bytes every key needs.
+            let key: String = (0..3)
                 .map(|_| uuid::Uuid::new_v4().simple().to_string())
                 .collect();
-            file.write_all(secret.as_bytes())
+            file.write_all(format!("{key}\n").as_bytes())
                 .and_then(|()| file.sync_all())
-                .with_context(|| format!("cannot write the secret to {}", path.display()))?;
-            tracing::info!(path = %path.display(), "generated a secret");
-            Ok(secret)
+                .with_context(|| format!("cannot write the key to {}", path.display()))?;
+            tracing::info!(path = %path.display(), "generated a key");
+            Ok(())
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             let mode = std::fs::metadata(path)
                 .with_context(|| format!("cannot read {}", path.display()))?
                 .mode();
             if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), "the secret file is readable by others; `chmod 600` it");
+                tracing::warn!(path = %path.display(), "the key file is readable by others; `chmod 600` it");
             }
-            let secret = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the secret from {}", path.display()))?
-                .trim()
-                .to_owned();
-            if secret.len() < 32 {
-                bail!(
-                    "the secret in {} is shorter than 32 bytes; delete the file to generate a new one",
-                    path.display()
-                );
-            }
-            Ok(secret)
+            Ok(())
         }
         Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
     }
@@ -719,10 +724,10 @@ mod tests {
             .await
             .expect("create and insert");
         drop(conn);
-        let secret = stack.secret.clone();
-        assert_eq!(secret.len(), 96);
-        let mode = std::fs::metadata(data_dir.join("secret"))
-            .expect("secret file")
+        let keys = std::fs::read_to_string(&stack.key_files.cookies).expect("cookie keys");
+        assert_eq!(keys.trim().len(), 96);
+        let mode = std::fs::metadata(&stack.key_files.cookies)
+            .expect("cookie keys file")
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         stack.stop().await.expect("first stop");
@@ -748,7 +753,11 @@ mod tests {
             "{}",
             stack.database_url
         );
-        assert_eq!(stack.secret, secret, "the secret is kept");
+        assert_eq!(
+            std::fs::read_to_string(&stack.key_files.cookies).expect("cookie keys"),
+            keys,
+            "the keys are kept"
+        );
         assert_jetstream_answers(&stack).await;
         assert_eq!(votes(&stack.database_url).await, ["cats"]);
         stack.stop().await.expect("second stop");
@@ -942,13 +951,17 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn given_urls_and_secret_are_used_as_they_are() {
+    async fn given_urls_and_keys_are_used_as_they_are() {
         let dir = reachable_tempdir();
+        let file = |name: &str| dir.path().join(name);
         let stack = LocalStack::start(LocalConfig {
             nats: Some(given("nats://elsewhere:4222")),
             database_url: Some(DatabaseUrl::parse("postgres://u@elsewhere/db").expect("a URL")),
-            secret: Some("s".repeat(40)),
-            receipt_key: Some("r".repeat(40)),
+            keys: GivenKeys {
+                cookies: Some(file("c")),
+                voter_ids: Some(file("v")),
+                receipts: Some(file("r")),
+            },
             ..config(&dir.path().join("never-created"), free_ports())
         })
         .await
@@ -956,15 +969,44 @@ mod tests {
         assert_eq!(stack.nats_config(User::Tally).urls, "nats://elsewhere:4222");
         assert_eq!(stack.database_url.expose(), "postgres://u@elsewhere/db");
         assert_eq!(stack.database_url(LoginRole::Tally), stack.database_url);
-        assert_eq!(stack.secret, "s".repeat(40));
-        assert_eq!(stack.receipt_key, "r".repeat(40));
-        assert!(!dir.path().join("never-created").exists());
-        let debug = format!("{stack:?}");
-        assert!(
-            !debug.contains("ssss") && !debug.contains("rrrr"),
-            "Debug hides the secrets"
+        assert_eq!(
+            stack.key_files,
+            KeyFiles {
+                cookies: file("c"),
+                voter_ids: file("v"),
+                receipts: file("r"),
+            }
         );
+        assert!(!dir.path().join("never-created").exists());
         stack.stop().await.expect("stop");
+    }
+
+    /// The one secret of an earlier release's folder signed cookies and derived the ids of keyed
+    /// votes: it must go on doing both, or every voter of an open poll is a new one.
+    #[test]
+    fn a_folder_of_an_earlier_release_keeps_its_secret_for_cookies_and_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let earlier = "e".repeat(96);
+        std::fs::write(dir.path().join("secret"), &earlier).expect("write");
+        let files = key_files(GivenKeys::default(), dir.path()).expect("key files");
+        let keys = files.read().expect("keys");
+        assert_eq!(keys.cookies.signing().expose(), earlier);
+        assert!(keys.cookies.verify_only().is_empty());
+        assert_eq!(keys.voter_ids.0.expose(), earlier);
+        let receipt_key = std::fs::read_to_string(&files.receipts).expect("receipt key");
+        assert_ne!(receipt_key.trim(), earlier, "the receipt key is a new one");
+        assert!(!dir.path().join("secret").exists());
+        // Kept: a second start reads the same keys.
+        let again = key_files(GivenKeys::default(), dir.path()).expect("key files");
+        assert_eq!(again, files);
+        assert_eq!(again.read().expect("keys").voter_ids.0.expose(), earlier);
+        // A new folder gets three distinct keys.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let keys = key_files(GivenKeys::default(), fresh.path())
+            .expect("key files")
+            .read()
+            .expect("keys");
+        assert_ne!(keys.cookies.signing().expose(), keys.voter_ids.0.expose());
     }
 
     fn nowhere(dir: &Path) -> Binaries {

@@ -17,10 +17,10 @@ use landslide_config::{Connections, Shutdown};
 use landslide_nats::auth::{CredentialSettings, Tls};
 use landslide_nats::{Access, NatsConfig, Topology, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
-use landslide_schema::receipt::ReceiptKey;
 use landslide_schema::{NodeId, Polls};
 use landslide_telemetry::serve::MetricsAt;
 
+mod keys;
 mod local;
 
 /// jemalloc rather than glibc malloc: under load, glibc's arena locks cost ingest a quarter of its
@@ -441,18 +441,8 @@ struct IngestArgs {
     /// Address to serve HTTP on.
     #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// The key that signs voter cookies, at least 32 bytes; shared by every ingest node. Required.
-    #[arg(long, env = "LANDSLIDE_SECRET", hide_env_values = true)]
-    secret: Option<String>,
-    /// Keys that signed voter cookies before LANDSLIDE_SECRET, newest first, comma-separated:
-    /// they verify cookies (which are then signed again with the current key), never sign.
-    #[arg(
-        long,
-        env = "LANDSLIDE_SECRET_PREVIOUS",
-        hide_env_values = true,
-        value_delimiter = ','
-    )]
-    secret_previous: Vec<String>,
+    #[command(flatten)]
+    keys: KeyArgs,
     /// Milliseconds one publish waits for its JetStream ack.
     #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
     publish_timeout_ms: u64,
@@ -498,23 +488,11 @@ impl IngestArgs {
         let node_id = required(&self.node_id, "--node-id", "LANDSLIDE_NODE_ID")?;
         let node_id = NodeId::parse(node_id)
             .with_context(|| format!("invalid --node-id {node_id:?} (LANDSLIDE_NODE_ID)"))?;
-        let secret = required(&self.secret, "--secret", "LANDSLIDE_SECRET")?;
-        let secret = landslide_ingest::Secret::new(secret)?;
-        let previous_secrets = self
-            .secret_previous
-            .iter()
-            .filter(|old| !old.is_empty())
-            .map(|old| {
-                landslide_ingest::Secret::new(old.as_str()).context("in LANDSLIDE_SECRET_PREVIOUS")
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut config = landslide_ingest::Config::new(
             node_id,
             self.shared.connections(User::Ingest, None)?,
-            secret,
-            receipt_key()?,
+            self.keys.files()?.read()?,
         );
-        config.previous_secrets = previous_secrets;
         config.clock = Arc::new(landslide_ingest::SystemClock {
             offset_ms: self.clock_offset_ms,
         });
@@ -573,14 +551,64 @@ impl DatabaseArgs {
     }
 }
 
-/// The receipt key of ingest and tally, from `LANDSLIDE_RECEIPT_KEY` only: no flag, so that it
-/// never shows in the process list.
-fn receipt_key() -> anyhow::Result<ReceiptKey> {
-    let key = non_empty_env("LANDSLIDE_RECEIPT_KEY").context(
-        "LANDSLIDE_RECEIPT_KEY is not set: at least 32 bytes, the same for ingest and tally (it \
-         authenticates receipts)",
-    )?;
-    ReceiptKey::new(key).map_err(|e| anyhow::anyhow!(e))
+/// Where ingest's keys are (`keys`): files, never values, so that no key shows in `argv` or in
+/// an environment.
+#[derive(Debug, Args)]
+struct KeyArgs {
+    /// A file of voter-cookie keys, one per line, each at least 32 bytes: the first signs, every
+    /// one verifies (rotating them: SECURITY.md). The same on every ingest node.
+    #[arg(long, env = "LANDSLIDE_COOKIE_KEYS_FILE")]
+    cookie_keys_file: Option<PathBuf>,
+    /// A file holding the key (at least 32 bytes) from which the ids of cookie-less keyed votes
+    /// derive. The same on every ingest node; never changed while a poll is open.
+    #[arg(long, env = "LANDSLIDE_VOTER_ID_KEY_FILE")]
+    voter_id_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    receipts: ReceiptKeyArg,
+}
+
+impl KeyArgs {
+    /// The files, each of which is required.
+    fn files(&self) -> anyhow::Result<keys::KeyFiles> {
+        Ok(keys::KeyFiles {
+            cookies: required_path(
+                &self.cookie_keys_file,
+                "--cookie-keys-file",
+                "LANDSLIDE_COOKIE_KEYS_FILE",
+            )?,
+            voter_ids: required_path(
+                &self.voter_id_key_file,
+                "--voter-id-key-file",
+                "LANDSLIDE_VOTER_ID_KEY_FILE",
+            )?,
+            receipts: self.receipts.file()?,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct ReceiptKeyArg {
+    /// A file holding the key (at least 32 bytes) that tags receipts: the same for every ingest
+    /// node and tally.
+    #[arg(long, env = "LANDSLIDE_RECEIPT_KEY_FILE")]
+    receipt_key_file: Option<PathBuf>,
+}
+
+impl ReceiptKeyArg {
+    fn file(&self) -> anyhow::Result<PathBuf> {
+        required_path(
+            &self.receipt_key_file,
+            "--receipt-key-file",
+            "LANDSLIDE_RECEIPT_KEY_FILE",
+        )
+    }
+}
+
+fn required_path(value: &Option<PathBuf>, flag: &str, var: &str) -> anyhow::Result<PathBuf> {
+    value
+        .clone()
+        .filter(|path| !path.as_os_str().is_empty())
+        .with_context(|| format!("{var} is not set (or pass {flag})"))
 }
 
 /// A setting without a default, or an error naming both ways to give it.
@@ -640,6 +668,8 @@ struct TallyArgs {
     /// Address to serve HTTP on.
     #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
+    #[command(flatten)]
+    receipts: ReceiptKeyArg,
     /// Milliseconds between two refreshes of the results.
     #[arg(long, env = "LANDSLIDE_REFRESH_MS", default_value_t = 500)]
     refresh_ms: u64,
@@ -653,7 +683,7 @@ impl TallyArgs {
         let mut config = landslide_tally::Config::new(
             self.shared
                 .connections(User::Tally, Some((&self.db, LoginRole::Tally)))?,
-            receipt_key()?,
+            keys::receipt_key(&self.receipts.file()?)?,
         );
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
@@ -774,6 +804,9 @@ struct UpArgs {
     polls: Option<PathBuf>,
     #[command(flatten)]
     limits: ClientLimitArgs,
+    /// Key files to use instead of those `up` generates and keeps in its data folder.
+    #[command(flatten)]
+    keys: KeyArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -814,6 +847,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Migrate(_) => "landslide-migrate",
         Command::DbUsers(_) => "landslide-db-users",
     };
+    keys::refuse_removed_variables()?;
     let telemetry = landslide_telemetry::init(service)?;
     let result = match cli.command {
         Command::Up(args) => up(args).await.map(|()| std::process::ExitCode::SUCCESS),
@@ -1170,8 +1204,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     local.database_url = non_empty_env("DATABASE_URL")
         .map(|url| DatabaseUrl::parse(&url))
         .transpose()?;
-    local.secret = non_empty_env("LANDSLIDE_SECRET");
-    local.receipt_key = non_empty_env("LANDSLIDE_RECEIPT_KEY");
+    local.keys = local::GivenKeys {
+        cookies: args.keys.cookie_keys_file.clone(),
+        voter_ids: args.keys.voter_id_key_file.clone(),
+        receipts: args.keys.receipts.receipt_key_file.clone(),
+    };
     local.ports = local::LocalPorts {
         nats: args.nats_port,
         postgres: args.postgres_port,
@@ -1251,9 +1288,9 @@ async fn run_roles(
     // PostgreSQL is migrated already; a given DATABASE_URL is its owner's.
     landslide_schema::postgres::migrate(&stack.database_url).await?;
     let node_id = NodeId::parse("local").context("the local node id is valid")?;
-    let secret = landslide_ingest::Secret::new(stack.secret.clone())?;
-    let receipt_key =
-        ReceiptKey::new(stack.receipt_key.as_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+    // Read as `landslide ingest` and `landslide tally` read them.
+    let keys = stack.key_files.read()?;
+    let receipt_key = keys.receipts.clone();
     // One connection configuration, each role with its own NATS user and database user.
     let connections = |user: User, database: Option<LoginRole>| {
         let mut connections = Connections::new(
@@ -1263,12 +1300,7 @@ async fn run_roles(
         connections.polls = polls.clone();
         connections
     };
-    let mut ingest = landslide_ingest::Config::new(
-        node_id,
-        connections(User::Ingest, None),
-        secret,
-        receipt_key.clone(),
-    );
+    let mut ingest = landslide_ingest::Config::new(node_id, connections(User::Ingest, None), keys);
     (ingest.rate_limit, ingest.client_ip_header) = (rate_limit, client_ip_header);
     ingest.results_url = Some(format!("http://{}/", tally_listener.local_addr()?));
     ingest.metrics = MetricsAt::Operations;

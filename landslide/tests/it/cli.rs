@@ -2,11 +2,10 @@
 
 use std::process::Command;
 
-fn landslide(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+fn landslide(args: &[&str], env: &[(&str, &str)], keys: &[(&str, String)]) -> (bool, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_landslide"));
     command.args(args);
     for var in [
-        "LANDSLIDE_SECRET",
         "DATABASE_URL",
         "LANDSLIDE_NODE_ID",
         "NATS_URL",
@@ -15,12 +14,15 @@ fn landslide(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     ] {
         command.env_remove(var);
     }
-    // A valid receipt key unless the case sets another.
-    command.env(
-        "LANDSLIDE_RECEIPT_KEY",
-        "a receipt key of thirty-two bytes or more",
-    );
-    command.envs(env.iter().copied());
+    // Valid key files unless the case sets others; an empty value unsets the variable.
+    command.envs(keys.iter().map(|(var, path)| (var, path)));
+    for (var, value) in env {
+        if value.is_empty() {
+            command.env_remove(var);
+        } else {
+            command.env(var, value);
+        }
+    }
     let output = command.output().unwrap();
     (
         output.status.success(),
@@ -33,6 +35,13 @@ type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
 #[test]
 fn missing_or_bad_settings_name_the_variable_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = crate::support::key_files(dir.path())
+        .map(|(var, path)| (var, path.to_str().expect("a UTF-8 path").to_owned()));
+    let short = dir.path().join("short");
+    std::fs::write(&short, "CHANGE_ME\n").unwrap();
+    let short = short.to_str().unwrap();
+    let missing = "/nonexistent/cookie-keys";
     let long_secret = "x".repeat(40);
     let cases: &[Case] = &[
         (
@@ -42,67 +51,78 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
         ),
         (
             &["ingest", "--node-id", "web01"],
-            &[],
-            "LANDSLIDE_SECRET is not set",
+            &[("LANDSLIDE_COOKIE_KEYS_FILE", "")],
+            "LANDSLIDE_COOKIE_KEYS_FILE is not set",
         ),
+        (&["ingest"], &[], "LANDSLIDE_NODE_ID is not set"),
         (
-            &["ingest"],
-            &[("LANDSLIDE_SECRET", &long_secret)],
-            "LANDSLIDE_NODE_ID is not set",
+            &["ingest", "--node-id", "web01"],
+            &[("LANDSLIDE_VOTER_ID_KEY_FILE", "")],
+            "LANDSLIDE_VOTER_ID_KEY_FILE is not set",
         ),
         (
             &["ingest", "--node-id", "web01"],
-            &[
-                ("LANDSLIDE_SECRET", &long_secret),
-                ("LANDSLIDE_RECEIPT_KEY", ""),
-            ],
-            "LANDSLIDE_RECEIPT_KEY is not set",
+            &[("LANDSLIDE_RECEIPT_KEY_FILE", "")],
+            "LANDSLIDE_RECEIPT_KEY_FILE is not set",
         ),
         (
             &["tally"],
             &[
                 ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
-                ("LANDSLIDE_RECEIPT_KEY", "short"),
+                ("LANDSLIDE_RECEIPT_KEY_FILE", short),
             ],
-            "LANDSLIDE_RECEIPT_KEY must be at least 32 bytes",
+            "(LANDSLIDE_RECEIPT_KEY_FILE): LANDSLIDE_RECEIPT_KEY must be at least 32 bytes",
         ),
         (
             &["ingest", "--node-id", "web01"],
-            &[("LANDSLIDE_SECRET", "short")],
-            "LANDSLIDE_SECRET must be at least 32 bytes",
+            &[("LANDSLIDE_COOKIE_KEYS_FILE", short)],
+            "(LANDSLIDE_COOKIE_KEYS_FILE): a key must be at least 32 bytes",
+        ),
+        (
+            &["ingest", "--node-id", "web01"],
+            &[("LANDSLIDE_COOKIE_KEYS_FILE", missing)],
+            "cannot read the key file /nonexistent/cookie-keys",
+        ),
+        // Keys of earlier releases' variables are refused, not dropped (every voter would be a
+        // new one), by every command: an env file that every unit loads must not hold them.
+        (
+            &["ingest", "--node-id", "web01"],
+            &[("LANDSLIDE_SECRET", &long_secret)],
+            "LANDSLIDE_SECRET is set, but keys are no longer read from the environment",
+        ),
+        (
+            &["dedup-worker"],
+            &[("LANDSLIDE_RECEIPT_KEY", &long_secret)],
+            "LANDSLIDE_RECEIPT_KEY is set",
+        ),
+        (
+            &["up"],
+            &[("LANDSLIDE_SECRET_PREVIOUS", &long_secret)],
+            "LANDSLIDE_SECRET_PREVIOUS is set",
         ),
         (
             &["ingest", "--node-id", "web.01"],
-            &[("LANDSLIDE_SECRET", &long_secret)],
+            &[],
             "invalid --node-id \"web.01\" (LANDSLIDE_NODE_ID)",
         ),
         (
             &["ingest", "--node-id", "web01"],
-            &[
-                ("LANDSLIDE_SECRET", &long_secret),
-                ("LANDSLIDE_MAX_CLOCK_OFFSET_MS", "300000"),
-            ],
+            &[("LANDSLIDE_MAX_CLOCK_OFFSET_MS", "300000")],
             "LANDSLIDE_MAX_CLOCK_OFFSET_MS must be more than 0 and less than 300000 ms",
         ),
         (
             &["ingest", "--node-id", "web01"],
-            &[
-                ("LANDSLIDE_SECRET", &long_secret),
-                ("LANDSLIDE_RATE_LIMIT", "-1"),
-            ],
+            &[("LANDSLIDE_RATE_LIMIT", "-1")],
             "invalid --rate-limit or --rate-burst (LANDSLIDE_RATE_LIMIT, LANDSLIDE_RATE_BURST)",
         ),
         (
             &["ingest", "--node-id", "web01", "--rate-burst", "0"],
-            &[("LANDSLIDE_SECRET", &long_secret)],
+            &[],
             "the burst must be at least 1",
         ),
         (
             &["ingest", "--node-id", "web01"],
-            &[
-                ("LANDSLIDE_SECRET", &long_secret),
-                ("LANDSLIDE_CLIENT_IP_HEADER", "X Forwarded For"),
-            ],
+            &[("LANDSLIDE_CLIENT_IP_HEADER", "X Forwarded For")],
             "invalid --client-ip-header (LANDSLIDE_CLIENT_IP_HEADER)",
         ),
         (&["dedup-worker"], &[], "DATABASE_URL is not set"),
@@ -183,7 +203,7 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
         // (`tally::a_database_that_cannot_be_reached_keeps_tally_not_ready_naming_database_url`).
     ];
     for (args, env, needle) in cases {
-        let (ok, stderr) = landslide(args, env);
+        let (ok, stderr) = landslide(args, env, &keys);
         assert!(!ok, "{args:?} succeeded");
         assert!(
             stderr.contains(needle),

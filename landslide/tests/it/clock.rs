@@ -121,10 +121,10 @@ async fn a_node_within_its_bound_is_ready_and_takes_votes() {
     tolerated.role.stop().await;
 }
 
-/// The value of a voter cookie `landslide_voter` for `voter`, signed with the tests' secret as an ingest
+/// The value of a voter cookie `landslide_voter` for `voter`, signed with the tests' cookie key as an ingest
 /// node signs it.
 fn signed_cookie(voter: &VoterCookie) -> String {
-    let key = cookie::Key::derive_from(support::SECRET.as_bytes());
+    let key = cookie::Key::derive_from(support::COOKIE_KEY.as_bytes());
     let mut jar = cookie::CookieJar::new();
     jar.signed_mut(&key).add(cookie::Cookie::new(
         "landslide_voter",

@@ -594,6 +594,8 @@ async fn votes_beyond_a_clients_burst_get_429_with_retry_after_and_are_not_store
 struct IngestProcess {
     child: std::process::Child,
     url: String,
+    /// Where its key files are, removed with it.
+    _keys: tempfile::TempDir,
 }
 
 impl IngestProcess {
@@ -601,12 +603,12 @@ impl IngestProcess {
         // What a worker sets up, for an ingest node without one.
         support::set_up(nats, &landslide_schema::Polls::default()).await;
         let port = support::free_port();
+        let keys = tempfile::tempdir().expect("a folder for the keys");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_landslide"))
             .args(["ingest", "--node-id", node])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .envs(nats.config(landslide_nats::User::Ingest).env())
-            .env("LANDSLIDE_SECRET", support::SECRET)
-            .env("LANDSLIDE_RECEIPT_KEY", support::RECEIPT_KEY)
+            .envs(support::key_files(keys.path()))
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .spawn()
@@ -625,7 +627,11 @@ impl IngestProcess {
             },
         )
         .await;
-        Self { child, url }
+        Self {
+            child,
+            url,
+            _keys: keys,
+        }
     }
 
     async fn vote(&self, forwarded_for: &str) -> u16 {

@@ -249,14 +249,14 @@ async fn a_role_says_loudly_when_its_server_acks_before_it_fsyncs() {
         SyncMode::Every(_)
     ));
 
+    let keys = tempfile::tempdir().unwrap();
     let mut ingest = tokio::process::Command::new(env!("CARGO_BIN_EXE_landslide"))
         .arg("ingest")
         .env("NATS_URL", lazy.url(0))
         .env("LANDSLIDE_NATS_MONITOR_URL", lazy.monitor_url(0))
         .env("LANDSLIDE_NODE_ID", "web01")
         .env("LANDSLIDE_LISTEN", "127.0.0.1:0")
-        .env("LANDSLIDE_SECRET", support::SECRET)
-        .env("LANDSLIDE_RECEIPT_KEY", support::RECEIPT_KEY)
+        .envs(support::key_files(keys.path()))
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -403,12 +403,42 @@ impl Role {
     }
 }
 
-pub const SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+/// The key that signs the tests' voter cookies.
+pub const COOKIE_KEY: &str = "integration-test-cookie-key-of-at-least-32-bytes";
+/// The key of the voter ids of the tests' cookie-less keyed votes.
+pub const VOTER_ID_KEY: &str = "integration-test-voter-id-key-of-at-least-32-bytes";
 /// The receipt key of the tests' ingest nodes and tallies.
 pub const RECEIPT_KEY: &str = "integration-test-receipt-key-of-32-bytes-or-more";
 
+pub fn secret(key: &str) -> landslide_ingest::Secret {
+    landslide_ingest::Secret::new(key).expect("a key of 32 bytes or more")
+}
+
 pub fn receipt_key() -> landslide_schema::receipt::ReceiptKey {
     landslide_schema::receipt::ReceiptKey::new(RECEIPT_KEY).expect("receipt key")
+}
+
+/// The keys of the tests' ingest nodes.
+pub fn keys() -> landslide_ingest::Keys {
+    landslide_ingest::Keys {
+        cookies: landslide_ingest::CookieKeys::new(secret(COOKIE_KEY), vec![]),
+        voter_ids: landslide_ingest::VoterIdKey(secret(VOTER_ID_KEY)),
+        receipts: receipt_key(),
+    }
+}
+
+/// The same keys as files in `dir`, for a `landslide` process: the variables that name them.
+pub fn key_files(dir: &std::path::Path) -> [(&'static str, std::path::PathBuf); 3] {
+    [
+        ("LANDSLIDE_COOKIE_KEYS_FILE", "cookie-keys", COOKIE_KEY),
+        ("LANDSLIDE_VOTER_ID_KEY_FILE", "voter-id-key", VOTER_ID_KEY),
+        ("LANDSLIDE_RECEIPT_KEY_FILE", "receipt-key", RECEIPT_KEY),
+    ]
+    .map(|(var, name, key)| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{key}\n")).expect("write a key file");
+        (var, path)
+    })
 }
 
 /// An ingest node on an ephemeral port, with its `/metrics` on an operations listener of its own,
@@ -479,8 +509,7 @@ pub async fn start_ingest(
     let mut config = landslide_ingest::Config::new(
         landslide_schema::NodeId::parse(node).expect("node id"),
         connections(nats, User::Ingest, None),
-        landslide_ingest::Secret::new(SECRET).expect("secret"),
-        receipt_key(),
+        keys(),
     );
     config.metrics = MetricsAt::Operations;
     adjust(&mut config);
