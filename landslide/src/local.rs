@@ -51,7 +51,7 @@ use anyhow::{Context, bail};
 use landslide_nats::{NatsConfig, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_servers::postgres::{PgAccess, PgTls, PostgresSpec};
-use landslide_servers::{Binaries, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
+use landslide_servers::{Binaries, Guard, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
 
 /// The database that `up` creates and hands to every role.
 const DATABASE: &str = "landslide";
@@ -144,6 +144,9 @@ pub struct LocalStack {
     data_dir: PathBuf,
     nats: Option<Nats>,
     postgres: Option<Postgres>,
+    /// One per server we started: each stops its server if we die without stopping it
+    /// (SIGKILL included), and is released by [`LocalStack::stop`].
+    guards: Vec<Guard>,
     /// The open, flock-ed `<data_dir>/lock`: closing it (when the stack is dropped) releases it.
     _lock: Option<File>,
 }
@@ -215,10 +218,15 @@ impl LocalStack {
 
         // nats-server first: it makes the local CA (or finds it), which then signs PostgreSQL's
         // certificate. It is our child and dies with us if PostgreSQL fails to start.
+        let mut guards = Vec::new();
         let (nats_users, nats) = match nats {
             Server::Given(users) => (users, None),
             Server::Start(bin) => {
                 let server = start_nats(bin, &data_dir, config.ports.nats).await?;
+                let stop = server
+                    .stop_command(0)
+                    .context("nats-server exited at once")?;
+                guards.push(Guard::spawn("nats-server", &stop)?);
                 (server.configs(), Some(server))
             }
         };
@@ -228,6 +236,10 @@ impl LocalStack {
             Server::Start(bins) => {
                 let (server, owner, roles) =
                     start_postgres(bins, &data_dir, config.ports.postgres).await?;
+                guards.push(Guard::spawn(
+                    "PostgreSQL",
+                    &server.stop_command(PgStop::Fast),
+                )?);
                 (owner, roles, Some(server))
             }
         };
@@ -240,6 +252,7 @@ impl LocalStack {
             data_dir,
             nats,
             postgres,
+            guards,
             _lock: lock,
         })
     }
@@ -297,6 +310,12 @@ impl LocalStack {
     /// period), PostgreSQL with a fast shutdown; waits until both have exited. Servers the caller
     /// gave by URL are left alone.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        // Ours to stop from here: the guards would race us, or stop a server we restart.
+        for guard in self.guards.drain(..) {
+            if let Err(e) = guard.release() {
+                tracing::warn!(error = %format!("{e:#}"), "a server's guard");
+            }
+        }
         // Both are stopped even when the first fails; the first error is reported.
         let nats = match self.nats.take() {
             Some(mut nats) => {
@@ -327,6 +346,10 @@ impl LocalStack {
     #[cfg(test)]
     fn abandon(mut self) {
         drop(self._lock.take());
+        // As if the guards had been killed with us.
+        for guard in self.guards.drain(..) {
+            guard.abandon();
+        }
         if let Some(nats) = self.nats.take() {
             // Forgetting the server skips its kill-on-drop.
             std::mem::forget(nats);

@@ -18,6 +18,7 @@ use landslide_nats::ServerVersion;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod guard;
 pub mod lazyfs;
 pub mod nats;
 pub mod netns;
@@ -25,6 +26,7 @@ pub mod postgres;
 pub mod process;
 pub mod tls;
 
+pub use guard::Guard;
 pub use nats::{Nats, NatsLayout, NatsSpec, Sync};
 pub use netns::Network;
 pub use postgres::{PgStop, Postgres};

@@ -477,6 +477,21 @@ impl Nats {
         self.nodes[node].process.pid()
     }
 
+    /// The command that stops a running node with SIGTERM (for a [`crate::Guard`]), if the
+    /// process is still that node: its command line names the node's config file. A pid is
+    /// given to another process once the node has exited and been reaped.
+    pub fn stop_command(&self, node: usize) -> Option<std::process::Command> {
+        let pid = self.pid(node)?;
+        let mut command = std::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"tr '\0' '\n' <"/proc/$1/cmdline" | grep -qxF -- "$2" && exec kill -TERM "$1""#)
+            .arg("sh")
+            .arg(pid.to_string())
+            .arg(&self.nodes[node].files.config);
+        Some(command)
+    }
+
     pub fn name(&self, node: usize) -> &str {
         &self.nodes[node].name
     }

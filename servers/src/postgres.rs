@@ -371,15 +371,24 @@ impl Postgres {
     }
 
     async fn pg_stop(&self, how: PgStop) -> anyhow::Result<ExitStatus> {
-        self.command(&self.bins.pg_ctl)
-            .arg("stop")
-            .arg("-D")
-            .arg(&self.spec.cluster)
-            .args(["-m", how.mode(), "-w", "-t", STOP_TIMEOUT_S])
+        Command::from(self.stop_command(how))
             .stdout(Stdio::null())
             .status()
             .await
             .context("cannot run pg_ctl stop")
+    }
+
+    /// The command that stops the server `how`, as its owner: `pg_ctl stop`, waiting.
+    pub fn stop_command(&self, how: PgStop) -> std::process::Command {
+        let mut command = self.std_command(&self.bins.pg_ctl);
+        command.arg("stop").arg("-D").arg(&self.spec.cluster).args([
+            "-m",
+            how.mode(),
+            "-w",
+            "-t",
+            STOP_TIMEOUT_S,
+        ]);
+        command
     }
 
     /// Writes `pg_hba.conf` as the spec says, puts the certificate where the server reads it,
@@ -570,12 +579,13 @@ impl Postgres {
     }
 
     fn std_command(&self, program: &Path) -> std::process::Command {
-        use std::os::unix::process::CommandExt as _;
         let place = &self.spec.place;
         let mut cmd = match self.run_as {
-            // `ip netns exec` needs root, so the user changes after it, with util-linux's
-            // setpriv (which execs the program: pg_ctl's pid stays the one we started).
-            Some(user) if place.is_host() => {
+            // The user changes with util-linux's setpriv (which execs the program: pg_ctl's pid
+            // stays the one we started), after `ip netns exec`, which needs root; and as an
+            // argument, not a uid set on the command, so that a command handed to a `Guard`
+            // (which runs its program and arguments) changes user too.
+            Some(user) => {
                 let (ip, leading) = place.launcher(Path::new("setpriv"));
                 let mut cmd = std::process::Command::new(ip);
                 cmd.args(leading).args([
@@ -586,13 +596,10 @@ impl Postgres {
                 cmd.arg(program);
                 cmd
             }
-            run_as => {
+            None => {
                 let (launcher, leading) = place.launcher(program);
                 let mut cmd = std::process::Command::new(launcher);
                 cmd.args(leading);
-                if let Some(user) = run_as {
-                    cmd.uid(user.uid).gid(user.gid);
-                }
                 cmd
             }
         };

@@ -62,7 +62,8 @@ impl Drop for Up {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
+async fn up_starts_takes_a_vote_shows_it_finds_it_again_after_a_restart_and_killed_leaves_no_server()
+ {
     let data = tempfile::tempdir().unwrap();
     // Run as root, `up` hands PostgreSQL to the `postgres` user, which must reach the folder.
     std::fs::set_permissions(
@@ -129,8 +130,36 @@ async fn up_starts_takes_a_vote_shows_it_and_finds_it_again_after_a_restart() {
         results["counts"]["dogs"], 1,
         "the earlier vote is still there: {results}"
     );
-    let (status, _) = again.interrupt();
-    assert!(status.success());
+
+    // Killed without a chance to stop anything (SIGKILL, the OOM killer), it still leaves no
+    // server of its own running: their guards stop them.
+    let pid_in = |file: &str| -> i32 {
+        let text = std::fs::read_to_string(data.path().join(file)).expect("a pid file");
+        text.lines().next().unwrap().trim().parse().unwrap()
+    };
+    let servers = [pid_in("nats.pid"), pid_in("postgres/postmaster.pid")];
+    let mut again = again;
+    again.child.kill().unwrap();
+    again.child.wait().unwrap();
+    support::wait_for(
+        "up's servers to stop after up was killed",
+        Duration::from_secs(60),
+        || async { (!servers.iter().any(|&pid| running(pid))).then_some(()) },
+    )
+    .await;
+}
+
+/// Whether process `pid` runs: exists and is no zombie (one that has exited, and that an init
+/// which does not reap, as in some containers, keeps in the table).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
 }
 
 /// The operator's commands against a running `up`, given nothing but its folder (`--up`): no
