@@ -29,11 +29,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::Config;
-use crate::client::{self, Client, ClientIpHeader};
 use crate::clock::ClockCheck;
 use crate::publish::{Hlc, PublishFailed, Publisher};
-use crate::rate_limit::Limiter;
 use crate::voter::{self, VoterKeys};
+use landslide_edge::Limiter;
+use landslide_edge::client::{self, Client, ClientIpHeader};
 
 /// The largest request body accepted: a vote is a few dozen bytes.
 pub const MAX_BODY: usize = 4096;

@@ -14,17 +14,15 @@ use landslide_config::{Connections, Shutdown};
 use landslide_nats::{Access, User};
 use landslide_schema::NodeId;
 
-mod client;
 pub mod clock;
 mod http;
 mod publish;
-mod rate_limit;
 mod voter;
-pub use client::ClientIpHeader;
 pub use clock::{Clock, MaxClockOffset, SystemClock};
 pub use http::openapi;
+pub use landslide_edge::ClientIpHeader;
+pub use landslide_edge::RateLimit;
 pub use landslide_schema::receipt::ReceiptKey;
-pub use rate_limit::RateLimit;
 
 /// A key of at least [`Secret::MIN_LEN`] bytes, never logged.
 #[derive(Clone)]
@@ -246,9 +244,9 @@ pub async fn run(
     );
     let limiter = config
         .rate_limit
-        .map(|limit| Arc::new(rate_limit::Limiter::new(limit)));
+        .map(|limit| Arc::new(landslide_edge::Limiter::new(limit)));
     // Stops with this function, however it returns.
-    let _pruner = limiter.as_ref().map(rate_limit::Limiter::spawn_pruner);
+    let _pruner = limiter.as_ref().map(landslide_edge::Limiter::spawn_pruner);
     let state = http::AppState::new(&config, polls, client.clone(), js, clock, limiter);
     let app = http::router(state, config.metrics);
     tracing::info!(

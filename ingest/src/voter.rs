@@ -20,8 +20,8 @@ use landslide_schema::{Choice, EventId, PollId, VoterId};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::client::Client;
 use crate::{CookieKeys, Secret, VoterIdKey};
+use landslide_edge::Client;
 
 /// The voter cookie's name.
 pub const COOKIE_NAME: &str = "landslide_voter";

@@ -399,10 +399,29 @@ struct ClientLimitArgs {
     /// Votes one client address may send at once before the rate applies.
     #[arg(long, env = "LANDSLIDE_RATE_BURST", default_value_t = landslide_ingest::RateLimit::DEFAULT.burst())]
     rate_burst: u32,
+    #[command(flatten)]
+    client_ip: ClientIpArg,
+}
+
+/// Who the client of a request is, for the per-client limits of ingest and tally.
+#[derive(Debug, Args, Clone)]
+struct ClientIpArg {
     /// The header a trusted proxy sets to the client's address (X-Forwarded-For: its right-most
     /// entry). Unset: the client is the TCP peer. Set it only behind a proxy that sets it.
     #[arg(long, env = "LANDSLIDE_CLIENT_IP_HEADER")]
     client_ip_header: Option<String>,
+}
+
+impl ClientIpArg {
+    fn header(&self) -> anyhow::Result<Option<landslide_ingest::ClientIpHeader>> {
+        match self.client_ip_header.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(name) => Ok(Some(
+                landslide_ingest::ClientIpHeader::parse(name)
+                    .context("invalid --client-ip-header (LANDSLIDE_CLIENT_IP_HEADER)")?,
+            )),
+        }
+    }
 }
 
 /// An ingest node's `rate_limit` and `client_ip_header`.
@@ -416,14 +435,7 @@ impl ClientLimitArgs {
         let limit = landslide_ingest::RateLimit::new(self.rate_limit, self.rate_burst).context(
             "invalid --rate-limit or --rate-burst (LANDSLIDE_RATE_LIMIT, LANDSLIDE_RATE_BURST)",
         )?;
-        let header = match self.client_ip_header.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(name) => Some(
-                landslide_ingest::ClientIpHeader::parse(name)
-                    .context("invalid --client-ip-header (LANDSLIDE_CLIENT_IP_HEADER)")?,
-            ),
-        };
-        Ok((limit, header))
+        Ok((limit, self.client_ip.header()?))
     }
 }
 
@@ -676,6 +688,18 @@ struct TallyArgs {
     /// Live result streams (server-sent events) at once; one more gets 503 with Retry-After.
     #[arg(long, env = "LANDSLIDE_MAX_EVENT_STREAMS", default_value_t = landslide_tally::DEFAULT_MAX_EVENT_STREAMS)]
     max_event_streams: usize,
+    /// Live result streams one client address holds at once; one more gets 429.
+    #[arg(long, env = "LANDSLIDE_MAX_EVENT_STREAMS_PER_CLIENT", default_value_t = landslide_tally::DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT)]
+    max_event_streams_per_client: usize,
+    /// Receipt lookups per second per client address (a fraction is allowed); 0 turns the limit
+    /// off. Beyond it: 429 with Retry-After.
+    #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_LIMIT", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.0)]
+    receipt_rate_limit: f64,
+    /// Receipt lookups one client address may send at once before the rate applies.
+    #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_BURST", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.1)]
+    receipt_rate_burst: u32,
+    #[command(flatten)]
+    client_ip: ClientIpArg,
 }
 
 impl TallyArgs {
@@ -687,6 +711,14 @@ impl TallyArgs {
         );
         config.refresh = Duration::from_millis(self.refresh_ms.max(50));
         config.max_event_streams = self.max_event_streams;
+        config.max_event_streams_per_client = self.max_event_streams_per_client;
+        config.receipt_rate_limit =
+            landslide_tally::RateLimit::new(self.receipt_rate_limit, self.receipt_rate_burst)
+                .context(
+                    "invalid --receipt-rate-limit or --receipt-rate-burst \
+                     (LANDSLIDE_RECEIPT_RATE_LIMIT, LANDSLIDE_RECEIPT_RATE_BURST)",
+                )?;
+        config.client_ip_header = self.client_ip.header()?;
         config.http = self.http.limits();
         config.metrics = self.http.metrics();
         Ok(config)
@@ -1311,6 +1343,7 @@ async fn run_roles(
         receipt_key,
     );
     tally.metrics = MetricsAt::Operations;
+    tally.client_ip_header = ingest.client_ip_header.clone();
 
     let vote_url = format!("http://{}/", ingest_listener.local_addr()?);
     let results_url = format!("http://{}/", tally_listener.local_addr()?);

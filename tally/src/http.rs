@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Router};
@@ -34,6 +36,11 @@ pub(crate) struct AppState {
     pub stale_after: Duration,
     /// One permit per live result stream (`Config::max_event_streams`).
     pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// A client's share of them (`Config::max_event_streams_per_client`).
+    pub stream_slots: Arc<landslide_edge::Slots>,
+    /// Receipt lookups per client (`Config::receipt_rate_limit`).
+    pub receipt_limiter: Option<Arc<landslide_edge::Limiter>>,
+    pub client_ip_header: Option<landslide_edge::ClientIpHeader>,
     /// For receipts only (`receipts.rs`).
     pub db: diesel_async::pooled_connection::bb8::Pool<diesel_async::AsyncPgConnection>,
     /// Answers only the receipts it authenticates (`LANDSLIDE_RECEIPT_KEY`, ingest's).
@@ -43,6 +50,11 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn snapshot(&self) -> Option<Arc<Snapshot>> {
         self.snapshots.borrow().clone()
+    }
+
+    /// The client of a request from `peer`.
+    pub(crate) fn client(&self, headers: &HeaderMap, peer: SocketAddr) -> landslide_edge::Client {
+        landslide_edge::client::resolve(self.client_ip_header.as_ref(), headers, peer)
     }
 }
 
@@ -106,6 +118,10 @@ enum ApiError {
         "too many live result streams right now; retry in a few seconds, or read /api/results/<poll>"
     )]
     TooManyStreams,
+    #[error(
+        "too many live result streams from your address; close one, or read /api/results/<poll>"
+    )]
+    TooManyStreamsFromClient,
 }
 
 impl IntoResponse for ApiError {
@@ -114,6 +130,7 @@ impl IntoResponse for ApiError {
             Self::UnknownPoll => (StatusCode::NOT_FOUND, None),
             Self::NotReady => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
             Self::TooManyStreams => (StatusCode::SERVICE_UNAVAILABLE, Some("5")),
+            Self::TooManyStreamsFromClient => (StatusCode::TOO_MANY_REQUESTS, Some("5")),
         };
         let body = axum::Json(ErrorBody::new(self.to_string()));
         let mut response = (status, body).into_response();
@@ -176,6 +193,10 @@ async fn api_results(
         (status = 200, description = "The live results", body = String,
             content_type = "text/event-stream"),
         (status = 404, description = "Unknown poll", body = ErrorBody),
+        (status = 429, description = "Too many live result streams from the client's address \
+            at once; close one, or read `GET /api/results/{poll}`",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 503, description = "Too many live result streams at once; retry, or read \
             `GET /api/results/{poll}`",
             body = ErrorBody,
@@ -184,6 +205,8 @@ async fn api_results(
 )]
 async fn events(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     poll: Result<Path<String>, PathRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let poll = poll_id(poll).ok_or(ApiError::UnknownPoll)?;
@@ -196,16 +219,26 @@ async fn events(
         .ok_or(ApiError::UnknownPoll)?
         .id
         .clone();
-    // Held for as long as the stream lives: dropped with it when the viewer leaves.
+    // Both held for as long as the stream lives: dropped with it when the viewer leaves. The
+    // client's share first, so that a client over it takes no stream of the others.
+    let slot = state
+        .stream_slots
+        .take(state.client(&headers, peer))
+        .ok_or_else(|| {
+            metrics::counter!("landslide_tally_event_streams_refused_total", "reason" => "client")
+                .increment(1);
+            ApiError::TooManyStreamsFromClient
+        })?;
     let permit = Arc::clone(&state.event_streams)
         .try_acquire_owned()
         .map_err(|_| {
-            metrics::counter!("landslide_tally_event_streams_refused_total").increment(1);
+            metrics::counter!("landslide_tally_event_streams_refused_total", "reason" => "cap")
+                .increment(1);
             ApiError::TooManyStreams
         })?;
     let events = snapshots(state.snapshots.clone())
         .filter_map(move |snapshot| {
-            let _stream = &permit;
+            let _stream = (&permit, &slot);
             let event = snapshot
                 .polls
                 .get(&poll)

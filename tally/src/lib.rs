@@ -10,6 +10,7 @@
 //! message: it only reads what the dedup-workers committed. [`audit`] reads the whole stream, but
 //! through an ephemeral consumer of its own.
 
+pub use landslide_edge::{ClientIpHeader, RateLimit};
 pub use landslide_schema::receipt::ReceiptKey;
 
 pub mod audit;
@@ -43,6 +44,15 @@ pub struct Config {
     /// and `Retry-After`. Each holds a connection (a file descriptor) for as long as its viewer
     /// stays, so the cap keeps a crowd of viewers from exhausting them.
     pub max_event_streams: usize,
+    /// Live result streams one client holds at once; one more is refused with `429`: without
+    /// it, one client could hold every stream of `max_event_streams`.
+    pub max_event_streams_per_client: usize,
+    /// Receipt lookups per client (each a read of the database); beyond it `429`. `None`: no
+    /// limit.
+    pub receipt_rate_limit: Option<RateLimit>,
+    /// The header a trusted proxy sets to the client's address (`LANDSLIDE_CLIENT_IP_HEADER`,
+    /// as ingest's); `None`: the client is the TCP peer.
+    pub client_ip_header: Option<ClientIpHeader>,
     /// The HTTP server's header read timeout and connection cap.
     pub http: landslide_telemetry::serve::Limits,
     /// Whether `/metrics` is served with the results, or only on an operations listener of the
@@ -57,6 +67,17 @@ pub struct Config {
 /// unit allows (`LimitNOFILE`), leaving room for the other connections.
 pub const DEFAULT_MAX_EVENT_STREAMS: usize = 20_000;
 
+/// The default share of one client: 100 streams, so that a single address takes at most 1 in 200
+/// of the default cap, while a household or an office behind one address (or, at 100, a good part
+/// of a carrier-grade NAT's users watching at once) is served; beyond it a viewer reads
+/// `GET /api/results/<poll>` instead.
+pub const DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT: usize = 100;
+
+/// Receipt lookups per client address: 5 a second and bursts of 50. A voter looks one up now and
+/// then; a crowd behind one carrier-grade NAT address looks up some a second. Each is one indexed
+/// read on a pool of [`receipts::POOL_SIZE`] connections that a single client must not hold.
+pub const DEFAULT_RECEIPT_RATE_LIMIT: (f64, u32) = (5.0, 50);
+
 impl Config {
     /// The default topology and polls, refreshed every 500 ms.
     pub fn new(connections: Connections, receipt_key: ReceiptKey) -> Self {
@@ -65,6 +86,13 @@ impl Config {
             receipt_key,
             refresh: Duration::from_millis(500),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
+            max_event_streams_per_client: DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT,
+            receipt_rate_limit: RateLimit::new(
+                DEFAULT_RECEIPT_RATE_LIMIT.0,
+                DEFAULT_RECEIPT_RATE_LIMIT.1,
+            )
+            .unwrap_or_else(|_| unreachable!("the default receipt rate limit is valid")),
+            client_ip_header: None,
             http: landslide_telemetry::serve::Limits::default(),
             metrics: landslide_telemetry::serve::MetricsAt::default(),
         }
@@ -144,6 +172,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         .build(manager)
         .await
         .context("cannot set up the database pool for receipts (DATABASE_URL)")?;
+    let receipt_limiter = config
+        .receipt_rate_limit
+        .map(|limit| std::sync::Arc::new(landslide_edge::Limiter::new(limit)));
+    let _pruner = receipt_limiter
+        .as_ref()
+        .map(landslide_edge::Limiter::spawn_pruner);
     let app = http::router(
         http::AppState {
             polls,
@@ -152,6 +186,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 config.max_event_streams,
             )),
+            stream_slots: landslide_edge::Slots::new(config.max_event_streams_per_client),
+            receipt_limiter: receipt_limiter.clone(),
+            client_ip_header: config.client_ip_header.clone(),
             snapshots: snapshots_rx,
             shutdown: shutdown.clone(),
             stale_after: (config.refresh * 5).max(Duration::from_secs(5)),

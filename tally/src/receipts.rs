@@ -8,16 +8,19 @@
 //! later event's id, which told anyone holding it the voter's current choice and found the
 //! voter's line in the published ballots.
 
+use std::net::SocketAddr;
+
 use askama::Template;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use diesel_async::AsyncPgConnection;
 use diesel_async::RunQueryDsl as _;
 use diesel_async::pooled_connection::bb8::Pool;
+use landslide_edge::Client;
 use landslide_schema::receipt::{Receipt, Standing, Unanswered};
 use landslide_schema::{Choice, EventId, PollId, Timestamp};
 use landslide_telemetry::openapi::ErrorBody;
@@ -141,14 +144,51 @@ async fn read_ballot(
 /// the same `400` as any other text that is none, not axum's plain-text one.
 async fn from_path(
     state: &AppState,
+    client: Client,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Answer, (StatusCode, String)> {
+) -> Result<Answer, Refusal> {
+    // Before anything is read: a client beyond its share waits, and holds no connection.
+    if let Some(limiter) = &state.receipt_limiter {
+        limiter.check(&client).map_err(|retry_after| {
+            metrics::counter!("landslide_tally_receipts_rate_limited_total").increment(1);
+            Refusal {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                error: "too many receipt lookups from your address; retry later".to_owned(),
+                retry_after: Some(retry_after),
+            }
+        })?;
+    }
+    let refusal = |(status, error): (StatusCode, String)| Refusal {
+        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
+        status,
+        error,
+    };
     match path {
-        Ok(Path(receipt)) => answer(state, &receipt).await,
-        Err(_) => Err((
+        Ok(Path(receipt)) => answer(state, &receipt).await.map_err(refusal),
+        Err(_) => Err(refusal((
             StatusCode::BAD_REQUEST,
             "a receipt is `<poll>.<voter id>.<event id>.<ts>.<tag>`".to_owned(),
-        )),
+        ))),
+    }
+}
+
+/// A lookup not answered: its status, why, and when to retry (`Retry-After`).
+struct Refusal {
+    status: StatusCode,
+    error: String,
+    retry_after: Option<u64>,
+}
+
+impl Refusal {
+    /// `response` with this refusal's status and `Retry-After`.
+    fn onto(&self, response: impl IntoResponse) -> Response {
+        let mut response = (self.status, response).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -166,6 +206,9 @@ async fn from_path(
         (status = 400, description = "Not a receipt", body = ErrorBody),
         (status = 404, description = "This site did not issue the receipt, or its poll does \
             not exist", body = ErrorBody),
+        (status = 429, description = "Too many lookups from the client's address; retry after \
+            the seconds `Retry-After` says", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 503, description = "No results yet, or the ballots cannot be read now; retry",
             body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -173,19 +216,13 @@ async fn from_path(
 )]
 pub(crate) async fn api(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     receipt: Result<Path<String>, PathRejection>,
 ) -> Response {
-    match from_path(&state, receipt).await {
+    match from_path(&state, state.client(&headers, peer), receipt).await {
         Ok(answer) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(answer)).into_response(),
-        Err((status, error)) => {
-            let mut response = (status, axum::Json(ErrorBody::new(error))).into_response();
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            }
-            response
-        }
+        Err(refusal) => refusal.onto(axum::Json(ErrorBody::new(refusal.error.clone()))),
     }
 }
 
@@ -203,6 +240,9 @@ pub(crate) async fn api(
         (status = 400, description = "Not a receipt", body = String, content_type = "text/html"),
         (status = 404, description = "This site did not issue the receipt, or its poll does \
             not exist", body = String, content_type = "text/html"),
+        (status = 429, description = "Too many lookups from the client's address; retry after \
+            the seconds `Retry-After` says", body = String, content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 503, description = "No results yet, or the ballots cannot be read now; retry",
             body = String, content_type = "text/html",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -210,11 +250,13 @@ pub(crate) async fn api(
 )]
 pub(crate) async fn page(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     receipt: Result<Path<String>, PathRejection>,
 ) -> Response {
-    let (status, sentence) = match from_path(&state, receipt).await {
+    let (refusal, sentence) = match from_path(&state, state.client(&headers, peer), receipt).await {
         Ok(answer) => (
-            StatusCode::OK,
+            None,
             match answer.status {
                 ReceiptStatus::Counted => "This vote is the one counted for you.".to_owned(),
                 ReceiptStatus::Superseded => {
@@ -230,21 +272,22 @@ pub(crate) async fn page(
                 }
             },
         ),
-        Err((status, error)) => (status, error),
+        Err(refusal) => {
+            let error = refusal.error.clone();
+            (Some(refusal), error)
+        }
     };
     // askama escapes the sentence (a choice is an identifier, but every shown value is escaped).
     let page = ReceiptPage {
         sentence: &sentence,
     };
     match page.render() {
-        // Like the API's: a reader of the page may retry as well as a program.
-        Ok(html) if status == StatusCode::SERVICE_UNAVAILABLE => (
-            status,
-            [(header::RETRY_AFTER, header::HeaderValue::from_static("1"))],
-            Html(html),
-        )
-            .into_response(),
-        Ok(html) => (status, Html(html)).into_response(),
+        // Like the API's, status and Retry-After: a reader of the page may retry as well as a
+        // program.
+        Ok(html) => match refusal {
+            Some(refusal) => refusal.onto(Html(html)),
+            None => Html(html).into_response(),
+        },
         Err(err) => {
             tracing::error!(error = %err, "cannot render the receipt page");
             (StatusCode::INTERNAL_SERVER_ERROR, "cannot render the page").into_response()

@@ -109,6 +109,70 @@ async fn live_result_streams_beyond_the_cap_get_503_with_retry_after() {
     tally.role.stop().await;
 }
 
+/// One client, by the address the trusted proxy names, holds at most its share of the live
+/// result streams (`429`, while another client still gets one) and of receipt lookups (`429`
+/// with `Retry-After`, before anything is read): one address could otherwise hold every stream
+/// of the cap, or the receipts' few database connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_holds_at_most_its_share_of_live_streams_and_receipt_lookups() {
+    let nats = Nats::start().await;
+    let db = crate::support::Db::create().await;
+    let tally = support::tally_with(&nats, &db, |c| {
+        c.max_event_streams_per_client = 2;
+        c.receipt_rate_limit = landslide_tally::RateLimit::new(0.1, 2).unwrap();
+        c.client_ip_header =
+            Some(landslide_tally::ClientIpHeader::parse("X-Forwarded-For").unwrap());
+    })
+    .await;
+    let get = |path: String, client: &'static str| {
+        let url = format!("{}{path}", tally.url);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                // The proxy appends the client it saw; what the client sent before is not believed.
+                .header("x-forwarded-for", format!("203.0.113.99, {client}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = ("198.51.100.7", "198.51.100.8");
+    let stream = |client| {
+        support::wait_for(
+            "an answer to the event stream",
+            std::time::Duration::from_secs(15),
+            move || async move {
+                let response = get("/api/results/pets/events".to_owned(), client).await;
+                // Before the first snapshot tally answers 503 "not ready".
+                (response.status() != 503).then_some(response)
+            },
+        )
+    };
+    let held = [stream(a).await, stream(a).await];
+    assert_eq!(held.each_ref().map(|r| r.status().as_u16()), [200, 200]);
+    let refused = stream(a).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    assert_eq!(stream(b).await.status(), 200, "another client is served");
+
+    let lookup = |client| get("/api/receipts/no-such-receipt".to_owned(), client);
+    for _ in 0..2 {
+        assert_eq!(lookup(a).await.status(), 400);
+    }
+    let limited = lookup(a).await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "10");
+    let page = get("/receipts/no-such-receipt".to_owned(), a).await;
+    assert_eq!(page.status(), 429, "the page shares the API's limit");
+    assert_eq!(
+        lookup(b).await.status(),
+        400,
+        "another client is not limited"
+    );
+    drop((held, refused));
+    tally.role.stop().await;
+}
+
 /// The `Set-Cookie` values of a response.
 fn set_cookies(response: &reqwest::Response) -> Vec<String> {
     response
@@ -584,7 +648,7 @@ async fn votes_beyond_a_clients_burst_get_429_with_retry_after_and_are_not_store
         2.0
     );
     assert_eq!(
-        support::metric(&page, "landslide_ingest_client_ip_fallback_total"),
+        support::metric(&page, "landslide_client_ip_fallback_total"),
         1.0
     );
     ingest.role.stop().await;

@@ -6,18 +6,18 @@
 //! balancer appended (HAProxy's `option forwardfor` adds a header line of its own, after any the
 //! client sent; an ALB appends to the client's list), while every entry left of it is whatever the
 //! client chose to send. A header that is missing or unparsable never fails the request: the peer
-//! address stands in, and the fallback is counted (`landslide_ingest_client_ip_fallback_total`).
+//! address stands in, and the fallback is counted (`landslide_client_ip_fallback_total`).
 //!
-//! The same [`Client`] keys the rate limit (`rate_limit.rs`) and salts the voter id of a
-//! cookie-less request with an `Idempotency-Key` (`voter.rs`), so a key chosen by one client
-//! never names another client's voter.
+//! The same [`Client`] keys the per-client limits (`rate_limit.rs`, `slots.rs`) of ingest and
+//! tally, and salts the voter id of a cookie-less request with an `Idempotency-Key` (ingest's
+//! `voter.rs`), so a key chosen by one client never names another client's voter.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::http::{HeaderMap, HeaderName};
 
-/// The header that a trusted proxy in front of ingest sets to the client's address, such as
+/// The header that a trusted proxy in front of ingest and tally sets to the client's address, such as
 /// `X-Forwarded-For` (its right-most entry is used) or `X-Real-IP`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIpHeader(HeaderName);
@@ -90,11 +90,11 @@ pub fn resolve(header: Option<&ClientIpHeader>, headers: &HeaderMap, peer: Socke
     match from_header(headers, &header.0) {
         Ok(ip) => Client::of(ip),
         Err(fallback) => {
-            metrics::counter!("landslide_ingest_client_ip_fallback_total", "reason" => fallback.reason())
+            metrics::counter!("landslide_client_ip_fallback_total", "reason" => fallback.reason())
                 .increment(1);
             // Once at warn, since a header that never arrives is a configuration error (the
-            // balancer does not set it, or ingest is reached around it); then at debug, as one
-            // line per vote would cost more than the vote. The counter keeps the score.
+            // balancer does not set it, or the role is reached around it); then at debug, as one
+            // line per request would cost more than the request. The counter keeps the score.
             static WARNED: AtomicBool = AtomicBool::new(false);
             if WARNED.swap(true, Ordering::Relaxed) {
                 tracing::debug!(
@@ -107,7 +107,7 @@ pub fn resolve(header: Option<&ClientIpHeader>, headers: &HeaderMap, peer: Socke
                     header = header.as_str(),
                     reason = fallback.reason(),
                     "client address header unusable; using the peer address (counted in \
-                     landslide_ingest_client_ip_fallback_total, logged once)"
+                     landslide_client_ip_fallback_total, logged once)"
                 );
             }
             Client::of(peer.ip())

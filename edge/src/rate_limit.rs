@@ -1,19 +1,25 @@
-//! The per-client token bucket of the vote endpoints (`POST /vote` and `POST /api/votes`
-//! together): `LANDSLIDE_RATE_LIMIT` votes per second per client address, bursts of up to
-//! `LANDSLIDE_RATE_BURST`. A vote beyond it is refused with `429` and `Retry-After` before
-//! anything is stored; the voter may retry.
+//! A token bucket per client: ingest's vote endpoints (`POST /vote` and `POST /api/votes`
+//! together: `LANDSLIDE_RATE_LIMIT` votes per second per client address, bursts of up to
+//! `LANDSLIDE_RATE_BURST`) and tally's receipt lookups (`LANDSLIDE_RECEIPT_RATE_LIMIT`). A request
+//! beyond it is refused with `429` and `Retry-After` before anything is done; the client may
+//! retry.
 //!
 //! The bucket is governor's keyed GCRA limiter, one state (a `u64`) per client in a `DashMap`.
 //! governor never forgets a key by itself, so [`Limiter::spawn_pruner`] drops every client whose
-//! bucket has filled up again (it has sent nothing for `burst ÷ rate`, 10 s by default): the map
-//! holds at most the clients seen in the last `burst ÷ rate` + [`PRUNE_EVERY`], a few MB at
-//! tens of thousands of new clients per second.
+//! bucket has filled up again, every [`PRUNE_EVERY`]; and so does a check that finds the map
+//! grown past [`PRUNE_AT`] and twice its size after the last pruning. Found by reading it: with
+//! the timer alone, the map grew by one entry per request between two prunings, and a client
+//! with a large IPv6 allocation is a new client (a new /64) with every request: some millions of
+//! entries in 10 s at the rate a node refuses requests. Now it holds at most twice the clients
+//! whose bucket is not full, or [`PRUNE_AT`]; a client with a full bucket behaves as a new one, so
+//! forgetting it changes no answer.
 //!
-//! The limit is per ingest node. The load balancers of the deployments hold a matching limit for
+//! The limit is per process. The load balancers of the deployments hold a matching limit for
 //! the whole deployment (compose/haproxy.cfg, vagrant/Vagrantfile, the WAF of aws-cfn/).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -25,6 +31,13 @@ use crate::client::Client;
 
 /// How often clients with a full bucket are forgotten.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// Clients remembered beyond which a check forgets those with a full bucket at once (when the map
+/// has also doubled since the last pruning): some MB of state per process.
+pub const PRUNE_AT: usize = 100_000;
+
+/// Checks between two looks at the map's size (a look locks each of its shards in turn).
+const LOOK_EVERY: u64 = 1024;
 
 /// Votes per second per client address, and the burst a client may send at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +101,12 @@ impl RateLimit {
 /// One token bucket per client.
 pub struct Limiter<C: Clock = DefaultClock> {
     buckets: RateLimiter<Client, DashMapStateStore<Client>, C, NoOpMiddleware<C::Instant>>,
+    /// Checks so far, for [`LOOK_EVERY`].
+    checks: AtomicU64,
+    /// Clients remembered after the last pruning.
+    after_prune: AtomicUsize,
+    /// [`PRUNE_AT`], but for tests.
+    prune_at: usize,
 }
 
 impl<C: Clock> std::fmt::Debug for Limiter<C> {
@@ -122,12 +141,30 @@ impl<C: Clock> Limiter<C> {
     pub fn with_clock(limit: RateLimit, clock: C) -> Self {
         Self {
             buckets: RateLimiter::dashmap_with_clock(limit.quota(), clock),
+            checks: AtomicU64::new(0),
+            after_prune: AtomicUsize::new(0),
+            prune_at: PRUNE_AT,
         }
     }
 
     /// Takes a token from `client`'s bucket, or says how many whole seconds (at least 1) to wait
     /// before the next one: what `Retry-After` says.
     pub fn check(&self, client: &Client) -> Result<(), u64> {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(LOOK_EVERY)
+        {
+            let clients = self.buckets.len();
+            if clients
+                > self
+                    .prune_at
+                    .max(2 * self.after_prune.load(Ordering::Relaxed))
+            {
+                metrics::counter!("landslide_rate_limit_early_prunes_total").increment(1);
+                self.prune();
+            }
+        }
         self.buckets.check_key(client).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.buckets.clock().now());
             // Rounded up, so that a client that waits as told finds a token.
@@ -141,6 +178,8 @@ impl<C: Clock> Limiter<C> {
     pub fn prune(&self) {
         self.buckets.retain_recent();
         self.buckets.shrink_to_fit();
+        self.after_prune
+            .store(self.buckets.len(), Ordering::Relaxed);
     }
 
     /// Clients remembered.
@@ -217,6 +256,24 @@ mod tests {
         // bucket 1 s ago and has refilled only 10 of 20.
         assert_eq!(limiter.clients(), 1);
         assert_eq!(limiter.check(&busy), Ok(()));
+    }
+
+    /// A new client per request (a new /64 of one large IPv6 allocation each time): the map
+    /// stays bounded between two timed prunings.
+    #[test]
+    fn a_new_client_per_request_does_not_grow_the_map_without_bound() {
+        let (mut limiter, clock) = limiter(100.0, 1000);
+        limiter.prune_at = 2_000;
+        let mut most = 0;
+        for i in 0..200_000u128 {
+            let ip = std::net::Ipv6Addr::from_bits((0x2001_0db8_u128 << 96) | (i << 64));
+            limiter.check(&Client::of(ip.into())).unwrap();
+            // 100,000 new clients a second; one request's token comes back in 10 ms.
+            clock.advance(Duration::from_micros(10));
+            most = most.max(limiter.clients());
+        }
+        // 1 ms of clients is not yet full again, and a look comes every 1024 checks.
+        assert!(most <= 2_000 + 2 * 1024, "{most} clients remembered");
     }
 
     #[test]
