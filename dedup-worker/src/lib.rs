@@ -77,13 +77,24 @@ impl Config {
     /// the batch's messages would pass `ack_wait` and go to another worker while this one still
     /// held them.
     pub fn database_bound(&self) -> Duration {
-        let ack_wait = self
-            .connections
+        (self.ack_wait() * 2 / 3).min(Duration::from_secs(20))
+    }
+
+    /// How often a worker tells the server that it still works on the messages it holds, while
+    /// a transaction runs: a third of `ack_wait`. The messages pulled during a slow commit (the
+    /// next batch) wait for it and then for their own: two commits within the bound took longer
+    /// than `ack_wait`, and the server gave them to another worker, which did the same work
+    /// again while the database was at its slowest.
+    pub fn progress_every(&self) -> Duration {
+        self.ack_wait() / 3
+    }
+
+    fn ack_wait(&self) -> Duration {
+        self.connections
             .topology
             .consumer_config()
             .map(|c| c.ack_wait)
-            .unwrap_or(Duration::from_secs(30));
-        (ack_wait * 2 / 3).min(Duration::from_secs(20))
+            .unwrap_or(Duration::from_secs(30))
     }
 
     pub fn new(connections: Connections) -> Self {
@@ -294,6 +305,7 @@ impl Worker {
                 first_at: None,
                 max: self.config.batch_size,
                 wait: self.config.batch_wait,
+                progress_every: self.config.progress_every(),
                 ended: false,
             };
             // At once, then every `STREAM_CHECK_EVERY` between batches, and before the first batch
@@ -717,7 +729,11 @@ impl Worker {
             });
         let started = Instant::now();
         // The next batch is pulled and decoded while PostgreSQL works on this one.
-        match inbox.pull_during(self.commit(&upsert, mark.as_ref())).await {
+        let in_flight: Vec<&Message> = votes.iter().map(|(_, message)| message).collect();
+        match inbox
+            .pull_during(self.commit(&upsert, mark.as_ref()), &in_flight)
+            .await
+        {
             Ok(()) => {
                 self.db_failures = 0;
                 metrics::histogram!("landslide_commit_seconds")
@@ -920,6 +936,8 @@ struct Inbox {
     first_at: Option<tokio::time::Instant>,
     max: usize,
     wait: Duration,
+    /// `Config::progress_every`.
+    progress_every: Duration,
     /// The message stream ended (it never does while the connection lives).
     ended: bool,
 }
@@ -928,6 +946,9 @@ impl Inbox {
     fn push(&mut self, next: Option<Result<Message, MessagesError>>) {
         match next {
             Some(Ok(message)) => {
+                if message.info().is_ok_and(|info| info.delivered > 1) {
+                    metrics::counter!("landslide_redeliveries_total").increment(1);
+                }
                 let (book, confirmed) = self.polls.confirmed();
                 let verdict = match verdict(&book, &message) {
                     // Counted by a revision the book knows no successor of, while the book was
@@ -1000,18 +1021,33 @@ impl Inbox {
         }
     }
 
-    /// Runs `work` to its end, meanwhile pulling messages into the batch until it is full.
-    /// `work` itself is never dropped early: it may be a transaction (design section 5).
-    async fn pull_during<T>(&mut self, work: impl Future<Output = T>) -> T {
+    /// Runs `work` to its end, meanwhile pulling messages into the batch until it is full, and
+    /// every `progress_every` telling the server that the messages of `in_flight` (`work`'s)
+    /// and of the batch are still being worked on, so that it gives none to another worker
+    /// meanwhile. `work` itself is never dropped early: it may be a transaction (design
+    /// section 5).
+    async fn pull_during<T>(&mut self, work: impl Future<Output = T>, in_flight: &[&Message]) -> T {
         let mut work = std::pin::pin!(work);
+        let mut progress = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.progress_every,
+            self.progress_every,
+        );
         loop {
-            if self.batch.len() >= self.max || self.ended {
-                return work.await;
-            }
+            let pulling = self.batch.len() < self.max && !self.ended;
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                next = self.messages.next() => self.push(next),
+                _ = progress.tick() => {
+                    let held = in_flight.iter().copied().chain(self.batch.iter().map(|(m, _)| m));
+                    let mut sent = 0u64;
+                    for message in held {
+                        // A lost one only means a redelivery, which the ack_wait allowed anyway.
+                        let _ = message.ack_with(AckKind::Progress).await;
+                        sent += 1;
+                    }
+                    metrics::counter!("landslide_progress_acks_total").increment(sent);
+                }
+                next = self.messages.next(), if pulling => self.push(next),
             }
         }
     }

@@ -405,6 +405,60 @@ async fn a_worker_gives_up_on_a_silent_database_within_its_bound_and_counts_the_
     worker.stop().await;
 }
 
+/// A slow database: each commit takes most of the bound. The message pulled during the first
+/// commit waits for it and then for its own, longer than `ack_wait` in all; the worker tells the
+/// server every third of `ack_wait` that it still holds it, so the server gives it to nobody
+/// else (without that, it was delivered again: work done twice while the database was slowest).
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_held_through_slow_commits_are_not_delivered_again() {
+    let nats = Nats::start().await;
+    let db = Db::create().await;
+    // Every statement that inserts ballots (an upsert fires the INSERT triggers once) takes
+    // 2.2 s: a commit within the 2.67 s bound of a 4 s ack_wait, two of them well past it.
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut db.conn().await,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(2.2); RETURN NULL; END $$; \
+         CREATE TRIGGER slow BEFORE INSERT ON ballots \
+         FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    )
+    .await
+    .unwrap();
+    let topology = Topology {
+        ack_wait: Some(Duration::from_secs(4)),
+        ..Topology::default()
+    };
+    let worker = support::worker_with(&nats, &db, |c| {
+        c.connections.topology = topology.clone();
+        c.batch_size = 1;
+    });
+    let (cats, dogs) = (Uuid::new_v4(), Uuid::new_v4());
+    publish_raw(
+        &nats,
+        [
+            crate::tally::vote(cats, "cats", 1_000).encode(),
+            crate::tally::vote(dogs, "dogs", 1_000).encode(),
+        ],
+    )
+    .await;
+    support::drained(&nats).await;
+    assert_eq!(
+        db.tally_and_count("pets").await,
+        [("cats".to_owned(), 1, 1), ("dogs".to_owned(), 1, 1)]
+    );
+    let page = landslide_telemetry::prometheus().render();
+    assert!(
+        support::metric(&page, "landslide_progress_acks_total") > 0.0,
+        "the held messages were kept"
+    );
+    assert_eq!(
+        support::metric(&page, "landslide_redeliveries_total"),
+        0.0,
+        "no message was delivered twice"
+    );
+    worker.stop().await;
+}
+
 fn now_ms() -> u64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
