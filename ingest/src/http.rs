@@ -528,7 +528,11 @@ impl AppState {
         DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
-    /// Message `sequence` of the votes stream as stored, if it can be read.
+    /// Message `sequence` of the votes stream as stored, if it can be read: from any replica
+    /// (a direct get, which the nearest answers), else from the stream's leader. Found by trying
+    /// it on three replicas: a follower answers the direct get before it has applied a vote the
+    /// leader has acked, and 10 of 200 stored votes of a windowed poll were answered `503`. The
+    /// leader has applied every vote it acked.
     async fn stored(&self, sequence: u64) -> Option<StreamMessage> {
         let publisher = &self.0.publisher;
         let stream = publisher
@@ -536,7 +540,13 @@ impl AppState {
             .get_stream_no_info(publisher.stream_name())
             .await
             .ok()?;
-        stream.direct_get(sequence).await.ok()
+        match stream.direct_get(sequence).await {
+            Ok(message) => Some(message),
+            Err(_) => {
+                metrics::counter!("landslide_ingest_read_back_from_leader_total").increment(1);
+                stream.get_raw_message(sequence).await.ok()
+            }
+        }
     }
 }
 

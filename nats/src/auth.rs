@@ -128,8 +128,10 @@ impl User {
                 vec![
                     format!("{}.*", t.votes_prefix),
                     api(&format!("STREAM.INFO.{votes}")),
-                    // Reading back the time a vote of a windowed poll was stored.
+                    // Reading back the time a vote of a windowed poll was stored: from any
+                    // replica, else from the leader (which a lagging follower cannot answer for).
                     api(&format!("DIRECT.GET.{votes}")),
+                    api(&format!("STREAM.MSG.GET.{votes}")),
                 ],
                 read_polls,
             ]

@@ -898,18 +898,9 @@ async fn a_poll_is_final_only_once_every_revision_it_was_open_under_has_stopped_
 /// why on `/readyz`, and takes votes again once it can.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ingest_node_that_cannot_read_the_polls_bucket_takes_no_vote() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nats =
-        landslide_servers::Nats::start(landslide_servers::NatsLayout::Cluster, dir.path())
-            .await
-            .unwrap();
-    let db = Db::create().await;
+    let (_dir, mut nats, db, topology) = three_replicas().await;
     // The polls bucket on one server, the votes on all three: with that server down, votes can
     // be stored and the bucket cannot be read.
-    let topology = landslide_nats::Topology {
-        replicas: 3,
-        ..landslide_nats::Topology::default()
-    };
     let js = async_nats::jetstream::new(nats.client(User::Worker).await.unwrap());
     let one = landslide_nats::Topology {
         replicas: 1,
@@ -981,4 +972,72 @@ async fn an_ingest_node_that_cannot_read_the_polls_bucket_takes_no_vote() {
     );
     worker.stop().await;
     ingest.role.stop().await;
+}
+
+/// A three-node cluster (in a folder kept while the result lives), a database, and the topology
+/// of three replicas.
+async fn three_replicas() -> (
+    tempfile::TempDir,
+    landslide_servers::Nats,
+    Db,
+    landslide_nats::Topology,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = landslide_servers::Nats::start(landslide_servers::NatsLayout::Cluster, dir.path())
+        .await
+        .unwrap();
+    let topology = landslide_nats::Topology {
+        replicas: 3,
+        ..landslide_nats::Topology::default()
+    };
+    (dir, nats, Db::create().await, topology)
+}
+
+/// On three replicas, the copy of a vote of a windowed poll that ingest reads back (when the
+/// stream stored it decides whether it counts) may come from a follower that has not applied the
+/// vote yet: answered `503` for a stored vote, whose voter then votes again. Ingest asks the
+/// stream's leader when a replica does not have it.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_three_replicas_every_stored_vote_of_a_windowed_poll_is_answered_202() {
+    let (_dir, nats, db, topology) = three_replicas().await;
+    let now = chrono::Utc::now();
+    let polls = Polls::from_toml(&windowed(
+        now - chrono::Duration::hours(1),
+        now + chrono::Duration::hours(1),
+    ))
+    .unwrap();
+    let worker = support::worker_with(&nats, &db, |c| {
+        c.connections.topology = topology.clone();
+        c.connections.polls = polls.clone();
+    });
+    let js = async_nats::jetstream::new(nats.client(User::Worker).await.unwrap());
+    let leader = support::wait_for("the votes stream", Duration::from_secs(30), || async {
+        let mut stream = js.get_stream(&topology.votes_stream).await.ok()?;
+        stream.info().await.ok()?.cluster.clone()?.leader
+    })
+    .await;
+    // Connected to a follower alone: its replica answers the read-back first.
+    let follower = (0..nats.len()).find(|&n| nats.name(n) != leader).unwrap();
+    let ingest = support::ingest_with(&nats, "web1", |c| {
+        c.connections.topology = topology.clone();
+        c.connections.polls = polls.clone();
+        c.connections.nats = nats.node_config(follower, User::Ingest);
+    })
+    .await;
+    let mut refused = Vec::new();
+    for _ in 0..200 {
+        let (status, body) =
+            support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
+        if status != 202 {
+            refused.push((status, body));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 200 refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    ingest.role.stop().await;
+    worker.stop().await;
 }
