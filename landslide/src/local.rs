@@ -46,12 +46,13 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use crate::keys::KeyFiles;
 use anyhow::{Context, bail};
 use landslide_nats::{NatsConfig, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_servers::postgres::{PgAccess, PgTls, PostgresSpec};
 use landslide_servers::{Binaries, Guard, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
+
+use crate::keys::KeyFiles;
 
 /// The database that `up` creates and hands to every role.
 const DATABASE: &str = "landslide";
@@ -477,6 +478,7 @@ async fn start_postgres(
     let (cert, _) = ca.issue_or_keep(
         "postgres",
         &["127.0.0.1".to_owned(), "localhost".to_owned()],
+        landslide_servers::tls::Purpose::Server,
     )?;
     let passwords = data_dir.join("postgres-users");
     let spec = PostgresSpec {

@@ -93,9 +93,14 @@ struct CertsArgs {
     #[arg(long, default_value = "nats")]
     name: String,
     /// Every host name and IP address clients reach the servers by, comma-separated: one
-    /// certificate serves every node of a cluster (their routes verify each other with it).
+    /// certificate serves every node of a cluster.
     #[arg(long, value_delimiter = ',', required = true)]
     hosts: Vec<String>,
+    /// What the certificate is for: `server` (a NATS client port, PostgreSQL, HTTP: server
+    /// authentication only) or `route` (NATS cluster routes, which verify each other both ways;
+    /// name it nats-route and give it to NATS nodes only).
+    #[arg(long, default_value = "server")]
+    purpose: String,
 }
 
 #[derive(Debug, Args)]
@@ -194,16 +199,18 @@ struct NatsAuthArgs {
     /// The NATS user (nats/auth.conf: ingest, worker, tally, audit or admin), with a password.
     #[arg(long, env = "NATS_USER")]
     nats_user: Option<String>,
-    /// The NATS user's password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    /// The NATS user's password, from the environment's NATS_PASSWORD only: no flag, since every
+    /// user of a host may read a process's arguments.
+    #[arg(skip = non_empty_env("NATS_PASSWORD"))]
     nats_password: Option<String>,
-    /// A file holding the NATS user's password (instead of NATS_PASSWORD).
+    /// A file holding the NATS user's password (instead of the environment's NATS_PASSWORD; what
+    /// the deployments give, through systemd's credentials).
     #[arg(long, env = "NATS_PASSWORD_FILE")]
     nats_password_file: Option<PathBuf>,
-    /// A NATS token (instead of a user).
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    /// A NATS token instead of a user, from the environment's NATS_TOKEN only (no flag).
+    #[arg(skip = non_empty_env("NATS_TOKEN"))]
     nats_token: Option<String>,
-    /// A file holding a NATS token.
+    /// A file holding a NATS token (instead of the environment's NATS_TOKEN).
     #[arg(long, env = "NATS_TOKEN_FILE")]
     nats_token_file: Option<PathBuf>,
     /// A file holding an nkey seed (SU…).
@@ -737,10 +744,14 @@ struct AuditArgs {
     /// Also certify this poll: its counts, the stream range read and the digest of its export.
     #[arg(long)]
     poll: Option<String>,
-    /// The key that pseudonymises voters in the certified ballots (at least 32 bytes); required
-    /// with --poll. Keep it: the same key gives the same pseudonyms.
-    #[arg(long, env = "LANDSLIDE_EXPORT_KEY", hide_env_values = true)]
+    /// The key that pseudonymises voters in the certified ballots (at least 32 bytes), from the
+    /// environment's LANDSLIDE_EXPORT_KEY only: no flag, which every user of the host could read.
+    #[arg(skip = non_empty_env("LANDSLIDE_EXPORT_KEY"))]
     export_key: Option<String>,
+    /// A file whose first line is the export key (instead of LANDSLIDE_EXPORT_KEY); one of the
+    /// two is required with --poll. Keep it: the same key gives the same pseudonyms.
+    #[arg(long, env = "LANDSLIDE_EXPORT_KEY_FILE")]
+    export_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -794,10 +805,14 @@ impl AuditArgs {
             .poll
             .as_deref()
             .context("name the poll to certify with --poll")?;
-        let key = self.export_key.clone().context(
-            "set LANDSLIDE_EXPORT_KEY (at least 32 bytes, kept by the poll's owner): it \
-             pseudonymises the voters of the certified ballots",
-        )?;
+        let key = match &self.export_key_file {
+            Some(path) => landslide_schema::postgres::roles::read_password_file(path)
+                .context("in LANDSLIDE_EXPORT_KEY_FILE")?,
+            None => self.export_key.clone().context(
+                "set LANDSLIDE_EXPORT_KEY or LANDSLIDE_EXPORT_KEY_FILE (at least 32 bytes, kept \
+                 by the poll's owner): it pseudonymises the voters of the certified ballots",
+            )?,
+        };
         Ok((poll, landslide_tally::certificate::ExportKey::new(key)?))
     }
 }
@@ -930,7 +945,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 fn certs(args: &CertsArgs) -> anyhow::Result<()> {
     use landslide_servers::tls::{Authority, Issued};
     let ca = Authority::open_or_create(&args.dir, "Landslide deployment CA")?;
-    let (files, issued) = ca.issue_or_keep(&args.name, &args.hosts)?;
+    let purpose =
+        landslide_servers::tls::Purpose::parse(&args.purpose).context("invalid --purpose")?;
+    let (files, issued) = ca.issue_or_keep(&args.name, &args.hosts, purpose)?;
     let done = match issued {
         Issued::Kept => "kept, for the same hosts",
         Issued::New => "written",

@@ -164,7 +164,10 @@ pub struct Nats {
 pub struct Security {
     passwords: Vec<(User, String)>,
     ca: PathBuf,
+    /// The client port's: a server's alone.
     cert: crate::tls::CertFiles,
+    /// The cluster routes': the only certificate that is also a client's.
+    route: crate::tls::CertFiles,
 }
 
 impl Security {
@@ -175,20 +178,25 @@ impl Security {
         let tls_dir = dir.join("nats-tls");
         let passwords_file = tls_dir.join("passwords");
         let hosts_file = tls_dir.join("hosts");
-        let cert = crate::tls::CertFiles {
-            cert: tls_dir.join("nats-cert.pem"),
-            key: tls_dir.join("nats-key.pem"),
+        let files = |name: &str| crate::tls::CertFiles {
+            cert: tls_dir.join(format!("{name}-cert.pem")),
+            key: tls_dir.join(format!("{name}-key.pem")),
         };
+        let (cert, route) = (files("nats"), files("nats-route"));
         let same_hosts = std::fs::read_to_string(&hosts_file).ok() == Some(hosts.join("\n"));
+        // A folder of an earlier release has no route certificate, and a client port's that
+        // was also a client's: made anew.
         if same_hosts
             && let Ok(text) = std::fs::read_to_string(&passwords_file)
             && let Some(passwords) = parse_passwords(&text)
             && cert.cert.exists()
+            && route.cert.exists()
         {
             return Ok(Self {
                 passwords,
                 ca: tls_dir.join("ca.pem"),
                 cert,
+                route,
             });
         }
         if tls_dir.exists() {
@@ -196,7 +204,8 @@ impl Security {
                 .with_context(|| format!("cannot remove {}", tls_dir.display()))?;
         }
         let ca = crate::tls::Authority::create(&tls_dir, "Landslide test and local CA")?;
-        let cert = ca.issue("nats", hosts)?;
+        let cert = ca.issue("nats", hosts, crate::tls::Purpose::Server)?;
+        let route = ca.issue("nats-route", hosts, crate::tls::Purpose::Route)?;
         let passwords: Vec<(User, String)> = User::ALL
             .into_iter()
             .map(|user| (user, crate::random_secret()))
@@ -212,6 +221,7 @@ impl Security {
             passwords,
             ca: ca.ca(),
             cert,
+            route,
         })
     }
 
@@ -225,6 +235,16 @@ impl Security {
     /// The CA certificate that clients verify the servers against.
     pub fn ca(&self) -> &Path {
         &self.ca
+    }
+
+    /// The client port's certificate: a server's alone.
+    pub fn server_cert(&self) -> &crate::tls::CertFiles {
+        &self.cert
+    }
+
+    /// The routes' certificate.
+    pub fn route_cert(&self) -> &crate::tls::CertFiles {
+        &self.route
     }
 }
 
@@ -459,6 +479,12 @@ impl Nats {
     }
 
     /// The node's monitoring endpoint (`/varz`, `/jsz`).
+    /// A node's cluster address, as routes name it: `nats-route://host:port`.
+    pub fn route_url(&self, node: usize) -> String {
+        let node = &self.nodes[node];
+        format!("nats-route://{}:{}", node.place.addr(), node.cluster_port)
+    }
+
     pub fn monitor_url(&self, node: usize) -> String {
         let node = &self.nodes[node];
         format!("http://{}:{}", node.place.addr(), node.monitor_port)
@@ -744,8 +770,8 @@ fn config_text(
             "cluster {{\n  name: landslide\n  listen: {addr}:{cluster_port}\n  routes: [\n{}\n  ]\n  \
              tls {{\n    cert_file: {cert:?}\n    key_file: {key:?}\n    ca_file: {ca:?}\n    verify: true\n    timeout: 5\n  }}\n}}\n",
             routes.join("\n"),
-            cert = security.cert.cert,
-            key = security.cert.key,
+            cert = security.route.cert,
+            key = security.route.key,
             ca = security.ca,
         ));
     }
@@ -798,6 +824,10 @@ mod tests {
                 cert: PathBuf::from("/tmp/x/nats-cert.pem"),
                 key: PathBuf::from("/tmp/x/nats-key.pem"),
             },
+            route: crate::tls::CertFiles {
+                cert: PathBuf::from("/tmp/x/nats-route-cert.pem"),
+                key: PathBuf::from("/tmp/x/nats-route-key.pem"),
+            },
         }
     }
 
@@ -840,6 +870,14 @@ mod tests {
             &security(),
         );
         assert!(lazy.contains("verify: true"), "{lazy}");
+        // The routes present the route certificate; the client port a server's.
+        let (client, cluster) = lazy.split_once("cluster {").unwrap();
+        assert!(client.contains("/tmp/x/nats-cert.pem"), "{lazy}");
+        assert!(
+            cluster.contains("cert_file: \"/tmp/x/nats-route-cert.pem\""),
+            "{lazy}"
+        );
+        assert!(!cluster.contains("nats-cert.pem"), "{lazy}");
         assert!(!lazy.contains("sync_interval"), "{lazy}");
         assert!(lazy.contains("nats-route://10.200.7.3:6224"), "{lazy}");
         assert!(lazy.contains("listen: 10.200.7.3:4222"), "{lazy}");

@@ -111,12 +111,14 @@ impl Authority {
         &self,
         name: &str,
         hosts: &[String],
+        purpose: Purpose,
     ) -> anyhow::Result<(CertFiles, Issued)> {
         let files = self.files(name);
-        // The hosts a certificate names, beside it (rcgen 0.14 reads back a CA certificate's
-        // fields, not a server certificate's names).
+        // The purpose and the hosts a certificate names, beside it (rcgen 0.14 reads back a CA
+        // certificate's fields, not a server certificate's). A certificate of an earlier release
+        // has no purpose line: it served both ways, and is issued again.
         let hosts_file = self.dir.join(format!("{name}-hosts"));
-        let wanted = hosts.join("\n") + "\n";
+        let wanted = format!("purpose={}\n{}\n", purpose.name(), hosts.join("\n"));
         if !self.new
             && files.cert.exists()
             && files.key.exists()
@@ -132,7 +134,7 @@ impl Authority {
                 _ => {}
             }
         }
-        let files = self.issue(name, hosts)?;
+        let files = self.issue(name, hosts, purpose)?;
         std::fs::write(&hosts_file, wanted)
             .with_context(|| format!("cannot write {}", hosts_file.display()))?;
         Ok((files, Issued::New))
@@ -150,10 +152,14 @@ impl Authority {
         self.dir.join("ca.pem")
     }
 
-    /// A certificate for `hosts` (names and IP addresses), good for serving and for being a
-    /// client (cluster routes verify each other both ways), written to `<dir>/<name>-cert.pem`
-    /// and `<dir>/<name>-key.pem` (0600).
-    pub fn issue(&self, name: &str, hosts: &[String]) -> anyhow::Result<CertFiles> {
+    /// A certificate for `hosts` (names and IP addresses), good for `purpose` alone, written to
+    /// `<dir>/<name>-cert.pem` and `<dir>/<name>-key.pem` (0600).
+    pub fn issue(
+        &self,
+        name: &str,
+        hosts: &[String],
+        purpose: Purpose,
+    ) -> anyhow::Result<CertFiles> {
         anyhow::ensure!(!hosts.is_empty(), "a certificate for {name} needs a host");
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished(name);
@@ -162,10 +168,7 @@ impl Authority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = purpose.usages();
         validity(&mut params);
         let key = KeyPair::generate().context("cannot generate a key")?;
         let cert = params
@@ -176,6 +179,48 @@ impl Authority {
         write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
         write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
         Ok(files)
+    }
+}
+
+/// What a certificate may be used for. Found by reading the deployments: every certificate the
+/// CA issued could also be a client's, and NATS routes verify a peer's chain alone, so
+/// PostgreSQL's certificate (on the database host) was accepted as a NATS route, and a route is
+/// subject to no user's permissions. Only a route certificate may be a client now: nats-server
+/// (Go's TLS) refuses a client certificate whose extended key usage lacks client
+/// authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A server's (NATS's client port, PostgreSQL, HTTP): server authentication only.
+    Server,
+    /// A NATS cluster route's, held by NATS nodes alone: server and client authentication,
+    /// since routes verify each other both ways.
+    Route,
+}
+
+impl Purpose {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        match text {
+            "server" => Ok(Self::Server),
+            "route" => Ok(Self::Route),
+            other => anyhow::bail!("{other:?} is no certificate purpose (server, route)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Route => "route",
+        }
+    }
+
+    fn usages(self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            Self::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Self::Route => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        }
     }
 }
 
@@ -239,7 +284,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Authority::create(dir.path(), "test CA").unwrap();
         let files = ca
-            .issue("nats", &["127.0.0.1".into(), "nats1".into()])
+            .issue(
+                "nats",
+                &["127.0.0.1".into(), "nats1".into()],
+                Purpose::Server,
+            )
             .unwrap();
         let cert = std::fs::read_to_string(&files.cert).unwrap();
         assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"), "{cert}");
@@ -249,7 +298,10 @@ mod tests {
             0o600
         );
         assert!(Authority::create(dir.path(), "again").is_err());
-        assert!(ca.issue("nats", &["127.0.0.1".into()]).is_err());
+        assert!(
+            ca.issue("nats", &["127.0.0.1".into()], Purpose::Server)
+                .is_err()
+        );
     }
 
     #[test]
@@ -257,7 +309,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hosts: Vec<String> = vec!["10.0.0.1".into(), "nats1".into()];
         let created = Authority::create(dir.path(), "test CA").unwrap();
-        let (files, issued) = created.issue_or_keep("nats", &hosts).unwrap();
+        let (files, issued) = created
+            .issue_or_keep("nats", &hosts, Purpose::Server)
+            .unwrap();
         assert_eq!(issued, Issued::New);
         let first = std::fs::read(&files.cert).unwrap();
 
@@ -267,17 +321,37 @@ mod tests {
             std::fs::read(created.ca()).unwrap()
         );
         assert_eq!(
-            opened.issue_or_keep("nats", &hosts).unwrap().1,
+            opened
+                .issue_or_keep("nats", &hosts, Purpose::Server)
+                .unwrap()
+                .1,
             Issued::Kept
         );
         assert_eq!(std::fs::read(&files.cert).unwrap(), first);
 
         let other: Vec<String> = vec!["10.0.0.2".into()];
-        assert_eq!(opened.issue_or_keep("nats", &other).unwrap().1, Issued::New);
+        assert_eq!(
+            opened
+                .issue_or_keep("nats", &other, Purpose::Server)
+                .unwrap()
+                .1,
+            Issued::New
+        );
         assert_ne!(std::fs::read(&files.cert).unwrap(), first);
         assert_eq!(
-            opened.issue_or_keep("nats", &other).unwrap().1,
+            opened
+                .issue_or_keep("nats", &other, Purpose::Server)
+                .unwrap()
+                .1,
             Issued::Kept
+        );
+        // Another purpose is another certificate.
+        assert_eq!(
+            opened
+                .issue_or_keep("nats", &other, Purpose::Route)
+                .unwrap()
+                .1,
+            Issued::New
         );
     }
 }

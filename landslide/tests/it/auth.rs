@@ -220,3 +220,83 @@ async fn consumer_info(nats: &Nats) -> jetstream::consumer::Info {
         .await
         .expect("audit reads the workers' consumer")
 }
+
+/// Routes are subject to no user's permissions, so only a NATS node may open one: a server that
+/// presents any certificate of the deployment's CA other than a route certificate (a server's,
+/// such as PostgreSQL's or the client port's) is refused; with the route certificate, the same
+/// server joins, which shows the refusal is the certificate's.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_route_certificate_opens_a_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        landslide_servers::Nats::start(landslide_servers::NatsLayout::Cluster, dir.path())
+            .await
+            .unwrap();
+    let security = cluster.security();
+    let routes_of_first = || async {
+        let routez: serde_json::Value = reqwest::get(format!("{}/routez", cluster.monitor_url(0)))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        routez["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["remote_name"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    // A fourth server with the cluster's CA, routing to the first node, presenting `cert`.
+    let stranger = |name: &'static str, cert: &landslide_servers::tls::CertFiles| {
+        let config = dir.path().join(format!("{name}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{}\n\
+                 cluster {{\n  name: landslide\n  listen: 127.0.0.1:{}\n  routes: [ {} ]\n  \
+                 tls {{\n    cert_file: {:?}\n    key_file: {:?}\n    ca_file: {:?}\n    \
+                 verify: true\n    timeout: 5\n  }}\n}}\n",
+                support::free_port(),
+                support::free_port(),
+                cluster.route_url(0),
+                cert.cert,
+                cert.key,
+                security.ca(),
+            ),
+        )
+        .unwrap();
+        tokio::process::Command::new(landslide_servers::Binaries::system().nats_server().unwrap())
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+
+    let refused = stranger("with-a-server-certificate", security.server_cert());
+    // It retries its route every second or so; a few seconds of refusals say enough.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let routes = routes_of_first().await;
+    assert!(
+        !routes.iter().any(|r| r == "with-a-server-certificate"),
+        "a server's certificate opened a route: {routes:?}"
+    );
+    drop(refused);
+
+    let _joined = stranger("with-the-route-certificate", security.route_cert());
+    support::wait_for(
+        "the route certificate's route",
+        Duration::from_secs(30),
+        || async {
+            routes_of_first()
+                .await
+                .iter()
+                .any(|r| r == "with-the-route-certificate")
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -128,10 +128,34 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
         (&["dedup-worker"], &[], "DATABASE_URL is not set"),
         (&["tally"], &[], "DATABASE_URL is not set"),
         (&["audit"], &[], "DATABASE_URL is not set"),
+        // No secret has a flag: every user of the host may read a process's arguments.
+        (
+            &["audit", "--poll", "pets", "--export-key", "x"],
+            &[],
+            "unexpected argument '--export-key'",
+        ),
+        (
+            &["dedup-worker", "--nats-password", "x"],
+            &[],
+            "unexpected argument '--nats-password'",
+        ),
+        (
+            &["ingest", "--secret", "x"],
+            &[],
+            "unexpected argument '--secret'",
+        ),
+        (
+            &["audit", "--poll", "pets"],
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
+                ("LANDSLIDE_EXPORT_KEY_FILE", "/nonexistent/export.key"),
+            ],
+            "cannot read the password file /nonexistent/export.key",
+        ),
         (
             &["audit", "--poll", "pets"],
             &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
-            "set LANDSLIDE_EXPORT_KEY",
+            "set LANDSLIDE_EXPORT_KEY or LANDSLIDE_EXPORT_KEY_FILE",
         ),
         (
             &["export", "--poll", "pets", "--out", "/nonexistent"],

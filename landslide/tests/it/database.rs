@@ -32,7 +32,9 @@ impl TlsServer {
         let dir = tempfile::tempdir().unwrap();
         let ca = Authority::create(&dir.path().join("ca"), "test CA").unwrap();
         let hosts: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
-        let cert = ca.issue("postgres", &hosts).unwrap();
+        let cert = ca
+            .issue("postgres", &hosts, landslide_servers::tls::Purpose::Server)
+            .unwrap();
         let other = Authority::create(&dir.path().join("other-ca"), "another CA").unwrap();
         let access = PgAccess {
             tls: Some(PgTls { cert, ca: ca.ca() }),
