@@ -4,10 +4,11 @@
 //! It names the vote (its event id), whose it is (poll and voter) and where it stands in the
 //! voter's order (its stamp), and proves that an ingest node issued it:
 //! `pets.<voter, 32 hex digits>.<event id, 32 hex digits>.<ts>.<tag, 32 hex digits>`. The tag is
-//! the first 16 bytes of the HMAC-SHA256, keyed with `LANDSLIDE_RECEIPT_KEY` (which ingest and
-//! tally share, and nothing else holds), of `landslide-receipt-v1`, a 0 byte and the text before
-//! the tag ([`ReceiptKey`]). Tally answers only receipts whose tag holds, so a made-up receipt,
-//! or one of another voter's ballot with an event of one's own, gets `404` and learns nothing.
+//! the first 16 bytes of the HMAC-SHA256, keyed with the receipt key
+//! (`LANDSLIDE_RECEIPT_KEY_FILE`, which ingest and tally share, and nothing else holds), of
+//! `landslide-receipt-v1`, a 0 byte and the text before the tag ([`ReceiptKey`]). Tally answers
+//! only receipts whose tag holds, so a made-up receipt, or one of another voter's ballot with an
+//! event of one's own, gets `404` and learns nothing.
 //! With the receipt's fields, the voter's ballot alone says what became of the vote; no index of
 //! every event is needed. It lets nobody vote: a vote needs the signed cookie.
 
@@ -86,7 +87,7 @@ pub enum Unanswered {
     NotIssued,
 }
 
-/// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY`): at least 32 bytes, held by
+/// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY_FILE`): at least 32 bytes, held by
 /// ingest, which issues receipts, and tally, which answers them. Never logged.
 #[derive(Clone)]
 pub struct ReceiptKey(Vec<u8>);
@@ -106,7 +107,7 @@ impl ReceiptKey {
         let key = key.into();
         if key.len() < Self::MIN_LEN {
             return Err(format!(
-                "LANDSLIDE_RECEIPT_KEY must be at least {} bytes long (it authenticates receipts; \
+                "the receipt key must be at least {} bytes long (it authenticates receipts; \
                  ingest and tally share it)",
                 Self::MIN_LEN
             ));

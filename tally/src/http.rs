@@ -43,7 +43,7 @@ pub(crate) struct AppState {
     pub client_ip_header: Option<landslide_edge::ClientIpHeader>,
     /// For receipts only (`receipts.rs`).
     pub db: diesel_async::pooled_connection::bb8::Pool<diesel_async::AsyncPgConnection>,
-    /// Answers only the receipts it authenticates (`LANDSLIDE_RECEIPT_KEY`, ingest's).
+    /// Answers only the receipts it authenticates (`LANDSLIDE_RECEIPT_KEY_FILE`, ingest's).
     pub receipts: landslide_schema::receipt::ReceiptKey,
 }
 

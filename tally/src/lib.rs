@@ -58,7 +58,7 @@ pub struct Config {
     /// Whether `/metrics` is served with the results, or only on an operations listener of the
     /// process's own (`LANDSLIDE_METRICS_LISTEN`).
     pub metrics: landslide_telemetry::serve::MetricsAt,
-    /// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY`, the same as ingest's): a
+    /// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY_FILE`, the same as ingest's): a
     /// receipt it did not issue is answered `404`.
     pub receipt_key: ReceiptKey,
 }

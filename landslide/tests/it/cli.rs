@@ -71,7 +71,7 @@ fn missing_or_bad_settings_name_the_variable_to_fix() {
                 ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
                 ("LANDSLIDE_RECEIPT_KEY_FILE", short),
             ],
-            "(LANDSLIDE_RECEIPT_KEY_FILE): LANDSLIDE_RECEIPT_KEY must be at least 32 bytes",
+            "(LANDSLIDE_RECEIPT_KEY_FILE): the receipt key must be at least 32 bytes",
         ),
         (
             &["ingest", "--node-id", "web01"],
