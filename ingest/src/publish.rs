@@ -41,7 +41,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use futures::future::join_all;
 use landslide_nats::HeaderInjector;
-use landslide_nats::batch::{self, Outcome as BatchOutcome, STREAM_FULL};
+use landslide_nats::batch::{self, Outcome as BatchOutcome};
 use landslide_schema::VoteEvent;
 use landslide_schema::ts::{Stamped, Timestamp, stamp_within};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -127,7 +127,8 @@ pub struct Stored {
 /// Why a vote could not be stored. Either way the vote was not accepted: the client gets a 503.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishFailed {
-    #[error("the votes stream is full")]
+    /// The stream, or the server's store, has no room (`batch::is_no_room`).
+    #[error("the votes stream is full, or the server's store is")]
     StreamFull,
     #[error("no JetStream ack after {attempts} attempts: {last}")]
     NoAck { attempts: u32, last: String },
@@ -331,7 +332,7 @@ impl Committer {
                     }
                     return;
                 }
-                BatchOutcome::Refused { code, .. } if code == STREAM_FULL => {
+                BatchOutcome::Refused { code, .. } if batch::is_no_room(code) => {
                     for queued in batch {
                         let _ = queued.answer.send(Err(PublishFailed::StreamFull));
                     }
@@ -475,7 +476,7 @@ async fn pause_before(attempt: u32) {
 fn is_stream_full(err: &async_nats::jetstream::context::PublishError) -> bool {
     std::error::Error::source(err)
         .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
-        .is_some_and(|e| e.error_code().0 == STREAM_FULL)
+        .is_some_and(|e| batch::is_no_room(e.error_code().0))
 }
 
 #[cfg(test)]

@@ -20,6 +20,18 @@ use serde::Deserialize;
 pub const MAX_MESSAGES: usize = 1000;
 /// "maximum messages exceeded" when a stream with `discard: new` is full.
 pub const STREAM_FULL: u64 = 10077;
+/// The server's refusals for lack of room of any other kind: "insufficient resources" (10023),
+/// "insufficient memory resources available" (10028), "insufficient storage resources available"
+/// (10047): a server, or an account, whose store is full.
+const NO_ROOM: [u64; 3] = [10023, 10028, 10047];
+
+/// Whether a refusal says that nothing more fits, in the stream or on the server: a batch so
+/// refused is refused for every vote in it alike, and trying them one by one only fills the
+/// queue. Found by reading the publisher: a full server store answered 10047, which took the
+/// per-vote path, and votes waited there past the load balancer's timeout.
+pub fn is_no_room(code: u64) -> bool {
+    code == STREAM_FULL || NO_ROOM.contains(&code)
+}
 /// "atomic publish batch contains duplicate message id".
 pub const DUPLICATE_MESSAGE_ID: u64 = 10201;
 /// "atomic publish too many inflight": the stream has its limit of open batches.
@@ -128,6 +140,18 @@ fn judge(answer: &[u8], count: usize) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full stream and a full server store are the same answer to the voter: no vote of the
+    /// batch fits. A duplicate id or a bad message is about one vote, which splitting finds.
+    #[test]
+    fn every_refusal_for_lack_of_room_is_told_from_the_others() {
+        for full in [STREAM_FULL, 10023, 10028, 10047] {
+            assert!(is_no_room(full), "{full}");
+        }
+        for other in [DUPLICATE_MESSAGE_ID, TOO_MANY_IN_FLIGHT, 10054, 10060] {
+            assert!(!is_no_room(other), "{other}");
+        }
+    }
 
     #[test]
     fn answers_are_judged() {
