@@ -39,7 +39,7 @@ pub const PRUNE_AT: usize = 100_000;
 /// Checks between two looks at the map's size (a look locks each of its shards in turn).
 const LOOK_EVERY: u64 = 1024;
 
-/// Votes per second per client address, and the burst a client may send at once.
+/// Requests per second per client address, and the burst a client may send at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
     per_second: f64,
@@ -50,14 +50,18 @@ impl RateLimit {
     /// 100 votes per second and bursts of 1,000 per client address: thousands of phones behind
     /// one carrier-grade NAT address all vote within the minute after the ad (README,
     /// "Limits that do not turn voters away", gives the reasoning).
-    pub const DEFAULT: Self = Self {
-        per_second: 100.0,
-        // Evaluated at compile time: the `None` arm cannot be reached.
-        burst: match NonZeroU32::new(1000) {
-            Some(n) => n,
-            None => unreachable!(),
-        },
-    };
+    pub const DEFAULT: Self = Self::of(100.0, 1000);
+
+    /// A limit written in the code (a default): checked at compile time when used in a
+    /// constant, where a burst of 0 fails the build. [`RateLimit::new`] checks what is
+    /// configured.
+    pub const fn of(per_second: f64, burst: u32) -> Self {
+        assert!(per_second > 0.0 && per_second <= 1e9, "a rate in (0, 10^9]");
+        match NonZeroU32::new(burst) {
+            Some(burst) => Self { per_second, burst },
+            None => panic!("a burst of at least 1"),
+        }
+    }
 
     /// `per_second` votes per second (`0`: no limit, `None`) with bursts of `burst` (at least 1).
     /// A fraction is allowed (`0.5`: one vote every two seconds).

@@ -115,6 +115,20 @@ impl AppState {
                 .map_err(|retry_after| VoteError::RateLimited { retry_after }),
         }
     }
+
+    /// A vote's body, of media type `expected`, once the refusals that need no body have passed
+    /// (same site, then `client`'s rate limit): those come first, so that a request refused
+    /// anyway is never waited for ([`body`]).
+    async fn vote_body(
+        &self,
+        headers: &HeaderMap,
+        client: &Client,
+        expected: &'static str,
+        raw: axum::body::Body,
+    ) -> Result<Bytes, VoteError> {
+        same_site(headers).and_then(|()| self.admit(client))?;
+        body(headers, expected, raw, self.0.body_read_timeout).await
+    }
 }
 
 impl FromRef<AppState> for Key {
@@ -316,9 +330,9 @@ fn same_site(headers: &HeaderMap) -> Result<(), VoteError> {
 }
 
 /// Checks the media type, then reads the body whole within `timeout`, in that order, so 415 wins
-/// over 413. The handlers call it after the refusals that need no body (same site, rate limit):
-/// the body was once read before them, and before any deadline but the header's, so a
-/// connection that sent its headers and then no byte stayed open for good.
+/// over 413. [`AppState::vote_body`] calls it after the refusals that need no body (same site,
+/// rate limit): the body was once read before them, and before any deadline but the header's,
+/// so a connection that sent its headers and then no byte stayed open for good.
 async fn body(
     headers: &HeaderMap,
     expected: &'static str,
@@ -643,11 +657,9 @@ async fn vote_api(
         err.finish(response)
     };
     let client = state.client(&headers, peer);
-    let checked = same_site(&headers).and_then(|()| state.admit(&client));
-    let read = match checked {
-        Ok(()) => body(&headers, "application/json", raw, state.0.body_read_timeout).await,
-        Err(err) => Err(err),
-    };
+    let read = state
+        .vote_body(&headers, &client, "application/json", raw)
+        .await;
     let vote: ApiVote = match read.and_then(|bytes| {
         serde_json::from_slice(&bytes).map_err(|e| VoteError::Malformed(e.to_string()))
     }) {
@@ -750,11 +762,9 @@ async fn vote_form(
     let (jar, known) = state.0.keys.voter(jar, &headers, state.0.cookies);
     let default = state.book().latest().1.default_poll().id.clone();
     let client = state.client(&headers, peer);
-    let form = "application/x-www-form-urlencoded";
-    let read = match same_site(&headers).and_then(|()| state.admit(&client)) {
-        Ok(()) => body(&headers, form, raw, state.0.body_read_timeout).await,
-        Err(err) => Err(err),
-    };
+    let read = state
+        .vote_body(&headers, &client, "application/x-www-form-urlencoded", raw)
+        .await;
     let vote: FormVote = match read.and_then(|bytes| parse_form(&bytes)) {
         Ok(vote) => vote,
         Err(err) => return state.form_error(jar, None, &default, err),

@@ -700,10 +700,10 @@ struct TallyArgs {
     max_event_streams_per_client: usize,
     /// Receipt lookups per second per client address (a fraction is allowed); 0 turns the limit
     /// off. Beyond it: 429 with Retry-After.
-    #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_LIMIT", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.0)]
+    #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_LIMIT", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.per_second())]
     receipt_rate_limit: f64,
     /// Receipt lookups one client address may send at once before the rate applies.
-    #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_BURST", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.1)]
+    #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_BURST", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.burst())]
     receipt_rate_burst: u32,
     #[command(flatten)]
     client_ip: ClientIpArg,

@@ -11,6 +11,7 @@
 //! payload into text and back, and refuses anything else without panicking.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use uuid::Uuid;
 
@@ -91,7 +92,8 @@ impl VoterCookie {
         );
         for (poll, choice) in &self.choices {
             let answered = self.answered.get(poll).copied().unwrap_or(Timestamp(0));
-            out.push_str(&format!(".{poll}~{choice}~{}", answered.0));
+            // Writing to a `String` cannot fail.
+            let _ = write!(out, ".{poll}~{choice}~{}", answered.0);
         }
         out
     }

@@ -76,7 +76,7 @@ pub const DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT: usize = 100;
 /// Receipt lookups per client address: 5 a second and bursts of 50. A voter looks one up now and
 /// then; a crowd behind one carrier-grade NAT address looks up some a second. Each is one indexed
 /// read on a pool of [`receipts::POOL_SIZE`] connections that a single client must not hold.
-pub const DEFAULT_RECEIPT_RATE_LIMIT: (f64, u32) = (5.0, 50);
+pub const DEFAULT_RECEIPT_RATE_LIMIT: RateLimit = RateLimit::of(5.0, 50);
 
 impl Config {
     /// The default topology and polls, refreshed every 500 ms.
@@ -87,11 +87,7 @@ impl Config {
             refresh: Duration::from_millis(500),
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             max_event_streams_per_client: DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT,
-            receipt_rate_limit: RateLimit::new(
-                DEFAULT_RECEIPT_RATE_LIMIT.0,
-                DEFAULT_RECEIPT_RATE_LIMIT.1,
-            )
-            .unwrap_or_else(|_| unreachable!("the default receipt rate limit is valid")),
+            receipt_rate_limit: Some(DEFAULT_RECEIPT_RATE_LIMIT),
             client_ip_header: None,
             http: landslide_telemetry::serve::Limits::default(),
             metrics: landslide_telemetry::serve::MetricsAt::default(),

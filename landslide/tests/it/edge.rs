@@ -423,36 +423,51 @@ async fn every_page_refuses_framing_and_sniffing_and_https_sends_hsts() {
 /// Found by trying it: connections that sent half a request line and headers stayed open forever.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_never_finishes_its_headers_is_closed() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let nats = Nats::start().await;
     let ingest = support::ingest_with(&nats, "web1", |c| {
         c.http.header_read_timeout = std::time::Duration::from_secs(1);
     })
     .await;
     let addr = ingest.url.trim_start_matches("http://").to_owned();
-    let mut slow = Vec::new();
-    for _ in 0..50 {
-        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        conn.write_all(b"POST /api/votes HTTP/1.1\r\nHost: x\r\nContent-Ty")
-            .await
-            .unwrap();
-        slow.push(conn);
-    }
-    for mut conn in slow {
-        let mut rest = Vec::new();
-        let closed = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            conn.read_to_end(&mut rest),
-        )
-        .await;
+    let slow = stalled(
+        &addr,
+        50,
+        b"POST /api/votes HTTP/1.1\r\nHost: x\r\nContent-Ty",
+    )
+    .await;
+    for conn in slow {
         assert!(
-            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+            until_closed(conn).await.is_some(),
             "a connection with unfinished headers was still open after 10 s"
         );
     }
     let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202, "{body}");
     ingest.role.stop().await;
+}
+
+/// `n` connections to `addr`, each of which has sent `sent` and will send nothing more.
+async fn stalled(addr: &str, n: usize, sent: &[u8]) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut connections = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(sent).await.unwrap();
+        connections.push(conn);
+    }
+    connections
+}
+
+/// What `conn` received until the node closed it (or the error that ended the read), or `None`
+/// when it was still open after 10 s.
+async fn until_closed(mut conn: tokio::net::TcpStream) -> Option<std::io::Result<Vec<u8>>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut received = Vec::new();
+    let read = conn.read_to_end(&mut received);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Err(_) => None,
+        Ok(read) => Some(read.map(|_| received)),
+    }
 }
 
 /// The head of a vote to `addr` that announces a 40-byte body, with `extra` header lines: sent
@@ -471,7 +486,7 @@ fn head_without_body(addr: &str, extra: &str) -> String {
 /// refusals that need no body come first.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_never_arrives_gets_408_its_connection_closes_and_real_votes_go_on() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
     let nats = Nats::start().await;
     let ingest = support::ingest_with(&nats, "web1", |c| {
         c.http.body_read_timeout = std::time::Duration::from_secs(1);
@@ -479,35 +494,27 @@ async fn a_body_that_never_arrives_gets_408_its_connection_closes_and_real_votes
     .await;
     let addr = ingest.url.trim_start_matches("http://").to_owned();
     let headers_only = |extra: &str| head_without_body(&addr, extra);
-    let mut slow = Vec::new();
-    for _ in 0..200 {
-        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        conn.write_all(headers_only("").as_bytes()).await.unwrap();
-        slow.push(conn);
-    }
+    let slow = stalled(&addr, 200, headers_only("").as_bytes()).await;
     // The flood does not keep a voter out.
     let (status, body) = support::vote_api(&support::voter(), &ingest.url, "pets", "cats").await;
     assert_eq!(status, 202, "{body}");
-    for mut conn in slow {
-        let mut answer = Vec::new();
-        let closed = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            conn.read_to_end(&mut answer),
-        )
-        .await;
-        assert!(
-            matches!(closed, Ok(Ok(_))),
-            "a connection whose body never came was still open after 10 s"
-        );
+    for conn in slow {
+        let answer = until_closed(conn)
+            .await
+            .expect("a connection whose body never came was still open after 10 s")
+            .expect("the answer is read whole");
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     }
     // A vote sent from another site's page is refused without reading its body: had the node
     // waited for the body, which never comes, the answer would be 408.
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    conn.write_all(headers_only("Sec-Fetch-Site: cross-site\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut conn = stalled(
+        &addr,
+        1,
+        headers_only("Sec-Fetch-Site: cross-site\r\n").as_bytes(),
+    )
+    .await
+    .remove(0);
     let mut head = [0u8; 12];
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -525,7 +532,6 @@ async fn a_body_that_never_arrives_gets_408_its_connection_closes_and_real_votes
 /// connection stayed open. A shutdown now closes what is still open after its drain timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_with_a_hung_client_stops_within_its_drain_timeout() {
-    use tokio::io::AsyncWriteExt as _;
     let nats = Nats::start().await;
     let ingest = support::ingest_with(&nats, "web1", |c| {
         // The body would be waited for longer than `Role::stop` waits (30 s).
@@ -534,10 +540,7 @@ async fn a_node_with_a_hung_client_stops_within_its_drain_timeout() {
     })
     .await;
     let addr = ingest.url.trim_start_matches("http://").to_owned();
-    let mut hung = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    hung.write_all(head_without_body(&addr, "").as_bytes())
-        .await
-        .unwrap();
+    let hung = stalled(&addr, 1, head_without_body(&addr, "").as_bytes()).await;
     // Give the node the request head before it is told to stop.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     ingest.role.stop().await;
