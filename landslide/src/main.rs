@@ -80,6 +80,17 @@ enum Command {
     /// landslide_tally, landslide_audit), with passwords from files; DATABASE_URL is a user
     /// with CREATEROLE. Run `migrate` first: it creates their groups.
     DbUsers(DbUsersArgs),
+    /// Print the bcrypt hash of a broker user's password, as nats-server takes it in place of
+    /// the password (LANDSLIDE_NATS_<USER>_PASSWORD_HASH, which nats/auth.conf reads). The
+    /// password comes from a file, read as the role reads its NATS_PASSWORD_FILE.
+    NatsPasswordHash(NatsPasswordHashArgs),
+}
+
+#[derive(Debug, Args)]
+struct NatsPasswordHashArgs {
+    /// The file that holds the password (a trailing newline is not part of it).
+    #[arg(long)]
+    password_file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -893,6 +904,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Certs(_) => "landslide-certs",
         Command::Migrate(_) => "landslide-migrate",
         Command::DbUsers(_) => "landslide-db-users",
+        Command::NatsPasswordHash(_) => "landslide-nats-password-hash",
     };
     keys::refuse_removed_variables()?;
     let telemetry = landslide_telemetry::init(service)?;
@@ -937,9 +949,21 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Certs(args) => certs(&args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Migrate(args) => migrate(args).await,
         Command::DbUsers(args) => db_users(args).await,
+        Command::NatsPasswordHash(args) => nats_password_hash(&args),
     };
     telemetry.shutdown();
     result
+}
+
+fn nats_password_hash(args: &NatsPasswordHashArgs) -> anyhow::Result<std::process::ExitCode> {
+    let password =
+        landslide_nats::auth::read_secret(None, Some(&args.password_file), "NATS_PASSWORD")?
+            .context("no password")?;
+    println!(
+        "{}",
+        landslide_nats::auth::password_hash(password.expose())?
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn certs(args: &CertsArgs) -> anyhow::Result<()> {
@@ -1275,9 +1299,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     result.and(stopped)
 }
 
-/// The caller's NATS for `up`: each role connects as its own user, with the password the
-/// server's `nats/auth.conf` reads from the same variable (`LANDSLIDE_NATS_<USER>_PASSWORD`),
-/// verifying the server against `NATS_CA` if set.
+/// The caller's NATS for `up`: each role connects as its own user, with its password from
+/// `LANDSLIDE_NATS_<USER>_PASSWORD` (whose hash the server's `nats/auth.conf` reads from
+/// `LANDSLIDE_NATS_<USER>_PASSWORD_HASH`), verifying the server against `NATS_CA` if set.
 fn given_nats(url: String) -> anyhow::Result<local::NatsUsers> {
     let ca = non_empty_env("NATS_CA").map(PathBuf::from);
     User::ALL
@@ -1287,8 +1311,8 @@ fn given_nats(url: String) -> anyhow::Result<local::NatsUsers> {
             let password = non_empty_env(&var).with_context(|| {
                 format!(
                     "NATS_URL is set, so `up` uses that server: give each role's password in \
-                     {var} and the other LANDSLIDE_NATS_<USER>_PASSWORD variables (those that \
-                     nats/auth.conf reads)"
+                     {var} and the other LANDSLIDE_NATS_<USER>_PASSWORD variables (the \
+                     passwords whose hashes the server's nats/auth.conf reads)"
                 )
             })?;
             Ok((

@@ -60,12 +60,19 @@ impl User {
         }
     }
 
-    /// The environment variable that gives nats-server this user's password in `nats/auth.conf`.
+    /// The environment variable that holds this user's password for a client: `landslide up`'s
+    /// env file, and the caller's server that `up` is pointed at.
     pub fn password_var(self) -> String {
         format!(
             "LANDSLIDE_NATS_{}_PASSWORD",
             self.name().to_ascii_uppercase()
         )
+    }
+
+    /// The environment variable that gives nats-server this user's password's bcrypt hash
+    /// ([`password_hash`]) in `nats/auth.conf`. The server never holds the password itself.
+    pub fn password_hash_var(self) -> String {
+        format!("{}_HASH", self.password_var())
     }
 
     /// The prefix of this role's reply subjects: requests (JetStream API calls, publish acks,
@@ -359,22 +366,43 @@ pub fn authorization(topology: &Topology, password: impl Fn(User) -> String) -> 
     out
 }
 
-/// `nats/auth.conf`: the users of every deployment, passwords from the environment.
+/// `nats/auth.conf`: the users of every deployment, password hashes from the environment.
 pub const AUTH_CONF: &str = include_str!("../auth.conf");
 
-/// The text of `nats/auth.conf`: [`authorization`] for the default names, each password from
-/// the variable [`User::password_var`].
+/// The text of `nats/auth.conf`: [`authorization`] for the default names, each password's hash
+/// from the variable [`User::password_hash_var`].
 pub fn auth_conf() -> String {
     format!(
         "# The broker's users, one per role, with only the subjects each role uses. Generated from\n\
          # nats/src/auth.rs (`User::permissions`); a unit test keeps the two the same. Every\n\
-         # password comes from the server's environment (LANDSLIDE_NATS_<USER>_PASSWORD), and\n\
+         # password's bcrypt hash comes from the server's environment\n\
+         # (LANDSLIDE_NATS_<USER>_PASSWORD_HASH, made by `landslide nats-password-hash`), and\n\
          # nats-server refuses to start if one is missing. No user may connect without one.\n{}",
         authorization(&Topology::default(), |user| format!(
             "${}",
-            user.password_var()
+            user.password_hash_var()
         ))
     )
+}
+
+/// The bcrypt cost of [`password_hash`]: nats-server's own default (its `mkpasswd` tool and
+/// `nats server passwd` make cost-11 hashes). nats-server checks the hash at every connect
+/// (`comparePasswords`, no cache), which at cost 11 takes about 0.1 s of one core here: a role
+/// connects once and keeps its connection, so only reconnect storms pay it, and a guess at a
+/// password costs an attacker who stole the hash as much.
+pub const BCRYPT_COST: u32 = 11;
+
+/// `password`'s bcrypt hash as nats-server takes it in place of the password.
+///
+/// In the `$2a$` form: nats-server's config lexer reads a value that starts with `$` as a
+/// variable reference, except the bcrypt form its docs and `mkpasswd` use; an environment
+/// variable's value is lexed again, and with nats-server 2.15.1 `$2b$…` there fails as an
+/// unknown variable while `$2a$…` is taken as the hash (the same algorithm; the letter only
+/// names the revision of the encoder). Passwords over 72 bytes are refused, not truncated.
+pub fn password_hash(password: &str) -> anyhow::Result<String> {
+    let parts = bcrypt::non_truncating_hash_with_result(password, BCRYPT_COST)
+        .context("cannot hash the password (bcrypt takes at most 72 bytes)")?;
+    Ok(parts.format_for_version(bcrypt::Version::TwoA))
 }
 
 /// A secret that never shows in `Debug` output or logs.

@@ -48,6 +48,37 @@ async fn nobody_connects_without_credentials_and_tls() {
         .expect("ingest's user connects");
 }
 
+/// The broker holds each user's bcrypt hash, never the password (as in every deployment,
+/// where `nats/auth.conf` reads the hashes from nats-server's environment), and the roles
+/// connect with their passwords against it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_broker_holds_only_password_hashes() {
+    let nats = Nats::start().await;
+    let config = std::fs::read_to_string(nats.config_file(0)).expect("the server's config");
+    let hashes: Vec<&str> = config
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("password: "))
+        .collect();
+    assert_eq!(hashes.len(), User::ALL.len(), "{config}");
+    for user in User::ALL {
+        let Credentials::UserPassword { password, .. } = nats.config(user).credentials else {
+            panic!("{user} has no password");
+        };
+        assert!(
+            !config.contains(password.expose()),
+            "the server's config holds {user}'s password"
+        );
+        assert!(
+            hashes.iter().any(|hash| hash.starts_with("$2a$11$")
+                && bcrypt::verify(password.expose(), hash).unwrap_or(false)),
+            "no bcrypt hash of {user}'s password in the server's config"
+        );
+        landslide_nats::connect(&nats.config(user), user, "test")
+            .await
+            .unwrap_or_else(|e| panic!("{user} connects against its hash: {e:#}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn only_ingest_may_publish_votes_and_nobody_may_purge_or_delete_them() {
     let nats = &Nats::start().await;
