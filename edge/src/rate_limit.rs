@@ -48,7 +48,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// 100 votes per second and bursts of 1,000 per client address: thousands of phones behind
-    /// one carrier-grade NAT address all vote within the minute after the ad (README,
+    /// one carrier-grade NAT address all vote within the minute after the ad (OPERATIONS.md,
     /// "Limits that do not turn voters away", gives the reasoning).
     pub const DEFAULT: Self = Self::of(100.0, 1000);
 

@@ -8,7 +8,7 @@
 //! ([`MIN_KEY_LEN`]). Found by trying it: two clients that both sent
 //! `Idempotency-Key: 1` without a cookie were one voter, so either could change the other's
 //! ballot, and anyone who guessed a client's key could. The price: a cookie-less retry from
-//! another address is another voter (README, "Idempotency-Key").
+//! another address is another voter (API.md, "Idempotency-Key without the cookie").
 
 use axum::http::{HeaderMap, header};
 use axum_extra::extract::SignedCookieJar;

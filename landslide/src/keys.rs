@@ -45,7 +45,7 @@ pub fn refuse_removed_variables() -> anyhow::Result<()> {
         if std::env::var_os(var).is_some() {
             anyhow::bail!(
                 "{var} is set, but keys are no longer read from the environment: {instead}, then \
-                 unset {var} (README, \"Upgrading\")"
+                 unset {var} (OPERATIONS.md, \"Upgrading\")"
             );
         }
     }

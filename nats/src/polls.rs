@@ -141,7 +141,8 @@ pub async fn ensure_bucket(
             "unsealed",
             &format!(
                 "the polls bucket {bucket} is not sealed: {lack}. It was made by hand or by an \
-                 older release; make it again (README, \"Who may do what on the broker\")"
+                 older release; make it again (SECURITY.md, \"Who may do what on the \
+                 broker\")"
             ),
         );
     }

@@ -96,7 +96,7 @@ pub(crate) fn router(state: AppState, metrics: MetricsAt) -> Router {
     let router = router
         .layer(Extension(Document::new(&describe(document))))
         .with_state(state);
-    // HSTS is ingest's to send, beside the secure voter cookie (README, "HTTPS").
+    // HSTS is ingest's to send, beside the secure voter cookie (SECURITY.md, "The HTTP edge").
     landslide_telemetry::serve::security_headers(router, false)
         .layer(TraceLayer::new_for_http().make_span_with(landslide_telemetry::request_span))
 }
