@@ -1,7 +1,6 @@
--- Least privilege (schema/src/postgres/roles.rs; SECURITY.md, "Who may do what in the database").
--- The tables belong to whoever runs the migrations (`landslide migrate`); the processes connect
--- as login roles that are members of one of these two groups, which get only what their
--- processes use:
+-- Least privilege (schema/src/postgres/roles.rs, README "Database users"). The tables belong to
+-- whoever runs the migrations (`landslide migrate`); the processes connect as login roles that
+-- are members of one of these two groups, which get only what their processes use:
 --   landslide_write: the workers and replay read and upsert ballots and tallies (the upsert's
 --                    ON CONFLICT ... WHERE and RETURNING read the rows): SELECT, INSERT, UPDATE;
 --                    never DELETE, TRUNCATE or DDL;
