@@ -1,0 +1,111 @@
+//! `landslide ingest`: one ingest node, the voting form and API.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use landslide_nats::User;
+use landslide_schema::NodeId;
+
+use crate::cmd::args::{ClientLimitArgs, HttpArgs, KeyArgs, Shared, required};
+use crate::cmd::role::Role;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    shared: Shared,
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    limits: ClientLimitArgs,
+    /// This node's id; its votes go to subject votes.<ID>. Required.
+    #[arg(long, env = "LANDSLIDE_NODE_ID")]
+    node_id: Option<String>,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Milliseconds one publish waits for its JetStream ack.
+    #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
+    publish_timeout_ms: u64,
+    /// Publish attempts, with the same message id, before answering 503.
+    #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = 3)]
+    publish_attempts: u32,
+    /// Milliseconds a vote waits for its ack, queue included, before it is answered 503: keep it
+    /// below the load balancer's timeout.
+    #[arg(long, env = "LANDSLIDE_VOTE_DEADLINE_MS", default_value_t = 10_000)]
+    vote_deadline_ms: u64,
+    /// Atomic batches of votes in flight at once (group commit); default 1 on an R1 stream, 4 on
+    /// R3.
+    #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES")]
+    publish_batches: Option<usize>,
+    /// Mark the voter cookie Secure (when served over HTTPS): it is then __Host-landslide_voter,
+    /// the only one read, and the site sends HSTS.
+    #[arg(long, env = "LANDSLIDE_SECURE_COOKIE")]
+    secure_cookie: bool,
+    /// With --secure-cookie, until when (RFC 3339) the plain landslide_voter cookie of voters
+    /// from before the switch is still read, where no __Host- one is present.
+    #[arg(long, env = "LANDSLIDE_PLAIN_COOKIE_UNTIL", value_parser = rfc3339)]
+    plain_cookie_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The results page (tally), linked from the form when a poll is not open yet or closed.
+    #[arg(long, env = "LANDSLIDE_RESULTS_URL")]
+    results_url: Option<String>,
+    /// Milliseconds this node's clock may be off from the NATS server's; beyond it, /readyz fails
+    /// and votes get 503. Less than the workers' 300000 ms tolerance.
+    #[arg(long, env = "LANDSLIDE_MAX_CLOCK_OFFSET_MS", default_value_t = 2000)]
+    max_clock_offset_ms: u64,
+    /// Test and drill only: shift this node's clock by this many milliseconds.
+    #[arg(
+        long,
+        env = "LANDSLIDE_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
+    clock_offset_ms: i64,
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<landslide_ingest::Config> {
+        let node_id = required(&self.node_id, "--node-id", "LANDSLIDE_NODE_ID")?;
+        let node_id = NodeId::parse(node_id)
+            .with_context(|| format!("invalid --node-id {node_id:?} (LANDSLIDE_NODE_ID)"))?;
+        let mut config = landslide_ingest::Config::new(
+            node_id,
+            self.shared.connections(User::Ingest, None)?,
+            self.keys.files()?.read()?,
+        );
+        config.clock = Arc::new(landslide_ingest::SystemClock {
+            offset_ms: self.clock_offset_ms,
+        });
+        config.max_clock_offset =
+            landslide_ingest::MaxClockOffset::from_millis(self.max_clock_offset_ms)?;
+        config.publish_timeout = Duration::from_millis(self.publish_timeout_ms.max(1));
+        config.publish_attempts = self.publish_attempts.max(1);
+        config.vote_deadline = Duration::from_millis(self.vote_deadline_ms.max(100));
+        config.publish_batches = self.publish_batches;
+        config.secure_cookie = self.secure_cookie;
+        config.plain_cookie_until = self.plain_cookie_until;
+        config.results_url = self.results_url.clone();
+        config.http = self.http.limits();
+        config.metrics = self.http.metrics();
+        (config.rate_limit, config.client_ip_header) = self.limits.settings()?;
+        Ok(config)
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    Role::Ingest(args.config()?, args.listen)
+        .run_alone(&args.shared, args.http.metrics_listen)
+        .await
+}
+
+/// A moment with its offset, such as `2026-12-06T20:00:00Z`.
+fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 date-time with an offset: {e}"))
+}
