@@ -145,3 +145,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     telemetry.shutdown();
     result
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks (duplicate ids, group names, conflicting flags), which
+    /// otherwise show only when the one subcommand's `--help` runs in a debug build: two
+    /// flattened argument structs named `Args` once made `landslide export --help` panic.
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}
