@@ -13,6 +13,7 @@ use std::time::Duration;
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::{Access, User};
 use landslide_schema::NodeId;
+use secrecy::{ExposeSecret, SecretString};
 
 pub mod clock;
 mod http;
@@ -24,30 +25,28 @@ pub use landslide_edge::ClientIpHeader;
 pub use landslide_edge::RateLimit;
 pub use landslide_schema::receipt::ReceiptKey;
 
-/// A key of at least [`Secret::MIN_LEN`] bytes, never logged.
-#[derive(Clone)]
-pub struct Secret(String);
+/// A key of at least [`HmacKey::MIN_LEN`] bytes: a cookie key, or the voter-id key. Never logged:
+/// it is a [`SecretString`], whose `Debug` shows none of it.
+#[derive(Debug, Clone)]
+pub struct HmacKey(SecretString);
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl Secret {
+impl HmacKey {
     pub const MIN_LEN: usize = 32;
     pub fn new(s: impl Into<String>) -> anyhow::Result<Self> {
-        let s = s.into();
+        let s = SecretString::from(s.into());
         anyhow::ensure!(
-            s.len() >= Self::MIN_LEN,
+            s.expose_secret().len() >= Self::MIN_LEN,
             "a key must be at least {} bytes long (48 random bytes in base64 will do: \
              `head -c 48 /dev/urandom | base64`)",
             Self::MIN_LEN
         );
         Ok(Self(s))
     }
-    pub fn expose(&self) -> &str {
-        &self.0
+}
+
+impl ExposeSecret<str> for HmacKey {
+    fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
     }
 }
 
@@ -58,12 +57,12 @@ impl Secret {
 /// goes once the polls it served have closed (SECURITY.md, "Rotating the cookie keys").
 #[derive(Debug, Clone)]
 pub struct CookieKeys {
-    signing: Secret,
-    verify_only: Vec<Secret>,
+    signing: HmacKey,
+    verify_only: Vec<HmacKey>,
 }
 
 impl CookieKeys {
-    pub fn new(signing: Secret, verify_only: Vec<Secret>) -> Self {
+    pub fn new(signing: HmacKey, verify_only: Vec<HmacKey>) -> Self {
         Self {
             signing,
             verify_only,
@@ -71,7 +70,7 @@ impl CookieKeys {
     }
 
     /// The keys in file order: the first signs. None is an error.
-    pub fn from_lines(keys: impl IntoIterator<Item = Secret>) -> anyhow::Result<Self> {
+    pub fn from_lines(keys: impl IntoIterator<Item = HmacKey>) -> anyhow::Result<Self> {
         let mut keys = keys.into_iter();
         let signing = keys
             .next()
@@ -79,11 +78,11 @@ impl CookieKeys {
         Ok(Self::new(signing, keys.collect()))
     }
 
-    pub fn signing(&self) -> &Secret {
+    pub fn signing(&self) -> &HmacKey {
         &self.signing
     }
 
-    pub fn verify_only(&self) -> &[Secret] {
+    pub fn verify_only(&self) -> &[HmacKey] {
         &self.verify_only
     }
 }
@@ -93,7 +92,7 @@ impl CookieKeys {
 /// changes an id. It is the same on every node and is never changed while a poll is open: a
 /// retry across the change would be another voter.
 #[derive(Debug, Clone)]
-pub struct VoterIdKey(pub Secret);
+pub struct VoterIdKey(pub HmacKey);
 
 /// The keys an ingest node holds, and no other role but tally's share of `receipts`.
 #[derive(Debug, Clone)]
@@ -272,4 +271,42 @@ pub async fn run(
     }
     tracing::info!(node = %config.node_id, "ingest node stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every secret a node is given is a `secrecy` one: none shows in its configuration's
+    /// `Debug`, nor in the keys derived from them.
+    #[test]
+    fn a_nodes_configuration_shows_none_of_its_secrets() {
+        let secrets = [
+            "the-nats-password-of-the-ingest-user",
+            "the-signing-cookie-key-of-at-least-32-bytes",
+            "a-verify-only-cookie-key-of-at-least-32-bytes",
+            "the-voter-id-key-of-at-least-32-bytes-long",
+            "the-receipt-key-of-at-least-32-bytes-long",
+        ];
+        let [password, signing, verify_only, voter_ids, receipts] = secrets;
+        let key = |key: &str| HmacKey::new(key).unwrap();
+        let keys = Keys {
+            cookies: CookieKeys::new(key(signing), vec![key(verify_only)]),
+            voter_ids: VoterIdKey(key(voter_ids)),
+            receipts: ReceiptKey::new(receipts).unwrap(),
+        };
+        let nats =
+            landslide_nats::NatsConfig::user("nats://127.0.0.1:4222", "ingest", password, None);
+        let config = Config::new(
+            NodeId::parse("web1").unwrap(),
+            Connections::new(nats, None),
+            keys.clone(),
+        );
+        let derived = voter::VoterKeys::new(&keys.cookies, &keys.voter_ids);
+        let shown = format!("{config:?} {derived:?}");
+        for secret in secrets {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("[REDACTED]"), "{shown}");
+    }
 }

@@ -17,10 +17,11 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use landslide_schema::cookie::{Binding, VoterCookie};
 use landslide_schema::{Choice, EventId, PollId, VoterId};
+use secrecy::ExposeSecret as _;
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::{CookieKeys, Secret, VoterIdKey};
+use crate::{CookieKeys, HmacKey, VoterIdKey};
 use landslide_edge::Client;
 
 /// The voter cookie's name.
@@ -51,24 +52,22 @@ pub const MIN_KEY_LEN: usize = 16;
 /// cookie keys leaves alone: they were once derived from the oldest cookie key listed, so nodes
 /// that listed different keys during a rotation derived different ids for one retry, which then
 /// counted as two voters.
-#[derive(Clone)]
+///
+/// It holds keys derived from the [`HmacKey`]s, in the types that use them: neither cookie's
+/// `Key` nor `Hmac` shows its key in `Debug`, so this one derives it (and neither is `Zeroize`,
+/// which a `SecretBox` would need).
+#[derive(Debug, Clone)]
 pub struct VoterKeys {
     pub cookie: Key,
     verify_only: Vec<Key>,
     ids: Hmac<Sha256>,
 }
 
-impl std::fmt::Debug for VoterKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VoterKeys(***)")
-    }
-}
-
 impl VoterKeys {
     pub fn new(cookies: &CookieKeys, ids: &VoterIdKey) -> Self {
-        // A `Secret` holds at least 32 bytes, the minimum `derive_from` needs, so it cannot panic.
-        let derive = |secret: &Secret| Key::derive_from(secret.expose().as_bytes());
-        let ids = <Hmac<Sha256> as Mac>::new_from_slice(ids.0.expose().as_bytes())
+        // A `HmacKey` holds at least 32 bytes, the minimum `derive_from` needs, so it cannot panic.
+        let derive = |key: &HmacKey| Key::derive_from(key.expose_secret().as_bytes());
+        let ids = <Hmac<Sha256> as Mac>::new_from_slice(ids.0.expose_secret().as_bytes())
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
         Self {
             cookie: derive(cookies.signing()),
@@ -302,8 +301,8 @@ pub fn check_idempotency_key(key: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn secret(c: &str) -> Secret {
-        Secret::new(c.repeat(32)).unwrap()
+    fn secret(c: &str) -> HmacKey {
+        HmacKey::new(c.repeat(32)).unwrap()
     }
 
     fn keys_of(cookies: CookieKeys, ids: &str) -> VoterKeys {

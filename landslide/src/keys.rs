@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use landslide_ingest::{CookieKeys, Secret, VoterIdKey};
+use landslide_ingest::{CookieKeys, HmacKey, VoterIdKey};
 use landslide_schema::receipt::ReceiptKey;
 
 /// The variables of earlier releases that held keys. A process that finds one set refuses to
@@ -65,12 +65,12 @@ impl KeyFiles {
     pub fn read(&self) -> anyhow::Result<landslide_ingest::Keys> {
         let cookies = lines(&self.cookies)?
             .into_iter()
-            .map(Secret::new)
+            .map(HmacKey::new)
             .collect::<anyhow::Result<Vec<_>>>()
             .and_then(CookieKeys::from_lines)
             .with_context(|| in_file(&self.cookies, "LANDSLIDE_COOKIE_KEYS_FILE"))?;
         let voter_ids = one(&self.voter_ids)
-            .and_then(Secret::new)
+            .and_then(HmacKey::new)
             .map(VoterIdKey)
             .with_context(|| in_file(&self.voter_ids, "LANDSLIDE_VOTER_ID_KEY_FILE"))?;
         Ok(landslide_ingest::Keys {
@@ -117,6 +117,8 @@ fn one(path: &Path) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
 
     fn file(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -143,9 +145,9 @@ mod tests {
             receipts: file(dir, "receipt-key", &"r".repeat(32)),
         };
         let keys = files.read().unwrap();
-        assert_eq!(keys.cookies.signing().expose(), "n".repeat(32));
+        assert_eq!(keys.cookies.signing().expose_secret(), "n".repeat(32));
         assert_eq!(keys.cookies.verify_only().len(), 1);
-        assert_eq!(keys.voter_ids.0.expose(), "i".repeat(40));
+        assert_eq!(keys.voter_ids.0.expose_secret(), "i".repeat(40));
 
         let refused = |files: KeyFiles, expected: &str| {
             let error = format!("{:#}", files.read().unwrap_err());

@@ -17,6 +17,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::Topology;
 
@@ -405,37 +406,21 @@ pub fn password_hash(password: &str) -> anyhow::Result<String> {
     Ok(parts.format_for_version(bcrypt::Version::TwoA))
 }
 
-/// A secret that never shows in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Hidden(String);
-
-impl Hidden {
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Hidden {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// How a role proves who it is to the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a role proves who it is to the broker. Its secrets are [`SecretString`]s: never shown by
+/// `Debug`, so neither is a configuration that holds them.
+#[derive(Debug, Clone)]
 pub enum Credentials {
     /// None: only a server without authorization lets such a client in.
     Anonymous,
     /// `NATS_USER` with `NATS_PASSWORD` (or `NATS_PASSWORD_FILE`).
-    UserPassword { user: String, password: Hidden },
+    UserPassword {
+        user: String,
+        password: SecretString,
+    },
     /// `NATS_TOKEN` (or `NATS_TOKEN_FILE`).
-    Token(Hidden),
+    Token(SecretString),
     /// `NATS_NKEY_SEED_FILE`: an nkey seed (`SU…`).
-    NKey(Hidden),
+    NKey(SecretString),
     /// `NATS_CREDS`: a `.creds` file (a user JWT and its seed), for an operator-mode server.
     CredsFile(PathBuf),
 }
@@ -449,7 +434,7 @@ pub struct Tls {
 }
 
 /// Where the broker is and how to reach it: what every role connects with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct NatsConfig {
     /// One URL or several, comma-separated (a cluster): `NATS_URL`.
     pub urls: String,
@@ -472,14 +457,14 @@ impl NatsConfig {
     pub fn user(
         urls: impl Into<String>,
         user: &str,
-        password: impl Into<String>,
+        password: impl Into<SecretString>,
         ca: Option<PathBuf>,
     ) -> Self {
         Self {
             urls: urls.into(),
             credentials: Credentials::UserPassword {
                 user: user.to_owned(),
-                password: Hidden::new(password),
+                password: password.into(),
             },
             tls: ca.map(|ca| Tls { ca, client: None }),
         }
@@ -501,9 +486,11 @@ impl NatsConfig {
             Credentials::Anonymous => {}
             Credentials::UserPassword { user, password } => {
                 env.push(("NATS_USER", user.clone()));
-                env.push(("NATS_PASSWORD", password.expose().to_owned()));
+                env.push(("NATS_PASSWORD", password.expose_secret().to_owned()));
             }
-            Credentials::Token(token) => env.push(("NATS_TOKEN", token.expose().to_owned())),
+            Credentials::Token(token) => {
+                env.push(("NATS_TOKEN", token.expose_secret().to_owned()));
+            }
             // A seed is read from a file only; a process is given one by its own file.
             Credentials::NKey(_) => {}
             Credentials::CredsFile(path) => env.push(("NATS_CREDS", path.display().to_string())),
@@ -525,10 +512,10 @@ impl NatsConfig {
         options = match &self.credentials {
             Credentials::Anonymous => options,
             Credentials::UserPassword { user, password } => {
-                options.user_and_password(user.clone(), password.expose().to_owned())
+                options.user_and_password(user.clone(), password.expose_secret().to_owned())
             }
-            Credentials::Token(token) => options.token(token.expose().to_owned()),
-            Credentials::NKey(seed) => options.nkey(seed.expose().to_owned()),
+            Credentials::Token(token) => options.token(token.expose_secret().to_owned()),
+            Credentials::NKey(seed) => options.nkey(seed.expose_secret().to_owned()),
             Credentials::CredsFile(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!(
@@ -561,9 +548,9 @@ impl NatsConfig {
 #[derive(Debug, Clone, Default)]
 pub struct CredentialSettings {
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<SecretString>,
     pub password_file: Option<PathBuf>,
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     pub token_file: Option<PathBuf>,
     pub nkey_seed_file: Option<PathBuf>,
     pub creds: Option<PathBuf>,
@@ -571,8 +558,8 @@ pub struct CredentialSettings {
 
 impl CredentialSettings {
     pub fn credentials(&self) -> anyhow::Result<Credentials> {
-        let secret = |value: &Option<String>, file: &Option<PathBuf>, what: &str| {
-            read_secret(value.as_deref(), file.as_deref(), what)
+        let secret = |value: &Option<SecretString>, file: &Option<PathBuf>, what: &str| {
+            read_secret(value.as_ref(), file.as_deref(), what)
         };
         let password = secret(&self.password, &self.password_file, "NATS_PASSWORD")?;
         let token = secret(&self.token, &self.token_file, "NATS_TOKEN")?;
@@ -605,23 +592,25 @@ impl CredentialSettings {
 
 /// A secret given as a value or as a file holding it (trailing newline dropped); both is an error.
 pub fn read_secret(
-    value: Option<&str>,
+    value: Option<&SecretString>,
     file: Option<&std::path::Path>,
     what: &str,
-) -> anyhow::Result<Option<Hidden>> {
-    match (value.filter(|v| !v.is_empty()), file) {
+) -> anyhow::Result<Option<SecretString>> {
+    match (value.filter(|v| !v.expose_secret().is_empty()), file) {
         (Some(_), Some(_)) => anyhow::bail!("set {what} or {what}_FILE, not both"),
-        (Some(value), None) => Ok(Some(Hidden::new(value))),
+        (Some(value), None) => Ok(Some(value.clone())),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {} ({what}_FILE)", path.display()))?;
-            let text = text.trim_end_matches(['\r', '\n']);
+            let text = SecretString::from(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {} ({what}_FILE)", path.display()))?,
+            );
+            let text = text.expose_secret().trim_end_matches(['\r', '\n']);
             anyhow::ensure!(
                 !text.is_empty(),
                 "{} ({what}_FILE) is empty",
                 path.display()
             );
-            Ok(Some(Hidden::new(text)))
+            Ok(Some(text.into()))
         }
         (None, None) => Ok(None),
     }
@@ -711,7 +700,10 @@ mod tests {
     #[test]
     fn credentials_come_one_way_only() {
         let none = CredentialSettings::default();
-        assert_eq!(none.credentials().unwrap(), Credentials::Anonymous);
+        assert!(matches!(
+            none.credentials().unwrap(),
+            Credentials::Anonymous
+        ));
         let user = CredentialSettings {
             user: Some("ingest".into()),
             password: Some("pw".into()),
@@ -733,7 +725,7 @@ mod tests {
         assert!(lone.credentials().is_err());
         assert_eq!(
             format!("{:?}", user.credentials().unwrap()),
-            "UserPassword { user: \"ingest\", password: *** }"
+            "UserPassword { user: \"ingest\", password: SecretBox<str>([REDACTED]) }"
         );
     }
 }

@@ -15,6 +15,7 @@
 use std::fmt;
 
 use hmac::{Hmac, Mac as _};
+use secrecy::{ExposeSecret as _, SecretSlice};
 use sha2::Sha256;
 use uuid::Uuid;
 
@@ -88,15 +89,10 @@ pub enum Unanswered {
 }
 
 /// The key that authenticates receipts (`LANDSLIDE_RECEIPT_KEY_FILE`): at least 32 bytes, held by
-/// ingest, which issues receipts, and tally, which answers them. Never logged.
-#[derive(Clone)]
-pub struct ReceiptKey(Vec<u8>);
-
-impl fmt::Debug for ReceiptKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ReceiptKey(***)")
-    }
-}
+/// ingest, which issues receipts, and tally, which answers them. Never logged: its bytes are a
+/// [`SecretSlice`], whose `Debug` shows none.
+#[derive(Debug, Clone)]
+pub struct ReceiptKey(SecretSlice<u8>);
 
 impl ReceiptKey {
     pub const MIN_LEN: usize = 32;
@@ -112,12 +108,12 @@ impl ReceiptKey {
                 Self::MIN_LEN
             ));
         }
-        Ok(Self(key))
+        Ok(Self(key.into()))
     }
 
     fn mac(&self, body: &str) -> Hmac<Sha256> {
         // Any key length is valid for HMAC.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.0.expose_secret())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(b"landslide-receipt-v1\0");
         mac.update(body.as_bytes());

@@ -73,6 +73,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use secrecy::{ExposeSecret as _, SecretBox};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -138,21 +139,22 @@ impl TryFrom<String> for OwnerKey {
 }
 
 /// A poll owner's private key: 32 random bytes, kept in a file (`landslide keygen`) as
-/// `ed25519-secret:` and 64 hex digits. Never printed.
-pub struct OwnerSigningKey(SigningKey);
-
-impl fmt::Debug for OwnerSigningKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "OwnerSigningKey(public {})", self.public())
-    }
-}
+/// `ed25519-secret:` and 64 hex digits. Never printed: the seed is a [`SecretBox`], whose `Debug`
+/// shows none of it. The Ed25519 key is made from it for each use (a `SigningKey` cannot be a
+/// `SecretBox`'s, which needs `Zeroize`), and wipes itself when dropped.
+#[derive(Debug)]
+pub struct OwnerSigningKey(SecretBox<[u8; 32]>);
 
 impl OwnerSigningKey {
     const PREFIX: &str = "ed25519-secret:";
 
     /// The key of a 32-byte secret seed (from a cryptographic random source).
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self(SigningKey::from_bytes(&seed))
+        Self(SecretBox::new(Box::new(seed)))
+    }
+
+    fn signing_key(&self) -> SigningKey {
+        SigningKey::from_bytes(self.0.expose_secret())
     }
 
     /// Reads what [`OwnerSigningKey::to_file_text`] writes.
@@ -169,19 +171,19 @@ impl OwnerSigningKey {
         format!(
             "{}{}\n",
             Self::PREFIX,
-            crate::hex::encode(&self.0.to_bytes())
+            crate::hex::encode(self.0.expose_secret())
         )
     }
 
     pub fn public(&self) -> OwnerKey {
-        OwnerKey(self.0.verifying_key())
+        OwnerKey(self.signing_key().verifying_key())
     }
 
     /// The signature of `message`, as `certificate.sig` holds it.
     pub fn sign(&self, message: &[u8]) -> String {
         format!(
             "ed25519:{}\n",
-            crate::hex::encode(&self.0.sign(message).to_bytes())
+            crate::hex::encode(&self.signing_key().sign(message).to_bytes())
         )
     }
 }

@@ -13,7 +13,6 @@
 //! that key.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::Path;
@@ -34,20 +33,15 @@ use landslide_schema::record::{
 use landslide_schema::{
     Choice, EventId, PollBook, PollId, Revision, RevisionHash, Timestamp, VoteEvent,
 };
+use secrecy::{ExposeSecret as _, SecretSlice};
 use sha2::Sha256;
 
 use crate::audit::{AuditConfig, AuditReport, audit_with_polls};
 
 /// The key that pseudonymises voter ids in an export (`LANDSLIDE_EXPORT_KEY`): at least 32
-/// bytes, never written anywhere.
-#[derive(Clone)]
-pub struct ExportKey(Vec<u8>);
-
-impl fmt::Debug for ExportKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ExportKey(…)")
-    }
-}
+/// bytes, never written anywhere (a [`SecretSlice`]: its `Debug` shows none of it).
+#[derive(Debug, Clone)]
+pub struct ExportKey(SecretSlice<u8>);
 
 impl ExportKey {
     pub const MIN_LEN: usize = 32;
@@ -60,13 +54,13 @@ impl ExportKey {
              an export)",
             Self::MIN_LEN
         );
-        Ok(Self(key))
+        Ok(Self(key.into()))
     }
 
     /// The pseudonym of `voter` in poll `poll`.
     fn pseudonym(&self, poll: &PollId, voter: uuid::Uuid) -> Pseudonym {
         // Any key length is valid for HMAC.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.0.expose_secret())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(b"landslide-export-v1");
         mac.update(poll.as_str().as_bytes());

@@ -15,6 +15,7 @@ use landslide_nats::{NatsConfig, Topology, User};
 use landslide_schema::Polls;
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_telemetry::serve::MetricsAt;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::cmd::up::stack::UpEnv;
 use crate::keys;
@@ -56,15 +57,15 @@ pub struct NatsAuthArgs {
     pub nats_user: Option<String>,
     /// The NATS user's password, from the environment's NATS_PASSWORD only: no flag, since every
     /// user of a host may read a process's arguments.
-    #[arg(skip = non_empty_env("NATS_PASSWORD"))]
-    nats_password: Option<String>,
+    #[arg(skip = secret_env("NATS_PASSWORD"))]
+    nats_password: Option<SecretString>,
     /// A file holding the NATS user's password (instead of the environment's NATS_PASSWORD; what
     /// the deployments give, through systemd's credentials).
     #[arg(long, env = "NATS_PASSWORD_FILE")]
     nats_password_file: Option<PathBuf>,
     /// A NATS token instead of a user, from the environment's NATS_TOKEN only (no flag).
-    #[arg(skip = non_empty_env("NATS_TOKEN"))]
-    nats_token: Option<String>,
+    #[arg(skip = secret_env("NATS_TOKEN"))]
+    nats_token: Option<SecretString>,
     /// A file holding a NATS token (instead of the environment's NATS_TOKEN).
     #[arg(long, env = "NATS_TOKEN_FILE")]
     nats_token_file: Option<PathBuf>,
@@ -299,7 +300,7 @@ pub struct DatabaseArgs {
     /// PostgreSQL connection URL, with libpq's sslmode (disable, prefer, require, verify-ca,
     /// verify-full), sslrootcert, sslcert and sslkey. Required.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
+    database_url: Option<SecretString>,
     /// The database user to connect as, instead of DATABASE_URL's: each deployed role's own
     /// login role, while the URL that a host's roles share names only the server.
     #[arg(long, env = "DATABASE_USER")]
@@ -315,7 +316,7 @@ impl DatabaseArgs {
     /// place of its own login if set, or an error that names the variable at fault.
     pub fn url(&self) -> anyhow::Result<DatabaseUrl> {
         let url = DatabaseUrl::parse(required(
-            &self.database_url,
+            self.database_url.as_ref().map(ExposeSecret::expose_secret),
             "--database-url",
             "DATABASE_URL",
         )?)?;
@@ -329,7 +330,7 @@ impl DatabaseArgs {
             .map(landslide_schema::postgres::roles::read_password_file)
             .transpose()
             .context("in DATABASE_PASSWORD_FILE")?;
-        Ok(url.with_login(user, password.as_deref())?)
+        Ok(url.with_login(user, password.as_ref().map(ExposeSecret::expose_secret))?)
     }
 }
 
@@ -394,13 +395,17 @@ fn required_path(value: &Option<PathBuf>, flag: &str, var: &str) -> anyhow::Resu
 }
 
 /// A setting without a default, or an error naming both ways to give it.
-pub fn required<'a>(value: &'a Option<String>, flag: &str, var: &str) -> anyhow::Result<&'a str> {
+pub fn required<'a>(value: Option<&'a str>, flag: &str, var: &str) -> anyhow::Result<&'a str> {
     value
-        .as_deref()
         .filter(|v| !v.trim().is_empty())
         .with_context(|| format!("{var} is not set (or pass {flag})"))
 }
 
 pub fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// [`non_empty_env`] of a variable that holds a password or a key.
+pub fn secret_env(name: &str) -> Option<SecretString> {
+    non_empty_env(name).map(SecretString::from)
 }

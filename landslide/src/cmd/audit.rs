@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use landslide_nats::User;
 use landslide_schema::postgres::LoginRole;
+use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::cmd::args::{DatabaseArgs, Shared, non_empty_env};
+use crate::cmd::args::{DatabaseArgs, Shared, secret_env};
 
 #[derive(Debug, clap::Args)]
 // clap names the argument group of a struct after it, and `export` flattens this one into its own
@@ -28,8 +29,8 @@ pub struct Args {
     poll: Option<String>,
     /// The key that pseudonymises voters in the certified ballots (at least 32 bytes), from the
     /// environment's LANDSLIDE_EXPORT_KEY only: no flag, which every user of the host could read.
-    #[arg(skip = non_empty_env("LANDSLIDE_EXPORT_KEY"))]
-    export_key: Option<String>,
+    #[arg(skip = secret_env("LANDSLIDE_EXPORT_KEY"))]
+    export_key: Option<SecretString>,
     /// A file whose first line is the export key (instead of LANDSLIDE_EXPORT_KEY); one of the
     /// two is required with --poll. Keep it: the same key gives the same pseudonyms.
     #[arg(long, env = "LANDSLIDE_EXPORT_KEY_FILE")]
@@ -61,7 +62,10 @@ impl Args {
                  by the poll's owner): it pseudonymises the voters of the certified ballots",
             )?,
         };
-        Ok((poll, landslide_tally::certificate::ExportKey::new(key)?))
+        Ok((
+            poll,
+            landslide_tally::certificate::ExportKey::new(key.expose_secret().as_bytes())?,
+        ))
     }
 }
 

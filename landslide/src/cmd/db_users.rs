@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use landslide_schema::postgres::LoginRole;
+use secrecy::ExposeSecret;
 
 use crate::cmd::args::DatabaseArgs;
 
@@ -48,7 +49,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut conn = landslide_schema::postgres::connect(&url).await?;
     for (role, password) in passwords {
-        let changes = roles::ensure_login_role(&mut conn, role, password.as_deref()).await?;
+        let changes = roles::ensure_login_role(
+            &mut conn,
+            role,
+            password.as_ref().map(ExposeSecret::expose_secret),
+        )
+        .await?;
         let mut said = Vec::new();
         if changes.created {
             said.push("created".to_owned());

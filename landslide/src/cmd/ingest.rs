@@ -70,7 +70,7 @@ pub struct Args {
 
 impl Args {
     fn config(&self) -> anyhow::Result<landslide_ingest::Config> {
-        let node_id = required(&self.node_id, "--node-id", "LANDSLIDE_NODE_ID")?;
+        let node_id = required(self.node_id.as_deref(), "--node-id", "LANDSLIDE_NODE_ID")?;
         let node_id = NodeId::parse(node_id)
             .with_context(|| format!("invalid --node-id {node_id:?} (LANDSLIDE_NODE_ID)"))?;
         let mut config = landslide_ingest::Config::new(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use secrecy::ExposeSecret as _;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,7 +20,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             .context("no password")?;
     println!(
         "{}",
-        landslide_nats::auth::password_hash(password.expose())?
+        landslide_nats::auth::password_hash(password.expose_secret())?
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -13,8 +13,9 @@ use landslide_nats::{Access, NatsConfig, Topology, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_schema::{NodeId, Polls};
 use landslide_telemetry::serve::MetricsAt;
+use secrecy::ExposeSecret as _;
 
-use crate::cmd::args::{ClientLimitArgs, ClientLimits, KeyArgs, Shared, non_empty_env};
+use crate::cmd::args::{ClientLimitArgs, ClientLimits, KeyArgs, Shared, non_empty_env, secret_env};
 use crate::cmd::role::{Role, bind};
 use stack::{ENV_FILE, GivenKeys, LocalConfig, LocalPorts, LocalStack, NatsUsers};
 
@@ -60,8 +61,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut local = LocalConfig::new(&args.data_dir);
     local.nats = non_empty_env("NATS_URL").map(given_nats).transpose()?;
-    local.database_url = non_empty_env("DATABASE_URL")
-        .map(|url| DatabaseUrl::parse(&url))
+    local.database_url = secret_env("DATABASE_URL")
+        .map(|url| DatabaseUrl::parse(url.expose_secret()))
         .transpose()?;
     local.keys = GivenKeys {
         cookies: args.keys.cookie_keys_file.clone(),
@@ -95,7 +96,7 @@ fn given_nats(url: String) -> anyhow::Result<NatsUsers> {
         .into_iter()
         .map(|user| {
             let var = user.password_var();
-            let password = non_empty_env(&var).with_context(|| {
+            let password = secret_env(&var).with_context(|| {
                 format!(
                     "NATS_URL is set, so `up` uses that server: give each role's password in \
                      {var} and the other LANDSLIDE_NATS_<USER>_PASSWORD variables (the \

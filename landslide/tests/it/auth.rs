@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use landslide_nats::{Credentials, NatsConfig, User};
+use secrecy::ExposeSecret as _;
 
 use crate::support::{self, Nats, within};
 
@@ -28,7 +29,7 @@ async fn nobody_connects_without_credentials_and_tls() {
     let anonymous = ingest.with_credentials(Credentials::Anonymous);
     let wrong = ingest.with_credentials(Credentials::UserPassword {
         user: "ingest".to_owned(),
-        password: landslide_nats::auth::Hidden::new("not-the-password"),
+        password: "not-the-password".into(),
     });
     // The right password, but the server's certificate is not checked against our CA.
     let unverified = NatsConfig {
@@ -65,12 +66,12 @@ async fn the_broker_holds_only_password_hashes() {
             panic!("{user} has no password");
         };
         assert!(
-            !config.contains(password.expose()),
+            !config.contains(password.expose_secret()),
             "the server's config holds {user}'s password"
         );
         assert!(
             hashes.iter().any(|hash| hash.starts_with("$2a$11$")
-                && bcrypt::verify(password.expose(), hash).unwrap_or(false)),
+                && bcrypt::verify(password.expose_secret(), hash).unwrap_or(false)),
             "no bcrypt hash of {user}'s password in the server's config"
         );
         landslide_nats::connect(&nats.config(user), user, "test")

@@ -10,6 +10,7 @@ use landslide_nats::Topology;
 use landslide_schema::{
     Choice, EventId, NodeId, PollId, Revision, RevisionHash, Timestamp, VoteEvent, VoterId, merge,
 };
+use secrecy::ExposeSecret as _;
 use uuid::Uuid;
 
 use crate::support::{self, Db, Nats};
@@ -630,7 +631,7 @@ async fn a_worker_stopped_in_its_startup_wait_for_over_a_minute_drains_once_resu
     .arg("dedup-worker")
     .env(
         "DATABASE_URL",
-        db.url_for(landslide_nats::User::Worker).expose(),
+        db.url_for(landslide_nats::User::Worker).expose_secret(),
     )
     .env("LANDSLIDE_METRICS_LISTEN", operations)
     .env("RUST_LOG", "info,async_nats=warn");

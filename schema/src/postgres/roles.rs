@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use diesel::QueryableByName;
 use diesel::sql_types::{Bool, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use secrecy::{ExposeSecret as _, SecretString};
 
 /// The group role of the roles that write (the workers, replay).
 pub const WRITE_GROUP: &str = "landslide_write";
@@ -193,14 +194,16 @@ pub fn scram_verifier(password: &str) -> String {
 }
 
 /// A password file's content: the first line, without its line end.
-pub fn read_password_file(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the password file {}", path.display()))?;
-    let password = text.lines().next().unwrap_or("").to_owned();
+pub fn read_password_file(path: &std::path::Path) -> anyhow::Result<SecretString> {
+    let text = SecretString::from(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the password file {}", path.display()))?,
+    );
+    let password = text.expose_secret().lines().next().unwrap_or("");
     anyhow::ensure!(
         !password.is_empty(),
         "the password file {} is empty",
         path.display()
     );
-    Ok(password)
+    Ok(password.into())
 }

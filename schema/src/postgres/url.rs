@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use secrecy::{ExposeSecret, SecretString};
+
 /// How a connection is protected: libpq's `sslmode`, with libpq's meanings
 /// (<https://www.postgresql.org/docs/15/libpq-ssl.html#LIBPQ-SSL-SSLMODE-STATEMENTS>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,11 +86,13 @@ pub struct InvalidDatabaseUrl {
 /// A PostgreSQL URL, parsed: where to connect, as whom, and how the connection is protected.
 ///
 /// It never shows its password: `Debug` and `Display` print the URL redacted, so configurations
-/// holding one can derive `Debug` and be logged. The TLS files it names are read once, by
+/// holding one can derive `Debug` and be logged. The URL itself, password included, is held as a
+/// [`SecretString`] (the password is a part of its text, which [`DatabaseUrl::with_login`]
+/// rewrites), read only through [`ExposeSecret`]. The TLS files it names are read once, by
 /// [`DatabaseUrl::parse`]; a renewed certificate takes effect at the next start.
 #[derive(Clone)]
 pub struct DatabaseUrl {
-    url: String,
+    url: SecretString,
     config: tokio_postgres::Config,
     ssl_mode: SslMode,
     root_cert: Option<PathBuf>,
@@ -244,18 +248,12 @@ impl DatabaseUrl {
             )),
         };
         Ok(Self {
-            url: url.to_owned(),
+            url: url.into(),
             config,
             ssl_mode,
             root_cert,
             tls,
         })
-    }
-
-    /// The URL itself, password included: for handing to another program (`pg_dump`), never
-    /// for printing.
-    pub fn expose(&self) -> &str {
-        &self.url
     }
 
     /// How connections are protected.
@@ -288,8 +286,9 @@ impl DatabaseUrl {
         password: Option<&str>,
     ) -> Result<Self, InvalidDatabaseUrl> {
         // `parse` checked the scheme.
-        let scheme_end = self.url.find("://").map_or(0, |i| i + 3);
-        let (scheme, rest) = self.url.split_at(scheme_end);
+        let url = self.expose_secret();
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let (scheme, rest) = url.split_at(scheme_end);
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(authority_end);
         let (userinfo, hosts) = match authority.rfind('@') {
@@ -309,7 +308,7 @@ impl DatabaseUrl {
             (None, None) => String::new(),
             (None, Some(_)) => {
                 return Err(InvalidDatabaseUrl {
-                    url: super::redact(&self.url),
+                    url: super::redact(url),
                     problem: "a password is given but no user: name one in the URL or in \
                               DATABASE_USER"
                         .to_owned(),
@@ -342,6 +341,14 @@ impl DatabaseUrl {
     }
 }
 
+/// The URL itself, password included: for handing to another program (`pg_dump`), never for
+/// printing.
+impl ExposeSecret<str> for DatabaseUrl {
+    fn expose_secret(&self) -> &str {
+        self.url.expose_secret()
+    }
+}
+
 impl FromStr for DatabaseUrl {
     type Err = InvalidDatabaseUrl;
 
@@ -352,7 +359,7 @@ impl FromStr for DatabaseUrl {
 
 impl PartialEq for DatabaseUrl {
     fn eq(&self, other: &Self) -> bool {
-        self.url == other.url
+        self.expose_secret() == other.expose_secret()
     }
 }
 
@@ -360,13 +367,13 @@ impl Eq for DatabaseUrl {}
 
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", super::redact(&self.url))
+        write!(f, "{:?}", super::redact(self.expose_secret()))
     }
 }
 
 impl std::fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&super::redact(&self.url))
+        f.write_str(&super::redact(self.expose_secret()))
     }
 }
 
@@ -427,7 +434,7 @@ mod tests {
             format!("{url} {url:?}"),
             "postgres://u:***@h/db \"postgres://u:***@h/db\""
         );
-        assert_eq!(url.expose(), "postgres://u:secret@h/db");
+        assert_eq!(url.expose_secret(), "postgres://u:secret@h/db");
         assert!(!problem("postgres://u:secret@h/db?sslmode=bogus").contains("secret"));
     }
 
@@ -513,7 +520,7 @@ mod tests {
             .with_login(Some("landslide_worker"), Some("p@ss:w/rd?&"))
             .unwrap();
         assert_eq!(
-            own.expose(),
+            own.expose_secret(),
             "postgres://landslide_worker:p%40ss%3Aw%2Frd%3F%26@db.internal:5433/landslide?\
              sslmode=require&application_name=x"
         );
@@ -524,7 +531,7 @@ mod tests {
         // Only the password: the URL's user keeps it.
         let url = DatabaseUrl::parse("postgres://u:old@h/db").unwrap();
         assert_eq!(
-            url.with_login(None, Some("new")).unwrap().expose(),
+            url.with_login(None, Some("new")).unwrap().expose_secret(),
             "postgres://u:new@h/db"
         );
         assert_eq!(url.with_login(None, None).unwrap(), url);

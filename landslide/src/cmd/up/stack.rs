@@ -51,6 +51,7 @@ use landslide_nats::{NatsConfig, User};
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_servers::postgres::{PgAccess, PgTls, PostgresSpec};
 use landslide_servers::{Binaries, Guard, Nats, NatsLayout, NatsSpec, PgStop, Postgres};
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::keys::KeyFiles;
 
@@ -287,14 +288,17 @@ impl LocalStack {
         for user in User::ALL {
             match self.nats_config(user).credentials {
                 landslide_nats::Credentials::UserPassword { password, .. } => {
-                    line(&user.password_var(), password.expose())?;
+                    line(&user.password_var(), password.expose_secret())?;
                 }
                 other => bail!("{user} connects with {other:?}, which the env file cannot hold"),
             }
         }
-        line(&database_var(None), self.database_url.expose())?;
+        line(&database_var(None), self.database_url.expose_secret())?;
         for role in LoginRole::ALL {
-            line(&database_var(Some(role)), self.database_url(role).expose())?;
+            line(
+                &database_var(Some(role)),
+                self.database_url(role).expose_secret(),
+            )?;
         }
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
@@ -378,10 +382,12 @@ fn database_var(role: Option<LoginRole>) -> String {
 }
 
 /// The settings a running `landslide up` wrote to `<data_dir>/env`, read back: what an operator's
-/// command (`--up <data_dir>`) connects with, as its own user. Not `Debug`: it holds passwords.
+/// command (`--up <data_dir>`) connects with, as its own user. Every value is held as a secret:
+/// most are passwords, or URLs that hold one.
+#[derive(Debug)]
 pub struct UpEnv {
     path: PathBuf,
-    vars: HashMap<String, String>,
+    vars: HashMap<String, SecretString>,
 }
 
 impl UpEnv {
@@ -407,26 +413,28 @@ impl UpEnv {
                     .strip_prefix('\'')
                     .and_then(|v| v.strip_suffix('\''))
                     .unwrap_or(value);
-                Ok((var.to_owned(), value.to_owned()))
+                Ok((var.to_owned(), SecretString::from(value)))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { path, vars })
     }
 
-    fn var(&self, var: &str) -> anyhow::Result<&str> {
+    fn var(&self, var: &str) -> anyhow::Result<&SecretString> {
         self.vars
             .get(var)
-            .map(String::as_str)
             .with_context(|| format!("{} has no {var}", self.path.display()))
     }
 
     /// How `user` connects to up's NATS.
     pub fn nats_config(&self, user: User) -> anyhow::Result<NatsConfig> {
-        let ca = self.vars.get("NATS_CA").map(PathBuf::from);
+        let ca = self
+            .vars
+            .get("NATS_CA")
+            .map(|ca| PathBuf::from(ca.expose_secret()));
         Ok(NatsConfig::user(
-            self.var("NATS_URL")?,
+            self.var("NATS_URL")?.expose_secret(),
             user.name(),
-            self.var(&user.password_var())?,
+            self.var(&user.password_var())?.clone(),
             ca,
         ))
     }
@@ -434,7 +442,7 @@ impl UpEnv {
     /// How `role` (`None`: the schema's owner) connects to up's database.
     pub fn database_url(&self, role: Option<LoginRole>) -> anyhow::Result<DatabaseUrl> {
         let var = database_var(role);
-        DatabaseUrl::parse(self.var(&var)?)
+        DatabaseUrl::parse(self.var(&var)?.expose_secret())
             .with_context(|| format!("{var} of {}", self.path.display()))
     }
 }
@@ -489,7 +497,12 @@ async fn start_postgres(
         place: landslide_servers::Place::loopback(),
         access: PgAccess {
             tls: Some(PgTls { cert, ca: ca.ca() }),
-            superuser_password: Some(load_or_create_password(&passwords, DB_USER)?),
+            // The harness's spec holds it as a `String` of its own.
+            superuser_password: Some(
+                load_or_create_password(&passwords, DB_USER)?
+                    .expose_secret()
+                    .to_owned(),
+            ),
         },
     };
     let mut server = Postgres::start_with(spec, bins).await?;
@@ -522,16 +535,17 @@ async fn prepare_database(
     let mut roles = HashMap::new();
     for role in LoginRole::ALL {
         let password = load_or_create_password(passwords, role.name())?;
-        landslide_schema::postgres::roles::ensure_login_role(&mut conn, role, Some(&password))
+        let password = password.expose_secret();
+        landslide_schema::postgres::roles::ensure_login_role(&mut conn, role, Some(password))
             .await?;
-        let url = server.url_as(role.name(), Some(&password), DATABASE);
+        let url = server.url_as(role.name(), Some(password), DATABASE);
         roles.insert(role, DatabaseUrl::parse(&url)?);
     }
     Ok((owner, roles))
 }
 
 /// The password of database user `user`, kept in `<dir>/<user>.password` (mode 0600).
-fn load_or_create_password(dir: &Path, user: &str) -> anyhow::Result<String> {
+fn load_or_create_password(dir: &Path, user: &str) -> anyhow::Result<SecretString> {
     let path = dir.join(format!("{user}.password"));
     if path.exists() {
         return landslide_schema::postgres::roles::read_password_file(&path);
@@ -540,8 +554,8 @@ fn load_or_create_password(dir: &Path, user: &str) -> anyhow::Result<String> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
     // Hex: nothing in it needs escaping in a URL.
-    let password = landslide_servers::random_secret();
-    landslide_servers::write_private(&path, format!("{password}\n").as_bytes())?;
+    let password = SecretString::from(landslide_servers::random_secret());
+    landslide_servers::write_private(&path, format!("{}\n", password.expose_secret()).as_bytes())?;
     Ok(password)
 }
 
@@ -841,7 +855,7 @@ mod tests {
         }
 
         // Neither plaintext nor a missing password gets in, not even for the owner.
-        let owner = stack.database_url.expose();
+        let owner = stack.database_url.expose_secret();
         let plaintext =
             owner.split_once('?').expect("parameters").0.to_owned() + "?sslmode=disable";
         let err = connect(&DatabaseUrl::parse(&plaintext).expect("a URL"))
@@ -992,7 +1006,10 @@ mod tests {
         .await
         .expect("start with everything given");
         assert_eq!(stack.nats_config(User::Tally).urls, "nats://elsewhere:4222");
-        assert_eq!(stack.database_url.expose(), "postgres://u@elsewhere/db");
+        assert_eq!(
+            stack.database_url.expose_secret(),
+            "postgres://u@elsewhere/db"
+        );
         assert_eq!(stack.database_url(LoginRole::Tally), stack.database_url);
         assert_eq!(
             stack.key_files,
@@ -1015,23 +1032,29 @@ mod tests {
         std::fs::write(dir.path().join("secret"), &earlier).expect("write");
         let files = key_files(GivenKeys::default(), dir.path()).expect("key files");
         let keys = files.read().expect("keys");
-        assert_eq!(keys.cookies.signing().expose(), earlier);
+        assert_eq!(keys.cookies.signing().expose_secret(), earlier);
         assert!(keys.cookies.verify_only().is_empty());
-        assert_eq!(keys.voter_ids.0.expose(), earlier);
+        assert_eq!(keys.voter_ids.0.expose_secret(), earlier);
         let receipt_key = std::fs::read_to_string(&files.receipts).expect("receipt key");
         assert_ne!(receipt_key.trim(), earlier, "the receipt key is a new one");
         assert!(!dir.path().join("secret").exists());
         // Kept: a second start reads the same keys.
         let again = key_files(GivenKeys::default(), dir.path()).expect("key files");
         assert_eq!(again, files);
-        assert_eq!(again.read().expect("keys").voter_ids.0.expose(), earlier);
+        assert_eq!(
+            again.read().expect("keys").voter_ids.0.expose_secret(),
+            earlier
+        );
         // A new folder gets three distinct keys.
         let fresh = tempfile::tempdir().expect("tempdir");
         let keys = key_files(GivenKeys::default(), fresh.path())
             .expect("key files")
             .read()
             .expect("keys");
-        assert_ne!(keys.cookies.signing().expose(), keys.voter_ids.0.expose());
+        assert_ne!(
+            keys.cookies.signing().expose_secret(),
+            keys.voter_ids.0.expose_secret()
+        );
     }
 
     fn nowhere(dir: &Path) -> Binaries {

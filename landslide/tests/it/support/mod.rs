@@ -410,8 +410,8 @@ pub const VOTER_ID_KEY: &str = "integration-test-voter-id-key-of-at-least-32-byt
 /// The receipt key of the tests' ingest nodes and tallies.
 pub const RECEIPT_KEY: &str = "integration-test-receipt-key-of-32-bytes-or-more";
 
-pub fn secret(key: &str) -> landslide_ingest::Secret {
-    landslide_ingest::Secret::new(key).expect("a key of 32 bytes or more")
+pub fn secret(key: &str) -> landslide_ingest::HmacKey {
+    landslide_ingest::HmacKey::new(key).expect("a key of 32 bytes or more")
 }
 
 pub fn receipt_key() -> landslide_schema::receipt::ReceiptKey {
