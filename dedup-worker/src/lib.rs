@@ -40,6 +40,14 @@ mod upsert;
 pub use replay::{ReplayReport, replay};
 pub use upsert::UpsertBatch;
 
+/// The most messages one batch takes (`LANDSLIDE_BATCH_SIZE`): one transaction each.
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+/// The longest wait to fill a batch once its first message is in hand (`LANDSLIDE_BATCH_WAIT_MS`).
+pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(20);
+/// Where a worker serves `/metrics`, `/healthz` and `/readyz` unless told otherwise
+/// (`LANDSLIDE_METRICS_LISTEN`): a worker has no other listener.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9102";
+
 /// Configuration of one worker.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -100,8 +108,8 @@ impl Config {
     pub fn new(connections: Connections) -> Self {
         Self {
             connections,
-            batch_size: 1000,
-            batch_wait: Duration::from_millis(20),
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_wait: DEFAULT_BATCH_WAIT,
             shard: random_shard(),
             fail_point: None,
             unknown_revision_bound: landslide_schema::UNKNOWN_REVISION_BOUND,

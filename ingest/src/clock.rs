@@ -62,7 +62,7 @@ impl MaxClockOffset {
         Self::new(Duration::from_millis(ms))
     }
 
-    pub fn get(self) -> Duration {
+    pub const fn get(self) -> Duration {
         self.0
     }
 

@@ -149,6 +149,17 @@ pub struct Config {
     pub client_ip_header: Option<ClientIpHeader>,
 }
 
+/// Where a node serves HTTP unless told otherwise (`LANDSLIDE_LISTEN`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// How long one publish waits for its JetStream ack (`LANDSLIDE_PUBLISH_TIMEOUT_MS`).
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Publish attempts, with the same message id, before a vote is answered 503
+/// (`LANDSLIDE_PUBLISH_ATTEMPTS`).
+pub const DEFAULT_PUBLISH_ATTEMPTS: u32 = 3;
+/// How long a vote waits for its ack, queue included (`LANDSLIDE_VOTE_DEADLINE_MS`): below the
+/// balancers' timeouts (HAProxy's `timeout server` of 30 s, the ALB's idle timeout of 60 s).
+pub const DEFAULT_VOTE_DEADLINE: Duration = Duration::from_secs(10);
+
 impl Config {
     /// Defaults for everything but the identity, the broker and the keys.
     pub fn new(node_id: NodeId, connections: Connections, keys: Keys) -> Self {
@@ -158,14 +169,14 @@ impl Config {
             keys,
             clock: Arc::new(SystemClock::default()),
             max_clock_offset: MaxClockOffset::DEFAULT,
-            publish_timeout: Duration::from_secs(2),
-            publish_attempts: 3,
-            vote_deadline: Duration::from_secs(10),
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            publish_attempts: DEFAULT_PUBLISH_ATTEMPTS,
+            vote_deadline: DEFAULT_VOTE_DEADLINE,
             publish_batches: None,
             secure_cookie: false,
             plain_cookie_until: None,
             results_url: None,
-            http: landslide_telemetry::serve::Limits::default(),
+            http: landslide_telemetry::serve::Limits::DEFAULT,
             metrics: landslide_telemetry::serve::MetricsAt::default(),
             rate_limit: Some(RateLimit::DEFAULT),
             client_ip_header: None,

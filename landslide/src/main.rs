@@ -20,6 +20,8 @@ use cmd::{
 
 mod cmd;
 mod keys;
+#[cfg(test)]
+mod reference;
 
 /// jemalloc rather than glibc malloc: under load, glibc's arena locks cost ingest a quarter of its
 /// CPU in lock waits and wake-ups (BENCHMARKS.md, "What the profiles showed").

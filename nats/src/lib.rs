@@ -23,6 +23,9 @@ pub mod rollback;
 
 pub use auth::{Credentials, NatsConfig, User};
 
+/// The broker a role connects to unless told otherwise (`NATS_URL`): one nats-server on this host.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+
 /// `nats/votes-stream.json`.
 pub const VOTES_STREAM_JSON: &str = include_str!("../votes-stream.json");
 /// `nats/votes-dlq-stream.json`.

@@ -7,6 +7,10 @@
 //! It never weakens durability behind a caller's back: nats-server fsyncs before it acks unless
 //! the caller asks for the lazy default by name ([`nats::Sync::Lazy`], for control runs), and
 //! PostgreSQL keeps `fsync` and `synchronous_commit` on.
+//!
+//! The fault injection of the tests, the reliability harness and the benchmark, the power-loss
+//! disk (`lazyfs`) and network namespaces (`netns`), is behind the `faults` feature, off by
+//! default: the release binary never links it.
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener};
@@ -19,8 +23,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod guard;
+#[cfg(feature = "faults")]
 pub mod lazyfs;
 pub mod nats;
+#[cfg(feature = "faults")]
 pub mod netns;
 pub mod postgres;
 pub mod process;
@@ -28,20 +34,24 @@ pub mod tls;
 
 pub use guard::Guard;
 pub use nats::{Nats, NatsLayout, NatsSpec, Sync};
+#[cfg(feature = "faults")]
 pub use netns::Network;
 pub use postgres::{PgStop, Postgres};
 pub use process::Process;
 
 /// Where a server or a role runs: on this machine's loopback (what `up`, the tests and the
-/// benchmark use), or on a host of a [`Network`], in its namespace and on its address (the
-/// harness's partition faults). A program placed on a host listens on the host's address, and
-/// its peers reach it there.
+/// benchmark use), or on a host of a `Network`, in its namespace and on its address (the
+/// harness's partition faults; with the `faults` feature only, so without it every place is
+/// loopback). A program placed on a host listens on the host's address, and its peers reach it
+/// there.
 #[derive(Debug, Clone)]
 pub struct Place {
     addr: Ipv4Addr,
+    #[cfg(feature = "faults")]
     host: Option<HostPlace>,
 }
 
+#[cfg(feature = "faults")]
 #[derive(Debug, Clone)]
 struct HostPlace {
     /// iproute2's `ip`, which runs programs inside the namespace.
@@ -62,10 +72,12 @@ impl Place {
     pub fn loopback() -> Self {
         Self {
             addr: Ipv4Addr::LOCALHOST,
+            #[cfg(feature = "faults")]
             host: None,
         }
     }
 
+    #[cfg(feature = "faults")]
     pub(crate) fn on_host(
         addr: Ipv4Addr,
         ip: PathBuf,
@@ -89,16 +101,20 @@ impl Place {
 
     /// The network its peers are in, as `a.b.c.0/24`, when on a host; `None` on loopback.
     pub fn peers(&self) -> Option<String> {
-        self.host.as_ref().map(|h| format!("{}/24", h.subnet))
+        #[cfg(feature = "faults")]
+        if let Some(host) = &self.host {
+            return Some(format!("{}/24", host.subnet));
+        }
+        None
     }
 
     /// The program and leading arguments that run `program` here: `program` itself on
     /// loopback, `ip netns exec <namespace> program` on a host. `ip` execs the program, so the
     /// process id is the program's and signals reach it.
     pub fn launcher(&self, program: &Path) -> (PathBuf, Vec<std::ffi::OsString>) {
-        match &self.host {
-            None => (program.to_path_buf(), Vec::new()),
-            Some(host) => (
+        #[cfg(feature = "faults")]
+        if let Some(host) = &self.host {
+            return (
                 host.ip.clone(),
                 vec![
                     "netns".into(),
@@ -106,15 +122,20 @@ impl Place {
                     host.namespace.clone().into(),
                     program.as_os_str().to_owned(),
                 ],
-            ),
+            );
         }
+        (program.to_path_buf(), Vec::new())
     }
 
     /// Whether this is a host of a network, where a program started as root must drop to
     /// another user itself (`setpriv`): `ip netns exec` needs root, so the user cannot be set
     /// on the command.
     pub fn is_host(&self) -> bool {
-        self.host.is_some()
+        #[cfg(feature = "faults")]
+        if self.host.is_some() {
+            return true;
+        }
+        false
     }
 }
 

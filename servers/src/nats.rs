@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use landslide_nats::{NatsConfig, Topology, User};
 
+#[cfg(feature = "faults")]
 use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::{Process, log_tail};
 use crate::{Binaries, Place, free_port};
@@ -96,9 +97,10 @@ pub struct NatsSpec {
     pub binary: Option<PathBuf>,
     /// Each node's store on a [`LazyFs`] over `<stem>.disk/`, so that [`Nats::power_cut`] can
     /// throw away what the node never fsynced (the reliability harness's power-loss fault).
+    #[cfg(feature = "faults")]
     pub power_loss: bool,
-    /// Where each node runs: on loopback when `None`, else on a host of a [`crate::Network`]
-    /// each (the harness's partitions), listening on the host's address.
+    /// Where each node runs: on loopback when `None`, else on a host of a `Network` each (the
+    /// harness's partitions, with the `faults` feature), listening on the host's address.
     pub places: Option<Vec<Place>>,
     /// Put each server in a process group of its own, so that Ctrl-C in a terminal reaches only
     /// the parent, which stops the server after the roles that use it (`landslide up`).
@@ -118,6 +120,7 @@ impl NatsSpec {
             stems: None,
             names: None,
             binary: None,
+            #[cfg(feature = "faults")]
             power_loss: false,
             places: None,
             own_process_group: false,
@@ -139,6 +142,7 @@ struct NatsNode {
     files: NodeFiles,
     // Before `disk`: fields drop in order, and the server must go before its disk.
     process: Process,
+    #[cfg(feature = "faults")]
     disk: Option<LazyFs>,
 }
 
@@ -407,6 +411,7 @@ impl Nats {
             std::fs::write(&files.config, config)
                 .with_context(|| format!("cannot write {}", files.config.display()))?;
             stop_leftover(&files).await?;
+            #[cfg(feature = "faults")]
             let disk = if spec.power_loss {
                 let backing = dir.join(format!("{}.disk", stems[i]));
                 std::fs::create_dir_all(&backing)?;
@@ -437,6 +442,7 @@ impl Nats {
                 held: crate::PortHold::default(),
                 files,
                 process,
+                #[cfg(feature = "faults")]
                 disk,
             });
         }
@@ -589,6 +595,7 @@ impl Nats {
     /// The power cut: `nodes` lose power at once. Each is killed (SIGKILL), then its disk throws
     /// away everything it had not fsynced and is mounted again; the servers stay down until
     /// [`Nats::restart`]. Needs [`NatsSpec::power_loss`]. Returns what each disk lost.
+    #[cfg(feature = "faults")]
     pub async fn power_cut(&mut self, nodes: &[usize]) -> anyhow::Result<Vec<CutReport>> {
         for &node in nodes {
             self.nodes[node].process.kill().await?;

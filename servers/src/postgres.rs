@@ -17,6 +17,7 @@ use anyhow::{Context as _, anyhow, bail};
 use diesel::QueryableByName;
 use tokio::process::Command;
 
+#[cfg(feature = "faults")]
 use crate::lazyfs::{CutReport, LazyFs};
 use crate::process::log_tail;
 use crate::{Binaries, Place};
@@ -159,6 +160,7 @@ pub struct Postgres {
     /// Whether we still have to stop it; `Drop` stops it when this is still true.
     running: bool,
     /// The power-loss disk the cluster lives on, if any. `Drop` stops the server first.
+    #[cfg(feature = "faults")]
     disk: Option<LazyFs>,
     /// The port, held while the server is stopped (loopback only).
     held: crate::PortHold,
@@ -168,16 +170,22 @@ impl Postgres {
     /// A new cluster under `dir` (`dir/postgres`, `dir/postgres.log`) on a free port, with the
     /// superuser `postgres`: the tests' and the harness's.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        Self::start_at(dir, &Place::loopback(), false).await
+        Self::start_in(
+            dir,
+            dir.join("postgres"),
+            &Place::loopback(),
+            PgAccess::default(),
+        )
+        .await
     }
 
     /// [`Postgres::start`] at `place`; with `power_loss`, the cluster is on a [`LazyFs`] over
     /// `dir/postgres.disk/`, so that [`Postgres::power_cut`] can throw away what PostgreSQL
     /// never fsynced.
+    #[cfg(feature = "faults")]
     pub async fn start_at(dir: &Path, place: &Place, power_loss: bool) -> anyhow::Result<Self> {
         if !power_loss {
-            return Self::start_in(dir, dir.join("postgres"), None, place, PgAccess::default())
-                .await;
+            return Self::start_in(dir, dir.join("postgres"), place, PgAccess::default()).await;
         }
         let (backing, mountpoint) = (dir.join("postgres.disk"), dir.join("postgres.mount"));
         for folder in [&backing, &mountpoint] {
@@ -185,26 +193,21 @@ impl Postgres {
             std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755))?;
         }
         let disk = LazyFs::mount_async(backing, mountpoint.clone()).await?;
-        Self::start_in(
-            dir,
-            mountpoint.join("data"),
-            Some(disk),
-            place,
-            PgAccess::default(),
-        )
-        .await
+        let mut server =
+            Self::start_in(dir, mountpoint.join("data"), place, PgAccess::default()).await?;
+        server.disk = Some(disk);
+        Ok(server)
     }
 
     /// [`Postgres::start`] with `access`: TLS only, or passwords (the TLS tests' servers).
     pub async fn start_with_access(dir: &Path, access: PgAccess) -> anyhow::Result<Self> {
-        Self::start_in(dir, dir.join("postgres"), None, &Place::loopback(), access).await
+        Self::start_in(dir, dir.join("postgres"), &Place::loopback(), access).await
     }
 
     /// A cluster at `cluster` with its log in `dir`, as the `postgres` superuser on a free port.
     async fn start_in(
         dir: &Path,
         cluster: PathBuf,
-        disk: Option<LazyFs>,
         place: &Place,
         access: PgAccess,
     ) -> anyhow::Result<Self> {
@@ -220,14 +223,13 @@ impl Postgres {
             access,
         };
         let bins = Binaries::system().postgres(&spec.cluster)?;
-        let mut server = Self::start_with(spec, bins).await?;
-        server.disk = disk;
-        Ok(server)
+        Self::start_with(spec, bins).await
     }
 
     /// The power cut: every PostgreSQL process quits at once (an immediate stop, which writes
     /// nothing), then the disk throws away what was never fsynced and is mounted again. The
     /// server stays down until [`Postgres::start_server`], whose crash recovery replays the WAL.
+    #[cfg(feature = "faults")]
     pub async fn power_cut(&mut self) -> anyhow::Result<CutReport> {
         self.stop(PgStop::Immediate).await?;
         let disk = self
@@ -253,6 +255,7 @@ impl Postgres {
             spec,
             run_as,
             running: false,
+            #[cfg(feature = "faults")]
             disk: None,
             held: crate::PortHold::default(),
         };

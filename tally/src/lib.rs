@@ -67,6 +67,11 @@ pub struct Config {
 /// unit allows (`LimitNOFILE`), leaving room for the other connections.
 pub const DEFAULT_MAX_EVENT_STREAMS: usize = 20_000;
 
+/// Where tally serves HTTP unless told otherwise (`LANDSLIDE_LISTEN`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+/// How often the counts are read again (`LANDSLIDE_REFRESH_MS`), whatever the number of viewers.
+pub const DEFAULT_REFRESH: Duration = Duration::from_millis(500);
+
 /// The default share of one client: 100 streams, so that a single address takes at most 1 in 200
 /// of the default cap, while a household or an office behind one address (or, at 100, a good part
 /// of a carrier-grade NAT's users watching at once) is served; beyond it a viewer reads
@@ -84,12 +89,12 @@ impl Config {
         Self {
             connections,
             receipt_key,
-            refresh: Duration::from_millis(500),
+            refresh: DEFAULT_REFRESH,
             max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
             max_event_streams_per_client: DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT,
             receipt_rate_limit: Some(DEFAULT_RECEIPT_RATE_LIMIT),
             client_ip_header: None,
-            http: landslide_telemetry::serve::Limits::default(),
+            http: landslide_telemetry::serve::Limits::DEFAULT,
             metrics: landslide_telemetry::serve::MetricsAt::default(),
         }
     }

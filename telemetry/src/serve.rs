@@ -47,18 +47,22 @@ pub struct Limits {
     pub drain_timeout: Duration,
 }
 
-impl Default for Limits {
+impl Limits {
     /// 10 s for the headers and 10 s for a body (at most 4 KiB), which a phone on a poor network
     /// sends in well under one; 50,000 connections, within the 262,144 (ingest) and 65,536
     /// (tally) descriptors the units allow; 10 s to drain, within systemd's 90 s stop timeout
     /// and Compose's 10 s grace beside the publish retries (about 6 s).
+    pub const DEFAULT: Self = Self {
+        header_read_timeout: Duration::from_secs(10),
+        body_read_timeout: Duration::from_secs(10),
+        max_connections: 50_000,
+        drain_timeout: Duration::from_secs(10),
+    };
+}
+
+impl Default for Limits {
     fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(10),
-            max_connections: 50_000,
-            drain_timeout: Duration::from_secs(10),
-        }
+        Self::DEFAULT
     }
 }
 

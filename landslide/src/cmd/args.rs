@@ -14,7 +14,7 @@ use landslide_nats::auth::{CredentialSettings, Tls};
 use landslide_nats::{NatsConfig, Topology, User};
 use landslide_schema::Polls;
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
-use landslide_telemetry::serve::MetricsAt;
+use landslide_telemetry::serve::{Limits, MetricsAt};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::cmd::up::stack::UpEnv;
@@ -23,8 +23,9 @@ use crate::keys;
 /// Settings every role shares.
 #[derive(Debug, Args, Clone)]
 pub struct Shared {
-    /// NATS server(s), comma-separated for a cluster.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server(s), comma-separated for a cluster. Under `up`: when set, `up` starts no
+    /// nats-server of its own.
+    #[arg(long, env = "NATS_URL", default_value = landslide_nats::DEFAULT_URL)]
     nats_url: String,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
@@ -33,10 +34,14 @@ pub struct Shared {
     /// credentials, NATS_CA and DATABASE_URL.
     #[arg(long, env = "LANDSLIDE_UP", value_name = "DIR")]
     up: Option<PathBuf>,
-    /// A TOML file defining the polls (default: the built-in "pets" poll).
+    /// A TOML file of polls (OPERATIONS.md, "The polls file") that seeds the polls bucket while
+    /// it is empty (default: the built-in "pets" poll). Once the bucket holds a revision, every
+    /// role works by the bucket and warns if its file differs; change polls with `landslide polls
+    /// put FILE`.
     #[arg(long, env = "LANDSLIDE_POLLS")]
     polls: Option<PathBuf>,
-    /// Replicas of the VOTES and VOTES_DLQ streams: 1 on one server, 3 in a cluster.
+    /// Replicas of the VOTES and VOTES_DLQ streams: 1 on one server, 3 (or 5) in a cluster; 2 is
+    /// refused.
     #[arg(long, env = "LANDSLIDE_STREAM_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
     stream_replicas: usize,
     /// The nats-servers' monitoring endpoints (`http://host:8222`, comma-separated): at startup
@@ -52,7 +57,11 @@ pub struct Shared {
 /// How a role proves who it is to NATS (one way of these), and how it checks the server.
 #[derive(Debug, Args, Clone, Default)]
 pub struct NatsAuthArgs {
-    /// The NATS user (nats/auth.conf: ingest, worker, tally, audit or admin), with a password.
+    /// The NATS user, one per role (nats/auth.conf): ingest, worker (dedup-workers, replay),
+    /// tally, audit (audit, export, status), polls (`polls put`) or admin (the `nats` CLI), each
+    /// allowed only the subjects its role uses; its password from NATS_PASSWORD_FILE or the
+    /// environment's NATS_PASSWORD (no flag: every user of a host may read a process's
+    /// arguments).
     #[arg(long, env = "NATS_USER")]
     pub nats_user: Option<String>,
     /// The NATS user's password, from the environment's NATS_PASSWORD only: no flag, since every
@@ -194,6 +203,12 @@ impl Shared {
     }
 }
 
+/// A default duration as the whole milliseconds of a `_MS` setting.
+pub const fn millis(duration: Duration) -> u64 {
+    // A default is seconds to minutes: far within u64 milliseconds.
+    duration.as_millis() as u64
+}
+
 fn parse_replicas(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n @ (1 | 3 | 5)) => Ok(n),
@@ -206,29 +221,34 @@ fn parse_replicas(s: &str) -> Result<usize, String> {
 #[derive(Debug, Args, Clone)]
 pub struct HttpArgs {
     /// Milliseconds a client may take to send a request's line and headers; a slower
-    /// connection is closed.
-    #[arg(long, env = "LANDSLIDE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    /// connection (a slow-loris client) is closed.
+    #[arg(long, env = "LANDSLIDE_HEADER_TIMEOUT_MS", default_value_t = millis(Limits::DEFAULT.header_read_timeout))]
     header_timeout_ms: u64,
     /// Milliseconds a client may take to send a vote's body once its headers are in; a slower
-    /// one gets 408 and its connection is closed.
-    #[arg(long, env = "LANDSLIDE_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    /// one gets 408 and its connection is closed. The cross-site check and the rate limit come
+    /// before the body is read.
+    #[arg(long, env = "LANDSLIDE_BODY_TIMEOUT_MS", default_value_t = millis(Limits::DEFAULT.body_read_timeout))]
     body_timeout_ms: u64,
     /// Milliseconds a shutdown waits for requests in flight before it closes every connection
-    /// still open.
-    #[arg(long, env = "LANDSLIDE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    /// still open, so that a hung client cannot hold a stop (or a rolling restart) up.
+    #[arg(long, env = "LANDSLIDE_DRAIN_TIMEOUT_MS", default_value_t = millis(Limits::DEFAULT.drain_timeout))]
     drain_timeout_ms: u64,
-    /// HTTP connections served at once; more wait in the kernel's accept queue.
-    #[arg(long, env = "LANDSLIDE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    /// HTTP connections served at once; more wait in the kernel's accept queue until one
+    /// closes. Within the units' file descriptor limits (262,144 for ingest, 65,536 for tally).
+    #[arg(long, env = "LANDSLIDE_MAX_CONNECTIONS", default_value_t = Limits::DEFAULT.max_connections)]
     max_connections: usize,
-    /// Serve /metrics (and /healthz) on this address only, not on the public listener, which then
-    /// answers /metrics with 404. Unset: /metrics is served on the public listener.
+    /// The operations listener: /metrics, /healthz and /readyz (503 with the reason while the
+    /// role waits for a server) on an address of their own, which the load balancer does not
+    /// forward; the public listener then answers /metrics with 404 and leaves it out of its
+    /// OpenAPI document. Unset: /metrics is served beside the pages. Every deployment sets it
+    /// (ingest 9080, tally 9081, workers 910n).
     #[arg(long, env = "LANDSLIDE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 }
 
 impl HttpArgs {
-    pub fn limits(&self) -> landslide_telemetry::serve::Limits {
-        landslide_telemetry::serve::Limits {
+    pub fn limits(&self) -> Limits {
+        Limits {
             header_read_timeout: Duration::from_millis(self.header_timeout_ms.max(100)),
             body_read_timeout: Duration::from_millis(self.body_timeout_ms.max(100)),
             max_connections: self.max_connections.max(1),
@@ -248,11 +268,14 @@ impl HttpArgs {
 /// The per-client limits of ingest's vote endpoints (ingest, and `up`'s ingest node).
 #[derive(Debug, Args, Clone)]
 pub struct ClientLimitArgs {
-    /// Votes per second per client address on this node (a fraction is allowed); 0 turns the
-    /// limit off. Beyond it: 429 with Retry-After.
+    /// Votes per second per client address on this node, both vote endpoints together (a
+    /// fraction is allowed); 0 turns the limit off. Beyond it: 429 with Retry-After. Generous on
+    /// purpose: thousands of phones share one carrier-NAT address (OPERATIONS.md, "Limits that
+    /// do not turn voters away").
     #[arg(long, env = "LANDSLIDE_RATE_LIMIT", default_value_t = landslide_ingest::RateLimit::DEFAULT.per_second())]
     rate_limit: f64,
-    /// Votes one client address may send at once before the rate applies.
+    /// Votes one client address may send at once before the rate applies: the first seconds
+    /// after the ad, when a NAT's phones vote together.
     #[arg(long, env = "LANDSLIDE_RATE_BURST", default_value_t = landslide_ingest::RateLimit::DEFAULT.burst())]
     rate_burst: u32,
     #[command(flatten)]
@@ -262,8 +285,11 @@ pub struct ClientLimitArgs {
 /// Who the client of a request is, for the per-client limits of ingest and tally.
 #[derive(Debug, Args, Clone)]
 pub struct ClientIpArg {
-    /// The header a trusted proxy sets to the client's address (X-Forwarded-For: its right-most
-    /// entry). Unset: the client is the TCP peer. Set it only behind a proxy that sets it.
+    /// The header a trusted proxy sets to the client's address, e.g. X-Forwarded-For (its
+    /// right-most entry, the one your balancer appended). Set it only when every request comes
+    /// through that proxy: a client that reaches the node directly could name any address. A
+    /// request without a usable header counts as its TCP peer
+    /// (landslide_client_ip_fallback_total). Unset: the client is the TCP peer.
     #[arg(long, env = "LANDSLIDE_CLIENT_IP_HEADER")]
     client_ip_header: Option<String>,
 }
@@ -297,8 +323,13 @@ impl ClientLimitArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL connection URL, with libpq's sslmode (disable, prefer, require, verify-ca,
-    /// verify-full), sslrootcert, sslcert and sslkey. Required.
+    /// PostgreSQL connection URL, `postgres://user:password@host:port/dbname?…`, as the role's
+    /// own user (SECURITY.md, "Who may do what in the database"): the owner's for migrate, one
+    /// with CREATEROLE for db-users. TLS by libpq's sslmode (disable, prefer (default), require,
+    /// verify-ca, verify-full), sslrootcert, sslcert and sslkey; other libpq parameters as
+    /// tokio-postgres takes them (application_name, connect_timeout, …). Required, and checked
+    /// before anything binds. Under `up`: when set, `up` starts no PostgreSQL of its own and every
+    /// role uses this URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<SecretString>,
     /// The database user to connect as, instead of DATABASE_URL's: each deployed role's own
@@ -338,12 +369,17 @@ impl DatabaseArgs {
 /// an environment.
 #[derive(Debug, clap::Args)]
 pub struct KeyArgs {
-    /// A file of voter-cookie keys, one per line, each at least 32 bytes: the first signs, every
-    /// one verifies (rotating them: SECURITY.md). The same on every ingest node.
+    /// A file of voter-cookie keys, one per line (blank lines and # comments ignored), each at
+    /// least 32 bytes: the first signs, every one verifies (a cookie another key signed is signed
+    /// again with the first). The same on every ingest node. Rotating them without turning voters
+    /// into new voters: SECURITY.md, "Rotating the cookie keys". Required (`up` keeps one in its
+    /// data folder).
     #[arg(long, env = "LANDSLIDE_COOKIE_KEYS_FILE")]
     pub cookie_keys_file: Option<PathBuf>,
-    /// A file holding the key (at least 32 bytes) from which the ids of cookie-less keyed votes
-    /// derive. The same on every ingest node; never changed while a poll is open.
+    /// A file holding the key (at least 32 bytes) from which the voter and event ids of
+    /// cookie-less keyed votes derive. The same on every ingest node; never changed while a poll
+    /// is open, and apart from the cookie keys, so that rotating those changes no id. Required
+    /// (`up` keeps one in its data folder).
     #[arg(long, env = "LANDSLIDE_VOTER_ID_KEY_FILE")]
     pub voter_id_key_file: Option<PathBuf>,
     #[command(flatten)]
@@ -372,7 +408,9 @@ impl KeyArgs {
 #[derive(Debug, clap::Args)]
 pub struct ReceiptKeyArg {
     /// A file holding the key (at least 32 bytes) that tags receipts: the same for every ingest
-    /// node and tally.
+    /// node and tally, apart from the other keys. Ingest tags every receipt with an HMAC under it,
+    /// and tally answers only receipts whose tag holds (404 otherwise); replacing it makes the
+    /// receipts given out unanswerable. Required (`up` keeps one in its data folder).
     #[arg(long, env = "LANDSLIDE_RECEIPT_KEY_FILE")]
     pub receipt_key_file: Option<PathBuf>,
 }

@@ -31,8 +31,10 @@ pub struct Args {
     /// environment's LANDSLIDE_EXPORT_KEY only: no flag, which every user of the host could read.
     #[arg(skip = secret_env("LANDSLIDE_EXPORT_KEY"))]
     export_key: Option<SecretString>,
-    /// A file whose first line is the export key (instead of LANDSLIDE_EXPORT_KEY); one of the
-    /// two is required with --poll. Keep it: the same key gives the same pseudonyms.
+    /// A file whose first line is the export key (instead of LANDSLIDE_EXPORT_KEY): at least 32
+    /// bytes, the key of the keyed hash that pseudonymises voter ids in a poll's certified
+    /// ballots, never written anywhere. One of the two is required with --poll. Keep it: the
+    /// same key gives the same pseudonyms.
     #[arg(long, env = "LANDSLIDE_EXPORT_KEY_FILE")]
     export_key_file: Option<PathBuf>,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use landslide_nats::User;
 use landslide_schema::postgres::LoginRole;
 
-use crate::cmd::args::{DatabaseArgs, Shared};
+use crate::cmd::args::{DatabaseArgs, Shared, millis};
 use crate::cmd::role::Role;
 
 #[derive(Debug, clap::Args)]
@@ -16,17 +16,17 @@ pub struct Args {
     shared: Shared,
     #[command(flatten)]
     db: DatabaseArgs,
-    /// Most messages per transaction.
-    #[arg(long, env = "LANDSLIDE_BATCH_SIZE", default_value_t = 1000)]
+    /// Most messages per transaction (1–1000, the consumer's max_batch).
+    #[arg(long, env = "LANDSLIDE_BATCH_SIZE", default_value_t = landslide_dedup_worker::DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Longest wait, in milliseconds, to fill a batch.
-    #[arg(long, env = "LANDSLIDE_BATCH_WAIT_MS", default_value_t = 20)]
+    #[arg(long, env = "LANDSLIDE_BATCH_WAIT_MS", default_value_t = millis(landslide_dedup_worker::DEFAULT_BATCH_WAIT))]
     batch_wait_ms: u64,
-    /// Address to serve /metrics and /healthz on.
+    /// Address to serve /metrics, /healthz and /readyz on (a worker has no other listener).
     #[arg(
         long,
         env = "LANDSLIDE_METRICS_LISTEN",
-        default_value = "127.0.0.1:9102"
+        default_value = landslide_dedup_worker::DEFAULT_METRICS_LISTEN
     )]
     metrics_listen: SocketAddr,
 }

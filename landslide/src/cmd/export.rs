@@ -15,8 +15,9 @@ pub struct Args {
     /// Where to write the record (created if missing).
     #[arg(long)]
     out: PathBuf,
-    /// The file of the poll owner's signing key (from `landslide keygen`); required when the
-    /// poll names an owner key, whose private half it must be.
+    /// The file of the poll owner's Ed25519 signing key (`landslide keygen --out FILE`, mode
+    /// 0600), which signs the record's certificate; required when the poll names an owner key,
+    /// whose private half it must be.
     #[arg(long, env = "LANDSLIDE_SIGNING_KEY_FILE")]
     signing_key: Option<PathBuf>,
 }

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use landslide_nats::User;
 use landslide_schema::NodeId;
 
-use crate::cmd::args::{ClientLimitArgs, HttpArgs, KeyArgs, Shared, required};
+use crate::cmd::args::{ClientLimitArgs, HttpArgs, KeyArgs, Shared, millis, required};
 use crate::cmd::role::Role;
 
 #[derive(Debug, clap::Args)]
@@ -24,22 +24,25 @@ pub struct Args {
     #[arg(long, env = "LANDSLIDE_NODE_ID")]
     node_id: Option<String>,
     /// Address to serve HTTP on.
-    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = landslide_ingest::DEFAULT_LISTEN)]
     listen: SocketAddr,
     #[command(flatten)]
     keys: KeyArgs,
     /// Milliseconds one publish waits for its JetStream ack.
-    #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(long, env = "LANDSLIDE_PUBLISH_TIMEOUT_MS", default_value_t = millis(landslide_ingest::DEFAULT_PUBLISH_TIMEOUT))]
     publish_timeout_ms: u64,
     /// Publish attempts, with the same message id, before answering 503.
-    #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "LANDSLIDE_PUBLISH_ATTEMPTS", default_value_t = landslide_ingest::DEFAULT_PUBLISH_ATTEMPTS)]
     publish_attempts: u32,
-    /// Milliseconds a vote waits for its ack, queue included, before it is answered 503: keep it
-    /// below the load balancer's timeout.
-    #[arg(long, env = "LANDSLIDE_VOTE_DEADLINE_MS", default_value_t = 10_000)]
+    /// Milliseconds a vote waits for its ack, queue and retries included: past it, 503 with
+    /// Retry-After and the voter cookie (a vote not yet sent is never sent). Keep it below the
+    /// load balancer's timeout (HAProxy 30 s, the ALB 60 s), or the voter gets the balancer's 504
+    /// without a cookie.
+    #[arg(long, env = "LANDSLIDE_VOTE_DEADLINE_MS", default_value_t = millis(landslide_ingest::DEFAULT_VOTE_DEADLINE))]
     vote_deadline_ms: u64,
-    /// Atomic batches of votes in flight at once (group commit); default 1 on an R1 stream, 4 on
-    /// R3.
+    /// Atomic batches of votes in flight at once (group commit); default 1 on an R1 stream (a
+    /// second only waits), 4 on R3 (they pipeline). Nodes × this must stay within the stream's
+    /// max_inflight_per_stream (256 in nats/*.conf).
     #[arg(long, env = "LANDSLIDE_PUBLISH_BATCHES")]
     publish_batches: Option<usize>,
     /// Mark the voter cookie Secure (when served over HTTPS): it is then __Host-landslide_voter,
@@ -53,9 +56,11 @@ pub struct Args {
     /// The results page (tally), linked from the form when a poll is not open yet or closed.
     #[arg(long, env = "LANDSLIDE_RESULTS_URL")]
     results_url: Option<String>,
-    /// Milliseconds this node's clock may be off from the NATS server's; beyond it, /readyz fails
-    /// and votes get 503. Less than the workers' 300000 ms tolerance.
-    #[arg(long, env = "LANDSLIDE_MAX_CLOCK_OFFSET_MS", default_value_t = 2000)]
+    /// Milliseconds this node's clock may be off, either way, from the clock of the nats-server
+    /// that stores the votes (the stream's leader), compared every 2 s; beyond it, /readyz
+    /// answers 503 naming the offset and votes get 503. More than 0 and less than the workers'
+    /// 300000 ms tolerance (OPERATIONS.md, "Clocks"), or the node does not start.
+    #[arg(long, env = "LANDSLIDE_MAX_CLOCK_OFFSET_MS", default_value_t = millis(landslide_ingest::MaxClockOffset::DEFAULT.get()))]
     max_clock_offset_ms: u64,
     /// Test and drill only: shift this node's clock by this many milliseconds.
     #[arg(

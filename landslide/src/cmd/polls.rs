@@ -27,6 +27,7 @@ pub enum Action {
     },
     /// Print a revision (default: the latest) as a polls file.
     Show {
+        /// The revision to print.
         #[arg(long)]
         revision: Option<u64>,
     },

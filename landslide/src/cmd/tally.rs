@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use landslide_nats::User;
 use landslide_schema::postgres::LoginRole;
 
-use crate::cmd::args::{ClientIpArg, DatabaseArgs, HttpArgs, ReceiptKeyArg, Shared};
+use crate::cmd::args::{ClientIpArg, DatabaseArgs, HttpArgs, ReceiptKeyArg, Shared, millis};
 use crate::cmd::role::Role;
 use crate::keys;
 
@@ -21,21 +21,26 @@ pub struct Args {
     #[command(flatten)]
     db: DatabaseArgs,
     /// Address to serve HTTP on.
-    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(long, env = "LANDSLIDE_LISTEN", default_value = landslide_tally::DEFAULT_LISTEN)]
     listen: SocketAddr,
     #[command(flatten)]
     receipts: ReceiptKeyArg,
     /// Milliseconds between two refreshes of the results.
-    #[arg(long, env = "LANDSLIDE_REFRESH_MS", default_value_t = 500)]
+    #[arg(long, env = "LANDSLIDE_REFRESH_MS", default_value_t = millis(landslide_tally::DEFAULT_REFRESH))]
     refresh_ms: u64,
-    /// Live result streams (server-sent events) at once; one more gets 503 with Retry-After.
+    /// Live result streams (server-sent events) served at once; one more gets 503 with
+    /// Retry-After: 5 (landslide_tally_event_streams_refused_total{reason="cap"}). Each holds a
+    /// connection: the unit allows 65,536 file descriptors.
     #[arg(long, env = "LANDSLIDE_MAX_EVENT_STREAMS", default_value_t = landslide_tally::DEFAULT_MAX_EVENT_STREAMS)]
     max_event_streams: usize,
-    /// Live result streams one client address holds at once; one more gets 429.
+    /// Live result streams one client address holds at once; one more gets 429 with
+    /// Retry-After: 5 (reason="client"), so that one address cannot hold every stream of the cap.
+    /// A viewer beyond it reads GET /api/results/<poll>.
     #[arg(long, env = "LANDSLIDE_MAX_EVENT_STREAMS_PER_CLIENT", default_value_t = landslide_tally::DEFAULT_MAX_EVENT_STREAMS_PER_CLIENT)]
     max_event_streams_per_client: usize,
     /// Receipt lookups per second per client address (a fraction is allowed); 0 turns the limit
-    /// off. Beyond it: 429 with Retry-After.
+    /// off. Beyond it: 429 with Retry-After, before the database is read. Each lookup is one
+    /// indexed read with a 2 s statement timeout.
     #[arg(long, env = "LANDSLIDE_RECEIPT_RATE_LIMIT", default_value_t = landslide_tally::DEFAULT_RECEIPT_RATE_LIMIT.per_second())]
     receipt_rate_limit: f64,
     /// Receipt lookups one client address may send at once before the rate applies.

@@ -21,14 +21,15 @@ use stack::{ENV_FILE, GivenKeys, LocalConfig, LocalPorts, LocalStack, NatsUsers}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where the local nats-server and PostgreSQL keep their data (and the cookie secret).
+    /// Where `up` keeps its nats-server's and PostgreSQL's data, and its keys (cookie-keys,
+    /// voter-id-key, receipt-key) and env file.
     #[arg(long, env = "LANDSLIDE_DATA_DIR", default_value = ".landslide")]
     data_dir: PathBuf,
     /// Address of the ingest node (the voting form).
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = landslide_ingest::DEFAULT_LISTEN)]
     ingest_listen: SocketAddr,
     /// Address of tally (the results).
-    #[arg(long, default_value = "127.0.0.1:8081")]
+    #[arg(long, default_value = landslide_tally::DEFAULT_LISTEN)]
     tally_listen: SocketAddr,
     /// Address of the three roles' /metrics (and /healthz), as every deployment serves them: on
     /// a listener of their own, not beside the pages.
@@ -40,7 +41,8 @@ pub struct Args {
     /// Port of the PostgreSQL that `up` starts (unless DATABASE_URL is set).
     #[arg(long, default_value_t = LocalPorts::default().postgres)]
     postgres_port: u16,
-    /// A TOML file defining the polls.
+    /// A TOML file of polls: written as a new revision if it is not the latest already (`up`
+    /// with a file means "these polls", even when the data folder has others).
     #[arg(long, env = "LANDSLIDE_POLLS")]
     polls: Option<PathBuf>,
     #[command(flatten)]
