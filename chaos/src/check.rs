@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl as _;
+use landslide_patience::Backoff;
 use uuid::Uuid;
 
 use crate::workload::{POLL, VoterOutcome};
@@ -244,7 +245,10 @@ pub async fn wait_drained(
     let topology = landslide_nats::Topology::default();
     let started = Instant::now();
     let mut last_pending = u64::MAX;
-    while started.elapsed() < timeout {
+    // Often enough to time a drain of a few seconds (the benchmark does) to within 1%.
+    let mut backoff = Backoff::constant(Duration::from_millis(20))
+        .deadline(started + timeout, "the stream to drain");
+    loop {
         if role_died() {
             return Ok(Drain::RoleDied);
         }
@@ -256,10 +260,10 @@ pub async fn wait_drained(
                 return Ok(Drain::Done(started.elapsed()));
             }
         }
-        // Often enough to time a drain of a few seconds (the benchmark does) to within 1%.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if backoff.wait().await.is_err() {
+            return Ok(Drain::Pending(last_pending));
+        }
     }
-    Ok(Drain::Pending(last_pending))
 }
 
 /// The dead-letter stream's payloads.
@@ -300,16 +304,16 @@ pub async fn settled_results(
     timeout: Duration,
 ) -> anyhow::Result<Results> {
     let url = format!("{tally}/api/results/{POLL}");
-    let started = Instant::now();
+    let mut backoff =
+        Backoff::constant(Duration::from_millis(100)).within(timeout, "the results to settle");
     loop {
         let results: Results = reqwest::get(&url).await?.error_for_status()?.json().await?;
         let counts_match = expected
             .iter()
             .all(|(option, n)| results.counts.get(option).copied().unwrap_or(0) == *n)
             && results.counts.values().sum::<i64>() == expected.values().sum::<i64>();
-        if (results.pending == 0 && counts_match) || started.elapsed() > timeout {
+        if (results.pending == 0 && counts_match) || backoff.wait().await.is_err() {
             return Ok(results);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -30,6 +30,7 @@ pub use landslide_servers::{NatsLayout, Sync};
 pub use report::Report;
 
 use faults::{Fault, FaultKind, FaultRecord};
+use landslide_patience::Backoff;
 use landslide_servers::{Nats, NatsSpec, Network, Place, Postgres};
 
 /// PostgreSQL's host in a stack with a network.
@@ -484,8 +485,9 @@ async fn run_faults(
     let admin = env.nats(landslide_nats::User::Admin);
     allowed.send_replace(schedule.first().map_or(voters, |f| f.at_voter));
     for (j, fault) in schedule.iter().enumerate() {
+        let mut poll = Backoff::constant(Duration::from_millis(10));
         while counters.voters_started.load(Ordering::Relaxed) < fault.at_voter {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            poll.pause().await;
         }
         allowed.send_replace(schedule.get(j + 1).map_or(voters, |f| f.at_voter));
         let before = if fault.kind.restarts_nats() {
@@ -556,11 +558,15 @@ async fn inject_poison(
     );
     for (i, payload) in poison.iter().enumerate() {
         let at = (i + 1) * scenario.voters / (poison.len() + 1);
+        let mut poll = Backoff::constant(Duration::from_millis(20));
         while counters.voters_started.load(Ordering::Relaxed) < at {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            poll.pause().await;
         }
         let id = format!("chaos-poison-{}-{i}", scenario.seed);
-        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut backoff = Backoff::constant(Duration::from_millis(200)).within(
+            Duration::from_secs(180),
+            format!("malformed message {i} to be published"),
+        );
         loop {
             let message = PublishMessage::build()
                 .payload(payload.clone().into())
@@ -568,10 +574,11 @@ async fn inject_poison(
             let ack = async { js.send_publish(subject.clone(), message).await?.await };
             match tokio::time::timeout(Duration::from_secs(3), ack).await {
                 Ok(Ok(_)) => break,
-                _ if Instant::now() > deadline => {
-                    anyhow::bail!("malformed message {i} could not be published within 180 s")
+                _ => {
+                    if backoff.wait().await.is_err() {
+                        anyhow::bail!("malformed message {i} could not be published within 180 s")
+                    }
                 }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }

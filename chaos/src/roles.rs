@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 
 use landslide_nats::{NatsConfig, User};
+use landslide_patience::Backoff;
 use landslide_schema::postgres::LoginRole;
 use landslide_servers::{Place, Process, free_port};
 
@@ -174,7 +175,8 @@ impl Role {
     async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let url = format!("{}{}", self.base_url(), self.health_path);
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut backoff = Backoff::constant(Duration::from_millis(50))
+            .within(Duration::from_secs(60), "the health check");
         loop {
             self.process.check_running()?;
             if let Ok(response) = client
@@ -186,10 +188,9 @@ impl Role {
             {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if backoff.wait().await.is_err() {
                 bail!("{} did not become healthy within 60 s", self.process.name());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use landslide_nats::{NatsConfig, Topology, User};
+use landslide_patience::Backoff;
 use landslide_schema::{Timestamp, VoteEvent};
 use uuid::Uuid;
 
@@ -137,6 +138,8 @@ pub async fn after_restart(
         waited: Duration::ZERO,
     };
     let mut target = check.before.as_ref().map_or(0, |b| b.position.last_seq);
+    let mut backoff = Backoff::constant(Duration::from_millis(200))
+        .deadline(started + patience, "the stream to catch up");
     loop {
         match position(nats).await {
             Ok(now) => {
@@ -153,17 +156,20 @@ pub async fn after_restart(
             Err(e) if check.after.is_err() => check.after = Err(format!("{e:#}")),
             Err(_) => {}
         }
-        if started.elapsed() > patience {
+        if backoff.wait().await.is_err() {
             if check.after.is_err() {
                 check.waited = started.elapsed();
             }
             return check;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Read again until it answers: right after an election a request can meet no responder
     // (a first run read "holds nothing" that way).
     if let Some(before) = &check.before {
+        let mut backoff = Backoff::constant(Duration::from_millis(200)).deadline(
+            started + patience,
+            "the message before the fault to be read",
+        );
         loop {
             match msg_id_at(nats, before.position.last_seq).await {
                 Ok(id) => {
@@ -172,10 +178,9 @@ pub async fn after_restart(
                 }
                 Err(e) => check.last_id_after = Err(format!("{e:#}")),
             }
-            if started.elapsed() > patience {
+            if backoff.wait().await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     check

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use landslide_patience::Backoff;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, RngCore as _};
 use rand_chacha::ChaCha8Rng;
@@ -247,6 +248,9 @@ impl Driver {
         outcome: &mut VoterOutcome,
     ) -> Result<Accepted, String> {
         let started = Instant::now();
+        // After an unanswered try; a refusal waits for its Retry-After instead, which is the
+        // rate limiter's schedule, not ours. Both count against `give_up` below.
+        let mut unanswered = Backoff::constant(Duration::from_millis(100));
         let mut refused = false;
         loop {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
@@ -290,7 +294,7 @@ impl Driver {
                         }
                     }
                     tracing::debug!(%error, "vote unanswered");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    unanswered.pause().await;
                 }
                 Attempt::Rejected { status, body } => {
                     return Err(format!("a valid vote was rejected with {status}: {body}"));

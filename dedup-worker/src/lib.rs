@@ -21,6 +21,7 @@ use landslide_config::{Connections, Shutdown};
 use landslide_nats::polls::PollWatch;
 use landslide_nats::rollback;
 use landslide_nats::{Access, HeaderExtractor, User};
+use landslide_patience::Backoff;
 use landslide_schema::mark::Mark;
 use landslide_schema::merge::StoredVote;
 use landslide_schema::poll::Unjudged;
@@ -200,7 +201,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         polls,
         js,
         config,
-        db_failures: 0,
+        db_backoff: db_backoff(),
         good_floor: None,
     };
     let result = worker.drain(consumer, shutdown.wait()).await;
@@ -238,8 +239,8 @@ struct Worker {
     polls: PollWatch,
     js: jetstream::Context,
     config: Config,
-    /// Consecutive failed batches: the nak delay and reconnect backoff grow with it.
-    db_failures: u32,
+    /// The nak delay and pause after a failed batch: it grows with consecutive failures.
+    db_backoff: Backoff,
     /// The consumer's ack floor when a check last found it as defined: every message up to it
     /// was committed, so a consumer changed since is taken up from the next one.
     good_floor: Option<u64>,
@@ -324,6 +325,7 @@ impl Worker {
             let client = self.client.clone();
             let connects = || landslide_nats::connects(&client);
             let mut checked_connects = 0;
+            let mut recheck = Backoff::constant(Duration::from_secs(1));
             loop {
                 let seen_connects = connects();
                 let reconnected = seen_connects != checked_connects;
@@ -340,7 +342,7 @@ impl Worker {
                         // pause keeps a check that fails at once from spinning.
                         Checked::Failed if reconnected => {
                             inbox.give_back().await;
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            recheck.pause().await;
                             continue;
                         }
                         Checked::Failed => {}
@@ -743,7 +745,7 @@ impl Worker {
             .await
         {
             Ok(()) => {
-                self.db_failures = 0;
+                self.db_backoff.reset();
                 metrics::histogram!("landslide_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("landslide_votes_committed_total").increment(votes.len() as u64);
@@ -765,8 +767,7 @@ impl Worker {
                 }
                 // Nothing was committed, or the commit's outcome is unknown: either way the
                 // messages must come back. Nak with a delay that grows while the database is down.
-                self.db_failures = self.db_failures.saturating_add(1);
-                let delay = backoff(self.db_failures);
+                let delay = self.db_backoff.next_pause();
                 metrics::counter!("landslide_db_errors_total").increment(1);
                 tracing::error!(
                     error = format!("{err:#}"),
@@ -789,6 +790,8 @@ impl Worker {
         mark: Option<&marks::RaiseMark>,
     ) -> anyhow::Result<()> {
         const ATTEMPTS: u32 = 5;
+        // 5 ms × the attempt that failed.
+        let mut backoff = Backoff::linear(Duration::from_millis(5), Duration::from_millis(5));
         for attempt in 1..=ATTEMPTS {
             let fail_point = self.config.fail_point;
             let bound = self.config.database_bound();
@@ -824,7 +827,7 @@ impl Worker {
                 Err(TxError::Db(err)) if is_retryable(&err) && attempt < ATTEMPTS => {
                     metrics::counter!("landslide_db_retries_total").increment(1);
                     tracing::warn!(error = %err, attempt, "batch conflicted with another worker; retrying");
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                    backoff.pause().await;
                 }
                 Err(TxError::Db(err)) => {
                     if is_connection_error(&err) {
@@ -983,13 +986,14 @@ impl Inbox {
 
     /// Waits until the batch holds a message (or the stream ends).
     async fn wait_for_first(&mut self) {
+        let mut backoff = Backoff::constant(Duration::from_millis(200));
         while self.batch.is_empty() && !self.ended {
             let next = self.messages.next().await;
             let failed = matches!(next, Some(Err(_)));
             self.push(next);
             if failed {
                 // A lasting failure must not turn into a busy loop of warnings.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                backoff.pause().await;
             }
         }
     }
@@ -1097,9 +1101,8 @@ fn is_connection_error(err: &diesel::result::Error) -> bool {
 }
 
 /// 100 ms doubling up to 5 s.
-fn backoff(failures: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1 << failures.saturating_sub(1).min(6));
-    Duration::from_millis(ms.min(5_000))
+fn db_backoff() -> Backoff {
+    Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 /// Links the batch span to the trace of the HTTP request that produced `headers`' message.
@@ -1118,8 +1121,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(30), Duration::from_secs(5));
+        let mut backoff = db_backoff();
+        assert_eq!(backoff.next_pause(), Duration::from_millis(100));
+        assert_eq!(backoff.next_pause(), Duration::from_millis(200));
+        for _ in 3..30 {
+            backoff.next_pause();
+        }
+        assert_eq!(backoff.next_pause(), Duration::from_secs(5));
     }
 }

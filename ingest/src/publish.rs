@@ -42,6 +42,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use landslide_nats::HeaderInjector;
 use landslide_nats::batch::{self, Outcome as BatchOutcome};
+use landslide_patience::Backoff;
 use landslide_schema::VoteEvent;
 use landslide_schema::ts::{Stamped, Timestamp, stamp_within};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -319,8 +320,9 @@ impl Committer {
             return;
         }
         let mut last = String::new();
+        let mut backoff = publish_backoff();
         for attempt in 1..=self.attempts {
-            pause_before(attempt).await;
+            pause_before(attempt, &mut backoff).await;
             match self.publish_batch(&batch).await {
                 BatchOutcome::Stored { first } => {
                     for (i, queued) in (0u64..).zip(batch) {
@@ -418,8 +420,9 @@ impl Committer {
         headers: &HeaderMap,
     ) -> Result<Stored, PublishFailed> {
         let mut last = String::new();
+        let mut backoff = publish_backoff();
         for attempt in 1..=self.attempts {
-            pause_before(attempt).await;
+            pause_before(attempt, &mut backoff).await;
             let mut publish = PublishMessage::build()
                 .payload(payload.clone())
                 .headers(headers.clone())
@@ -464,12 +467,18 @@ impl Committer {
     }
 }
 
-/// Before every attempt but the first, of a batch or of one vote: a short, growing pause,
-/// counted as a retry.
-async fn pause_before(attempt: u32) {
+/// The pauses between publish attempts: 50 ms × the number of the attempt that follows
+/// (100 ms before the second, 150 ms before the third…).
+fn publish_backoff() -> Backoff {
+    Backoff::linear(Duration::from_millis(100), Duration::from_millis(50))
+}
+
+/// Before every attempt but the first, of a batch or of one vote: a short, growing pause
+/// ([`publish_backoff`]), counted as a retry.
+async fn pause_before(attempt: u32, backoff: &mut Backoff) {
     if attempt > 1 {
         metrics::counter!("landslide_publish_retries_total").increment(1);
-        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+        backoff.pause().await;
     }
 }
 

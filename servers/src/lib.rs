@@ -15,10 +15,11 @@
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use landslide_nats::ServerVersion;
+use landslide_patience::Backoff;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -347,14 +348,11 @@ pub fn signal(pid: u32, signal: Signal) -> anyhow::Result<()> {
 
 /// Waits until `pid` has exited, up to `timeout`; returns whether it did.
 pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while process_alive(pid) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
+    Backoff::constant(Duration::from_millis(50))
+        .within(timeout, format!("process {pid} to exit"))
+        .until(|| std::future::ready((!process_alive(pid)).then_some(())))
+        .await
+        .is_ok()
 }
 
 /// SIGTERM to a process that is not our child, SIGKILL if it is still there after `grace`.

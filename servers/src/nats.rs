@@ -7,10 +7,11 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use landslide_nats::{NatsConfig, Topology, User};
+use landslide_patience::Backoff;
 
 #[cfg(feature = "faults")]
 use crate::lazyfs::{CutReport, LazyFs};
@@ -644,7 +645,8 @@ impl Nats {
     /// Waits until the node answers JetStream requests (in a cluster: a meta leader exists);
     /// fails with the end of its log if it exits first.
     async fn wait_ready(&self, node: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut backoff = Backoff::constant(Duration::from_millis(50))
+            .within(Duration::from_secs(60), "JetStream to answer");
         let url = self.url(node);
         let config = self.node_config(node, User::Admin);
         let log = &self.nodes[node].files.log;
@@ -663,14 +665,13 @@ impl Nats {
             if jetstream_answers(&config, User::Admin).await {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if backoff.wait().await.is_err() {
                 bail!(
                     "{} on {url} did not answer JetStream requests within 60 s; {}",
                     self.nodes[node].name,
                     log_tail(log)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -679,7 +680,8 @@ impl Nats {
     async fn wait_for_placement(&self) -> anyhow::Result<()> {
         let client = self.client(User::Admin).await?;
         let config = r#"{"name":"LANDSLIDE_PROBE","subjects":["landslide.probe"],"num_replicas":3,"storage":"memory"}"#;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut backoff = Backoff::constant(Duration::from_millis(200))
+            .within(Duration::from_secs(60), "an R3 stream to be placed");
         loop {
             let reply = client
                 .request("$JS.API.STREAM.CREATE.LANDSLIDE_PROBE", config.into())
@@ -694,10 +696,9 @@ impl Nats {
                     .await;
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if backoff.wait().await.is_err() {
                 bail!("the cluster could not place an R3 stream within 60 s");
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -545,7 +545,9 @@ impl WithLast for Ipv4Addr {
 mod tests {
     use std::io::{BufRead as _, BufReader, ErrorKind, Write as _};
     use std::net::{SocketAddr, TcpListener, TcpStream};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+
+    use landslide_patience::Backoff;
 
     use super::*;
 
@@ -638,14 +640,17 @@ mod tests {
         }
         for (host, server) in net.hosts().zip(&mut servers) {
             let addr = net.addr(host);
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut backoff = Backoff::constant(Duration::from_millis(50))
+                .within(Duration::from_secs(10), format!("{host}'s nats-server"));
             while in_root(move || nats_connect(addr, Duration::from_secs(1)))
                 .await
                 .is_err()
             {
                 server.check_running().unwrap();
-                assert!(Instant::now() < deadline, "{host}'s nats-server is not up");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(
+                    backoff.wait().await.is_ok(),
+                    "{host}'s nats-server is not up"
+                );
             }
         }
         servers

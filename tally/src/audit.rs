@@ -12,7 +12,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
@@ -22,6 +22,7 @@ use diesel_async::RunQueryDsl as _;
 use futures::StreamExt as _;
 use landslide_config::Connections;
 use landslide_nats::{Access, Topology, User, rollback};
+use landslide_patience::Backoff;
 use landslide_schema::db::ballots;
 use landslide_schema::merge::OrderKey;
 use landslide_schema::poll::Unjudged;
@@ -538,7 +539,8 @@ async fn wait_until_drained(
     topology: &Topology,
     wait: Duration,
 ) -> anyhow::Result<(u64, Option<DateTime<Utc>>)> {
-    let deadline = Instant::now() + wait;
+    let mut backoff =
+        Backoff::constant(Duration::from_millis(100)).within(wait, "the votes to be committed");
     loop {
         let landslide_nats::Backlog {
             info,
@@ -549,7 +551,7 @@ async fn wait_until_drained(
         if pending == 0 {
             return Ok((info.delivered.stream_sequence, server_now));
         }
-        if Instant::now() >= deadline {
+        if backoff.wait().await.is_err() {
             anyhow::bail!(
                 "the votes are not all committed: consumer {} still has {} votes not delivered \
                  and {} not acknowledged after waiting {wait:?}; let the dedup-workers drain it \
@@ -559,7 +561,6 @@ async fn wait_until_drained(
                 info.num_ack_pending,
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

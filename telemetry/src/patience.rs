@@ -1,5 +1,6 @@
-//! Waiting for a broker or a database that is slow to come back: [`Backoff`], and [`patiently`],
-//! which retries a startup step for as long as it takes and says so meanwhile.
+//! Waiting for a broker or a database that is slow to come back: [`patiently`], which retries a
+//! startup step for as long as it takes, pausing by the one [`Backoff`] of every retry
+//! (`landslide-patience`), and says so meanwhile.
 //!
 //! No wait here has a wall-clock deadline. A deadline counts time the process spent stopped
 //! (SIGSTOP, a paused VM, a laptop lid) as time spent waiting: the reliability harness resumed a
@@ -9,49 +10,9 @@
 //! ([`crate::readiness`]), logs each failure, and carries on; only an error that retrying cannot
 //! cure (an incompatible definition, refused credentials) ends the wait.
 
-use std::time::Duration;
+use landslide_patience::Backoff;
 
 use crate::readiness::Condition;
-
-/// Capped exponential backoff: `first`, doubling, at most `max`. The one rule of every retry
-/// pause of the roles.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-    first: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// The startup waits' backoff: 200 ms doubling to 5 s.
-    pub const STARTUP: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
-
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self {
-            next: first,
-            first,
-            max,
-        }
-    }
-
-    /// The pause before the next try; each call doubles the one after, up to the cap.
-    pub fn next_pause(&mut self) -> Duration {
-        let pause = self.next;
-        self.next = (self.next * 2).min(self.max);
-        pause
-    }
-
-    /// Starts again from the first pause (after a success).
-    pub fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(Self::STARTUP.0, Self::STARTUP.1)
-    }
-}
 
 /// Runs `step` until it succeeds, pausing by [`Backoff::default`] between tries, for as long as
 /// it takes. Each failure is logged and makes `condition` not ready, naming `what` and the error;
@@ -98,17 +59,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_backoff_doubles_up_to_its_cap_and_starts_again_after_a_reset() {
-        let mut backoff = Backoff::default();
-        let pauses: Vec<u64> = (0..7)
-            .map(|_| backoff.next_pause().as_millis() as u64)
-            .collect();
-        assert_eq!(pauses, [200, 400, 800, 1600, 3200, 5000, 5000]);
-        backoff.reset();
-        assert_eq!(backoff.next_pause(), Duration::from_millis(200));
-    }
 
     /// Paused time: a hundred failed tries (far beyond any former deadline) and the step is still
     /// tried, and the condition names the error meanwhile.

@@ -27,6 +27,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use landslide_patience::Backoff;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::Layer as _;
@@ -82,6 +83,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut accept_failed = Backoff::constant(Duration::from_millis(50));
     loop {
         let place = tokio::select! {
             () = &mut shutdown => break,
@@ -99,7 +101,7 @@ pub async fn serve(
                     // Out of descriptors, or a connection reset before it was accepted: wait a
                     // moment rather than spin, and go on.
                     tracing::warn!(error = %err, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed.pause().await;
                     continue;
                 }
             },

@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use landslide_nats::User;
+use landslide_patience::Backoff;
 use landslide_servers::{Nats, NatsLayout, NatsSpec, Sync};
 
 use crate::support;
@@ -80,7 +81,8 @@ async fn publish(nats: &Nats, first: u64, count: u64) -> Vec<Bytes> {
 /// 2026-12-06).
 async fn read_back(nats: &Nats) -> Option<(stream::State, Vec<Option<Bytes>>)> {
     let js = jetstream::new(nats.client(User::Admin).await.unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut backoff = Backoff::constant(Duration::from_millis(200))
+        .within(Duration::from_secs(60), "the stream to answer");
     let mut gone_since = None;
     let (stream, state) = loop {
         // "stream not found" comes from either request (the info, once, after the handle).
@@ -103,10 +105,9 @@ async fn read_back(nats: &Nats) -> Option<(stream::State, Vec<Option<Bytes>>)> {
             gone_since = None;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            backoff.wait().await.is_ok(),
             "the stream did not answer within 60 s"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let mut messages = Vec::new();
     for sequence in 1..=state.last_sequence {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
+use landslide_patience::Backoff;
 use tokio::time::Instant;
 
 /// What every request is.
@@ -122,6 +123,9 @@ async fn connection(
     let mut latency = histogram();
     let (mut ok, mut errors) = (0, 0);
     let mut sender = None;
+    // After a failed request, before the next (this pause is ours; the pacing below is the
+    // load's schedule).
+    let mut failed = Backoff::constant(Duration::from_millis(10));
     let mut planned = first;
     tokio::time::sleep_until(first).await;
     while Instant::now() < deadline {
@@ -148,7 +152,7 @@ async fn connection(
             errors += 1;
             // A broken connection is replaced on the next request.
             sender = None;
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            failed.pause().await;
         }
         if let Some(interval) = interval {
             planned += interval;

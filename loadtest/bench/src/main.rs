@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use landslide_chaos::roles::Roles;
 use landslide_chaos::{NatsLayout, Stack, StackConfig};
+use landslide_patience::Backoff;
 
 mod ceilings;
 mod end_to_end;
@@ -463,10 +464,13 @@ impl NullServer {
             .kill_on_drop(true)
             .spawn()?;
         let pid = process.id().context("the null server exited")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut backoff = Backoff::constant(Duration::from_millis(20))
+            .within(Duration::from_secs(10), "the null server to listen");
         while tokio::net::TcpStream::connect(addr).await.is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "the null server did not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            anyhow::ensure!(
+                backoff.wait().await.is_ok(),
+                "the null server did not listen"
+            );
         }
         Ok(Self { process, addr, pid })
     }

@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use goose::config::GooseConfiguration;
 use goose::prelude::*;
+use landslide_patience::Backoff;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::cookie::CookieStore;
@@ -618,7 +619,7 @@ impl Tally {
     /// The first results with nothing pending as of `after` or later: they count every vote
     /// accepted before `after`.
     async fn settled(&self, after: DateTime<Utc>, timeout: Duration) -> anyhow::Result<Results> {
-        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::constant(SETTLE_POLL).within(timeout, "tally to settle");
         loop {
             let last = match self.fetch().await {
                 Ok(results) => {
@@ -636,10 +637,9 @@ impl Tally {
                 }
                 Err(err) => format!("{err:#}"),
             };
-            if Instant::now() >= deadline {
+            if backoff.wait().await.is_err() {
                 bail!("{} still unsettled after {timeout:?}: {last}", self.url);
             }
-            tokio::time::sleep(SETTLE_POLL).await;
         }
     }
 

@@ -7,10 +7,11 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use landslide_patience::Backoff;
 
 use super::CutReport;
 use super::ops::Ops;
@@ -212,10 +213,9 @@ impl LazyFs {
         // fuser's own unmount, on drop, finds the connection gone and leaves the mount point
         // alone (it may be mounted again already).
         drop(unmounter);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let _ = Backoff::constant(Duration::from_millis(10))
+            .within(STOP_TIMEOUT, "the LazyFs session to end")
+            .until_blocking(|| thread.is_finished().then_some(()));
         if thread.is_finished() {
             match thread.join() {
                 Ok(Ok(())) => {}

@@ -112,14 +112,17 @@ fn a_power_cut_is_quick_and_final_while_another_mount_namespace_holds_a_copy() {
         .unwrap();
     let mnt = d.mnt.canonicalize().unwrap();
     let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut backoff = landslide_patience::Backoff::constant(Duration::from_millis(10))
+        .within(Duration::from_secs(10), "unshare to copy the mount");
     while std::fs::read_link(format!("/proc/{}/ns/mnt", copy.id())).unwrap() == ours
         || !std::fs::read_to_string(format!("/proc/{}/mountinfo", copy.id()))
             .unwrap()
             .contains(mnt.to_str().unwrap())
     {
-        assert!(Instant::now() < deadline, "unshare never copied the mount");
-        std::thread::sleep(Duration::from_millis(10));
+        assert!(
+            backoff.wait_blocking().is_ok(),
+            "unshare never copied the mount"
+        );
     }
 
     let started = Instant::now();

@@ -658,10 +658,10 @@ fn ensure_key(path: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, TcpListener};
-    use std::time::Instant;
 
     use diesel::QueryableByName;
     use diesel_async::{RunQueryDsl as _, SimpleAsyncConnection};
+    use landslide_patience::Backoff;
     use landslide_schema::postgres::{SslMode, connect};
     use landslide_servers::nats::jetstream_answers;
     use landslide_servers::{ensure_port_free, process_alive, running_as_root};
@@ -937,11 +937,11 @@ mod tests {
         assert!(!dir.path().join("postgres/postmaster.pid").exists());
         ensure_port_free(ports.postgres, "postgres").expect("postgres port released");
         // nats-server gets SIGKILL on drop; it is gone once its port is released.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ensure_port_free(ports.nats, "nats").is_err() {
-            assert!(Instant::now() < deadline, "nats-server still listens");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Backoff::constant(Duration::from_millis(20))
+            .within(Duration::from_secs(5), "nats-server to release its port")
+            .until(|| std::future::ready(ensure_port_free(ports.nats, "nats").ok()))
+            .await
+            .expect("nats-server still listens");
     }
 
     #[tokio::test(flavor = "multi_thread")]

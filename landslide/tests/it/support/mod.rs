@@ -14,6 +14,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use landslide_config::{Connections, Shutdown};
 use landslide_nats::User;
+use landslide_patience::Backoff;
 use landslide_schema::postgres::{DatabaseUrl, LoginRole};
 use landslide_telemetry::serve::{MetricsAt, with_operations};
 
@@ -36,16 +37,16 @@ where
     Fut: std::future::Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::constant(Duration::from_millis(20)).deadline(deadline, what);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if let Ok(Some(v)) = tokio::time::timeout(left, check()).await {
             return v;
         }
         assert!(
-            Instant::now() < deadline,
+            backoff.wait().await.is_ok(),
             "timed out after {timeout:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
