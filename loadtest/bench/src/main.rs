@@ -164,6 +164,8 @@ pub struct Figures {
     pub ingest: Measured,
     /// One ingest node at saturation against a server with the default lazy sync.
     pub ingest_lazy: Measured,
+    /// One ingest node at saturation against a three-node cluster on the same cores, R3 streams.
+    pub ingest_r3: Measured,
     pub ingest_latency: Vec<LatencyPoint>,
     /// The null handler at the same fixed rates: the latency ceiling.
     pub null_latency: Vec<LatencyPoint>,
@@ -382,23 +384,27 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!("ingest at saturation, against the lazy nats-server");
-    // No worker runs against it: set it up as one would, or ingest waits for the polls bucket
-    // and is never ready.
-    landslide_chaos::roles::set_up_as_a_worker(&lazy_env).await?;
-    let mut lazy_ingest = Roles::start_ingest(&lazy_env, dir.path(), "weblazy", 0).await?;
-    let lazy_target = load::Target::vote(lazy_ingest.addr);
-    load::warm_up(&lazy_target, args.connections, None).await?;
-    let meter = CpuMeter::start(vec![
-        ("ingest", Group::of(lazy_ingest.process.pid())),
-        ("nats-server", lazy_nats.clone()),
-        ("load generator", Group::me()),
-    ]);
-    let saturated_lazy = load::run(&lazy_target, args.connections, None, seconds).await?;
-    let ingest_lazy = Measured::new(saturated_lazy.ok, saturated_lazy.elapsed, meter.stop());
-    lazy_ingest
-        .process
-        .terminate(Duration::from_secs(30))
-        .await?;
+    let ingest_lazy =
+        saturate_ingest(&args, &lazy_env, dir.path(), "weblazy", &lazy_nats, seconds).await?;
+    tracing::info!("ingest at saturation, against a three-node R3 cluster on these cores");
+    // Every node fsyncs before it acks, as every cluster deployment runs; the three share the
+    // machine's cores with ingest and the load generator, where a deployment gives each its own.
+    let r3 = landslide_servers::Nats::start_with(
+        &landslide_servers::NatsSpec {
+            stems: Some((1..=3).map(|n| format!("nats-r3-{n}")).collect()),
+            ..landslide_servers::NatsSpec::new(NatsLayout::Cluster)
+        },
+        dir.path(),
+    )
+    .await?;
+    let r3_nats = Group::of((0..r3.len()).filter_map(|n| r3.pid(n)));
+    let r3_env = landslide_chaos::roles::RoleEnv {
+        nats: r3.configs(),
+        replicas: NatsLayout::Cluster.replicas(),
+        ..env.clone()
+    };
+    let ingest_r3 = saturate_ingest(&args, &r3_env, dir.path(), "webr3", &r3_nats, seconds).await?;
+    drop(r3);
     null_server.process.kill().await?;
     tracing::info!(
         connections = args.idle_connections,
@@ -423,6 +429,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         raw_sql,
         ingest,
         ingest_lazy,
+        ingest_r3,
         ingest_latency,
         null_latency,
         drain_one,
@@ -446,6 +453,32 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// One ingest node of `env`'s servers (their processes: `nats`) at saturation, alone: no worker
+/// runs, so the node's streams are set up as a worker would, or it waits for the polls bucket
+/// and is never ready.
+async fn saturate_ingest(
+    args: &Args,
+    env: &landslide_chaos::roles::RoleEnv,
+    dir: &std::path::Path,
+    name: &str,
+    nats: &Group,
+    seconds: Duration,
+) -> anyhow::Result<Measured> {
+    landslide_chaos::roles::set_up_as_a_worker(env).await?;
+    let mut ingest = Roles::start_ingest(env, dir, name, 0).await?;
+    let target = load::Target::vote(ingest.addr);
+    load::warm_up(&target, args.connections, None).await?;
+    let meter = CpuMeter::start(vec![
+        ("ingest", Group::of(ingest.process.pid())),
+        ("nats-server", nats.clone()),
+        ("load generator", Group::me()),
+    ]);
+    let saturated = load::run(&target, args.connections, None, seconds).await?;
+    let measured = Measured::new(saturated.ok, saturated.elapsed, meter.stop());
+    ingest.process.terminate(Duration::from_secs(30)).await?;
+    Ok(measured)
 }
 
 /// The HTTP ceiling: an axum handler that answers like ingest without storing anything, in a

@@ -52,6 +52,13 @@ pub fn table(f: &Figures) -> String {
         "/s",
     );
     row(
+        "ingest, one node at saturation, on a three-node R3 cluster vs on one server (R1), all on these cores",
+        f.ingest_r3.rate,
+        Some(f.ingest.rate),
+        "≥ 0.6",
+        "/s",
+    );
+    row(
         "ingest vs its composed ceiling: null handler with its load generator + raw atomic batches, on these cores",
         f.ingest.rate,
         Some(composed(f, &[&f.null_http, &f.raw_batch])),
@@ -200,6 +207,7 @@ pub fn table(f: &Figures) -> String {
         ("raw SQL, rows (ceiling)", &f.raw_sql),
         ("ingest at saturation, fsync", &f.ingest),
         ("ingest at saturation, lazy sync", &f.ingest_lazy),
+        ("ingest at saturation, R3 cluster", &f.ingest_r3),
         ("drain, one worker", &f.drain_one),
         ("drain, two workers", &f.drain_two),
         ("end to end (per accepted vote)", &f.end_to_end.measured),
