@@ -67,11 +67,6 @@ impl Backoff {
     pub const STARTUP: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
     /// Capped exponential: `first`, doubling, at most `max`.
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self::exponential(first, max)
-    }
-
-    /// Capped exponential: `first`, doubling, at most `max`.
     pub fn exponential(first: Duration, max: Duration) -> Self {
         Self::with(first, max, Growth::Doubling)
     }
