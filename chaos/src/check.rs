@@ -252,10 +252,9 @@ pub async fn wait_drained(
         if role_died() {
             return Ok(Drain::RoleDied);
         }
-        let backlog =
-            landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await;
-        if let Ok(backlog) = backlog {
-            last_pending = backlog.pending;
+        // Every vote partition's.
+        if let Ok(pending) = landslide_nats::partitions::pending(&js, &topology).await {
+            last_pending = pending;
             if last_pending == 0 {
                 return Ok(Drain::Done(started.elapsed()));
             }

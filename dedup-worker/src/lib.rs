@@ -167,10 +167,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             )
             .await?;
             let js = jetstream::new(client.clone());
-            let consumer = landslide_nats::retry_startup(
-                "ensure the streams and the consumer",
+            // Every partition stream and its consumer: those of this worker's K, and any beyond
+            // it that a larger K once made, whose votes still wait to be counted.
+            let consumers = landslide_nats::retry_startup(
+                "ensure the streams and the consumers",
                 startup,
-                || landslide_nats::ensure_consumer(&js, topology, Access::SetUp),
+                || async {
+                    let recorded =
+                        landslide_nats::partitions::ensure(&js, topology, Access::SetUp).await?;
+                    let mut consumers = Vec::new();
+                    for partition in topology.partitions(recorded.streams) {
+                        let consumer =
+                            landslide_nats::ensure_consumer(&js, &partition, Access::SetUp).await?;
+                        consumers.push((partition, consumer));
+                    }
+                    anyhow::Ok(consumers)
+                },
             )
             .await?;
             let polls = landslide_nats::polls::watch_patiently(
@@ -181,30 +193,54 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 startup,
             )
             .await?;
-            anyhow::Ok((db, client, js, consumer, polls))
+            anyhow::Ok((db, client, js, consumers, polls))
         })
         .await;
     let Some(started) = started else {
         return Ok(());
     };
-    let (db, client, js, consumer, polls) = started?;
-    tracing::info!(
-        consumer = %topology.consumer,
-        stream = %topology.votes_stream,
-        batch.size = config.batch_size,
-        shard = config.shard,
-        "dedup-worker draining"
-    );
-    let mut worker = Worker {
-        db: Some(db),
-        client: client.clone(),
-        polls,
-        js,
-        config,
-        db_backoff: db_backoff(),
-        good_floor: None,
-    };
-    let result = worker.drain(consumer, shutdown.wait()).await;
+    let (db, client, js, consumers, polls) = started?;
+    // One drain per partition, each with its stream's names, a database connection and a
+    // tally shard of its own, so that a slow partition never holds up another's acks; they
+    // share the NATS connection, the polls and the shutdown.
+    let mut db = Some(db);
+    let mut drains = tokio::task::JoinSet::new();
+    for (index, (partition, consumer)) in consumers.into_iter().enumerate() {
+        let mut config = config.clone();
+        config.shard = config.shard.wrapping_add(i16::try_from(index).unwrap_or(0));
+        tracing::info!(
+            consumer = %partition.consumer,
+            stream = %partition.votes_stream,
+            batch.size = config.batch_size,
+            shard = config.shard,
+            "dedup-worker draining"
+        );
+        config.connections.topology = partition;
+        let mut worker = Worker {
+            // The first drain takes the connection checked at startup; the others connect
+            // before their first batch.
+            db: db.take(),
+            client: client.clone(),
+            polls: polls.clone(),
+            js: js.clone(),
+            config,
+            db_backoff: db_backoff(),
+            good_floor: None,
+        };
+        let shutdown = shutdown.clone().wait();
+        drains.spawn(async move { worker.drain(consumer, shutdown).await });
+    }
+    // The first drain to fail (a fail point, say) stops the worker: the others are dropped, and
+    // what they hold unacked is redelivered, as after any crash.
+    let mut result = Ok(());
+    while let Some(joined) = drains.join_next().await {
+        let drained = joined.unwrap_or_else(|e| Err(anyhow::anyhow!("a drain panicked: {e}")));
+        if drained.is_err() {
+            result = drained;
+            drains.abort_all();
+            break;
+        }
+    }
     // Acks are plain publishes: flush them before the connection goes away. Bounded: with the
     // server gone the flush would wait forever; unflushed acks only mean redeliveries.
     match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {

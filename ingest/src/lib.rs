@@ -147,6 +147,9 @@ pub struct Config {
     /// The header a trusted proxy sets to the client's address (`LANDSLIDE_CLIENT_IP_HEADER`);
     /// `None`: the client is the TCP peer.
     pub client_ip_header: Option<ClientIpHeader>,
+    /// The vote partition this node publishes to (`LANDSLIDE_PARTITION`); `None`: the one its id
+    /// hashes to ([`landslide_nats::partitions::node_partition`]).
+    pub partition: Option<u16>,
 }
 
 /// Where a node serves HTTP unless told otherwise (`LANDSLIDE_LISTEN`).
@@ -180,6 +183,23 @@ impl Config {
             metrics: landslide_telemetry::serve::MetricsAt::default(),
             rate_limit: Some(RateLimit::DEFAULT),
             client_ip_header: None,
+            partition: None,
+        }
+    }
+
+    /// The partition this node publishes to, of the `partitions` the deployment records.
+    pub fn partition_of(&self, partitions: u16) -> anyhow::Result<u16> {
+        match self.partition {
+            None => Ok(landslide_nats::partitions::node_partition(
+                &self.node_id,
+                partitions,
+            )),
+            Some(p) if p < partitions => Ok(p),
+            Some(p) => anyhow::bail!(
+                "--partition {p} (LANDSLIDE_PARTITION) is not one of the deployment's {partitions} \
+                 vote partitions, 0 to {}",
+                partitions - 1
+            ),
         }
     }
 }
@@ -205,7 +225,7 @@ impl Config {
 /// Serves the node on `listener` until `shutdown` completes, then drains: no accepted request is
 /// cut off, and every publish in flight gets its answer.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -213,6 +233,7 @@ pub async fn run(
     landslide_telemetry::prometheus();
     let connections = &config.connections;
     let topology = &connections.topology;
+    let config_ref = &config;
     // Waited for as long as it takes, not ready meanwhile, and given up only on shutdown.
     let started = shutdown
         .starting("ingest", async |startup| {
@@ -223,9 +244,16 @@ pub async fn run(
                 startup,
             )
             .await?;
-            let js = publish::jetstream_context(client.clone(), &config);
-            landslide_nats::retry_startup("find the votes stream", startup, || {
-                landslide_nats::ensure_votes_stream(&js, topology, Access::ReadOnly)
+            let js = publish::jetstream_context(client.clone(), config_ref);
+            // The deployment's partitions as recorded (a K other than this node's is refused),
+            // then this node's partition's stream, which a worker creates before it records K.
+            let recorded = landslide_nats::retry_startup("find the votes stream", startup, || {
+                landslide_nats::partitions::ensure(&js, topology, Access::ReadOnly)
+            })
+            .await?;
+            let partition = topology.partition(config_ref.partition_of(recorded.partitions)?);
+            landslide_nats::retry_startup("find the partition's stream", startup, || {
+                landslide_nats::ensure_votes_stream(&js, &partition, Access::ReadOnly)
             })
             .await?;
             let polls = landslide_nats::polls::watch_patiently(
@@ -236,13 +264,17 @@ pub async fn run(
                 startup,
             )
             .await?;
-            anyhow::Ok((client, js, polls))
+            anyhow::Ok((client, js, polls, partition))
         })
         .await;
     let Some(started) = started else {
         return Ok(());
     };
-    let (client, js, polls) = started?;
+    let (client, js, polls, partition) = started?;
+    // From here on the node's names are its partition's: where it publishes, reads back and
+    // checks its clock against the stream leader's.
+    config.connections.topology = partition;
+    let topology = &config.connections.topology;
     let clock = Arc::new(clock::ClockCheck::new(
         config.clock.clone(),
         config.max_clock_offset,
@@ -262,6 +294,7 @@ pub async fn run(
     tracing::info!(
         node = %config.node_id,
         listen = %listener.local_addr()?,
+        stream = %topology.votes_stream,
         subject = %landslide_schema::subject::vote_subject(&topology.votes_prefix, &config.node_id),
         rate_limit.per_second = config.rate_limit.map_or(0.0, |l| l.per_second()),
         rate_limit.burst = config.rate_limit.map_or(0, |l| l.burst()),

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::Topology;
+use crate::{MAX_VOTE_PARTITIONS, Topology};
 
 /// A user of the broker: one per role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,9 +99,11 @@ impl User {
     /// watch and listing, audit's and replay's reads) is `CONSUMER.CREATE.<stream>.<name>.<filter>`
     /// with flow-control replies on `$JS.FC.<stream>.…`, a key-value get is
     /// `DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>`, a put or create a publish to `$KV.<bucket>.<key>`.
+    ///
+    /// Every rule about the votes stream is written for each vote partition's stream up to
+    /// [`MAX_VOTE_PARTITIONS`] ([`crate::partitions`]): the same configuration serves every K.
     pub fn permissions(self, t: &Topology) -> Permissions {
         let api = |s: &str| format!("$JS.API.{s}");
-        let votes = &t.votes_stream;
         let dlq = &t.dlq_stream;
         let consumer = &t.consumer;
         let kv = format!("KV_{}", t.polls_bucket);
@@ -118,11 +120,13 @@ impl User {
         ];
         // Reading the votes stream through consumers of one's own (`StreamReader`): named creates
         // only (see above), never the workers' durable one (`durable_denied`).
-        let read_votes = vec![
-            api(&format!("CONSUMER.CREATE.{votes}.*")),
-            api(&format!("CONSUMER.CREATE.{votes}.*.>")),
-            api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
-        ];
+        let read_votes = each_partition(t, |votes, _| {
+            vec![
+                api(&format!("CONSUMER.CREATE.{votes}.*")),
+                api(&format!("CONSUMER.CREATE.{votes}.*.>")),
+                api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
+            ]
+        });
         let inbox = vec![format!("{}.>", self.inbox_prefix())];
         let mut denied = Vec::new();
         let publish = match self {
@@ -133,62 +137,76 @@ impl User {
                 };
             }
             Self::Ingest => [
-                vec![
-                    format!("{}.*", t.votes_prefix),
-                    api(&format!("STREAM.INFO.{votes}")),
-                    // Reading back the time a vote of a windowed poll was stored: from any
-                    // replica, else from the leader (which a lagging follower cannot answer for).
-                    api(&format!("DIRECT.GET.{votes}")),
-                    api(&format!("STREAM.MSG.GET.{votes}")),
-                ],
+                each_partition(t, |votes, prefix| {
+                    vec![
+                        format!("{prefix}.*"),
+                        api(&format!("STREAM.INFO.{votes}")),
+                        // Reading back the time a vote of a windowed poll was stored: from any
+                        // replica, else from the leader (which a lagging follower cannot answer
+                        // for).
+                        api(&format!("DIRECT.GET.{votes}")),
+                        api(&format!("STREAM.MSG.GET.{votes}")),
+                    ]
+                }),
                 read_polls,
             ]
             .concat(),
             Self::Worker => [
                 vec![
-                    api(&format!("STREAM.INFO.{votes}")),
                     api(&format!("STREAM.INFO.{dlq}")),
                     // Account limits, which creating the polls bucket reads.
                     api("INFO"),
                     // Setting the streams, the consumer and the bucket up (an existing stream is
                     // only brought up to its file: `ensure_stream`).
-                    api(&format!("STREAM.CREATE.{votes}")),
-                    api(&format!("STREAM.UPDATE.{votes}")),
                     api(&format!("STREAM.CREATE.{dlq}")),
                     api(&format!("STREAM.UPDATE.{dlq}")),
                     api(&format!("STREAM.CREATE.{kv}")),
-                    api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
-                    // The message at the workers' mark, read from the stream's leader: has the
-                    // stream gone backwards (`rollback`)?
-                    api(&format!("STREAM.MSG.GET.{votes}")),
-                    // Restarting the durable consumer from before a rollback of the stream
-                    // (`rollback::restart_consumer`): only this durable, by its name.
-                    api(&format!("CONSUMER.DELETE.{votes}.{consumer}")),
-                    // The durable consumer, and replay's ordered one (which is never deleted by
-                    // subject: that would allow deleting the durable one too; the server
-                    // removes it once idle).
-                    api(&format!("CONSUMER.CREATE.{votes}")),
-                    api(&format!("CONSUMER.CREATE.{votes}.>")),
-                    api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
-                    format!("$JS.ACK.{votes}.{consumer}.>"),
-                    format!("$JS.FC.{votes}.>"),
                     format!("{}.*", t.dlq_prefix),
                     // Seeding an empty bucket with revision 1, and only that: the bucket refuses
                     // it once rev.1 exists.
                     format!("$KV.{}.rev.1", t.polls_bucket),
                 ],
+                each_partition(t, |votes, _| {
+                    vec![
+                        api(&format!("STREAM.INFO.{votes}")),
+                        // An existing stream is only brought up to its file (`ensure_stream`);
+                        // partition 0's also records the partitions (`partitions::ensure`).
+                        api(&format!("STREAM.CREATE.{votes}")),
+                        api(&format!("STREAM.UPDATE.{votes}")),
+                        api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                        // The message at the workers' mark, read from the stream's leader: has
+                        // the stream gone backwards (`rollback`)?
+                        api(&format!("STREAM.MSG.GET.{votes}")),
+                        // Restarting the durable consumer from before a rollback of the stream
+                        // (`rollback::restart_consumer`): only this durable, by its name.
+                        api(&format!("CONSUMER.DELETE.{votes}.{consumer}")),
+                        // The durable consumer, and replay's ordered one (which is never deleted
+                        // by subject: that would allow deleting the durable one too; the server
+                        // removes it once idle).
+                        api(&format!("CONSUMER.CREATE.{votes}")),
+                        api(&format!("CONSUMER.CREATE.{votes}.>")),
+                        api(&format!("CONSUMER.MSG.NEXT.{votes}.*")),
+                        format!("$JS.ACK.{votes}.{consumer}.>"),
+                        format!("$JS.FC.{votes}.>"),
+                        // Spreading the partitions' leaders over the servers
+                        // (`partitions::spread_leaders`).
+                        api(&format!("STREAM.LEADER.STEPDOWN.{votes}")),
+                    ]
+                }),
                 read_polls,
             ]
             .concat(),
             Self::Tally => {
                 denied = Self::durable_denied(t);
                 [
-                    vec![
-                        api(&format!("STREAM.INFO.{votes}")),
-                        api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
-                        // The message at the workers' mark (`rollback`).
-                        api(&format!("STREAM.MSG.GET.{votes}")),
-                    ],
+                    each_partition(t, |votes, _| {
+                        vec![
+                            api(&format!("STREAM.INFO.{votes}")),
+                            api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                            // The message at the workers' mark (`rollback`).
+                            api(&format!("STREAM.MSG.GET.{votes}")),
+                        ]
+                    }),
                     // The votes not yet counted, read for their polls (`pending_by_poll`).
                     read_votes,
                     read_polls,
@@ -198,12 +216,16 @@ impl User {
             Self::Audit => {
                 denied = Self::durable_denied(t);
                 [
+                    each_partition(t, |votes, _| {
+                        vec![
+                            api(&format!("STREAM.INFO.{votes}")),
+                            api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
+                            // The message at the workers' mark (`rollback`).
+                            api(&format!("STREAM.MSG.GET.{votes}")),
+                        ]
+                    }),
                     vec![
-                        api(&format!("STREAM.INFO.{votes}")),
                         api(&format!("STREAM.INFO.{dlq}")),
-                        api(&format!("CONSUMER.INFO.{votes}.{consumer}")),
-                        // The message at the workers' mark (`rollback`).
-                        api(&format!("STREAM.MSG.GET.{votes}")),
                         // Named consumers only (see above), the workers' excepted.
                         api(&format!("CONSUMER.CREATE.{dlq}.*")),
                         api(&format!("CONSUMER.CREATE.{dlq}.*.>")),
@@ -241,22 +263,23 @@ impl User {
     /// it. With a pull and `max_deliver=1` the audit user once took ten accepted votes from the
     /// workers, which then never counted them; with a `filter_subject`, a whole node's votes.
     pub fn durable_denied(t: &Topology) -> Vec<String> {
-        let votes = &t.votes_stream;
         let consumer = &t.consumer;
-        let mut denied = vec![format!("$JS.API.CONSUMER.CREATE.{votes}")];
-        for api in [
-            "CONSUMER.CREATE",
-            "CONSUMER.DURABLE.CREATE",
-            "CONSUMER.DELETE",
-            "CONSUMER.MSG.NEXT",
-            "CONSUMER.PAUSE",
-            "CONSUMER.UNPIN",
-        ] {
-            denied.push(format!("$JS.API.{api}.{votes}.{consumer}"));
-        }
-        denied.push(format!("$JS.API.CONSUMER.CREATE.{votes}.{consumer}.>"));
-        denied.push(format!("$JS.ACK.{votes}.{consumer}.>"));
-        denied
+        each_partition(t, |votes, _| {
+            let mut denied = vec![format!("$JS.API.CONSUMER.CREATE.{votes}")];
+            for api in [
+                "CONSUMER.CREATE",
+                "CONSUMER.DURABLE.CREATE",
+                "CONSUMER.DELETE",
+                "CONSUMER.MSG.NEXT",
+                "CONSUMER.PAUSE",
+                "CONSUMER.UNPIN",
+            ] {
+                denied.push(format!("$JS.API.{api}.{votes}.{consumer}"));
+            }
+            denied.push(format!("$JS.API.CONSUMER.CREATE.{votes}.{consumer}.>"));
+            denied.push(format!("$JS.ACK.{votes}.{consumer}.>"));
+            denied
+        })
     }
 
     /// What not even the operator may publish: a vote (only ingest makes votes), and deleting or
@@ -269,9 +292,11 @@ impl User {
     /// of a second write of a key away (`polls::bucket_config`). And the workers' durable
     /// consumer ([`User::durable_denied`]).
     pub fn admin_denied(t: &Topology) -> Vec<String> {
-        let mut denied = vec![format!("{}.*", t.votes_prefix)];
+        let mut denied = each_partition(t, |_, prefix| vec![format!("{prefix}.*")]);
         let kv = format!("KV_{}", t.polls_bucket);
-        for stream in [&t.votes_stream, &t.dlq_stream, &kv] {
+        let votes = t.partitions(MAX_VOTE_PARTITIONS);
+        let streams = votes.iter().map(|p| &p.votes_stream);
+        for stream in streams.chain([&t.dlq_stream, &kv]) {
             for api in [
                 "STREAM.DELETE",
                 "STREAM.PURGE",
@@ -284,6 +309,15 @@ impl User {
         denied.extend(Self::durable_denied(t));
         denied
     }
+}
+
+/// `rules(stream, subject prefix)` for every vote partition that a deployment of `t`'s names may
+/// have, 0 to [`MAX_VOTE_PARTITIONS`] - 1, in order.
+fn each_partition(t: &Topology, rules: impl Fn(&str, &str) -> Vec<String>) -> Vec<String> {
+    t.partitions(MAX_VOTE_PARTITIONS)
+        .iter()
+        .flat_map(|p| rules(&p.votes_stream, &p.votes_prefix))
+        .collect()
 }
 
 impl std::fmt::Display for User {
@@ -655,14 +689,30 @@ mod tests {
                     );
                 }
                 assert!(durable.iter().all(|d| publish.deny.contains(d)));
+                // Every partition alike, up to the last one a deployment may have.
+                for subject in [
+                    "votes.p15.*",
+                    "$JS.API.STREAM.PURGE.VOTES_P15",
+                    "$JS.API.STREAM.UPDATE.VOTES_P15",
+                    "$JS.ACK.VOTES_P15.dedup-worker.>",
+                    "$JS.API.CONSUMER.MSG.NEXT.VOTES_P15.dedup-worker",
+                ] {
+                    assert!(
+                        publish.deny.contains(&subject.to_owned()),
+                        "admin and {subject}"
+                    );
+                }
                 continue;
             }
             for subject in &publish.allow {
                 // The workers own their durable consumer, and restart it by name after the
                 // stream went backwards (`rollback`); no one else may delete a consumer of the
                 // votes stream, and no one any other way.
-                let own_consumer =
-                    user == User::Worker && subject == "$JS.API.CONSUMER.DELETE.VOTES.dedup-worker";
+                let own_consumer = user == User::Worker
+                    && t.partitions(MAX_VOTE_PARTITIONS).iter().any(|p| {
+                        *subject
+                            == format!("$JS.API.CONSUMER.DELETE.{}.dedup-worker", p.votes_stream)
+                    });
                 assert!(
                     !subject.contains("STREAM.DELETE")
                         && !subject.contains("PURGE")

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod auth;
 pub mod batch;
+pub mod partitions;
 pub mod polls;
 pub mod rollback;
 
@@ -134,7 +135,19 @@ pub struct Topology {
     pub ack_wait: Option<Duration>,
     /// The key-value bucket of the poll definitions, `LANDSLIDE_POLLS` ([`polls`]).
     pub polls_bucket: String,
+    /// How many streams the votes are split over (`--vote-partitions`), 1 to
+    /// [`MAX_VOTE_PARTITIONS`]: ingest nodes publish to one each ([`partitions`]).
+    pub vote_partitions: u16,
+    /// Which partition `votes_stream` and `votes_prefix` name: 0 for the deployment's own names
+    /// (`VOTES` on `votes.*`), `i` for [`Topology::partition`]`(i)` (`VOTES_P<i>` on
+    /// `votes.p<i>.*`).
+    pub partition: u16,
 }
+
+/// The most streams the votes may be split over. Each role's NATS permissions name every
+/// partition's stream up to it ([`auth`]): a subject permission matches whole tokens, so none
+/// can say "every stream whose name begins with VOTES".
+pub const MAX_VOTE_PARTITIONS: u16 = 16;
 
 impl Default for Topology {
     fn default() -> Self {
@@ -147,6 +160,8 @@ impl Default for Topology {
             replicas: 1,
             ack_wait: None,
             polls_bucket: "LANDSLIDE_POLLS".to_owned(),
+            vote_partitions: 1,
+            partition: 0,
         }
     }
 }
@@ -164,7 +179,32 @@ impl Topology {
             replicas: 1,
             ack_wait: None,
             polls_bucket: format!("{tag}_POLLS"),
+            vote_partitions: 1,
+            partition: 0,
         }
+    }
+
+    /// The names of vote partition `index`: this topology for 0; `<votes stream>_P<index>` on
+    /// `<votes prefix>.p<index>.*` otherwise, with the same consumer name and dead-letter stream.
+    /// Partition subjects have one token more than partition 0's (`votes.p1.web01` beside
+    /// `votes.web01`), so no subject belongs to two streams, whatever a node is called.
+    /// `self` must name partition 0.
+    pub fn partition(&self, index: u16) -> Self {
+        debug_assert_eq!(self.partition, 0, "a partition of a partition");
+        if index == 0 {
+            return self.clone();
+        }
+        Self {
+            votes_stream: format!("{}_P{index}", self.votes_stream),
+            votes_prefix: format!("{}.p{index}", self.votes_prefix),
+            partition: index,
+            ..self.clone()
+        }
+    }
+
+    /// Partitions 0 to `count - 1` ([`Topology::partition`]).
+    pub fn partitions(&self, count: u16) -> Vec<Self> {
+        (0..count).map(|i| self.partition(i)).collect()
     }
 
     /// The definition of the votes stream: the file with this topology's names.
@@ -380,7 +420,11 @@ async fn ensure_stream(
                     describe(&differences)
                 );
             }
-            // A stream made by an earlier release: bring it up to its file in place.
+            // A stream made by an earlier release: bring it up to its file in place. An update
+            // replaces the whole definition: keep what the file does not set, such as the vote
+            // partitions recorded in its metadata ([`partitions`]).
+            let mut config = config;
+            partitions::keep_metadata(&mut config, &info.config);
             js.update_stream(config)
                 .await
                 .with_context(|| format!("cannot update stream {name}"))?;
@@ -732,6 +776,7 @@ where
 /// credentials refused.
 pub fn is_permanent(err: &anyhow::Error) -> bool {
     err.downcast_ref::<Incompatible>().is_some()
+        || err.downcast_ref::<partitions::Differ>().is_some()
         || err.downcast_ref::<TooOld>().is_some()
         || err.downcast_ref::<Refused>().is_some()
 }

@@ -454,6 +454,20 @@ pub(crate) async fn audit_with_polls(
     let client = landslide_nats::connect(&connections.nats, User::Audit, "landslide-audit").await?;
     let js = jetstream::new(client);
     let topology = &connections.topology;
+    // The audit folds one stream, and the record's format names one: a deployment whose votes
+    // are split over several partition streams is refused, not audited in part.
+    let partitions = landslide_nats::partitions::streams(&js, topology).await?;
+    anyhow::ensure!(
+        partitions.len() == 1,
+        "the votes are split over {} partition streams ({}), and this release audits and \
+         exports one only: nothing was checked",
+        partitions.len(),
+        partitions
+            .iter()
+            .map(|p| p.votes_stream.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let stream = js
         .get_stream(&topology.votes_stream)
         .await

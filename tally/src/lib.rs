@@ -131,11 +131,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             .await?;
             let js = async_nats::jetstream::new(client);
             // Waited for rather than skipped: without the consumer, `pending` would mean nothing.
-            let consumer =
-                landslide_nats::retry_startup("find the streams and the consumer", startup, || {
-                    landslide_nats::ensure_consumer(&js, topology, Access::ReadOnly)
-                })
-                .await?;
+            // Every partition's stream and consumer, with the K recorded (another is refused).
+            landslide_nats::retry_startup(
+                "find the streams and the consumers",
+                startup,
+                || async {
+                    let recorded =
+                        landslide_nats::partitions::ensure(&js, topology, Access::ReadOnly).await?;
+                    for partition in topology.partitions(recorded.streams) {
+                        landslide_nats::ensure_consumer(&js, &partition, Access::ReadOnly).await?;
+                    }
+                    anyhow::Ok(())
+                },
+            )
+            .await?;
             let polls = landslide_nats::polls::watch_patiently(
                 &js,
                 topology,
@@ -144,23 +153,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
                 startup,
             )
             .await?;
-            anyhow::Ok((conn, js, consumer, polls))
+            anyhow::Ok((conn, js, polls))
         })
         .await;
     let Some(started) = started else {
         return Ok(());
     };
-    let (conn, js, consumer, polls) = started?;
+    let (conn, js, polls) = started?;
 
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
-    let refresher = snapshot::Refresher::new(
-        js,
-        consumer,
-        conn,
-        database.clone(),
-        polls.clone(),
-        topology.clone(),
-    );
+    let refresher =
+        snapshot::Refresher::new(js, conn, database.clone(), polls.clone(), topology.clone());
     let refresher = tokio::spawn(refresher.run(config.refresh, snapshots_tx, shutdown.clone()));
 
     // Its connections are made as DATABASE_URL says, TLS included.

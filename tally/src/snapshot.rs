@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream;
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncPgConnection;
 use landslide_config::Shutdown;
@@ -288,8 +288,7 @@ impl Snapshot {
 
 /// The only reader of the database and of the consumer's state on behalf of viewers.
 pub(crate) struct Refresher {
-    consumer: PullConsumer,
-    /// For the consumer's info as the server sent it, whose `ts` is the server's clock.
+    /// For the consumers' info as the servers sent it, whose `ts` is each server's clock.
     js: jetstream::Context,
     /// One connection held across refreshes (a pool checkout would add a round trip each time);
     /// `None` after an error, until it is opened again.
@@ -302,7 +301,6 @@ pub(crate) struct Refresher {
 impl Refresher {
     pub fn new(
         js: jetstream::Context,
-        consumer: PullConsumer,
         conn: AsyncPgConnection,
         database_url: DatabaseUrl,
         polls: PollWatch,
@@ -310,7 +308,6 @@ impl Refresher {
     ) -> Self {
         Self {
             js,
-            consumer,
             conn: Some(conn),
             database_url,
             polls,
@@ -367,59 +364,42 @@ impl Refresher {
 
     async fn refresh(&mut self) -> anyhow::Result<(Snapshot, u64)> {
         let as_of = Utc::now();
-        // Pending first, counts second: a vote accepted before `as_of` is then either still pending
-        // or was acked, hence committed, before the counts are read. So pending == 0 proves the
-        // counts complete. The other order could show 0 pending with a vote missing from the
-        // counts.
-        let backlog = self
-            .backlog()
-            .await
-            .context("cannot read the consumer's pending count")?;
-        let (pending, stream_now) = (backlog.pending, backlog.server_now);
-        // Each poll's own pending votes, once one has closed (before the counts, too): another
-        // poll still taking votes then keeps it from being final no longer.
-        let by_poll = if pending > 0 && any_closed(&self.polls.current(), stream_now) {
-            pending_by_poll(&self.js, &self.topology, &backlog)
-                .await
-                .unwrap_or_else(|err| {
-                    tracing::warn!(
-                        error = format!("{err:#}"),
-                        "cannot read the polls of the votes not yet counted; every poll waits \
-                         for all of them"
-                    );
-                    None
-                })
-        } else {
-            None
-        };
-        let per_poll = Pending {
-            all: pending,
-            by_poll,
-        };
-
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => self
                 .conn
                 .insert(landslide_schema::postgres::connect(&self.database_url).await?),
         };
-        // Has the stream gone backwards since the workers committed their mark
-        // (`landslide_nats::rollback`)? Until the workers have restarted their consumer, votes it
-        // would skip are hidden from `pending`.
-        let stream = &backlog.info.stream_name;
-        let mark = match marks::read_mark(conn, stream).await {
-            Ok(mark) => mark,
+        // Pending (and what holds results from being final) first, counts second.
+        let observed = match observe(&self.js, &self.topology, conn, &self.polls.current()).await {
+            Ok(observed) => observed,
             Err(err) => {
+                // The connection may be mid-statement: open another next time.
                 self.conn = None;
-                return Err(err).context("cannot read the workers' mark");
+                return Err(err);
             }
         };
-        let observed = rollback::observe_with(&self.js, &self.topology, &backlog, mark.as_ref())
-            .await
-            .context("cannot read the vote at the workers' mark")?;
-        let regression = rollback::judge(mark.as_ref(), &observed);
-        if let Some(regression) = &regression {
+        if let Some(regression) = &observed.regression {
             tracing::error!(%regression, "the votes stream went backwards; results are not final until the workers take up what it stored since");
+        }
+        if let Some(drift) = &observed.drift {
+            tracing::error!(
+                %drift,
+                "results are not final until the workers put their consumer back"
+            );
+        }
+        if let Some(skew) = &observed.skew {
+            tracing::error!(%skew, "the nats-servers' clocks differ; results are not final meanwhile");
+        }
+        for (partition, backlog) in &observed.partitions {
+            if let Some(measured) = backlog.skew {
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!(
+                    "landslide_nats_clock_skew_seconds",
+                    "stream" => partition.votes_stream.clone()
+                )
+                .set(measured.millis as f64 / 1000.0);
+            }
         }
         // Dropping a plain read mid-flight is harmless, but leaves the connection in an unknown
         // state: it is replaced after any failure.
@@ -438,56 +418,180 @@ impl Refresher {
         // A revision this book lacks could move a close: nothing is final on a book that could
         // not be confirmed current for a while (the polls bucket unreadable).
         let unconfirmed = landslide_nats::polls::unconfirmed(confirmed).map(|u| u.to_string());
+        let hold = observed.hold().map(str::to_owned).or(unconfirmed);
+        let snapshot = Snapshot::build(
+            &book,
+            &observed.pending,
+            &sums,
+            as_of,
+            observed.stream_now,
+            hold.as_deref(),
+        );
+        Ok((
+            snapshot,
+            pending_despite(observed.pending.all, hold.as_deref()),
+        ))
+    }
+}
+
+/// The votes streams as tally and `landslide status` judge the results by: every partition's
+/// backlog, and whatever keeps a result from being final.
+#[derive(Debug)]
+pub(crate) struct Observed {
+    /// Every partition stream the deployment has, with its consumer's backlog.
+    pub partitions: Vec<(landslide_nats::Topology, landslide_nats::Backlog)>,
+    /// Accepted votes not yet counted, in all and (once a poll has closed) per poll.
+    pub pending: Pending,
+    /// The clock a close is judged by: the earliest of the partition leaders' (a close is passed
+    /// once every one has passed it), `None` while one did not say.
+    pub stream_now: Option<DateTime<Utc>>,
+    /// A partition stream that went backwards (`landslide_nats::rollback`).
+    pub regression: Option<String>,
+    /// A consumer that differs from its definition.
+    pub drift: Option<String>,
+    /// Clocks of nats-servers further apart than `MAX_CLOCK_SKEW`.
+    pub skew: Option<String>,
+}
+
+impl Observed {
+    /// Why no result may be final now, if anything says so.
+    pub fn hold(&self) -> Option<&str> {
+        self.regression
+            .as_deref()
+            .or(self.drift.as_deref())
+            .or(self.skew.as_deref())
+    }
+}
+
+/// Reads every partition's backlog (before the counts, which the caller reads after: a vote
+/// accepted before then is either pending here or committed there, so 0 pending proves the
+/// counts complete), each stream against the workers' mark and each consumer against its
+/// definition, and the clocks.
+pub(crate) async fn observe(
+    js: &jetstream::Context,
+    topology: &landslide_nats::Topology,
+    conn: &mut AsyncPgConnection,
+    book: &PollBook,
+) -> anyhow::Result<Observed> {
+    let partitions = landslide_nats::partitions::streams(js, topology)
+        .await
+        .context("cannot read the vote partitions")?;
+    let mut backlogs = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let backlog = landslide_nats::backlog(js, &partition.votes_stream, &partition.consumer)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot read the consumer's pending count of {}",
+                    partition.votes_stream
+                )
+            })?;
+        backlogs.push((partition, backlog));
+    }
+    let all = backlogs
+        .iter()
+        .map(|(_, b)| b.pending)
+        .fold(0, u64::saturating_add);
+    let clocks = backlogs
+        .iter()
+        .map(|(_, b)| b.server_now)
+        .collect::<Option<Vec<_>>>();
+    let stream_now = clocks.as_ref().and_then(|c| c.iter().min().copied());
+    // Each poll's own pending votes, once one has closed: another poll still taking votes then
+    // keeps it from being final no longer.
+    let by_poll = if all > 0 && any_closed(book, stream_now) {
+        pending_by_poll_all(js, &backlogs).await
+    } else {
+        None
+    };
+    let (mut regression, mut drift, mut skew) = (None, None, None);
+    for (partition, backlog) in &backlogs {
+        // Has the stream gone backwards since the workers committed their mark? Until the
+        // workers have restarted their consumer, votes it would skip are hidden from `pending`.
+        let mark = marks::read_mark(conn, &partition.votes_stream)
+            .await
+            .context("cannot read the workers' mark")?;
+        let observed = rollback::observe_with(js, partition, backlog, mark.as_ref())
+            .await
+            .context("cannot read the vote at the workers' mark")?;
+        if regression.is_none() {
+            regression = rollback::judge(mark.as_ref(), &observed).map(|r| r.to_string());
+        }
         // A consumer someone changed may skip votes that `pending` would never show: the workers
         // make it again within moments, and nothing is final meanwhile.
-        let drift = landslide_nats::consumer_drift(&self.topology, &backlog.info.config)?;
-        if !drift.is_empty() {
-            tracing::error!(
-                drift = landslide_nats::describe_drift(&drift),
-                "results are not final until the workers put their consumer back"
-            );
+        let differences = landslide_nats::consumer_drift(partition, &backlog.info.config)?;
+        if drift.is_none() && !differences.is_empty() {
+            drift = Some(format!(
+                "{}: {}",
+                partition.votes_stream,
+                landslide_nats::describe_drift(&differences)
+            ));
         }
         // Two servers whose clocks differ by more than the bound: a change of the stream's
         // leader could store a vote before the close after the close was passed.
-        let skew = backlog
+        if let Some(measured) = backlog
             .skew
-            .filter(|skew| skew.beyond(landslide_nats::MAX_CLOCK_SKEW));
-        if let Some(measured) = backlog.skew {
-            #[allow(clippy::cast_precision_loss)]
-            metrics::gauge!("landslide_nats_clock_skew_seconds")
-                .set(measured.millis as f64 / 1000.0);
+            .filter(|s| s.beyond(landslide_nats::MAX_CLOCK_SKEW))
+        {
+            skew.get_or_insert(format!(
+                "{measured}, more than the {} ms allowed",
+                landslide_nats::MAX_CLOCK_SKEW.as_millis()
+            ));
         }
-        if let Some(skew) = skew {
-            tracing::error!(%skew, "the nats-servers' clocks differ; results are not final meanwhile");
-        }
-        let rollback = regression
-            .map(|r| r.to_string())
-            .or_else(|| (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift)))
-            .or_else(|| {
-                skew.map(|skew| {
-                    format!(
-                        "{skew}, more than the {} ms allowed",
-                        landslide_nats::MAX_CLOCK_SKEW.as_millis()
-                    )
-                })
-            })
-            .or(unconfirmed);
-        let snapshot = Snapshot::build(
-            &book,
-            &per_poll,
-            &sums,
-            as_of,
-            stream_now,
-            rollback.as_deref(),
-        );
-        Ok((snapshot, pending_despite(pending, rollback.as_deref())))
     }
+    // Partition leaders on different servers: between two votes of a voter that knew the same
+    // answer, the stored times of two clocks decide (`merge::OrderKey`). Read one after another,
+    // the clocks are also apart by the time between the reads: allowed for up to a second.
+    if let Some(clocks) = clocks.filter(|c| c.len() > 1) {
+        let (first, last) = (clocks.iter().min(), clocks.iter().max());
+        if let (Some(first), Some(last)) = (first, last) {
+            let apart = (*last - *first).to_std().unwrap_or_default();
+            if apart > landslide_nats::MAX_CLOCK_SKEW + Duration::from_secs(1) {
+                skew.get_or_insert(format!(
+                    "the vote partitions' leaders' clocks are {} ms apart, more than the {} ms \
+                     allowed",
+                    apart.as_millis(),
+                    landslide_nats::MAX_CLOCK_SKEW.as_millis()
+                ));
+            }
+        }
+    }
+    Ok(Observed {
+        partitions: backlogs,
+        pending: Pending { all, by_poll },
+        stream_now,
+        regression,
+        drift,
+        skew,
+    })
+}
 
-    /// The consumer's info and the server's clock when it answered.
-    async fn backlog(&self) -> anyhow::Result<landslide_nats::Backlog> {
-        let cached = self.consumer.cached_info();
-        landslide_nats::backlog(&self.js, &cached.stream_name, &cached.name).await
+/// [`pending_by_poll`] over every partition with votes pending, added up; `None` when one
+/// cannot tell.
+async fn pending_by_poll_all(
+    js: &jetstream::Context,
+    backlogs: &[(landslide_nats::Topology, landslide_nats::Backlog)],
+) -> Option<HashMap<PollId, u64>> {
+    let mut all: HashMap<PollId, u64> = HashMap::new();
+    for (partition, backlog) in backlogs.iter().filter(|(_, b)| b.pending > 0) {
+        match pending_by_poll(js, partition, backlog).await {
+            Ok(Some(by_poll)) => {
+                for (poll, n) in by_poll {
+                    *all.entry(poll).or_default() += n;
+                }
+            }
+            Ok(None) => return None,
+            Err(err) => {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "cannot read the polls of the votes not yet counted; every poll waits for \
+                     all of them"
+                );
+                return None;
+            }
+        }
     }
+    Some(all)
 }
 
 #[cfg(test)]

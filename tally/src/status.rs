@@ -7,13 +7,13 @@ use std::fmt;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use chrono::{DateTime, Utc};
-use landslide_nats::{Access, User, rollback};
+use landslide_nats::{Access, User};
 use landslide_schema::Revision;
 use landslide_schema::postgres::marks;
 
 use crate::audit::AuditConfig;
 use crate::counts;
-use crate::snapshot::{Pending, Snapshot, Status, any_closed, pending_by_poll, pending_despite};
+use crate::snapshot::{Snapshot, Status, observe, pending_despite};
 
 /// One poll, as the results show it.
 #[derive(Debug, Clone)]
@@ -40,20 +40,29 @@ pub struct StreamStatus {
     pub followers: Vec<(String, bool, Option<u64>)>,
 }
 
-/// Everything `landslide status` prints.
+/// One vote partition's stream and the workers' consumer on it.
 #[derive(Debug, Clone)]
-pub struct DeploymentStatus {
-    pub revision: Revision,
-    pub polls: Vec<PollStatus>,
-    /// Accepted votes not yet counted (undelivered plus unacknowledged).
+pub struct PartitionStatus {
+    pub votes: StreamStatus,
+    pub consumer: String,
+    /// Its accepted votes not yet counted.
     pub pending: u64,
     pub undelivered: u64,
     pub unacknowledged: u64,
     pub redelivered: u64,
     /// The last stream sequence delivered to a worker.
     pub delivered: u64,
-    pub consumer: String,
-    pub votes: StreamStatus,
+}
+
+/// Everything `landslide status` prints.
+#[derive(Debug, Clone)]
+pub struct DeploymentStatus {
+    pub revision: Revision,
+    pub polls: Vec<PollStatus>,
+    /// Accepted votes not yet counted (undelivered plus unacknowledged), every partition's.
+    pub pending: u64,
+    /// Every vote partition: its stream and the workers' consumer on it.
+    pub partitions: Vec<PartitionStatus>,
     pub dead_letters: StreamStatus,
     pub server_now: Option<DateTime<Utc>>,
     /// How the votes stream went backwards, while the workers have not taken up what it stored
@@ -78,59 +87,37 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
         landslide_nats::connect(&connections.nats, User::Audit, "landslide-status").await?;
     let js = jetstream::new(client);
     let topology = &connections.topology;
-    let backlog = landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer).await?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let book = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
     let poll_findings = landslide_nats::polls::findings(&store).await?;
     let (revision, definitions) = book.latest();
 
     let mut conn = landslide_schema::postgres::connect_current(connections.database()?).await?;
-    let mark = marks::read_mark(&mut conn, &topology.votes_stream)
-        .await
-        .context("cannot read the workers' mark")?;
-    let observed = rollback::observe_with(&js, topology, &backlog, mark.as_ref()).await?;
-    let regression = rollback::judge(mark.as_ref(), &observed).map(|r| r.to_string());
-    let drift = landslide_nats::consumer_drift(topology, &backlog.info.config)?;
-    let drift = (!drift.is_empty()).then(|| landslide_nats::describe_drift(&drift));
-    let skew = backlog
-        .skew
-        .filter(|skew| skew.beyond(landslide_nats::MAX_CLOCK_SKEW))
-        .map(|skew| {
-            format!(
-                "{skew}, more than the {} ms allowed",
-                landslide_nats::MAX_CLOCK_SKEW.as_millis()
-            )
-        });
-    // Any keeps every poll from being final, as in tally.
-    let hold = regression
-        .as_deref()
-        .or(drift.as_deref())
-        .or(skew.as_deref());
-    let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
-        .await
-        .context("cannot read the recorded rollbacks")?;
-    // Each poll's own pending votes, as tally reads them (before the counts).
-    let by_poll = if backlog.pending > 0 && any_closed(&book, backlog.server_now) {
-        pending_by_poll(&js, topology, &backlog).await?
-    } else {
-        None
-    };
-    let per_poll = Pending {
-        all: backlog.pending,
-        by_poll,
-    };
+    // As tally reads them: every partition's backlog before the counts.
+    let observed = observe(&js, topology, &mut conn, &book).await?;
+    let mut rollbacks = Vec::new();
+    for (partition, _) in &observed.partitions {
+        rollbacks.extend(
+            marks::rollbacks(&mut conn, &partition.votes_stream)
+                .await
+                .context("cannot read the recorded rollbacks")?,
+        );
+    }
     let sums = counts::tally_sums(&mut conn)
         .await
         .context("cannot read the tallies")?;
-    let landslide_nats::Backlog {
-        info: consumer,
-        server_now,
-        pending,
-        ..
-    } = backlog;
     // The same snapshot the results are built from: its counts and its status.
-    let snapshot = Snapshot::build(&book, &per_poll, &sums, Utc::now(), server_now, hold);
-    let pending = pending_despite(pending, hold);
+    let hold = observed.hold();
+    let server_now = observed.stream_now;
+    let snapshot = Snapshot::build(
+        &book,
+        &observed.pending,
+        &sums,
+        Utc::now(),
+        server_now,
+        hold,
+    );
+    let pending = pending_despite(observed.pending.all, hold);
     let polls = definitions
         .iter()
         .filter_map(|poll| {
@@ -153,22 +140,30 @@ pub async fn status(config: &AuditConfig) -> anyhow::Result<DeploymentStatus> {
             })
         })
         .collect();
+    let mut partitions = Vec::with_capacity(observed.partitions.len());
+    for (partition, backlog) in &observed.partitions {
+        let consumer = &backlog.info;
+        partitions.push(PartitionStatus {
+            votes: stream_status(&js, &partition.votes_stream).await?,
+            consumer: consumer.name.clone(),
+            pending: backlog.pending,
+            undelivered: consumer.num_pending,
+            unacknowledged: consumer.num_ack_pending as u64,
+            redelivered: consumer.num_redelivered as u64,
+            delivered: consumer.delivered.stream_sequence,
+        });
+    }
     Ok(DeploymentStatus {
         revision,
         polls,
         pending,
-        undelivered: consumer.num_pending,
-        unacknowledged: consumer.num_ack_pending as u64,
-        redelivered: consumer.num_redelivered as u64,
-        delivered: consumer.delivered.stream_sequence,
-        consumer: consumer.name.clone(),
-        votes: stream_status(&js, &topology.votes_stream).await?,
+        partitions,
         dead_letters: stream_status(&js, &topology.dlq_stream).await?,
         server_now,
-        regression,
+        regression: observed.regression,
         rollbacks,
-        drift,
-        skew,
+        drift: observed.drift,
+        skew: observed.skew,
         poll_findings,
     })
 }
@@ -262,17 +257,25 @@ impl fmt::Display for DeploymentStatus {
         }
         writeln!(
             f,
-            "pending: {} (not yet delivered {}, delivered and not acknowledged {}); redelivered {}",
-            self.pending, self.undelivered, self.unacknowledged, self.redelivered
+            "pending: {} in {} vote partition(s)",
+            self.pending,
+            self.partitions.len()
         )?;
-        writeln!(
-            f,
-            "consumer {}: delivered up to sequence {}, lag {}",
-            self.consumer,
-            self.delivered,
-            self.votes.last_sequence.saturating_sub(self.delivered)
-        )?;
-        writeln!(f, "{}", self.votes)?;
+        for p in &self.partitions {
+            writeln!(f, "{}", p.votes)?;
+            writeln!(
+                f,
+                "  consumer {}: delivered up to sequence {}, lag {}; pending {} (not yet \
+                 delivered {}, delivered and not acknowledged {}); redelivered {}",
+                p.consumer,
+                p.delivered,
+                p.votes.last_sequence.saturating_sub(p.delivered),
+                p.pending,
+                p.undelivered,
+                p.unacknowledged,
+                p.redelivered
+            )?;
+        }
         writeln!(f, "{}", self.dead_letters)?;
         if let Some(regression) = &self.regression {
             writeln!(

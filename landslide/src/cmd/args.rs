@@ -44,6 +44,12 @@ pub struct Shared {
     /// refused.
     #[arg(long, env = "LANDSLIDE_STREAM_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
     stream_replicas: usize,
+    /// How many streams the votes are split over (VOTES, VOTES_P1, …), each a RAFT group with a
+    /// leader of its own; 1 to 16. Every role of a deployment must be given the same number: the
+    /// workers record it in the VOTES stream and create the streams, and any other role with
+    /// another number refuses to start (OPERATIONS.md, "Changing the number of vote partitions").
+    #[arg(long, env = "LANDSLIDE_VOTE_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=i64::from(landslide_nats::MAX_VOTE_PARTITIONS)))]
+    vote_partitions: u16,
     /// The nats-servers' monitoring endpoints (`http://host:8222`, comma-separated): at startup
     /// the role reads their /varz and says loudly if one acks before it fsyncs.
     #[arg(long, env = "LANDSLIDE_NATS_MONITOR_URL")]
@@ -197,6 +203,7 @@ impl Shared {
     pub fn topology(&self) -> Topology {
         Topology {
             replicas: self.stream_replicas,
+            vote_partitions: self.vote_partitions,
             ack_wait: self.ack_wait_ms.map(|ms| Duration::from_millis(ms.max(1))),
             ..Topology::default()
         }

@@ -23,6 +23,11 @@ pub struct Args {
     /// This node's id; its votes go to subject votes.<ID>. Required.
     #[arg(long, env = "LANDSLIDE_NODE_ID")]
     node_id: Option<String>,
+    /// The vote partition this node publishes to, 0 to LANDSLIDE_VOTE_PARTITIONS - 1 (default:
+    /// the one its id hashes to). Set it where a few nodes would otherwise share the partitions
+    /// unevenly: one node per partition, say.
+    #[arg(long, env = "LANDSLIDE_PARTITION")]
+    partition: Option<u16>,
     /// Address to serve HTTP on.
     #[arg(long, env = "LANDSLIDE_LISTEN", default_value = landslide_ingest::DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -98,6 +103,7 @@ impl Args {
         config.http = self.http.limits();
         config.metrics = self.http.metrics();
         (config.rate_limit, config.client_ip_header) = self.limits.settings()?;
+        config.partition = self.partition;
         Ok(config)
     }
 }

@@ -12,6 +12,7 @@ mod clock;
 mod database;
 mod edge;
 mod openapi;
+mod partitions;
 mod pipeline;
 mod polls;
 mod power_cut;

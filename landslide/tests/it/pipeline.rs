@@ -125,12 +125,12 @@ async fn a_change_of_mind_after_a_lost_answer_beats_the_lost_vote_of_a_node_whos
         let b = support::ingest(&nats, "b", -behind_ms).await;
         let worker = support::worker(&nats, &db);
         for _ in 0..VOTERS {
-            let (status, cookie) = vote_with_cookie(&b.url, None, "cats").await;
+            let (status, cookie) = support::vote_with_cookie(&b.url, None, "cats").await;
             assert_eq!(status, 202);
             let cookie = cookie.expect("the first answer sets the voter cookie");
-            let (status, _lost) = vote_with_cookie(&a.url, Some(&cookie), "dogs").await;
+            let (status, _lost) = support::vote_with_cookie(&a.url, Some(&cookie), "dogs").await;
             assert_eq!(status, 202, "stored, though its answer is dropped");
-            let (status, _) = vote_with_cookie(&b.url, Some(&cookie), "cats").await;
+            let (status, _) = support::vote_with_cookie(&b.url, Some(&cookie), "cats").await;
             assert_eq!(status, 202);
         }
         support::drained(&nats).await;
@@ -468,23 +468,6 @@ async fn a_tampered_cookie_is_a_new_voter_and_leaves_the_original_ballot_alone()
     ingest.role.stop().await;
 }
 
-/// Posts one vote with `cookie` (`name=value`, or none); returns the status and the voter cookie
-/// the answer sets, as `name=value`.
-async fn vote_with_cookie(url: &str, cookie: Option<&str>, choice: &str) -> (u16, Option<String>) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{url}/api/votes"))
-        .json(&serde_json::json!({"poll": "pets", "choice": choice}));
-    if let Some(cookie) = cookie {
-        request = request.header("cookie", cookie);
-    }
-    let response = request.send().await.unwrap();
-    let set = response
-        .headers()
-        .get("set-cookie")
-        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
-    (response.status().as_u16(), set)
-}
-
 /// A cookie key rotated across two ingest nodes mid-poll, in the two phases SECURITY.md gives
 /// (the new key added to every node as verify-only, then made the signing key on every node),
 /// each node restarted in turn while voters change their minds on either node: every voter is
@@ -527,7 +510,7 @@ async fn a_cookie_key_rotated_in_two_phases_across_two_nodes_never_splits_a_vote
                 } else {
                     "dogs"
                 };
-                let (status, set) = vote_with_cookie(url, cookie.as_deref(), choice).await;
+                let (status, set) = support::vote_with_cookie(url, cookie.as_deref(), choice).await;
                 assert_eq!(status, 202, "round {round}, voter {voter}");
                 if set.is_some() {
                     *cookie = set;
@@ -577,7 +560,8 @@ async fn a_cookie_key_rotated_in_two_phases_across_two_nodes_never_splits_a_vote
     } else {
         "cats"
     };
-    let (status, _) = vote_with_cookie(&left_out.url, cookies[voter].as_deref(), flipped).await;
+    let (status, _) =
+        support::vote_with_cookie(&left_out.url, cookies[voter].as_deref(), flipped).await;
     assert_eq!(status, 202);
     support::drained(&nats).await;
     let counted: i64 = db

@@ -140,11 +140,22 @@ pub async fn set_up_topology(
     // As patiently as a worker sets them up (`retry_startup`): a JetStream API request to a
     // cluster just started timed out once under CI's load ("cannot look up stream VOTES_DLQ").
     let waiting = landslide_telemetry::readiness::condition("test", "set-up", "setting up");
-    landslide_nats::retry_startup("set up the streams and the consumer", &waiting, || {
-        landslide_nats::ensure_consumer(&js, topology, landslide_nats::Access::SetUp)
+    landslide_nats::retry_startup("set up the streams and the consumers", &waiting, || async {
+        // Set up already (by a worker, or for another role): what it recorded stands, so that a
+        // role given another number of partitions finds the number it must refuse.
+        if js.get_stream(&topology.votes_stream).await.is_ok() {
+            return anyhow::Ok(());
+        }
+        let recorded =
+            landslide_nats::partitions::ensure(&js, topology, landslide_nats::Access::SetUp)
+                .await?;
+        for partition in topology.partitions(recorded.streams) {
+            landslide_nats::ensure_consumer(&js, &partition, landslide_nats::Access::SetUp).await?;
+        }
+        anyhow::Ok(())
     })
     .await
-    .expect("set up the streams and the consumer");
+    .expect("set up the streams and the consumers");
     landslide_nats::polls::watch_patiently(
         &js,
         topology,
@@ -593,15 +604,35 @@ pub async fn post_vote(
         .expect("send vote")
 }
 
-/// The workers' consumer's pending votes (`landslide_nats::backlog`, default topology); `None`
-/// until a worker has created the consumer.
+/// Posts one vote with `cookie` (`name=value`, or none); returns the status and the voter cookie
+/// the answer sets, as `name=value`.
+pub async fn vote_with_cookie(
+    url: &str,
+    cookie: Option<&str>,
+    choice: &str,
+) -> (u16, Option<String>) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{url}/api/votes"))
+        .json(&serde_json::json!({"poll": "pets", "choice": choice}));
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    let response = request.send().await.unwrap();
+    let set = response
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+    (response.status().as_u16(), set)
+}
+
+/// The workers' pending votes in every vote partition (`landslide_nats::partitions::pending`,
+/// default topology); `None` until a worker has created the consumers.
 pub async fn pending(nats: &landslide_servers::Nats) -> Option<u64> {
     let js = async_nats::jetstream::new(client_as(nats, User::Admin).await);
     let topology = landslide_nats::Topology::default();
-    landslide_nats::backlog(&js, &topology.votes_stream, &topology.consumer)
+    landslide_nats::partitions::pending(&js, &topology)
         .await
         .ok()
-        .map(|backlog| backlog.pending)
 }
 
 /// Waits until the workers' consumer exists and has nothing pending.
