@@ -265,6 +265,28 @@ pub async fn wait_drained(
     }
 }
 
+/// Messages in each vote partition's stream, as partition 0's stream records them.
+pub async fn partition_messages(
+    nats: &landslide_nats::NatsConfig,
+    vote_partitions: u16,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let client =
+        landslide_nats::connect(nats, landslide_nats::User::Admin, "landslide-chaos-streams")
+            .await?;
+    let js = async_nats::jetstream::new(client);
+    let topology = landslide_nats::Topology {
+        vote_partitions,
+        ..landslide_nats::Topology::default()
+    };
+    let mut counts = Vec::new();
+    for partition in landslide_nats::partitions::streams(&js, &topology).await? {
+        let mut stream = js.get_stream(&partition.votes_stream).await?;
+        let messages = stream.info().await?.state.messages;
+        counts.push((partition.votes_stream, messages));
+    }
+    Ok(counts)
+}
+
 /// The dead-letter stream's payloads.
 pub async fn dead_letters(nats: &landslide_nats::NatsConfig) -> anyhow::Result<Vec<Vec<u8>>> {
     let client =

@@ -81,6 +81,8 @@ pub struct Scenario {
     /// The test that replays this scenario with `LANDSLIDE_SEED`, for the report's replay line
     /// (`chaos::cluster_faults`); `None` outside the tests.
     pub test: Option<String>,
+    /// Vote partitions (`LANDSLIDE_VOTE_PARTITIONS`); the ingest nodes spread over them.
+    pub vote_partitions: u16,
 }
 
 impl Scenario {
@@ -110,6 +112,7 @@ impl Scenario {
             power_cut_after_restart: false,
             nats_debug: true,
             test: None,
+            vote_partitions: 1,
         }
     }
 
@@ -159,6 +162,9 @@ impl Scenario {
         }
         if self.power_cut_after_restart {
             line.push_str(" --power-cut-after-restart");
+        }
+        if self.vote_partitions > 1 {
+            line.push_str(&format!(" --vote-partitions {}", self.vote_partitions));
         }
         lines.push(line);
         lines
@@ -210,6 +216,8 @@ pub struct StackConfig {
     pub partitions: bool,
     /// nats-server logs at debug level ([`Scenario::nats_debug`]).
     pub nats_debug: bool,
+    /// Vote partitions (`LANDSLIDE_VOTE_PARTITIONS`).
+    pub vote_partitions: u16,
 }
 
 impl Stack {
@@ -265,6 +273,7 @@ impl Stack {
             landslide: config.landslide.clone(),
             nats: nats.configs(),
             replicas: config.layout.replicas(),
+            vote_partitions: config.vote_partitions,
             database_url: postgres.url("postgres"),
             role_urls,
             keys: write_keys(&config.dir, &config.secret)?,
@@ -352,6 +361,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         power_loss: scenario.faults.contains(&FaultKind::PowerLoss),
         partitions: scenario.faults.iter().any(|f| f.is_partition()),
         nats_debug: scenario.nats_debug,
+        vote_partitions: scenario.vote_partitions,
     })
     .await?;
     let mut driver = Driver::new(
@@ -603,6 +613,9 @@ async fn check_outcome(
         report.ambiguous += usize::from(outcome.ambiguous);
     }
     let stored = check::read_database(&env.database_url).await?;
+    report.partition_messages =
+        check::partition_messages(env.nats(landslide_nats::User::Admin), env.vote_partitions)
+            .await?;
     let verdict = check::compare(outcomes, &stored.ballots);
     let mut counted = std::collections::BTreeMap::<String, i64>::new();
     for ballot in &stored.ballots {
@@ -694,6 +707,7 @@ async fn check_outcome(
             env.database_url_for(landslide_nats::User::Audit),
         )
         .env("LANDSLIDE_STREAM_REPLICAS", env.replicas.to_string())
+        .env("LANDSLIDE_VOTE_PARTITIONS", env.vote_partitions.to_string())
         .env(
             "LANDSLIDE_ACK_WAIT_MS",
             env.ack_wait.as_millis().to_string(),

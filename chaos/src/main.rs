@@ -81,6 +81,10 @@ struct Args {
     /// nats-server without debug logging.
     #[arg(long)]
     no_nats_debug: bool,
+    /// Split the votes over this many streams (LANDSLIDE_VOTE_PARTITIONS); the ingest nodes
+    /// spread over them, web<n> on partition (n - 1) mod K.
+    #[arg(long, default_value_t = 1)]
+    vote_partitions: u16,
     /// The `landslide` binary (default: the one beside this program).
     #[arg(long)]
     landslide: Option<PathBuf>,
@@ -217,6 +221,7 @@ fn scenario(
         give_up: Duration::from_secs(args.give_up_secs),
         power_cut_after_restart: args.power_cut_after_restart,
         nats_debug: !args.no_nats_debug,
+        vote_partitions: args.vote_partitions,
         ..Scenario::short(layout, seed, landslide)
     };
     if args.lazy_sync {
@@ -252,6 +257,7 @@ mod tests {
             faults: vec![FaultKind::KillWorker, FaultKind::PowerLoss],
             fault_window: (0.85, 0.9),
             give_up: Duration::from_secs(10),
+            vote_partitions: 3,
             ..Scenario::short(NatsLayout::Cluster, 7, landslide)
         };
         original.test = Some("chaos::with_lazy_sync".to_owned());

@@ -47,6 +47,8 @@ pub struct Report {
     pub dead_letters: usize,
     pub audit: String,
     pub audit_passed: bool,
+    /// Messages in each vote partition's stream at the end: every partition took votes.
+    pub partition_messages: Vec<(String, u64)>,
     /// Roles that exited on their own, each a finding of its own.
     pub deaths: Vec<RoleDeath>,
     /// Why the drain stopped before the stream was drained: the roles that died and could not
@@ -106,6 +108,7 @@ impl Report {
             dead_letters: 0,
             audit: String::new(),
             audit_passed: false,
+            partition_messages: Vec::new(),
             deaths: Vec::new(),
             not_drained_because: None,
             not_drained: 0,
@@ -364,6 +367,17 @@ pub fn table(reports: &[Report]) -> String {
             Box::new(move |r| match r.drain_time {
                 Some(d) => secs(d),
                 None => Cell::Text("NOT DRAINED".into()),
+            }),
+        ),
+        (
+            "messages per vote partition".into(),
+            Box::new(|r| {
+                let each: Vec<String> = r
+                    .partition_messages
+                    .iter()
+                    .map(|(stream, n)| format!("{stream} {n}"))
+                    .collect();
+                Cell::Text(each.join(", "))
             }),
         ),
         (

@@ -19,6 +19,9 @@ pub struct RoleEnv {
     /// How each role's user connects to the servers.
     pub nats: std::collections::HashMap<User, NatsConfig>,
     pub replicas: usize,
+    /// Vote partitions (`LANDSLIDE_VOTE_PARTITIONS`): ingest node `web<n>` publishes to
+    /// partition `(n - 1) mod K`, so that every partition takes votes.
+    pub vote_partitions: u16,
     /// The schema owner's URL (the harness reads the database with it).
     pub database_url: String,
     /// Each role's own database user's URL, as every deployment connects them.
@@ -82,6 +85,7 @@ impl RoleEnv {
         }
         process
             .env("LANDSLIDE_STREAM_REPLICAS", self.replicas)
+            .env("LANDSLIDE_VOTE_PARTITIONS", self.vote_partitions)
             .env("LANDSLIDE_ACK_WAIT_MS", self.ack_wait.as_millis())
             .env("DATABASE_URL", self.database_url_for(user))
             .env("RUST_LOG", "info,async_nats=warn")
@@ -265,6 +269,13 @@ impl Roles {
             // Every voter of the harness and of the benchmark comes from one address (loopback,
             // or the harness's in a network), far beyond one client's rate: no per-client limit.
             .env("LANDSLIDE_RATE_LIMIT", 0);
+        // `web<n>` on partition (n - 1) mod K: every partition takes votes, however few nodes.
+        let process = match name.strip_prefix("web").and_then(|n| n.parse::<u16>().ok()) {
+            Some(n) if n >= 1 => {
+                process.env("LANDSLIDE_PARTITION", (n - 1) % env.vote_partitions.max(1))
+            }
+            _ => process,
+        };
         let metrics = env.listen_addr(name)?;
         Role::launch(process, addr, metrics, "/readyz").await
     }
@@ -327,9 +338,14 @@ pub async fn set_up_as_a_worker(env: &RoleEnv) -> anyhow::Result<()> {
     let topology = landslide_nats::Topology {
         replicas: env.replicas,
         ack_wait: Some(env.ack_wait),
+        vote_partitions: env.vote_partitions,
         ..landslide_nats::Topology::default()
     };
-    landslide_nats::ensure_consumer(&js, &topology, landslide_nats::Access::SetUp).await?;
+    let recorded =
+        landslide_nats::partitions::ensure(&js, &topology, landslide_nats::Access::SetUp).await?;
+    for partition in topology.partitions(recorded.streams) {
+        landslide_nats::ensure_consumer(&js, &partition, landslide_nats::Access::SetUp).await?;
+    }
     let store =
         landslide_nats::polls::ensure_bucket(&js, &topology, landslide_nats::Access::SetUp).await?;
     landslide_nats::polls::load(

@@ -98,16 +98,13 @@ pub fn node_partition(node: &NodeId, partitions: u16) -> u16 {
     u16::try_from(u64::from_be_bytes(first) % u64::from(partitions.max(1))).unwrap_or(0)
 }
 
-/// Copies into `config` the metadata of `found` (the live definition) that `config` lacks,
-/// leaving out what the server sets itself (`_nats.*`): an update replaces the whole definition,
-/// and the recorded partitions must survive one.
+/// Copies into `config` the metadata of `found` (the live definition), leaving out what the
+/// server sets itself (`_nats.*`): an update replaces the whole definition, and the recorded
+/// partitions must survive one as they were. Only [`ensure`] changes them, on purpose.
 pub(crate) fn keep_metadata(config: &mut stream::Config, found: &stream::Config) {
     for (key, value) in &found.metadata {
         if !key.starts_with("_nats.") {
-            config
-                .metadata
-                .entry(key.clone())
-                .or_insert_with(|| value.clone());
+            config.metadata.insert(key.clone(), value.clone());
         }
     }
 }
@@ -129,7 +126,20 @@ pub async fn ensure(
         (1..=MAX_VOTE_PARTITIONS).contains(&configured),
         "vote partitions must be 1 to {MAX_VOTE_PARTITIONS}, not {configured}"
     );
-    let mut base = crate::ensure_votes_stream(js, topology, access).await?;
+    // A worker that makes partition 0's stream makes it with its K recorded: a node started
+    // beside it must never find the stream without the record, and refuse a K of 3 for 1.
+    let mut base = match access {
+        Access::ReadOnly => crate::ensure_votes_stream(js, topology, access).await?,
+        Access::SetUp => {
+            let mut config = topology.votes_stream_config()?;
+            Recorded {
+                partitions: configured,
+                streams: configured,
+            }
+            .write(&mut config.metadata);
+            crate::ensure_stream(js, config, topology.votes_stream_value()?, access).await?
+        }
+    };
     let found = base
         .info()
         .await

@@ -63,6 +63,8 @@ impl AuditConfig {
 /// A sequence that held one event when the workers committed it, and holds another (or none) now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReusedSequence {
+    /// The vote partition's stream.
+    pub stream: String,
     pub sequence: u64,
     pub committed: EventId,
     pub found: Option<EventId>,
@@ -124,6 +126,18 @@ pub struct TallyMismatch {
     pub count: i64,
 }
 
+/// One vote partition's stream as the audit read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamRead {
+    pub stream: String,
+    /// The sequences read, first to last (0 and 0 for an empty stream).
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    /// Sequences missing, as (first, last) ranges. Nothing is ever deleted from a votes stream,
+    /// so any is a sign that it went backwards, or lost messages; any fails the audit.
+    pub holes: Vec<(u64, u64)>,
+}
+
 /// What the audit found. Consistent when every list of differences is empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditReport {
@@ -148,10 +162,9 @@ pub struct AuditReport {
     /// Vote events of a wire version newer than this release reads: accepted by an ingest node
     /// of a later release, which must audit them. Any makes the audit fail.
     pub newer_version: u64,
-    /// Sequences missing from the stream, as (first, last) ranges. Nothing is ever deleted
-    /// from it, so any is a sign that it went backwards, or lost messages; any fails the audit.
-    pub holes: Vec<(u64, u64)>,
-    /// How the stream went backwards, while the workers have not taken up what it stored since.
+    /// Each vote partition's stream as the audit read it: its range and its holes.
+    pub streams: Vec<StreamRead>,
+    /// How a stream went backwards, while the workers have not taken up what it stored since.
     pub regression: Option<String>,
     /// Every rollback of the stream the workers recorded: accepted votes may be missing from the
     /// stream (their ballots then show as unexpected).
@@ -159,9 +172,6 @@ pub struct AuditReport {
     /// Sequences a recorded rollback marked that now hold another event: the stream used them
     /// again.
     pub reused: Vec<ReusedSequence>,
-    /// The stream sequences read, first to last (0 and 0 for an empty stream).
-    pub first_sequence: u64,
-    pub last_sequence: u64,
     /// The NATS server's clock once the consumer had nothing pending: what decides whether a
     /// poll had closed when the audit read the stream.
     pub server_now: Option<DateTime<Utc>>,
@@ -183,7 +193,7 @@ impl AuditReport {
     pub fn is_consistent(&self) -> bool {
         self.unknown_revision == 0
             && self.newer_version == 0
-            && self.holes.is_empty()
+            && self.streams.iter().all(|s| s.holes.is_empty())
             && self.regression.is_none()
             && self.missing_ballots.is_empty()
             && self.unexpected_ballots.is_empty()
@@ -249,19 +259,25 @@ impl fmt::Display for AuditReport {
             match reused.found {
                 Some(found) => writeln!(
                     f,
-                    "sequence {} was used again: committed event {}, the stream holds {found}",
-                    reused.sequence, reused.committed
+                    "sequence {} of {} was used again: committed event {}, the stream holds \
+                     {found}",
+                    reused.sequence, reused.stream, reused.committed
                 )?,
                 None => writeln!(
                     f,
-                    "sequence {} held committed event {}, and holds no vote now",
-                    reused.sequence, reused.committed
+                    "sequence {} of {} held committed event {}, and holds no vote now",
+                    reused.sequence, reused.stream, reused.committed
                 )?,
             }
         }
-        list(f, "holes in the stream", &self.holes, |f, (first, last)| {
-            write!(f, "sequences {first} to {last} are missing")
-        })?;
+        for read in &self.streams {
+            list(
+                f,
+                &format!("holes in stream {}", read.stream),
+                &read.holes,
+                |f, (first, last)| write!(f, "sequences {first} to {last} are missing"),
+            )?;
+        }
         if self.newer_version > 0 {
             writeln!(
                 f,
@@ -344,12 +360,6 @@ struct Fold {
     unknown_revision: u64,
     unknown_revision_dead: u64,
     newer_version: u64,
-    /// Gaps in the sequences read, first to last missing.
-    holes: Vec<(u64, u64)>,
-    /// The event at each sequence a recorded rollback marked: `None` for no vote there.
-    at_marks: BTreeMap<u64, Option<EventId>>,
-    first_sequence: u64,
-    last_sequence: u64,
     /// The time the fold judges by, and the bound: an event naming a revision the bucket lacks
     /// is a dead letter once it was stored longer ago than the bound.
     now: DateTime<Utc>,
@@ -454,13 +464,13 @@ pub(crate) async fn audit_with_polls(
     let client = landslide_nats::connect(&connections.nats, User::Audit, "landslide-audit").await?;
     let js = jetstream::new(client);
     let topology = &connections.topology;
-    // The audit folds one stream, and the record's format names one: a deployment whose votes
-    // are split over several partition streams is refused, not audited in part.
     let partitions = landslide_nats::partitions::streams(&js, topology).await?;
+    // The published record names one stream (`landslide_schema::record`, format v1): a poll's
+    // record of a deployment whose votes are split over several is refused, not written in part.
     anyhow::ensure!(
-        partitions.len() == 1,
-        "the votes are split over {} partition streams ({}), and this release audits and \
-         exports one only: nothing was checked",
+        log.is_none() || partitions.len() == 1,
+        "the votes are split over {} partition streams ({}), and this release's record holds \
+         one stream: nothing was exported",
         partitions.len(),
         partitions
             .iter()
@@ -468,45 +478,65 @@ pub(crate) async fn audit_with_polls(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let stream = js
-        .get_stream(&topology.votes_stream)
-        .await
-        .with_context(|| format!("cannot open the votes stream {}", topology.votes_stream))?;
 
-    let (last, server_now) = wait_until_drained(&js, topology, config.wait).await?;
-    // Has the stream gone backwards (`landslide_nats::rollback`)? Then what it holds now is not
-    // all that was accepted, and the recorded rollbacks say where to look.
-    let mark = marks::read_mark(&mut conn, &topology.votes_stream)
-        .await
-        .context("cannot read the workers' mark")?;
-    let regression = rollback::judge(
-        mark.as_ref(),
-        &rollback::observe(&js, topology, mark.as_ref()).await?,
-    );
-    let rollbacks = marks::rollbacks(&mut conn, &topology.votes_stream)
-        .await
-        .context("cannot read the recorded rollbacks")?;
+    let (lasts, server_now) = wait_until_drained(&js, &partitions, config.wait).await?;
     let store = landslide_nats::polls::ensure_bucket(&js, topology, Access::ReadOnly).await?;
     let polls = landslide_nats::polls::load(&store, &connections.polls, Access::ReadOnly).await?;
-    let marked: Vec<u64> = rollbacks.iter().map(|r| r.mark_sequence).collect();
-    let fold = Fold {
+    let mut fold = Fold {
         now: server_now.unwrap_or_else(Utc::now),
         bound: config.unknown_revision_bound,
         ..Fold::default()
     };
-    let fold = read_stream(&stream, last, &polls, &marked, fold, log).await?;
-    let reused = rollbacks
-        .iter()
-        .filter_map(|r| {
+    let mut log = log;
+    let (mut streams, mut regression, mut all_rollbacks, mut reused) =
+        (Vec::new(), None, Vec::new(), Vec::new());
+    // Every partition into one fold: a voter whose votes are in two partitions has one ballot,
+    // the latest by the merge rule, whichever stream holds it.
+    for (partition, last) in partitions.iter().zip(lasts) {
+        let name = &partition.votes_stream;
+        let stream = js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("cannot open the votes stream {name}"))?;
+        // Has the stream gone backwards (`landslide_nats::rollback`)? Then what it holds now is
+        // not all that was accepted, and the recorded rollbacks say where to look.
+        let mark = marks::read_mark(&mut conn, name)
+            .await
+            .context("cannot read the workers' mark")?;
+        if regression.is_none() {
+            regression = rollback::judge(
+                mark.as_ref(),
+                &rollback::observe(&js, partition, mark.as_ref()).await?,
+            )
+            .map(|r| r.to_string());
+        }
+        let rollbacks = marks::rollbacks(&mut conn, name)
+            .await
+            .context("cannot read the recorded rollbacks")?;
+        let marked: Vec<u64> = rollbacks.iter().map(|r| r.mark_sequence).collect();
+        let (read, at_marks) = read_stream(
+            &stream,
+            name,
+            last,
+            &polls,
+            &marked,
+            &mut fold,
+            log.as_deref_mut(),
+        )
+        .await?;
+        reused.extend(rollbacks.iter().filter_map(|r| {
             let committed = r.mark_event_id?;
-            let found = fold.at_marks.get(&r.mark_sequence).copied().flatten();
-            (found != Some(committed)).then_some(ReusedSequence {
+            let found = at_marks.get(&r.mark_sequence).copied().flatten();
+            (found != Some(committed)).then(|| ReusedSequence {
+                stream: name.clone(),
                 sequence: r.mark_sequence,
                 committed,
                 found,
             })
-        })
-        .collect();
+        }));
+        streams.push(read);
+        all_rollbacks.extend(rollbacks);
+    }
     let dead_letters = js
         .get_stream(&topology.dlq_stream)
         .await
@@ -523,14 +553,12 @@ pub(crate) async fn audit_with_polls(
         unknown_revision: fold.unknown_revision,
         unknown_revision_dead: fold.unknown_revision_dead,
         newer_version: fold.newer_version,
-        first_sequence: fold.first_sequence,
-        last_sequence: fold.last_sequence,
+        streams,
         server_now,
         dead_letters,
         voters: fold.latest.len() as u64,
-        holes: fold.holes.clone(),
-        regression: regression.map(|r| r.to_string()),
-        rollbacks,
+        regression,
+        rollbacks: all_rollbacks,
         reused,
         ..AuditReport::default()
     };
@@ -546,64 +574,88 @@ pub(crate) async fn audit_with_polls(
     Ok((report, polls))
 }
 
-/// Waits until the workers' consumer has nothing pending or unacked, and returns the last stream
-/// sequence it delivered: every message up to it has then been committed (or dead-lettered).
+/// Waits until the workers' consumer of every partition has nothing pending or unacked, and
+/// returns the last stream sequence each delivered (every message up to it has then been
+/// committed or dead-lettered), with the earliest of the partition leaders' clocks.
 async fn wait_until_drained(
     js: &jetstream::Context,
-    topology: &Topology,
+    partitions: &[Topology],
     wait: Duration,
-) -> anyhow::Result<(u64, Option<DateTime<Utc>>)> {
+) -> anyhow::Result<(Vec<u64>, Option<DateTime<Utc>>)> {
     let mut backoff =
         Backoff::constant(Duration::from_millis(100)).within(wait, "the votes to be committed");
     loop {
-        let landslide_nats::Backlog {
-            info,
-            server_now,
-            pending,
-            ..
-        } = landslide_nats::backlog(js, &topology.votes_stream, &topology.consumer).await?;
-        if pending == 0 {
-            return Ok((info.delivered.stream_sequence, server_now));
+        let mut backlogs = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            backlogs.push(
+                landslide_nats::backlog(js, &partition.votes_stream, &partition.consumer).await?,
+            );
+        }
+        if backlogs.iter().all(|b| b.pending == 0) {
+            let server_now = backlogs
+                .iter()
+                .map(|b| b.server_now)
+                .collect::<Option<Vec<_>>>()
+                .and_then(|clocks| clocks.into_iter().min());
+            let lasts = backlogs
+                .iter()
+                .map(|b| b.info.delivered.stream_sequence)
+                .collect();
+            return Ok((lasts, server_now));
         }
         if backoff.wait().await.is_err() {
+            let waiting: Vec<String> = partitions
+                .iter()
+                .zip(&backlogs)
+                .filter(|(_, b)| b.pending > 0)
+                .map(|(p, b)| {
+                    format!(
+                        "consumer {} of {} still has {} votes not delivered and {} not \
+                         acknowledged",
+                        p.consumer, p.votes_stream, b.info.num_pending, b.info.num_ack_pending
+                    )
+                })
+                .collect();
             anyhow::bail!(
-                "the votes are not all committed: consumer {} still has {} votes not delivered \
-                 and {} not acknowledged after waiting {wait:?}; let the dedup-workers drain it \
-                 (are they running?) and audit again",
-                topology.consumer,
-                info.num_pending,
-                info.num_ack_pending,
+                "the votes are not all committed after waiting {wait:?}: {}; let the \
+                 dedup-workers drain them (are they running?) and audit again",
+                waiting.join("; ")
             );
         }
     }
 }
 
-/// Folds messages 1..=`last` of the stream into `fold`, noting its holes and the events at
-/// `marked` sequences; and writes the events of the log's poll to `log`.
+/// Folds messages 1..=`last` of the stream `name` into `fold`, noting its range and holes and
+/// the events at `marked` sequences; and writes the events of the log's poll to `log`.
 async fn read_stream(
     stream: &jetstream::stream::Stream,
+    name: &str,
     last: u64,
     polls: &PollBook,
     marked: &[u64],
-    mut fold: Fold,
+    fold: &mut Fold,
     mut log: Option<&mut EventLog>,
-) -> anyhow::Result<Fold> {
-    for sequence in marked {
-        fold.at_marks.insert(*sequence, None);
-    }
+) -> anyhow::Result<(StreamRead, BTreeMap<u64, Option<EventId>>)> {
+    let mut read = StreamRead {
+        stream: name.to_owned(),
+        ..StreamRead::default()
+    };
+    // The event at each sequence a recorded rollback marked: `None` for no vote there.
+    let mut at_marks: BTreeMap<u64, Option<EventId>> =
+        marked.iter().map(|sequence| (*sequence, None)).collect();
     let mut reader =
         landslide_nats::StreamReader::open(stream, last, User::Audit, "landslide audit").await?;
     while let Some(stored) = reader.next().await? {
         // Nothing is ever deleted from the votes stream: a sequence that is not there is a hole.
-        let expected = fold.last_sequence + 1;
+        let expected = read.last_sequence + 1;
         if stored.sequence > expected {
-            fold.holes.push((expected, stored.sequence - 1));
+            read.holes.push((expected, stored.sequence - 1));
         }
-        if fold.first_sequence == 0 {
-            fold.first_sequence = stored.sequence;
+        if read.first_sequence == 0 {
+            read.first_sequence = stored.sequence;
         }
-        fold.last_sequence = stored.sequence;
-        if let Some(at) = fold.at_marks.get_mut(&stored.sequence) {
+        read.last_sequence = stored.sequence;
+        if let Some(at) = at_marks.get_mut(&stored.sequence) {
             *at = VoteEvent::decode(&stored.message.payload)
                 .ok()
                 .map(|e| e.event_id);
@@ -613,7 +665,7 @@ async fn read_stream(
             log.push(stored.sequence, stored.stored_at, &event)?;
         }
     }
-    Ok(fold)
+    Ok((read, at_marks))
 }
 
 /// Streams the ballots and compares each with the fold, which it empties: what is left are the

@@ -238,6 +238,11 @@ pub async fn certify(
         Some(now) if book.is_over(&poll_id, now) => "final",
         _ => "open",
     };
+    // One stream: the audit refuses to write the record of more (`audit_with_polls`).
+    let (first_sequence, last_sequence) = match report.streams.as_slice() {
+        [read, ..] => (read.first_sequence, read.last_sequence),
+        [] => (0, 0),
+    };
     let certificate = Certificate {
         format: record::FORMAT.to_owned(),
         poll: definition.id.clone(),
@@ -255,8 +260,8 @@ pub async fn certify(
         owner_key,
         events_read: report.events_read,
         stream: config.connections.topology.votes_stream.clone(),
-        first_sequence: report.first_sequence,
-        last_sequence: report.last_sequence,
+        first_sequence,
+        last_sequence,
         dead_letters: report.dead_letters,
         audited_at: report
             .server_now

@@ -32,11 +32,21 @@ fn test_of(layout: NatsLayout) -> &'static str {
 }
 
 async fn run(layout: NatsLayout, default_seed: u64) {
+    run_with(layout, default_seed, |_| {}).await;
+}
+
+/// [`run`], with the scenario changed by `adjust`; the report of a run that passed.
+async fn run_with(
+    layout: NatsLayout,
+    default_seed: u64,
+    adjust: impl FnOnce(&mut Scenario),
+) -> landslide_chaos::Report {
     let seed = seed_or(default_seed);
-    let scenario = Scenario {
+    let mut scenario = Scenario {
         test: Some(test_of(layout).to_owned()),
         ..Scenario::short(layout, seed, env!("CARGO_BIN_EXE_landslide"))
     };
+    adjust(&mut scenario);
     let report = landslide_chaos::run(&scenario)
         .await
         .expect("the harness could not run");
@@ -49,6 +59,7 @@ async fn run(layout: NatsLayout, default_seed: u64) {
         );
     }
     assert!(report.lost + report.doubled + report.misordered == 0);
+    report
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -59,6 +70,28 @@ async fn single_server_faults_lose_double_and_misorder_no_vote() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_faults_lose_double_and_misorder_no_vote() {
     run(NatsLayout::Cluster, 2).await;
+}
+
+/// The cluster's faults with the votes split over three partition streams, one ingest node on
+/// each: node kills, the VOTES leader cut off, power cuts. A voter's votes land in different
+/// partitions (the harness's voters move between nodes), and latest-wins must hold across them.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_faults_with_three_vote_partitions_lose_double_and_misorder_no_vote() {
+    let report = run_with(NatsLayout::Cluster, 4, |scenario| {
+        scenario.vote_partitions = 3;
+        scenario.test = Some("chaos::cluster_faults_with_three_vote_partitions".to_owned());
+    })
+    .await;
+    let streams: Vec<&str> = report
+        .partition_messages
+        .iter()
+        .map(|(stream, _)| stream.as_str())
+        .collect();
+    assert_eq!(streams, ["VOTES", "VOTES_P1", "VOTES_P2"], "{report}");
+    assert!(
+        report.partition_messages.iter().all(|(_, n)| *n > 0),
+        "a partition took no vote: {report}"
+    );
 }
 
 /// The control of the power-loss fault. With nats-server's default lazy sync, acks come from the

@@ -21,9 +21,10 @@ async fn node(nats: &Nats, name: &str, k: u16, partition: u16) -> support::Inges
 /// Three partitions, one node on each. Some voters change their minds from one partition to the
 /// next with the cookie; others vote, lose the answer to their second vote (in another
 /// partition), and vote again in a third: the rule of the lost answer, across the streams of
-/// three leaders. Every voter is counted once, as their last vote, and tally says nothing is
-/// pending only once every partition is drained. A worker that drained partition 0 alone leaves
-/// two thirds of the votes pending, and the test waits in vain.
+/// three leaders. Every voter is counted once, as their last vote, tally says nothing is
+/// pending only once every partition is drained, and audit agrees from the three streams. A
+/// worker that drained partition 0 alone leaves two thirds of the votes pending, and the test
+/// waits in vain.
 #[tokio::test(flavor = "multi_thread")]
 async fn votes_in_three_partitions_are_counted_once_each_as_the_voters_latest() {
     const VOTERS: usize = 6;
@@ -77,16 +78,26 @@ async fn votes_in_three_partitions_are_counted_once_each_as_the_voters_latest() 
     );
     let results = tally.settled_results("pets", 2 * VOTERS as u64).await;
     assert_eq!(results["counts"]["cats"], VOTERS as u64, "{results}");
-    // Audit folds one stream in this release: it refuses, rather than pass on a third of them.
+    // Audit folds the three streams into one merge: consistent, every event read.
     let mut audit = landslide_tally::audit::AuditConfig::new(support::connections(
         &nats,
         landslide_nats::User::Audit,
         Some(&db),
     ));
     partitions(3)(&mut audit.connections.topology);
-    let refused = landslide_tally::audit::audit(&audit)
+    let report = landslide_tally::audit::audit(&audit).await.unwrap();
+    assert!(report.is_consistent(), "{report}");
+    assert_eq!(report.events_read, 6 * VOTERS as u64, "{report}");
+    assert_eq!(report.voters, 2 * VOTERS as u64, "{report}");
+    let read: Vec<_> = report.streams.iter().map(|s| s.stream.as_str()).collect();
+    assert_eq!(read, ["VOTES", "VOTES_P1", "VOTES_P2"]);
+    // The published record names one stream in this release: the certificate is refused, not
+    // written for a part of the votes.
+    let key =
+        landslide_tally::certificate::ExportKey::new("an export key, 32 bytes or more..").unwrap();
+    let refused = landslide_tally::certificate::certify(&audit, "pets", &key, None)
         .await
-        .expect_err("audit of three partition streams");
+        .expect_err("a certificate of three partition streams");
     assert!(
         format!("{refused:#}").contains("split over 3 partition streams"),
         "{refused:#}"

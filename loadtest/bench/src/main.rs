@@ -262,6 +262,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         partitions: false,
         // Debug logging would cost the server time that the figures must not include.
         nats_debug: false,
+        vote_partitions: 1,
     })
     .await?;
     let nats = Group::of(stack.nats.pid(0));
