@@ -16,6 +16,7 @@ use landslide_patience::Backoff;
 mod ceilings;
 mod end_to_end;
 mod load;
+mod partitions;
 mod procs;
 mod report;
 
@@ -49,6 +50,10 @@ struct Args {
     /// Share of the end-to-end run's voters who change their minds.
     #[arg(long, default_value_t = 0.3)]
     change_share: f64,
+    /// The share of a core each nats-server of the partition-scaling runs is held to (a CPU
+    /// cgroup quota): small enough that the three nats-servers, not this machine's cores, run out.
+    #[arg(long, default_value_t = 0.2)]
+    nats_core_share: f64,
     /// Idle keep-alive connections held open on one ingest node while its memory is read.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -78,6 +83,9 @@ enum Command {
         #[arg(long)]
         cluster: bool,
     },
+    /// The partition-scaling rows alone (K = 1, then K = 3, on capped nats-servers), with the
+    /// main options (--seconds, --connections, --nats-core-share); prints both as JSON.
+    Partitions,
     /// Runs the load generator alone against an ingest node and prints its latency.
     Load {
         /// The node's address.
@@ -123,8 +131,49 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&point)?);
             Ok(())
         }),
+        Some(Command::Partitions) => runtime.block_on(partition_rows(args)),
         None => runtime.block_on(bench(args)),
     }
+}
+
+/// `landslide-bench partitions`: the partition-scaling rows of [`bench`], alone.
+async fn partition_rows(args: Args) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("landslide-bench-")
+        .tempdir()?;
+    let (stack, env) = Stack::start(&StackConfig {
+        layout: NatsLayout::Single,
+        landslide: landslide_binary(&args)?,
+        secret: "bench-secret-bench-secret-bench-secret-0123".to_owned(),
+        ack_wait: Duration::from_secs(30),
+        clock_offsets: Vec::new(),
+        workers: 0,
+        dir: dir.path().to_path_buf(),
+        sync: landslide_servers::Sync::Always,
+        power_loss: false,
+        partitions: false,
+        nats_debug: false,
+        vote_partitions: 1,
+    })
+    .await?;
+    let seconds = Duration::from_secs(args.seconds);
+    for k in [1, 3] {
+        let measured = partitions::capped_cluster(
+            &env,
+            dir.path(),
+            k,
+            args.nats_core_share,
+            args.connections,
+            seconds,
+        )
+        .await?;
+        println!(
+            "{}",
+            serde_json::json!({ "partitions": k, "share": args.nats_core_share, "measured": measured })
+        );
+    }
+    drop(stack);
+    Ok(())
 }
 
 /// Answers every `POST /api/votes` with what ingest answers, without storing anything.
@@ -166,6 +215,12 @@ pub struct Figures {
     pub ingest_lazy: Measured,
     /// One ingest node at saturation against a three-node cluster on the same cores, R3 streams.
     pub ingest_r3: Measured,
+    /// The share of a core each nats-server of the partition-scaling runs was held to.
+    pub nats_core_share: f64,
+    /// Three ingest nodes at saturation on a capped three-node R3 cluster, K = 1 partition.
+    pub partitions_one: Measured,
+    /// The same with K = 3 partitions, one ingest node on each, the leaders spread.
+    pub partitions_three: Measured,
     pub ingest_latency: Vec<LatencyPoint>,
     /// The null handler at the same fixed rates: the latency ceiling.
     pub null_latency: Vec<LatencyPoint>,
@@ -229,7 +284,8 @@ impl LatencyPoint {
     }
 }
 
-async fn bench(args: Args) -> anyhow::Result<()> {
+/// The `landslide` binary: `--landslide`, else the one beside this program.
+fn landslide_binary(args: &Args) -> anyhow::Result<PathBuf> {
     let landslide = match &args.landslide {
         Some(path) => path.clone(),
         None => std::env::current_exe()?
@@ -242,6 +298,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "{} does not exist: build it first",
         landslide.display()
     );
+    Ok(landslide)
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let landslide = landslide_binary(&args)?;
     let seconds = Duration::from_secs(args.seconds);
     let dir = tempfile::Builder::new()
         .prefix("landslide-bench-")
@@ -406,6 +467,26 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     };
     let ingest_r3 = saturate_ingest(&args, &r3_env, dir.path(), "webr3", &r3_nats, seconds).await?;
     drop(r3);
+    tracing::info!(
+        share = args.nats_core_share,
+        "partition scaling: K = 1, then K = 3, on three nats-servers capped at a share of a core"
+    );
+    let mut scaling = Vec::new();
+    for k in [1, 3] {
+        scaling.push(
+            partitions::capped_cluster(
+                &env,
+                dir.path(),
+                k,
+                args.nats_core_share,
+                args.connections,
+                seconds,
+            )
+            .await?,
+        );
+    }
+    let partitions_three = scaling.pop().context("the K = 3 run")?;
+    let partitions_one = scaling.pop().context("the K = 1 run")?;
     null_server.process.kill().await?;
     tracing::info!(
         connections = args.idle_connections,
@@ -431,6 +512,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         ingest,
         ingest_lazy,
         ingest_r3,
+        nats_core_share: args.nats_core_share,
+        partitions_one,
+        partitions_three,
         ingest_latency,
         null_latency,
         drain_one,

@@ -59,6 +59,16 @@ pub fn table(f: &Figures) -> String {
         "/s",
     );
     row(
+        &format!(
+            "three ingest nodes on a three-node R3 cluster, each nats-server held to {:.2} of a core: K = 3 vote partitions vs K = 1",
+            f.nats_core_share
+        ),
+        f.partitions_three.rate,
+        Some(f.partitions_one.rate),
+        "≥ 2.5",
+        "/s",
+    );
+    row(
         "ingest vs its composed ceiling: null handler with its load generator + raw atomic batches, on these cores",
         f.ingest.rate,
         Some(composed(f, &[&f.null_http, &f.raw_batch])),
@@ -208,6 +218,14 @@ pub fn table(f: &Figures) -> String {
         ("ingest at saturation, fsync", &f.ingest),
         ("ingest at saturation, lazy sync", &f.ingest_lazy),
         ("ingest at saturation, R3 cluster", &f.ingest_r3),
+        (
+            "3 ingest nodes, capped R3 cluster, K = 1",
+            &f.partitions_one,
+        ),
+        (
+            "3 ingest nodes, capped R3 cluster, K = 3",
+            &f.partitions_three,
+        ),
         ("drain, one worker", &f.drain_one),
         ("drain, two workers", &f.drain_two),
         ("end to end (per accepted vote)", &f.end_to_end.measured),
