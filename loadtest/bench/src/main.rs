@@ -136,26 +136,37 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The bench's deployment: one nats-server that fsyncs before it acks, PostgreSQL, `ingest_nodes`
+/// ingest nodes and no worker yet (each stage is measured alone).
+async fn start_stack(
+    landslide: PathBuf,
+    dir: &std::path::Path,
+    ingest_nodes: usize,
+) -> anyhow::Result<(Stack, landslide_chaos::roles::RoleEnv)> {
+    Stack::start(&StackConfig {
+        layout: NatsLayout::Single,
+        landslide,
+        secret: "bench-secret-bench-secret-bench-secret-0123".to_owned(),
+        ack_wait: Duration::from_secs(30),
+        clock_offsets: vec![0; ingest_nodes],
+        workers: 0,
+        dir: dir.to_path_buf(),
+        sync: landslide_servers::Sync::Always,
+        power_loss: false,
+        partitions: false,
+        // Debug logging would cost the server time that the figures must not include.
+        nats_debug: false,
+        vote_partitions: 1,
+    })
+    .await
+}
+
 /// `landslide-bench partitions`: the partition-scaling rows of [`bench`], alone.
 async fn partition_rows(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("landslide-bench-")
         .tempdir()?;
-    let (stack, env) = Stack::start(&StackConfig {
-        layout: NatsLayout::Single,
-        landslide: landslide_binary(&args)?,
-        secret: "bench-secret-bench-secret-bench-secret-0123".to_owned(),
-        ack_wait: Duration::from_secs(30),
-        clock_offsets: Vec::new(),
-        workers: 0,
-        dir: dir.path().to_path_buf(),
-        sync: landslide_servers::Sync::Always,
-        power_loss: false,
-        partitions: false,
-        nats_debug: false,
-        vote_partitions: 1,
-    })
-    .await?;
+    let (stack, env) = start_stack(landslide_binary(&args)?, dir.path(), 0).await?;
     let seconds = Duration::from_secs(args.seconds);
     for k in [1, 3] {
         let measured = partitions::capped_cluster(
@@ -309,23 +320,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .tempdir()?;
 
     // One ingest node, no workers yet: each stage is measured alone.
-    let (stack, env) = Stack::start(&StackConfig {
-        layout: NatsLayout::Single,
-        landslide,
-        secret: "bench-secret-bench-secret-bench-secret-0123".to_owned(),
-        ack_wait: Duration::from_secs(30),
-        // Two ingest nodes: the end-to-end run votes through both, the others use the first.
-        clock_offsets: vec![0, 0],
-        workers: 0,
-        dir: dir.path().to_path_buf(),
-        sync: landslide_servers::Sync::Always,
-        power_loss: false,
-        partitions: false,
-        // Debug logging would cost the server time that the figures must not include.
-        nats_debug: false,
-        vote_partitions: 1,
-    })
-    .await?;
+    // Two ingest nodes: the end-to-end run votes through both, the others use the first.
+    let (stack, env) = start_stack(landslide, dir.path(), 2).await?;
     let nats = Group::of(stack.nats.pid(0));
     let client = landslide_nats::connect(
         env.nats(landslide_nats::User::Admin),
