@@ -390,6 +390,27 @@ async fn ensure_stream(
     file: Value,
     access: Access,
 ) -> anyhow::Result<stream::Stream> {
+    match ensure_stream_once(js, config.clone(), file.clone(), access).await {
+        // Another worker (or a test's set-up) created it between our look-up and our create,
+        // with a definition of its own (partition 0's record of K, say): check that one.
+        Err(err) if err.downcast_ref::<CreatedMeanwhile>().is_some() => {
+            ensure_stream_once(js, config, file, access).await
+        }
+        other => other,
+    }
+}
+
+/// A stream that someone else created between a look-up that did not find it and our create.
+#[derive(Debug, thiserror::Error)]
+#[error("stream {0} was created by someone else meanwhile")]
+struct CreatedMeanwhile(String);
+
+async fn ensure_stream_once(
+    js: &jetstream::Context,
+    config: stream::Config,
+    file: Value,
+    access: Access,
+) -> anyhow::Result<stream::Stream> {
     let name = config.name.clone();
     match js.get_stream(&name).await {
         Ok(mut stream) => {
@@ -437,14 +458,23 @@ async fn ensure_stream(
             what: format!("stream {name}"),
         }
         .into()),
-        Err(err) if is_stream_not_found(&err) => {
-            let stream = js
-                .create_stream(config)
-                .await
-                .with_context(|| format!("cannot create stream {name}"))?;
-            tracing::info!(stream = %name, "created stream");
-            Ok(stream)
-        }
+        Err(err) if is_stream_not_found(&err) => match js.create_stream(config).await {
+            Ok(stream) => {
+                tracing::info!(stream = %name, "created stream");
+                Ok(stream)
+            }
+            // "Stream name already in use with a different configuration": created meanwhile.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                ) =>
+            {
+                Err(CreatedMeanwhile(name).into())
+            }
+            Err(err) => Err(err).with_context(|| format!("cannot create stream {name}")),
+        },
         Err(err) => Err(err).with_context(|| format!("cannot look up stream {name}")),
     }
 }

@@ -118,8 +118,12 @@ async fn with_lazy_sync_a_power_cut_loses_accepted_votes_and_the_harness_finds_t
         .expect("the harness could not run");
     eprintln!("{report}");
     assert_eq!(report.injected(FaultKind::PowerLoss), 1, "{report}");
+    // An accepted vote the cut took shows as a voter without a ballot (lost) or, when it was
+    // the voter's latest, as an earlier vote of theirs counted instead (misordered). A clean
+    // clone's CI once saw a cut take the whole stream with lost 0 and misordered 1, and an
+    // earlier run counted lost 0 and misordered 3.
     assert!(
-        report.lost > 0,
+        report.lost + report.misordered > 0,
         "with lazy sync the power cut lost no accepted vote, so the fault cannot catch a loss \
          (seed {seed}):\n{report}"
     );
