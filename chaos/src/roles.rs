@@ -341,11 +341,8 @@ pub async fn set_up_as_a_worker(env: &RoleEnv) -> anyhow::Result<()> {
         vote_partitions: env.vote_partitions,
         ..landslide_nats::Topology::default()
     };
-    let recorded =
-        landslide_nats::partitions::ensure(&js, &topology, landslide_nats::Access::SetUp).await?;
-    for partition in topology.partitions(recorded.streams) {
-        landslide_nats::ensure_consumer(&js, &partition, landslide_nats::Access::SetUp).await?;
-    }
+    landslide_nats::partitions::ensure_consumers(&js, &topology, landslide_nats::Access::SetUp)
+        .await?;
     let store =
         landslide_nats::polls::ensure_bucket(&js, &topology, landslide_nats::Access::SetUp).await?;
     landslide_nats::polls::load(

@@ -172,17 +172,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             let consumers = landslide_nats::retry_startup(
                 "ensure the streams and the consumers",
                 startup,
-                || async {
-                    let recorded =
-                        landslide_nats::partitions::ensure(&js, topology, Access::SetUp).await?;
-                    let mut consumers = Vec::new();
-                    for partition in topology.partitions(recorded.streams) {
-                        let consumer =
-                            landslide_nats::ensure_consumer(&js, &partition, Access::SetUp).await?;
-                        consumers.push((partition, consumer));
-                    }
-                    anyhow::Ok(consumers)
-                },
+                || landslide_nats::partitions::ensure_consumers(&js, topology, Access::SetUp),
             )
             .await?;
             let polls = landslide_nats::polls::watch_patiently(

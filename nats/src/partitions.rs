@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use landslide_schema::NodeId;
 use sha2::{Digest as _, Sha256};
 
@@ -245,6 +245,23 @@ pub async fn spread_leaders(js: &jetstream::Context, partitions: &[Topology]) {
             }
         }
     }
+}
+
+/// [`ensure`], then the workers' consumer on every partition stream the deployment has (those
+/// of a larger K that was lowered included): each partition's names with its consumer. What a
+/// worker sets up (and tally checks) at startup.
+pub async fn ensure_consumers(
+    js: &jetstream::Context,
+    topology: &Topology,
+    access: Access,
+) -> anyhow::Result<Vec<(Topology, consumer::PullConsumer)>> {
+    let recorded = ensure(js, topology, access).await?;
+    let mut consumers = Vec::new();
+    for partition in topology.partitions(recorded.streams) {
+        let consumer = crate::ensure_consumer(js, &partition, access).await?;
+        consumers.push((partition, consumer));
+    }
+    Ok(consumers)
 }
 
 /// Every partition stream the deployment has, as partition 0's stream records them now: what

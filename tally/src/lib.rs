@@ -132,18 +132,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             let js = async_nats::jetstream::new(client);
             // Waited for rather than skipped: without the consumer, `pending` would mean nothing.
             // Every partition's stream and consumer, with the K recorded (another is refused).
-            landslide_nats::retry_startup(
-                "find the streams and the consumers",
-                startup,
-                || async {
-                    let recorded =
-                        landslide_nats::partitions::ensure(&js, topology, Access::ReadOnly).await?;
-                    for partition in topology.partitions(recorded.streams) {
-                        landslide_nats::ensure_consumer(&js, &partition, Access::ReadOnly).await?;
-                    }
-                    anyhow::Ok(())
-                },
-            )
+            landslide_nats::retry_startup("find the streams and the consumers", startup, || {
+                landslide_nats::partitions::ensure_consumers(&js, topology, Access::ReadOnly)
+            })
             .await?;
             let polls = landslide_nats::polls::watch_patiently(
                 &js,

@@ -146,13 +146,9 @@ pub async fn set_up_topology(
         if js.get_stream(&topology.votes_stream).await.is_ok() {
             return anyhow::Ok(());
         }
-        let recorded =
-            landslide_nats::partitions::ensure(&js, topology, landslide_nats::Access::SetUp)
-                .await?;
-        for partition in topology.partitions(recorded.streams) {
-            landslide_nats::ensure_consumer(&js, &partition, landslide_nats::Access::SetUp).await?;
-        }
-        anyhow::Ok(())
+        landslide_nats::partitions::ensure_consumers(&js, topology, landslide_nats::Access::SetUp)
+            .await
+            .map(drop)
     })
     .await
     .expect("set up the streams and the consumers");
