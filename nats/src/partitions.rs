@@ -282,12 +282,44 @@ pub async fn streams(
 /// Accepted votes not yet counted in every partition stream ([`crate::backlog`] of each, added
 /// up): what "drained" means to the harness, the tests and an operator's script.
 pub async fn pending(js: &jetstream::Context, topology: &Topology) -> anyhow::Result<u64> {
-    let mut pending = 0u64;
-    for partition in streams(js, topology).await? {
-        let backlog = crate::backlog(js, &partition.votes_stream, &partition.consumer).await?;
-        pending = pending.saturating_add(backlog.pending);
+    let backlogs = backlogs(js, &streams(js, topology).await?).await?;
+    Ok(backlogs
+        .iter()
+        .map(|b| b.pending)
+        .fold(0, u64::saturating_add))
+}
+
+/// The workers' backlog on each of `partitions` ([`crate::backlog`]), in their order.
+pub async fn backlogs(
+    js: &jetstream::Context,
+    partitions: &[Topology],
+) -> anyhow::Result<Vec<crate::Backlog>> {
+    let mut backlogs = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let backlog = crate::backlog(js, &partition.votes_stream, &partition.consumer)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot read the consumer's pending count of {}",
+                    partition.votes_stream
+                )
+            })?;
+        backlogs.push(backlog);
     }
-    Ok(pending)
+    Ok(backlogs)
+}
+
+/// The clock a close is judged by over several partitions: the earliest of their leaders' (a
+/// close is passed once every one has passed it), `None` while one did not say.
+pub fn earliest_clock<'a>(
+    backlogs: impl IntoIterator<Item = &'a crate::Backlog>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    backlogs
+        .into_iter()
+        .map(|b| b.server_now)
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .min()
 }
 
 #[cfg(test)]

@@ -585,18 +585,9 @@ async fn wait_until_drained(
     let mut backoff =
         Backoff::constant(Duration::from_millis(100)).within(wait, "the votes to be committed");
     loop {
-        let mut backlogs = Vec::with_capacity(partitions.len());
-        for partition in partitions {
-            backlogs.push(
-                landslide_nats::backlog(js, &partition.votes_stream, &partition.consumer).await?,
-            );
-        }
+        let backlogs = landslide_nats::partitions::backlogs(js, partitions).await?;
         if backlogs.iter().all(|b| b.pending == 0) {
-            let server_now = backlogs
-                .iter()
-                .map(|b| b.server_now)
-                .collect::<Option<Vec<_>>>()
-                .and_then(|clocks| clocks.into_iter().min());
+            let server_now = landslide_nats::partitions::earliest_clock(&backlogs);
             let lasts = backlogs
                 .iter()
                 .map(|b| b.info.delivered.stream_sequence)

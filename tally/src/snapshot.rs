@@ -476,27 +476,13 @@ pub(crate) async fn observe(
     let partitions = landslide_nats::partitions::streams(js, topology)
         .await
         .context("cannot read the vote partitions")?;
-    let mut backlogs = Vec::with_capacity(partitions.len());
-    for partition in partitions {
-        let backlog = landslide_nats::backlog(js, &partition.votes_stream, &partition.consumer)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot read the consumer's pending count of {}",
-                    partition.votes_stream
-                )
-            })?;
-        backlogs.push((partition, backlog));
-    }
+    let read = landslide_nats::partitions::backlogs(js, &partitions).await?;
+    let backlogs: Vec<_> = partitions.into_iter().zip(read).collect();
     let all = backlogs
         .iter()
         .map(|(_, b)| b.pending)
         .fold(0, u64::saturating_add);
-    let clocks = backlogs
-        .iter()
-        .map(|(_, b)| b.server_now)
-        .collect::<Option<Vec<_>>>();
-    let stream_now = clocks.as_ref().and_then(|c| c.iter().min().copied());
+    let stream_now = landslide_nats::partitions::earliest_clock(backlogs.iter().map(|(_, b)| b));
     // Each poll's own pending votes, once one has closed: another poll still taking votes then
     // keeps it from being final no longer.
     let by_poll = if all > 0 && any_closed(book, stream_now) {
@@ -542,6 +528,10 @@ pub(crate) async fn observe(
     // Partition leaders on different servers: between two votes of a voter that knew the same
     // answer, the stored times of two clocks decide (`merge::OrderKey`). Read one after another,
     // the clocks are also apart by the time between the reads: allowed for up to a second.
+    let clocks = backlogs
+        .iter()
+        .map(|(_, b)| b.server_now)
+        .collect::<Option<Vec<_>>>();
     if let Some(clocks) = clocks.filter(|c| c.len() > 1) {
         let (first, last) = (clocks.iter().min(), clocks.iter().max());
         if let (Some(first), Some(last)) = (first, last) {
